@@ -1,0 +1,287 @@
+"""Event types, the stored record (envelope) and the canonical JSON its hash chain is computed over.
+
+Tags never change; new fields are added only with defaults, so every stored record stays decodable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Final, Mapping
+
+import msgspec
+
+SCHEMA_VERSION: Final = 1
+GENESIS_HASH: Final = "0" * 64
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of every event; the tag is the stable `type` stored in the log."""
+
+
+class ChatCreated(Event, tag="chat.created", frozen=True, kw_only=True):
+    context: dict[str, Any] = {}
+    offline: bool = False
+
+
+class RunStarted(Event, tag="run.started", frozen=True, kw_only=True):
+    pattern: str
+    max_turns: int
+    offline: bool = False
+    model: str | None = None
+    node: str | None = None
+
+
+class MessageUser(Event, tag="message.user", frozen=True, kw_only=True):
+    content: str
+
+
+class MessageAgent(Event, tag="message.agent", frozen=True, kw_only=True):
+    content: str
+    role: str = "assistant"
+    recipient: str | None = None
+
+
+class ToolCalled(Event, tag="tool.called", frozen=True, kw_only=True):
+    tool: str
+    call_id: str
+    # The arguments exactly as the model produced them (JSON text), never re-encoded.
+    arguments: str
+
+
+class ToolResult(Event, tag="tool.result", frozen=True, kw_only=True):
+    tool: str
+    call_id: str
+    content: str
+    is_error: bool = False
+
+
+class Handoff(Event, tag="handoff", frozen=True, kw_only=True):
+    source: str | None = None
+    target: str
+    kind: str = "handoff"
+    reason: str = ""
+
+
+class SpeakerSelected(Event, tag="speaker.selected", frozen=True, kw_only=True):
+    speaker: str
+
+
+class InputRequested(Event, tag="input.requested", frozen=True, kw_only=True):
+    request_id: str
+    prompt: str = ""
+
+
+class InputReceived(Event, tag="input.received", frozen=True, kw_only=True):
+    request_id: str | None = None
+    text: str
+
+
+class LlmCall(Event, tag="llm.call", frozen=True, kw_only=True):
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+    finish_reason: str | None = None
+    offline: bool = False
+    error: str | None = None
+
+
+class ContextUpdated(Event, tag="context.updated", frozen=True, kw_only=True):
+    variables: dict[str, Any]
+
+
+class RunCompleted(Event, tag="run.completed", frozen=True, kw_only=True):
+    summary: str | None = None
+
+
+class RunFailed(Event, tag="run.failed", frozen=True, kw_only=True):
+    error: str
+    reason: str = "error"
+
+
+class RunStopped(Event, tag="run.stopped", frozen=True, kw_only=True):
+    by: str | None = None
+
+
+class Ag2Event(Event, tag="ag2.event", frozen=True, kw_only=True):
+    name: str
+
+
+AnyEvent = (
+    ChatCreated
+    | RunStarted
+    | MessageUser
+    | MessageAgent
+    | ToolCalled
+    | ToolResult
+    | Handoff
+    | SpeakerSelected
+    | InputRequested
+    | InputReceived
+    | LlmCall
+    | ContextUpdated
+    | RunCompleted
+    | RunFailed
+    | RunStopped
+    | Ag2Event
+)
+
+EVENT_TYPES: Final[frozenset[str]] = frozenset(
+    cls.__struct_config__.tag for cls in AnyEvent.__args__  # type: ignore[attr-defined]
+)
+TERMINAL_TYPES: Final = frozenset({"run.completed", "run.failed", "run.stopped"})
+
+
+def new_id() -> str:
+    """A fresh event id, fixed before the first append try so retries stay idempotent."""
+    return uuid.uuid4().hex
+
+
+def now() -> datetime:
+    """Current UTC time at the precision BSON stores (milliseconds), so hashes survive a round trip."""
+    t = datetime.now(UTC)
+    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+
+
+class StreamRef(msgspec.Struct, frozen=True, kw_only=True):
+    """Who a chat's log belongs to: copied into every record's envelope."""
+
+    chat_id: str
+    app_id: str
+    user_id: str
+    workflow: str
+
+
+class Pending(msgspec.Struct, frozen=True, kw_only=True):
+    """An event not yet in the log, with its envelope fields; `id` is fixed here, before any try."""
+
+    event: AnyEvent
+    agent: str | None = None
+    visible: bool = True
+    run_id: str | None = None
+    ag2: str | None = None
+    id: str = msgspec.field(default_factory=new_id)
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True, rename={"id": "_id"}):
+    """One immutable entry of the `events` collection (field names are the contract)."""
+
+    id: str
+    chat_id: str
+    seq: int
+    type: str
+    ts: datetime
+    app_id: str
+    user_id: str
+    workflow: str
+    run_id: str | None
+    agent: str | None
+    visible: bool
+    data: dict[str, Any]
+    # The original AG2 event as the exact JSON text it was serialised to, when it came from AG2.
+    ag2: str | None = None
+    v: int = SCHEMA_VERSION
+    prev_hash: str
+    hash: str
+
+    @property
+    def event(self) -> AnyEvent:
+        """The typed event this record carries."""
+        return decode_event(self.type, self.data)
+
+    def public(self) -> dict[str, Any]:
+        """The record as clients see it: without the raw AG2 event and the hash chain."""
+        doc = to_document(self)
+        for key in ("_id", "ag2", "prev_hash", "hash"):
+            doc.pop(key, None)
+        doc["id"] = self.id
+        doc["ts"] = self.ts.isoformat().replace("+00:00", "Z")
+        return doc
+
+
+_canonical = msgspec.json.Encoder(order="sorted")
+_event_decoder_type: Final = AnyEvent
+
+
+def decode_event(type_: str, data: Mapping[str, Any]) -> AnyEvent:
+    """Decode one event payload by its tag; raises msgspec.ValidationError on a bad tag or field."""
+    return msgspec.convert({**data, "type": type_}, _event_decoder_type)
+
+
+def event_payload(event: Event) -> dict[str, Any]:
+    """The event's fields as stored under `data` (the tag lives in the envelope's `type`)."""
+    payload: dict[str, Any] = msgspec.to_builtins(event)
+    payload.pop("type", None)
+    return payload
+
+
+def event_tag(event: Event) -> str:
+    """The stable type tag of an event."""
+    return str(type(event).__struct_config__.tag)
+
+
+def canonical_json(document: Mapping[str, Any]) -> bytes:
+    """Canonical JSON of a stored document without its `hash`: sorted keys, no whitespace."""
+    body = {k: v for k, v in document.items() if k != "hash"}
+    return _canonical.encode(body)
+
+
+def chain_hash(prev_hash: str, document: Mapping[str, Any]) -> str:
+    """sha256 over the previous hash and the canonical JSON of the record without `hash`."""
+    digest = hashlib.sha256(prev_hash.encode())
+    digest.update(canonical_json(document))
+    return digest.hexdigest()
+
+
+def seal(stream: StreamRef, pending: Pending, seq: int, prev_hash: str, ts: datetime) -> dict[str, Any]:
+    """Build the stored document of `pending` at `seq`, chained to `prev_hash`."""
+    doc: dict[str, Any] = {
+        "_id": pending.id,
+        "chat_id": stream.chat_id,
+        "seq": seq,
+        "type": event_tag(pending.event),
+        "ts": ts,
+        "app_id": stream.app_id,
+        "user_id": stream.user_id,
+        "workflow": stream.workflow,
+        "run_id": pending.run_id,
+        "agent": pending.agent,
+        "visible": pending.visible,
+        "data": event_payload(pending.event),
+        "ag2": pending.ag2,
+        "v": SCHEMA_VERSION,
+        "prev_hash": prev_hash,
+    }
+    doc["hash"] = chain_hash(prev_hash, doc)
+    return doc
+
+
+def upcast(document: dict[str, Any]) -> dict[str, Any]:
+    """Bring an older stored shape up to the current one on read (stored records are never rewritten)."""
+    # Version 1 is the first shape; later versions add a branch here, keyed on document["v"].
+    return document
+
+
+def to_record(document: Mapping[str, Any]) -> Record:
+    """Decode a stored document, validating its envelope and its event payload.
+
+    Raises CorruptRecord naming the chat and seq when the document is malformed.
+    """
+    from domain.errors import CorruptRecord
+
+    chat_id = str(document.get("chat_id", "?"))
+    seq = document.get("seq", "?")
+    try:
+        record = msgspec.convert(upcast(dict(document)), Record)
+        decode_event(record.type, record.data)
+    except (msgspec.ValidationError, TypeError) as exc:
+        raise CorruptRecord(chat_id, seq, str(exc)) from exc
+    return record
+
+
+def to_document(record: Record) -> dict[str, Any]:
+    """The stored document of a record (datetimes kept as datetimes for BSON)."""
+    doc: dict[str, Any] = msgspec.to_builtins(record, builtin_types=(datetime,))
+    return doc
