@@ -1,0 +1,1 @@
+"""Application layer: Litestar app, settings, orchestration on AG2, transport, CLI, ChatUI."""

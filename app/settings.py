@@ -1,0 +1,91 @@
+"""Runtime settings, read once from the environment (names from the seed and ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlparse
+
+import msgspec
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the runtime cannot use."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything configurable; see README's configuration table."""
+
+    openai_api_key: str | None = None
+    openai_model: str = "gpt-4o-mini"
+    openai_base_url: str | None = None
+    ai_enabled: bool = True
+    workflows_path: Path = Path("workflows")
+    database_uri: str | None = None
+    db_name: str = "mozaiks"
+    auth_secret: str | None = None
+    prices_path: Path | None = None
+    data_dir: Path = Path(".mozaiks")
+    ws_heartbeat_s: float = 15.0
+    ws_queue_max: int = 1000
+    max_frame_bytes: int = 64 * 1024
+    chat_starts_per_minute: int = 30
+    lease_ttl_s: float = 30.0
+    node_id: str = msgspec.field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
+
+    @property
+    def offline(self) -> bool:
+        """Workflows run on their scripted fixtures when no OpenAI endpoint is configured."""
+        return not self.ai_enabled or (not self.openai_api_key and not self.openai_base_url)
+
+    @property
+    def local_mode(self) -> bool:
+        """No auth secret: loopback only, every request is the one local user."""
+        return not self.auth_secret
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from environment variables, failing with the variable's name on bad values."""
+        env = os.environ if env is None else env
+
+        def text(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        def number(name: str, default: float) -> float:
+            raw = text(name)
+            if raw is None:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise SettingsError(f"{name}={raw!r} is not a number") from None
+            if value <= 0:
+                raise SettingsError(f"{name}={raw!r} must be positive")
+            return value
+
+        database_uri = text("DATABASE_URI")
+        db_name = text("MOZAIKS_DB")
+        if db_name is None and database_uri:
+            db_name = urlparse(database_uri).path.lstrip("/").split("?")[0] or None
+        enabled = (text("MOZAIKS_AI_ENABLED") or "true").lower()
+        if enabled not in {"true", "false", "1", "0", "yes", "no"}:
+            raise SettingsError(f"MOZAIKS_AI_ENABLED={enabled!r} must be true or false")
+        prices = text("MOZAIKS_PRICES")
+        return cls(
+            openai_api_key=text("OPENAI_API_KEY"),
+            openai_model=text("OPENAI_MODEL") or "gpt-4o-mini",
+            openai_base_url=text("OPENAI_BASE_URL"),
+            ai_enabled=enabled in {"true", "1", "yes"},
+            workflows_path=Path(text("MOZAIKS_WORKFLOWS_PATH") or "workflows"),
+            database_uri=database_uri,
+            db_name=db_name or "mozaiks",
+            auth_secret=text("MOZAIKS_AUTH_SECRET"),
+            prices_path=Path(prices) if prices else None,
+            data_dir=Path(text("MOZAIKS_DATA_DIR") or ".mozaiks"),
+            ws_heartbeat_s=number("MOZAIKS_WS_HEARTBEAT_S", 15.0),
+            ws_queue_max=int(number("MOZAIKS_WS_QUEUE_MAX", 1000)),
+            chat_starts_per_minute=int(number("MOZAIKS_CHAT_STARTS_PER_MINUTE", 30)),
+            lease_ttl_s=number("MOZAIKS_LEASE_TTL_S", 30.0),
+        )
