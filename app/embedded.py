@@ -1,0 +1,174 @@
+"""The embedded MongoDB-wire server (SecantusDB) run as a child process for the zero-setup default.
+
+SecantusDB is GPL-2.0, so it is only ever started as a separate process (`secantusd-py`), never
+imported. The child gets SIGTERM when its parent dies (PR_SET_PDEATHSIG), so no server is left
+running after a crash of the runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from pymongo import MongoClient
+from pymongo.errors import PyMongoError
+
+from domain.errors import MozaiksError
+
+_PR_SET_PDEATHSIG = 1
+
+
+class EmbeddedServerError(MozaiksError):
+    """The embedded server could not be started; the message is one line a user can act on."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _server_executable() -> str:
+    beside = Path(sys.executable).parent / "secantusd-py"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("secantusd-py")
+    if found is None:
+        raise EmbeddedServerError(
+            "secantusd-py not found: install the runtime's dependencies (pip install -e .) "
+            "or set DATABASE_URI to a MongoDB server"
+        )
+    return found
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: ask the kernel to SIGTERM it when the parent dies.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class EmbeddedMongo:
+    """A SecantusDB child process on a free loopback port; use as a (sync or async) context manager."""
+
+    def __init__(
+        self,
+        storage: Path | str,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        test_commands: bool = False,
+        startup_timeout_s: float = 30.0,
+    ) -> None:
+        self.storage = storage
+        self.host = host
+        self.port = port
+        self.test_commands = test_commands
+        self.startup_timeout_s = startup_timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.TemporaryFile()
+
+    @property
+    def uri(self) -> str:
+        """Connection string for the running server (retryable writes off; see ARCHITECTURE.md)."""
+        return f"mongodb://{self.host}:{self.port}/?retryWrites=false&directConnection=true"
+
+    def start(self) -> str:
+        """Start the server and wait until it answers `ping`; returns its URI."""
+        storage = str(self.storage)
+        if storage != ":memory:":
+            try:
+                Path(storage).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise EmbeddedServerError(f"cannot create data folder {storage}: {exc.strerror}") from None
+        self.port = self.port or free_port(self.host)
+        argv = [
+            _server_executable(),
+            "--host", self.host,
+            "--port", str(self.port),
+            "--storage-path", storage,
+            "--sync-on-commit",
+            "--log-level", "ERROR",
+        ]  # fmt: skip
+        if self.test_commands:
+            argv.append("--enable-test-commands")
+        self.process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,  # Ctrl-C reaches only us; we stop the server in order.
+        )
+        self._wait_ready()
+        return self.uri
+
+    def _wait_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        client: MongoClient[dict[str, object]] = MongoClient(self.uri, serverSelectionTimeoutMS=250)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise EmbeddedServerError(
+                        f"embedded MongoDB server (data {self.storage}, port {self.port}) exited "
+                        f"at start-up: {self._last_log_line()}"
+                    )
+                try:
+                    client.admin.command("ping")
+                    return
+                except PyMongoError:
+                    time.sleep(0.1)
+        finally:
+            client.close()
+        self.stop()
+        raise EmbeddedServerError(
+            f"embedded MongoDB server did not answer ping on {self.host}:{self.port} "
+            f"within {self.startup_timeout_s:.0f} s: {self._last_log_line()}"
+        )
+
+    def _last_log_line(self) -> str:
+        self._log.seek(0)
+        lines = [line.strip() for line in self._log.read().decode(errors="replace").splitlines() if line.strip()]
+        errors = [line for line in lines if "error" in line.lower()]
+        return (errors or lines or ["no output"])[-1][:300]
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the server gracefully (SIGTERM), killing it if it does not exit in time."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> EmbeddedMongo:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> EmbeddedMongo:
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await asyncio.to_thread(self.stop)

@@ -1,0 +1,311 @@
+"""The event store: an append-only, hash-chained log per chat in the MongoDB `events` collection.
+
+The store offers append and read only; no code path updates or deletes an event. The unique
+`(chat_id, seq)` index is the optimistic-concurrency guard, and appends are idempotent because a
+record's `_id` is fixed before the first try.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime
+from typing import Any, Final, Mapping, Protocol
+
+import msgspec
+from pymongo import ASCENDING, DESCENDING, IndexModel, WriteConcern
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, OperationFailure
+
+from domain.errors import Conflict, CorruptRecord, HistoryLost
+from domain.events import GENESIS_HASH, Pending, Record, StreamRef, chain_hash, now, seal, to_record
+
+EVENTS: Final = "events"
+DUPLICATE_KEY: Final = 11000
+# Server codes meaning a resume token can no longer be used: ChangeStreamHistoryLost,
+# ChangeStreamFatalError, and the older "resume point no longer in the oplog".
+HISTORY_LOST_CODES: Final = frozenset({286, 280, 136})
+_HEAD_CACHE_SIZE: Final = 10_000
+
+
+class Verification(msgspec.Struct, frozen=True, kw_only=True):
+    """Result of recomputing one chat's hash chain."""
+
+    chat_id: str
+    ok: bool
+    checked: int
+    last_seq: int
+    broken_seq: int | None = None
+    detail: str | None = None
+
+
+class Change(msgspec.Struct, frozen=True):
+    """One record seen on the change stream, with the token to resume after it."""
+
+    record: Record
+    token: Mapping[str, Any]
+
+
+class EventStore(Protocol):
+    """The contract every event store backend keeps."""
+
+    async def append(
+        self, stream: StreamRef, events: Sequence[Pending], expected_seq: int | None
+    ) -> list[Record]: ...
+
+    async def last_seq(self, chat_id: str) -> int: ...
+
+    def read(self, chat_id: str, after: int = 0, limit: int | None = None) -> AsyncIterator[Record]: ...
+
+    async def verify(self, chat_id: str) -> Verification: ...
+
+    def subscribe(self, chat_id: str, after: int = 0) -> AsyncIterator[Record]: ...
+
+    def tail(self, resume_after: Mapping[str, Any] | None = None) -> AsyncIterator[Change]: ...
+
+
+class MongoEventStore:
+    """EventStore on a MongoDB (or MongoDB-wire) database, using PyMongo's async API."""
+
+    def __init__(self, db: AsyncDatabase[Any]) -> None:
+        self.db = db
+        # Durable writes: majority-acknowledged and journaled before an append returns.
+        self.events: AsyncCollection[Any] = db.get_collection(
+            EVENTS, write_concern=WriteConcern(w="majority", j=True)
+        )
+        # chat_id -> (seq, hash) of the last record this process appended or read at the head.
+        self._heads: OrderedDict[str, tuple[int, str]] = OrderedDict()
+
+    async def ensure_indexes(self) -> None:
+        """Create the indexes the log relies on (idempotent; never drops anything)."""
+        await self.events.create_indexes(
+            [
+                IndexModel([("chat_id", ASCENDING), ("seq", ASCENDING)], unique=True, name="chat_seq"),
+                IndexModel([("app_id", ASCENDING), ("ts", ASCENDING)], name="app_ts"),
+                IndexModel([("type", ASCENDING), ("ts", ASCENDING)], name="type_ts"),
+            ]
+        )
+
+    # ---- append -------------------------------------------------------------------------------
+
+    async def append(
+        self, stream: StreamRef, events: Sequence[Pending], expected_seq: int | None
+    ) -> list[Record]:
+        """Append `events` after `expected_seq` as one batch (group commit) and return the records.
+
+        `expected_seq` is the last seq the caller saw (0 for a new chat); if another writer got
+        there first, raises Conflict and nothing of this batch is stored. With `None`, appends at
+        the current end of the log, retrying on conflicts. Re-sending a batch whose reply was lost
+        (same Pending ids) returns the stored records instead of duplicating them.
+        """
+        if expected_seq is None:
+            while True:
+                try:
+                    return await self._append_at(stream, events, await self.last_seq(stream.chat_id))
+                except Conflict:
+                    self._heads.pop(stream.chat_id, None)
+        return await self._append_at(stream, events, expected_seq)
+
+    async def _append_at(self, stream: StreamRef, events: Sequence[Pending], expected_seq: int) -> list[Record]:
+        chat_id = stream.chat_id
+        landed: list[Record] = []
+        while len(landed) < len(events):
+            head_seq = landed[-1].seq if landed else expected_seq
+            head_hash = landed[-1].hash if landed else await self._hash_at(chat_id, head_seq)
+            docs = self._seal_batch(stream, events[len(landed) :], head_seq, head_hash)
+            try:
+                await self.events.insert_many(docs, ordered=True)
+            except BulkWriteError as exc:
+                inserted = int(exc.details.get("nInserted", 0))
+                landed.extend(to_record(doc) for doc in docs[:inserted])
+                errors = exc.details.get("writeErrors") or [{}]
+                if errors[0].get("code") != DUPLICATE_KEY:
+                    raise
+                landed.append(await self._own_or_conflict(docs[inserted]))
+                continue
+            landed.extend(to_record(doc) for doc in docs)
+        if landed:
+            self._remember_head(chat_id, landed[-1].seq, landed[-1].hash)
+        return landed
+
+    @staticmethod
+    def _seal_batch(
+        stream: StreamRef, events: Sequence[Pending], head_seq: int, head_hash: str
+    ) -> list[dict[str, Any]]:
+        ts = now()
+        docs: list[dict[str, Any]] = []
+        prev = head_hash
+        for offset, pending in enumerate(events, start=1):
+            doc = seal(stream, pending, head_seq + offset, prev, ts)
+            docs.append(doc)
+            prev = doc["hash"]
+        return docs
+
+    async def _own_or_conflict(self, doc: Mapping[str, Any]) -> Record:
+        """After a duplicate key: the stored record if it is this very event (an earlier try landed)."""
+        stored = await self.events.find_one({"_id": doc["_id"]})
+        if stored is None or stored.get("chat_id") != doc["chat_id"]:
+            self._heads.pop(doc["chat_id"], None)
+            raise Conflict(doc["chat_id"], doc["seq"])
+        return to_record(stored)
+
+    async def _hash_at(self, chat_id: str, seq: int) -> str:
+        if seq == 0:
+            return GENESIS_HASH
+        cached = self._heads.get(chat_id)
+        if cached is not None and cached[0] == seq:
+            return cached[1]
+        doc = await self.events.find_one({"chat_id": chat_id, "seq": seq}, {"hash": 1})
+        if doc is None:
+            last = await self.last_seq(chat_id)
+            raise Conflict(chat_id, seq + 1, f"expected seq {seq} but the log ends at {last}")
+        return str(doc["hash"])
+
+    def _remember_head(self, chat_id: str, seq: int, hash_: str) -> None:
+        self._heads[chat_id] = (seq, hash_)
+        self._heads.move_to_end(chat_id)
+        if len(self._heads) > _HEAD_CACHE_SIZE:
+            self._heads.popitem(last=False)
+
+    # ---- read ---------------------------------------------------------------------------------
+
+    async def last_seq(self, chat_id: str) -> int:
+        """The seq of the chat's last record, 0 when the chat has none."""
+        doc = await self.events.find_one({"chat_id": chat_id}, {"seq": 1}, sort=[("seq", DESCENDING)])
+        return int(doc["seq"]) if doc else 0
+
+    async def read(self, chat_id: str, after: int = 0, limit: int | None = None) -> AsyncIterator[Record]:
+        """The chat's records with seq > `after`, in seq order, at most `limit` of them."""
+        async for record in self.find(chat_id=chat_id, after=after, limit=limit):
+            yield record
+
+    async def find(
+        self,
+        chat_id: str | None = None,
+        *,
+        after: int = 0,
+        limit: int | None = None,
+        types: Sequence[str] | None = None,
+        agent: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        app_id: str | None = None,
+        user_id: str | None = None,
+    ) -> AsyncIterator[Record]:
+        """Audit read: records matching every given filter, by chat and seq.
+
+        Filter values are matched as plain values (never as query operators).
+        """
+        query: dict[str, Any] = {}
+        if chat_id is not None:
+            query["chat_id"] = str(chat_id)
+            if after:
+                query["seq"] = {"$gt": int(after)}
+        if types:
+            query["type"] = {"$in": [str(t) for t in types]}
+        if agent is not None:
+            query["agent"] = str(agent)
+        if app_id is not None:
+            query["app_id"] = str(app_id)
+        if user_id is not None:
+            query["user_id"] = str(user_id)
+        if since is not None or until is not None:
+            window: dict[str, datetime] = {}
+            if since is not None:
+                window["$gte"] = since
+            if until is not None:
+                window["$lt"] = until
+            query["ts"] = window
+        cursor = self.events.find(query, sort=[("chat_id", ASCENDING), ("seq", ASCENDING)])
+        if limit is not None:
+            cursor = cursor.limit(int(limit))
+        async for doc in cursor:
+            yield to_record(doc)
+
+    async def verify(self, chat_id: str) -> Verification:
+        """Recompute the chat's hash chain from the stored documents; report the first broken seq."""
+        expected_prev = GENESIS_HASH
+        checked = 0
+        last = 0
+        async for doc in self.events.find({"chat_id": chat_id}, sort=[("seq", ASCENDING)]):
+            seq = doc.get("seq")
+            problem = None
+            if seq != last + 1:
+                problem = f"expected seq {last + 1}, found {seq}"
+            elif doc.get("prev_hash") != expected_prev:
+                problem = "prev_hash does not match the previous record's hash"
+            elif doc.get("hash") != chain_hash(expected_prev, doc):
+                problem = "hash does not match the record's content"
+            if problem is not None:
+                broken = seq if isinstance(seq, int) else last + 1
+                return Verification(
+                    chat_id=chat_id, ok=False, checked=checked, last_seq=last, broken_seq=broken, detail=problem
+                )
+            checked += 1
+            last = int(seq)
+            expected_prev = str(doc["hash"])
+        return Verification(chat_id=chat_id, ok=True, checked=checked, last_seq=last)
+
+    # ---- live ---------------------------------------------------------------------------------
+
+    async def subscribe(self, chat_id: str, after: int = 0) -> AsyncIterator[Record]:
+        """Stored records after `after`, then live ones as they are appended: no gap, no duplicate."""
+        pipeline = [{"$match": {"operationType": "insert", "fullDocument.chat_id": chat_id}}]
+        async with await self.events.watch(pipeline) as stream:
+
+            async def live() -> AsyncIterator[Record]:
+                async for change in stream:
+                    yield to_record(change["fullDocument"])
+
+            async for record in follow(self.read, chat_id, after, live()):
+                yield record
+
+    async def tail(self, resume_after: Mapping[str, Any] | None = None) -> AsyncIterator[Change]:
+        """Every record appended from now on (or after `resume_after`), for all chats.
+
+        Raises HistoryLost when the token is too old: the caller then catches up from the log.
+        """
+        pipeline = [{"$match": {"operationType": "insert"}}]
+        try:
+            async with await self.events.watch(pipeline, resume_after=resume_after) as stream:
+                async for change in stream:
+                    try:
+                        record = to_record(change["fullDocument"])
+                    except CorruptRecord:
+                        continue  # a bad record is reported by every read of its chat; the tail goes on
+                    yield Change(record, change["_id"])
+        except OperationFailure as exc:
+            if exc.code in HISTORY_LOST_CODES or (resume_after is not None and "resume" in str(exc).lower()):
+                raise HistoryLost(f"change stream cannot resume: {exc}") from exc
+            raise
+
+
+ReadAfter = Callable[[str, int], AsyncIterator[Record]]
+
+
+async def follow(
+    read: ReadAfter, chat_id: str, after: int, live: AsyncIterator[Record]
+) -> AsyncIterator[Record]:
+    """Merge a replay from the log with a live source into one gapless, duplicate-free sequence.
+
+    `live` must already be listening before this is called, so nothing falls between the replay
+    and the first live record; records it repeats are skipped and gaps are filled from the log.
+    """
+    last = after
+    async for record in read(chat_id, last):
+        yield record
+        last = record.seq
+    async for record in live:
+        if record.chat_id != chat_id or record.seq <= last:
+            continue
+        if record.seq > last + 1:
+            async for missing in read(chat_id, last):
+                if missing.seq >= record.seq:
+                    break
+                yield missing
+                last = missing.seq
+        if record.seq == last + 1:
+            yield record
+            last = record.seq
+

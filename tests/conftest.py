@@ -1,0 +1,89 @@
+"""Session-wide fixtures: one real MongoDB wire server for the whole suite, never a fake.
+
+The server is `MOZAIKS_TEST_MONGO_URI` if set, else a testcontainers MongoDB single-node replica
+set when a Docker engine answers, else the embedded SecantusDB child process.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+from app.embedded import EmbeddedMongo
+from domain.store import MongoEventStore
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # testcontainers' own dependency
+
+        client = docker.from_env(timeout=2)
+        client.ping()
+        return True
+    except Exception:
+        return False
+
+
+def _mongo_container() -> Iterator[str]:
+    from testcontainers.mongodb import MongoDbContainer
+
+    container = MongoDbContainer("mongo:7.0").with_command("--replSet rs0 --bind_ip_all")
+    with container:
+        host, port = container.get_container_host_ip(), container.get_exposed_port(27017)
+        container.exec(
+            "mongosh --quiet --eval "
+            f"\"rs.initiate({{_id:'rs0',members:[{{_id:0,host:'localhost:27017'}}]}})\""
+        )
+        yield f"mongodb://test:test@{host}:{port}/?directConnection=true&authSource=admin"
+
+
+@pytest.fixture(scope="session")
+def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URI of the suite's MongoDB wire server (see module docstring for how it is chosen)."""
+    given = os.environ.get("MOZAIKS_TEST_MONGO_URI")
+    if given:
+        yield given
+    elif os.environ.get("MOZAIKS_TEST_DOCKER", "auto") != "never" and _docker_answers():
+        yield from _mongo_container()
+    else:
+        with EmbeddedMongo(":memory:", test_commands=True) as server:
+            yield server.uri
+
+
+@pytest.fixture(scope="session")
+async def mongo_client(mongo_uri: str) -> AsyncIterator[AsyncMongoClient[Any]]:
+    """One async client for the whole suite, on the session's event loop."""
+    client: AsyncMongoClient[Any] = AsyncMongoClient(mongo_uri, tz_aware=True)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture(scope="session")
+def db_name() -> str:
+    """A database name of this session's own, so runs sharing a server never meet."""
+    return f"mozaiks_test_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def db(mongo_client: AsyncMongoClient[Any], db_name: str) -> AsyncDatabase[Any]:
+    """The session database with every collection emptied (not dropped) before the test."""
+    database = mongo_client[db_name]
+    for name in await database.list_collection_names():
+        await database[name].delete_many({})
+    return database
+
+
+@pytest.fixture
+async def store(db: AsyncDatabase[Any]) -> MongoEventStore:
+    """An event store on the test database, indexes in place."""
+    event_store = MongoEventStore(db)
+    await event_store.ensure_indexes()
+    return event_store

@@ -1,0 +1,185 @@
+"""The event store against the real wire server: concurrency, idempotency, hash chain, live reads."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import timedelta
+
+import pytest
+
+from domain.errors import Conflict, CorruptRecord, HistoryLost
+from domain.events import MessageAgent, MessageUser, Pending, StreamRef, ToolCalled, now
+from domain.store import MongoEventStore
+
+
+def chat(chat_id: str, app_id: str = "app") -> StreamRef:
+    return StreamRef(chat_id=chat_id, app_id=app_id, user_id="u1", workflow="Generator")
+
+
+def said(text: str, agent: str = "Writer") -> Pending:
+    return Pending(event=MessageAgent(content=text), agent=agent)
+
+
+async def test_append_assigns_gapless_seq_and_chains_hashes(store: MongoEventStore) -> None:
+    first = await store.append(chat("c1"), [Pending(event=MessageUser(content="hi"))], 0)
+    more = await store.append(chat("c1"), [said("a"), said("b")], 1)
+    records = [r async for r in store.read("c1")]
+    assert [r.seq for r in records] == [1, 2, 3]
+    assert records == first + more
+    assert records[1].prev_hash == records[0].hash and records[2].prev_hash == records[1].hash
+    assert records[2].event == MessageAgent(content="b")
+    assert await store.last_seq("c1") == 3
+    assert (await store.verify("c1")).ok
+
+
+async def test_two_concurrent_appenders_one_wins_each_seq(store: MongoEventStore) -> None:
+    outcomes = await asyncio.gather(
+        store.append(chat("race"), [said("from A")], 0),
+        MongoEventStore(store.db).append(chat("race"), [said("from B")], 0),
+        return_exceptions=True,
+    )
+    winners = [o for o in outcomes if isinstance(o, list)]
+    losers = [o for o in outcomes if isinstance(o, Conflict)]
+    assert len(winners) == 1 and len(losers) == 1
+    assert losers[0].chat_id == "race" and losers[0].seq == 1
+    stored = [r async for r in store.read("race")]
+    assert stored == winners[0]
+
+
+async def test_appending_behind_the_head_is_a_conflict_not_an_overwrite(store: MongoEventStore) -> None:
+    await store.append(chat("c"), [said("one"), said("two")], 0)
+    with pytest.raises(Conflict):
+        await store.append(chat("c"), [said("stale")], 1)
+    with pytest.raises(Conflict, match="log ends at 2"):
+        await store.append(chat("c"), [said("gap")], 5)
+    assert [r.event.content async for r in store.read("c")] == ["one", "two"]  # type: ignore[union-attr]
+
+
+async def test_thousand_concurrent_appends_across_fifty_chats_stay_gapless(store: MongoEventStore) -> None:
+    # Several store instances stand in for several writers; each append goes to the current end.
+    writers = [MongoEventStore(store.db) for _ in range(4)]
+    rng = random.Random(7)
+    jobs = [(f"chat-{rng.randrange(50)}", i) for i in range(1000)]
+
+    async def one(chat_id: str, i: int) -> None:
+        await rng.choice(writers).append(chat(chat_id), [said(f"m{i}")], None)
+
+    await asyncio.gather(*(one(c, i) for c, i in jobs))
+    expected: dict[str, int] = {}
+    for c, _ in jobs:
+        expected[c] = expected.get(c, 0) + 1
+    for chat_id, count in expected.items():
+        seqs = [r.seq async for r in store.read(chat_id)]
+        assert seqs == list(range(1, count + 1)), chat_id
+        assert (await store.verify(chat_id)).ok
+    assert await store.events.count_documents({}) == 1000
+
+
+async def test_resending_a_batch_after_a_lost_reply_does_not_duplicate(store: MongoEventStore) -> None:
+    batch = [said("x"), said("y")]
+    first = await store.append(chat("idem"), batch, 0)
+    # Same events (same ids) again, as a client does when the reply was lost: same result, nothing new.
+    assert await store.append(chat("idem"), batch, 0) == first
+    # Also when the retry re-read the head first (it then already includes its own events).
+    assert await store.append(chat("idem"), batch, 2) == first
+    assert await store.last_seq("idem") == 2
+
+
+async def test_partially_landed_batch_is_completed_by_the_retry(store: MongoEventStore) -> None:
+    batch = [said("a"), said("b"), said("c")]
+    await store.append(chat("part"), batch[:1], 0)  # as if the first try stored only its first record
+    records = await store.append(chat("part"), batch, 0)
+    assert [r.seq for r in records] == [1, 2, 3]
+    assert [r.id for r in records] == [p.id for p in batch]
+    assert (await store.verify("part")).ok
+
+
+async def test_edited_record_is_reported_by_verify(store: MongoEventStore) -> None:
+    await store.append(chat("audit"), [said(f"m{i}") for i in range(5)], 0)
+    await store.events.update_one({"chat_id": "audit", "seq": 3}, {"$set": {"data.content": "forged"}})
+    result = await store.verify("audit")
+    assert not result.ok and result.broken_seq == 3 and result.checked == 2
+    assert "hash" in (result.detail or "")
+
+
+async def test_deleted_record_is_reported_by_verify(store: MongoEventStore) -> None:
+    await store.append(chat("audit"), [said(f"m{i}") for i in range(4)], 0)
+    await store.events.delete_one({"chat_id": "audit", "seq": 2})
+    result = await store.verify("audit")
+    assert not result.ok and result.broken_seq == 3
+
+
+async def test_malformed_record_names_chat_and_seq_and_other_chats_still_read(store: MongoEventStore) -> None:
+    await store.append(chat("bad"), [said("ok"), said("ok")], 0)
+    await store.append(chat("good"), [said("fine")], 0)
+    await store.events.update_one({"chat_id": "bad", "seq": 2}, {"$set": {"type": "no.such.type"}})
+    with pytest.raises(CorruptRecord, match=r"chat bad, seq 2: .*no.such.type"):
+        _ = [r async for r in store.read("bad")]
+    await store.events.update_one({"chat_id": "bad", "seq": 1}, {"$unset": {"data.content": ""}})
+    with pytest.raises(CorruptRecord, match=r"chat bad, seq 1: .*content"):
+        _ = [r async for r in store.read("bad")]
+    assert [r.seq async for r in store.read("good")] == [1]
+
+
+async def test_subscribe_delivers_every_event_after_k_exactly_once_in_order(store: MongoEventStore) -> None:
+    await store.append(chat("live"), [said(f"m{i}") for i in range(10)], 0)
+    total = 60
+    seen: list[int] = []
+
+    async def consume() -> None:
+        async for record in store.subscribe("live", after=4):
+            seen.append(record.seq)
+            if record.seq == total:
+                return
+
+    async def produce() -> None:
+        writer = MongoEventStore(store.db)
+        for _ in range(total - 10):
+            await writer.append(chat("live"), [said("more")], None)
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(asyncio.gather(consume(), produce()), timeout=60)
+    assert seen == list(range(5, total + 1))
+
+
+async def test_find_filters_by_type_agent_and_time(store: MongoEventStore) -> None:
+    start = now()
+    await store.append(chat("f1"), [Pending(event=MessageUser(content="q"))], 0)
+    await store.append(
+        chat("f1"),
+        [said("a", "Writer"), said("b", "Critic"), Pending(event=ToolCalled(tool="t", call_id="1", arguments="{}"), agent="Writer")],
+        1,
+    )
+    await store.append(chat("f2", app_id="other"), [said("z", "Writer")], 0)
+    writer_msgs = [r.seq async for r in store.find("f1", types=["message.agent"], agent="Writer")]
+    assert writer_msgs == [2]
+    assert [r.chat_id async for r in store.find(app_id="other")] == ["f2"]
+    assert len([r async for r in store.find(since=start - timedelta(seconds=1))]) == 5
+    assert [r async for r in store.find(until=start - timedelta(seconds=1))] == []
+    assert [r.seq async for r in store.find("f1", after=2, limit=1)] == [3]
+    # A filter value that looks like an operator is matched as a plain string.
+    assert [r async for r in store.find(agent={"$ne": None})] == []  # type: ignore[arg-type]
+
+
+async def test_tail_sees_new_records_of_all_chats_and_resumes_after_a_token(store: MongoEventStore) -> None:
+    tail = store.tail()
+    first_pending = asyncio.ensure_future(anext(tail))
+    await asyncio.sleep(0.3)  # let the change stream open before appending
+    await store.append(chat("t1"), [said("one")], 0)
+    first = await asyncio.wait_for(first_pending, 10)
+    await store.append(chat("t2"), [said("two")], 0)
+    second = await asyncio.wait_for(anext(tail), 10)
+    await tail.aclose()
+    assert (first.record.chat_id, second.record.chat_id) == ("t1", "t2")
+    resumed = store.tail(resume_after=first.token)
+    again = await asyncio.wait_for(anext(resumed), 10)
+    await resumed.aclose()
+    assert again.record == second.record
+
+
+async def test_tail_with_an_unusable_token_raises_history_lost(store: MongoEventStore) -> None:
+    bogus = {"_data": "00" * 40}
+    with pytest.raises(HistoryLost):
+        tail = store.tail(resume_after=bogus)
+        await asyncio.wait_for(anext(tail), 10)
