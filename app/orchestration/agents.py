@@ -1,0 +1,223 @@
+"""Agent factory: AG2 ConversableAgents, handoffs and the workflow's pattern, from a loaded Workflow."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from autogen import ConversableAgent, LLMConfig
+from autogen.agentchat.group import (
+    AgentTarget,
+    ContextVariables,
+    OnCondition,
+    RevertToUserTarget,
+    StayTarget,
+    StringLLMCondition,
+    TerminateTarget,
+)
+from autogen.agentchat.group.patterns import AutoPattern, DefaultPattern, RandomPattern, RoundRobinPattern
+from autogen.agentchat.group.patterns.pattern import Pattern
+from autogen.agentchat.group.targets.group_manager_target import GroupManagerTarget
+from autogen.agentchat.group.targets.transition_target import TransitionTarget
+from autogen.agentchat.groupchat import GroupChat
+from autogen.oai.client import PlaceHolderClient
+
+from app.orchestration.clients import CLIENT_CLASS_NAME, MozaiksModelClient
+from app.workflows import GROUP_MANAGER, Tool, Workflow
+from domain.manifest import AgentSpec
+
+# The human stand-in used when a workflow has no agent of type "user" (AG2's own default name).
+TEMP_USER: str = "_User"
+
+
+class Team:
+    """The AG2 objects of one run: agents by name, the user agent (if any) and the pattern."""
+
+    def __init__(self, agents: dict[str, ConversableAgent], user: ConversableAgent | None, pattern: Pattern) -> None:
+        self.agents = agents
+        self.user = user
+        self.pattern = pattern
+
+
+def llm_entry(spec: AgentSpec | None, default_model: str, agent: str) -> dict[str, Any]:
+    """The AG2 config entry of an agent: the runtime's client, tagged with the agent's name."""
+    entry: dict[str, Any] = {"model": default_model, "model_client_cls": CLIENT_CLASS_NAME, "mozaiks_agent": agent}
+    if spec is not None and spec.llm_config is not None:
+        settings = spec.llm_config
+        entry["model"] = settings.model or default_model
+        for key in ("temperature", "max_tokens", "top_p"):
+            value = getattr(settings, key)
+            if value is not None:
+                entry[key] = value
+    return entry
+
+
+def keep_client_registered(agent: ConversableAgent, client_cls: type[MozaiksModelClient]) -> None:
+    """Register the runtime's client now and again whenever AG2 has rebuilt the agent's client.
+
+    AG2 rebuilds `agent.client` (e.g. when handoff functions are re-registered before each turn),
+    which drops registered custom clients; the `process_all_messages_before_reply` hook runs after
+    those rebuilds and right before the reply, so re-registering there never misses a call.
+    """
+
+    def reregister(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        client = agent.client
+        if client is not None and any(isinstance(c, PlaceHolderClient) for c in client._clients):
+            agent.register_model_client(client_cls)
+        return messages
+
+    agent.register_model_client(client_cls)
+    agent.register_hook("process_all_messages_before_reply", reregister)
+
+
+class ContextNote(msgspec.Struct, frozen=True):
+    """Context variables a tool changed (becomes a `context.updated` record); None = removed."""
+
+    variables: dict[str, Any]
+
+
+def bind_tool(
+    tool: Tool, context: ContextVariables, emit: Callable[[Any], None] | None = None
+) -> Callable[..., Any]:
+    """The tool's function as AG2 should call it: a `context` parameter gets the chat's variables.
+
+    The parameter is hidden from the model's schema; the tool sees `context.data` itself, and what it
+    changed is emitted as a ContextNote right after the call (so before AG2's tool-result event).
+    """
+    function = tool.function
+    signature = inspect.signature(function)
+    if "context" not in signature.parameters:
+        return function
+
+    @functools.wraps(function)
+    def with_context(*args: Any, **kwargs: Any) -> Any:
+        before = _snapshot(context.data)
+        try:
+            return function(*args, context=context.data, **kwargs)
+        finally:
+            after = _snapshot(context.data)
+            changed = {k: v for k, v in after.items() if k not in before or before[k] != v}
+            changed.update({k: None for k in before if k not in after})
+            if changed and emit is not None:
+                emit(ContextNote(changed))
+
+    with_context.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p for name, p in signature.parameters.items() if name != "context"]
+    )
+    return with_context
+
+
+def _snapshot(data: dict[str, Any]) -> dict[str, Any]:
+    """A JSON-safe deep copy of the context variables."""
+    return json.loads(json.dumps(data, default=str))  # type: ignore[no-any-return]
+
+
+class _AutoPattern(AutoPattern):
+    """AutoPattern whose group manager picks speakers through the runtime's client.
+
+    AG2 builds a fresh internal speaker-selection agent for every choice and registers a custom
+    client on it only from `GroupChat.select_speaker_auto_*`; the manager keeps its own copy of the
+    GroupChat as reply config, so both copies get the settings.
+    """
+
+    def __init__(self, *args: Any, selector_config: dict[str, Any], client_cls: type[MozaiksModelClient], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._selector_config = selector_config
+        self._client_cls = client_cls
+
+    def prepare_group_chat(self, max_rounds: int, messages: list[dict[str, Any]] | str) -> Any:
+        components = super().prepare_group_chat(max_rounds=max_rounds, messages=messages)
+        groupchat, manager = components[7], components[8]
+        chats = [groupchat] + [t["config"] for t in manager._reply_func_list if isinstance(t["config"], GroupChat)]
+        for chat in chats:
+            chat.select_speaker_auto_llm_config = self._selector_config
+            chat.select_speaker_auto_model_client_cls = self._client_cls
+        return components
+
+
+def build_team(
+    workflow: Workflow,
+    *,
+    client_cls: type[MozaiksModelClient],
+    context: ContextVariables,
+    default_model: str,
+    emit: Callable[[Any], None] | None = None,
+) -> Team:
+    """Build the workflow's agents (tools only from tools.json), handoffs and AG2 pattern."""
+    agents: dict[str, ConversableAgent] = {}
+    user: ConversableAgent | None = None
+    for spec in workflow.agents:
+        if spec.type == "user":
+            user = ConversableAgent(
+                spec.name,
+                description=spec.description or "The human user.",
+                human_input_mode="ALWAYS",
+                llm_config=False,
+                code_execution_config=False,
+            )
+            continue
+        agent = ConversableAgent(
+            spec.name,
+            system_message=workflow.prompts.get(spec.name, "You are a helpful AI assistant."),
+            description=spec.description or f"Agent {spec.name}",
+            llm_config=LLMConfig(llm_entry(spec, default_model, spec.name)),
+            human_input_mode=spec.human_input_mode,
+            code_execution_config=False,
+        )
+        keep_client_registered(agent, client_cls)
+        for name in spec.tools:
+            tool = workflow.tools[name]
+            agent.register_for_llm(name=name, description=tool.description, silent_override=True)(
+                bind_tool(tool, context, emit)
+            )
+        agents[spec.name] = agent
+
+    def target(name: str) -> TransitionTarget:
+        match name:
+            case "terminate":
+                return TerminateTarget()
+            case "user":
+                return RevertToUserTarget()
+            case "group_manager":
+                return GroupManagerTarget()
+            case "stay":
+                return StayTarget()
+            case _:
+                return AgentTarget(agents[name])
+
+    for spec in workflow.agents:
+        if spec.type == "user":
+            continue
+        agent = agents[spec.name]
+        for condition in spec.handoffs.llm_conditions:
+            agent.handoffs.add_llm_condition(
+                OnCondition(target=target(condition.target), condition=StringLLMCondition(prompt=condition.condition))
+            )
+        if spec.handoffs.after_work is not None:
+            agent.handoffs.set_after_work(target(spec.handoffs.after_work))
+
+    manager_entry = llm_entry(None, default_model, GROUP_MANAGER)
+    common: dict[str, Any] = {
+        "initial_agent": agents[workflow.manifest.entry_agent],
+        "agents": list(agents.values()),
+        "user_agent": user,
+        "context_variables": context,
+        "group_manager_args": {"llm_config": LLMConfig(manager_entry)},
+    }
+    pattern: Pattern
+    match workflow.pattern:
+        case "Default":
+            pattern = DefaultPattern(**common)
+        case "Auto":
+            pattern = _AutoPattern(**common, selector_config={"config_list": [manager_entry]}, client_cls=client_cls)
+        case "RoundRobin":
+            pattern = RoundRobinPattern(**common)
+        case "Random":
+            pattern = RandomPattern(**common)
+        case other:  # pragma: no cover - the manifest type admits only the four
+            raise ValueError(f"unknown orchestration pattern {other!r}")
+    return Team(agents, user, pattern)

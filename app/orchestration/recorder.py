@@ -1,0 +1,160 @@
+"""The recorder's mapping: every AG2 event of a run becomes exactly one Pending, typed when it can be.
+
+The original AG2 event is kept whole as JSON text in `Pending.ag2`. Three AG2 events hold live
+objects (agents, transition targets, the input `respond` callback) that pydantic cannot dump;
+`ag2_json` serialises those objects itself: an agent as its name, a target as its type and fields,
+a callable as null, an exception as its type and message.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+from autogen.agentchat.agent import Agent
+from autogen.agentchat.group.targets.transition_target import TransitionTarget
+from autogen.code_utils import content_str
+from pydantic import BaseModel
+
+from app.orchestration.agents import ContextNote
+from app.orchestration.clients import LlmCallNote
+from domain.events import (
+    Ag2Event,
+    AnyEvent,
+    ContextUpdated,
+    Handoff,
+    InputRequested,
+    LlmCall,
+    MessageAgent,
+    Pending,
+    SpeakerSelected,
+    ToolCalled,
+    ToolResult,
+)
+
+_HANDOFF_KINDS: Final = {
+    "after_works_transition": "after_work",
+    "on_condition_l_l_m_transition": "llm_condition",
+    "on_context_condition_transition": "context_condition",
+    "reply_result_transition": "reply_result",
+}
+
+
+def live_object(value: Any) -> Any:
+    """JSON form of an object pydantic cannot serialise (pydantic's `fallback` hook)."""
+    if isinstance(value, Agent):
+        return value.name
+    if isinstance(value, TransitionTarget):
+        body: dict[str, Any] = {"target_type": type(value).__name__, "display_name": value.display_name()}
+        try:
+            body.update(json.loads(value.model_dump_json(fallback=live_object)))
+        except Exception:  # a target with exotic fields still gets its type and name recorded
+            pass
+        return body
+    if isinstance(value, BaseException):
+        return {"error_type": type(value).__name__, "message": str(value)}
+    if isinstance(value, BaseModel):
+        return json.loads(value.model_dump_json(fallback=live_object))
+    if callable(value):
+        return None  # e.g. InputRequestEvent.respond: a live callback, meaningless once stored
+    return repr(value)
+
+
+def ag2_json(event: BaseModel) -> str:
+    """The AG2 event as exact JSON text (`{"type": ..., "content": {...}}`), live objects included."""
+    return event.model_dump_json(fallback=live_object)
+
+
+class RunMapper:
+    """Maps one run's AG2 events (and the runtime's LLM notes) to Pendings.
+
+    Agents of the workflow speak `message.agent`; the human's words are already in the log as
+    `message.user`/`input.received`, so AG2's echo of them is kept as `ag2.event`.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        group_agents: set[str],
+        visual_agents: frozenset[str],
+        user_agent: str | None,
+    ) -> None:
+        self.run_id = run_id
+        self.group_agents = group_agents
+        self.visual_agents = visual_agents
+        self.user_agent = user_agent
+        # call_id -> (agent, arguments exactly as the model wrote them), from the tool_call events.
+        self.calls: dict[str, tuple[str, str]] = {}
+
+    def visible(self, agent: str | None, typed: bool) -> bool:
+        """Typed events show when their agent is visual (or none); raw `ag2.event`s never show."""
+        if not typed:
+            return False
+        return agent is None or agent in self.visual_agents or agent == self.user_agent
+
+    def pending(self, event: AnyEvent, agent: str | None, ag2: str | None, *, typed: bool = True) -> Pending:
+        """A Pending of this run."""
+        return Pending(event=event, agent=agent, visible=self.visible(agent, typed), run_id=self.run_id, ag2=ag2)
+
+    def map_note(self, note: LlmCallNote) -> Pending:
+        """The runtime's own `llm.call` record."""
+        event = LlmCall(
+            model=note.model,
+            prompt_tokens=note.prompt_tokens,
+            completion_tokens=note.completion_tokens,
+            latency_ms=note.latency_ms,
+            finish_reason=note.finish_reason,
+            offline=note.offline,
+            error=note.error,
+        )
+        return self.pending(event, note.agent, None)
+
+    def map_event(self, event: Any) -> Pending:
+        """Exactly one Pending for one AG2 event."""
+        raw = ag2_json(event) if isinstance(event, BaseModel) else json.dumps({"type": type(event).__name__, "repr": repr(event)})
+        kind = str(getattr(event, "type", type(event).__name__))
+        c: Any = getattr(event, "content", event)
+        match kind:
+            case "text" if c.sender in self.group_agents:
+                return self.pending(
+                    MessageAgent(content=content_str(c.content) if c.content is not None else "", recipient=c.recipient),
+                    c.sender,
+                    raw,
+                )
+            case "tool_call":
+                for call in c.tool_calls:
+                    if call.id:
+                        self.calls[call.id] = (c.sender, call.function.arguments or "{}")
+                return self.pending(Ag2Event(name=kind), c.sender, raw, typed=False)
+            case "execute_function":
+                agent, arguments = self.calls.get(c.call_id or "", (c.recipient, json.dumps(c.arguments)))
+                return self.pending(ToolCalled(tool=c.func_name, call_id=c.call_id or "", arguments=arguments), agent, raw)
+            case "executed_function":
+                agent = self.calls.get(c.call_id or "", (c.recipient, ""))[0]
+                result = ToolResult(
+                    tool=c.func_name, call_id=c.call_id or "", content=content_str(c.content) if isinstance(c.content, (str, list)) else str(c.content),
+                    is_error=not c.is_exec_success,
+                )
+                return self.pending(result, agent, raw)
+            case "group_chat_run_chat":
+                return self.pending(SpeakerSelected(speaker=c.speaker), c.speaker, raw)
+            case "input_request":
+                return self.pending(InputRequested(request_id=str(c.uuid), prompt=c.prompt), None, raw)
+            case _ if kind in _HANDOFF_KINDS:
+                source = c.source_agent.name if isinstance(c.source_agent, Agent) else str(c.source_agent)
+                target = c.transition_target
+                if hasattr(target, "agent_names"):
+                    # A random target is drawn only after this event: record the choice set instead.
+                    name, reason = "random", f"random choice among {', '.join(target.agent_names)}"
+                else:
+                    name, reason = getattr(target, "agent_name", None) or target.display_name(), str(target)
+                return self.pending(Handoff(source=source, target=name, kind=_HANDOFF_KINDS[kind], reason=reason), source, raw)
+            case _:
+                agent = getattr(c, "sender", None)
+                agent = agent if isinstance(agent, str) and (agent in self.group_agents or agent == self.user_agent) else None
+                return self.pending(Ag2Event(name=kind), agent, raw, typed=False)
+
+    def map_context(self, note: ContextNote) -> Pending:
+        """The runtime's own `context.updated` record for variables a tool changed."""
+        return self.pending(ContextUpdated(variables=note.variables), None, None)

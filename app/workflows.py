@@ -1,0 +1,342 @@
+"""The workflow manager: discovers `<path>/*/workflow.json` and loads each workflow's manifests.
+
+Loading never stops at the first problem: every workflow is checked as far as its files allow, every
+problem becomes a `ManifestError` naming the workflow, the file and the JSON path, and one broken
+workflow never keeps the others from loading (`manager.workflows` vs `manager.errors`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from domain.errors import ManifestError, MozaiksError
+from domain.manifest import (
+    AFTER_WORK_KEYWORDS,
+    AgentSpec,
+    AgentsManifest,
+    ContextVariablesManifest,
+    Fixture,
+    ScriptedReply,
+    ToolSpec,
+    ToolsManifest,
+    WorkflowManifest,
+    decode_manifest,
+)
+
+WORKFLOW_FILE: Final = "workflow.json"
+AGENTS_FILE: Final = "agents.json"
+TOOLS_FILE: Final = "tools.json"
+CONTEXT_FILE: Final = "context_variables.json"
+FIXTURES_DIR: Final = "fixtures"
+# The AG2 group manager's name: its fixture (fixtures/chat_manager.json) scripts Auto speaker choices.
+GROUP_MANAGER: Final = "chat_manager"
+
+
+class UnknownWorkflow(MozaiksError):
+    """No loaded workflow has this name."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        super().__init__(f"workflow {name!r} is not loaded (loaded: {', '.join(known) or 'none'})")
+
+
+class Tool(msgspec.Struct, frozen=True, kw_only=True):
+    """A tool of tools.json resolved to its Python function."""
+
+    spec: ToolSpec
+    function: Callable[..., Any]
+
+    @property
+    def description(self) -> str:
+        """The manifest's description, else the first line of the function's docstring."""
+        doc = inspect.getdoc(self.function) or ""
+        return self.spec.description or (doc.splitlines()[0] if doc else self.spec.name)
+
+
+class Workflow(msgspec.Struct, frozen=True, kw_only=True):
+    """One loaded, cross-checked workflow: manifests, prompts, resolved tools, defaults and fixtures."""
+
+    name: str
+    path: Path
+    manifest: WorkflowManifest
+    agents: list[AgentSpec]
+    prompts: dict[str, str]
+    tools: dict[str, Tool]
+    context: dict[str, Any]
+    fixtures: dict[str, list[ScriptedReply]]
+
+    @property
+    def pattern(self) -> str:
+        """The AG2 orchestration pattern name (Default, Auto, RoundRobin, Random)."""
+        return self.manifest.orchestration_pattern
+
+    @property
+    def max_turns(self) -> int:
+        """AG2's max_rounds for a run of this workflow."""
+        return self.manifest.max_turns
+
+    @property
+    def visual_agents(self) -> frozenset[str]:
+        """Agents whose events the ChatUI shows; the others are recorded but hidden."""
+        return frozenset(self.manifest.visual_agents)
+
+    def agent(self, name: str) -> AgentSpec:
+        """The agent spec by name (KeyError when absent)."""
+        for spec in self.agents:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+class WorkflowManager:
+    """Discovers and loads every workflow folder under `path`; see `workflows` and `errors`."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.workflows: dict[str, Workflow] = {}
+        self.errors: list[ManifestError] = []
+        self.load()
+
+    def load(self) -> None:
+        """(Re)load all workflows; problems are collected in `errors`, never raised."""
+        workflows: dict[str, Workflow] = {}
+        errors: list[ManifestError] = []
+        if not self.path.is_dir():
+            errors.append(ManifestError(self.path.name or str(self.path), str(self.path), "", "is not a directory"))
+        else:
+            for manifest in sorted(self.path.glob(f"*/{WORKFLOW_FILE}")):
+                workflow, problems = load_workflow(manifest.parent)
+                errors.extend(problems)
+                if workflow is not None and not problems:
+                    workflows[workflow.name] = workflow
+        self.workflows, self.errors = workflows, errors
+
+    def get(self, name: str) -> Workflow:
+        """The loaded workflow `name`; raises UnknownWorkflow (also when it failed to load)."""
+        try:
+            return self.workflows[name]
+        except KeyError:
+            raise UnknownWorkflow(name, sorted(self.workflows)) from None
+
+    def names(self) -> list[str]:
+        """Names of the loaded workflows, sorted."""
+        return sorted(self.workflows)
+
+
+def load_workflow(folder: Path) -> tuple[Workflow | None, list[ManifestError]]:
+    """Load one workflow folder; returns the workflow (None if unusable) and every problem found."""
+    name = folder.name
+    problems: list[ManifestError] = []
+
+    def read(file: str, kind: Any, required: bool) -> Any:
+        path = folder / file
+        if not path.is_file():
+            if required:
+                problems.append(ManifestError(name, file, "", "file is missing"))
+            return None
+        try:
+            return decode_manifest(name, file, path.read_bytes(), kind)
+        except ManifestError as exc:
+            problems.append(exc)
+            return None
+
+    manifest: WorkflowManifest | None = read(WORKFLOW_FILE, WorkflowManifest, True)
+    agents_manifest: AgentsManifest | None = read(AGENTS_FILE, AgentsManifest, True)
+    tools_manifest: ToolsManifest = read(TOOLS_FILE, ToolsManifest, False) or ToolsManifest()
+    context_manifest: ContextVariablesManifest = (
+        read(CONTEXT_FILE, ContextVariablesManifest, False) or ContextVariablesManifest()
+    )
+
+    if manifest is not None and manifest.name != name:
+        problems.append(
+            ManifestError(name, WORKFLOW_FILE, "$.name", f"name {manifest.name!r} differs from its folder {name!r}")
+        )
+
+    tools = _resolve_tools(name, tools_manifest, problems)
+    context = _context_defaults(name, context_manifest, problems)
+    agents = agents_manifest.agents if agents_manifest is not None else []
+    prompts = _check_agents(name, folder, agents, tools_manifest, problems)
+    if manifest is not None and agents_manifest is not None:
+        _check_workflow_refs(name, manifest, agents, problems)
+    fixtures = _load_fixtures(name, folder, agents, problems)
+
+    if manifest is None or agents_manifest is None:
+        return None, problems
+    workflow = Workflow(
+        name=manifest.name,
+        path=folder,
+        manifest=manifest,
+        agents=list(agents),
+        prompts=prompts,
+        tools=tools,
+        context=context,
+        fixtures=fixtures,
+    )
+    return workflow, problems
+
+
+def _resolve_tools(name: str, manifest: ToolsManifest, problems: list[ManifestError]) -> dict[str, Tool]:
+    tools: dict[str, Tool] = {}
+    for i, spec in enumerate(manifest.tools):
+        where = f"$.tools[{i}]"
+        if spec.name in tools:
+            problems.append(ManifestError(name, TOOLS_FILE, f"{where}.name", f"tool {spec.name!r} is declared twice"))
+            continue
+        function = _import_tool(name, spec, f"{where}.function", problems)
+        if function is not None:
+            tools[spec.name] = Tool(spec=spec, function=function)
+    return tools
+
+
+def _import_tool(
+    name: str, spec: ToolSpec, where: str, problems: list[ManifestError]
+) -> Callable[..., Any] | None:
+    module_name, _, attr = spec.function.partition(":")
+    # Workflows are data: they may only name functions of the runtime's own `tools` package.
+    if not (module_name == "tools" or module_name.startswith("tools.")) or not attr or not attr.isidentifier():
+        problems.append(
+            ManifestError(name, TOOLS_FILE, where, f"{spec.function!r} must be 'tools.<module>:<function>'")
+        )
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        problems.append(ManifestError(name, TOOLS_FILE, where, f"tool not found: cannot import {module_name}: {exc}"))
+        return None
+    function = getattr(module, attr, None)
+    if not callable(function):
+        problems.append(ManifestError(name, TOOLS_FILE, where, f"tool not found: {module_name} has no function {attr!r}"))
+        return None
+    return function  # type: ignore[no-any-return]
+
+
+def _context_defaults(
+    name: str, manifest: ContextVariablesManifest, problems: list[ManifestError]
+) -> dict[str, Any]:
+    defaults: dict[str, Any] = {}
+    for i, variable in enumerate(manifest.variables):
+        if variable.name in defaults:
+            problems.append(
+                ManifestError(name, CONTEXT_FILE, f"$.variables[{i}].name", f"variable {variable.name!r} is declared twice")
+            )
+        defaults[variable.name] = variable.default
+    return defaults
+
+
+def _check_agents(
+    name: str, folder: Path, agents: list[AgentSpec], tools: ToolsManifest, problems: list[ManifestError]
+) -> dict[str, str]:
+    """Per-agent checks (names, prompts, tools, handoff targets); returns the loaded prompts."""
+    prompts: dict[str, str] = {}
+    declared_tools = {spec.name for spec in tools.tools}
+    names = [agent.name for agent in agents]
+    group = {agent.name for agent in agents if agent.type != "user"}
+    users = [agent.name for agent in agents if agent.type == "user"]
+    root = folder.resolve()
+    for i, agent in enumerate(agents):
+        where = f"$.agents[{i}]"
+        if names.index(agent.name) != i:
+            problems.append(ManifestError(name, AGENTS_FILE, f"{where}.name", f"agent {agent.name!r} is declared twice"))
+        if agent.name == GROUP_MANAGER:
+            problems.append(ManifestError(name, AGENTS_FILE, f"{where}.name", f"{GROUP_MANAGER!r} is reserved for AG2's group manager"))
+        if agent.type == "user":
+            if users.index(agent.name) > 0:
+                problems.append(ManifestError(name, AGENTS_FILE, f"{where}.type", "only one agent may be of type 'user'"))
+            if agent.human_input_mode != "ALWAYS":
+                problems.append(
+                    ManifestError(name, AGENTS_FILE, f"{where}.human_input_mode", "a 'user' agent must use 'ALWAYS'")
+                )
+            if agent.tools or agent.llm_config or agent.system_message_file:
+                problems.append(
+                    ManifestError(name, AGENTS_FILE, where, "a 'user' agent stands for the human: no tools, llm_config or prompt")
+                )
+        if agent.system_message_file is not None:
+            prompt = _read_prompt(root, agent.system_message_file)
+            if isinstance(prompt, str) and prompt.startswith("\0"):
+                problems.append(ManifestError(name, AGENTS_FILE, f"{where}.system_message_file", prompt[1:]))
+            else:
+                prompts[agent.name] = prompt
+        for j, tool in enumerate(agent.tools):
+            if tool not in declared_tools:
+                problems.append(
+                    ManifestError(name, AGENTS_FILE, f"{where}.tools[{j}]", f"tool not found: {tool!r} is not declared in {TOOLS_FILE}")
+                )
+        targets = group | AFTER_WORK_KEYWORDS - {"stay"}
+        for j, condition in enumerate(agent.handoffs.llm_conditions):
+            if condition.target not in targets:
+                problems.append(
+                    ManifestError(
+                        name, AGENTS_FILE, f"{where}.handoffs.llm_conditions[{j}].target",
+                        f"unknown agent {condition.target!r} (agents: {', '.join(sorted(group))}; or terminate, user, group_manager)",
+                    )
+                )
+        after = agent.handoffs.after_work
+        if after is not None and after not in group | AFTER_WORK_KEYWORDS:
+            problems.append(
+                ManifestError(
+                    name, AGENTS_FILE, f"{where}.handoffs.after_work",
+                    f"unknown agent {after!r} (agents: {', '.join(sorted(group))}; or terminate, user, group_manager, stay)",
+                )
+            )
+        if ("user" in {after} | {c.target for c in agent.handoffs.llm_conditions}) and not users:
+            problems.append(ManifestError(name, AGENTS_FILE, f"{where}.handoffs", "hands off to 'user' but no agent has type 'user'"))
+    return prompts
+
+
+def _read_prompt(root: Path, relative: str) -> str:
+    """The prompt text, or "\\0" + the problem (prompts must stay inside the workflow folder)."""
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        return f"\0prompt file {relative!r} is outside the workflow folder"
+    if not path.is_file():
+        return f"\0prompt file {relative!r} not found"
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as exc:
+        return f"\0prompt file {relative!r} is not UTF-8: {exc}"
+
+
+def _check_workflow_refs(
+    name: str, manifest: WorkflowManifest, agents: list[AgentSpec], problems: list[ManifestError]
+) -> None:
+    group = [agent.name for agent in agents if agent.type != "user"]
+    everyone = {agent.name for agent in agents}
+    if manifest.entry_agent not in group:
+        problems.append(
+            ManifestError(
+                name, WORKFLOW_FILE, "$.entry_agent",
+                f"unknown agent {manifest.entry_agent!r} (agents: {', '.join(group)})",
+            )
+        )
+    for i, visual in enumerate(manifest.visual_agents):
+        if visual not in everyone:
+            problems.append(
+                ManifestError(name, WORKFLOW_FILE, f"$.visual_agents[{i}]", f"unknown agent {visual!r} (agents: {', '.join(sorted(everyone))})")
+            )
+    if len(group) < 1:
+        problems.append(ManifestError(name, AGENTS_FILE, "$.agents", "at least one non-user agent is needed"))
+
+
+def _load_fixtures(
+    name: str, folder: Path, agents: list[AgentSpec], problems: list[ManifestError]
+) -> dict[str, list[ScriptedReply]]:
+    fixtures: dict[str, list[ScriptedReply]] = {}
+    scripted = {agent.name for agent in agents if agent.type != "user"} | {GROUP_MANAGER}
+    for path in sorted((folder / FIXTURES_DIR).glob("*.json")):
+        file = f"{FIXTURES_DIR}/{path.name}"
+        if path.stem not in scripted:
+            problems.append(
+                ManifestError(name, file, "", f"fixture for unknown agent {path.stem!r} (agents: {', '.join(sorted(scripted))})")
+            )
+            continue
+        try:
+            fixtures[path.stem] = decode_manifest(name, file, path.read_bytes(), Fixture)
+        except ManifestError as exc:
+            problems.append(exc)
+    return fixtures

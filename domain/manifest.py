@@ -1,0 +1,168 @@
+"""Workflow manifest types (workflow.json, agents.json, tools.json, context_variables.json, fixtures).
+
+Every manifest decodes through `Manifest`, which forbids unknown fields, so a typo fails at load
+time; `decode_manifest` turns msgspec's errors into `ManifestError`s naming the workflow, the file
+and the JSON path.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Annotated, Final, Literal, TypeVar
+
+import msgspec
+
+from domain.errors import ManifestError
+
+Pattern = Literal["Default", "Auto", "RoundRobin", "Random"]
+HumanInputMode = Literal["NEVER", "ALWAYS", "TERMINATE"]
+AgentType = Literal["assistant", "orchestrator", "user"]
+# A name AG2 accepts for an agent or a tool (it is sent to the model as a function/agent name).
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")]
+# After-work keywords besides an agent name.
+AFTER_WORK_KEYWORDS: Final = frozenset({"terminate", "user", "group_manager", "stay"})
+
+
+class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every manifest struct: unknown fields are errors, never ignored."""
+
+
+class WorkflowManifest(Manifest, kw_only=True):
+    """workflow.json: what the workflow is and how its agents take turns."""
+
+    name: Name
+    description: str = ""
+    orchestration_pattern: Pattern = "Default"
+    max_turns: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 20
+    visual_agents: list[str] = []
+    entry_agent: str
+
+
+class LlmConfig(Manifest, kw_only=True):
+    """An agent's model settings; the model defaults to `OPENAI_MODEL`."""
+
+    model: str | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+
+
+class LlmCondition(Manifest, kw_only=True):
+    """Hand off to `target` when the model decides `condition` holds (AG2 OnCondition + StringLLMCondition)."""
+
+    target: str
+    condition: str
+
+
+class Handoffs(Manifest, kw_only=True):
+    """An agent's handoffs: LLM-decided conditions, then where to go after its turn."""
+
+    llm_conditions: list[LlmCondition] = []
+    # An agent name, or one of: terminate, user, group_manager, stay.
+    after_work: str | None = None
+
+
+class AgentSpec(Manifest, kw_only=True):
+    """One entry of agents.json."""
+
+    name: Name
+    type: AgentType = "assistant"
+    description: str = ""
+    llm_config: LlmConfig | None = None
+    system_message_file: str | None = None
+    tools: list[Name] = []
+    handoffs: Handoffs = msgspec.field(default_factory=Handoffs)
+    human_input_mode: HumanInputMode = "NEVER"
+
+
+class AgentsManifest(Manifest, kw_only=True):
+    """agents.json."""
+
+    agents: Annotated[list[AgentSpec], msgspec.Meta(min_length=1)]
+
+
+class ToolSpec(Manifest, kw_only=True):
+    """One entry of tools.json: a function of the `tools` package, by `module:function`."""
+
+    name: Name
+    # "tools.<module>:<function>"; checked (and imported) by the workflow manager.
+    function: str
+    description: str = ""
+
+
+class ToolsManifest(Manifest, kw_only=True):
+    """tools.json."""
+
+    tools: list[ToolSpec] = []
+
+
+class ContextVariable(Manifest, kw_only=True):
+    """One context variable with its default value."""
+
+    name: Name
+    default: Any = None
+    description: str = ""
+
+
+class ContextVariablesManifest(Manifest, kw_only=True):
+    """context_variables.json."""
+
+    variables: list[ContextVariable] = []
+
+
+class ScriptedToolCall(Manifest, kw_only=True):
+    """A tool call a scripted model makes: the tool's name and its arguments."""
+
+    name: str
+    arguments: dict[str, Any] = {}
+
+
+class ScriptedReply(Manifest, kw_only=True):
+    """One scripted model reply: text, tool calls, or both; usage is counted when not given."""
+
+    content: str | None = None
+    tool_calls: list[ScriptedToolCall] = []
+    prompt_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    completion_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+# fixtures/<Agent>.json: that agent's replies, played in order.
+Fixture = Annotated[list[ScriptedReply], msgspec.Meta(min_length=1)]
+
+M = TypeVar("M")
+_PATH_SUFFIX: Final = re.compile(r"\s+-\s+at\s+`(\$[^`]*)`$")
+
+
+def decode_manifest(workflow: str, file: str, raw: bytes, kind: type[M] | Any) -> M:
+    """Decode one manifest file, raising ManifestError(workflow, file, JSON path, detail) on any problem."""
+    try:
+        return msgspec.json.decode(raw, type=kind)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        detail, path = split_error_path(str(exc))
+        if "matching regex" in detail:
+            # The regex itself helps nobody: say what a valid name looks like.
+            detail = "expected a name of letters, digits, '_' or '-' starting with a letter or '_' (max 64)"
+        raise ManifestError(workflow, file, path, detail) from None
+    except msgspec.DecodeError as exc:
+        raise ManifestError(workflow, file, "$", f"invalid JSON: {describe_decode_error(raw, exc)}") from None
+
+
+def split_error_path(message: str) -> tuple[str, str]:
+    """Split msgspec's "detail - at `$.a[0].b`" into (detail, "$.a[0].b"); the root is "$"."""
+    match = _PATH_SUFFIX.search(message)
+    if match is None:
+        return message, "$"
+    return message[: match.start()], match.group(1)
+
+
+def describe_decode_error(raw: bytes, exc: msgspec.DecodeError) -> str:
+    """msgspec's decode error with the byte offset turned into a line and column."""
+    message = str(exc)
+    match = re.search(r"\(byte (\d+)\)", message)
+    if match is None:
+        return message
+    offset = int(match.group(1))
+    head = raw[:offset]
+    line = head.count(b"\n") + 1
+    column = offset - (head.rfind(b"\n") + 1) + 1
+    return f"{message[: match.start()].rstrip()} (line {line}, column {column})"
