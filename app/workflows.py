@@ -164,7 +164,8 @@ def load_workflow(folder: Path) -> tuple[Workflow | None, list[ManifestError]]:
     prompts = _check_agents(name, folder, agents, tools_manifest, problems)
     if manifest is not None and agents_manifest is not None:
         _check_workflow_refs(name, manifest, agents, problems)
-    fixtures = _load_fixtures(name, folder, agents, problems)
+    # Without a readable agents.json, fixture names cannot be checked: say nothing rather than noise.
+    fixtures = _load_fixtures(name, folder, agents, problems) if agents_manifest is not None else {}
 
     if manifest is None or agents_manifest is None:
         return None, problems

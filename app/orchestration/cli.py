@@ -1,0 +1,165 @@
+"""CLI commands of the orchestration: `run WORKFLOW "message"` and `workflows validate [PATH]`.
+
+The lead wires `run_command` and `workflows_group` into the `mozaiks` click group; standalone:
+`python -m app.orchestration.cli run Generator "Write about bees"`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import click
+from pymongo import AsyncMongoClient
+
+from app.embedded import EmbeddedMongo
+from app.orchestration.orchestrator import Orchestrator
+from app.settings import Settings
+from app.workflows import WorkflowManager
+from domain.events import InputReceived, Pending, Record, StreamRef
+from domain.store import MongoEventStore
+
+
+@click.command("validate")
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+def validate_command(path: Path | None) -> None:
+    """Check every workflow under PATH (default MOZAIKS_WORKFLOWS_PATH); print all problems at once."""
+    folder = path or Settings.from_env().workflows_path
+    manager = WorkflowManager(folder)
+    for error in manager.errors:
+        click.echo(f"error: {error}", err=False)
+    if manager.workflows:
+        click.echo(f"ok: {', '.join(manager.names())}")
+    if manager.errors:
+        broken = len({e.workflow for e in manager.errors})
+        noun = "problem" if len(manager.errors) == 1 else "problems"
+        click.echo(f"{len(manager.errors)} {noun} in {broken} workflow(s) under {folder}")
+        raise SystemExit(1)
+
+
+@click.group("workflows")
+def workflows_group() -> None:
+    """Inspect workflow manifests."""
+
+
+workflows_group.add_command(validate_command)
+
+
+@click.command("run")
+@click.argument("workflow")
+@click.argument("message")
+@click.option("--user-id", default="local", show_default=True, help="user_id recorded on the chat")
+@click.option("--app-id", default="local", show_default=True, help="app_id recorded on the chat")
+@click.option("--all-events/--visible-only", default=True, show_default=True, help="also print hidden agents' events")
+def run_command(workflow: str, message: str, user_id: str, app_id: str, all_events: bool) -> None:
+    """Run WORKFLOW on MESSAGE in the terminal, printing events as they are recorded."""
+    settings = Settings.from_env()
+    raise SystemExit(asyncio.run(_run(settings, workflow, message, user_id, app_id, all_events)))
+
+
+@contextlib.asynccontextmanager
+async def open_store(settings: Settings) -> AsyncIterator[MongoEventStore]:
+    """The configured store: DATABASE_URI, else the embedded server under the data folder."""
+    with contextlib.ExitStack() as stack:
+        uri = settings.database_uri
+        if uri is None:
+            uri = stack.enter_context(EmbeddedMongo(settings.data_dir / "data")).uri
+        client: AsyncMongoClient[Any] = AsyncMongoClient(uri, tz_aware=True)
+        try:
+            store = MongoEventStore(client[settings.db_name])
+            await store.ensure_indexes()
+            yield store
+        finally:
+            await client.close()
+
+
+async def _run(settings: Settings, workflow: str, message: str, user_id: str, app_id: str, all_events: bool) -> int:
+    manager = WorkflowManager(settings.workflows_path)
+    if workflow not in manager.workflows:
+        for error in manager.errors:
+            if error.workflow == workflow:
+                click.echo(f"error: {error}", err=True)
+        click.echo(f"workflow {workflow!r} is not available (loaded: {', '.join(manager.names()) or 'none'})", err=True)
+        return 2
+    async with open_store(settings) as store:
+        orchestrator = Orchestrator(store, manager, settings)
+        if settings.offline:
+            click.echo("offline mode: agents play their scripted fixtures (no OPENAI_API_KEY / OPENAI_BASE_URL)")
+        stream = await orchestrator.create_chat(workflow=workflow, user_id=user_id, app_id=app_id, message=message)
+        printer = asyncio.create_task(_print_events(store, stream, all_events))
+        try:
+            outcome = await orchestrator.run(stream)
+            # Let the printer reach the terminal record before stopping it.
+            await asyncio.wait_for(printer, timeout=10)
+        finally:
+            printer.cancel()
+        report = orchestrator.last_report
+        records = await store.last_seq(stream.chat_id)
+        assert report is not None
+        click.echo(
+            f"chat {stream.chat_id} · {outcome} · {report.llm_calls} LLM calls · "
+            f"{report.prompt_tokens} prompt + {report.completion_tokens} completion tokens · "
+            f"{records} events" + (" · offline" if report.offline else "")
+        )
+        return 0 if outcome == "run.completed" else 1
+
+
+async def _print_events(store: MongoEventStore, stream: StreamRef, all_events: bool) -> None:
+    async for record in store.subscribe(stream.chat_id):
+        if all_events or record.visible:
+            click.echo(describe(record))
+        if record.type == "input.requested":
+            text = await asyncio.to_thread(click.prompt, "you", default="", show_default=False)
+            received = Pending(event=InputReceived(request_id=record.data["request_id"], text=text))
+            await store.append(stream, [received], expected_seq=None)
+        if record.type in ("run.completed", "run.failed", "run.stopped"):
+            return
+
+
+def describe(record: Record) -> str:
+    """One terminal line for a record: seq, agent, type and its text."""
+    data = record.data
+    match record.type:
+        case "message.user" | "message.agent":
+            text = data["content"]
+        case "tool.called":
+            text = f"{data['tool']}({data['arguments']})"
+        case "tool.result":
+            text = ("ERROR " if data["is_error"] else "") + data["content"]
+        case "handoff":
+            text = f"{data['source']} -> {data['target']} ({data['kind']})"
+        case "speaker.selected":
+            text = data["speaker"]
+        case "llm.call":
+            text = f"{data['model']} {data['prompt_tokens']}+{data['completion_tokens']} tokens {data['latency_ms']:.0f} ms"
+            text += " offline" if data.get("offline") else ""
+        case "input.requested":
+            text = data["prompt"]
+        case "input.received":
+            text = data["text"]
+        case "context.updated":
+            text = json.dumps(data["variables"], sort_keys=True)
+        case "run.failed":
+            text = data["error"]
+        case "ag2.event":
+            text = data["name"]
+        case _:
+            text = json.dumps(data, sort_keys=True, default=str)
+    hidden = "" if record.visible else " (hidden)"
+    return f"{record.seq:>4} {record.agent or '-':<14} {record.type:<16} {text}{hidden}"
+
+
+@click.group()
+def main() -> None:
+    """Orchestration commands (standalone entry point until they join the `mozaiks` group)."""
+
+
+main.add_command(run_command)
+main.add_command(workflows_group)
+
+if __name__ == "__main__":
+    main()
