@@ -167,15 +167,20 @@ class Orchestrator:
         return self._openai
 
 
-def conversation(history: list[Record], user_name: str) -> str | list[dict[str, Any]]:
-    """The chat so far as AG2 messages: user text, agents' messages, answers to input requests."""
+def conversation(history: list[Record], user_name: str | None) -> str | list[dict[str, Any]]:
+    """The chat so far as AG2 messages: user text, agents' messages, answers to input requests.
+
+    User messages carry the workflow's user agent name when it has one; AG2 rejects any other
+    name that is not a group agent, so without a user agent they go unnamed.
+    """
     messages: list[dict[str, Any]] = []
+    user = {"name": user_name} if user_name else {}
     for record in history:
         match record.type:
             case "message.user":
-                messages.append({"role": "user", "name": user_name, "content": record.data["content"]})
+                messages.append({"role": "user", **user, "content": record.data["content"]})
             case "input.received":
-                messages.append({"role": "user", "name": user_name, "content": record.data["text"]})
+                messages.append({"role": "user", **user, "content": record.data["text"]})
             case "message.agent" if record.agent:
                 messages.append({"role": "assistant", "name": record.agent, "content": record.data["content"]})
     if len(messages) == 1:
@@ -243,12 +248,12 @@ class _RunSession:
         backend = self.o.backend(self.workflow, self.history)
         ledger = Ledger(backend, report=emit)
         context = ContextVariables(data=initial_context(self.workflow, self.history))
-        user_name = next((a.name for a in self.workflow.agents if a.type == "user"), "_User")
+        user_agent = next((a.name for a in self.workflow.agents if a.type == "user"), None)
         mapper = RunMapper(
             run_id=self.run_id,
             group_agents={a.name for a in self.workflow.agents if a.type != "user"},
             visual_agents=self.workflow.visual_agents,
-            user_agent=user_name,
+            user_agent=user_agent or "_User",
         )
         watcher = asyncio.create_task(self.watch(), name=f"watch-{self.run_id}")
         pump: asyncio.Task[None] | None = None
@@ -260,7 +265,7 @@ class _RunSession:
                     default_model=self.o.settings.openai_model, emit=emit,
                 )
                 response = await a_run_group_chat(
-                    team.pattern, conversation(self.history, user_name), max_rounds=self.workflow.max_turns
+                    team.pattern, conversation(self.history, user_agent), max_rounds=self.workflow.max_turns
                 )
             except Exception as exc:
                 log.exception("run.setup_failed", chat_id=self.stream.chat_id, run_id=self.run_id)

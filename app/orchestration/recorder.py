@@ -47,14 +47,14 @@ def live_object(value: Any) -> Any:
     if isinstance(value, TransitionTarget):
         body: dict[str, Any] = {"target_type": type(value).__name__, "display_name": value.display_name()}
         try:
-            body.update(json.loads(value.model_dump_json(fallback=live_object)))
+            body.update(json.loads(value.model_dump_json(fallback=live_object, serialize_as_any=True)))
         except Exception:  # a target with exotic fields still gets its type and name recorded
             pass
         return body
     if isinstance(value, BaseException):
         return {"error_type": type(value).__name__, "message": str(value)}
     if isinstance(value, BaseModel):
-        return json.loads(value.model_dump_json(fallback=live_object))
+        return json.loads(value.model_dump_json(fallback=live_object, serialize_as_any=True))
     if callable(value):
         return None  # e.g. InputRequestEvent.respond: a live callback, meaningless once stored
     return repr(value)
@@ -62,7 +62,8 @@ def live_object(value: Any) -> Any:
 
 def ag2_json(event: BaseModel) -> str:
     """The AG2 event as exact JSON text (`{"type": ..., "content": {...}}`), live objects included."""
-    return event.model_dump_json(fallback=live_object)
+    # serialize_as_any: fields typed with a base class (TransitionTarget) keep their subclass's fields.
+    return event.model_dump_json(fallback=live_object, serialize_as_any=True)
 
 
 class RunMapper:
