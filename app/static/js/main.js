@@ -1,0 +1,632 @@
+// ChatUI controller: wires REST, the chat stream, the conversation view and the page chrome.
+
+import { api, ApiError, getToken, onUnauthorized, request, setToken, takeTokenFromFragment } from "./api.js";
+import { forgetAllHistory, forgetHistory, loadHistory, saveHistory } from "./history.js";
+import { renderMetrics } from "./metrics.js";
+import { ChatView, el, timeEl } from "./render.js";
+import { ChatStream } from "./stream.js";
+
+const $ = (id) => document.getElementById(id);
+const DEFAULT_HEARTBEAT_S = 15;
+const RUNNING = new Set(["running", "awaiting-input"]);
+const STATUS_LABELS = {
+  unknown: "—",
+  running: "Running",
+  "awaiting-input": "Waiting for you",
+  completed: "Completed",
+  failed: "Failed",
+  stopped: "Stopped",
+  created: "Created",
+  interrupted: "Interrupted",
+};
+const CONNECTION_LABELS = {
+  idle: "No chat open",
+  connecting: "Connecting…",
+  "catching-up": "Catching up…",
+  live: "Live",
+  reconnecting: "Reconnecting…",
+  closed: "Disconnected",
+};
+
+const state = {
+  info: { heartbeat_s: DEFAULT_HEARTBEAT_S, auth: false, offline: false },
+  workflows: [],
+  chats: [],
+  chatId: null,
+  stream: null,
+  saveTimer: 0,
+  scrollPending: false,
+  stopping: false,
+  listedStatus: "unknown",
+  metricsTimers: [],
+};
+
+const ui = {
+  events: $("events"),
+  errors: $("errors"),
+  connection: $("connection"),
+  connectionLabel: document.querySelector("#connection .connection__label"),
+  announcer: $("announcer"),
+  startView: $("start-view"),
+  chatView: $("chat-view"),
+  startForm: $("start-form"),
+  workflowSelect: $("workflow"),
+  workflowInfo: $("workflow-info"),
+  startMessage: $("start-message"),
+  startContext: $("start-context"),
+  startButton: $("start-button"),
+  chatTitle: $("chat-title"),
+  chatMeta: $("chat-meta"),
+  chatStatus: $("chat-status"),
+  chatOffline: $("chat-offline"),
+  stopButton: $("stop-button"),
+  composer: $("composer"),
+  composerText: $("composer-text"),
+  composerButton: $("composer-button"),
+  composerHint: $("composer-hint"),
+  chatList: $("chat-list"),
+  chatListEmpty: $("chat-list-empty"),
+  summaryBody: $("summary-body"),
+  summaryToggle: $("summary-toggle"),
+  traceToggle: $("trace-toggle"),
+  navToggle: $("nav-toggle"),
+  runtimeOffline: $("runtime-offline"),
+  runtimeVersion: $("runtime-version"),
+  tokenButton: $("token-button"),
+  tokenDialog: $("token-dialog"),
+  tokenForm: $("token-form"),
+  tokenInput: $("token-input"),
+  tokenReason: $("token-reason"),
+  tokenForget: $("token-forget"),
+};
+
+// ---------------------------------------------------------------- errors and announcements
+
+/** Show an error the user can read and dismiss; the newest stays on top, at most four kept. */
+function showError(message, code = "") {
+  const text = code ? `${message} (${code})` : message;
+  const dismiss = el("button", { type: "button", class: "icon-button", "aria-label": "Dismiss error" }, "×");
+  const item = el("div", { class: "error", "data-testid": "error" }, el("p", {}, text), dismiss);
+  dismiss.addEventListener("click", () => item.remove());
+  ui.errors.prepend(item);
+  while (ui.errors.children.length > 4) ui.errors.lastElementChild.remove();
+}
+
+function reportFailure(err) {
+  if (err instanceof ApiError && err.status === 401) return; // the token dialog handles it
+  showError(err instanceof Error ? err.message : String(err));
+}
+
+function announce(text) {
+  // Replacing the text of a polite live region makes screen readers read the new message.
+  ui.announcer.textContent = text;
+}
+
+// ---------------------------------------------------------------- connection indicator
+
+function setConnection(name, detail = {}) {
+  ui.connection.dataset.state = name;
+  let label = CONNECTION_LABELS[name] || name;
+  if (name === "reconnecting" && detail.retryAt) {
+    const seconds = Math.max(1, Math.round((detail.retryAt - Date.now()) / 1000));
+    label = `Reconnecting in ${seconds} s…`;
+  }
+  if (name === "closed" && detail.reason) label = `Disconnected (${detail.reason.replace("_", " ")})`;
+  ui.connectionLabel.textContent = label;
+  ui.connection.title = name === "live" ? `Streaming from seq ${view.lastSeq}` : label;
+}
+
+// ---------------------------------------------------------------- conversation view
+
+const view = new ChatView(ui.events, {
+  onStatus: (status) => {
+    if (!RUNNING.has(status)) state.stopping = false;
+    renderStatus();
+  },
+  onOffline: () => {
+    ui.chatOffline.hidden = false;
+  },
+  onTerminal: (record, live) => {
+    if (!live) return;
+    refreshMetricsAfterRun(state.chatId, record.seq);
+    refreshChats();
+  },
+  announce,
+  onInputResponse: (requestId, text) =>
+    Boolean(state.stream && state.stream.send({ type: "input.response", request_id: requestId, text })),
+  onInputRequested: (textarea, live) => {
+    updateComposer();
+    const active = document.activeElement;
+    if (live && (!active || active === document.body || active === ui.composerText)) {
+      textarea.focus({ preventScroll: true });
+    }
+  },
+});
+
+/** The chat's status from its events, or from the chat list until an event says more. */
+function currentStatus() {
+  return view.status !== "unknown" ? view.status : state.listedStatus;
+}
+
+function renderStatus() {
+  const status = currentStatus();
+  const label = STATUS_LABELS[status] || status;
+  ui.chatStatus.textContent = label;
+  ui.chatStatus.dataset.status = status;
+  ui.stopButton.disabled = !RUNNING.has(status) || state.stopping;
+  ui.stopButton.textContent = state.stopping ? "Stopping…" : "Stop";
+  const workflow = ui.chatTitle.textContent;
+  document.title = `${RUNNING.has(status) ? "● " : ""}${workflow} — Mozaiks`;
+  updateComposer();
+}
+
+function updateComposer() {
+  const status = currentStatus();
+  let hint = "Enter sends · Shift+Enter adds a line";
+  let disabled = false;
+  if (view.pendingRequest) {
+    disabled = true;
+    hint = "An agent is waiting for your answer above.";
+  } else if (RUNNING.has(status)) {
+    disabled = true;
+    hint = "The agents are working. Use Stop to interrupt.";
+  }
+  ui.composerText.disabled = disabled;
+  ui.composerButton.disabled = disabled;
+  ui.composerText.placeholder = disabled ? "" : view.records.length ? "Continue the conversation…" : "Message";
+  ui.composerHint.textContent = hint;
+}
+
+function isNearBottom() {
+  const list = ui.events;
+  return list.scrollHeight - list.scrollTop - list.clientHeight < 120;
+}
+
+function scheduleScroll(stick) {
+  if (!stick || state.scrollPending) return;
+  state.scrollPending = true;
+  requestAnimationFrame(() => {
+    state.scrollPending = false;
+    ui.events.scrollTop = ui.events.scrollHeight;
+  });
+}
+
+function scheduleSave() {
+  clearTimeout(state.saveTimer);
+  state.saveTimer = setTimeout(flushHistory, 250);
+}
+
+function flushHistory() {
+  clearTimeout(state.saveTimer);
+  if (view.chatId && view.records.length) saveHistory(view.chatId, view.lastSeq, view.records);
+}
+
+// ---------------------------------------------------------------- chat list
+
+function chatTime(chat) {
+  return chat.updated_at || chat.created_at || "";
+}
+
+function relativeTime(iso) {
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) return "";
+  const seconds = (date.getTime() - Date.now()) / 1000;
+  const format = new Intl.RelativeTimeFormat(undefined, { numeric: "auto" });
+  const steps = [[60, "second"], [60, "minute"], [24, "hour"], [7, "day"], [4.35, "week"], [12, "month"]];
+  let value = seconds;
+  for (const [size, unit] of steps) {
+    if (Math.abs(value) < size) return format.format(Math.round(value), unit);
+    value /= size;
+  }
+  return format.format(Math.round(value), "year");
+}
+
+function renderChatList() {
+  const chats = [...state.chats].sort((a, b) => chatTime(b).localeCompare(chatTime(a)));
+  ui.chatList.replaceChildren(
+    ...chats.map((chat) => {
+      const status = chat.status || "unknown";
+      const time = el("time", { datetime: chatTime(chat), title: new Date(chatTime(chat)).toLocaleString() }, relativeTime(chatTime(chat)));
+      const count = Number.isFinite(chat.message_count) ? `${chat.message_count} msg` : "";
+      const link = el("a", {
+        href: `#chat=${encodeURIComponent(chat.chat_id)}`,
+        class: "chat-item",
+        "data-testid": "chat-item",
+        "data-chat-id": chat.chat_id,
+        "aria-current": chat.chat_id === state.chatId ? "page" : null,
+      },
+      el("span", { class: "chat-item__title" }, chat.workflow || "Chat"),
+      el("span", { class: "status-pill", "data-status": status }, STATUS_LABELS[status] || status),
+      el("span", { class: "chat-item__meta" }, time, count ? ` · ${count}` : ""));
+      return el("li", {}, link);
+    }),
+  );
+  ui.chatListEmpty.hidden = chats.length > 0;
+}
+
+async function refreshChats() {
+  try {
+    state.chats = await api.chats();
+    renderChatList();
+  } catch (err) {
+    reportFailure(err);
+  }
+}
+
+// ---------------------------------------------------------------- workflows and start form
+
+function renderWorkflowInfo() {
+  const workflow = state.workflows.find((w) => w.name === ui.workflowSelect.value);
+  if (!workflow) {
+    ui.workflowInfo.replaceChildren();
+    return;
+  }
+  const agents = Array.isArray(workflow.visual_agents) ? workflow.visual_agents : [];
+  ui.workflowInfo.replaceChildren(
+    el("p", { class: "workflow-info__description" }, workflow.description || "No description."),
+    el("p", { class: "workflow-info__meta" },
+      workflow.pattern ? `${workflow.pattern} pattern` : "",
+      agents.length ? `${workflow.pattern ? " · " : ""}Agents shown: ${agents.join(", ")}` : ""),
+  );
+}
+
+async function loadWorkflows() {
+  try {
+    state.workflows = await api.workflows();
+  } catch (err) {
+    reportFailure(err);
+    return;
+  }
+  const remembered = localStorage.getItem("mozaiks.workflow");
+  ui.workflowSelect.replaceChildren(
+    ...state.workflows.map((w) => el("option", { value: w.name, selected: w.name === remembered }, w.name)),
+  );
+  ui.startButton.disabled = state.workflows.length === 0;
+  if (!state.workflows.length) {
+    ui.workflowInfo.replaceChildren(el("p", {}, "No workflows found. Check MOZAIKS_WORKFLOWS_PATH."));
+    return;
+  }
+  renderWorkflowInfo();
+}
+
+async function startChat(event) {
+  event.preventDefault();
+  const workflow = ui.workflowSelect.value;
+  const message = ui.startMessage.value.trim();
+  if (!workflow || !message) {
+    (workflow ? ui.startMessage : ui.workflowSelect).focus();
+    return;
+  }
+  let context = {};
+  const rawContext = ui.startContext.value.trim();
+  if (rawContext) {
+    try {
+      context = JSON.parse(rawContext);
+    } catch (err) {
+      showError(`Context is not valid JSON: ${err.message}`);
+      ui.startContext.focus();
+      return;
+    }
+    if (!context || typeof context !== "object" || Array.isArray(context)) {
+      showError("Context must be a JSON object, like {\"topic\": \"pricing\"}.");
+      ui.startContext.focus();
+      return;
+    }
+  }
+  ui.startButton.disabled = true;
+  ui.startButton.textContent = "Starting…";
+  try {
+    const created = await api.startChat(workflow, message, context);
+    if (!created || !created.chat_id) throw new Error("The runtime did not return a chat_id.");
+    localStorage.setItem("mozaiks.workflow", workflow);
+    ui.startMessage.value = "";
+    location.hash = `chat=${encodeURIComponent(created.chat_id)}`;
+    refreshChats();
+  } catch (err) {
+    reportFailure(err);
+  } finally {
+    ui.startButton.disabled = state.workflows.length === 0;
+    ui.startButton.textContent = "Start chat";
+  }
+}
+
+// ---------------------------------------------------------------- metrics
+
+async function loadMetrics(chatId) {
+  try {
+    const metrics = await api.metrics(chatId);
+    if (chatId === state.chatId) renderMetrics(ui.summaryBody, metrics);
+    return metrics;
+  } catch (err) {
+    if (chatId !== state.chatId) return null;
+    if (err instanceof ApiError && err.status === 404) {
+      renderMetrics(ui.summaryBody, null);
+    } else if (!(err instanceof ApiError && err.status === 401)) {
+      ui.summaryBody.replaceChildren(el("p", { class: "muted" }, `Metrics unavailable: ${err.message}`));
+    }
+    return null;
+  }
+}
+
+/** Metrics are a projection and may lag the log a little: fetch now and again shortly after. */
+function refreshMetricsAfterRun(chatId, seq) {
+  state.metricsTimers.forEach(clearTimeout);
+  const delays = [0, 1200, 4000];
+  state.metricsTimers = delays.map((delay, index) =>
+    setTimeout(async () => {
+      const metrics = await loadMetrics(chatId);
+      const caughtUp = metrics && Number.isFinite(metrics.last_seq) && metrics.last_seq >= seq;
+      if (caughtUp) state.metricsTimers.slice(index + 1).forEach(clearTimeout);
+    }, delay),
+  );
+}
+
+// ---------------------------------------------------------------- opening a chat
+
+function closeStream() {
+  if (state.stream) state.stream.close();
+  state.stream = null;
+}
+
+function showStart() {
+  flushHistory();
+  closeStream();
+  state.chatId = null;
+  view.reset(null);
+  ui.chatView.hidden = true;
+  ui.startView.hidden = false;
+  setConnection("idle");
+  document.title = "Mozaiks ChatUI";
+  renderChatList();
+}
+
+function openChat(chatId) {
+  if (chatId === state.chatId && state.stream) return;
+  const listed = state.chats.find((c) => c.chat_id === chatId);
+  flushHistory();
+  closeStream();
+  state.metricsTimers.forEach(clearTimeout);
+  state.chatId = chatId;
+  state.stopping = false;
+  state.listedStatus = listed?.status || "unknown";
+  view.reset(chatId);
+  ui.startView.hidden = true;
+  ui.chatView.hidden = false;
+  ui.chatOffline.hidden = true;
+  ui.chatTitle.textContent = listed?.workflow || "Chat";
+  ui.chatMeta.textContent = `Chat ${chatId}`;
+  ui.chatView.dataset.chatId = chatId;
+  ui.summaryBody.replaceChildren(el("p", { class: "muted" }, "Loading…"));
+  renderChatList();
+
+  // Show what this tab already rendered, then resume the stream right after it.
+  const stored = loadHistory(chatId);
+  for (const record of stored.records) view.apply(record, false);
+  if (view.records.length && view.records[0].workflow) ui.chatTitle.textContent = view.records[0].workflow;
+  renderStatus();
+  scheduleScroll(true);
+
+  const stream = new ChatStream({
+    chatId,
+    after: () => view.lastSeq,
+    heartbeatS: Number(state.info.heartbeat_s) || DEFAULT_HEARTBEAT_S,
+    token: api.token,
+    onEvent: (record) => {
+      const stick = isNearBottom();
+      if (!view.apply(record, stream.state === "live")) return;
+      if (record.type === "chat.created" || ui.chatTitle.textContent === "Chat") {
+        ui.chatTitle.textContent = record.workflow || ui.chatTitle.textContent;
+      }
+      scheduleScroll(stick);
+      scheduleSave();
+    },
+    onReplayDone: () => {
+      flushHistory();
+      const listed = state.chats.find((c) => c.chat_id === chatId);
+      if (listed?.status) state.listedStatus = listed.status;
+      renderStatus();
+    },
+    onError: (code, message) => showError(`Server: ${message}`, code),
+    onState: (name, detail) => {
+      setConnection(name, detail);
+      if (name === "reconnecting" && detail.retryAt) {
+        // Keep the countdown honest while waiting.
+        const tick = setInterval(() => {
+          if (stream.state !== "reconnecting" || Date.now() > detail.retryAt) clearInterval(tick);
+          else setConnection(name, detail);
+        }, 1000);
+      }
+    },
+    onFatal: (reason) => {
+      if (reason === "not_found") {
+        forgetHistory(chatId);
+        showError(`Chat ${chatId} was not found on this runtime.`, "not_found");
+      } else if (reason === "unauthorized") {
+        askForToken("The runtime refused the stream: a valid token is needed.");
+      } else {
+        showError(`The runtime refused the stream for chat ${chatId}.`, reason);
+      }
+    },
+    probe: async () => {
+      try {
+        await request("GET", `/api/chats/${encodeURIComponent(chatId)}`);
+        return null;
+      } catch (err) {
+        if (!(err instanceof ApiError)) return null;
+        if (err.status === 401) return "unauthorized";
+        if (err.status === 403) return "forbidden";
+        if (err.status === 404) return "not_found";
+        return null;
+      }
+    },
+  });
+  state.stream = stream;
+  stream.start();
+  loadMetrics(chatId);
+  if (!ui.composerText.disabled) ui.composerText.focus({ preventScroll: true });
+}
+
+function route() {
+  const params = new URLSearchParams(location.hash.replace(/^#/, ""));
+  const chatId = params.get("chat");
+  document.body.classList.remove("nav-open");
+  ui.navToggle.setAttribute("aria-expanded", "false");
+  if (chatId) openChat(chatId);
+  else showStart();
+}
+
+// ---------------------------------------------------------------- composer and stop
+
+async function sendFromComposer(event) {
+  event.preventDefault();
+  const text = ui.composerText.value.trim();
+  if (!text || !state.chatId) return;
+  if (view.pendingRequest) {
+    view.pendingRequest.form.querySelector("textarea")?.focus();
+    return;
+  }
+  const chatId = state.chatId;
+  ui.composerButton.disabled = true;
+  try {
+    if (!(state.stream && state.stream.send({ type: "user.message", text }))) {
+      // Not connected right now: REST appends the message; the stream shows it once back.
+      await api.sendMessage(chatId, text);
+    }
+    ui.composerText.value = "";
+    ui.composerHint.textContent = "Sent. Waiting for the agents…";
+  } catch (err) {
+    reportFailure(err);
+  } finally {
+    updateComposer();
+  }
+}
+
+async function stopRun() {
+  if (!state.chatId) return;
+  state.stopping = true;
+  renderStatus();
+  try {
+    if (!(state.stream && state.stream.send({ type: "chat.stop" }))) await api.stop(state.chatId);
+  } catch (err) {
+    state.stopping = false;
+    renderStatus();
+    reportFailure(err);
+  }
+}
+
+// ---------------------------------------------------------------- auth
+
+function askForToken(reason) {
+  ui.tokenReason.textContent = reason;
+  ui.tokenButton.hidden = false;
+  ui.tokenForget.hidden = !getToken();
+  if (!ui.tokenDialog.open) {
+    ui.tokenInput.value = "";
+    ui.tokenDialog.showModal();
+  }
+}
+
+function applyNewToken(token) {
+  if (setToken(token)) {
+    // Another identity must not see what this tab cached for the previous one.
+    forgetAllHistory();
+  }
+  ui.tokenForget.hidden = !getToken();
+  const chatId = state.chatId;
+  state.chatId = null;
+  closeStream();
+  boot().then(() => {
+    if (chatId) openChat(chatId);
+  });
+}
+
+// ---------------------------------------------------------------- start-up
+
+async function loadInfo() {
+  try {
+    const info = await api.info();
+    if (info && typeof info === "object") state.info = { ...state.info, ...info };
+  } catch (err) {
+    // An older runtime without /api/info: defaults apply; a 401 opens the token dialog.
+    if (!(err instanceof ApiError) || (err.status !== 404 && err.status !== 401)) reportFailure(err);
+  }
+  ui.runtimeOffline.hidden = !state.info.offline;
+  ui.runtimeVersion.textContent = state.info.version ? `v${state.info.version}` : "";
+  if (state.info.auth) {
+    ui.tokenButton.hidden = false;
+    if (!getToken()) askForToken("This runtime requires a token (MOZAIKS_AUTH_SECRET is set).");
+  }
+}
+
+async function boot() {
+  await loadInfo();
+  await Promise.all([loadWorkflows(), refreshChats()]);
+}
+
+function bindEvents() {
+  ui.startForm.addEventListener("submit", startChat);
+  ui.workflowSelect.addEventListener("change", renderWorkflowInfo);
+  ui.composer.addEventListener("submit", sendFromComposer);
+  for (const textarea of [ui.composerText, ui.startMessage]) {
+    textarea.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        textarea.form.requestSubmit();
+      }
+    });
+  }
+  ui.stopButton.addEventListener("click", stopRun);
+  $("refresh-chats").addEventListener("click", refreshChats);
+  ui.navToggle.addEventListener("click", () => {
+    const open = document.body.classList.toggle("nav-open");
+    ui.navToggle.setAttribute("aria-expanded", String(open));
+    if (open) $("new-chat").focus();
+  });
+  ui.summaryToggle.addEventListener("click", () => {
+    const open = ui.chatView.classList.toggle("summary-open");
+    ui.summaryToggle.setAttribute("aria-expanded", String(open));
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && document.body.classList.contains("nav-open")) {
+      document.body.classList.remove("nav-open");
+      ui.navToggle.setAttribute("aria-expanded", "false");
+      ui.navToggle.focus();
+    }
+  });
+  ui.traceToggle.checked = localStorage.getItem("mozaiks.trace") === "1";
+  ui.events.classList.toggle("show-trace", ui.traceToggle.checked);
+  ui.traceToggle.addEventListener("change", () => {
+    ui.events.classList.toggle("show-trace", ui.traceToggle.checked);
+    localStorage.setItem("mozaiks.trace", ui.traceToggle.checked ? "1" : "0");
+  });
+  ui.tokenButton.addEventListener("click", () => askForToken("Paste a bearer token (JWT) for this runtime."));
+  ui.tokenForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const token = ui.tokenInput.value.trim();
+    if (!token) return;
+    ui.tokenDialog.close();
+    applyNewToken(token);
+  });
+  $("token-cancel").addEventListener("click", () => ui.tokenDialog.close());
+  ui.tokenForget.addEventListener("click", () => {
+    ui.tokenDialog.close();
+    applyNewToken("");
+  });
+  window.addEventListener("hashchange", () => {
+    const token = takeTokenFromFragment();
+    if (token !== null) applyNewToken(token);
+    else route();
+  });
+  window.addEventListener("pagehide", flushHistory);
+  onUnauthorized(() => askForToken("The runtime answered 401: a valid token is needed."));
+}
+
+async function main() {
+  const token = takeTokenFromFragment();
+  if (token !== null && setToken(token)) forgetAllHistory();
+  bindEvents();
+  await boot();
+  route();
+}
+
+main();

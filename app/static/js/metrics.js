@@ -1,0 +1,115 @@
+// Run summary panel: renders whatever subset of `/metrics/perf/chat/{id}` the runtime returns.
+
+import { el } from "./render.js";
+
+const integer = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+
+function isNumber(value) {
+  return typeof value === "number" && Number.isFinite(value);
+}
+
+function count(value) {
+  return isNumber(value) ? integer.format(value) : null;
+}
+
+function milliseconds(value) {
+  if (!isNumber(value)) return null;
+  return value >= 1000 ? `${(value / 1000).toFixed(2)} s` : `${Math.round(value)} ms`;
+}
+
+function seconds(value) {
+  if (!isNumber(value)) return null;
+  if (value < 60) return `${value.toFixed(value < 10 ? 2 : 1)} s`;
+  return `${Math.floor(value / 60)} min ${Math.round(value % 60)} s`;
+}
+
+/** Cost as money: a number (USD), or an object like {usd} / {amount, currency}. */
+function money(value) {
+  let amount = value;
+  let currency = "USD";
+  if (value && typeof value === "object") {
+    amount = value.usd ?? value.amount ?? value.total;
+    currency = value.currency || currency;
+  }
+  if (!isNumber(amount)) return null;
+  const digits = amount !== 0 && Math.abs(amount) < 0.01 ? 5 : 2;
+  try {
+    return new Intl.NumberFormat(undefined, { style: "currency", currency, maximumFractionDigits: digits }).format(amount);
+  } catch {
+    return `${amount.toFixed(digits)} ${currency}`;
+  }
+}
+
+function tokens(m) {
+  const total = isNumber(m.total_tokens)
+    ? m.total_tokens
+    : isNumber(m.prompt_tokens) || isNumber(m.completion_tokens)
+      ? (m.prompt_tokens || 0) + (m.completion_tokens || 0)
+      : null;
+  if (total === null) return null;
+  const split = isNumber(m.prompt_tokens) && isNumber(m.completion_tokens)
+    ? ` (${count(m.prompt_tokens)} in · ${count(m.completion_tokens)} out)`
+    : "";
+  return `${count(total)}${split}`;
+}
+
+function latency(llm) {
+  const l = llm && typeof llm === "object" ? llm.latency_ms : null;
+  if (!l || typeof l !== "object") return null;
+  const parts = [
+    ["p50", l.p50],
+    ["p95", l.p95],
+    ["max", l.max],
+  ].filter(([, v]) => isNumber(v)).map(([name, v]) => `${name} ${milliseconds(v)}`);
+  return parts.length ? parts.join(" · ") : null;
+}
+
+/** Per-agent rows from `agents` as an object keyed by name or a list of {agent|name, …}. */
+function agentRows(agents) {
+  if (Array.isArray(agents)) return agents.map((a) => [a.agent ?? a.name ?? "?", a]);
+  if (agents && typeof agents === "object") return Object.entries(agents);
+  return [];
+}
+
+/** Fill `container` with the run summary; `metrics` null means the runtime has none yet. */
+export function renderMetrics(container, metrics) {
+  const m = metrics && typeof metrics === "object" ? metrics.metrics ?? metrics : null;
+  const failures = m && isNumber(m.tool_failures) && m.tool_failures > 0 ? ` (${count(m.tool_failures)} failed)` : "";
+  const rows = m
+    ? [
+        ["Turns", count(m.turns), "turns"],
+        ["Tool calls", count(m.tool_calls) !== null ? `${count(m.tool_calls)}${failures}` : null, "tool-calls"],
+        ["Tokens", tokens(m), "tokens"],
+        ["Cost", money(m.cost), "cost"],
+        ["LLM calls", count(m.llm?.count), "llm-calls"],
+        ["LLM latency", latency(m.llm), "llm-latency"],
+        ["Duration", seconds(m.duration_s), "duration"],
+        ["Errors", isNumber(m.errors) && m.errors > 0 ? count(m.errors) : null, "errors"],
+      ].filter(([, value]) => value !== null)
+    : [];
+  if (!rows.length) {
+    container.replaceChildren(el("p", { class: "muted" }, "No metrics yet for this chat."));
+    return;
+  }
+  const list = el("dl", { class: "metrics" });
+  for (const [label, value, key] of rows) {
+    list.append(el("div", { class: "metrics__row", "data-metric": key }, el("dt", {}, label), el("dd", {}, value)));
+  }
+  const children = [list];
+  const agents = agentRows(m.agents);
+  if (agents.length) {
+    const table = el("table", { class: "agent-metrics" },
+      el("caption", {}, "By agent"),
+      el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Agent"), el("th", { scope: "col" }, "Turns"),
+        el("th", { scope: "col" }, "Tools"), el("th", { scope: "col" }, "Tokens"))));
+    const body = el("tbody");
+    for (const [name, a] of agents) {
+      const total = isNumber(a?.total_tokens) ? a.total_tokens : (a?.prompt_tokens || 0) + (a?.completion_tokens || 0);
+      body.append(el("tr", {}, el("th", { scope: "row" }, name), el("td", {}, count(a?.turns) ?? "—"),
+        el("td", {}, count(a?.tool_calls) ?? "—"), el("td", {}, count(total) ?? "—")));
+    }
+    table.append(body);
+    children.push(table);
+  }
+  container.replaceChildren(...children);
+}

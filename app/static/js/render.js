@@ -1,0 +1,441 @@
+// The conversation view: a projection of a chat's visible events onto the DOM, one seq at a time.
+
+import { Marked } from "../vendor/marked.esm.js";
+import DOMPurify from "../vendor/purify.es.js";
+
+const TERMINAL = new Set(["run.completed", "run.failed", "run.stopped"]);
+// Recorded for audit and metrics; shown only when the user asks for internal events.
+const TRACE = new Set(["llm.call", "ag2.event", "context.updated"]);
+
+function escapeHtml(text) {
+  const map = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+  return String(text).replace(/[&<>"']/g, (c) => map[c]);
+}
+
+const markdown = new Marked({ gfm: true, breaks: true, async: false });
+markdown.use({
+  renderer: {
+    // LLM output is untrusted: an image URL can carry data out, so images become plain links.
+    // Raw HTML in agent text is shown as the text it is (an agent may be writing HTML for the user);
+    // only Markdown becomes markup. DOMPurify below still cleans what Markdown produces.
+    html({ text, block }) {
+      return block ? `<pre><code>${escapeHtml(text.replace(/\n+$/, ""))}</code></pre>` : escapeHtml(text);
+    },
+    image({ href, text }) {
+      return `<a href="${escapeHtml(href || "")}">${escapeHtml(`Image: ${text || href || ""}`)}</a>`;
+    },
+  },
+});
+
+const PURIFY = {
+  USE_PROFILES: { html: true },
+  FORBID_TAGS: [
+    "img", "style", "form", "input", "button", "textarea", "select", "option", "iframe", "frame",
+    "object", "embed", "video", "audio", "source", "picture", "link", "meta", "base", "svg",
+    "math", "template", "dialog",
+  ],
+  FORBID_ATTR: ["style", "class", "id", "name", "srcset", "action", "formaction", "background", "poster"],
+  ALLOW_DATA_ATTR: false,
+  ALLOW_ARIA_ATTR: false,
+  ALLOWED_URI_REGEXP: /^(?:https?:|mailto:|#)/i,
+  RETURN_DOM_FRAGMENT: true,
+};
+
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "A" && node.hasAttribute("href")) {
+    node.setAttribute("target", "_blank");
+    node.setAttribute("rel", "noopener noreferrer nofollow ugc");
+  }
+});
+
+/** Agent text as sanitized Markdown: a DocumentFragment with no script, handler or unsafe URL. */
+export function renderMarkdown(text) {
+  const source = String(text ?? "");
+  if (!DOMPurify.isSupported) {
+    const fragment = document.createDocumentFragment();
+    fragment.append(el("p", { class: "plain" }, source));
+    return fragment;
+  }
+  return DOMPurify.sanitize(markdown.parse(source), PURIFY);
+}
+
+/** Create an element with attributes (values set as attributes, never as HTML) and text children. */
+export function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined || value === false) continue;
+    node.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const child of children) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+/** A stable hue for an agent name, so each agent keeps its colour across chats. */
+export function agentHue(name) {
+  let hash = 0;
+  for (const ch of String(name)) hash = (hash * 31 + ch.codePointAt(0)) >>> 0;
+  return hash % 360;
+}
+
+export function initials(name) {
+  const parts = String(name || "?")
+    .replace(/([a-z0-9])([A-Z])/g, "$1 $2")
+    .split(/[^A-Za-z0-9]+/)
+    .filter(Boolean);
+  return (parts.length ? parts.slice(0, 2).map((p) => p[0]) : ["?"]).join("").toUpperCase();
+}
+
+export function timeEl(ts) {
+  const date = ts ? new Date(ts) : null;
+  if (!date || Number.isNaN(date.getTime())) return null;
+  return el(
+    "time",
+    { datetime: date.toISOString(), title: date.toLocaleString() },
+    date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }),
+  );
+}
+
+function avatar(name) {
+  const node = el("span", { class: "avatar", "aria-hidden": "true" }, initials(name));
+  node.style.setProperty("--hue", String(agentHue(name)));
+  return node;
+}
+
+function prettyJson(text) {
+  if (typeof text !== "string") return JSON.stringify(text, null, 2);
+  try {
+    return JSON.stringify(JSON.parse(text), null, 2);
+  } catch {
+    return text;
+  }
+}
+
+/**
+ * Renders records in seq order, each once. Every rendered event carries data-testid="event",
+ * data-seq, data-type and (when it has one) data-agent, so tests can compare it with the log.
+ */
+export class ChatView {
+  /**
+   * @param {HTMLElement} root  the <ol> the events go into
+   * @param {object} hooks  onStatus(status), onOffline(), onTerminal(record, live),
+   *   announce(text), onInputResponse(requestId, text) → boolean, onInputRequested(textarea, live)
+   */
+  constructor(root, hooks) {
+    this.root = root;
+    this.hooks = hooks;
+    this.reset(null);
+  }
+
+  reset(chatId) {
+    this.chatId = chatId;
+    this.lastSeq = 0;
+    this.records = [];
+    this.turn = null;
+    this.calls = new Map();
+    this.requests = new Map();
+    this.status = "unknown";
+    this.offline = false;
+    this.root.replaceChildren();
+  }
+
+  /** Render one record unless it is hidden or already shown; returns true when rendered. */
+  apply(record, live = false) {
+    if (!record || record.visible === false) return false;
+    const seq = Number(record.seq);
+    // Seqs only grow: an equal or lower one was already rendered (replay overlap, stale socket).
+    if (!Number.isInteger(seq) || seq <= this.lastSeq) return false;
+    this.lastSeq = seq;
+    this.records.push(record);
+    try {
+      this.#render(record, live);
+    } catch (err) {
+      console.error("cannot render event", record, err);
+      this.root.append(this.#marker(record, `Event ${record.type} #${seq} could not be displayed.`, "marker--error"));
+    }
+    return true;
+  }
+
+  #setStatus(status) {
+    if (status === this.status) return;
+    this.status = status;
+    if (TERMINAL.has(`run.${status}`)) {
+      for (const request of this.requests.values()) {
+        if (!request.answered) this.#closeRequest(request, "The run ended before this was answered.");
+      }
+    }
+    this.hooks.onStatus(status);
+  }
+
+  #setOffline(flag) {
+    if (flag && !this.offline) {
+      this.offline = true;
+      this.hooks.onOffline();
+    }
+  }
+
+  #base(tag, record, cls) {
+    const node = el(tag, {
+      class: cls,
+      "data-testid": "event",
+      "data-seq": record.seq,
+      "data-type": record.type,
+      "data-agent": record.agent || null,
+    });
+    return node;
+  }
+
+  #marker(record, text, cls = "") {
+    const node = this.#base("li", record, `marker ${cls}`.trim());
+    node.append(el("span", { class: "marker__text" }, text));
+    const time = timeEl(record.ts);
+    if (time) node.append(time);
+    return node;
+  }
+
+  #head(name, { role, recipient, ts, note } = {}) {
+    const head = el("div", { class: "msg__head" }, avatar(name), el("span", { class: "msg__agent" }, name));
+    if (role && role !== "user") head.append(el("span", { class: "msg__role" }, role));
+    if (recipient) head.append(el("span", { class: "msg__to" }, `to ${recipient}`));
+    if (note) head.append(el("span", { class: "msg__note" }, note));
+    const time = timeEl(ts);
+    if (time) head.append(time);
+    return head;
+  }
+
+  #render(record, live) {
+    const data = record.data || {};
+    const agent = record.agent || null;
+    if (!TRACE.has(record.type) && record.type !== "tool.called" && record.type !== "tool.result") {
+      this.turn = null;
+    }
+    switch (record.type) {
+      case "chat.created": {
+        const node = this.#marker(record, `Chat started${record.workflow ? ` · ${record.workflow}` : ""}`);
+        if (data.offline) node.append(el("span", { class: "badge badge--offline" }, "offline fixtures"));
+        const context = data.context && Object.keys(data.context).length ? data.context : null;
+        if (context) {
+          node.append(
+            el("details", { class: "marker__details" }, el("summary", {}, "Context"),
+              el("pre", {}, JSON.stringify(context, null, 2))),
+          );
+        }
+        this.root.append(node);
+        this.#setOffline(Boolean(data.offline));
+        break;
+      }
+      case "run.started": {
+        const parts = ["Run started"];
+        if (data.pattern) parts.push(`${data.pattern} pattern`);
+        if (data.max_turns) parts.push(`up to ${data.max_turns} turns`);
+        if (data.model) parts.push(data.model);
+        const node = this.#marker(record, parts.join(" · "), "marker--run");
+        if (data.offline) node.append(el("span", { class: "badge badge--offline" }, "offline fixtures"));
+        this.root.append(node);
+        this.#setOffline(Boolean(data.offline));
+        this.#setStatus("running");
+        break;
+      }
+      case "message.user": {
+        const node = this.#base("li", record, "msg msg--user");
+        node.append(this.#head("You", { ts: record.ts }), el("div", { class: "msg__body plain" }, data.content ?? ""));
+        this.root.append(node);
+        if (this.status !== "running") this.#setStatus("running");
+        break;
+      }
+      case "message.agent": {
+        const name = agent || "Agent";
+        const node = this.#base("li", record, "msg msg--agent");
+        node.append(this.#head(name, { role: data.role, recipient: data.recipient, ts: record.ts }));
+        const content = String(data.content ?? "");
+        if (content.trim()) node.append(el("div", { class: "msg__body md" }, renderMarkdown(content)));
+        this.root.append(node);
+        this.turn = { agent, node, tools: null };
+        if (live) this.hooks.announce(`${name}: ${content.slice(0, 200)}`);
+        break;
+      }
+      case "tool.called":
+        this.#toolCalled(record, data, agent);
+        break;
+      case "tool.result":
+        this.#toolResult(record, data);
+        break;
+      case "handoff": {
+        const from = data.source || agent || "?";
+        const parts = [`${from} → ${data.target}`];
+        if (data.kind && data.kind !== "handoff") parts.push(data.kind);
+        if (data.reason) parts.push(data.reason);
+        this.root.append(this.#marker(record, `Handoff: ${parts.join(" · ")}`, "marker--handoff"));
+        break;
+      }
+      case "speaker.selected":
+        this.root.append(this.#marker(record, `Next speaker: ${data.speaker}`, "marker--speaker"));
+        break;
+      case "input.requested":
+        this.#inputRequested(record, data, agent, live);
+        break;
+      case "input.received": {
+        const node = this.#base("li", record, "msg msg--user msg--answer");
+        node.append(this.#head("You", { ts: record.ts, note: "answer" }), el("div", { class: "msg__body plain" }, data.text ?? ""));
+        this.root.append(node);
+        const request = this.requests.get(data.request_id) || [...this.requests.values()].find((r) => !r.answered);
+        if (request) this.#closeRequest(request, "Answered.", true);
+        if (this.status === "awaiting-input" && ![...this.requests.values()].some((r) => !r.answered)) {
+          this.#setStatus("running");
+        }
+        break;
+      }
+      case "run.completed": {
+        const node = this.#marker(record, "Run completed", "marker--ok");
+        if (data.summary) node.append(el("p", { class: "marker__summary plain" }, data.summary));
+        this.root.append(node);
+        this.#terminal("completed", record, live, "Run completed.");
+        break;
+      }
+      case "run.failed": {
+        const reason = data.reason && data.reason !== "error" ? ` (${data.reason})` : "";
+        this.root.append(this.#marker(record, `Run failed${reason}: ${data.error ?? "unknown error"}`, "marker--error"));
+        this.#terminal("failed", record, live, "Run failed.");
+        break;
+      }
+      case "run.stopped":
+        this.root.append(this.#marker(record, `Run stopped${data.by ? ` by ${data.by}` : ""}`, "marker--stopped"));
+        this.#terminal("stopped", record, live, "Run stopped.");
+        break;
+      case "llm.call": {
+        const tokens = `${data.prompt_tokens ?? 0} → ${data.completion_tokens ?? 0} tokens`;
+        const latency = data.latency_ms !== undefined ? `${Math.round(data.latency_ms)} ms` : null;
+        const parts = [`LLM call${agent ? ` by ${agent}` : ""}`, data.model, tokens, latency, data.finish_reason,
+          data.offline ? "fixture" : null, data.error ? `error: ${data.error}` : null];
+        this.root.append(this.#marker(record, parts.filter(Boolean).join(" · "), "trace"));
+        break;
+      }
+      case "context.updated":
+        this.root.append(this.#marker(record, `Context updated: ${Object.keys(data.variables || {}).join(", ") || "—"}`, "trace"));
+        break;
+      case "ag2.event":
+        this.root.append(this.#marker(record, `AG2 event: ${data.name ?? "?"}`, "trace"));
+        break;
+      default:
+        // A type this page does not know yet: keep it findable without cluttering the chat.
+        this.root.append(this.#marker(record, `Event ${record.type}`, "trace"));
+    }
+  }
+
+  #terminal(status, record, live, announcement) {
+    this.#setStatus(status);
+    if (live) this.hooks.announce(announcement);
+    this.hooks.onTerminal(record, live);
+  }
+
+  #toolCalled(record, data, agent) {
+    let turn = this.turn;
+    if (!turn || turn.agent !== agent) {
+      // A tool call with no text before it: a turn of its own, headed by the calling agent.
+      const node = el("li", { class: "msg msg--agent msg--tools-only", "data-testid": "turn", "data-agent": agent });
+      node.append(this.#head(agent || "Agent", { ts: record.ts }));
+      this.root.append(node);
+      turn = this.turn = { agent, node, tools: null };
+    }
+    if (!turn.tools) {
+      turn.tools = el("div", { class: "tools" });
+      turn.node.append(turn.tools);
+    }
+    const state = el("span", { class: "tool__state" }, "waiting for result");
+    const details = this.#base("details", record, "tool");
+    details.setAttribute("data-call-id", data.call_id ?? "");
+    details.setAttribute("data-tool", data.tool ?? "");
+    details.append(
+      el("summary", {}, el("span", { class: "tool__icon", "aria-hidden": "true" }, "⚙"), "Tool ",
+        el("code", { class: "tool__name" }, data.tool ?? "?"), state),
+      el("div", { class: "tool__label" }, "Arguments"),
+      el("pre", { class: "tool__args" }, prettyJson(data.arguments ?? "")),
+    );
+    turn.tools.append(details);
+    if (data.call_id) this.calls.set(data.call_id, { details, state });
+  }
+
+  #toolResult(record, data) {
+    const call = data.call_id ? this.calls.get(data.call_id) : null;
+    const failed = Boolean(data.is_error);
+    const result = this.#base("div", record, `tool__result${failed ? " tool__result--error" : ""}`);
+    result.setAttribute("data-call-id", data.call_id ?? "");
+    result.append(
+      el("div", { class: "tool__label" }, failed ? "Error" : "Result"),
+      el("pre", {}, prettyJson(data.content ?? "")),
+    );
+    if (call) {
+      call.details.append(result);
+      call.state.textContent = failed ? "failed" : "done";
+      call.details.classList.toggle("tool--error", failed);
+      return;
+    }
+    // A result whose call is not shown (hidden caller): show it folded on its own.
+    const node = el("li", { class: "msg msg--agent msg--tools-only", "data-testid": "turn", "data-agent": record.agent });
+    node.append(this.#head(record.agent || "Tool", { ts: record.ts }));
+    const details = el("details", { class: `tool${failed ? " tool--error" : ""}` },
+      el("summary", {}, el("span", { class: "tool__icon", "aria-hidden": "true" }, "⚙"), "Tool ",
+        el("code", { class: "tool__name" }, data.tool ?? "?"), el("span", { class: "tool__state" }, failed ? "failed" : "done")),
+      result);
+    node.append(el("div", { class: "tools" }, details));
+    this.root.append(node);
+  }
+
+  #inputRequested(record, data, agent, live) {
+    const requestId = String(data.request_id ?? "");
+    const name = agent || "Agent";
+    const node = this.#base("li", record, "msg msg--input");
+    node.setAttribute("data-request-id", requestId);
+    node.append(this.#head(name, { ts: record.ts, note: "asks for your input" }));
+    if (data.prompt) node.append(el("div", { class: "msg__body md" }, renderMarkdown(data.prompt)));
+    const fieldId = `answer-${record.seq}`;
+    const textarea = el("textarea", { id: fieldId, rows: 2, required: true, autocomplete: "off" });
+    const status = el("p", { class: "input-form__status", role: "status" });
+    const form = el("form", { class: "input-form", "data-testid": "input-form", "data-request-id": requestId },
+      el("label", { for: fieldId }, `Your answer to ${name}`),
+      el("div", { class: "input-form__row" }, textarea, el("button", { type: "submit", class: "button button--primary" }, "Send answer")),
+      status);
+    const request = { id: requestId, node, form, status, answered: false };
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const text = textarea.value.trim();
+      if (!text || request.answered) return;
+      if (this.hooks.onInputResponse(requestId, text)) {
+        form.classList.add("is-sending");
+        for (const control of form.elements) control.disabled = true;
+        status.textContent = "Sending…";
+      } else {
+        status.textContent = "Not connected: the answer was not sent. Send it again when the indicator says Live.";
+      }
+    });
+    textarea.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        form.requestSubmit();
+      }
+    });
+    node.append(form);
+    this.root.append(node);
+    this.requests.set(requestId, request);
+    if (TERMINAL.has(`run.${this.status}`)) {
+      this.#closeRequest(request, "The run ended before this was answered.");
+    } else {
+      this.#setStatus("awaiting-input");
+      if (live) this.hooks.announce(`${name} asks for your input: ${String(data.prompt ?? "").slice(0, 200)}`);
+      this.hooks.onInputRequested(textarea, live);
+    }
+  }
+
+  #closeRequest(request, note, answered = false) {
+    request.answered = request.answered || answered;
+    request.node.classList.add(answered ? "is-answered" : "is-closed");
+    request.form.replaceWith(el("p", { class: "input-form__closed" }, note));
+  }
+
+  /** Whether a human-input request is waiting for an answer (the composer defers to it). */
+  get pendingRequest() {
+    return [...this.requests.values()].find((r) => !r.answered && r.form.isConnected) || null;
+  }
+}
