@@ -18,13 +18,13 @@ import msgspec
 from domain.errors import ManifestError, MozaiksError
 from domain.manifest import (
     AFTER_WORK_KEYWORDS,
-    AgentSpec,
     AgentsManifest,
+    AgentSpec,
     ContextVariablesManifest,
     Fixture,
     ScriptedReply,
-    ToolSpec,
     ToolsManifest,
+    ToolSpec,
     WorkflowManifest,
     decode_manifest,
 )

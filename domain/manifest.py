@@ -8,7 +8,7 @@ and the JSON path.
 from __future__ import annotations
 
 import re
-from typing import Any, Annotated, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 
@@ -27,7 +27,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Base of every manifest struct: unknown fields are errors, never ignored."""
 
 
-class WorkflowManifest(Manifest, kw_only=True):
+class WorkflowManifest(Manifest, frozen=True, kw_only=True):
     """workflow.json: what the workflow is and how its agents take turns."""
 
     name: Name
@@ -38,7 +38,7 @@ class WorkflowManifest(Manifest, kw_only=True):
     entry_agent: str
 
 
-class LlmConfig(Manifest, kw_only=True):
+class LlmConfig(Manifest, frozen=True, kw_only=True):
     """An agent's model settings; the model defaults to `OPENAI_MODEL`."""
 
     model: str | None = None
@@ -47,14 +47,14 @@ class LlmConfig(Manifest, kw_only=True):
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
 
 
-class LlmCondition(Manifest, kw_only=True):
+class LlmCondition(Manifest, frozen=True, kw_only=True):
     """Hand off to `target` when the model decides `condition` holds (AG2 OnCondition + StringLLMCondition)."""
 
     target: str
     condition: str
 
 
-class Handoffs(Manifest, kw_only=True):
+class Handoffs(Manifest, frozen=True, kw_only=True):
     """An agent's handoffs: LLM-decided conditions, then where to go after its turn."""
 
     llm_conditions: list[LlmCondition] = []
@@ -62,7 +62,7 @@ class Handoffs(Manifest, kw_only=True):
     after_work: str | None = None
 
 
-class AgentSpec(Manifest, kw_only=True):
+class AgentSpec(Manifest, frozen=True, kw_only=True):
     """One entry of agents.json."""
 
     name: Name
@@ -75,13 +75,13 @@ class AgentSpec(Manifest, kw_only=True):
     human_input_mode: HumanInputMode = "NEVER"
 
 
-class AgentsManifest(Manifest, kw_only=True):
+class AgentsManifest(Manifest, frozen=True, kw_only=True):
     """agents.json."""
 
     agents: Annotated[list[AgentSpec], msgspec.Meta(min_length=1)]
 
 
-class ToolSpec(Manifest, kw_only=True):
+class ToolSpec(Manifest, frozen=True, kw_only=True):
     """One entry of tools.json: a function of the `tools` package, by `module:function`."""
 
     name: Name
@@ -90,13 +90,13 @@ class ToolSpec(Manifest, kw_only=True):
     description: str = ""
 
 
-class ToolsManifest(Manifest, kw_only=True):
+class ToolsManifest(Manifest, frozen=True, kw_only=True):
     """tools.json."""
 
     tools: list[ToolSpec] = []
 
 
-class ContextVariable(Manifest, kw_only=True):
+class ContextVariable(Manifest, frozen=True, kw_only=True):
     """One context variable with its default value."""
 
     name: Name
@@ -104,20 +104,20 @@ class ContextVariable(Manifest, kw_only=True):
     description: str = ""
 
 
-class ContextVariablesManifest(Manifest, kw_only=True):
+class ContextVariablesManifest(Manifest, frozen=True, kw_only=True):
     """context_variables.json."""
 
     variables: list[ContextVariable] = []
 
 
-class ScriptedToolCall(Manifest, kw_only=True):
+class ScriptedToolCall(Manifest, frozen=True, kw_only=True):
     """A tool call a scripted model makes: the tool's name and its arguments."""
 
     name: str
     arguments: dict[str, Any] = {}
 
 
-class ScriptedReply(Manifest, kw_only=True):
+class ScriptedReply(Manifest, frozen=True, kw_only=True):
     """One scripted model reply: text, tool calls, or both; usage is counted when not given."""
 
     content: str | None = None
@@ -136,7 +136,7 @@ _PATH_SUFFIX: Final = re.compile(r"\s+-\s+at\s+`(\$[^`]*)`$")
 def decode_manifest(workflow: str, file: str, raw: bytes, kind: type[M] | Any) -> M:
     """Decode one manifest file, raising ManifestError(workflow, file, JSON path, detail) on any problem."""
     try:
-        return msgspec.json.decode(raw, type=kind)  # type: ignore[no-any-return]
+        return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
         detail, path = split_error_path(str(exc))
         if "matching regex" in detail:

@@ -29,7 +29,7 @@ class CompatibleServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append((dict(self.headers), body))
                 status, reply = server.replies.pop(0) if len(server.replies) > 1 else server.replies[0]

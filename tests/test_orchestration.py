@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,7 +14,7 @@ from app.orchestration import Orchestrator
 from app.orchestration.bare import run_bare
 from app.settings import Settings
 from app.workflows import WorkflowManager
-from domain.events import InputReceived, Pending, Record, RunStopped, StreamRef
+from domain.events import InputReceived, MessageUser, Pending, Record, RunStopped, StreamRef
 from domain.store import MongoEventStore
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "workflows"
@@ -116,9 +115,9 @@ def speakers(records: list[Record]) -> list[str]:
     """Agents given the floor, without the tool executor and its hand-back to the same agent."""
     order: list[str] = []
     for record in records:
-        if record.type == "speaker.selected" and record.data["speaker"] != "_Group_Tool_Executor":
-            if not order or order[-1] != record.data["speaker"]:
-                order.append(record.data["speaker"])
+        speaker = record.data.get("speaker") if record.type == "speaker.selected" else None
+        if speaker not in (None, "_Group_Tool_Executor") and (not order or order[-1] != speaker):
+            order.append(speaker)
     return order
 
 
@@ -158,7 +157,7 @@ async def test_random_pattern_picks_other_agents_of_the_set(orchestrator: Orches
     order = [r.data["speaker"] for r in records if r.type == "speaker.selected"]
     assert order[0] == "Ideator" and len(order) >= 4
     assert set(order) <= {"Ideator", "Critic", "Optimist"}
-    assert all(a != b for a, b in zip(order, order[1:]))  # a random after-work never picks the speaker itself
+    assert all(a != b for a, b in itertools.pairwise(order))  # a random after-work never picks the speaker itself
     assert {r.data["target"] for r in records if r.type == "handoff"} == {"random"}
 
 
@@ -267,7 +266,7 @@ async def test_a_run_stopped_in_the_log_cancels_the_run(orchestrator: Orchestrat
 async def test_a_follow_up_run_continues_the_conversation(orchestrator: Orchestrator, store: MongoEventStore) -> None:
     stream = await orchestrator.create_chat(workflow="Brainstorm", user_id="u", app_id="a", message="Ideas for our school")
     assert await orchestrator.run(stream) == "run.completed"
-    await store.append(stream, [Pending(event=__import__("domain.events").events.MessageUser(content="More please"))], expected_seq=None)
+    await store.append(stream, [Pending(event=MessageUser(content="More please"))], expected_seq=None)
     assert await orchestrator.run(stream) == "run.completed"
     records = await records_of(store, stream.chat_id)
     assert [r.type for r in records].count("run.started") == 2
@@ -283,3 +282,23 @@ async def test_unknown_workflow_and_taken_chat_id_are_refused(orchestrator: Orch
     await orchestrator.create_chat(workflow="Analyzer", user_id="u", app_id="a", message="hi", chat_id="fixed")
     with pytest.raises(Conflict):
         await orchestrator.create_chat(workflow="Analyzer", user_id="u", app_id="a", message="hi", chat_id="fixed")
+
+
+def test_cli_run_prints_events_asks_for_input_and_summarises(mongo_uri: str, db_name: str, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from app.orchestration.cli import run_command
+
+    env = {
+        "DATABASE_URI": mongo_uri, "MOZAIKS_DB": db_name, "MOZAIKS_WORKFLOWS_PATH": str(EXAMPLES),
+        "MOZAIKS_WORKSPACE": str(tmp_path / "ws"), "OPENAI_API_KEY": "", "OPENAI_BASE_URL": "",
+    }
+    result = CliRunner().invoke(run_command, ["Assistant", "Take notes about bees"], input="Add honey\nexit\n", env=env)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("offline mode")
+    assert any("Researcher" in line and "message.agent" in line and "I saved notes/research.md" in line for line in lines)
+    assert any("input.received" in line and "Add honey" in line for line in lines)
+    assert "run.completed" in lines[-2]
+    summary = lines[-1]
+    assert summary.startswith("chat ") and "· run.completed · 4 LLM calls ·" in summary and summary.endswith("offline")

@@ -82,8 +82,10 @@ BROKEN: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "unknown_handoff_target": (
         lambda d: _edit_json(d, "agents.json", _set_agent(0, handoffs={"after_work": "Ghost"})),
-        "workflow 'Broken': agents.json at $.agents[0].handoffs.after_work: unknown agent 'Ghost' "
-        "(agents: Analyst, Collector, Summarizer; or terminate, user, group_manager, stay)",
+        (
+            "workflow 'Broken': agents.json at $.agents[0].handoffs.after_work: unknown agent 'Ghost' "
+            "(agents: Analyst, Collector, Summarizer; or terminate, user, group_manager, stay)"
+        ),
     ),
 }
 

@@ -292,7 +292,7 @@ class _RunSession:
             async for event in response.events:
                 self.queue.put_nowait(event)
             self.queue.put_nowait(_Done())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever AG2 raised ends the run as run.failed
             self.queue.put_nowait(_Done(exc))
 
     async def record(self, mapper: RunMapper, response: Any, backend: Backend) -> str:

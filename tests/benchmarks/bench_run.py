@@ -20,15 +20,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import msgspec  # noqa: E402
-from pymongo import AsyncMongoClient  # noqa: E402
+import msgspec
+from pymongo import AsyncMongoClient
 
-from app.embedded import EmbeddedMongo  # noqa: E402
-from app.orchestration import Orchestrator  # noqa: E402
-from app.orchestration.bare import run_bare  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from app.workflows import WorkflowManager  # noqa: E402
-from domain.store import MongoEventStore  # noqa: E402
+from app.embedded import EmbeddedMongo
+from app.orchestration import Orchestrator
+from app.orchestration.bare import run_bare
+from app.settings import Settings
+from app.workflows import WorkflowManager
+from domain.store import MongoEventStore
 
 TURNS = 20
 MESSAGE = "Analyse: The quick brown fox jumps over the lazy dog. It was not amused."
