@@ -330,6 +330,16 @@ async function startChat(event) {
   }
 }
 
+/** What the workflow says about an agent, when /api/workflows lists its agents. */
+function agentInfo(workflowName, agentName) {
+  const workflow = state.workflows.find((w) => w.name === workflowName);
+  const agents = Array.isArray(workflow?.agents) ? workflow.agents : [];
+  const agent = agents.find((a) => a && (a.name === agentName || a === agentName));
+  if (!agent || typeof agent !== "object") return {};
+  const role = typeof agent.type === "string" ? agent.type : typeof agent.role === "string" ? agent.role : null;
+  return { role, description: typeof agent.description === "string" ? agent.description : null };
+}
+
 // ---------------------------------------------------------------- metrics
 
 async function loadMetrics(chatId) {
@@ -399,6 +409,7 @@ function openChat(chatId) {
   ui.summaryBody.replaceChildren(el("p", { class: "muted" }, "Loading…"));
   renderChatList();
 
+  view.agentInfo = (name) => agentInfo(ui.chatTitle.textContent, name);
   // Show what this tab already rendered, then resume the stream right after it.
   const stored = loadHistory(chatId);
   for (const record of stored.records) view.apply(record, false);

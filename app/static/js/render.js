@@ -113,6 +113,21 @@ function prettyJson(text) {
   }
 }
 
+/** One line summing up a tool call's arguments, e.g. `path: notes/a.md, limit: 3`. */
+function argumentsPreview(text) {
+  let value;
+  try {
+    value = typeof text === "string" ? JSON.parse(text) : text;
+  } catch {
+    return String(text ?? "").slice(0, 80);
+  }
+  if (!value || typeof value !== "object" || Array.isArray(value)) return JSON.stringify(value ?? "").slice(0, 80);
+  const line = Object.entries(value)
+    .map(([key, v]) => `${key}: ${typeof v === "string" ? v.replace(/\s+/g, " ") : JSON.stringify(v)}`)
+    .join(", ");
+  return line.length > 80 ? `${line.slice(0, 79)}…` : line;
+}
+
 /**
  * Renders records in seq order, each once. Every rendered event carries data-testid="event",
  * data-seq, data-type and (when it has one) data-agent, so tests can compare it with the log.
@@ -122,6 +137,7 @@ export class ChatView {
    * @param {HTMLElement} root  the <ol> the events go into
    * @param {object} hooks  onStatus(status), onOffline(), onTerminal(record, live),
    *   announce(text), onInputResponse(requestId, text) → boolean, onInputRequested(textarea, live)
+   * Set `agentInfo(name) → {role, description}` after reset() to label agents from the workflow.
    */
   constructor(root, hooks) {
     this.root = root;
@@ -131,6 +147,9 @@ export class ChatView {
 
   reset(chatId) {
     this.chatId = chatId;
+    this.lastSpeaker = null;
+    this.lastAgent = null;
+    this.agentInfo = () => ({});
     this.lastSeq = 0;
     this.records = [];
     this.turn = null;
@@ -196,7 +215,11 @@ export class ChatView {
   }
 
   #head(name, { role, recipient, ts, note } = {}) {
-    const head = el("div", { class: "msg__head" }, avatar(name), el("span", { class: "msg__agent" }, name));
+    // The workflow's own word for the agent (its type, e.g. "orchestrator") beats the chat role.
+    const known = this.agentInfo(name);
+    const head = el("div", { class: "msg__head" }, avatar(name),
+      el("span", { class: "msg__agent", title: known.description || null }, name));
+    role = known.role || role;
     if (role && role !== "user") head.append(el("span", { class: "msg__role" }, role));
     if (recipient) head.append(el("span", { class: "msg__to" }, `to ${recipient}`));
     if (note) head.append(el("span", { class: "msg__note" }, note));
@@ -208,9 +231,10 @@ export class ChatView {
   #render(record, live) {
     const data = record.data || {};
     const agent = record.agent || null;
-    if (!TRACE.has(record.type) && record.type !== "tool.called" && record.type !== "tool.result") {
-      this.turn = null;
-    }
+    // A turn card stays open across its agent's tool calls, own speaker re-selection and trace events.
+    const keepsTurn = TRACE.has(record.type) || ["tool.called", "tool.result", "message.agent"].includes(record.type)
+      || (record.type === "speaker.selected" && data.speaker === this.turn?.agent);
+    if (!keepsTurn) this.turn = null;
     switch (record.type) {
       case "chat.created": {
         const node = this.#marker(record, `Chat started${record.workflow ? ` · ${record.workflow}` : ""}`);
@@ -247,12 +271,17 @@ export class ChatView {
       }
       case "message.agent": {
         const name = agent || "Agent";
-        const node = this.#base("li", record, "msg msg--agent");
-        node.append(this.#head(name, { role: data.role, recipient: data.recipient, ts: record.ts }));
         const content = String(data.content ?? "");
-        if (content.trim()) node.append(el("div", { class: "msg__body md" }, renderMarkdown(content)));
-        this.root.append(node);
-        this.turn = { agent, node, tools: null };
+        // The text goes into the agent's open turn when that turn so far only called tools, above
+        // the folded tools: the message reads first, what the agent did to get there sits under it.
+        const turn = this.turn && this.turn.agent === agent && !this.turn.body ? this.turn : this.#openTurn(agent, record, data);
+        const body = this.#base("div", record, "msg__body md");
+        if (content.trim()) body.append(renderMarkdown(content));
+        else body.classList.add("msg__body--empty");
+        turn.node.insertBefore(body, turn.tools);
+        turn.node.classList.remove("msg--tools-only");
+        turn.body = body;
+        this.lastAgent = agent;
         if (live) this.hooks.announce(`${name}: ${content.slice(0, 200)}`);
         break;
       }
@@ -270,9 +299,13 @@ export class ChatView {
         this.root.append(this.#marker(record, `Handoff: ${parts.join(" · ")}`, "marker--handoff"));
         break;
       }
-      case "speaker.selected":
-        this.root.append(this.#marker(record, `Next speaker: ${data.speaker}`, "marker--speaker"));
+      case "speaker.selected": {
+        // Only a change of speaker is worth a marker; the same agent again is trace detail.
+        const change = data.speaker !== this.lastSpeaker;
+        this.lastSpeaker = data.speaker;
+        this.root.append(this.#marker(record, `Next speaker: ${data.speaker}`, change ? "marker--speaker" : "trace"));
         break;
+      }
       case "input.requested":
         this.#inputRequested(record, data, agent, live);
         break;
@@ -330,26 +363,28 @@ export class ChatView {
     this.hooks.onTerminal(record, live);
   }
 
+  /** A new turn card for `agent`: header now, message body and folded tools as they arrive. */
+  #openTurn(agent, record, data = {}) {
+    const node = el("li", { class: "msg msg--agent msg--tools-only", "data-testid": "turn", "data-agent": agent });
+    node.append(this.#head(agent || "Agent", { role: data.role, recipient: data.recipient, ts: record.ts }));
+    const tools = el("div", { class: "tools", hidden: true });
+    node.append(tools);
+    this.root.append(node);
+    this.turn = { agent, node, body: null, tools };
+    return this.turn;
+  }
+
   #toolCalled(record, data, agent) {
-    let turn = this.turn;
-    if (!turn || turn.agent !== agent) {
-      // A tool call with no text before it: a turn of its own, headed by the calling agent.
-      const node = el("li", { class: "msg msg--agent msg--tools-only", "data-testid": "turn", "data-agent": agent });
-      node.append(this.#head(agent || "Agent", { ts: record.ts }));
-      this.root.append(node);
-      turn = this.turn = { agent, node, tools: null };
-    }
-    if (!turn.tools) {
-      turn.tools = el("div", { class: "tools" });
-      turn.node.append(turn.tools);
-    }
+    const turn = this.turn && this.turn.agent === agent ? this.turn : this.#openTurn(agent, record);
+    turn.tools.hidden = false;
     const state = el("span", { class: "tool__state" }, "waiting for result");
     const details = this.#base("details", record, "tool");
     details.setAttribute("data-call-id", data.call_id ?? "");
     details.setAttribute("data-tool", data.tool ?? "");
     details.append(
-      el("summary", {}, el("span", { class: "tool__icon", "aria-hidden": "true" }, "⚙"), "Tool ",
-        el("code", { class: "tool__name" }, data.tool ?? "?"), state),
+      el("summary", {}, el("span", { class: "tool__icon", "aria-hidden": "true" }, "⚙"),
+        el("code", { class: "tool__name" }, data.tool ?? "?"),
+        el("span", { class: "tool__preview" }, argumentsPreview(data.arguments)), state),
       el("div", { class: "tool__label" }, "Arguments"),
       el("pre", { class: "tool__args" }, prettyJson(data.arguments ?? "")),
     );
@@ -373,19 +408,18 @@ export class ChatView {
       return;
     }
     // A result whose call is not shown (hidden caller): show it folded on its own.
-    const node = el("li", { class: "msg msg--agent msg--tools-only", "data-testid": "turn", "data-agent": record.agent });
-    node.append(this.#head(record.agent || "Tool", { ts: record.ts }));
-    const details = el("details", { class: `tool${failed ? " tool--error" : ""}` },
-      el("summary", {}, el("span", { class: "tool__icon", "aria-hidden": "true" }, "⚙"), "Tool ",
+    const turn = this.turn && this.turn.agent === record.agent ? this.turn : this.#openTurn(record.agent, record);
+    turn.tools.hidden = false;
+    turn.tools.append(el("details", { class: `tool${failed ? " tool--error" : ""}` },
+      el("summary", {}, el("span", { class: "tool__icon", "aria-hidden": "true" }, "⚙"),
         el("code", { class: "tool__name" }, data.tool ?? "?"), el("span", { class: "tool__state" }, failed ? "failed" : "done")),
-      result);
-    node.append(el("div", { class: "tools" }, details));
-    this.root.append(node);
+      result));
   }
 
   #inputRequested(record, data, agent, live) {
     const requestId = String(data.request_id ?? "");
-    const name = agent || "Agent";
+    // AG2 asks on behalf of the group; the agent that spoke last is who the user is answering.
+    const name = agent || this.lastAgent || "Workflow";
     const node = this.#base("li", record, "msg msg--input");
     node.setAttribute("data-request-id", requestId);
     node.append(this.#head(name, { ts: record.ts, note: "asks for your input" }));
