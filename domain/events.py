@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Final, Mapping
+from typing import Any, Final
 
 import msgspec
 

@@ -8,9 +8,9 @@ record's `_id` is fixed before the first try.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Final, Mapping, Protocol
+from typing import Any, Final, Protocol
 
 import msgspec
 from pymongo import ASCENDING, DESCENDING, IndexModel, WriteConcern
@@ -192,8 +192,9 @@ class MongoEventStore:
         until: datetime | None = None,
         app_id: str | None = None,
         user_id: str | None = None,
+        newest_first: bool = False,
     ) -> AsyncIterator[Record]:
-        """Audit read: records matching every given filter, by chat and seq.
+        """Audit read: records matching every given filter, by chat and seq (reversed if `newest_first`).
 
         Filter values are matched as plain values (never as query operators).
         """
@@ -217,7 +218,8 @@ class MongoEventStore:
             if until is not None:
                 window["$lt"] = until
             query["ts"] = window
-        cursor = self.events.find(query, sort=[("chat_id", ASCENDING), ("seq", ASCENDING)])
+        order = DESCENDING if newest_first else ASCENDING
+        cursor = self.events.find(query, sort=[("chat_id", order), ("seq", order)])
         if limit is not None:
             cursor = cursor.limit(int(limit))
         async for doc in cursor:
@@ -261,14 +263,19 @@ class MongoEventStore:
             async for record in follow(self.read, chat_id, after, live()):
                 yield record
 
-    async def tail(self, resume_after: Mapping[str, Any] | None = None) -> AsyncIterator[Change]:
+    async def tail(
+        self, resume_after: Mapping[str, Any] | None = None, on_open: Callable[[], None] | None = None
+    ) -> AsyncIterator[Change]:
         """Every record appended from now on (or after `resume_after`), for all chats.
 
+        `on_open` is called once the change stream is listening (before the first record).
         Raises HistoryLost when the token is too old: the caller then catches up from the log.
         """
         pipeline = [{"$match": {"operationType": "insert"}}]
         try:
             async with await self.events.watch(pipeline, resume_after=resume_after) as stream:
+                if on_open is not None:
+                    on_open()
                 async for change in stream:
                     try:
                         record = to_record(change["fullDocument"])
@@ -284,18 +291,32 @@ class MongoEventStore:
 ReadAfter = Callable[[str, int], AsyncIterator[Record]]
 
 
+class ReplayDone(msgspec.Struct, frozen=True):
+    """Marker yielded by `follow(..., mark_replay=True)` between the replay and the live part."""
+
+    last_seq: int
+
+
 async def follow(
-    read: ReadAfter, chat_id: str, after: int, live: AsyncIterator[Record]
-) -> AsyncIterator[Record]:
+    read: ReadAfter,
+    chat_id: str,
+    after: int,
+    live: AsyncIterator[Record],
+    *,
+    mark_replay: bool = False,
+) -> AsyncIterator[Any]:
     """Merge a replay from the log with a live source into one gapless, duplicate-free sequence.
 
     `live` must already be listening before this is called, so nothing falls between the replay
     and the first live record; records it repeats are skipped and gaps are filled from the log.
+    With `mark_replay`, a `ReplayDone` is yielded once the stored records have all been yielded.
     """
     last = after
     async for record in read(chat_id, last):
         yield record
         last = record.seq
+    if mark_replay:
+        yield ReplayDone(last)
     async for record in live:
         if record.chat_id != chat_id or record.seq <= last:
             continue
@@ -308,4 +329,3 @@ async def follow(
         if record.seq == last + 1:
             yield record
             last = record.seq
-

@@ -7,16 +7,12 @@ The lead wires `run_command` and `workflows_group` into the `mozaiks` click grou
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import click
-from pymongo import AsyncMongoClient
 
-from app.embedded import EmbeddedMongo
+from app.database import open_store
 from app.orchestration.orchestrator import Orchestrator
 from app.settings import Settings
 from app.workflows import WorkflowManager
@@ -59,22 +55,6 @@ def run_command(workflow: str, message: str, user_id: str, app_id: str, all_even
     """Run WORKFLOW on MESSAGE in the terminal, printing events as they are recorded."""
     settings = Settings.from_env()
     raise SystemExit(asyncio.run(_run(settings, workflow, message, user_id, app_id, all_events)))
-
-
-@contextlib.asynccontextmanager
-async def open_store(settings: Settings) -> AsyncIterator[MongoEventStore]:
-    """The configured store: DATABASE_URI, else the embedded server under the data folder."""
-    with contextlib.ExitStack() as stack:
-        uri = settings.database_uri
-        if uri is None:
-            uri = stack.enter_context(EmbeddedMongo(settings.data_dir / "data")).uri
-        client: AsyncMongoClient[Any] = AsyncMongoClient(uri, tz_aware=True)
-        try:
-            store = MongoEventStore(client[settings.db_name])
-            await store.ensure_indexes()
-            yield store
-        finally:
-            await client.close()
 
 
 async def _run(settings: Settings, workflow: str, message: str, user_id: str, app_id: str, all_events: bool) -> int:

@@ -1,0 +1,135 @@
+"""Live fan-out: one change stream on `events` per process, delivered to every local subscriber.
+
+Each subscriber gets a bounded queue. A subscriber that falls behind by more than the bound is
+marked overflowed and its queue is closed: the WebSocket layer then closes that client with a
+"resume from seq" hint, and nothing is buffered without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import structlog
+from pymongo.errors import PyMongoError
+
+from domain.errors import HistoryLost
+from domain.events import Record
+from domain.store import MongoEventStore, ReplayDone, follow
+
+log = structlog.get_logger("mozaiks.hub")
+
+
+class Overflowed(Exception):
+    """The subscriber fell more than its queue bound behind the live stream."""
+
+    def __init__(self, last_seq: int) -> None:
+        self.last_seq = last_seq
+        super().__init__(f"client too slow; resume from seq {last_seq}")
+
+
+class _Subscriber:
+    def __init__(self, chat_id: str, bound: int, store: MongoEventStore) -> None:
+        self.chat_id = chat_id
+        self.store = store
+        self.queue: asyncio.Queue[Record | None] = asyncio.Queue(maxsize=bound)
+        self.overflowed = False
+
+    def offer(self, record: Record | None) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(record)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+    async def records(self) -> AsyncIterator[Record]:
+        while True:
+            record = await self.queue.get()
+            if self.overflowed and self.queue.empty():
+                return
+            if record is None:
+                # A poke: hand the log's newest record to `follow`, which fills any gap before it.
+                async for newest in self.store.find(self.chat_id, limit=1, newest_first=True):
+                    yield newest
+            else:
+                yield record
+
+
+class LiveHub:
+    """Tails the log once and fans records out to per-chat subscribers of this process."""
+
+    def __init__(self, store: MongoEventStore, queue_bound: int = 1000) -> None:
+        self.store = store
+        self.queue_bound = queue_bound
+        self._subscribers: dict[str, set[_Subscriber]] = {}
+        self._ready = asyncio.Event()
+        self._token: Mapping[str, Any] | None = None
+        self.delivered = 0
+
+    @property
+    def subscriber_count(self) -> int:
+        """How many live subscriptions this process serves."""
+        return sum(len(subs) for subs in self._subscribers.values())
+
+    async def run(self) -> None:
+        """Tail the change stream forever, reopening it after a break (subscribers then re-check the log)."""
+        while True:
+            try:
+                async for change in self.store.tail(resume_after=self._token, on_open=self._opened):
+                    self._dispatch(change.record)
+                    self._token = change.token
+            except asyncio.CancelledError:
+                raise
+            except HistoryLost:
+                log.warning("hub.history_lost", detail="reopening the change stream from now")
+                self._token = None
+            except PyMongoError as exc:  # keep serving; the stream reopens shortly
+                log.warning("hub.stream_error", error=str(exc))
+                await asyncio.sleep(0.5)
+
+    def _opened(self) -> None:
+        self._ready.set()
+        # After a break in the stream, wake every subscriber so it re-reads the log for a gap.
+        for subscribers in self._subscribers.values():
+            for subscriber in subscribers:
+                subscriber.offer(None)
+
+    async def wait_ready(self) -> None:
+        """Wait until the change stream is open."""
+        await self._ready.wait()
+
+    def _dispatch(self, record: Record) -> None:
+        for subscriber in self._subscribers.get(record.chat_id, ()):
+            subscriber.offer(record)
+            self.delivered += 1
+
+    @contextlib.asynccontextmanager
+    async def _listen(self, chat_id: str) -> AsyncIterator[_Subscriber]:
+        subscriber = _Subscriber(chat_id, self.queue_bound, self.store)
+        self._subscribers.setdefault(chat_id, set()).add(subscriber)
+        try:
+            yield subscriber
+        finally:
+            subs = self._subscribers.get(chat_id)
+            if subs is not None:
+                subs.discard(subscriber)
+                if not subs:
+                    del self._subscribers[chat_id]
+
+    async def subscribe(self, chat_id: str, after: int = 0) -> AsyncIterator[Record | ReplayDone]:
+        """Stored records after `after`, a ReplayDone marker, then live records: no gap, no duplicate.
+
+        Raises Overflowed when this subscriber falls more than `queue_bound` records behind.
+        """
+        await self._ready.wait()
+        async with self._listen(chat_id) as subscriber:
+            last = after
+            async for item in follow(self.store.read, chat_id, after, subscriber.records(), mark_replay=True):
+                if isinstance(item, Record):
+                    last = item.seq
+                yield item
+            if subscriber.overflowed:
+                raise Overflowed(last)
