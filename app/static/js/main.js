@@ -127,6 +127,7 @@ const view = new ChatView(ui.events, {
     ui.chatOffline.hidden = false;
   },
   onTerminal: (record, live) => {
+    // A run that ended while the page was away is caught in the replay: see onReplayDone.
     if (!live) return;
     refreshMetricsAfterRun(state.chatId, record.seq);
     refreshChats();
@@ -155,6 +156,12 @@ function renderStatus() {
   ui.chatStatus.dataset.status = status;
   ui.stopButton.disabled = !RUNNING.has(status) || state.stopping;
   ui.stopButton.textContent = state.stopping ? "Stopping…" : "Stop";
+  const listed = state.chats.find((c) => c.chat_id === state.chatId);
+  if (listed && status !== "unknown" && listed.status !== status) {
+    // Keep the chat list in step with what the stream says, without waiting for a refetch.
+    listed.status = status;
+    renderChatList();
+  }
   const workflow = ui.chatTitle.textContent;
   document.title = `${RUNNING.has(status) ? "● " : ""}${workflow} — Mozaiks`;
   updateComposer();
@@ -417,6 +424,7 @@ function openChat(chatId) {
   renderStatus();
   scheduleScroll(true);
 
+  let replayed = 0;
   const stream = new ChatStream({
     chatId,
     after: () => view.lastSeq,
@@ -425,6 +433,7 @@ function openChat(chatId) {
     onEvent: (record) => {
       const stick = isNearBottom();
       if (!view.apply(record, stream.state === "live")) return;
+      if (stream.state !== "live") replayed++;
       if (record.type === "chat.created" || ui.chatTitle.textContent === "Chat") {
         ui.chatTitle.textContent = record.workflow || ui.chatTitle.textContent;
       }
@@ -436,8 +445,20 @@ function openChat(chatId) {
       const listed = state.chats.find((c) => c.chat_id === chatId);
       if (listed?.status) state.listedStatus = listed.status;
       renderStatus();
+      if (replayed > 0 && !RUNNING.has(view.status) && view.status !== "unknown") {
+        // The run ended while this page was away (or before it opened the chat): fresh numbers.
+        refreshMetricsAfterRun(chatId, view.lastSeq);
+        refreshChats();
+      }
+      replayed = 0;
     },
-    onError: (code, message) => showError(`Server: ${message}`, code),
+    onError: (code, message) => {
+      showError(`Server: ${message}`, code);
+      if (state.stopping) {
+        state.stopping = false;
+        renderStatus();
+      }
+    },
     onState: (name, detail) => {
       setConnection(name, detail);
       if (name === "reconnecting" && detail.retryAt) {

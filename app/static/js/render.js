@@ -149,6 +149,7 @@ export class ChatView {
     this.chatId = chatId;
     this.lastSpeaker = null;
     this.lastAgent = null;
+    this.lastContent = null;
     this.agentInfo = () => ({});
     this.lastSeq = 0;
     this.records = [];
@@ -282,6 +283,7 @@ export class ChatView {
         turn.node.classList.remove("msg--tools-only");
         turn.body = body;
         this.lastAgent = agent;
+        this.lastContent = content;
         if (live) this.hooks.announce(`${name}: ${content.slice(0, 200)}`);
         break;
       }
@@ -303,7 +305,9 @@ export class ChatView {
         // Only a change of speaker is worth a marker; the same agent again is trace detail.
         const change = data.speaker !== this.lastSpeaker;
         this.lastSpeaker = data.speaker;
-        this.root.append(this.#marker(record, `Next speaker: ${data.speaker}`, change ? "marker--speaker" : "trace"));
+        const marker = this.#marker(record, `Next speaker: ${data.speaker}`, change ? "marker--speaker" : "trace");
+        if (change) this.root.append(marker);
+        else this.#trace(marker);
         break;
       }
       case "input.requested":
@@ -322,7 +326,10 @@ export class ChatView {
       }
       case "run.completed": {
         const node = this.#marker(record, "Run completed", "marker--ok");
-        if (data.summary) node.append(el("p", { class: "marker__summary plain" }, data.summary));
+        // The summary is usually the last message again; show it only when it says something new.
+        if (data.summary && data.summary !== this.lastContent) {
+          node.append(el("p", { class: "marker__summary plain" }, data.summary));
+        }
         this.root.append(node);
         this.#terminal("completed", record, live, "Run completed.");
         break;
@@ -342,19 +349,32 @@ export class ChatView {
         const latency = data.latency_ms !== undefined ? `${Math.round(data.latency_ms)} ms` : null;
         const parts = [`LLM call${agent ? ` by ${agent}` : ""}`, data.model, tokens, latency, data.finish_reason,
           data.offline ? "fixture" : null, data.error ? `error: ${data.error}` : null];
-        this.root.append(this.#marker(record, parts.filter(Boolean).join(" · "), "trace"));
+        this.#trace(this.#marker(record, parts.filter(Boolean).join(" · "), "trace"));
         break;
       }
       case "context.updated":
-        this.root.append(this.#marker(record, `Context updated: ${Object.keys(data.variables || {}).join(", ") || "—"}`, "trace"));
+        this.#trace(this.#marker(record, `Context updated: ${Object.keys(data.variables || {}).join(", ") || "—"}`, "trace"));
         break;
       case "ag2.event":
-        this.root.append(this.#marker(record, `AG2 event: ${data.name ?? "?"}`, "trace"));
+        this.#trace(this.#marker(record, `AG2 event: ${data.name ?? "?"}`, "trace"));
         break;
       default:
         // A type this page does not know yet: keep it findable without cluttering the chat.
-        this.root.append(this.#marker(record, `Event ${record.type}`, "trace"));
+        this.#trace(this.#marker(record, `Event ${record.type}`, "trace"));
     }
+  }
+
+  /** Trace detail goes into the open turn card (it happened during that turn), else into the log. */
+  #trace(node) {
+    if (!this.turn) {
+      this.root.append(node);
+      return;
+    }
+    if (!this.turn.trace) {
+      this.turn.trace = el("ol", { class: "turn__trace" });
+      this.turn.node.append(this.turn.trace);
+    }
+    this.turn.trace.append(node);
   }
 
   #terminal(status, record, live, announcement) {
@@ -370,7 +390,7 @@ export class ChatView {
     const tools = el("div", { class: "tools", hidden: true });
     node.append(tools);
     this.root.append(node);
-    this.turn = { agent, node, body: null, tools };
+    this.turn = { agent, node, body: null, tools, trace: null };
     return this.turn;
   }
 
