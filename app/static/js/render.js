@@ -297,7 +297,7 @@ export class ChatView {
         const from = data.source || agent || "?";
         const parts = [`${from} → ${data.target}`];
         if (data.kind && data.kind !== "handoff") parts.push(data.kind);
-        if (data.reason) parts.push(data.reason);
+        if (data.reason && data.reason !== data.target) parts.push(data.reason);
         this.root.append(this.#marker(record, `Handoff: ${parts.join(" · ")}`, "marker--handoff"));
         break;
       }
