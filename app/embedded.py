@@ -25,6 +25,14 @@ from pymongo.errors import PyMongoError
 from domain.errors import MozaiksError
 
 _PR_SET_PDEATHSIG = 1
+# What the server prints for the start-up failures a user can fix, and what to tell them.
+_KNOWN_CAUSES = {
+    "already being managed by another process": "data folder {storage} is in use by another running server "
+    "(stop it, or set MOZAIKS_DATA_DIR to another folder)",
+    "Address already in use": "port {port} is already in use",
+    "No space left on device": "no space left on the disk holding {storage}",
+    "Permission denied": "no permission to write the data folder {storage}",
+}
 
 
 class EmbeddedServerError(MozaiksError):
@@ -78,7 +86,7 @@ class EmbeddedMongo:
         self.test_commands = test_commands
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.TemporaryFile()
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the child process
 
     @property
     def uri(self) -> str:
@@ -141,7 +149,11 @@ class EmbeddedMongo:
 
     def _last_log_line(self) -> str:
         self._log.seek(0)
-        lines = [line.strip() for line in self._log.read().decode(errors="replace").splitlines() if line.strip()]
+        output = self._log.read().decode(errors="replace")
+        for marker, meaning in _KNOWN_CAUSES.items():
+            if marker in output:
+                return meaning.format(storage=self.storage, port=self.port)
+        lines = [line.strip() for line in output.splitlines() if line.strip()]
         errors = [line for line in lines if "error" in line.lower()]
         return (errors or lines or ["no output"])[-1][:300]
 

@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 from pymongo.errors import PyMongoError
 
+from app.observability import EVENTS_SEEN
 from domain.errors import HistoryLost
 from domain.events import Record
 from domain.store import MongoEventStore, ReplayDone, follow
@@ -102,6 +103,7 @@ class LiveHub:
         await self._ready.wait()
 
     def _dispatch(self, record: Record) -> None:
+        EVENTS_SEEN.labels(record.type).inc()
         for subscriber in self._subscribers.get(record.chat_id, ()):
             subscriber.offer(record)
             self.delivered += 1

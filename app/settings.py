@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 from urllib.parse import urlparse
 
 import msgspec
@@ -30,6 +30,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ws_heartbeat_s: float = 15.0
     ws_queue_max: int = 1000
     max_frame_bytes: int = 64 * 1024
+    max_body_bytes: int = 1024 * 1024
     chat_starts_per_minute: int = 30
     lease_ttl_s: float = 30.0
     node_id: str = msgspec.field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")

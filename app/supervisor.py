@@ -18,6 +18,7 @@ import structlog
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
+from app.observability import RUN_OUTCOMES
 from app.orchestration import Orchestrator
 from app.settings import Settings
 from domain.errors import MozaiksError, UnknownChat
@@ -106,7 +107,6 @@ class RunSupervisor:
         self.leases = db[LEASES]
         self.node = settings.node_id
         self.tasks: dict[str, asyncio.Task[str]] = {}
-        self.outcomes: dict[str, int] = {}
 
     def _expiry(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self.settings.lease_ttl_s)
@@ -154,7 +154,7 @@ class RunSupervisor:
         finally:
             renew.cancel()
             self.tasks.pop(stream.chat_id, None)
-            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+            RUN_OUTCOMES.labels(outcome).inc()
             await asyncio.shield(self._release(stream.chat_id, run_id))
         return outcome
 

@@ -6,9 +6,12 @@ set when a Docker engine answers, else the embedded SecantusDB child process.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -87,3 +90,89 @@ async def store(db: AsyncDatabase[Any]) -> MongoEventStore:
     event_store = MongoEventStore(db)
     await event_store.ensure_indexes()
     return event_store
+
+
+class Node:
+    """One runtime process's app served by uvicorn on a real loopback socket, in the test's event loop."""
+
+    def __init__(self, settings: Any) -> None:
+        import uvicorn
+
+        from app.embedded import free_port
+        from app.server import create_app
+
+        self.settings = settings
+        self.port = free_port()
+        self.app = create_app(settings)
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            ws_max_size=settings.max_frame_bytes,
+            ws_ping_interval=None,
+            log_config=None,
+            lifespan="on",
+        )
+        self.server = uvicorn.Server(config)
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def runtime(self) -> Any:
+        return self.app.state.runtime
+
+    async def start(self) -> Node:
+        self.task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()
+            await asyncio.sleep(0.02)
+        return self
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 30)
+
+    async def kill(self) -> None:
+        """Stop abruptly: connections dropped, lifespan shutdown skipped as far as uvicorn allows."""
+        self.server.force_exit = True
+        self.server.should_exit = True
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+
+
+@pytest.fixture
+async def start_node(
+    mongo_uri: str, db: AsyncDatabase[Any], db_name: str
+) -> AsyncIterator[Callable[..., Awaitable[Node]]]:
+    """Start runtime nodes on the test database: `await start_node(ws_heartbeat_s=0.5, ...)`."""
+    from app.settings import Settings
+
+    nodes: list[Node] = []
+
+    async def start(**overrides: Any) -> Node:
+        fields = {
+            "database_uri": mongo_uri,
+            "db_name": db_name,
+            "workflows_path": Path(__file__).parent.parent / "workflows",
+            "node_id": f"test-node-{len(nodes) + 1}",
+            **overrides,
+        }
+        node = await Node(Settings(**fields)).start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in reversed(nodes):
+        with contextlib.suppress(BaseException):
+            await node.stop()

@@ -1,0 +1,106 @@
+"""The `mozaiks` command: serve the runtime, run a workflow in the terminal, validate, rebuild, tokens."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+
+import click
+import msgspec
+
+from app.embedded import EmbeddedMongo, EmbeddedServerError
+from app.logging import configure_logging
+from app.orchestration.cli import run_command, workflows_group
+from app.settings import Settings, SettingsError
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            return False
+
+
+def fail(message: str) -> None:
+    """Print one line a user can act on and exit non-zero."""
+    click.echo(f"mozaiks: error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+@click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR")
+def main(log_level: str) -> None:
+    """Mozaiks AI runtime: event-sourced AG2 workflows with a live ChatUI."""
+    configure_logging(log_level)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind")
+@click.option("--port", default=8000, show_default=True, type=int, help="port to bind")
+def serve(host: str, port: int) -> None:
+    """Run the HTTP/WebSocket service (embedded MongoDB when DATABASE_URI is not set)."""
+    import uvicorn
+
+    from app.server import create_app
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        fail(str(exc))
+    if settings.local_mode and not _is_loopback(host):
+        fail(f"refusing to bind {host} without MOZAIKS_AUTH_SECRET: local mode serves loopback only")
+    embedded = None
+    if settings.database_uri is None:
+        # Started here, not in the app's lifespan, so a start-up failure is one line, not a traceback.
+        embedded = EmbeddedMongo(settings.data_dir / "data")
+        try:
+            settings = msgspec.structs.replace(settings, database_uri=embedded.start())
+        except EmbeddedServerError as exc:
+            fail(str(exc))
+    try:
+        click.echo(f"mozaiks: serving on http://{host}:{port}/ ({'offline fixtures' if settings.offline else 'OpenAI'})")
+        uvicorn.run(
+            create_app(settings),
+            host=host,
+            port=port,
+            ws_max_size=settings.max_frame_bytes,
+            ws_ping_interval=None,  # the runtime's own heartbeat frames keep sockets alive
+            log_config=None,
+            lifespan="on",
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+@main.command()
+@click.option("--user", "user_id", required=True, help="the token's sub (user id)")
+@click.option("--app", "app_id", required=True, help="the token's app_id")
+@click.option("--role", "roles", multiple=True, default=["user"], show_default=True, help="user, auditor or analyst")
+@click.option("--ttl", default=3600, show_default=True, help="seconds until it expires")
+def token(user_id: str, app_id: str, roles: tuple[str, ...], ttl: int) -> None:
+    """Print a bearer token signed with MOZAIKS_AUTH_SECRET."""
+    from app.auth import issue_token
+
+    secret = Settings.from_env().auth_secret
+    if secret is None:
+        fail("MOZAIKS_AUTH_SECRET is not set")
+    assert secret is not None
+    click.echo(issue_token(secret, user_id, app_id, list(roles), ttl))
+
+
+main.add_command(run_command)
+main.add_command(workflows_group)
+
+try:
+    from app.projections_cli import projections_group
+except ImportError:  # the projections command lands with the projections package
+    pass
+else:
+    main.add_command(projections_group)

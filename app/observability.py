@@ -1,0 +1,34 @@
+"""Prometheus metrics of the process (served at `/metrics` by Litestar's Prometheus controller)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from app.server import Runtime
+
+EVENTS_SEEN = Counter("mozaiks_events_appended_total", "Events appended to the log (seen on the change stream)", ["type"])
+WS_CLIENTS = Gauge("mozaiks_ws_clients", "WebSocket clients connected to this process")
+REPLAY_SIZE = Histogram(
+    "mozaiks_ws_replay_events", "Events replayed to a (re)connecting client", buckets=(0, 1, 10, 100, 1000, 10_000, 100_000)
+)
+WS_CLOSED = Counter("mozaiks_ws_closed_total", "WebSocket closes by the server, by reason", ["reason"])
+RUN_OUTCOMES = Counter("mozaiks_run_outcomes_total", "Runs finished on this process, by terminal event", ["outcome"])
+_PROJECTION_LAG_EVENTS = Gauge("mozaiks_projection_lag_events", "Events the projections are behind the log")
+_PROJECTION_LAG_SECONDS = Gauge("mozaiks_projection_lag_seconds", "Seconds the projections are behind the log")
+
+
+class Observability:
+    """Binds the gauges that are read at scrape time to one process's runtime."""
+
+    def bind(self, runtime: Runtime) -> None:
+        """Read projection lag from the runtime's projection runner at every scrape."""
+
+        def lag(key: str) -> float:
+            runner = runtime.projections
+            return float(runner.lag().get(key, 0) or 0) if runner is not None else 0.0
+
+        _PROJECTION_LAG_EVENTS.set_function(lambda: lag("events_behind"))
+        _PROJECTION_LAG_SECONDS.set_function(lambda: lag("seconds_behind"))

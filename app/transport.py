@@ -1,0 +1,271 @@
+"""WebSocket transport: `/ws/chats/{chat_id}?after=SEQ` replays what the client missed, then goes live.
+
+Server frames: `event`, `replay.done`, `heartbeat`, `error`. Client frames: `user.message`,
+`input.response`, `chat.stop`, `pong`. The log is the buffer: a client that reconnects with the
+last seq it rendered gets every visible event after it exactly once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+import structlog
+from litestar import WebSocket, websocket
+from litestar.exceptions import NotAuthorizedException, WebSocketDisconnect
+
+from app.auth import LOCAL_USER, SUBPROTOCOL_PREFIX, Principal, principal_from_token, token_from
+from app.hub import Overflowed
+from app.observability import REPLAY_SIZE, WS_CLIENTS, WS_CLOSED
+from app.supervisor import NoActiveRun, RunActive
+from domain.errors import MozaiksError
+from domain.events import Record, now
+from domain.store import ReplayDone
+
+if TYPE_CHECKING:
+    from app.server import Runtime
+
+log = structlog.get_logger("mozaiks.transport")
+
+PROTOCOL: Final = "mozaiks.v1"
+# Close codes (4000-4999 are the application's own).
+CLOSE_TOO_BIG: Final = 1009
+CLOSE_HEARTBEAT: Final = 4000
+CLOSE_BAD_REQUEST: Final = 4400
+CLOSE_UNAUTHORIZED: Final = 4401
+CLOSE_FORBIDDEN: Final = 4403
+CLOSE_UNKNOWN_CHAT: Final = 4404
+CLOSE_SLOW: Final = 4408
+
+
+# ---- frames -------------------------------------------------------------------------------------
+
+
+class ServerFrame(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of the frames the server sends."""
+
+
+class EventFrame(ServerFrame, tag="event", frozen=True, kw_only=True):
+    seq: int
+    event: dict[str, Any]
+
+
+class ReplayDoneFrame(ServerFrame, tag="replay.done", frozen=True, kw_only=True):
+    last_seq: int
+
+
+class HeartbeatFrame(ServerFrame, tag="heartbeat", frozen=True, kw_only=True):
+    ts: str
+
+
+class ErrorFrame(ServerFrame, tag="error", frozen=True, kw_only=True):
+    code: str
+    message: str
+
+
+class ClientFrame(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", forbid_unknown_fields=True):
+    """Base of the frames a client sends."""
+
+
+class UserMessage(ClientFrame, tag="user.message", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    text: str
+
+
+class InputResponse(ClientFrame, tag="input.response", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    request_id: str | None = None
+    text: str
+
+
+class ChatStop(ClientFrame, tag="chat.stop", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class Pong(ClientFrame, tag="pong", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_client = msgspec.json.Decoder(UserMessage | InputResponse | ChatStop | Pong).decode
+
+
+def event_frame(record: Record) -> bytes:
+    """The `event` frame of a record (the client view: no raw AG2 event, no hash chain)."""
+    return _encode(EventFrame(seq=record.seq, event=record.public()))
+
+
+# ---- the connection ------------------------------------------------------------------------------
+
+
+class _Closed(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+class ChatConnection:
+    """One client's socket on one chat: sender, receiver and heartbeat tasks sharing one send lock."""
+
+    def __init__(self, socket: WebSocket[Any, Any, Any], runtime: Runtime, principal: Principal, chat: Record) -> None:
+        self.socket = socket
+        self.runtime = runtime
+        self.principal = principal
+        self.chat = chat
+        self.send_lock = asyncio.Lock()
+        self.last_sent = 0
+        self.last_heard = time.monotonic()
+        self.overflow = asyncio.Event()
+
+    async def send(self, payload: bytes) -> None:
+        async with self.send_lock:
+            await self.socket.send_data(payload.decode(), mode="text")
+
+    async def serve(self, after: int) -> None:
+        """Run until the client leaves or is closed; a disconnect never touches the chat's run."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.stream(after))
+            group.create_task(self.receive())
+            group.create_task(self.heartbeat())
+
+    async def send_live(self, payload: bytes) -> None:
+        """Send, but treat a client that takes longer than two heartbeats to take a frame as too slow."""
+        try:
+            await asyncio.wait_for(self.send(payload), 2 * self.runtime.settings.ws_heartbeat_s)
+        except TimeoutError:
+            raise Overflowed(self.last_sent) from None
+
+    async def stream(self, after: int) -> None:
+        assert self.runtime.hub is not None
+        replayed = 0
+        self.last_sent = after
+        try:
+            async for item in self.runtime.hub.subscribe(self.chat.chat_id, after):
+                if isinstance(item, ReplayDone):
+                    REPLAY_SIZE.observe(replayed)
+                    await self.send(_encode(ReplayDoneFrame(last_seq=item.last_seq)))
+                    replayed = -1
+                    continue
+                if item.visible:
+                    await self.send_live(event_frame(item))
+                    if replayed >= 0:
+                        replayed += 1
+                self.last_sent = item.seq
+        except Overflowed:
+            hint = f"too slow; resume from seq {self.last_sent}"
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.send(_encode(ErrorFrame(code="slow_consumer", message=hint))), 1)
+            raise _Closed(CLOSE_SLOW, hint) from None
+
+    async def receive(self) -> None:
+        limit = self.runtime.settings.max_frame_bytes
+        while True:
+            raw = await self.socket.receive_data(mode="text")
+            self.last_heard = time.monotonic()
+            if len(raw) > limit:
+                raise _Closed(CLOSE_TOO_BIG, f"frame over {limit} bytes")
+            try:
+                frame = _decode_client(raw)
+            except msgspec.DecodeError as exc:
+                await self.send(_encode(ErrorFrame(code="bad_frame", message=f"{exc}")))
+                continue
+            await self.handle(frame)
+
+    async def handle(self, frame: ClientFrame) -> None:
+        supervisor = self.runtime.supervisor
+        assert supervisor is not None
+        chat_id = self.chat.chat_id
+        if isinstance(frame, Pong):
+            return
+        if not self.principal.can_control_chat(self.chat.user_id, self.chat.app_id):
+            await self.send(_encode(ErrorFrame(code="forbidden", message="only the chat's own user may do that")))
+            return
+        try:
+            match frame:
+                case UserMessage(text=text):
+                    await supervisor.send_message(chat_id, text)
+                case InputResponse(request_id=request_id, text=text):
+                    await supervisor.send_message(chat_id, text, request_id=request_id)
+                case ChatStop():
+                    await supervisor.stop(chat_id, by=self.principal.user_id)
+        except (RunActive, NoActiveRun) as exc:
+            await self.send(_encode(ErrorFrame(code=type(exc).__name__, message=str(exc))))
+        except MozaiksError as exc:
+            await self.send(_encode(ErrorFrame(code="error", message=str(exc))))
+
+    async def heartbeat(self) -> None:
+        interval = self.runtime.settings.ws_heartbeat_s
+        while True:
+            await asyncio.sleep(interval)
+            if time.monotonic() - self.last_heard > 2 * interval:
+                raise _Closed(CLOSE_HEARTBEAT, f"no answer to heartbeats for {2 * interval:g} s")
+            await self.send(_encode(HeartbeatFrame(ts=now().isoformat().replace("+00:00", "Z"))))
+
+
+def _principal(socket: WebSocket[Any, Any, Any], runtime: Runtime) -> Principal:
+    secret = runtime.settings.auth_secret
+    if secret is None:
+        return LOCAL_USER
+    token = token_from(socket)
+    if token is None:
+        raise NotAuthorizedException("missing bearer token (bearer.<token> subprotocol or Authorization header)")
+    return principal_from_token(token, secret)
+
+
+def _chosen_subprotocol(socket: WebSocket[Any, Any, Any]) -> str | None:
+    offered = list(socket.scope.get("subprotocols") or ())
+    if PROTOCOL in offered:
+        return PROTOCOL
+    # A browser that offered only its token must get one of its offers back, or it drops the socket.
+    return next((p for p in offered if p.startswith(SUBPROTOCOL_PREFIX)), None)
+
+
+async def _refuse(socket: WebSocket[Any, Any, Any], code: int, error: str, message: str) -> None:
+    with contextlib.suppress(Exception):
+        await socket.send_data(_encode(ErrorFrame(code=error, message=message)).decode(), mode="text")
+        await socket.close(code=code, reason=message[:120])
+    WS_CLOSED.labels(error).inc()
+
+
+@websocket("/ws/chats/{chat_id:str}")
+async def chat_socket(socket: WebSocket[Any, Any, Any], chat_id: str, runtime: Runtime) -> None:
+    """Stream a chat: replay after `after`, `replay.done`, then live events; accept client frames."""
+    await socket.accept(subprotocols=_chosen_subprotocol(socket))
+    raw_after = socket.query_params.get("after", "0")
+    try:
+        after = int(raw_after)
+        if after < 0:
+            raise ValueError
+    except ValueError:
+        await _refuse(socket, CLOSE_BAD_REQUEST, "bad_request", f"after={raw_after!r} must be a whole number >= 0")
+        return
+    try:
+        principal = _principal(socket, runtime)
+    except NotAuthorizedException as exc:
+        await _refuse(socket, CLOSE_UNAUTHORIZED, "unauthorized", str(exc.detail))
+        return
+    assert runtime.store is not None
+    first = None
+    async for record in runtime.store.read(chat_id, limit=1):
+        first = record
+    if first is None:
+        await _refuse(socket, CLOSE_UNKNOWN_CHAT, "unknown_chat", f"chat {chat_id} does not exist")
+        return
+    if not principal.can_read_chat(first.user_id, first.app_id):
+        await _refuse(socket, CLOSE_FORBIDDEN, "forbidden", f"you may not read chat {chat_id}")
+        return
+    connection = ChatConnection(socket, runtime, principal, first)
+    WS_CLIENTS.inc()
+    try:
+        await connection.serve(after)
+    except* WebSocketDisconnect:
+        pass
+    except* _Closed as group:
+        closed = group.exceptions[0]
+        assert isinstance(closed, _Closed)
+        WS_CLOSED.labels(str(closed.code)).inc()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(socket.close(code=closed.code, reason=closed.reason[:120]), 2)
+    finally:
+        WS_CLIENTS.dec()

@@ -1,0 +1,293 @@
+"""WebSocket transport over real sockets: replay + live with no gap or duplicate, fan-out, multi-node,
+heartbeats, slow clients and bad frames."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from domain.events import MessageAgent, Pending, StreamRef
+from domain.store import MongoEventStore
+
+LOCAL = StreamRef(chat_id="", app_id="local", user_id="local", workflow="Analyzer")
+
+
+def stream_of(chat_id: str) -> StreamRef:
+    return StreamRef(chat_id=chat_id, app_id="local", user_id="local", workflow="Analyzer")
+
+
+async def seed_chat(store: MongoEventStore, chat_id: str, count: int, hidden_every: int = 0) -> None:
+    """A chat whose log holds `count` agent messages (every `hidden_every`-th one hidden)."""
+    pendings = [
+        Pending(event=MessageAgent(content=f"m{i}"), agent="Analyst", visible=not (hidden_every and i % hidden_every == 0))
+        for i in range(1, count + 1)
+    ]
+    await store.append(stream_of(chat_id), pendings, None)
+
+
+async def frames_until(ws: ClientConnection, last_seq: int, timeout: float = 30) -> list[dict[str, Any]]:
+    """Frames received (heartbeats answered and dropped) until the event with `last_seq`."""
+    got: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            frame = json.loads(await ws.recv())
+            if frame["type"] == "heartbeat":
+                await ws.send(json.dumps({"type": "pong"}))
+                continue
+            got.append(frame)
+            if frame["type"] == "event" and frame["seq"] >= last_seq:
+                return got
+
+
+def seqs(frames: list[dict[str, Any]]) -> list[int]:
+    return [f["seq"] for f in frames if f["type"] == "event"]
+
+
+async def test_replay_then_replay_done_then_live_without_gap_or_duplicate(store, start_node) -> None:
+    node = await start_node()
+    await seed_chat(store, "c1", 30, hidden_every=5)
+    async with connect(f"{node.ws_url}/ws/chats/c1?after=10") as ws:
+        replay = await frames_until(ws, 29)
+        assert replay[-1]["seq"] == 29
+        done = json.loads(await ws.recv())
+        assert done == {"type": "replay.done", "last_seq": 30}
+        await seed_chat(store, "c1", 5)
+        live = await frames_until(ws, 35)
+    visible_after_10 = [s for s in range(11, 31) if s % 5 != 0]
+    assert seqs(replay) == visible_after_10
+    assert seqs(live) == [31, 32, 33, 34, 35]
+    event = live[0]["event"]
+    assert event["type"] == "message.agent" and event["data"]["content"] == "m1" and event["agent"] == "Analyst"
+    assert "hash" not in event and "ag2" not in event
+
+
+async def test_reconnecting_at_twenty_random_points_of_a_running_chat_sees_every_event_once(store, start_node) -> None:
+    node = await start_node()
+    total = 400
+    await seed_chat(store, "run", 1)
+
+    async def producer() -> None:
+        for _ in range(total - 1):
+            await store.append(stream_of("run"), [Pending(event=MessageAgent(content="x"), agent="Analyst")], None)
+            await asyncio.sleep(0.002)
+
+    producing = asyncio.create_task(producer())
+    rng = random.Random(3)
+    seen: list[int] = []
+    last = 0
+    for _ in range(20):
+        async with connect(f"{node.ws_url}/ws/chats/run?after={last}") as ws:
+            for _ in range(rng.randint(1, 25)):
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                if frame["type"] == "event":
+                    seen.append(frame["seq"])
+                    last = frame["seq"]
+        # The socket is closed mid-stream here; the producer (the "run") goes on meanwhile.
+    async with connect(f"{node.ws_url}/ws/chats/run?after={last}") as ws:
+        await producing
+        seen += seqs(await frames_until(ws, total))
+    assert seen == list(range(1, total + 1))
+
+
+async def test_a_real_run_streams_to_a_client_that_connects_before_it_starts(start_node) -> None:
+    node = await start_node()
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        started = (await http.post("/api/chats", json={"workflow": "Analyzer", "message": "Count words"})).json()
+        chat_id = started["chat_id"]
+        async with connect(f"{node.ws_url}/ws/chats/{chat_id}?after=0") as ws:
+            got: list[dict[str, Any]] = []
+            async with asyncio.timeout(60):
+                while not got or got[-1].get("event", {}).get("type") not in ("run.completed", "run.failed"):
+                    frame = json.loads(await ws.recv())
+                    if frame["type"] == "event":
+                        got.append(frame)
+        log = (await http.get(f"/api/chats/{chat_id}/events")).json()["events"]
+    assert got[-1]["event"]["type"] == "run.completed"
+    assert seqs(got) == [e["seq"] for e in log if e["visible"]]
+    assert all(f["event"]["visible"] for f in got)
+    assert {f["event"]["agent"] for f in got} - {None} <= {"Analyst", "Summarizer"}  # Collector is hidden
+
+
+async def test_two_hundred_clients_on_one_chat_receive_the_identical_sequence(store, start_node) -> None:
+    node = await start_node()
+    await seed_chat(store, "fan", 5)
+    sockets = [await connect(f"{node.ws_url}/ws/chats/fan?after=0") for _ in range(200)]
+    try:
+        await seed_chat(store, "fan", 45, hidden_every=7)
+        results = await asyncio.gather(*(frames_until(ws, 50, timeout=120) for ws in sockets))
+    finally:
+        await asyncio.gather(*(ws.close() for ws in sockets))
+    expected = [s for s in range(1, 51) if s <= 5 or (s - 5) % 7 != 0]
+    for frames in results:
+        assert seqs(frames) == expected
+    assert len({json.dumps(f, sort_keys=True) for frames in results for f in frames if f["type"] == "event"}) == len(
+        expected
+    )
+
+
+async def test_a_client_on_node_b_sees_node_a_live_and_a_reconnect_to_a_misses_nothing(store, start_node) -> None:
+    node_a = await start_node()
+    node_b = await start_node()
+    async with httpx.AsyncClient(base_url=node_a.url) as http:
+        chat_id = (await http.post("/api/chats", json={"workflow": "Assistant", "message": "Find bees"})).json()["chat_id"]
+    ws_b = await connect(f"{node_b.ws_url}/ws/chats/{chat_id}?after=0")
+    seen: list[dict[str, Any]] = []
+    async with asyncio.timeout(60):
+        while True:  # the run on A asks for input; B streams everything up to that point live
+            frame = json.loads(await ws_b.recv())
+            if frame["type"] == "event":
+                seen.append(frame)
+                if frame["event"]["type"] == "input.requested":
+                    break
+    await node_b.kill()
+    with pytest.raises(ConnectionClosed):
+        async with asyncio.timeout(10):
+            while True:
+                await ws_b.recv()
+    # Answer on node A; the run there goes on to completion; reconnect to A from the last seq seen on B.
+    request_id = seen[-1]["event"]["data"]["request_id"]
+    async with connect(f"{node_a.ws_url}/ws/chats/{chat_id}?after={seen[-1]['seq']}") as ws_a:
+        await ws_a.send(json.dumps({"type": "input.response", "request_id": request_id, "text": "yes, go on"}))
+        async with asyncio.timeout(60):
+            while seen[-1]["event"]["type"] not in ("run.completed", "run.failed"):
+                frame = json.loads(await ws_a.recv())
+                if frame["type"] == "event":
+                    seen.append(frame)
+    visible = [r.seq async for r in store.read(chat_id) if r.visible]
+    assert seqs(seen) == visible
+    assert seen[-1]["event"]["type"] == "run.completed"
+    assert seen[-1]["event"]["data"] is not None
+
+
+async def test_silent_client_is_closed_after_two_heartbeats(store, start_node) -> None:
+    node = await start_node(ws_heartbeat_s=0.3)
+    await seed_chat(store, "hb", 1)
+    async with connect(f"{node.ws_url}/ws/chats/hb?after=0") as ws:
+        types = []
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(10):
+                while True:
+                    types.append(json.loads(await ws.recv())["type"])  # never answers heartbeats
+    assert "heartbeat" in types
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4000
+
+
+async def test_answering_heartbeats_keeps_the_socket_open(store, start_node) -> None:
+    node = await start_node(ws_heartbeat_s=0.2)
+    await seed_chat(store, "hb2", 1)
+    async with connect(f"{node.ws_url}/ws/chats/hb2?after=0") as ws:
+        beats = 0
+        async with asyncio.timeout(10):
+            while beats < 8:  # 8 beats = 1.6 s, well past the 0.4 s silence limit
+                frame = json.loads(await ws.recv())
+                if frame["type"] == "heartbeat":
+                    beats += 1
+                    await ws.send(json.dumps({"type": "pong"}))
+        await seed_chat(store, "hb2", 1)
+        assert seqs(await frames_until(ws, 2)) == [2]
+
+
+async def test_slow_client_is_closed_with_a_resume_hint_and_others_are_unaffected(store, start_node) -> None:
+    node = await start_node(ws_queue_max=20, ws_heartbeat_s=2.0)
+    await seed_chat(store, "slow", 1)
+    slow = await connect(f"{node.ws_url}/ws/chats/slow?after=0", max_queue=1)
+    fast = await connect(f"{node.ws_url}/ws/chats/slow?after=0")
+    try:
+        await frames_until(slow, 1)
+        # The slow client stops reading; bulky events pile up behind it.
+        big = "x" * 20_000
+        for _ in range(20):
+            await store.append(
+                stream_of("slow"), [Pending(event=MessageAgent(content=big), agent="Analyst") for _ in range(20)], None
+            )
+        fast_frames = await frames_until(fast, 401, timeout=60)
+        assert seqs(fast_frames) == list(range(1, 402))
+        codes = []
+        async with asyncio.timeout(30):
+            try:
+                while True:
+                    frame = json.loads(await slow.recv())
+                    if frame["type"] == "error":
+                        codes.append(frame)
+            except ConnectionClosed as exc:
+                closed = exc
+        assert closed.rcvd is not None and closed.rcvd.code == 4408
+        assert "resume from seq" in closed.rcvd.reason
+    finally:
+        await slow.close()
+        await fast.close()
+
+
+async def test_bad_frames_get_error_frames_and_the_socket_stays_open(store, start_node) -> None:
+    node = await start_node()
+    await seed_chat(store, "bad", 1)
+    async with connect(f"{node.ws_url}/ws/chats/bad?after=0") as ws:
+        await frames_until(ws, 1)
+        assert json.loads(await ws.recv())["type"] == "replay.done"
+        for bad in ["not json", '{"type": "no.such"}', '{"type": "user.message"}', '{"type":"pong","x":1}', "[]"]:
+            await ws.send(bad)
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert frame["type"] == "error" and frame["code"] == "bad_frame", bad
+        await seed_chat(store, "bad", 1)
+        assert seqs(await frames_until(ws, 2)) == [2]
+
+
+async def test_oversized_frame_closes_with_1009(store, start_node) -> None:
+    node = await start_node(max_frame_bytes=4096)
+    await seed_chat(store, "big", 1)
+    async with connect(f"{node.ws_url}/ws/chats/big?after=0") as ws:
+        await frames_until(ws, 1)
+        await ws.send(json.dumps({"type": "user.message", "text": "y" * 10_000}))
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(10):
+                while True:
+                    await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [("/ws/chats/nope?after=0", 4404), ("/ws/chats/c?after=-1", 4400), ("/ws/chats/c?after=abc", 4400)],
+)
+async def test_unknown_chat_and_bad_after_close_with_their_codes(store, start_node, path: str, code: int) -> None:
+    node = await start_node()
+    await seed_chat(store, "c", 1)
+    async with connect(f"{node.ws_url}{path}") as ws:
+        error = json.loads(await ws.recv())
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+    assert error["type"] == "error"
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == code
+
+
+async def test_disconnect_never_stops_a_run_and_chat_stop_does(start_node) -> None:
+    node = await start_node()
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        chat_id = (await http.post("/api/chats", json={"workflow": "Assistant", "message": "Find bees"})).json()["chat_id"]
+        async with connect(f"{node.ws_url}/ws/chats/{chat_id}?after=0") as ws:
+            async with asyncio.timeout(60):
+                while json.loads(await ws.recv()).get("event", {}).get("type") != "input.requested":
+                    pass
+        # Gone: the run still waits for its input, alive.
+        await asyncio.sleep(0.2)
+        assert chat_id in node.runtime.supervisor.tasks
+        async with connect(f"{node.ws_url}/ws/chats/{chat_id}?after=0") as ws:
+            await ws.send(json.dumps({"type": "chat.stop"}))
+            async with asyncio.timeout(60):
+                while True:
+                    frame = json.loads(await ws.recv())
+                    if frame.get("event", {}).get("type") == "run.stopped":
+                        break
+        async with asyncio.timeout(30):
+            while chat_id in node.runtime.supervisor.tasks:
+                await asyncio.sleep(0.05)
+        types = [e["type"] for e in (await http.get(f"/api/chats/{chat_id}/events")).json()["events"]]
+    assert types.count("run.stopped") == 1
+    assert "run.completed" not in types and "run.failed" not in types
