@@ -244,6 +244,7 @@ function renderChatList() {
       },
       el("span", { class: "chat-item__title" }, chat.workflow || "Chat"),
       el("span", { class: "status-pill", "data-status": status }, STATUS_LABELS[status] || status),
+      chat.title ? el("span", { class: "chat-item__text" }, chat.title) : null,
       el("span", { class: "chat-item__meta" }, time, count ? ` · ${count}` : ""));
       return el("li", {}, link);
     }),

@@ -73,7 +73,11 @@ function agentRows(agents) {
 
 /** Fill `container` with the run summary; `metrics` null means the runtime has none yet. */
 export function renderMetrics(container, metrics) {
-  const m = metrics && typeof metrics === "object" ? metrics.metrics ?? metrics : null;
+  // The numbers may sit at the top level or under one of these keys, depending on the projection.
+  const nested = metrics && typeof metrics === "object"
+    ? ["metrics", "totals", "chat"].map((key) => metrics[key]).find((v) => v && typeof v === "object")
+    : null;
+  const m = metrics && typeof metrics === "object" ? { ...metrics, ...(nested || {}) } : null;
   const failures = m && isNumber(m.tool_failures) && m.tool_failures > 0 ? ` (${count(m.tool_failures)} failed)` : "";
   const rows = m
     ? [
@@ -81,8 +85,8 @@ export function renderMetrics(container, metrics) {
         ["Tool calls", count(m.tool_calls) !== null ? `${count(m.tool_calls)}${failures}` : null, "tool-calls"],
         ["Tokens", tokens(m), "tokens"],
         ["Cost", money(m.cost), "cost"],
-        ["LLM calls", count(m.llm?.count), "llm-calls"],
-        ["LLM latency", latency(m.llm), "llm-latency"],
+        ["LLM calls", count(m.llm?.count ?? m.llm_calls), "llm-calls"],
+        ["LLM latency", latency(m.llm?.latency_ms ? m.llm : m), "llm-latency"],
         ["Duration", seconds(m.duration_s), "duration"],
         ["Errors", isNumber(m.errors) && m.errors > 0 ? count(m.errors) : null, "errors"],
       ].filter(([, value]) => value !== null)
@@ -96,7 +100,7 @@ export function renderMetrics(container, metrics) {
     list.append(el("div", { class: "metrics__row", "data-metric": key }, el("dt", {}, label), el("dd", {}, value)));
   }
   const children = [list];
-  const agents = agentRows(m.agents);
+  const agents = agentRows(m.agents ?? m.per_agent);
   if (agents.length) {
     const table = el("table", { class: "agent-metrics" },
       el("caption", {}, "By agent"),

@@ -4,11 +4,20 @@ const MAX_BACKOFF_MS = 10_000;
 // Close codes after which retrying cannot help (the page asks the user instead).
 const FATAL_CLOSE = new Map([
   [1008, "unauthorized"],
+  [4400, "bad_request"],
   [4401, "unauthorized"],
   [4403, "forbidden"],
   [4404, "not_found"],
 ]);
-const FATAL_ERROR_CODES = new Set(["unauthorized", "forbidden", "not_found", "401", "403", "404"]);
+const FATAL_ERROR_CODES = new Map([
+  ["unauthorized", "unauthorized"],
+  ["forbidden", "forbidden"],
+  ["not_found", "not_found"],
+  ["unknown_chat", "not_found"],
+  ["bad_request", "bad_request"],
+]);
+// Offered first so the server can answer with it instead of echoing the token back.
+const PROTOCOL = "mozaiks.v1";
 
 /** The ws(s):// URL of a chat's stream, resuming after `after`. */
 export function streamUrl(chatId, after) {
@@ -99,7 +108,8 @@ export class ChatStream {
     const token = this.opts.token();
     let ws;
     try {
-      ws = new WebSocket(streamUrl(this.opts.chatId, this.opts.after()), token ? [`bearer.${token}`] : []);
+      const protocols = token ? [PROTOCOL, `bearer.${token}`] : [PROTOCOL];
+      ws = new WebSocket(streamUrl(this.opts.chatId, this.opts.after()), protocols);
     } catch (err) {
       this.#lost(1006, String(err));
       return;
@@ -189,7 +199,7 @@ export class ChatStream {
     const errorCode = this.#lastErrorCode;
     this.#drop(reason || `closed (${code})`);
     if (this.#closed) return;
-    let fatal = FATAL_CLOSE.get(code) || (errorCode && FATAL_ERROR_CODES.has(errorCode) ? errorCode : null);
+    let fatal = FATAL_CLOSE.get(code) || FATAL_ERROR_CODES.get(errorCode) || null;
     if (!fatal && !opened && this.opts.probe) {
       // A refused handshake looks like a network error (1006); REST tells auth and not-found apart.
       const generation = this.#generation;
