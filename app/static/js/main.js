@@ -8,11 +8,13 @@ import { ChatStream } from "./stream.js";
 
 const $ = (id) => document.getElementById(id);
 const DEFAULT_HEARTBEAT_S = 15;
-const RUNNING = new Set(["running", "awaiting-input"]);
+// Statuses from the stream ("awaiting-input") and from the chat_sessions projection ("waiting_input").
+const RUNNING = new Set(["running", "awaiting-input", "waiting_input", "created"]);
 const STATUS_LABELS = {
   unknown: "—",
   running: "Running",
   "awaiting-input": "Waiting for you",
+  waiting_input: "Waiting for you",
   completed: "Completed",
   failed: "Failed",
   stopped: "Stopped",

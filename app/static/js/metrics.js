@@ -54,7 +54,8 @@ function tokens(m) {
 }
 
 function latency(llm) {
-  const l = llm && typeof llm === "object" ? llm.latency_ms : null;
+  let l = llm && typeof llm === "object" ? llm.latency_ms : null;
+  if (!l && llm && isNumber(llm.latency_us_max)) l = { max: llm.latency_us_max / 1000 };
   if (!l || typeof l !== "object") return null;
   const parts = [
     ["p50", l.p50],
@@ -84,7 +85,7 @@ export function renderMetrics(container, metrics) {
         ["Turns", count(m.turns), "turns"],
         ["Tool calls", count(m.tool_calls) !== null ? `${count(m.tool_calls)}${failures}` : null, "tool-calls"],
         ["Tokens", tokens(m), "tokens"],
-        ["Cost", money(m.cost), "cost"],
+        ["Cost", money(m.cost ?? (isNumber(m.cost_nanousd) ? m.cost_nanousd / 1e9 : null)), "cost"],
         ["LLM calls", count(m.llm?.count ?? m.llm_calls), "llm-calls"],
         ["LLM latency", latency(m.llm?.latency_ms ? m.llm : m), "llm-latency"],
         ["Duration", seconds(m.duration_s), "duration"],
