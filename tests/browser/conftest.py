@@ -235,6 +235,14 @@ class ChatUI:
         assert node is not None
         return str(await node.get_attribute("data-type"))
 
+    async def wait_until(self, expression: str, timeout: float = 10) -> None:
+        """Poll a JavaScript expression until truthy (page.wait_for_function needs eval, which CSP forbids)."""
+        deadline = time.monotonic() + timeout
+        while not await self.page.evaluate(expression):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still false after {timeout} s: {expression}")
+            await asyncio.sleep(0.05)
+
     async def wait_for_connection(self, state: str, timeout: float = 15) -> None:
         await self.page.wait_for_selector(
             f"[data-testid=connection-status][data-state='{state}']", state="attached", timeout=timeout * 1000

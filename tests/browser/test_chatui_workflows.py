@@ -119,3 +119,29 @@ async def test_screenshots_of_the_chat_view(browser: Browser, runtime: Runtime) 
     finally:
         await ui.context.close()
     assert not ui.problems, ui.problems
+
+
+async def test_keyboard_only_chat_with_human_input(chatui: ChatUI) -> None:
+    """Landmarks are named, and a chat can be started and answered without a mouse."""
+    page = chatui.page
+    await chatui.open("#new")
+    await page.wait_for_selector("#workflow option[value='Assistant']", state="attached")
+    assert await page.get_by_role("banner").count() == 1
+    assert await page.get_by_role("navigation", name="Chats").count() == 1
+    assert await page.get_by_role("main").count() == 1
+    assert await page.get_by_role("combobox", name="Workflow").count() == 1
+    await page.focus("[data-testid=workflow-select]")
+    await page.select_option("[data-testid=workflow-select]", "Assistant")  # what arrow keys do in a select
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.id") == "start-message"
+    await page.keyboard.type("Research bees and keep notes")
+    await page.keyboard.press("Enter")
+    chat_id = await chatui.current_chat()
+    await chatui.pending_request()
+    # The question takes the focus, so the answer can be typed right away.
+    await chatui.wait_until("document.activeElement?.closest('[data-testid=input-form]') != null")
+    await page.keyboard.type("exit")
+    await page.keyboard.press("Enter")
+    assert await chatui.wait_for_end() == "run.completed"
+    assert await page.get_by_role("complementary", name="Run summary").count() == 1
+    await chatui.assert_matches_log(chat_id)
