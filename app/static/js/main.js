@@ -82,6 +82,17 @@ const ui = {
   tokenForget: $("token-forget"),
 };
 
+/** Read (or with `value`, write) a small UI preference; storage may be disabled, which is fine. */
+function preference(key, value) {
+  try {
+    if (value === undefined) return localStorage.getItem(key);
+    localStorage.setItem(key, value);
+  } catch {
+    // Without storage the page still works; it just does not remember the choice.
+  }
+  return value ?? null;
+}
+
 // ---------------------------------------------------------------- errors and announcements
 
 /** Show an error the user can read and dismiss; the newest stays on top, at most four kept. */
@@ -287,7 +298,7 @@ async function loadWorkflows() {
     reportFailure(err);
     return;
   }
-  const remembered = localStorage.getItem("mozaiks.workflow");
+  const remembered = preference("mozaiks.workflow");
   ui.workflowSelect.replaceChildren(
     ...state.workflows.map((w) => el("option", { value: w.name, selected: w.name === remembered }, w.name)),
   );
@@ -328,7 +339,7 @@ async function startChat(event) {
   try {
     const created = await api.startChat(workflow, message, context);
     if (!created || !created.chat_id) throw new Error("The runtime did not return a chat_id.");
-    localStorage.setItem("mozaiks.workflow", workflow);
+    preference("mozaiks.workflow", workflow);
     ui.startMessage.value = "";
     location.hash = `chat=${encodeURIComponent(created.chat_id)}`;
     refreshChats();
@@ -401,7 +412,8 @@ function showStart() {
 }
 
 function openChat(chatId) {
-  if (chatId === state.chatId && state.stream) return;
+  // Re-opening the chat on screen only reconnects a stream that was closed for good.
+  if (chatId === state.chatId && state.stream && state.stream.state !== "closed") return;
   const listed = state.chats.find((c) => c.chat_id === chatId);
   flushHistory();
   closeStream();
@@ -522,18 +534,20 @@ async function sendFromComposer(event) {
   }
   const chatId = state.chatId;
   ui.composerButton.disabled = true;
+  let sent = false;
   try {
     if (!(state.stream && state.stream.send({ type: "user.message", text }))) {
       // Not connected right now: REST appends the message; the stream shows it once back.
       await api.sendMessage(chatId, text);
     }
     ui.composerText.value = "";
-    ui.composerHint.textContent = "Sent. Waiting for the agents…";
+    sent = true;
   } catch (err) {
     reportFailure(err);
   } finally {
     updateComposer();
   }
+  if (sent && !RUNNING.has(currentStatus())) ui.composerHint.textContent = "Sent. Waiting for the agents…";
 }
 
 async function stopRun() {
@@ -628,11 +642,11 @@ function bindEvents() {
       ui.navToggle.focus();
     }
   });
-  ui.traceToggle.checked = localStorage.getItem("mozaiks.trace") === "1";
+  ui.traceToggle.checked = preference("mozaiks.trace") === "1";
   ui.events.classList.toggle("show-trace", ui.traceToggle.checked);
   ui.traceToggle.addEventListener("change", () => {
     ui.events.classList.toggle("show-trace", ui.traceToggle.checked);
-    localStorage.setItem("mozaiks.trace", ui.traceToggle.checked ? "1" : "0");
+    preference("mozaiks.trace", ui.traceToggle.checked ? "1" : "0");
   });
   ui.tokenButton.addEventListener("click", () => askForToken("Paste a bearer token (JWT) for this runtime."));
   ui.tokenForm.addEventListener("submit", (event) => {
