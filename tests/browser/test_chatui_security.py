@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
-import jwt
 import pytest
 from playwright.async_api import Browser
 
+from app.auth import issue_token
 from tests.browser.conftest import ChatUI, Runtime, new_chatui, records_of, start_runtime, stop_runtime
 
 SECRET = "browser-test-secret-with-enough-length-for-hs256"
@@ -58,11 +57,8 @@ async def test_script_payloads_in_agent_output_stay_inert(chatui: ChatUI) -> Non
 def auth_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
     """A second `mozaiks serve` with MOZAIKS_AUTH_SECRET set."""
     server = start_runtime(tmp_path_factory.mktemp("auth-runtime"), {"MOZAIKS_AUTH_SECRET": SECRET})
-    server.token = jwt.encode(
-        {"sub": "ada", "app_id": "browser-tests", "roles": ["user"], "exp": int(time.time()) + 3600},
-        SECRET,
-        algorithm="HS256",
-    )
+    # The same token `mozaiks token --user ada --app browser-tests` prints.
+    server.token = issue_token(SECRET, "ada", "browser-tests", ["user"])
     try:
         yield server
     finally:

@@ -44,6 +44,13 @@ async def check_rendering(ui: ChatUI, chat_id: str) -> None:
         assert await call.locator(f"[data-type='tool.result'][data-seq='{record['seq']}']").count() == 1
     summary = page.locator("[data-testid=run-summary-body] [data-metric=turns]")
     await summary.wait_for(state="attached", timeout=15_000)
+    # Agents that only ever spoke hidden are not named anywhere on the page, summary included.
+    everything = await ui.runtime.events(chat_id)
+    shown_agents = {r.get("agent") for r in logged}
+    hidden_agents = {r.get("agent") for r in everything if not r.get("visible", True)} - shown_agents - {None}
+    page_text = await page.locator("#chat-view").inner_text()
+    for agent in hidden_agents:
+        assert agent not in page_text, f"hidden agent {agent} is named on the page"
 
 
 @pytest.mark.parametrize(("workflow", "message", "answers"), EXAMPLES, ids=[e[0] for e in EXAMPLES])

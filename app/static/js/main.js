@@ -351,6 +351,12 @@ async function startChat(event) {
   }
 }
 
+/** The agents a workflow shows (null when the workflow list does not say). */
+function visibleAgents(workflowName) {
+  const workflow = state.workflows.find((w) => w.name === workflowName);
+  return Array.isArray(workflow?.visual_agents) ? new Set(workflow.visual_agents) : null;
+}
+
 /** What the workflow says about an agent, when /api/workflows lists its agents. */
 function agentInfo(workflowName, agentName) {
   const workflow = state.workflows.find((w) => w.name === workflowName);
@@ -366,7 +372,7 @@ function agentInfo(workflowName, agentName) {
 async function loadMetrics(chatId) {
   try {
     const metrics = await api.metrics(chatId);
-    if (chatId === state.chatId) renderMetrics(ui.summaryBody, metrics);
+    if (chatId === state.chatId) renderMetrics(ui.summaryBody, metrics, visibleAgents(ui.chatTitle.textContent));
     return metrics;
   } catch (err) {
     if (chatId !== state.chatId) return null;

@@ -23,10 +23,10 @@ function seconds(value) {
   return `${Math.floor(value / 60)} min ${Math.round(value % 60)} s`;
 }
 
-/** Cost as money: a number (USD), or an object like {usd} / {amount, currency}. */
-function money(value) {
+/** Cost as money: a number (in `currency`), or an object like {usd} / {amount, currency}. */
+function money(value, defaultCurrency) {
   let amount = value;
-  let currency = "USD";
+  let currency = typeof defaultCurrency === "string" && defaultCurrency ? defaultCurrency : "USD";
   if (value && typeof value === "object") {
     amount = value.usd ?? value.amount ?? value.total;
     currency = value.currency || currency;
@@ -72,8 +72,12 @@ function agentRows(agents) {
   return [];
 }
 
-/** Fill `container` with the run summary; `metrics` null means the runtime has none yet. */
-export function renderMetrics(container, metrics) {
+/**
+ * Fill `container` with the run summary; `metrics` null means the runtime has none yet.
+ * `visibleAgents` (a Set, when known) limits the per-agent table to agents the chat shows:
+ * hidden agents count in the totals but are never named on the page.
+ */
+export function renderMetrics(container, metrics, visibleAgents = null) {
   // The numbers may sit at the top level or under one of these keys, depending on the projection.
   const nested = metrics && typeof metrics === "object"
     ? ["metrics", "totals", "chat"].map((key) => metrics[key]).find((v) => v && typeof v === "object")
@@ -85,7 +89,7 @@ export function renderMetrics(container, metrics) {
         ["Turns", count(m.turns), "turns"],
         ["Tool calls", count(m.tool_calls) !== null ? `${count(m.tool_calls)}${failures}` : null, "tool-calls"],
         ["Tokens", tokens(m), "tokens"],
-        ["Cost", money(m.cost ?? (isNumber(m.cost_nanousd) ? m.cost_nanousd / 1e9 : null)), "cost"],
+        ["Cost", money(m.cost ?? (isNumber(m.cost_nanousd) ? m.cost_nanousd / 1e9 : null), m.currency), "cost"],
         ["LLM calls", count(m.llm?.count ?? m.llm_calls), "llm-calls"],
         ["LLM latency", latency(m.llm?.latency_ms ? m.llm : m), "llm-latency"],
         ["Duration", seconds(m.duration_s), "duration"],
@@ -101,7 +105,7 @@ export function renderMetrics(container, metrics) {
     list.append(el("div", { class: "metrics__row", "data-metric": key }, el("dt", {}, label), el("dd", {}, value)));
   }
   const children = [list];
-  const agents = agentRows(m.agents ?? m.per_agent);
+  const agents = agentRows(m.agents ?? m.per_agent).filter(([name]) => !visibleAgents || visibleAgents.has(name));
   if (agents.length) {
     const table = el("table", { class: "agent-metrics" },
       el("caption", {}, "By agent"),
