@@ -508,7 +508,7 @@ function openChat(chatId) {
         if (!(err instanceof ApiError)) return null;
         if (err.status === 401) return "unauthorized";
         if (err.status === 403) return "forbidden";
-        if (err.status === 404) return "not_found";
+        // Not 404: a brand-new chat may not be projected yet; the socket itself says 4404 if unknown.
         return null;
       }
     },
