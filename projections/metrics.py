@@ -1,0 +1,178 @@
+"""The `chat_metrics` projection: per chat and per agent counters, tokens, cost and LLM latency.
+
+Stored document (integers only, so `$inc` sums are exact and batch-independent):
+
+    {"_id": chat_id, "chat_id", "app_id", "user_id", "workflow", "created_at", "updated_at", "last_seq",
+     "turns", "tool_calls", "tool_failures", "run_failures", "errors",
+     "prompt_tokens", "completion_tokens", "total_tokens", "cost_nanousd",
+     "runs", "run_duration_ms", "run": null | {"id", "started_ms"},
+     "llm": {"count", "failures", "offline", "unpriced", "latency_us_sum", "latency_us_max",
+             "buckets": {bucket key: count}},
+     "agents": {field_key(agent): {"turns", "tool_calls", "tool_failures", "prompt_tokens",
+                "completion_tokens", "total_tokens", "cost_nanousd", "llm": {... as above}}}}
+
+Tokens, cost and latency come from `llm.call` records only (AG2's own summaries under-count).
+`turns` counts `message.agent`; `errors` = failed runs + failed tool calls. `run_duration_ms` sums
+run.started → terminal event of each finished run. Offline (scripted) calls cost 0; their tokens
+count. A call whose model has no price is counted in `llm.unpriced` and costs 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from pymongo import ASCENDING, DESCENDING, IndexModel
+
+from domain.events import (
+    AnyEvent,
+    LlmCall,
+    MessageAgent,
+    Record,
+    RunCompleted,
+    RunFailed,
+    RunStarted,
+    RunStopped,
+    ToolCalled,
+    ToolResult,
+)
+from projections.prices import PriceTable, WatchedPrices
+from projections.projector import Projector, epoch_ms
+from projections.sketch import bucket_key
+from projections.update import Update, field_key
+
+
+def empty_llm() -> dict[str, Any]:
+    """LLM counters before any call."""
+    return {
+        "count": 0,
+        "failures": 0,
+        "offline": 0,
+        "unpriced": 0,
+        "latency_us_sum": 0,
+        "latency_us_max": 0,
+        "buckets": {},
+    }
+
+
+class ChatMetricsProjector(Projector):
+    """Projects per-chat and per-agent performance metrics into `chat_metrics`."""
+
+    name: ClassVar[str] = "metrics"
+    collection: ClassVar[str] = "chat_metrics"
+    handles: ClassVar[frozenset[str]] = frozenset(
+        {
+            "message.agent",
+            "tool.called",
+            "tool.result",
+            "llm.call",
+            "run.started",
+            "run.completed",
+            "run.failed",
+            "run.stopped",
+        }
+    )
+    state_fields: ClassVar[tuple[str, ...]] = ("run",)
+    indexes: ClassVar[tuple[IndexModel, ...]] = (
+        IndexModel([("app_id", ASCENDING), ("updated_at", DESCENDING)], name="app_updated"),
+        IndexModel([("app_id", ASCENDING), ("cost_nanousd", DESCENDING)], name="app_cost"),
+        IndexModel([("app_id", ASCENDING), ("total_tokens", DESCENDING)], name="app_tokens"),
+        IndexModel([("user_id", ASCENDING), ("updated_at", DESCENDING)], name="user_updated"),
+    )
+
+    def __init__(self, prices: PriceTable | WatchedPrices | None = None) -> None:
+        self._watched = prices if isinstance(prices, WatchedPrices) else None
+        self._table = prices if isinstance(prices, PriceTable) else None
+        if prices is None:
+            self._table = PriceTable.load()
+
+    @property
+    def prices(self) -> PriceTable:
+        """The price table in use now."""
+        if self._watched is not None:
+            return self._watched.table
+        assert self._table is not None
+        return self._table
+
+    def refresh(self) -> None:
+        """Re-read a watched price file that changed."""
+        if self._watched is not None:
+            self._watched.refresh()
+
+    def empty(self) -> dict[str, Any]:
+        """All counters zero."""
+        return {
+            "turns": 0,
+            "tool_calls": 0,
+            "tool_failures": 0,
+            "run_failures": 0,
+            "errors": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "total_tokens": 0,
+            "cost_nanousd": 0,
+            "runs": 0,
+            "run_duration_ms": 0,
+            "run": None,
+            "llm": empty_llm(),
+            "agents": {},
+        }
+
+    def update(self, state: Mapping[str, Any], record: Record, event: AnyEvent) -> Update:
+        """Counters of one event, for the chat and for the event's agent."""
+        change = Update()
+        change.set["updated_at"] = record.ts
+        agent = f"agents.{field_key(record.agent)}." if record.agent is not None else None
+
+        def count(field: str, by: int = 1) -> None:
+            change.inc[field] = change.inc.get(field, 0) + by
+            if agent is not None:
+                change.inc[agent + field] = change.inc.get(agent + field, 0) + by
+
+        match event:
+            case MessageAgent():
+                count("turns")
+            case ToolCalled():
+                count("tool_calls")
+            case ToolResult(is_error=True):
+                count("tool_failures")
+                change.inc["errors"] = 1
+            case LlmCall():
+                self._llm_call(change, record, event, count)
+            case RunStarted():
+                change.inc["runs"] = 1
+                change.set["run"] = {"id": record.run_id, "started_ms": epoch_ms(record.ts)}
+            case RunCompleted() | RunFailed() | RunStopped():
+                run = state.get("run")
+                if run is not None and (record.run_id is None or record.run_id == run["id"]):
+                    change.inc["run_duration_ms"] = max(epoch_ms(record.ts) - int(run["started_ms"]), 0)
+                    change.set["run"] = None
+                if isinstance(event, RunFailed):
+                    change.inc["run_failures"] = 1
+                    change.inc["errors"] = 1
+            case _:
+                pass
+        return change
+
+    def _llm_call(self, change: Update, record: Record, call: LlmCall, count: Any) -> None:
+        count("prompt_tokens", call.prompt_tokens)
+        count("completion_tokens", call.completion_tokens)
+        count("total_tokens", call.prompt_tokens + call.completion_tokens)
+        if call.offline:
+            cost: int | None = 0
+            count("llm.offline")
+        else:
+            cost = self.prices.cost_nanousd(call.model, call.prompt_tokens, call.completion_tokens, record.ts)
+            if cost is None:
+                count("llm.unpriced")
+        count("cost_nanousd", cost or 0)
+        count("llm.count")
+        if call.error is not None:
+            count("llm.failures")
+        latency_us = max(round(call.latency_ms * 1000), 0) if math.isfinite(call.latency_ms) else 0
+        count("llm.latency_us_sum", latency_us)
+        count(f"llm.buckets.{bucket_key(call.latency_ms)}")
+        change.max["llm.latency_us_max"] = latency_us
+        if record.agent is not None:
+            change.max[f"agents.{field_key(record.agent)}.llm.latency_us_max"] = latency_us

@@ -1,0 +1,251 @@
+"""Rebuild projections from the log: fold every chat in memory, write into a new collection, swap.
+
+Safe while the service runs: the live runner keeps writing the old collection until the atomic
+`renameCollection(dropTarget)` swap; afterwards a catch-up applies (guarded by `last_seq`) every
+event appended while the rebuild ran, and the live runner's own guard sends it to the log for any
+chat whose new document is behind what it had cached. With `chat_id`, only that chat's documents
+are recomputed and replaced in place, then caught up the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+from pymongo import ASCENDING
+from pymongo.asynchronous.database import AsyncDatabase
+
+from domain.errors import CorruptRecord
+from domain.events import to_record
+from domain.store import MongoEventStore
+from projections.metrics import ChatMetricsProjector
+from projections.prices import PriceTable
+from projections.projector import Projector, apply_record
+from projections.sessions import ChatSessionsProjector
+from projections.writer import ProjectionWriter, catch_up
+
+log = logging.getLogger(__name__)
+
+PROJECTION_NAMES: Final = (ChatSessionsProjector.name, ChatMetricsProjector.name)
+WRITE_BATCH: Final = 500  # documents per insert_many into the new collection
+PROGRESS_EVERY: Final = 1000  # events between progress callbacks
+
+Progress = Callable[[int, int], None]
+
+
+class RebuildSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """What a rebuild did."""
+
+    names: list[str]
+    chat_id: str | None
+    chats: int
+    events: int
+    seconds: float
+    events_per_s: float
+    # Events appended while the rebuild ran, applied after the swap.
+    caught_up_after_swap: int
+    # chat_id -> first seq that could not be read (corrupt or missing): its projection stops before it.
+    broken_chats: dict[str, int]
+
+
+class UnknownProjection(ValueError):
+    """A rebuild was asked for a projection that does not exist."""
+
+
+def select_projectors(
+    names: Iterable[str] | None, prices: PriceTable | Path | None = None
+) -> list[Projector]:
+    """The projectors called `names` (default: all), metrics costed with `prices` (a table or its file)."""
+    wanted = list(names) if names else list(PROJECTION_NAMES)
+    unknown = [name for name in wanted if name not in PROJECTION_NAMES]
+    if unknown:
+        raise UnknownProjection(f"unknown projection(s) {unknown}; known: {list(PROJECTION_NAMES)}")
+    table = prices if isinstance(prices, PriceTable) else PriceTable.load(prices)
+    available: dict[str, Projector] = {
+        ChatSessionsProjector.name: ChatSessionsProjector(),
+        ChatMetricsProjector.name: ChatMetricsProjector(table),
+    }
+    return [available[name] for name in PROJECTION_NAMES if name in wanted]
+
+
+async def rebuild(
+    db: AsyncDatabase[Any],
+    store: MongoEventStore,
+    names: Iterable[str] | None = None,
+    chat_id: str | None = None,
+    progress: Progress | None = None,
+    *,
+    prices: PriceTable | Path | None = None,
+) -> RebuildSummary:
+    """Recompute projections `names` (default all) from the log, for every chat or just `chat_id`.
+
+    `progress(done, total)` is called as events are folded; `prices` is the table (or its file)
+    metrics are costed with, by default the shipped table.
+    """
+    projectors = select_projectors(names, prices)
+    started = time.perf_counter()
+    if chat_id is None:
+        total = await store.events.estimated_document_count()
+        chats, events, broken = await _rebuild_all(db, store, projectors, total, progress)
+    else:
+        total = await store.events.count_documents({"chat_id": chat_id})
+        chats, events, broken = await _rebuild_chat(db, store, projectors, chat_id, total, progress)
+    writers = [ProjectionWriter(db, store, projector) for projector in projectors]
+    late = await catch_up(store, writers, chat_ids=[chat_id] if chat_id is not None else None)
+    seconds = time.perf_counter() - started
+    return RebuildSummary(
+        names=[p.name for p in projectors],
+        chat_id=chat_id,
+        chats=chats,
+        events=events,
+        seconds=round(seconds, 3),
+        events_per_s=round(events / seconds, 1) if seconds > 0 else 0.0,
+        caught_up_after_swap=late,
+        broken_chats=broken,
+    )
+
+
+class _Folded(msgspec.Struct):
+    chat_id: str
+    docs: list[dict[str, Any] | None]
+    broken_at: int = 0
+
+
+async def _fold_log(
+    store: MongoEventStore,
+    projectors: Sequence[Projector],
+    query: dict[str, Any],
+    counted: Callable[[], None],
+) -> AsyncIterator[_Folded]:
+    """Each chat's folded documents, reading the log once in (chat_id, seq) order."""
+    cursor = store.events.find(query, sort=[("chat_id", ASCENDING), ("seq", ASCENDING)], batch_size=2000)
+    current: _Folded | None = None
+    async for raw in cursor:
+        chat_id = str(raw.get("chat_id"))
+        if current is None or chat_id != current.chat_id:
+            if current is not None:
+                yield current
+            current = _Folded(chat_id, [None] * len(projectors))
+        if current.broken_at:
+            continue
+        expected = (current.docs[0]["last_seq"] if current.docs[0] is not None else 0) + 1
+        try:
+            record = to_record(raw)
+        except CorruptRecord as exc:
+            log.error("rebuild stops at chat %s: %s", chat_id, exc)
+            current.broken_at = expected
+            continue
+        if record.seq != expected:
+            log.error("rebuild stops at chat %s: seq %d is missing from the log", chat_id, expected)
+            current.broken_at = expected
+            continue
+        event = record.event
+        for index, projector in enumerate(projectors):
+            current.docs[index] = apply_record(projector, current.docs[index], record, event)
+        counted()
+    if current is not None:
+        yield current
+
+
+class _Counter:
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.done = 0
+        self.total = total
+        self.progress = progress
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.progress is not None and self.done % PROGRESS_EVERY == 0:
+            self.progress(self.done, max(self.total, self.done))
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress(self.done, self.done)
+
+
+async def _rebuild_all(
+    db: AsyncDatabase[Any],
+    store: MongoEventStore,
+    projectors: Sequence[Projector],
+    total: int,
+    progress: Progress | None,
+) -> tuple[int, int, dict[str, int]]:
+    suffix = uuid.uuid4().hex[:8]
+    targets = [db.get_collection(f"{p.collection}__rebuild_{suffix}") for p in projectors]
+    for target in targets:
+        await db.create_collection(target.name)
+    counter = _Counter(total, progress)
+    buffers: list[list[dict[str, Any]]] = [[] for _ in projectors]
+    writing: asyncio.Future[Any] | None = None
+    chats = 0
+    broken: dict[str, int] = {}
+
+    async def flush() -> None:
+        nonlocal writing, buffers
+        if writing is not None:
+            await writing  # one batch in flight while the next is folded
+        batches, buffers = buffers, [[] for _ in projectors]
+        writing = asyncio.gather(
+            *(
+                target.insert_many(docs, ordered=False)
+                for target, docs in zip(targets, batches, strict=True)
+                if docs
+            )
+        )
+
+    try:
+        async for folded in _fold_log(store, projectors, {}, counter):
+            if folded.broken_at:
+                broken[folded.chat_id] = folded.broken_at
+            if folded.docs[0] is None:
+                continue
+            chats += 1
+            for buffer, doc in zip(buffers, folded.docs, strict=True):
+                assert doc is not None
+                buffer.append(doc)
+            if len(buffers[0]) >= WRITE_BATCH:
+                await flush()
+        await flush()
+        if writing is not None:
+            await writing
+        counter.finish()
+        for projector, target in zip(projectors, targets, strict=True):
+            if projector.indexes:
+                await target.create_indexes(list(projector.indexes))
+            await target.rename(projector.collection, dropTarget=True)
+    except BaseException:
+        if writing is not None:
+            writing.cancel()
+        for target in targets:
+            await asyncio.shield(db.drop_collection(target.name))
+        raise
+    return chats, counter.done, broken
+
+
+async def _rebuild_chat(
+    db: AsyncDatabase[Any],
+    store: MongoEventStore,
+    projectors: Sequence[Projector],
+    chat_id: str,
+    total: int,
+    progress: Progress | None,
+) -> tuple[int, int, dict[str, int]]:
+    counter = _Counter(total, progress)
+    chats = [folded async for folded in _fold_log(store, projectors, {"chat_id": chat_id}, counter)]
+    folded = chats[0] if chats else None
+    counter.finish()
+    for index, projector in enumerate(projectors):
+        collection = db.get_collection(projector.collection)
+        doc = folded.docs[index] if folded is not None else None
+        if doc is None:
+            await collection.delete_one({"_id": chat_id})
+        else:
+            await collection.replace_one({"_id": chat_id}, doc, upsert=True)
+    broken = {chat_id: folded.broken_at} if folded is not None and folded.broken_at else {}
+    return int(folded is not None and folded.docs[0] is not None), counter.done, broken

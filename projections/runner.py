@@ -1,0 +1,285 @@
+"""The projection runner: tails the log and keeps every projection up to date, exactly once.
+
+Start-up: open the change stream at the checkpointed resume token (or at "now" on a first start),
+then catch up from the log for every chat some projection is behind on, then apply the stream in
+batches. The checkpoint (`projection_checkpoints`) is written after the batch's views, so a crash
+in between re-delivers events the `last_seq` guard then ignores. When the token has expired
+(`HistoryLost`), the runner catches up from the log and reopens the stream at "now".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
+
+from domain.errors import HistoryLost
+from domain.events import Record
+from domain.store import Change, MongoEventStore
+from projections.metrics import ChatMetricsProjector
+from projections.prices import PriceTable, WatchedPrices
+from projections.projector import Projector
+from projections.sessions import ChatSessionsProjector
+from projections.writer import ProjectionWriter, behind, catch_up
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS: Final = "projection_checkpoints"
+_INSERTS: Final = [{"$match": {"operationType": "insert"}}]
+
+
+def default_projectors(prices: PriceTable | WatchedPrices | None = None) -> list[Projector]:
+    """chat_sessions and metrics (costed with `prices`, else the shipped default table)."""
+    return [ChatSessionsProjector(), ChatMetricsProjector(prices)]
+
+
+Hook = Callable[[], Awaitable[None]]
+Applied = Callable[[Sequence[Record], datetime], None]
+
+
+class ProjectionRunner:
+    """Feeds every projector from the change stream; use `run()` as a background task."""
+
+    def __init__(
+        self,
+        db: AsyncDatabase[Any],
+        store: MongoEventStore,
+        projectors: Sequence[Projector] | None = None,
+        *,
+        name: str = "projections",
+        batch_max: int = 1000,
+        buffer_max: int = 20_000,
+        checkpoint_every_s: float = 1.0,
+        retry_after_s: float = 1.0,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.name = name
+        self.writers = [ProjectionWriter(db, store, p) for p in (projectors or default_projectors())]
+        self.batch_max = batch_max
+        self.buffer_max = buffer_max
+        self.checkpoint_every_s = checkpoint_every_s
+        self.retry_after_s = retry_after_s
+        self.checkpoints: AsyncCollection[Any] = db.get_collection(CHECKPOINTS)
+        # Test seam: awaited after a batch's views are written and before its checkpoint is.
+        self.before_checkpoint: Hook | None = None
+        # Observer of every applied batch with the time it was applied (benchmarks measure lag).
+        self.on_applied: Applied | None = None
+        self.applied = 0
+        self._buffer: deque[Change] = deque()
+        self._arrived = asyncio.Event()
+        self._space = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._initial = asyncio.Event()
+        self._in_flight: list[Change] = []
+        self._catching_up = 0
+        self._catch_up_since: datetime | None = None
+        self._last_checkpoint = 0.0
+        self._crash: BaseException | None = None
+
+    @classmethod
+    def for_settings(
+        cls, db: AsyncDatabase[Any], store: MongoEventStore, prices_path: Path | None = None
+    ) -> ProjectionRunner:
+        """The runtime's runner: both projections, prices from `prices_path` (re-read when it changes)."""
+        return cls(db, store, default_projectors(WatchedPrices(prices_path)))
+
+    # ---- observing ----------------------------------------------------------------------------
+
+    @property
+    def caught_up(self) -> bool:
+        """True once the start-up catch-up finished and nothing received is waiting to be applied."""
+        return self._initial.is_set() and self._catching_up == 0 and not self._buffer and not self._in_flight
+
+    def lag(self) -> dict[str, Any]:
+        """How far the projections are behind: events received or known but not applied, and their age."""
+        oldest: datetime | None = None
+        if self._in_flight:
+            oldest = self._in_flight[0].record.ts
+        elif self._buffer:
+            oldest = self._buffer[0].record.ts
+        if self._catching_up and self._catch_up_since is not None:
+            oldest = min(oldest, self._catch_up_since) if oldest is not None else self._catch_up_since
+        seconds = 0.0
+        if oldest is not None:
+            aware = oldest if oldest.tzinfo is not None else oldest.replace(tzinfo=UTC)
+            seconds = max((datetime.now(UTC) - aware).total_seconds(), 0.0)
+        return {
+            "events_behind": self._catching_up + len(self._buffer) + len(self._in_flight),
+            "seconds_behind": round(seconds, 3),
+            "applied": self.applied,
+            "caught_up": self.caught_up,
+            "stuck_chats": len({chat for writer in self.writers for chat in writer.stuck}),
+        }
+
+    async def wait_caught_up(self, timeout: float | None = None) -> None:
+        """Wait until every event in the log now is in every projection and no batch is half done.
+
+        Raises TimeoutError after `timeout` seconds, RuntimeError if the runner died. Chats stuck
+        on a corrupt record count as caught up at the record before it.
+        """
+        async with asyncio.timeout(timeout):
+            await self._wait_or_crash(self._initial)
+            chats: list[str] | None = None
+            while True:
+                self._progress.clear()
+                lagging = self._unstuck(await behind(self.store, self.writers, chats))
+                if not lagging and not self._in_flight:
+                    return
+                chats = list(lagging)
+                await self._wait_or_crash(self._progress)
+
+    def _unstuck(self, lagging: Mapping[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+        stuck = {chat for writer in self.writers for chat in writer.stuck}
+        return {chat: span for chat, span in lagging.items() if chat not in stuck}
+
+    async def _wait_or_crash(self, event: asyncio.Event) -> None:
+        if self._crash is None:
+            await event.wait()
+        if self._crash is not None:
+            raise RuntimeError("the projection runner stopped") from self._crash
+
+    # ---- running ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Project until cancelled; raises only on an error a retry cannot fix."""
+        try:
+            for writer in self.writers:
+                await writer.ensure_indexes()
+            token = await self._load_checkpoint()
+            while True:
+                token = await self._session(token)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._crash = exc
+            self._initial.set()  # wake whoever waits for progress: they re-raise the crash
+            self._progress.set()
+            raise
+
+    async def _session(self, token: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """Open the stream, catch up, apply until the stream fails; returns the token to reopen at."""
+        if token is None:
+            token = await self._token_now()
+        self._buffer.clear()
+        reader = asyncio.create_task(self._read(token), name=f"{self.name}-tail")
+        reader.add_done_callback(lambda _: self._arrived.set())
+        last = token
+        try:
+            await self._catch_up()
+            self._initial.set()
+            while True:
+                batch = await self._next_batch(reader)
+                await self._apply(batch)
+                last = batch[-1].token
+        except HistoryLost as exc:
+            log.warning("projection stream history lost, catching up from the log: %s", exc)
+            await self._clear_checkpoint()
+            return None
+        except PyMongoError as exc:
+            log.warning("projection stream failed, reopening in %.1f s: %s", self.retry_after_s, exc)
+            await asyncio.sleep(self.retry_after_s)
+            return last
+        finally:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+            self._in_flight = []
+
+    async def _token_now(self) -> Mapping[str, Any] | None:
+        """A resume token for the stream's current end, taken before catch-up reads the log."""
+        async with await self.store.events.watch(_INSERTS) as stream:
+            return stream.resume_token
+
+    async def _read(self, token: Mapping[str, Any] | None) -> None:
+        changes = self.store.tail(resume_after=token)
+        try:
+            async for change in changes:
+                while len(self._buffer) >= self.buffer_max:
+                    self._space.clear()
+                    await self._space.wait()
+                self._buffer.append(change)
+                self._arrived.set()
+        finally:
+            close = getattr(changes, "aclose", None)
+            if close is not None:
+                await close()  # closes the server-side change stream now, not at garbage collection
+        raise PyMongoError("the change stream ended")
+
+    async def _next_batch(self, reader: asyncio.Task[None]) -> list[Change]:
+        while not self._buffer:
+            if reader.done():
+                reader.result()  # raises what ended the stream
+            self._arrived.clear()
+            if not self._buffer and not reader.done():
+                await self._arrived.wait()
+        count = min(len(self._buffer), self.batch_max)
+        batch = [self._buffer.popleft() for _ in range(count)]
+        self._space.set()
+        self._in_flight = batch
+        return batch
+
+    async def _catch_up(self) -> None:
+        def progress(done: int, total: int) -> None:
+            self._catching_up = max(total - done, 0)
+
+        self._catch_up_since = datetime.now(UTC)
+        try:
+            await catch_up(self.store, self.writers, progress=progress)
+        finally:
+            self._catching_up = 0
+            self._catch_up_since = None
+        self._progress.set()
+
+    async def _apply(self, batch: list[Change]) -> None:
+        by_chat: dict[str, list[Record]] = {}
+        for change in batch:
+            by_chat.setdefault(change.record.chat_id, []).append(change.record)
+        for writer in self.writers:
+            writer.projector.refresh()
+        await asyncio.gather(*(writer.apply(by_chat) for writer in self.writers))
+        self.applied += len(batch)
+        if self.on_applied is not None:
+            self.on_applied([change.record for change in batch], datetime.now(UTC))
+        if self.before_checkpoint is not None:
+            await self.before_checkpoint()
+        if not self._buffer or time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s:
+            await self._save_checkpoint(batch[-1])
+        self._in_flight = []
+        self._progress.set()
+
+    # ---- checkpoint ---------------------------------------------------------------------------
+
+    async def _load_checkpoint(self) -> Mapping[str, Any] | None:
+        doc = await self.checkpoints.find_one({"_id": self.name})
+        token = doc.get("token") if doc else None
+        return token if isinstance(token, Mapping) else None
+
+    async def _save_checkpoint(self, change: Change) -> None:
+        await self.checkpoints.update_one(
+            {"_id": self.name},
+            {
+                "$set": {
+                    "token": dict(change.token),
+                    "chat_id": change.record.chat_id,
+                    "seq": change.record.seq,
+                    "event_ts": change.record.ts,
+                    "saved_at": datetime.now(UTC),
+                }
+            },
+            upsert=True,
+        )
+        self._last_checkpoint = time.monotonic()
+
+    async def _clear_checkpoint(self) -> None:
+        await self.checkpoints.delete_one({"_id": self.name})

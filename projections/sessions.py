@@ -1,0 +1,100 @@
+"""The `chat_sessions` projection: the seed's chat document (messages, counts), plus status and last_seq.
+
+    {"_id": chat_id, "chat_id", "app_id", "user_id", "workflow", "created_at", "updated_at",
+     "status": "created|running|waiting_input|completed|failed|stopped", "offline": bool,
+     "last_run_id": str|null, "message_count": int, "last_seq": int,
+     "messages": [{"role": "user|assistant", "agent": str|null, "content": str,
+                   "timestamp": datetime, "seq": int, "visible": bool}]}
+
+Only `message.user` and `message.agent` become messages; a hidden agent's message has
+`visible: false` (the ChatUI shows visible ones; the REST layer may filter on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final
+
+from pymongo import ASCENDING, DESCENDING, IndexModel
+
+from domain.events import (
+    AnyEvent,
+    ChatCreated,
+    InputReceived,
+    InputRequested,
+    MessageAgent,
+    MessageUser,
+    Record,
+    RunCompleted,
+    RunFailed,
+    RunStarted,
+    RunStopped,
+)
+from projections.projector import Projector
+from projections.update import Update
+
+STATUS_BY_TYPE: Final[Mapping[str, str]] = {
+    "chat.created": "created",
+    "run.started": "running",
+    "input.requested": "waiting_input",
+    "input.received": "running",
+    "run.completed": "completed",
+    "run.failed": "failed",
+    "run.stopped": "stopped",
+}
+
+
+class ChatSessionsProjector(Projector):
+    """Projects each chat's conversation and status into `chat_sessions`."""
+
+    name: ClassVar[str] = "chat_sessions"
+    collection: ClassVar[str] = "chat_sessions"
+    handles: ClassVar[frozenset[str]] = frozenset({*STATUS_BY_TYPE, "message.user", "message.agent"})
+    indexes: ClassVar[tuple[IndexModel, ...]] = (
+        IndexModel([("user_id", ASCENDING), ("updated_at", DESCENDING)], name="user_updated"),
+        IndexModel([("app_id", ASCENDING), ("updated_at", DESCENDING)], name="app_updated"),
+    )
+
+    def empty(self) -> dict[str, Any]:
+        """A chat with no messages yet."""
+        return {
+            "status": "created",
+            "offline": False,
+            "last_run_id": None,
+            "message_count": 0,
+            "messages": [],
+        }
+
+    def update(self, state: Mapping[str, Any], record: Record, event: AnyEvent) -> Update:
+        """Status, run and offline flags from run events; messages from user and agent messages."""
+        change = Update()
+        change.set["updated_at"] = record.ts
+        status = STATUS_BY_TYPE.get(record.type)
+        if status is not None:
+            change.set["status"] = status
+        match event:
+            case MessageUser(content=content):
+                self._message(change, record, "user", content)
+            case MessageAgent(content=content):
+                self._message(change, record, "assistant", content)
+            case ChatCreated(offline=offline):
+                change.set["offline"] = offline
+            case RunStarted(offline=offline):
+                change.set["offline"] = offline
+                change.set["last_run_id"] = record.run_id
+            case InputRequested() | InputReceived() | RunCompleted() | RunFailed() | RunStopped():
+                pass
+        return change
+
+    @staticmethod
+    def _message(change: Update, record: Record, role: str, content: str) -> None:
+        message = {
+            "role": role,
+            "agent": record.agent,
+            "content": content,
+            "timestamp": record.ts,
+            "seq": record.seq,
+            "visible": record.visible,
+        }
+        change.push["messages"] = [message]
+        change.inc["message_count"] = 1

@@ -1,0 +1,279 @@
+"""Applying records to a projection exactly once, and catching a projection up with the log.
+
+`ProjectionWriter.apply` writes each chat's consecutive new records as one guarded write: an insert
+of the folded document for a new chat (the unique `_id` is the guard), else one update filtered on
+`last_seq == first seq - 1`. All chats of a batch go in one unordered bulk write. A write that
+misses its guard (a duplicate delivery, another runner, a rebuild swap) re-reads the chat's
+`last_seq` and retries only what is still missing, reading a gap from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import Any, Final, NamedTuple
+
+from pymongo import ASCENDING, DESCENDING, InsertOne, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
+
+from domain.errors import CorruptRecord
+from domain.events import Record, to_record
+from domain.store import DUPLICATE_KEY, MongoEventStore
+from projections.projector import Projector, fold
+from projections.update import ProjectionError, Update
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS: Final = 50
+CATCH_UP_EVENTS: Final = 5_000  # events read from the log per catch-up round
+CATCH_UP_CHATS: Final = 500
+
+_ABSENT: Final[dict[str, Any]] = {}  # cache marker: the chat has no document (yet)
+
+
+class _Write(NamedTuple):
+    chat_id: str
+    operation: InsertOne[Any] | UpdateOne
+    records: int
+    state: dict[str, Any]
+
+
+class ProjectionWriter:
+    """Writes one projector's documents; caches each recent chat's `last_seq` and state fields."""
+
+    def __init__(
+        self,
+        db: AsyncDatabase[Any],
+        store: MongoEventStore,
+        projector: Projector,
+        *,
+        collection: str | None = None,
+        cache_size: int = 10_000,
+    ) -> None:
+        self.projector = projector
+        self.store = store
+        self.collection: AsyncCollection[Any] = db.get_collection(collection or projector.collection)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # chat_id -> first seq that could not be read from the log (a corrupt or missing record).
+        self.stuck: dict[str, int] = {}
+        # Records delivered again after they were applied (a resumed stream, another runner): ignored.
+        self.duplicates = 0
+
+    async def ensure_indexes(self) -> None:
+        """Create the projector's indexes (idempotent)."""
+        if self.projector.indexes:
+            await self.collection.create_indexes(list(self.projector.indexes))
+
+    def forget(self) -> None:
+        """Drop every cached state (e.g. after the collection was swapped by a rebuild)."""
+        self._cache.clear()
+
+    async def apply(self, by_chat: Mapping[str, Sequence[Record]]) -> int:
+        """Apply each chat's records (any order, repeats allowed); returns how many were newly applied."""
+        pending: dict[str, list[Record]] = {}
+        for chat_id, records in by_chat.items():
+            unique = {record.seq: record for record in records}
+            pending[chat_id] = [unique[seq] for seq in sorted(unique)]
+        applied = 0
+        for attempt in range(MAX_ATTEMPTS):
+            await self._load_states([chat_id for chat_id in pending if chat_id not in self._cache])
+            writes: list[_Write] = []
+            for chat_id, records in list(pending.items()):
+                state = self._cache[chat_id]
+                last = int(state["last_seq"]) if state is not _ABSENT else 0
+                todo = [record for record in records if record.seq > last]
+                if attempt == 0:
+                    self.duplicates += len(records) - len(todo)
+                if todo and (todo[0].seq != last + 1 or todo[-1].seq - last != len(todo)):
+                    # A gap (lost, delayed or reordered delivery): the log has what is missing.
+                    todo = await self._from_log(chat_id, last, todo[-1].seq)
+                    pending[chat_id] = todo
+                if todo:
+                    writes.append(self._plan(chat_id, state, todo))
+            if not writes:
+                return applied
+            failed = await self._write(writes)
+            for write in writes:
+                if write.chat_id in failed:
+                    self._cache.pop(write.chat_id, None)
+                else:
+                    self._remember(write.chat_id, write.state)
+                    applied += write.records
+            if not failed:
+                return applied
+            pending = {chat_id: pending[chat_id] for chat_id in failed}
+        raise ProjectionError(
+            f"{self.projector.name}: chats {sorted(pending)[:5]} kept missing their last_seq guard "
+            f"after {MAX_ATTEMPTS} attempts"
+        )
+
+    def _plan(self, chat_id: str, state: dict[str, Any], records: list[Record]) -> _Write:
+        if state is _ABSENT:
+            doc = fold(self.projector, None, records)
+            return _Write(chat_id, InsertOne(doc), len(records), self.projector.state_of(doc))
+        current = self.projector.state_of(state)
+        merged = Update()
+        for record in records:
+            change = self.projector.step(current, record)
+            if change is not None:
+                change.apply(current)
+                merged.merge(change)
+            current = self.projector.state_of({**current, "last_seq": record.seq})
+        guard = {"_id": chat_id, "last_seq": records[0].seq - 1}
+        return _Write(chat_id, UpdateOne(guard, merged.document(records[-1].seq)), len(records), current)
+
+    async def _write(self, writes: list[_Write]) -> set[str]:
+        """One unordered bulk write; returns the chats whose write may not have landed."""
+        try:
+            result = await self.collection.bulk_write([w.operation for w in writes], ordered=False)
+            matched, errors = result.matched_count, []
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(error.get("code") != DUPLICATE_KEY for error in errors):
+                raise
+            matched = int(exc.details.get("nMatched", 0))
+        failed = {writes[error["index"]].chat_id for error in errors}
+        updates = [w.chat_id for w in writes if isinstance(w.operation, UpdateOne)]
+        if matched < len(updates):
+            # Unordered bulk results do not say which update missed its guard: re-check them all.
+            failed.update(updates)
+        return failed
+
+    async def _load_states(self, chat_ids: list[str]) -> None:
+        if not chat_ids:
+            return
+        fields = {"last_seq": 1, **dict.fromkeys(self.projector.state_fields, 1)}
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(chat_ids), 1000):
+            async for doc in self.collection.find({"_id": {"$in": chat_ids[start : start + 1000]}}, fields):
+                found[doc["_id"]] = self.projector.state_of(doc)
+        for chat_id in chat_ids:
+            self._remember(chat_id, found.get(chat_id, _ABSENT))
+
+    def _remember(self, chat_id: str, state: dict[str, Any]) -> None:
+        self._cache[chat_id] = state
+        self._cache.move_to_end(chat_id)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    async def _from_log(self, chat_id: str, after: int, upto: int) -> list[Record]:
+        """The chat's records after `after` through `upto`, stopping before a corrupt or missing one."""
+        records: list[Record] = []
+        try:
+            async for record in self.store.read(chat_id, after=after, limit=upto - after):
+                if record.seq != after + len(records) + 1:
+                    break
+                records.append(record)
+        except CorruptRecord as exc:
+            log.error("projection %s stops at chat %s: %s", self.projector.name, chat_id, exc)
+        if len(records) < upto - after:
+            self.stuck[chat_id] = after + len(records) + 1
+        return records
+
+
+# ---- catching up with the log -------------------------------------------------------------------
+
+
+async def log_heads(store: MongoEventStore, chat_ids: Iterable[str] | None = None) -> dict[str, int]:
+    """Each chat's last seq in the log (one aggregate; the (chat_id, seq) index serves it on MongoDB)."""
+    pipeline: list[dict[str, Any]] = []
+    if chat_ids is not None:
+        pipeline.append({"$match": {"chat_id": {"$in": list(chat_ids)}}})
+    pipeline += [
+        {"$sort": {"chat_id": ASCENDING, "seq": DESCENDING}},
+        {"$group": {"_id": "$chat_id", "head": {"$first": "$seq"}}},
+    ]
+    heads: dict[str, int] = {}
+    async for row in await store.events.aggregate(pipeline):
+        if isinstance(row["_id"], str) and isinstance(row["head"], int):
+            heads[row["_id"]] = row["head"]
+    return heads
+
+
+async def positions(
+    collection: AsyncCollection[Any], chat_ids: Iterable[str] | None = None
+) -> dict[str, int]:
+    """Each projected chat's `last_seq`."""
+    query: dict[str, Any] = {} if chat_ids is None else {"_id": {"$in": list(chat_ids)}}
+    return {doc["_id"]: int(doc.get("last_seq", 0)) async for doc in collection.find(query, {"last_seq": 1})}
+
+
+async def behind(
+    store: MongoEventStore, writers: Sequence[ProjectionWriter], chat_ids: Iterable[str] | None = None
+) -> dict[str, tuple[int, int]]:
+    """Chats some projection is behind on: chat_id -> (lowest projected last_seq, log head)."""
+    wanted = list(chat_ids) if chat_ids is not None else None
+    heads = await log_heads(store, wanted)
+    lowest = dict.fromkeys(heads, -1)
+    for writer in writers:
+        at = await positions(writer.collection, wanted)
+        for chat_id in heads:
+            seq = at.get(chat_id, 0)
+            lowest[chat_id] = seq if lowest[chat_id] < 0 else min(lowest[chat_id], seq)
+    return {chat_id: (lowest[chat_id], head) for chat_id, head in heads.items() if lowest[chat_id] < head}
+
+
+CatchUpProgress = Callable[[int, int], None]
+
+
+async def catch_up(
+    store: MongoEventStore,
+    writers: Sequence[ProjectionWriter],
+    chat_ids: Iterable[str] | None = None,
+    progress: CatchUpProgress | None = None,
+) -> int:
+    """Bring every projection up to the log for all chats (or `chat_ids`); returns events read."""
+    lagging = await behind(store, writers, chat_ids)
+    total = sum(head - at for at, head in lagging.values())
+    done = 0
+    async for chunk, broken in _read_chunks(store, lagging):
+        for writer in writers:
+            writer.projector.refresh()
+            writer.stuck.update(broken)
+        await asyncio.gather(*(writer.apply(chunk) for writer in writers))
+        done += sum(len(records) for records in chunk.values())
+        if progress is not None:
+            progress(done, total)
+    return done
+
+
+Chunk = tuple[dict[str, list[Record]], dict[str, int]]
+
+
+async def _read_chunks(
+    store: MongoEventStore, lagging: Mapping[str, tuple[int, int]]
+) -> AsyncIterator[Chunk]:
+    group: list[tuple[str, int]] = []
+    size = 0
+    for chat_id, (at, head) in sorted(lagging.items()):
+        group.append((chat_id, at))
+        size += head - at
+        if size >= CATCH_UP_EVENTS or len(group) >= CATCH_UP_CHATS:
+            yield await _read_after(store, group)
+            group, size = [], 0
+    if group:
+        yield await _read_after(store, group)
+
+
+async def _read_after(store: MongoEventStore, group: list[tuple[str, int]]) -> Chunk:
+    """The group's records after each chat's position; a chat stops before a corrupt record (`broken`)."""
+    query = {"$or": [{"chat_id": chat_id, "seq": {"$gt": at}} for chat_id, at in group]}
+    chunk: dict[str, list[Record]] = {}
+    broken: dict[str, int] = {}
+    async for doc in store.events.find(query, sort=[("chat_id", ASCENDING), ("seq", ASCENDING)]):
+        chat_id = str(doc.get("chat_id"))
+        if chat_id in broken:
+            continue
+        try:
+            record = to_record(doc)
+        except CorruptRecord as exc:
+            log.error("catch-up stops at chat %s: %s", chat_id, exc)
+            broken[chat_id] = int(doc.get("seq", 0) or 0)
+            continue
+        chunk.setdefault(chat_id, []).append(record)
+    return chunk, broken

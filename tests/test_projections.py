@@ -1,0 +1,596 @@
+"""Projections against the real wire server: exactly-once application, restarts, rebuilds, prices, percentiles."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo.asynchronous.database import AsyncDatabase
+
+from domain.events import (
+    AnyEvent,
+    ChatCreated,
+    Handoff,
+    InputReceived,
+    InputRequested,
+    LlmCall,
+    MessageAgent,
+    MessageUser,
+    Pending,
+    Record,
+    RunCompleted,
+    RunFailed,
+    RunStarted,
+    RunStopped,
+    SpeakerSelected,
+    StreamRef,
+    ToolCalled,
+    ToolResult,
+)
+from domain.store import MongoEventStore
+from projections import queries, sketch
+from projections.metrics import ChatMetricsProjector
+from projections.prices import PriceTable
+from projections.projector import fold
+from projections.rebuild import rebuild
+from projections.runner import CHECKPOINTS, ProjectionRunner, default_projectors
+from projections.sessions import ChatSessionsProjector
+from projections.writer import ProjectionWriter
+
+COLLECTIONS = ("chat_sessions", "chat_metrics")
+MODELS = ("gpt-4o-mini", "gpt-4o-2024-08-06", "gpt-4.1", "no-such-model")
+AGENTS = ("Planner", "Writer", "Critic", "_Hidden.Tool$er")
+
+
+def stream(chat_id: str, app_id: str = "app", user_id: str = "u1") -> StreamRef:
+    return StreamRef(chat_id=chat_id, app_id=app_id, user_id=user_id, workflow="Generator")
+
+
+def p(event: AnyEvent, agent: str | None = None, run_id: str | None = None, visible: bool = True) -> Pending:
+    return Pending(event=event, agent=agent, run_id=run_id, visible=visible)
+
+
+def synthetic_chat(rng: random.Random, runs: int) -> list[list[Pending]]:
+    """Bursts of events like a recorded chat: runs of agent turns, tool calls, LLM calls and a terminal event."""
+    bursts: list[list[Pending]] = [[p(ChatCreated(offline=False)), p(MessageUser(content="hello"))]]
+    for n in range(runs):
+        run_id = f"r{n}-{rng.randrange(10**6)}"
+        offline = rng.random() < 0.2
+        bursts.append([p(RunStarted(pattern="RoundRobin", max_turns=10, offline=offline), run_id=run_id)])
+        for _ in range(rng.randrange(2, 7)):
+            agent = rng.choice(AGENTS)
+            burst = [p(SpeakerSelected(speaker=agent), agent, run_id)]
+            for _ in range(rng.randrange(1, 3)):
+                latency = math.exp(rng.gauss(6.0, 1.0)) if rng.random() > 0.05 else 0.0
+                burst.append(
+                    p(
+                        LlmCall(
+                            model=rng.choice(MODELS),
+                            prompt_tokens=rng.randrange(10, 3000),
+                            completion_tokens=rng.randrange(0, 800),
+                            latency_ms=latency,
+                            offline=offline,
+                            error="timeout" if rng.random() < 0.05 else None,
+                        ),
+                        agent,
+                        run_id,
+                        visible=False,
+                    )
+                )
+            if rng.random() < 0.4:
+                call_id = f"c{rng.randrange(10**9)}"
+                burst.append(
+                    p(ToolCalled(tool="search", call_id=call_id, arguments='{"q": "x"}'), agent, run_id)
+                )
+                burst.append(
+                    p(
+                        ToolResult(tool="search", call_id=call_id, content="r", is_error=rng.random() < 0.3),
+                        agent,
+                        run_id,
+                    )
+                )
+            if rng.random() < 0.2:
+                burst.append(p(Handoff(source=agent, target=rng.choice(AGENTS)), agent, run_id))
+            burst.append(
+                p(MessageAgent(content=f"turn by {agent}"), agent, run_id, visible=not agent.startswith("_"))
+            )
+            bursts.append(burst)
+        if rng.random() < 0.3:
+            bursts.append([p(InputRequested(request_id="q1", prompt="more?"), run_id=run_id)])
+            bursts.append(
+                [p(InputReceived(request_id="q1", text="yes"), run_id=run_id), p(MessageUser(content="yes"))]
+            )
+        ending = rng.random()
+        terminal: AnyEvent = (
+            RunCompleted() if ending < 0.7 else RunFailed(error="boom") if ending < 0.85 else RunStopped()
+        )
+        bursts.append([p(terminal, run_id=None if isinstance(terminal, RunStopped) else run_id)])
+    return bursts
+
+
+async def append_chats(
+    store: MongoEventStore,
+    chats: int,
+    seed: int,
+    *,
+    prefix: str = "chat",
+    app_ids: tuple[str, ...] = ("app",),
+) -> dict[str, list[list[Pending]]]:
+    """Write `chats` synthetic chats burst by burst, interleaved across chats; returns the bursts left unwritten."""
+    rng = random.Random(seed)
+    plans = {f"{prefix}-{i}": synthetic_chat(rng, rng.randrange(1, 4)) for i in range(chats)}
+    refs = {chat_id: stream(chat_id, app_id=app_ids[i % len(app_ids)]) for i, chat_id in enumerate(plans)}
+    await asyncio.gather(*(append_bursts(store, refs[c], bursts) for c, bursts in plans.items()))
+    return plans
+
+
+async def append_bursts(store: MongoEventStore, ref: StreamRef, bursts: list[list[Pending]]) -> None:
+    for burst in bursts:
+        await store.append(ref, burst, None)
+
+
+async def snapshot(db: AsyncDatabase[Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    return {name: {doc["_id"]: doc async for doc in db[name].find({})} for name in COLLECTIONS}
+
+
+def assert_same(
+    live: dict[str, dict[str, dict[str, Any]]], rebuilt: dict[str, dict[str, dict[str, Any]]]
+) -> None:
+    for name in COLLECTIONS:
+        assert sorted(live[name]) == sorted(rebuilt[name]), name
+        for chat_id, doc in rebuilt[name].items():
+            for field, value in doc.items():
+                assert live[name][chat_id].get(field) == value, (name, chat_id, field)
+            assert set(live[name][chat_id]) == set(doc), (name, chat_id)
+
+
+@pytest.fixture
+async def runners(db: AsyncDatabase[Any], store: MongoEventStore) -> AsyncIterator[Callable[..., Any]]:
+    """Start projection runners as tasks; every one still running is cancelled at the end."""
+    started: list[asyncio.Task[None]] = []
+
+    def start(runner: ProjectionRunner | None = None) -> tuple[ProjectionRunner, asyncio.Task[None]]:
+        runner = runner or ProjectionRunner(db, store)
+        task = asyncio.create_task(runner.run())
+        started.append(task)
+        return runner, task
+
+    yield start
+    for task in started:
+        task.cancel()
+    for task in started:
+        try:
+            await task
+        except BaseException:  # noqa: BLE001 - teardown: the task's own failure was asserted (or not) by the test
+            pass
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+# ---- the documents ----------------------------------------------------------------------------
+
+
+async def test_chat_session_has_the_seed_shape_with_status_and_hidden_messages(
+    db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
+) -> None:
+    runner, _ = runners()
+    await runner.wait_caught_up(30)
+    ref = stream("s1", app_id="shop", user_id="ann")
+    await store.append(ref, [p(ChatCreated()), p(MessageUser(content="Create a landing page"))], 0)
+    await store.append(ref, [p(RunStarted(pattern="Default", max_turns=5), run_id="run1")], None)
+    await store.append(
+        ref,
+        [
+            p(SpeakerSelected(speaker="Generator"), "Generator", "run1"),
+            p(MessageAgent(content="plan"), "Orchestrator", "run1", visible=False),
+            p(MessageAgent(content="I'll help you create..."), "Generator", "run1"),
+            p(InputRequested(request_id="q"), run_id="run1"),
+        ],
+        None,
+    )
+    await runner.wait_caught_up(30)
+    doc = await db.chat_sessions.find_one({"_id": "s1"})
+    assert doc is not None
+    assert doc["status"] == "waiting_input" and doc["last_seq"] == 7 and doc["last_run_id"] == "run1"
+    assert {k: doc[k] for k in ("chat_id", "app_id", "user_id", "workflow", "message_count")} == {
+        "chat_id": "s1", "app_id": "shop", "user_id": "ann", "workflow": "Generator", "message_count": 3,
+    }  # fmt: skip
+    records = [r async for r in store.read("s1")]
+    assert doc["created_at"] == records[0].ts and doc["updated_at"] == records[-1].ts
+    assert [(m["role"], m["agent"], m["content"], m["visible"]) for m in doc["messages"]] == [
+        ("user", None, "Create a landing page", True),
+        ("assistant", "Orchestrator", "plan", False),
+        ("assistant", "Generator", "I'll help you create...", True),
+    ]
+    assert [m["timestamp"] for m in doc["messages"]] == [records[1].ts, records[5].ts, records[6].ts]
+    await store.append(
+        ref,
+        [p(InputReceived(request_id="q", text="ok"), run_id="run1"), p(RunCompleted(), run_id="run1")],
+        None,
+    )
+    await runner.wait_caught_up(30)
+    session = await queries.get_session(db, "s1", visible_only=True)
+    assert session is not None and session["status"] == "completed" and session["last_seq"] == 9
+    assert [m["content"] for m in session["messages"]] == ["Create a landing page", "I'll help you create..."]
+
+
+async def test_metrics_count_per_chat_and_agent_with_cost_by_date_and_duration(
+    db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
+) -> None:
+    runner, _ = runners()
+    ref = stream("m1")
+    await store.append(ref, [p(ChatCreated()), p(MessageUser(content="go"))], 0)
+    await store.append(ref, [p(RunStarted(pattern="Auto", max_turns=5), run_id="r1")], None)
+    calls = [
+        p(
+            LlmCall(model="gpt-4o-mini", prompt_tokens=1000, completion_tokens=200, latency_ms=120.0),
+            "Writer",
+            "r1",
+        ),
+        p(
+            LlmCall(model="gpt-4o", prompt_tokens=100, completion_tokens=10, latency_ms=80.0, error="x"),
+            "Critic",
+            "r1",
+        ),
+        p(
+            LlmCall(model="gpt-4o-mini", prompt_tokens=7, completion_tokens=3, latency_ms=0.0, offline=True),
+            "Writer",
+            "r1",
+        ),
+        p(LlmCall(model="mystery", prompt_tokens=5, completion_tokens=5, latency_ms=10.0), "Writer", "r1"),
+    ]
+    tools = [
+        p(ToolCalled(tool="t", call_id="1", arguments="{}"), "Writer", "r1"),
+        p(ToolResult(tool="t", call_id="1", content="bad", is_error=True), "Writer", "r1"),
+        p(ToolCalled(tool="t", call_id="2", arguments="{}"), "Writer", "r1"),
+        p(ToolResult(tool="t", call_id="2", content="ok"), "Writer", "r1"),
+    ]
+    turns = [p(MessageAgent(content="a"), "Writer", "r1"), p(MessageAgent(content="b"), "Critic", "r1")]
+    await store.append(ref, calls + tools + turns, None)
+    await store.append(ref, [p(RunFailed(error="boom"), run_id="r1")], None)
+    await runner.wait_caught_up(30)
+    records = [r async for r in store.read("m1")]
+    table = PriceTable.load()
+    day = records[3].ts
+    writer_cost = table.cost_nanousd("gpt-4o-mini", 1000, 200, day)
+    critic_cost = table.cost_nanousd("gpt-4o", 100, 10, day)
+    assert writer_cost is not None and critic_cost is not None
+    view = await queries.chat_metrics(db, "m1")
+    assert view is not None
+    assert view["turns"] == 2 and view["tool_calls"] == 2 and view["tool_failures"] == 1
+    assert (view["prompt_tokens"], view["completion_tokens"], view["total_tokens"]) == (1112, 218, 1330)
+    assert view["cost_nanousd"] == writer_cost + critic_cost
+    assert view["cost"] == pytest.approx((writer_cost + critic_cost) / 1e9)
+    assert view["llm"]["count"] == 4 and view["llm"]["failures"] == 1
+    assert view["llm"]["offline"] == 1 and view["llm"]["unpriced"] == 1
+    assert view["llm"]["latency_ms"]["max"] == 120.0 and view["llm"]["latency_ms"]["sum"] == 210.0
+    assert view["errors"] == 2 and view["run_failures"] == 1 and view["runs"] == 1 and not view["running"]
+    assert view["duration_s"] == (records[-1].ts - records[2].ts).total_seconds()
+    writer, critic = view["agents"]["Writer"], view["agents"]["Critic"]
+    assert (writer["turns"], writer["tool_calls"], writer["tool_failures"], writer["total_tokens"]) == (
+        1,
+        2,
+        1,
+        1220,
+    )
+    assert writer["cost_nanousd"] == writer_cost and critic["cost_nanousd"] == critic_cost
+    assert writer["llm"]["count"] == 3 and critic["llm"]["latency_ms"]["p95"] == pytest.approx(80.0, rel=0.01)
+    # gpt-4o's price changed on 2024-10-02: the date of the call decides which applies.
+    assert table.cost_nanousd("gpt-4o", 1_000_000, 0, day.replace(year=2024, month=6)) == 5 * 10**9
+    assert (
+        table.cost_nanousd("gpt-4o-2024-08-06", 1_000_000, 0, day.replace(year=2024, month=11)) == 25 * 10**8
+    )
+
+
+# ---- exactly once -----------------------------------------------------------------------------
+
+
+async def test_repeated_reordered_and_gapped_delivery_applies_each_event_once(
+    db: AsyncDatabase[Any], store: MongoEventStore
+) -> None:
+    await append_chats(store, 6, seed=1)
+    log = {doc: [r async for r in store.read(doc)] for doc in [f"chat-{i}" for i in range(6)]}
+    rng = random.Random(2)
+    writers = [ProjectionWriter(db, store, projector) for projector in default_projectors()]
+    # Two independent writers (two runners) get every event, duplicated, shuffled and in random batches.
+    rival = [ProjectionWriter(db, store, projector) for projector in default_projectors()]
+    deliveries = [r for records in log.values() for r in records] * 2
+    rng.shuffle(deliveries)
+
+    async def deliver(targets: list[ProjectionWriter], items: list[Record]) -> None:
+        while items:
+            cut = rng.randrange(1, 40)
+            batch, items = items[:cut], items[cut:]
+            by_chat: dict[str, list[Record]] = {}
+            for record in batch:
+                by_chat.setdefault(record.chat_id, []).append(record)
+            await asyncio.gather(*(writer.apply(by_chat) for writer in targets))
+
+    await asyncio.gather(deliver(writers, list(deliveries)), deliver(rival, deliveries[::-1]))
+    for writer in writers:
+        for chat_id, records in log.items():
+            stored = await writer.collection.find_one({"_id": chat_id})
+            assert stored == fold(writer.projector, None, records), (writer.projector.name, chat_id)
+    sessions = {doc["_id"]: doc async for doc in db.chat_sessions.find({})}
+    expected_messages = sum(r.type in {"message.user", "message.agent"} for rs in log.values() for r in rs)
+    assert sum(doc["message_count"] for doc in sessions.values()) == expected_messages
+
+
+async def test_log_of_many_chats_with_runner_restart_and_duplicates_equals_a_clean_rebuild(
+    db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
+) -> None:
+    runner, task = runners()
+    await runner.wait_caught_up(30)
+    await append_chats(store, 25, seed=3, prefix="a", app_ids=("app1", "app2"))
+    await stop(task)  # midway: whatever was applied is applied; the rest waits in the log
+    await append_chats(store, 25, seed=4, prefix="b")
+    # Meanwhile another process re-delivers a shuffled slice of the log with repeats.
+    extra = [r async for r in store.find()][::3]
+    random.Random(5).shuffle(extra)
+    rival = [ProjectionWriter(db, store, projector) for projector in default_projectors()]
+    for start in range(0, len(extra), 50):
+        by_chat: dict[str, list[Record]] = {}
+        for record in extra[start : start + 50]:
+            by_chat.setdefault(record.chat_id, []).append(record)
+        await asyncio.gather(*(writer.apply(by_chat) for writer in rival))
+    restarted, _ = runners()
+    await append_chats(store, 10, seed=6, prefix="c")
+    await restarted.wait_caught_up(60)
+    assert restarted.caught_up and restarted.lag()["events_behind"] == 0
+    live = await snapshot(db)
+    assert len(live["chat_metrics"]) == 60
+    summary = await rebuild(db, store)
+    assert summary.events == await store.events.count_documents({}) and summary.chats == 60
+    assert_same(live, await snapshot(db))
+
+
+async def test_cancel_between_view_update_and_checkpoint_does_not_double_count(
+    db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
+) -> None:
+    runner, task = runners()
+    await append_chats(store, 4, seed=7, prefix="before")
+    await runner.wait_caught_up(30)
+    checkpoint = await db[CHECKPOINTS].find_one({"_id": "projections"})
+    assert checkpoint is not None
+    killed = asyncio.Event()
+
+    async def kill() -> None:
+        # This batch's views are written, its checkpoint is not: the runner dies exactly here.
+        killed.set()
+        task.cancel()
+        await asyncio.sleep(0)
+
+    runner.before_checkpoint = kill
+    await append_chats(store, 8, seed=7, prefix="after")
+    await asyncio.wait_for(killed.wait(), 30)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await db[CHECKPOINTS].find_one({"_id": "projections"}) == checkpoint
+    restarted, _ = runners()
+    await restarted.wait_caught_up(60)
+    # The resumed stream delivered the killed batch again; the last_seq guard ignored it.
+    assert all(writer.duplicates > 0 for writer in restarted.writers)
+    live = await snapshot(db)
+    total_turns = await store.events.count_documents({"type": "message.agent"})
+    assert sum(doc["turns"] for doc in live["chat_metrics"].values()) == total_turns
+    total_messages = await store.events.count_documents({"type": {"$in": ["message.agent", "message.user"]}})
+    assert sum(len(doc["messages"]) for doc in live["chat_sessions"].values()) == total_messages
+    await rebuild(db, store)
+    assert_same(live, await snapshot(db))
+
+
+async def test_resume_token_that_expired_is_recovered_by_catching_up_from_the_log(
+    db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
+) -> None:
+    await append_chats(store, 5, seed=8)
+    await db[CHECKPOINTS].insert_one({"_id": "projections", "token": {"_data": "00" * 40}})
+    runner, _ = runners()
+    await runner.wait_caught_up(60)
+    await append_chats(store, 2, seed=9, prefix="late")
+    await runner.wait_caught_up(60)
+    assert await db.chat_metrics.count_documents({}) == 7
+    live = await snapshot(db)
+    await rebuild(db, store)
+    assert_same(live, await snapshot(db))
+
+
+# ---- rebuild ----------------------------------------------------------------------------------
+
+
+async def test_price_table_change_and_rebuild_changes_historical_cost_exactly(
+    db: AsyncDatabase[Any], store: MongoEventStore, tmp_path: Path
+) -> None:
+    await append_chats(store, 12, seed=10)
+    await rebuild(db, store)
+    before = await snapshot(db)
+    prices = {
+        "models": {
+            "gpt-4o-mini": [{"effective": "2020-01-01", "input": 1.5, "output": 2.25}],
+            "gpt-4o": [{"effective": "2020-01-01", "input": 0.5, "output": 0.125}],
+        }
+    }
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps(prices))
+    progress: list[tuple[int, int]] = []
+    summary = await rebuild(
+        db, store, names=["metrics"], prices=path, progress=lambda d, t: progress.append((d, t))
+    )
+    assert summary.names == ["metrics"] and progress[-1][0] == progress[-1][1] == summary.events
+    after = await snapshot(db)
+    assert after["chat_sessions"] == before["chat_sessions"]
+    expected: dict[str, int] = {}
+    per_million = {
+        "gpt-4o-mini": (Decimal("1.5"), Decimal("2.25")),
+        "gpt-4o-2024-08-06": (Decimal("0.5"), Decimal("0.125")),
+    }
+    async for record in store.find(types=["llm.call"]):
+        call = record.event
+        assert isinstance(call, LlmCall)
+        if call.offline or call.model not in per_million:
+            continue
+        price_in, price_out = per_million[call.model]
+        expected[record.chat_id] = expected.get(record.chat_id, 0) + int(
+            (call.prompt_tokens * price_in + call.completion_tokens * price_out) * 1000
+        )
+    for chat_id, doc in after["chat_metrics"].items():
+        old = before["chat_metrics"][chat_id]
+        assert doc["cost_nanousd"] == expected.get(chat_id, 0), chat_id
+        for field in ("prompt_tokens", "completion_tokens", "total_tokens", "turns"):
+            assert doc[field] == old[field], (chat_id, field)
+        # The new table has no gpt-4.1: those calls become unpriced; nothing else about the calls changes.
+        assert {**doc["llm"], "unpriced": 0} == {**old["llm"], "unpriced": 0}
+    assert sum(expected.values()) > 0
+    assert any(
+        d["cost_nanousd"] != before["chat_metrics"][c]["cost_nanousd"]
+        for c, d in after["chat_metrics"].items()
+    )
+
+
+async def test_percentiles_after_rebuild_equal_live_and_aggregate_p95_matches_raw_latencies(
+    db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
+) -> None:
+    runner, _ = runners()
+    await append_chats(store, 30, seed=11, app_ids=("app1", "app2"))
+    await runner.wait_caught_up(60)
+    live_aggregate = await queries.aggregate_metrics(db)
+    live_pages = await queries.list_chat_metrics(db, sort="cost", limit=500)
+    await rebuild(db, store)
+    assert await queries.aggregate_metrics(db) == live_aggregate
+    assert await queries.list_chat_metrics(db, sort="cost", limit=500) == live_pages
+    latencies = sorted([r.event.latency_ms async for r in store.find(types=["llm.call"])])  # type: ignore[union-attr]
+    assert live_aggregate["llm"]["count"] == len(latencies) > 100
+    for q in (0.5, 0.95):
+        exact = latencies[math.floor(q * (len(latencies) - 1))]
+        estimate = live_aggregate["llm"]["latency_ms"][f"p{round(q * 100)}"]
+        assert abs(estimate - exact) <= sketch.RELATIVE_ACCURACY * exact, (q, estimate, exact)
+    assert live_aggregate["llm"]["latency_ms"]["max"] == pytest.approx(latencies[-1], abs=1e-3)
+    # Per app and per agent, the merged histograms give the same guarantee.
+    for app_id in ("app1", "app2"):
+        part = await queries.aggregate_metrics(db, app_id=app_id)
+        values = sorted(
+            [r.event.latency_ms async for r in store.find(types=["llm.call"], app_id=app_id)]  # type: ignore[union-attr]
+        )
+        exact = values[math.floor(0.95 * (len(values) - 1))]
+        assert abs(part["llm"]["latency_ms"]["p95"] - exact) <= sketch.RELATIVE_ACCURACY * exact
+    writer = sorted([r.event.latency_ms async for r in store.find(types=["llm.call"], agent="Writer")])  # type: ignore[union-attr]
+    exact = writer[math.floor(0.95 * (len(writer) - 1))]
+    assert (
+        abs(live_aggregate["agents"]["Writer"]["llm"]["latency_ms"]["p95"] - exact)
+        <= sketch.RELATIVE_ACCURACY * exact
+    )
+    assert "_Hidden.Tool$er" in live_aggregate["agents"]
+
+
+async def test_rebuild_while_the_runner_is_live_converges_to_the_log(
+    db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
+) -> None:
+    runner, _ = runners()
+    await append_chats(store, 20, seed=12)
+    await runner.wait_caught_up(60)
+    rebuilt = asyncio.Event()
+
+    async def keep_appending() -> None:
+        # Appends before, during and after the swap; some chats get nothing after it.
+        rng = random.Random(13)
+        for i in range(60):
+            chat_id = f"chat-{rng.randrange(20)}" if i % 3 else f"new-{i}"
+            await store.append(stream(chat_id), [p(MessageAgent(content=f"late {i}"), "Writer", "x")], None)
+            if i == 40:
+                await rebuilt.wait()
+
+    async def rebuild_midway() -> None:
+        await rebuild(db, store)
+        rebuilt.set()
+
+    await asyncio.gather(keep_appending(), rebuild_midway())
+    await runner.wait_caught_up(60)
+    live = await snapshot(db)
+    await rebuild(db, store)
+    assert_same(live, await snapshot(db))
+
+
+async def test_rebuild_of_one_chat_replaces_only_its_documents(
+    db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
+) -> None:
+    runner, _ = runners()
+    await append_chats(store, 4, seed=14)
+    await runner.wait_caught_up(60)
+    good = await snapshot(db)
+    await db.chat_metrics.update_many({}, {"$inc": {"turns": 100}})
+    await db.chat_sessions.update_one({"_id": "chat-1"}, {"$set": {"messages": []}})
+    summary = await rebuild(db, store, chat_id="chat-1")
+    assert summary.chats == 1 and summary.events == await store.events.count_documents({"chat_id": "chat-1"})
+    now = await snapshot(db)
+    assert now["chat_sessions"] == good["chat_sessions"]
+    assert now["chat_metrics"]["chat-1"] == good["chat_metrics"]["chat-1"]
+    assert now["chat_metrics"]["chat-2"]["turns"] == good["chat_metrics"]["chat-2"]["turns"] + 100
+
+
+async def test_corrupt_record_stops_only_its_chat(
+    db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
+) -> None:
+    await append_chats(store, 3, seed=15)
+    await store.events.update_one({"chat_id": "chat-0", "seq": 3}, {"$set": {"type": "no.such.type"}})
+    runner, _ = runners()
+    await runner.wait_caught_up(60)
+    assert runner.lag()["stuck_chats"] == 1
+    sessions = await snapshot(db)
+    assert sessions["chat_sessions"]["chat-0"]["last_seq"] == 2
+    heads = {r.chat_id: r.seq async for r in store.find(chat_id="chat-1")} | {
+        r.chat_id: r.seq async for r in store.find(chat_id="chat-2")
+    }
+    assert {c: sessions["chat_metrics"][c]["last_seq"] for c in heads} == heads
+    summary = await rebuild(db, store)
+    assert summary.broken_chats == {"chat-0": 3}
+    assert_same(sessions, await snapshot(db))
+
+
+# ---- queries ----------------------------------------------------------------------------------
+
+
+async def test_metrics_list_pages_sorts_and_filters(db: AsyncDatabase[Any], store: MongoEventStore) -> None:
+    await append_chats(store, 9, seed=16, app_ids=("a", "b", "c"))
+    await rebuild(db, store)
+    everything = await queries.list_chat_metrics(db, sort="cost", limit=100)
+    costs = [item["cost_nanousd"] for item in everything["items"]]
+    assert everything["total"] == 9 and costs == sorted(costs, reverse=True)
+    first = await queries.list_chat_metrics(db, sort="tokens", descending=False, offset=0, limit=4)
+    second = await queries.list_chat_metrics(db, sort="tokens", descending=False, offset=4, limit=4)
+    tokens = [item["total_tokens"] for item in first["items"] + second["items"]]
+    assert tokens == sorted(tokens) and len(tokens) == 8
+    only_a = await queries.list_chat_metrics(db, app_id="a", sort="time")
+    assert only_a["total"] == 3 and {item["app_id"] for item in only_a["items"]} == {"a"}
+    times = [item["updated_at"] for item in only_a["items"]]
+    assert times == sorted(times, reverse=True)
+    aggregate = await queries.aggregate_metrics(db, app_id="a")
+    assert aggregate["chats"] == 3
+    assert aggregate["total_tokens"] == sum(item["total_tokens"] for item in only_a["items"])
+    assert aggregate["cost_nanousd"] == sum(item["cost_nanousd"] for item in only_a["items"])
+    assert sum(agent["turns"] for agent in aggregate["agents"].values()) == aggregate["turns"]
+    with pytest.raises(ValueError, match="sort"):
+        await queries.list_chat_metrics(db, sort="$where")
+    assert await queries.chat_metrics(db, "nope") is None
+    sessions = await queries.list_sessions(db, app_id="a", messages=1)
+    assert len(sessions) == 3 and all(len(s["messages"]) == 1 for s in sessions)
+    empty = await queries.aggregate_metrics(db, app_id="nobody")
+    assert empty["chats"] == 0 and empty["llm"]["latency_ms"]["p95"] is None
+
+
+def test_projector_names_and_handled_types_are_the_contract() -> None:
+    assert (ChatSessionsProjector.name, ChatSessionsProjector.collection) == (
+        "chat_sessions",
+        "chat_sessions",
+    )
+    assert (ChatMetricsProjector.name, ChatMetricsProjector.collection) == ("metrics", "chat_metrics")
+    assert "llm.call" in ChatMetricsProjector.handles and "llm.call" not in ChatSessionsProjector.handles
