@@ -594,3 +594,43 @@ def test_projector_names_and_handled_types_are_the_contract() -> None:
     )
     assert (ChatMetricsProjector.name, ChatMetricsProjector.collection) == ("metrics", "chat_metrics")
     assert "llm.call" in ChatMetricsProjector.handles and "llm.call" not in ChatSessionsProjector.handles
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+
+def test_rebuild_command_shows_progress_and_a_summary(mongo_uri: str, db_name: str) -> None:
+    from click.testing import CliRunner
+    from pymongo import MongoClient
+
+    from app.projections_cli import projections_group
+    from domain.events import now, seal
+
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
+    try:
+        database = client[db_name]
+        for name in database.list_collection_names():
+            database[name].delete_many({})
+        docs, prev = [], "0" * 64
+        for seq in range(1, 2501):
+            event = MessageUser(content="q") if seq == 1 else MessageAgent(content=f"m{seq}")
+            doc = seal(stream("cli"), p(event, None if seq == 1 else "Writer"), seq, prev, now())
+            docs.append(doc)
+            prev = doc["hash"]
+        database.events.insert_many(docs)
+        env = {"DATABASE_URI": mongo_uri, "MOZAIKS_DB": db_name}
+        result = CliRunner().invoke(projections_group, ["rebuild", "--name", "metrics"], env=env)
+        assert result.exit_code == 0, result.output
+        assert "events/s" in result.output and "Rebuild finished" in result.output
+        assert "2,500" in result.output and "metrics" in result.output
+        assert database.chat_metrics.find_one({"_id": "cli"})["turns"] == 2499  # type: ignore[index]
+        assert database.chat_sessions.count_documents({}) == 0
+        result = CliRunner().invoke(projections_group, ["rebuild", "--chat", "cli"], env=env)
+        assert result.exit_code == 0, result.output
+        assert database.chat_sessions.find_one({"_id": "cli"})["message_count"] == 2500  # type: ignore[index]
+        status = CliRunner().invoke(projections_group, ["status"], env=env)
+        assert status.exit_code == 0 and "chat_metrics" in status.output, status.output
+        wrong = CliRunner().invoke(projections_group, ["rebuild", "--name", "nope"], env=env)
+        assert wrong.exit_code == 2 and "nope" in wrong.output
+    finally:
+        client.close()
