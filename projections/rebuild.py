@@ -19,21 +19,24 @@ from typing import Any, Final
 
 import msgspec
 from pymongo import ASCENDING
+from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 
 from domain.errors import CorruptRecord
 from domain.events import to_record
 from domain.store import MongoEventStore
 from projections.metrics import ChatMetricsProjector
 from projections.prices import PriceTable
-from projections.projector import Projector, apply_record
+from projections.projector import Projector, apply_record, event_of
 from projections.sessions import ChatSessionsProjector
-from projections.writer import ProjectionWriter, catch_up
+from projections.writer import INSERTS, ProjectionWriter, catch_up
 
 log = logging.getLogger(__name__)
 
 PROJECTION_NAMES: Final = (ChatSessionsProjector.name, ChatMetricsProjector.name)
 WRITE_BATCH: Final = 500  # documents per insert_many into the new collection
+SCAN_BATCH: Final = 2000  # log records per cursor batch
 PROGRESS_EVERY: Final = 1000  # events between progress callbacks
 
 Progress = Callable[[int, int], None]
@@ -90,14 +93,18 @@ async def rebuild(
     """
     projectors = select_projectors(names, prices)
     started = time.perf_counter()
+    touched: set[str] | None = {chat_id} if chat_id is not None else None
     if chat_id is None:
-        total = await store.events.estimated_document_count()
-        chats, events, broken = await _rebuild_all(db, store, projectors, total, progress)
+        # Opened before the scan: it names every chat that gets events while the rebuild runs.
+        async with await store.events.watch(INSERTS, max_await_time_ms=50) as appended:
+            total = await store.events.estimated_document_count()
+            chats, events, broken = await _rebuild_all(db, store, projectors, total, progress)
+            touched = await _chats_appended(appended)
     else:
         total = await store.events.count_documents({"chat_id": chat_id})
         chats, events, broken = await _rebuild_chat(db, store, projectors, chat_id, total, progress)
     writers = [ProjectionWriter(db, store, projector) for projector in projectors]
-    late = await catch_up(store, writers, chat_ids=[chat_id] if chat_id is not None else None)
+    late = await catch_up(store, writers, chat_ids=touched) if touched is None or touched else 0
     seconds = time.perf_counter() - started
     return RebuildSummary(
         names=[p.name for p in projectors],
@@ -109,6 +116,18 @@ async def rebuild(
         caught_up_after_swap=late,
         broken_chats=broken,
     )
+
+
+async def _chats_appended(stream: AsyncChangeStream[Any]) -> set[str] | None:
+    """The chats the stream saw events of until now; None (meaning: check all) if it failed."""
+    chats: set[str] = set()
+    try:
+        while (change := await stream.try_next()) is not None:
+            chats.add(str(change["fullDocument"]["chat_id"]))
+    except PyMongoError as exc:
+        log.warning("rebuild: change stream lost (%s); checking every chat against the log", exc)
+        return None
+    return chats
 
 
 class _Folded(msgspec.Struct):
@@ -124,9 +143,8 @@ async def _fold_log(
     counted: Callable[[], None],
 ) -> AsyncIterator[_Folded]:
     """Each chat's folded documents, reading the log once in (chat_id, seq) order."""
-    cursor = store.events.find(query, sort=[("chat_id", ASCENDING), ("seq", ASCENDING)], batch_size=2000)
     current: _Folded | None = None
-    async for raw in cursor:
+    async for raw in _prefetched(store, query):
         chat_id = str(raw.get("chat_id"))
         if current is None or chat_id != current.chat_id:
             if current is not None:
@@ -145,12 +163,44 @@ async def _fold_log(
             log.error("rebuild stops at chat %s: seq %d is missing from the log", chat_id, expected)
             current.broken_at = expected
             continue
-        event = record.event
+        event = event_of(record)
         for index, projector in enumerate(projectors):
             current.docs[index] = apply_record(projector, current.docs[index], record, event)
         counted()
     if current is not None:
         yield current
+
+
+async def _prefetched(store: MongoEventStore, query: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """The log in (chat_id, seq) order, the next batch already requested while this one is folded."""
+    cursor = store.events.find(
+        query, sort=[("chat_id", ASCENDING), ("seq", ASCENDING)], batch_size=SCAN_BATCH
+    )
+    batches: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue(maxsize=4)
+
+    async def read() -> None:
+        # The server scans (its own process) while this process folds: the two overlap.
+        while batch := await cursor.to_list(SCAN_BATCH):
+            await batches.put(batch)
+        await batches.put([])
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            getter = asyncio.ensure_future(batches.get())
+            await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                reader.result()  # the reader failed: raise its error
+            batch = getter.result()
+            if not batch:
+                return
+            for doc in batch:
+                yield doc
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await cursor.close()
 
 
 class _Counter:

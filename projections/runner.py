@@ -30,12 +30,11 @@ from projections.metrics import ChatMetricsProjector
 from projections.prices import PriceTable, WatchedPrices
 from projections.projector import Projector
 from projections.sessions import ChatSessionsProjector
-from projections.writer import ProjectionWriter, behind, catch_up
+from projections.writer import INSERTS, ProjectionWriter, behind, catch_up
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS: Final = "projection_checkpoints"
-_INSERTS: Final = [{"$match": {"operationType": "insert"}}]
 
 
 def default_projectors(prices: PriceTable | WatchedPrices | None = None) -> list[Projector]:
@@ -198,7 +197,7 @@ class ProjectionRunner:
 
     async def _token_now(self) -> Mapping[str, Any] | None:
         """A resume token for the stream's current end, taken before catch-up reads the log."""
-        async with await self.store.events.watch(_INSERTS) as stream:
+        async with await self.store.events.watch(INSERTS) as stream:
             return stream.resume_token
 
     async def _read(self, token: Mapping[str, Any] | None) -> None:

@@ -32,6 +32,7 @@ MAX_ATTEMPTS: Final = 50
 CATCH_UP_EVENTS: Final = 5_000  # events read from the log per catch-up round
 CATCH_UP_CHATS: Final = 500
 
+INSERTS: Final = [{"$match": {"operationType": "insert"}}]  # change-stream pipeline: new records
 _ABSENT: Final[dict[str, Any]] = {}  # cache marker: the chat has no document (yet)
 
 
