@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, MediaType, Request, Response, get, post
@@ -14,12 +14,10 @@ from litestar.response import Stream
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_503_SERVICE_UNAVAILABLE
 
 from app.auth import Principal, require_role
+from app.runtime import Runtime
 from domain.errors import UnknownChat
 from domain.events import EVENT_TYPES, Record, to_document
 from projections import queries
-
-if TYPE_CHECKING:
-    from app.server import Runtime
 
 VERSION = "0.1.0"
 _json = msgspec.json.Encoder()
@@ -51,14 +49,17 @@ def audit_view(record: Record) -> dict[str, Any]:
 async def owned_chat(runtime: Runtime, principal: Principal, chat_id: str, *, control: bool = False) -> Record:
     """The chat's first record, if the caller may read (or, with `control`, continue/stop) the chat.
 
-    A chat the caller may not see at all is reported as not found, so ids of others' chats leak nothing.
+    Raises UnknownChat (404) when there is no such chat, PermissionDeniedException (403) when it is
+    someone else's.
     """
     assert runtime.store is not None
     first = None
     async for record in runtime.store.read(chat_id, limit=1):
         first = record
-    if first is None or not principal.can_read_chat(first.user_id, first.app_id):
+    if first is None:
         raise UnknownChat(chat_id)
+    if not principal.can_read_chat(first.user_id, first.app_id):
+        raise PermissionDeniedException(f"chat {chat_id} is not yours to read")
     if control and not principal.can_control_chat(first.user_id, first.app_id):
         raise PermissionDeniedException(f"only the chat's own user may change chat {chat_id}")
     return first

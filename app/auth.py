@@ -2,18 +2,20 @@
 
 Tokens carry `sub` (user id), `app_id` and `roles` (`user`, `auditor`, `analyst`). Browsers pass
 the token to a WebSocket as the subprotocol `bearer.<token>`, since they cannot set headers there.
-Decoding uses Litestar's JWT support (on PyJWT).
+Tokens are checked with PyJWT (the library under Litestar's JWT support), whose `Token` model
+would demand `iat` and nest custom claims; the contract has `app_id` and `roles` at the top level.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Final
 
+import jwt
 import msgspec
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
-from litestar.security.jwt import Token
 
 from app.settings import Settings
 
@@ -44,15 +46,10 @@ LOCAL_USER: Final = Principal(user_id="local", app_id="local", roles=ROLES)
 
 
 def issue_token(secret: str, user_id: str, app_id: str, roles: list[str], ttl_s: int = 3600) -> str:
-    """A signed token for `user_id` (used by tests and the `mozaiks token` command)."""
-    from datetime import UTC, datetime, timedelta
-
-    token = Token(
-        sub=user_id,
-        exp=datetime.now(UTC) + timedelta(seconds=ttl_s),
-        extras={"app_id": app_id, "roles": roles},
-    )
-    return token.encode(secret, ALGORITHM)
+    """A signed token for `user_id` with top-level `app_id` and `roles` claims (`mozaiks token`)."""
+    issued = int(time.time())
+    claims = {"sub": user_id, "app_id": app_id, "roles": roles, "iat": issued, "exp": issued + ttl_s}
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
 def token_from(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
@@ -68,18 +65,24 @@ def token_from(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
 
 
 def principal_from_token(encoded: str, secret: str) -> Principal:
-    """Decode and check a token; raises NotAuthorizedException naming what is wrong."""
+    """Decode and check a token (HS256, `sub` required, `exp` checked when present).
+
+    Raises NotAuthorizedException naming what is wrong.
+    """
     try:
-        token = Token.decode(encoded, secret, ALGORITHM)
-    except NotAuthorizedException as exc:
-        raise NotAuthorizedException(f"invalid token: {exc.detail}") from None
-    app_id = token.extras.get("app_id")
-    roles = token.extras.get("roles", ["user"])
+        claims = jwt.decode(encoded, secret, algorithms=[ALGORITHM], options={"require": ["sub"]})
+    except jwt.PyJWTError as exc:
+        raise NotAuthorizedException(f"invalid token: {exc}") from None
+    app_id = claims.get("app_id")
+    roles = claims.get("roles", ["user"])
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not subject:
+        raise NotAuthorizedException("invalid token: claim sub must be a non-empty string")
     if not isinstance(app_id, str) or not app_id:
         raise NotAuthorizedException("invalid token: claim app_id is missing")
     if not isinstance(roles, list) or not set(roles) <= ROLES:
         raise NotAuthorizedException(f"invalid token: roles must be a list of {sorted(ROLES)}")
-    return Principal(user_id=token.sub, app_id=app_id, roles=frozenset(roles))
+    return Principal(user_id=subject, app_id=app_id, roles=frozenset(roles))
 
 
 class BearerAuthMiddleware(AbstractAuthenticationMiddleware):

@@ -65,8 +65,11 @@ def serve(host: str, port: int) -> None:
             fail(str(exc))
     try:
         click.echo(f"mozaiks: serving on http://{host}:{port}/ ({'offline fixtures' if settings.offline else 'OpenAI'})")
+        # Stopped from the app's shutdown too: uvicorn re-raises SIGTERM after a graceful shutdown,
+        # which would skip the `finally` below.
+        on_shutdown = [embedded.stop] if embedded is not None else []  # called without arguments
         uvicorn.run(
-            create_app(settings),
+            create_app(settings, on_shutdown=on_shutdown),
             host=host,
             port=port,
             ws_max_size=settings.max_frame_bytes,

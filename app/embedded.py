@@ -157,8 +157,11 @@ class EmbeddedMongo:
         errors = [line for line in lines if "error" in line.lower()]
         return (errors or lines or ["no output"])[-1][:300]
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the server gracefully (SIGTERM), killing it if it does not exit in time."""
+    def stop(self, *_: object, timeout_s: float = 10.0) -> None:
+        """Stop the server gracefully (SIGTERM), killing it if it does not exit in time.
+
+        Extra positional arguments are ignored, so it can serve as any shutdown hook.
+        """
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import structlog
@@ -32,9 +32,12 @@ class Overflowed(Exception):
 
 
 class _Subscriber:
-    def __init__(self, chat_id: str, bound: int, store: MongoEventStore) -> None:
+    def __init__(
+        self, chat_id: str, bound: int, store: MongoEventStore, on_overflow: Callable[[], None] | None
+    ) -> None:
         self.chat_id = chat_id
         self.store = store
+        self.on_overflow = on_overflow
         self.queue: asyncio.Queue[Record | None] = asyncio.Queue(maxsize=bound)
         self.overflowed = False
 
@@ -45,6 +48,8 @@ class _Subscriber:
             self.queue.put_nowait(record)
         except asyncio.QueueFull:
             self.overflowed = True
+            if self.on_overflow is not None:
+                self.on_overflow()
 
     async def records(self) -> AsyncIterator[Record]:
         while True:
@@ -109,8 +114,8 @@ class LiveHub:
             self.delivered += 1
 
     @contextlib.asynccontextmanager
-    async def _listen(self, chat_id: str) -> AsyncIterator[_Subscriber]:
-        subscriber = _Subscriber(chat_id, self.queue_bound, self.store)
+    async def _listen(self, chat_id: str, on_overflow: Callable[[], None] | None) -> AsyncIterator[_Subscriber]:
+        subscriber = _Subscriber(chat_id, self.queue_bound, self.store, on_overflow)
         self._subscribers.setdefault(chat_id, set()).add(subscriber)
         try:
             yield subscriber
@@ -121,13 +126,16 @@ class LiveHub:
                 if not subs:
                     del self._subscribers[chat_id]
 
-    async def subscribe(self, chat_id: str, after: int = 0) -> AsyncIterator[Record | ReplayDone]:
+    async def subscribe(
+        self, chat_id: str, after: int = 0, on_overflow: Callable[[], None] | None = None
+    ) -> AsyncIterator[Record | ReplayDone]:
         """Stored records after `after`, a ReplayDone marker, then live records: no gap, no duplicate.
 
-        Raises Overflowed when this subscriber falls more than `queue_bound` records behind.
+        Raises Overflowed when this subscriber falls more than `queue_bound` records behind;
+        `on_overflow` is called at that moment (the consumer may be blocked elsewhere).
         """
         await self._ready.wait()
-        async with self._listen(chat_id) as subscriber:
+        async with self._listen(chat_id, on_overflow) as subscriber:
             last = after
             async for item in follow(self.store.read, chat_id, after, subscriber.records(), mark_replay=True):
                 if isinstance(item, Record):

@@ -20,6 +20,9 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
 
     `chat_id` and `run_id` are bound with `structlog.contextvars.bound_contextvars` where a run starts.
     """
+    # `import autogen` attaches handlers of its own: import it first, then replace them all with ours.
+    import autogen  # noqa: F401
+
     use_json = not sys.stderr.isatty() if json is None else json
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
@@ -44,9 +47,6 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # `import autogen` attaches its own stdout handler; drop it so AG2 logs go through ours.
-    import autogen  # noqa: F401
-
     for name in ("autogen", "autogen.oai.client", "ag2"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,43 +21,23 @@ from litestar.openapi.config import OpenAPIConfig
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.response import File
 from litestar.static_files import create_static_files_router
-from projections.runner import ProjectionRunner
 
 from app.api import ChatController, HealthController, MetricsController, WorkflowController, info
 from app.auth import BearerAuthMiddleware, token_from
 from app.database import open_database
 from app.hub import LiveHub
-from app.observability import Observability
 from app.orchestration import Orchestrator
+from app.runtime import Runtime
 from app.settings import Settings
 from app.supervisor import NoActiveRun, RunActive, RunSupervisor
 from app.transport import chat_socket
-from app.workflows import UnknownWorkflow, WorkflowManager
+from app.workflows import UnknownWorkflow
 from domain.errors import Conflict, CorruptRecord, UnknownChat
 from domain.store import MongoEventStore
+from projections.runner import ProjectionRunner
 
 STATIC = Path(__file__).parent / "static"
 log = structlog.get_logger("mozaiks.server")
-
-
-class Runtime:
-    """Every service of one process, built by the lifespans and injected into handlers."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.observability = Observability()
-        self.workflows = WorkflowManager(settings.workflows_path)
-        self._db: Any = None
-        self.store: MongoEventStore | None = None
-        self.hub: LiveHub | None = None
-        self.supervisor: RunSupervisor | None = None
-        self.projections: ProjectionRunner | None = None
-        self.orchestrator: Orchestrator | None = None
-
-    @property
-    def db(self) -> Any:
-        """The AsyncDatabase (available once the database lifespan has run)."""
-        return self._db
 
 
 def _runtime(app: Litestar) -> Runtime:
@@ -146,8 +126,11 @@ async def chat_ui() -> File:
     return File(STATIC / "index.html", content_disposition_type="inline", media_type=MediaType.HTML)
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
-    """Build the application for `settings` (default: from the environment)."""
+def create_app(settings: Settings | None = None, on_shutdown: list[Callable[[], Any]] | None = None) -> Litestar:
+    """Build the application for `settings` (default: from the environment).
+
+    `on_shutdown` hooks run after every lifespan has closed (the CLI stops its embedded server there).
+    """
     settings = settings or Settings.from_env()
     runtime = Runtime(settings)
     prometheus = PrometheusConfig(app_name="mozaiks", prefix="mozaiks", group_path=True, exclude=["/metrics"])
@@ -187,6 +170,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         },
         openapi_config=OpenAPIConfig(title="Mozaiks AI Runtime", version="0.1.0", path="/schema"),
         request_max_body_size=settings.max_body_bytes,
+        on_shutdown=on_shutdown or [],
+        logging_config=None,  # logs go through app.logging's structlog setup, not Litestar's own
     )
     app.state.runtime = runtime
     app.state.settings = settings

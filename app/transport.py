@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import msgspec
 import structlog
@@ -20,13 +20,11 @@ from litestar.exceptions import NotAuthorizedException, WebSocketDisconnect
 from app.auth import LOCAL_USER, SUBPROTOCOL_PREFIX, Principal, principal_from_token, token_from
 from app.hub import Overflowed
 from app.observability import REPLAY_SIZE, WS_CLIENTS, WS_CLOSED
+from app.runtime import Runtime
 from app.supervisor import NoActiveRun, RunActive
 from domain.errors import MozaiksError
 from domain.events import Record, now
 from domain.store import ReplayDone
-
-if TYPE_CHECKING:
-    from app.server import Runtime
 
 log = structlog.get_logger("mozaiks.transport")
 
@@ -39,6 +37,7 @@ CLOSE_UNAUTHORIZED: Final = 4401
 CLOSE_FORBIDDEN: Final = 4403
 CLOSE_UNKNOWN_CHAT: Final = 4404
 CLOSE_SLOW: Final = 4408
+CLOSE_WAIT_S: Final = 5.0
 
 
 # ---- frames -------------------------------------------------------------------------------------
@@ -128,6 +127,12 @@ class ChatConnection:
             group.create_task(self.stream(after))
             group.create_task(self.receive())
             group.create_task(self.heartbeat())
+            group.create_task(self.watch_overflow())
+
+    async def watch_overflow(self) -> None:
+        """Close a client the moment it falls too far behind, even while a send to it is blocked."""
+        await self.overflow.wait()
+        raise _Closed(CLOSE_SLOW, f"too slow; resume from seq {self.last_sent}")
 
     async def send_live(self, payload: bytes) -> None:
         """Send, but treat a client that takes longer than two heartbeats to take a frame as too slow."""
@@ -141,7 +146,7 @@ class ChatConnection:
         replayed = 0
         self.last_sent = after
         try:
-            async for item in self.runtime.hub.subscribe(self.chat.chat_id, after):
+            async for item in self.runtime.hub.subscribe(self.chat.chat_id, after, on_overflow=self.overflow.set):
                 if isinstance(item, ReplayDone):
                     REPLAY_SIZE.observe(replayed)
                     await self.send(_encode(ReplayDoneFrame(last_seq=item.last_seq)))
@@ -153,10 +158,7 @@ class ChatConnection:
                         replayed += 1
                 self.last_sent = item.seq
         except Overflowed:
-            hint = f"too slow; resume from seq {self.last_sent}"
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.send(_encode(ErrorFrame(code="slow_consumer", message=hint))), 1)
-            raise _Closed(CLOSE_SLOW, hint) from None
+            raise _Closed(CLOSE_SLOW, f"too slow; resume from seq {self.last_sent}") from None
 
     async def receive(self) -> None:
         limit = self.runtime.settings.max_frame_bytes
@@ -265,7 +267,12 @@ async def chat_socket(socket: WebSocket[Any, Any, Any], chat_id: str, runtime: R
         closed = group.exceptions[0]
         assert isinstance(closed, _Closed)
         WS_CLOSED.labels(str(closed.code)).inc()
+        log.info("ws.closing", chat_id=chat_id, code=closed.code, reason=closed.reason)
+        # The close frame waits behind what the client has not read yet: give it a moment, then drop it.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(socket.close(code=closed.code, reason=closed.reason[:120]), 2)
+            await asyncio.wait_for(socket.close(code=closed.code, reason=closed.reason[:120]), CLOSE_WAIT_S)
+    except* Exception as group:
+        log.error("ws.failed", chat_id=chat_id, errors=[repr(e) for e in group.exceptions])
+        raise
     finally:
         WS_CLIENTS.dec()

@@ -29,7 +29,7 @@ def _docker_answers() -> bool:
         client = docker.from_env(timeout=2)
         client.ping()
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - no engine, no socket, no docker package: all mean "no Docker"
         return False
 
 
@@ -41,7 +41,7 @@ def _mongo_container() -> Iterator[str]:
         host, port = container.get_container_host_ip(), container.get_exposed_port(27017)
         container.exec(
             "mongosh --quiet --eval "
-            f"\"rs.initiate({{_id:'rs0',members:[{{_id:0,host:'localhost:27017'}}]}})\""
+            "\"rs.initiate({_id:'rs0',members:[{_id:0,host:'localhost:27017'}]})\""
         )
         yield f"mongodb://test:test@{host}:{port}/?directConnection=true&authSource=admin"
 
@@ -142,13 +142,14 @@ class Node:
             await asyncio.wait_for(self.task, 30)
 
     async def kill(self) -> None:
-        """Stop abruptly: connections dropped, lifespan shutdown skipped as far as uvicorn allows."""
-        self.server.force_exit = True
-        self.server.should_exit = True
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(BaseException):
-                await self.task
+        """Drop every connection abruptly (as a crashed process would), then shut the app down."""
+        for server in self.server.servers:
+            server.close()
+        for connection in list(self.server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.abort()
+        await self.stop()
 
 
 @pytest.fixture

@@ -236,7 +236,7 @@ async def test_human_input_is_answered_through_the_log(orchestrator: Orchestrato
     requested = [r for r in records if r.type == "input.requested"]
     received = [r for r in records if r.type == "input.received"]
     assert len(requested) == 2 and [r.data["text"] for r in received] == ["Please add honey facts", "exit"]
-    for request, answer in zip(requested, received):
+    for request, answer in zip(requested, received, strict=True):
         assert request.seq < answer.seq
         assert json.loads(request.ag2)["content"]["respond"] is None  # type: ignore[arg-type]
     # AG2 took the answer as the user's reply: the next message the Researcher saw is the human's.

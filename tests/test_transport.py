@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 from typing import Any
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from app.observability import WS_CLOSED
 from domain.events import MessageAgent, Pending, StreamRef
 from domain.store import MongoEventStore
 
@@ -160,6 +162,8 @@ async def test_a_client_on_node_b_sees_node_a_live_and_a_reconnect_to_a_misses_n
                 frame = json.loads(await ws_a.recv())
                 if frame["type"] == "event":
                     seen.append(frame)
+                    if frame["event"]["type"] == "input.requested":  # it checks back: we are done
+                        await ws_a.send(json.dumps({"type": "user.message", "text": "exit"}))
     visible = [r.seq async for r in store.read(chat_id) if r.visible]
     assert seqs(seen) == visible
     assert seen[-1]["event"]["type"] == "run.completed"
@@ -195,33 +199,40 @@ async def test_answering_heartbeats_keeps_the_socket_open(store, start_node) -> 
 
 
 async def test_slow_client_is_closed_with_a_resume_hint_and_others_are_unaffected(store, start_node) -> None:
-    node = await start_node(ws_queue_max=20, ws_heartbeat_s=2.0)
+    node = await start_node(ws_queue_max=50, ws_heartbeat_s=30.0)
     await seed_chat(store, "slow", 1)
-    slow = await connect(f"{node.ws_url}/ws/chats/slow?after=0", max_queue=1)
+    # The slow client: a raw socket that completes the handshake and then never reads.
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer.write(
+        b"GET /ws/chats/slow?after=0 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await writer.drain()
+    reader._transport.pause_reading()  # type: ignore[attr-defined]  # stop reading: the kernel buffer fills
     fast = await connect(f"{node.ws_url}/ws/chats/slow?after=0")
+    slow_closes_before = WS_CLOSED.labels("4408")._value.get()
+    batches, per_batch = 60, 20
+    last = 1 + batches * per_batch
     try:
-        await frames_until(slow, 1)
-        # The slow client stops reading; bulky events pile up behind it.
         big = "x" * 20_000
-        for _ in range(20):
-            await store.append(
-                stream_of("slow"), [Pending(event=MessageAgent(content=big), agent="Analyst") for _ in range(20)], None
-            )
-        fast_frames = await frames_until(fast, 401, timeout=60)
-        assert seqs(fast_frames) == list(range(1, 402))
-        codes = []
+
+        async def produce() -> None:
+            for _ in range(batches):
+                batch = [Pending(event=MessageAgent(content=big), agent="Analyst") for _ in range(per_batch)]
+                await store.append(stream_of("slow"), batch, None)
+                await asyncio.sleep(0.03)  # a steady run, not one burst
+
+        fast_frames, _ = await asyncio.gather(frames_until(fast, last, timeout=90), produce())
+        assert seqs(fast_frames) == list(range(1, last + 1))
+        # The server let go of the slow client (closed as too slow, with the seq to resume from in the
+        # close reason) and no longer follows the chat for it: its backlog is not buffered.
         async with asyncio.timeout(30):
-            try:
-                while True:
-                    frame = json.loads(await slow.recv())
-                    if frame["type"] == "error":
-                        codes.append(frame)
-            except ConnectionClosed as exc:
-                closed = exc
-        assert closed.rcvd is not None and closed.rcvd.code == 4408
-        assert "resume from seq" in closed.rcvd.reason
+            while node.runtime.hub.subscriber_count != 1:
+                await asyncio.sleep(0.05)
+        assert WS_CLOSED.labels("4408")._value.get() == slow_closes_before + 1
     finally:
-        await slow.close()
+        writer.close()
         await fast.close()
 
 

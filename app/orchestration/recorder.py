@@ -48,7 +48,7 @@ def live_object(value: Any) -> Any:
         body: dict[str, Any] = {"target_type": type(value).__name__, "display_name": value.display_name()}
         try:
             body.update(json.loads(value.model_dump_json(fallback=live_object, serialize_as_any=True)))
-        except Exception:  # noqa: BLE001, S110 - a target with exotic fields still gets its type and name
+        except Exception:  # noqa: BLE001 - a target with exotic fields still gets its type and name
             pass
         return body
     if isinstance(value, BaseException):

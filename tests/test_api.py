@@ -1,0 +1,206 @@
+"""REST API, auth and run supervision over a real socket: who may do what, bad input, leases."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from app.auth import issue_token
+from domain.events import MessageAgent, Pending, RunStarted, StreamRef
+
+SECRET = "test-secret-of-at-least-thirty-two-bytes!"
+
+
+def bearer(user: str, app: str = "P", roles: tuple[str, ...] = ("user",)) -> dict[str, str]:
+    return {"Authorization": f"Bearer {issue_token(SECRET, user, app, list(roles))}"}
+
+
+async def wait_for_terminal(http: httpx.AsyncClient, chat_id: str, headers: dict[str, str] | None = None) -> str:
+    async with asyncio.timeout(60):
+        while True:
+            events = (await http.get(f"/api/chats/{chat_id}/events", headers=headers)).json()["events"]
+            terminal = [e["type"] for e in events if e["type"] in ("run.completed", "run.failed", "run.stopped")]
+            if terminal:
+                return terminal[-1]
+            await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def secured(start_node: Any) -> Any:
+    return await start_node(auth_secret=SECRET, chat_starts_per_minute=1000)
+
+
+async def test_users_see_only_their_own_chats(secured: Any) -> None:
+    async with httpx.AsyncClient(base_url=secured.url) as http:
+        x, y = bearer("x"), bearer("y")
+        started = await http.post("/api/chats", json={"workflow": "Analyzer", "message": "hi"}, headers=x)
+        assert started.status_code == 201
+        chat_id = started.json()["chat_id"]
+        assert await wait_for_terminal(http, chat_id, x) == "run.completed"
+        assert (await http.get(f"/api/chats/{chat_id}/events", headers=x)).status_code == 200
+        for method, path, body in [
+            ("GET", f"/api/chats/{chat_id}", None),
+            ("GET", f"/api/chats/{chat_id}/events", None),
+            ("GET", f"/api/chats/{chat_id}/verify", None),
+            ("POST", f"/api/chats/{chat_id}/messages", {"message": "let me in"}),
+            ("POST", f"/api/chats/{chat_id}/stop", None),
+        ]:
+            response = await http.request(method, path, json=body, headers=y)
+            assert response.status_code == 403, (method, path, response.text)
+        async with asyncio.timeout(30):
+            while not (await http.get("/api/chats", headers=x)).json()["chats"]:
+                await asyncio.sleep(0.1)
+        assert [c["chat_id"] for c in (await http.get("/api/chats", headers=x)).json()["chats"]] == [chat_id]
+        assert (await http.get("/api/chats", headers=y)).json()["chats"] == []
+        # Nothing of Y's attempts reached the log.
+        events = (await http.get(f"/api/chats/{chat_id}/events", headers=x)).json()["events"]
+        assert "let me in" not in json.dumps(events)
+    token_y = issue_token(SECRET, "y", "P", ["user"])
+    async with connect(f"{secured.ws_url}/ws/chats/{chat_id}?after=0", subprotocols=[f"bearer.{token_y}"]) as ws:
+        assert json.loads(await ws.recv())["code"] == "forbidden"
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+    token_x = issue_token(SECRET, "x", "P", ["user"])
+    async with connect(f"{secured.ws_url}/ws/chats/{chat_id}?after=0", subprotocols=[f"bearer.{token_x}"]) as ws:
+        assert ws.subprotocol == f"bearer.{token_x}"
+        assert json.loads(await ws.recv())["type"] == "event"
+
+
+async def test_auditors_read_every_chat_of_their_app_only(secured: Any) -> None:
+    async with httpx.AsyncClient(base_url=secured.url) as http:
+        in_p = (await http.post("/api/chats", json={"workflow": "Analyzer", "message": "p"}, headers=bearer("x", "P"))).json()
+        in_q = (await http.post("/api/chats", json={"workflow": "Analyzer", "message": "q"}, headers=bearer("z", "Q"))).json()
+        auditor = bearer("audit", "P", ("auditor",))
+        await wait_for_terminal(http, in_p["chat_id"], auditor)
+        events = (await http.get(f"/api/chats/{in_p['chat_id']}/events", headers=auditor)).json()["events"]
+        assert events[0]["type"] == "chat.created" and all("hash" in e for e in events)
+        assert any(not e["visible"] for e in events), "auditors see hidden agents' records too"
+        assert (await http.get(f"/api/chats/{in_q['chat_id']}/events", headers=auditor)).status_code == 403
+        # An auditor reads but does not steer.
+        assert (await http.post(f"/api/chats/{in_p['chat_id']}/stop", headers=auditor)).status_code == 403
+
+
+async def test_metrics_need_the_analyst_role(secured: Any) -> None:
+    async with httpx.AsyncClient(base_url=secured.url) as http:
+        assert (await http.get("/metrics/perf/aggregate", headers=bearer("x"))).status_code == 403
+        assert (await http.get("/metrics/perf/chats", headers=bearer("x"))).status_code == 403
+        assert (await http.get("/metrics/perf/aggregate", headers=bearer("a", roles=("analyst",)))).status_code == 200
+        assert (await http.get("/api/chats")).status_code == 401
+        assert (await http.get("/api/chats", headers={"Authorization": "Bearer not.a.token"})).status_code == 401
+        forged = issue_token("another-secret-of-at-least-thirty-two-b", "x", "P", ["user"])
+        assert (await http.get("/api/chats", headers={"Authorization": f"Bearer {forged}"})).status_code == 401
+
+
+async def test_bad_input_gets_clear_errors_and_the_server_keeps_serving(start_node: Any, store: Any) -> None:
+    node = await start_node(max_body_bytes=2048, chat_starts_per_minute=6)
+    await store.append(
+        StreamRef(chat_id="c", app_id="local", user_id="local", workflow="Analyzer"),
+        [Pending(event=MessageAgent(content="hello"), agent="Analyst")],
+        0,
+    )
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        too_big = await http.post("/api/chats", json={"workflow": "Analyzer", "message": "x" * 5000})
+        assert too_big.status_code == 413
+        unknown = await http.post("/api/chats", json={"workflow": "Nope", "message": "hi"})
+        assert unknown.status_code == 404 and "Nope" in unknown.json()["detail"]
+        typo = await http.post("/api/chats", json={"workflow": "Analyzer", "mesage": "hi"})
+        assert typo.status_code == 400
+        assert (await http.get("/api/chats/missing/events")).status_code == 404
+        bad_type = await http.get("/api/chats/c/events", params={"type": "message.nope"})
+        assert bad_type.status_code == 400 and "message.nope" in bad_type.text
+        assert (await http.get("/api/chats/c/events", params={"after": "-1"})).status_code == 400
+        # Operator-looking filter values are plain strings, never Mongo operators.
+        injected = await http.get("/api/chats/c/events", params={"agent": '{"$ne": null}'})
+        assert injected.status_code == 200 and injected.json()["events"] == []
+        assert len((await http.get("/api/chats/c/events", params={"agent": "Analyst"})).json()["events"]) == 1
+        # The three refused starts above count too: 6 per minute leaves 3.
+        statuses = [
+            (await http.post("/api/chats", json={"workflow": "Analyzer", "message": f"m{i}"})).status_code
+            for i in range(5)
+        ]
+        assert statuses[:3] == [201, 201, 201] and statuses[3:] == [429, 429]
+        assert (await http.get("/api/chats/c/events")).status_code == 200
+        ndjson = await http.get("/api/chats/c/events", headers={"Accept": "application/x-ndjson"})
+        assert ndjson.headers["content-type"].startswith("application/x-ndjson")
+        assert [json.loads(line)["seq"] for line in ndjson.text.splitlines()] == [1]
+        assert (await http.get("/api/chats/c/verify")).json()["ok"] is True
+        assert (await http.get("/schema/openapi.json")).status_code == 200
+        metrics = await http.get("/metrics")
+        assert "mozaiks_events_appended_total" in metrics.text and "mozaiks_ws_clients" in metrics.text
+
+
+async def test_continue_a_finished_chat_and_answer_input_over_rest(start_node: Any) -> None:
+    node = await start_node()
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        chat_id = (await http.post("/api/chats", json={"workflow": "Assistant", "message": "bees"})).json()["chat_id"]
+        async with asyncio.timeout(60):
+            while True:
+                events = (await http.get(f"/api/chats/{chat_id}/events")).json()["events"]
+                if any(e["type"] == "input.requested" for e in events):
+                    break
+                await asyncio.sleep(0.1)
+        busy = await http.post(f"/api/chats/{chat_id}/messages", json={"message": "exit", "request_id": None})
+        assert busy.status_code == 202 and busy.json()["recorded"] == "input.received"
+        assert await wait_for_terminal(http, chat_id) == "run.completed"
+        again = await http.post(f"/api/chats/{chat_id}/messages", json={"message": "and wasps?"})
+        assert again.status_code == 202 and again.json()["recorded"] == "message.user"
+        async with asyncio.timeout(60):
+            while True:
+                types = [e["type"] for e in (await http.get(f"/api/chats/{chat_id}/events")).json()["events"]]
+                if types.count("run.started") == 2 and types[-1] in ("run.completed", "run.failed", "input.requested"):
+                    break
+                await asyncio.sleep(0.1)
+        assert (await http.post(f"/api/chats/{chat_id}/stop")).status_code in (202, 409)
+
+
+async def test_a_run_whose_node_died_is_recorded_as_interrupted_and_can_continue(start_node: Any, store: Any, db: Any) -> None:
+    stream = StreamRef(chat_id="orphan", app_id="local", user_id="local", workflow="Analyzer")
+    await store.append(stream, [Pending(event=RunStarted(pattern="RoundRobin", max_turns=8), run_id="r-dead")], 0)
+    # The dead node's lease, already expired.
+    await db["chat_leases"].insert_one(
+        {"_id": "orphan", "owner": "dead-node", "run_id": "r-dead", "expires_at": datetime.now(UTC) - timedelta(seconds=1)}
+    )
+    node = await start_node(lease_ttl_s=0.6)
+    async with asyncio.timeout(30):
+        while True:
+            types = [r.type async for r in store.read("orphan")]
+            if "run.failed" in types:
+                break
+            await asyncio.sleep(0.05)
+    failed = [r async for r in store.read("orphan")][-1]
+    assert failed.type == "run.failed" and failed.data["reason"] == "interrupted" and failed.run_id == "r-dead"
+    assert await db["chat_leases"].count_documents({}) == 0
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        resumed = await http.post("/api/chats/orphan/messages", json={"message": "go on"})
+        assert resumed.status_code == 202 and resumed.json()["recorded"] == "message.user"
+        async with asyncio.timeout(60):
+            while True:
+                types = [r.type async for r in store.read("orphan")]
+                if types.count("run.started") == 2 and types[-1] in ("run.completed", "run.failed"):
+                    break
+                await asyncio.sleep(0.05)
+    assert types[-1] == "run.completed" and types.count("run.started") == 2
+
+
+async def test_only_one_node_runs_a_chat(start_node: Any) -> None:
+    node_a = await start_node()
+    node_b = await start_node()
+    async with httpx.AsyncClient(base_url=node_a.url) as a, httpx.AsyncClient(base_url=node_b.url) as b:
+        chat_id = (await a.post("/api/chats", json={"workflow": "Assistant", "message": "bees"})).json()["chat_id"]
+        async with asyncio.timeout(60):
+            while not any(e["type"] == "input.requested" for e in (await a.get(f"/api/chats/{chat_id}/events")).json()["events"]):
+                await asyncio.sleep(0.1)
+        # A new turn on node B while A's run waits for input is refused, not run twice.
+        await b.post(f"/api/chats/{chat_id}/messages", json={"message": "exit"})
+        assert await wait_for_terminal(a, chat_id) == "run.completed"
+        assert chat_id not in node_b.runtime.supervisor.tasks
+        stopped = await b.post(f"/api/chats/{chat_id}/stop")
+        assert stopped.status_code == 409
