@@ -1,0 +1,66 @@
+"""A runtime node served by uvicorn on a real loopback socket, inside the caller's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+
+class Node:
+    """One runtime process's app served by uvicorn on a real loopback socket, in the test's event loop."""
+
+    def __init__(self, settings: Any) -> None:
+        import uvicorn
+
+        from app.embedded import free_port
+        from app.server import create_app
+
+        self.settings = settings
+        self.port = free_port()
+        self.app = create_app(settings)
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            ws_max_size=settings.max_frame_bytes,
+            ws_ping_interval=None,
+            log_config=None,
+            lifespan="on",
+        )
+        self.server = uvicorn.Server(config)
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def runtime(self) -> Any:
+        return self.app.state.runtime
+
+    async def start(self) -> Node:
+        self.task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()
+            await asyncio.sleep(0.02)
+        return self
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 30)
+
+    async def kill(self) -> None:
+        """Drop every connection abruptly (as a crashed process would), then shut the app down."""
+        for server in self.server.servers:
+            server.close()
+        for connection in list(self.server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.abort()
+        await self.stop()
