@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import OrderedDict
 from typing import Any, Final
 
 import msgspec
@@ -90,9 +91,26 @@ _encode = msgspec.json.Encoder().encode
 _decode_client = msgspec.json.Decoder(UserMessage | InputResponse | ChatStop | Pong).decode
 
 
-def event_frame(record: Record) -> bytes:
-    """The `event` frame of a record (the client view: no raw AG2 event, no hash chain)."""
-    return _encode(EventFrame(seq=record.seq, event=record.public()))
+_FRAME_CACHE_SIZE: Final = 4096
+_frames: OrderedDict[str, str] = OrderedDict()
+
+
+def frame_text(frame: ServerFrame) -> str:
+    """A server frame as the JSON text sent on the socket."""
+    return _encode(frame).decode()
+
+
+def event_frame(record: Record) -> str:
+    """The `event` frame of a record (the client view: no raw AG2 event, no hash chain).
+
+    Encoded once per record and process, not once per client: a chat's clients all get the same bytes.
+    """
+    frame = _frames.get(record.id)
+    if frame is None:
+        frame = _frames[record.id] = frame_text(EventFrame(seq=record.seq, event=record.public()))
+        if len(_frames) > _FRAME_CACHE_SIZE:
+            _frames.popitem(last=False)
+    return frame
 
 
 # ---- the connection ------------------------------------------------------------------------------
@@ -117,9 +135,9 @@ class ChatConnection:
         self.last_heard = time.monotonic()
         self.overflow = asyncio.Event()
 
-    async def send(self, payload: bytes) -> None:
+    async def send(self, payload: str) -> None:
         async with self.send_lock:
-            await self.socket.send_data(payload.decode(), mode="text")
+            await self.socket.send_data(payload, mode="text")
 
     async def serve(self, after: int) -> None:
         """Run until the client leaves or is closed; a disconnect never touches the chat's run."""
@@ -134,7 +152,7 @@ class ChatConnection:
         await self.overflow.wait()
         raise _Closed(CLOSE_SLOW, f"too slow; resume from seq {self.last_sent}")
 
-    async def send_live(self, payload: bytes) -> None:
+    async def send_live(self, payload: str) -> None:
         """Send, but treat a client that takes longer than two heartbeats to take a frame as too slow."""
         try:
             await asyncio.wait_for(self.send(payload), 2 * self.runtime.settings.ws_heartbeat_s)
@@ -149,7 +167,7 @@ class ChatConnection:
             async for item in self.runtime.hub.subscribe(self.chat.chat_id, after, on_overflow=self.overflow.set):
                 if isinstance(item, ReplayDone):
                     REPLAY_SIZE.observe(replayed)
-                    await self.send(_encode(ReplayDoneFrame(last_seq=item.last_seq)))
+                    await self.send(frame_text(ReplayDoneFrame(last_seq=item.last_seq)))
                     replayed = -1
                     continue
                 if item.visible:
@@ -170,7 +188,7 @@ class ChatConnection:
             try:
                 frame = _decode_client(raw)
             except msgspec.DecodeError as exc:
-                await self.send(_encode(ErrorFrame(code="bad_frame", message=f"{exc}")))
+                await self.send(frame_text(ErrorFrame(code="bad_frame", message=f"{exc}")))
                 continue
             await self.handle(frame)
 
@@ -181,7 +199,7 @@ class ChatConnection:
         if isinstance(frame, Pong):
             return
         if not self.principal.can_control_chat(self.chat.user_id, self.chat.app_id):
-            await self.send(_encode(ErrorFrame(code="forbidden", message="only the chat's own user may do that")))
+            await self.send(frame_text(ErrorFrame(code="forbidden", message="only the chat's own user may do that")))
             return
         try:
             match frame:
@@ -192,9 +210,9 @@ class ChatConnection:
                 case ChatStop():
                     await supervisor.stop(chat_id, by=self.principal.user_id)
         except (RunActive, NoActiveRun) as exc:
-            await self.send(_encode(ErrorFrame(code=type(exc).__name__, message=str(exc))))
+            await self.send(frame_text(ErrorFrame(code=type(exc).__name__, message=str(exc))))
         except MozaiksError as exc:
-            await self.send(_encode(ErrorFrame(code="error", message=str(exc))))
+            await self.send(frame_text(ErrorFrame(code="error", message=str(exc))))
 
     async def heartbeat(self) -> None:
         interval = self.runtime.settings.ws_heartbeat_s
@@ -202,7 +220,7 @@ class ChatConnection:
             await asyncio.sleep(interval)
             if time.monotonic() - self.last_heard > 2 * interval:
                 raise _Closed(CLOSE_HEARTBEAT, f"no answer to heartbeats for {2 * interval:g} s")
-            await self.send(_encode(HeartbeatFrame(ts=now().isoformat().replace("+00:00", "Z"))))
+            await self.send(frame_text(HeartbeatFrame(ts=now().isoformat().replace("+00:00", "Z"))))
 
 
 def _principal(socket: WebSocket[Any, Any, Any], runtime: Runtime) -> Principal:
@@ -225,7 +243,7 @@ def _chosen_subprotocol(socket: WebSocket[Any, Any, Any]) -> str | None:
 
 async def _refuse(socket: WebSocket[Any, Any, Any], code: int, error: str, message: str) -> None:
     with contextlib.suppress(Exception):
-        await socket.send_data(_encode(ErrorFrame(code=error, message=message)).decode(), mode="text")
+        await socket.send_data(frame_text(ErrorFrame(code=error, message=message)), mode="text")
         await socket.close(code=code, reason=message[:120])
     WS_CLOSED.labels(error).inc()
 
