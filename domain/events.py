@@ -130,7 +130,7 @@ AnyEvent = (
 )
 
 EVENT_TYPES: Final[frozenset[str]] = frozenset(
-    cls.__struct_config__.tag for cls in AnyEvent.__args__  # type: ignore[attr-defined]
+    str(cls.__struct_config__.tag) for cls in AnyEvent.__args__
 )
 TERMINAL_TYPES: Final = frozenset({"run.completed", "run.failed", "run.stopped"})
 
@@ -203,12 +203,12 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, rename={"id": "_id"}):
 
 
 _canonical = msgspec.json.Encoder(order="sorted")
-_event_decoder_type: Final = AnyEvent
 
 
 def decode_event(type_: str, data: Mapping[str, Any]) -> AnyEvent:
     """Decode one event payload by its tag; raises msgspec.ValidationError on a bad tag or field."""
-    return msgspec.convert({**data, "type": type_}, _event_decoder_type)
+    event: AnyEvent = msgspec.convert({**data, "type": type_}, AnyEvent)
+    return event
 
 
 def event_payload(event: Event) -> dict[str, Any]:
