@@ -12,6 +12,7 @@ import msgspec
 from app.embedded import EmbeddedMongo, EmbeddedServerError
 from app.logging import configure_logging
 from app.orchestration.cli import run_command, workflows_group
+from app.projections_cli import projections_group
 from app.settings import Settings, SettingsError
 
 
@@ -63,6 +64,7 @@ def serve(host: str, port: int) -> None:
             settings = msgspec.structs.replace(settings, database_uri=embedded.start())
         except EmbeddedServerError as exc:
             fail(str(exc))
+        click.echo(f"mozaiks: embedded MongoDB on 127.0.0.1:{embedded.port}, data in {settings.data_dir / 'data'}")
     try:
         click.echo(f"mozaiks: serving on http://{host}:{port}/ ({'offline fixtures' if settings.offline else 'OpenAI'})")
         # Stopped from the app's shutdown too: uvicorn re-raises SIGTERM after a graceful shutdown,
@@ -100,10 +102,4 @@ def token(user_id: str, app_id: str, roles: tuple[str, ...], ttl: int) -> None:
 
 main.add_command(run_command)
 main.add_command(workflows_group)
-
-try:
-    from app.projections_cli import projections_group
-except ImportError:  # the projections command lands with the projections package
-    pass
-else:
-    main.add_command(projections_group)
+main.add_command(projections_group)
