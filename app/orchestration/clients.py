@@ -20,6 +20,7 @@ import msgspec
 from openai import OpenAI
 from openai.types.chat import ChatCompletion
 
+from domain.events import LlmCall
 from domain.manifest import ScriptedReply
 
 CLIENT_CLASS_NAME: Final = "MozaiksModelClient"
@@ -32,16 +33,10 @@ _OPENAI_KEYS: Final = frozenset(
 
 
 class LlmCallNote(msgspec.Struct, frozen=True, kw_only=True):
-    """One LLM call as the runtime's client saw it (becomes an `llm.call` record)."""
+    """One LLM call as the runtime's client saw it, and for which agent (becomes an `llm.call` record)."""
 
     agent: str
-    model: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency_ms: float = 0.0
-    finish_reason: str | None = None
-    offline: bool = False
-    error: str | None = None
+    call: LlmCall
 
 
 class Backend(Protocol):
@@ -175,8 +170,11 @@ class MozaiksModelClient:
         except Exception as exc:
             self.ledger.record(
                 LlmCallNote(
-                    agent=self.agent, model=self.model, latency_ms=_ms(started), offline=backend.offline,
-                    error=f"{type(exc).__name__}: {exc}",
+                    agent=self.agent,
+                    call=LlmCall(
+                        model=self.model, latency_ms=_ms(started), offline=backend.offline,
+                        error=f"{type(exc).__name__}: {exc}",
+                    ),
                 )
             )
             raise
@@ -184,12 +182,14 @@ class MozaiksModelClient:
         self.ledger.record(
             LlmCallNote(
                 agent=self.agent,
-                model=response.model or self.model,
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                completion_tokens=usage.completion_tokens if usage else 0,
-                latency_ms=_ms(started),
-                finish_reason=response.choices[0].finish_reason if response.choices else None,
-                offline=backend.offline,
+                call=LlmCall(
+                    model=response.model or self.model,
+                    prompt_tokens=usage.prompt_tokens if usage else 0,
+                    completion_tokens=usage.completion_tokens if usage else 0,
+                    latency_ms=_ms(started),
+                    finish_reason=response.choices[0].finish_reason if response.choices else None,
+                    offline=backend.offline,
+                ),
             )
         )
         return response

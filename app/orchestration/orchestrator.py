@@ -337,8 +337,8 @@ class _RunSession:
                 pendings.append(mapper.map_note(item))
                 self.report.runtime_events += 1
                 self.report.llm_calls += 1
-                self.report.prompt_tokens += item.prompt_tokens
-                self.report.completion_tokens += item.completion_tokens
+                self.report.prompt_tokens += item.call.prompt_tokens
+                self.report.completion_tokens += item.call.completion_tokens
             else:
                 # Anything else on AG2's stream is an AG2 event (wrapped: `.type` + `.content`).
                 pending = mapper.map_event(item)

@@ -24,7 +24,6 @@ from domain.events import (
     ContextUpdated,
     Handoff,
     InputRequested,
-    LlmCall,
     MessageAgent,
     Pending,
     SpeakerSelected,
@@ -100,16 +99,7 @@ class RunMapper:
 
     def map_note(self, note: LlmCallNote) -> Pending:
         """The runtime's own `llm.call` record."""
-        event = LlmCall(
-            model=note.model,
-            prompt_tokens=note.prompt_tokens,
-            completion_tokens=note.completion_tokens,
-            latency_ms=note.latency_ms,
-            finish_reason=note.finish_reason,
-            offline=note.offline,
-            error=note.error,
-        )
-        return self.pending(event, note.agent, None)
+        return self.pending(note.call, note.agent, None)
 
     def map_event(self, event: Any) -> Pending:
         """Exactly one Pending for one AG2 event."""
