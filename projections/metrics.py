@@ -74,6 +74,7 @@ class ChatMetricsProjector(Projector):
         }
     )
     state_fields: ClassVar[tuple[str, ...]] = ("run",)
+    state_types: ClassVar[frozenset[str]] = frozenset({"run.completed", "run.failed", "run.stopped"})
     indexes: ClassVar[tuple[IndexModel, ...]] = (
         IndexModel([("app_id", ASCENDING), ("updated_at", DESCENDING)], name="app_updated"),
         IndexModel([("app_id", ASCENDING), ("cost_nanousd", DESCENDING)], name="app_cost"),

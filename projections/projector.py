@@ -53,6 +53,8 @@ class Projector(abc.ABC):
     handles: ClassVar[frozenset[str]]
     # The top-level fields `update` reads from the document; the live writer caches only these.
     state_fields: ClassVar[tuple[str, ...]] = ()
+    # The event types whose update reads `state_fields` (others can be applied without knowing them).
+    state_types: ClassVar[frozenset[str]] = frozenset()
     indexes: ClassVar[tuple[IndexModel, ...]] = ()
 
     def initial(self, first: Record) -> dict[str, Any]:

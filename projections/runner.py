@@ -84,6 +84,7 @@ class ProjectionRunner:
         self._catching_up = 0
         self._catch_up_since: datetime | None = None
         self._last_checkpoint = 0.0
+        self._checkpointing: asyncio.Task[None] | None = None
         self._crash: BaseException | None = None
 
     @classmethod
@@ -134,6 +135,8 @@ class ProjectionRunner:
                 self._progress.clear()
                 lagging = self._unstuck(await behind(self.store, self.writers, chats))
                 if not lagging and not self._in_flight:
+                    if self._checkpointing is not None:
+                        await asyncio.shield(self._checkpointing)
                     return
                 chats = list(lagging)
                 await self._wait_or_crash(self._progress)
@@ -194,6 +197,11 @@ class ProjectionRunner:
             with contextlib.suppress(BaseException):
                 await reader
             self._in_flight = []
+            if self._checkpointing is not None:
+                # A checkpoint still being written may land or not: the views already hold its batch.
+                self._checkpointing.cancel()
+                await asyncio.gather(self._checkpointing, return_exceptions=True)
+                self._checkpointing = None
 
     async def _token_now(self) -> Mapping[str, Any] | None:
         """A resume token for the stream's current end, taken before catch-up reads the log."""
@@ -253,7 +261,11 @@ class ProjectionRunner:
         if self.before_checkpoint is not None:
             await self.before_checkpoint()
         if not self._buffer or time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s:
-            await self._save_checkpoint(batch[-1])
+            # Written while the next batch is applied; one checkpoint in flight at a time, in order.
+            if self._checkpointing is not None:
+                await self._checkpointing
+            self._last_checkpoint = time.monotonic()
+            self._checkpointing = asyncio.create_task(self._save_checkpoint(batch[-1]))
         self._in_flight = []
         self._progress.set()
 
@@ -278,7 +290,8 @@ class ProjectionRunner:
             },
             upsert=True,
         )
-        self._last_checkpoint = time.monotonic()
 
     async def _clear_checkpoint(self) -> None:
+        if self._checkpointing is not None:
+            await asyncio.gather(self._checkpointing, return_exceptions=True)
         await self.checkpoints.delete_one({"_id": self.name})

@@ -40,7 +40,7 @@ class _Write(NamedTuple):
     chat_id: str
     operation: InsertOne[Any] | UpdateOne
     records: int
-    state: dict[str, Any]
+    state: dict[str, Any] | None
 
 
 class ProjectionWriter:
@@ -75,20 +75,35 @@ class ProjectionWriter:
         self._cache.clear()
 
     async def apply(self, by_chat: Mapping[str, Sequence[Record]]) -> int:
-        """Apply each chat's records (any order, repeats allowed); returns how many were newly applied."""
+        """Apply each chat's records (any order, repeats allowed); returns how many were newly applied.
+
+        A chat whose `last_seq` is not cached is written optimistically, guarded on the seq before
+        its first record (the usual case when tailing), unless one of its records needs the
+        projector's state; only a missed guard makes the writer read the chat's `last_seq`.
+        """
         pending: dict[str, list[Record]] = {}
         for chat_id, records in by_chat.items():
             unique = {record.seq: record for record in records}
             pending[chat_id] = [unique[seq] for seq in sorted(unique)]
         applied = 0
+        must_read: set[str] = set()
         for attempt in range(MAX_ATTEMPTS):
-            await self._load_states([chat_id for chat_id in pending if chat_id not in self._cache])
+            await self._load_states(
+                [
+                    c
+                    for c in pending
+                    if c not in self._cache and (c in must_read or self._needs_state(pending[c]))
+                ]
+            )
             writes: list[_Write] = []
             for chat_id, records in list(pending.items()):
-                state = self._cache[chat_id]
-                last = int(state["last_seq"]) if state is not _ABSENT else 0
+                state = self._cache.get(chat_id)  # None: not known, write optimistically
+                if state is None:
+                    last = records[0].seq - 1
+                else:
+                    last = int(state["last_seq"]) if state is not _ABSENT else 0
                 todo = [record for record in records if record.seq > last]
-                if attempt == 0:
+                if attempt == 0 and state is not None:
                     self.duplicates += len(records) - len(todo)
                 if todo and (todo[0].seq != last + 1 or todo[-1].seq - last != len(todo)):
                     # A gap (lost, delayed or reordered delivery): the log has what is missing.
@@ -107,17 +122,25 @@ class ProjectionWriter:
                     applied += write.records
             if not failed:
                 return applied
+            must_read |= failed
             pending = {chat_id: pending[chat_id] for chat_id in failed}
         raise ProjectionError(
             f"{self.projector.name}: chats {sorted(pending)[:5]} kept missing their last_seq guard "
             f"after {MAX_ATTEMPTS} attempts"
         )
 
-    def _plan(self, chat_id: str, state: dict[str, Any], records: list[Record]) -> _Write:
-        if state is _ABSENT:
+    def _needs_state(self, records: Sequence[Record]) -> bool:
+        return bool(self.projector.state_fields) and any(
+            r.type in self.projector.state_types for r in records
+        )
+
+    def _plan(self, chat_id: str, state: dict[str, Any] | None, records: list[Record]) -> _Write:
+        """The write of `records`; `state` is the cached state, _ABSENT (no document) or None (unknown)."""
+        if state is _ABSENT or (state is None and records[0].seq == 1):
             doc = fold(self.projector, None, records)
             return _Write(chat_id, InsertOne(doc), len(records), self.projector.state_of(doc))
-        current = self.projector.state_of(state)
+        known = state is not None or not self.projector.state_fields
+        current = self.projector.state_of(state if state is not None else {"last_seq": records[0].seq - 1})
         merged = Update()
         for record in records:
             change = self.projector.step(current, record)
@@ -126,7 +149,9 @@ class ProjectionWriter:
                 merged.merge(change)
             current = self.projector.state_of({**current, "last_seq": record.seq})
         guard = {"_id": chat_id, "last_seq": records[0].seq - 1}
-        return _Write(chat_id, UpdateOne(guard, merged.document(records[-1].seq)), len(records), current)
+        # An optimistic write leaves a stateful projector's state unknown: it is read when needed.
+        operation = UpdateOne(guard, merged.document(records[-1].seq))
+        return _Write(chat_id, operation, len(records), current if known else None)
 
     async def _write(self, writes: list[_Write]) -> set[str]:
         """One unordered bulk write; returns the chats whose write may not have landed."""
@@ -156,7 +181,10 @@ class ProjectionWriter:
         for chat_id in chat_ids:
             self._remember(chat_id, found.get(chat_id, _ABSENT))
 
-    def _remember(self, chat_id: str, state: dict[str, Any]) -> None:
+    def _remember(self, chat_id: str, state: dict[str, Any] | None) -> None:
+        if state is None:
+            self._cache.pop(chat_id, None)
+            return
         self._cache[chat_id] = state
         self._cache.move_to_end(chat_id)
         while len(self._cache) > self.cache_size:

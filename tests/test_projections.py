@@ -7,6 +7,7 @@ import json
 import math
 import random
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -634,3 +635,24 @@ def test_rebuild_command_shows_progress_and_a_summary(mongo_uri: str, db_name: s
         assert wrong.exit_code == 2 and "nope" in wrong.output
     finally:
         client.close()
+
+
+def test_price_file_errors_name_the_file_and_an_edited_file_is_reloaded(tmp_path: Path) -> None:
+    from projections.prices import PriceTableError, WatchedPrices
+
+    path = tmp_path / "prices.json"
+    path.write_text('{"models": {"m": [{"effective": "2025-01-01", "input": 1, "output": 2, "cached": 0}]}}')
+    with pytest.raises(PriceTableError, match=r"prices\.json.*cached"):
+        PriceTable.load(path)
+    with pytest.raises(PriceTableError, match="cannot read"):
+        PriceTable.load(tmp_path / "missing.json")
+    path.write_text('{"models": {"m": [{"effective": "2025-01-01", "input": 1, "output": 2}]}}')
+    watched = WatchedPrices(path)
+    on = datetime(2025, 6, 1, tzinfo=UTC)
+    assert watched.table.cost_nanousd("m-2025-05-01", 1_000_000, 1_000_000, on) == 3 * 10**9
+    assert watched.table.cost_nanousd("other", 1, 1, on) is None
+    path.write_text('{"models": {"m": [{"effective": "2025-01-01", "input": 10, "output": 20}]}}')
+    assert watched.refresh()
+    assert watched.table.cost_nanousd("m", 1_000_000, 0, on) == 10 * 10**9
+    path.write_text("not json")
+    assert not watched.refresh() and watched.table.cost_nanousd("m", 1_000_000, 0, on) == 10 * 10**9
