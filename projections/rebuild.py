@@ -10,10 +10,11 @@ are recomputed and replaced in place, then caught up the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -141,37 +142,39 @@ async def _fold_log(
     projectors: Sequence[Projector],
     query: dict[str, Any],
     counted: Callable[[], None],
-) -> AsyncIterator[_Folded]:
+) -> AsyncGenerator[_Folded, None]:
     """Each chat's folded documents, reading the log once in (chat_id, seq) order."""
     current: _Folded | None = None
-    async for raw in _prefetched(store, query):
-        chat_id = str(raw.get("chat_id"))
-        if current is None or chat_id != current.chat_id:
-            if current is not None:
-                yield current
-            current = _Folded(chat_id, [None] * len(projectors))
-        if current.broken_at:
-            continue
-        expected = (current.docs[0]["last_seq"] if current.docs[0] is not None else 0) + 1
-        try:
-            record = to_record(raw)
-        except CorruptRecord as exc:
-            log.error("rebuild stops at chat %s: %s", chat_id, exc)
-            current.broken_at = expected
-            continue
-        if record.seq != expected:
-            log.error("rebuild stops at chat %s: seq %d is missing from the log", chat_id, expected)
-            current.broken_at = expected
-            continue
-        event = event_of(record)
-        for index, projector in enumerate(projectors):
-            current.docs[index] = apply_record(projector, current.docs[index], record, event)
-        counted()
+    scan = _prefetched(store, query)
+    async with contextlib.aclosing(scan):  # stops the prefetching task when folding stops early
+        async for raw in scan:
+            chat_id = str(raw.get("chat_id"))
+            if current is None or chat_id != current.chat_id:
+                if current is not None:
+                    yield current
+                current = _Folded(chat_id, [None] * len(projectors))
+            if current.broken_at:
+                continue
+            expected = (current.docs[0]["last_seq"] if current.docs[0] is not None else 0) + 1
+            try:
+                record = to_record(raw)
+            except CorruptRecord as exc:
+                log.error("rebuild stops at chat %s: %s", chat_id, exc)
+                current.broken_at = expected
+                continue
+            if record.seq != expected:
+                log.error("rebuild stops at chat %s: seq %d is missing from the log", chat_id, expected)
+                current.broken_at = expected
+                continue
+            event = event_of(record)
+            for index, projector in enumerate(projectors):
+                current.docs[index] = apply_record(projector, current.docs[index], record, event)
+            counted()
     if current is not None:
         yield current
 
 
-async def _prefetched(store: MongoEventStore, query: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def _prefetched(store: MongoEventStore, query: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
     """The log in (chat_id, seq) order, the next batch already requested while this one is folded."""
     cursor = store.events.find(
         query, sort=[("chat_id", ASCENDING), ("seq", ASCENDING)], batch_size=SCAN_BATCH
@@ -249,8 +252,9 @@ async def _rebuild_all(
             )
         )
 
+    folding = _fold_log(store, projectors, {}, counter)
     try:
-        async for folded in _fold_log(store, projectors, {}, counter):
+        async for folded in folding:
             if folded.broken_at:
                 broken[folded.chat_id] = folded.broken_at
             if folded.docs[0] is None:
@@ -270,6 +274,7 @@ async def _rebuild_all(
                 await target.create_indexes(list(projector.indexes))
             await target.rename(projector.collection, dropTarget=True)
     except BaseException:
+        await folding.aclose()
         if writing is not None:
             writing.cancel()
         for target in targets:

@@ -82,6 +82,7 @@ class ProjectionRunner:
         self._initial = asyncio.Event()
         self._in_flight: list[Change] = []
         self._catching_up = 0
+        self._recovering = False
         self._catch_up_since: datetime | None = None
         self._last_checkpoint = 0.0
         self._checkpointing: asyncio.Task[None] | None = None
@@ -98,8 +99,12 @@ class ProjectionRunner:
 
     @property
     def caught_up(self) -> bool:
-        """True once the start-up catch-up finished and nothing received is waiting to be applied."""
-        return self._initial.is_set() and self._catching_up == 0 and not self._buffer and not self._in_flight
+        """Ready: the catch-up from the log at start (or after a lost stream) has finished.
+
+        The live backlog after that (events received, not yet applied) is in `lag()`; readiness does
+        not flap with it under load.
+        """
+        return self._initial.is_set() and not self._recovering
 
     def lag(self) -> dict[str, Any]:
         """How far the projections are behind: events received or known but not applied, and their age."""
@@ -241,11 +246,13 @@ class ProjectionRunner:
             self._catching_up = max(total - done, 0)
 
         self._catch_up_since = datetime.now(UTC)
+        self._recovering = True
         try:
             await catch_up(self.store, self.writers, progress=progress)
         finally:
             self._catching_up = 0
             self._catch_up_since = None
+            self._recovering = False
         self._progress.set()
 
     async def _apply(self, batch: list[Change]) -> None:
