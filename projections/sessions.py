@@ -8,6 +8,10 @@
 
 Only `message.user` and `message.agent` become messages; a hidden agent's message has
 `visible: false` (the ChatUI shows visible ones; the REST layer may filter on it).
+
+The document stays far below MongoDB's 16 MB limit whatever a chat holds: `messages` keeps the
+latest MAX_MESSAGES (`message_count` counts them all), and a message's `content` is cut at
+MAX_CONTENT characters with `truncated: true`. The log keeps every message whole.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from domain.events import (
 )
 from projections.projector import Projector
 from projections.update import Update
+
+MAX_MESSAGES: Final = 500
+MAX_CONTENT: Final = 16_000
 
 STATUS_BY_TYPE: Final[Mapping[str, str]] = {
     "chat.created": "created",
@@ -91,10 +98,12 @@ class ChatSessionsProjector(Projector):
         message = {
             "role": role,
             "agent": record.agent,
-            "content": content,
+            "content": content[:MAX_CONTENT],
             "timestamp": record.ts,
             "seq": record.seq,
             "visible": record.visible,
+            "truncated": len(content) > MAX_CONTENT,
         }
         change.push["messages"] = [message]
+        change.keep["messages"] = MAX_MESSAGES
         change.inc["message_count"] = 1

@@ -30,15 +30,19 @@ def name_of_key(key: str) -> str:
 
 
 class Update:
-    """`$set`, `$inc`, `$max` and `$push` over dotted paths; merges with later updates of the same chat."""
+    """`$set`, `$inc`, `$max` and `$push` over dotted paths; merges with later updates of the same chat.
 
-    __slots__ = ("inc", "max", "push", "set")
+    `keep[path] = n` bounds a pushed array to its last `n` items (`$push` with `$slice`).
+    """
+
+    __slots__ = ("inc", "keep", "max", "push", "set")
 
     def __init__(self) -> None:
         self.set: dict[str, Any] = {}
         self.inc: dict[str, int] = {}
         self.max: dict[str, int] = {}
         self.push: dict[str, list[Any]] = {}
+        self.keep: dict[str, int] = {}
 
     def __bool__(self) -> bool:
         return bool(self.set or self.inc or self.max or self.push)
@@ -59,6 +63,7 @@ class Update:
             self.max[path] = max(self.max.get(path, value), value)
         for path, items in later.push.items():
             self.push.setdefault(path, []).extend(items)
+        self.keep.update(later.keep)
 
     def document(self, last_seq: int) -> dict[str, Any]:
         """The MongoDB update document, also moving the chat's `last_seq` to `last_seq`."""
@@ -68,7 +73,10 @@ class Update:
         if self.max:
             doc["$max"] = dict(self.max)
         if self.push:
-            doc["$push"] = {path: {"$each": list(items)} for path, items in self.push.items()}
+            doc["$push"] = {
+                path: {"$each": list(items), **({"$slice": -self.keep[path]} if path in self.keep else {})}
+                for path, items in self.push.items()
+            }
         return doc
 
     def apply(self, doc: dict[str, Any]) -> None:
@@ -87,6 +95,8 @@ class Update:
         for path, items in self.push.items():
             parent, leaf = _parent(doc, path)
             parent.setdefault(leaf, []).extend(items)
+            if path in self.keep:
+                parent[leaf] = parent[leaf][-self.keep[path] :]
 
 
 def _parent(doc: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -656,3 +657,29 @@ def test_price_file_errors_name_the_file_and_an_edited_file_is_reloaded(tmp_path
     assert watched.table.cost_nanousd("m", 1_000_000, 0, on) == 10 * 10**9
     path.write_text("not json")
     assert not watched.refresh() and watched.table.cost_nanousd("m", 1_000_000, 0, on) == 10 * 10**9
+
+
+async def test_a_huge_chat_keeps_its_session_document_bounded_and_the_runner_going(store, db) -> None:
+    """A chat far over MongoDB's 16 MB document limit never wedges the runner or other chats."""
+    from projections.runner import ProjectionRunner
+    from projections.sessions import MAX_CONTENT, MAX_MESSAGES
+
+    big = StreamRef(chat_id="huge", app_id="a", user_id="u", workflow="W")
+    small = StreamRef(chat_id="small", app_id="a", user_id="u", workflow="W")
+    text = "x" * 40_000
+    for start in range(0, 800, 100):
+        await store.append(big, [Pending(event=MessageAgent(content=text), agent="A") for _ in range(100)], start)
+    await store.append(small, [Pending(event=MessageAgent(content="hi"), agent="A")], 0)
+    runner = ProjectionRunner(db, store)
+    task = asyncio.create_task(runner.run())
+    try:
+        await runner.wait_caught_up(timeout=120)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    huge = await db["chat_sessions"].find_one({"_id": "huge"})
+    assert huge["message_count"] == 800 and huge["last_seq"] == 800
+    assert len(huge["messages"]) == MAX_MESSAGES and huge["messages"][-1]["seq"] == 800
+    assert all(m["truncated"] and len(m["content"]) == MAX_CONTENT for m in huge["messages"])
+    assert (await db["chat_sessions"].find_one({"_id": "small"}))["messages"][0]["truncated"] is False
