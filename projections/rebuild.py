@@ -29,7 +29,7 @@ from domain.events import to_record
 from domain.store import MongoEventStore
 from projections.metrics import ChatMetricsProjector
 from projections.prices import PriceTable
-from projections.projector import Projector, apply_record, event_of
+from projections.projector import Projector, apply_record
 from projections.sessions import ChatSessionsProjector
 from projections.writer import INSERTS, ProjectionWriter, catch_up
 
@@ -166,7 +166,7 @@ async def _fold_log(
                 log.error("rebuild stops at chat %s: seq %d is missing from the log", chat_id, expected)
                 current.broken_at = expected
                 continue
-            event = event_of(record)
+            event = record.event
             for index, projector in enumerate(projectors):
                 current.docs[index] = apply_record(projector, current.docs[index], record, event)
             counted()
