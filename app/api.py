@@ -143,7 +143,8 @@ class ChatController(Controller):
     async def get_chat(self, request: Request[Principal, Any, Any], chat_id: str, runtime: Runtime) -> dict[str, Any]:
         """The chat's session document (messages and status), projected from its log."""
         await owned_chat(runtime, request.user, chat_id)
-        session = await queries.get_session(runtime.db, chat_id)
+        visible_only = "auditor" not in request.user.roles
+        session = await queries.get_session(runtime.db, chat_id, visible_only=visible_only)
         if session is None:
             raise NotFoundException(f"chat {chat_id} is not projected yet; retry shortly")
         return session
@@ -180,17 +181,19 @@ class ChatController(Controller):
         until: datetime | None = None,
         fmt: Annotated[str | None, Parameter(query="format")] = None,
     ) -> Response[Any]:
-        """The chat's full record history (audit), filtered; NDJSON streamed when asked for.
+        """The chat's record history, filtered; NDJSON streamed when asked for.
 
-        Ask for NDJSON with `Accept: application/x-ndjson` or `?format=ndjson`.
+        Auditors get every record (hidden agents' too); the chat's user gets what the ChatUI may
+        show (visible records). Ask for NDJSON with `Accept: application/x-ndjson` or `?format=ndjson`.
         """
         assert runtime.store is not None
         await owned_chat(runtime, request.user, chat_id)
+        visible = None if "auditor" in request.user.roles else True
         unknown = sorted(set(event_type or ()) - EVENT_TYPES)
         if unknown:
             raise ValidationException(f"unknown event type(s) {unknown}; known: {sorted(EVENT_TYPES)}")
         records = runtime.store.find(
-            chat_id, after=after, limit=limit, types=event_type, agent=agent, since=since, until=until
+            chat_id, after=after, limit=limit, types=event_type, agent=agent, since=since, until=until, visible=visible
         )
         if fmt == "ndjson" or "application/x-ndjson" in request.headers.get("accept", ""):
 

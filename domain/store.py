@@ -192,6 +192,7 @@ class MongoEventStore:
         until: datetime | None = None,
         app_id: str | None = None,
         user_id: str | None = None,
+        visible: bool | None = None,
         newest_first: bool = False,
     ) -> AsyncIterator[Record]:
         """Audit read: records matching every given filter, by chat and seq (reversed if `newest_first`).
@@ -211,6 +212,8 @@ class MongoEventStore:
             query["app_id"] = str(app_id)
         if user_id is not None:
             query["user_id"] = str(user_id)
+        if visible is not None:
+            query["visible"] = bool(visible)
         if since is not None or until is not None:
             window: dict[str, datetime] = {}
             if since is not None:

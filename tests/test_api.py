@@ -83,6 +83,9 @@ async def test_auditors_read_every_chat_of_their_app_only(secured: Any) -> None:
         events = (await http.get(f"/api/chats/{in_p['chat_id']}/events", headers=auditor)).json()["events"]
         assert events[0]["type"] == "chat.created" and all("hash" in e for e in events)
         assert any(not e["visible"] for e in events), "auditors see hidden agents' records too"
+        own = (await http.get(f"/api/chats/{in_p['chat_id']}/events", headers=bearer("x", "P"))).json()["events"]
+        assert own and all(e["visible"] for e in own), "a user sees what the ChatUI may show, no hidden agent"
+        assert "Collector" not in {e["agent"] for e in own}
         assert (await http.get(f"/api/chats/{in_q['chat_id']}/events", headers=auditor)).status_code == 403
         # An auditor reads but does not steer.
         assert (await http.post(f"/api/chats/{in_p['chat_id']}/stop", headers=auditor)).status_code == 403
