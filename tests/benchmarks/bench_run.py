@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import statistics
 import sys
@@ -24,6 +23,7 @@ import msgspec
 from pymongo import AsyncMongoClient
 
 from app.embedded import EmbeddedMongo
+from app.logging import configure_logging
 from app.orchestration import Orchestrator
 from app.orchestration.bare import run_bare
 from app.settings import Settings
@@ -35,7 +35,7 @@ MESSAGE = "Analyse: The quick brown fox jumps over the lazy dog. It was not amus
 
 
 async def main(repeat: int) -> None:
-    logging.getLogger("autogen").setLevel(logging.WARNING)  # AG2's INFO lines would dominate the output
+    configure_logging("WARNING")  # per-run INFO lines would dominate the output
     manager = WorkflowManager(ROOT / "workflows")
     base = manager.get("Analyzer")
     workflow = msgspec.structs.replace(base, manifest=msgspec.structs.replace(base.manifest, max_turns=TURNS))
