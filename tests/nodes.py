@@ -1,9 +1,27 @@
-"""A runtime node served by uvicorn on a real loopback socket, inside the caller's event loop."""
+"""Servers for tests and benchmarks: a runtime node on a real loopback socket, and a wire server."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+from app.embedded import EmbeddedMongo
+
+
+@contextlib.contextmanager
+def benchmark_mongo_uri() -> Iterator[str]:
+    """MOZAIKS_TEST_MONGO_URI if set, else a durable embedded server in a temporary folder."""
+    given = os.environ.get("MOZAIKS_TEST_MONGO_URI")
+    if given:
+        yield given
+        return
+    with tempfile.TemporaryDirectory() as folder, EmbeddedMongo(Path(folder) / "data") as server:
+        yield server.uri
 
 
 class Node:

@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pymongo import AsyncMongoClient
 
-from app.embedded import EmbeddedMongo
 from domain.events import (
     GENESIS_HASH,
     AnyEvent,
@@ -52,6 +51,7 @@ from domain.events import (
 from domain.store import MongoEventStore
 from projections.rebuild import rebuild
 from projections.runner import ProjectionRunner
+from tests.nodes import benchmark_mongo_uri
 
 AGENTS = ("Planner", "Writer", "Critic", "Reviewer")
 
@@ -223,12 +223,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=150.0, help="live append load, events/s")
     parser.add_argument("--seconds", type=float, default=20.0, help="live load duration")
     args = parser.parse_args()
-    uri = os.environ.get("MOZAIKS_TEST_MONGO_URI")
-    if uri:
+    with benchmark_mongo_uri() as uri:
         asyncio.run(bench(uri, args.events, args.chats, args.rate, args.seconds))
-        return
-    with EmbeddedMongo(":memory:") as server:
-        asyncio.run(bench(server.uri, args.events, args.chats, args.rate, args.seconds))
 
 
 if __name__ == "__main__":

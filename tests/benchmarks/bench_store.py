@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pymongo import AsyncMongoClient, WriteConcern
 
-from app.embedded import EmbeddedMongo
 from domain.events import GENESIS_HASH, MessageAgent, Pending, StreamRef, now, seal
 from domain.store import MongoEventStore
+from tests.nodes import benchmark_mongo_uri
 
 
 def pendings(n: int) -> list[Pending]:
@@ -114,11 +112,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--read", type=int, default=10_000)
     args = parser.parse_args()
-    with contextlib.ExitStack() as stack:
-        uri = os.environ.get("MOZAIKS_TEST_MONGO_URI")
-        if not uri:
-            folder = stack.enter_context(tempfile.TemporaryDirectory())
-            uri = stack.enter_context(EmbeddedMongo(Path(folder) / "data")).uri
+    with benchmark_mongo_uri() as uri:
         asyncio.run(bench(uri, args.events, args.read))
 
 

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import multiprocessing
 import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -29,11 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pymongo import AsyncMongoClient
 
-from app.embedded import EmbeddedMongo
 from app.settings import Settings
 from domain.events import MessageAgent, Pending, StreamRef
 from domain.store import MongoEventStore
-from tests.nodes import Node
+from tests.nodes import Node, benchmark_mongo_uri
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 
@@ -149,11 +146,7 @@ def main() -> None:
     from app.logging import configure_logging
 
     configure_logging("WARNING")
-    with contextlib.ExitStack() as stack:
-        uri = os.environ.get("MOZAIKS_TEST_MONGO_URI")
-        if not uri:
-            folder = stack.enter_context(tempfile.TemporaryDirectory())
-            uri = stack.enter_context(EmbeddedMongo(Path(folder) / "data")).uri
+    with benchmark_mongo_uri() as uri:
         asyncio.run(bench(uri, args.events, args.replay))
 
 
