@@ -1,10 +1,14 @@
-"""Rebuild projections from the log: fold every chat in memory, write into a new collection, swap.
+"""Rebuild projections from the log: fold every chat in memory, then replace each chat's document.
 
-Safe while the service runs: the live runner keeps writing the old collection until the atomic
-`renameCollection(dropTarget)` swap; afterwards a catch-up applies (guarded by `last_seq`) every
-event appended while the rebuild ran, and the live runner's own guard sends it to the log for any
-chat whose new document is behind what it had cached. With `chat_id`, only that chat's documents
-are recomputed and replaced in place, then caught up the same way.
+Safe while the service runs: each chat's document is replaced atomically by one computed from the
+log, and documents of chats the log does not have are removed. Afterwards a catch-up applies
+(guarded by `last_seq`) every event appended while the rebuild ran, and the live runner's own guard
+sends it to the log for any chat whose new document is behind what it had cached. With `chat_id`,
+only that chat's documents are recomputed and replaced, then caught up the same way.
+
+Why not build a new collection and `renameCollection` it over the live one: on the embedded
+SecantusDB server (0.7.0b3) a rename whose target is being written concurrently livelocks the
+whole server (seen in the suite: the rename spins inside WiredTiger and every client waits).
 """
 
 from __future__ import annotations
@@ -13,14 +17,14 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import msgspec
-from pymongo import ASCENDING
+from pymongo import ASCENDING, ReplaceOne
 from pymongo.asynchronous.change_stream import AsyncChangeStream
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
@@ -36,7 +40,7 @@ from projections.writer import INSERTS, ProjectionWriter, catch_up
 log = logging.getLogger(__name__)
 
 PROJECTION_NAMES: Final = (ChatSessionsProjector.name, ChatMetricsProjector.name)
-WRITE_BATCH: Final = 500  # documents per insert_many into the new collection
+WRITE_BATCH: Final = 500  # documents per bulk replace into a projection collection
 SCAN_BATCH: Final = 2000  # log records per cursor batch
 PROGRESS_EVERY: Final = 1000  # events between progress callbacks
 
@@ -229,14 +233,15 @@ async def _rebuild_all(
     total: int,
     progress: Progress | None,
 ) -> tuple[int, int, dict[str, int]]:
-    suffix = uuid.uuid4().hex[:8]
-    targets = [db.get_collection(f"{p.collection}__rebuild_{suffix}") for p in projectors]
-    for target in targets:
-        await db.create_collection(target.name)
+    targets = [db.get_collection(p.collection) for p in projectors]
+    for projector, target in zip(projectors, targets, strict=True):
+        if projector.indexes:
+            await target.create_indexes(list(projector.indexes))
     counter = _Counter(total, progress)
     buffers: list[list[dict[str, Any]]] = [[] for _ in projectors]
     writing: asyncio.Future[Any] | None = None
     chats = 0
+    rebuilt: set[str] = set()
     broken: dict[str, int] = {}
 
     async def flush() -> None:
@@ -246,7 +251,7 @@ async def _rebuild_all(
         batches, buffers = buffers, [[] for _ in projectors]
         writing = asyncio.gather(
             *(
-                target.insert_many(docs, ordered=False)
+                target.bulk_write([ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs], ordered=False)
                 for target, docs in zip(targets, batches, strict=True)
                 if docs
             )
@@ -260,6 +265,7 @@ async def _rebuild_all(
             if folded.docs[0] is None:
                 continue
             chats += 1
+            rebuilt.add(folded.chat_id)
             for buffer, doc in zip(buffers, folded.docs, strict=True):
                 assert doc is not None
                 buffer.append(doc)
@@ -269,18 +275,21 @@ async def _rebuild_all(
         if writing is not None:
             await writing
         counter.finish()
-        for projector, target in zip(projectors, targets, strict=True):
-            if projector.indexes:
-                await target.create_indexes(list(projector.indexes))
-            await target.rename(projector.collection, dropTarget=True)
+        for target in targets:
+            await _remove_others(target, rebuilt)
     except BaseException:
         await folding.aclose()
         if writing is not None:
             writing.cancel()
-        for target in targets:
-            await asyncio.shield(db.drop_collection(target.name))
         raise
     return chats, counter.done, broken
+
+
+async def _remove_others(collection: AsyncCollection[Any], keep: set[str]) -> None:
+    """Delete the documents of chats the rebuild did not produce (the log has no events for them)."""
+    stale = [doc["_id"] async for doc in collection.find({}, {"_id": 1}) if doc["_id"] not in keep]
+    for start in range(0, len(stale), WRITE_BATCH):
+        await collection.delete_many({"_id": {"$in": stale[start : start + WRITE_BATCH]}})
 
 
 async def _rebuild_chat(
