@@ -184,12 +184,12 @@ async def test_silent_client_is_closed_after_two_heartbeats(store, start_node) -
 
 
 async def test_answering_heartbeats_keeps_the_socket_open(store, start_node) -> None:
-    node = await start_node(ws_heartbeat_s=0.2)
+    node = await start_node(ws_heartbeat_s=0.5)
     await seed_chat(store, "hb2", 1)
     async with connect(f"{node.ws_url}/ws/chats/hb2?after=0") as ws:
         beats = 0
         async with asyncio.timeout(10):
-            while beats < 8:  # 8 beats = 1.6 s, well past the 0.4 s silence limit
+            while beats < 5:  # 5 beats = 2.5 s, well past the 1 s silence limit
                 frame = json.loads(await ws.recv())
                 if frame["type"] == "heartbeat":
                     beats += 1
