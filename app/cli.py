@@ -56,6 +56,11 @@ def serve(host: str, port: int) -> None:
         fail(str(exc))
     if settings.local_mode and not _is_loopback(host):
         fail(f"refusing to bind {host} without MOZAIKS_AUTH_SECRET: local mode serves loopback only")
+    try:
+        with socket.create_server((host, port)):
+            pass  # free now; uvicorn binds it in a moment
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror}")
     embedded = None
     if settings.database_uri is None:
         # Started here, not in the app's lifespan, so a start-up failure is one line, not a traceback.

@@ -37,6 +37,7 @@ from domain.store import MongoEventStore
 from projections.runner import ProjectionRunner
 
 STATIC = Path(__file__).parent / "static"
+SHUTDOWN_WAIT_S = 5.0
 log = structlog.get_logger("mozaiks.server")
 
 
@@ -64,8 +65,12 @@ async def _background(name: str, coro: Any) -> AsyncIterator[asyncio.Task[Any]]:
         yield task
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        # Shutdown must finish even if a task is slow to honour its cancellation.
+        done, _ = await asyncio.wait({task}, timeout=SHUTDOWN_WAIT_S)
+        if not done:
+            log.warning("shutdown.task_still_running", task=name, waited_s=SHUTDOWN_WAIT_S)
+        elif not task.cancelled() and task.exception() is not None:
+            log.warning("shutdown.task_failed", task=name, error=repr(task.exception()))
 
 
 @contextlib.asynccontextmanager

@@ -21,6 +21,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from app.observability import RUN_OUTCOMES
 from app.orchestration import Orchestrator
 from app.settings import Settings
+from app.tasks import cancel_requested
 from domain.errors import MozaiksError, UnknownChat
 from domain.events import (
     TERMINAL_TYPES,
@@ -222,10 +223,17 @@ class RunSupervisor:
     async def watch_leases(self) -> None:
         """Recover expired leases now and then, for as long as the process runs."""
         while True:
-            with contextlib.suppress(PyMongoError):
+            try:
                 count = await self.recover_expired()
                 if count:
                     log.warning("runs.interrupted", count=count)
+            except PyMongoError as exc:
+                # The driver may turn a cancellation into its own error: a pending cancel still wins.
+                if cancel_requested():
+                    raise asyncio.CancelledError from exc
+                log.warning("leases.check_failed", error=str(exc))
+            if cancel_requested():  # a cancellation the driver absorbed still ends the loop
+                raise asyncio.CancelledError
             await asyncio.sleep(max(self.settings.lease_ttl_s / 2, 0.2))
 
     async def shutdown(self) -> None:

@@ -165,6 +165,10 @@ class ProjectionRunner:
                 await writer.ensure_indexes()
             token = await self._load_checkpoint()
             while True:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # PyMongo can absorb a cancellation mid-operation; a pending one still ends the runner.
+                    raise asyncio.CancelledError
                 token = await self._session(token)
         except asyncio.CancelledError:
             raise

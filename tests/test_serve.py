@@ -131,3 +131,14 @@ def test_local_mode_refuses_a_public_address(tmp_path: Path, host: str) -> None:
     _, err = process.communicate(timeout=30)
     assert process.returncode == 2
     assert "without MOZAIKS_AUTH_SECRET" in err.decode()
+
+
+def test_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        process = serve(tmp_path, "--port", str(port))
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert err.decode().strip().splitlines()[-1].startswith(f"mozaiks: error: cannot listen on 127.0.0.1:{port}")
