@@ -53,9 +53,7 @@ async def owned_chat(runtime: Runtime, principal: Principal, chat_id: str, *, co
     someone else's.
     """
     assert runtime.store is not None
-    first = None
-    async for record in runtime.store.read(chat_id, limit=1):
-        first = record
+    first = await anext(runtime.store.read(chat_id, limit=1), None)
     if first is None:
         raise UnknownChat(chat_id)
     if not principal.can_read_chat(first.user_id, first.app_id):

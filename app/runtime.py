@@ -21,14 +21,10 @@ class Runtime:
         self.settings = settings
         self.observability = Observability()
         self.workflows = WorkflowManager(settings.workflows_path)
-        self._db: Any = None
+        # The AsyncDatabase, set by the database lifespan.
+        self.db: Any = None
         self.store: MongoEventStore | None = None
         self.hub: LiveHub | None = None
         self.supervisor: RunSupervisor | None = None
         self.projections: ProjectionRunner | None = None
         self.orchestrator: Orchestrator | None = None
-
-    @property
-    def db(self) -> Any:
-        """The AsyncDatabase (available once the database lifespan has run)."""
-        return self._db

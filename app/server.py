@@ -51,7 +51,7 @@ async def database_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Open the database (starting the embedded server when no DATABASE_URI is set)."""
     runtime = _runtime(app)
     async with open_database(runtime.settings) as db:
-        runtime._db = db
+        runtime.db = db
         runtime.store = MongoEventStore(db)
         await runtime.store.ensure_indexes()
         log.info("database.ready", db=runtime.settings.db_name, embedded=runtime.settings.database_uri is None)

@@ -266,9 +266,7 @@ async def chat_socket(socket: WebSocket[Any, Any, Any], chat_id: str, runtime: R
         await _refuse(socket, CLOSE_UNAUTHORIZED, "unauthorized", str(exc.detail))
         return
     assert runtime.store is not None
-    first = None
-    async for record in runtime.store.read(chat_id, limit=1):
-        first = record
+    first = await anext(runtime.store.read(chat_id, limit=1), None)
     if first is None:
         await _refuse(socket, CLOSE_UNKNOWN_CHAT, "unknown_chat", f"chat {chat_id} does not exist")
         return
