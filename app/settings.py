@@ -33,6 +33,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 1024 * 1024
     chat_starts_per_minute: int = 30
     lease_ttl_s: float = 30.0
+    # Streaming: text chunks of a message are coalesced into one `message.delta` per window.
+    stream_flush_ms: float = 50.0
+    # Offline fixtures stream word by word, this far apart (0 = as fast as possible; env default 20).
+    offline_chunk_ms: float = 0.0
     node_id: str = msgspec.field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
 
     @property
@@ -54,7 +58,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             value = env.get(name, "").strip()
             return value or None
 
-        def number(name: str, default: float) -> float:
+        def number(name: str, default: float, *, zero: bool = False) -> float:
             raw = text(name)
             if raw is None:
                 return default
@@ -62,8 +66,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 value = float(raw)
             except ValueError:
                 raise SettingsError(f"{name}={raw!r} is not a number") from None
-            if value <= 0:
-                raise SettingsError(f"{name}={raw!r} must be positive")
+            if value < 0 or (value == 0 and not zero):
+                raise SettingsError(f"{name}={raw!r} must be {'zero or ' if zero else ''}positive")
             return value
 
         database_uri = text("DATABASE_URI")
@@ -89,4 +93,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ws_queue_max=int(number("MOZAIKS_WS_QUEUE_MAX", 1000)),
             chat_starts_per_minute=int(number("MOZAIKS_CHAT_STARTS_PER_MINUTE", 30)),
             lease_ttl_s=number("MOZAIKS_LEASE_TTL_S", 30.0),
+            stream_flush_ms=number("MOZAIKS_STREAM_FLUSH_MS", 50.0, zero=True),
+            offline_chunk_ms=number("MOZAIKS_OFFLINE_CHUNK_MS", 20.0, zero=True),
         )

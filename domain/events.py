@@ -42,6 +42,17 @@ class MessageAgent(Event, tag="message.agent", frozen=True, kw_only=True):
     content: str
     role: str = "assistant"
     recipient: str | None = None
+    # The streamed message this completes: its `message.delta` records concatenate to `content`.
+    message_id: str = ""
+
+
+class MessageDelta(Event, tag="message.delta", frozen=True, kw_only=True):
+    """A piece of an agent's message as the model streamed it (coalesced over the flush window)."""
+
+    message_id: str
+    # 0, 1, 2, ... per message, in log order.
+    index: int
+    text: str
 
 
 class ToolCalled(Event, tag="tool.called", frozen=True, kw_only=True):
@@ -87,6 +98,9 @@ class LlmCall(Event, tag="llm.call", frozen=True, kw_only=True):
     finish_reason: str | None = None
     offline: bool = False
     error: str | None = None
+    # Streaming: call start -> first streamed token, and first -> last token (None: nothing streamed).
+    ttft_ms: float | None = None
+    stream_ms: float | None = None
 
 
 class ContextUpdated(Event, tag="context.updated", frozen=True, kw_only=True):
@@ -115,6 +129,7 @@ AnyEvent = (
     | RunStarted
     | MessageUser
     | MessageAgent
+    | MessageDelta
     | ToolCalled
     | ToolResult
     | Handoff

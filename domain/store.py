@@ -228,6 +228,16 @@ class MongoEventStore:
         async for doc in cursor:
             yield to_record(doc)
 
+    async def completed_messages(self, chat_id: str, after: int = 0) -> set[str]:
+        """The `message_id`s of the chat's `message.agent` records with seq > `after` (streamed messages that finished)."""
+        query = {"chat_id": str(chat_id), "seq": {"$gt": int(after)}, "type": "message.agent"}
+        found: set[str] = set()
+        async for doc in self.events.find(query, {"data.message_id": 1}):
+            message_id = (doc.get("data") or {}).get("message_id")
+            if message_id:
+                found.add(str(message_id))
+        return found
+
     async def verify(self, chat_id: str) -> Verification:
         """Recompute the chat's hash chain from the stored documents; report the first broken seq."""
         expected_prev = GENESIS_HASH

@@ -89,15 +89,47 @@ async def _run(settings: Settings, workflow: str, message: str, user_id: str, ap
 
 
 async def _print_events(store: MongoEventStore, stream: StreamRef, all_events: bool) -> None:
+    printer = StreamPrinter()
     async for record in store.subscribe(stream.chat_id):
         if all_events or record.visible:
-            click.echo(describe(record))
+            printer.show(record)
         if record.type == "input.requested":
             text = await asyncio.to_thread(click.prompt, "you", default="", show_default=False)
             received = Pending(event=InputReceived(request_id=record.data["request_id"], text=text))
             await store.append(stream, [received], expected_seq=None)
         if record.type in ("run.completed", "run.failed", "run.stopped"):
             return
+
+
+class StreamPrinter:
+    """Prints records one per line; a streamed message's text as it arrives, on the line of its first delta."""
+
+    def __init__(self) -> None:
+        self.open: str | None = None  # message_id of the line being written
+        self.streamed: dict[str, int] = {}  # message_id -> characters printed
+
+    def show(self, record: Record) -> None:
+        if record.type == "message.delta":
+            message_id, text = record.data["message_id"], record.data["text"]
+            if self.open != message_id:
+                self.end_line()
+                prefix = f"{record.seq:>4} {record.agent or '-':<14} {'message.delta':<16} "
+                click.echo(prefix + ("... " if message_id in self.streamed else ""), nl=False)
+                self.open = message_id
+            click.echo(text, nl=False)
+            self.streamed[message_id] = self.streamed.get(message_id, 0) + len(text)
+            return
+        self.end_line()
+        streamed = self.streamed.pop(record.data.get("message_id", ""), None) if record.type == "message.agent" else None
+        if streamed is not None:
+            click.echo(f"{record.seq:>4} {record.agent or '-':<14} {'message.agent':<16} (streamed above: {streamed} characters)")
+        else:
+            click.echo(describe(record))
+
+    def end_line(self) -> None:
+        if self.open is not None:
+            click.echo("")
+            self.open = None
 
 
 def describe(record: Record) -> str:

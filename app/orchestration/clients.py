@@ -5,12 +5,17 @@ a backend: `OpenAIBackend` (the `openai` SDK, any OpenAI-compatible base URL) or
 (offline: plays a workflow's `fixtures/<Agent>.json` replies in order). Each call is reported as an
 `LlmCallNote`, which the recorder turns into an `llm.call` record; AG2's own usage summaries are
 never used for metrics because client rebuilds reset them.
+
+Both backends stream: the reply text goes, piece by piece, to the call's `TextStream` (which the
+run turns into `message.delta` records) while the backend assembles the one complete
+ChatCompletion AG2 receives, tool calls included.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -18,9 +23,10 @@ from typing import Any, ClassVar, Final, Protocol
 
 import msgspec
 from openai import OpenAI
+from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion
 
-from domain.events import LlmCall
+from domain.events import LlmCall, new_id
 from domain.manifest import ScriptedReply
 
 CLIENT_CLASS_NAME: Final = "MozaiksModelClient"
@@ -39,16 +45,69 @@ class LlmCallNote(msgspec.Struct, frozen=True, kw_only=True):
     call: LlmCall
 
 
+class IncompleteStream(ConnectionError):
+    """The model's stream ended before the reply was complete (no chunk, or no finish reason)."""
+
+
+class TextChunk(msgspec.Struct, frozen=True, kw_only=True):
+    """A piece of an agent's reply text as the model streamed it (recorded in a `message.delta`)."""
+
+    agent: str
+    message_id: str
+    text: str
+
+
+class TextStream:
+    """Where one model call's reply text goes as it arrives, and when it arrived.
+
+    A backend calls `begin()` when a stream starts, so every attempt (a retried call included) is
+    a message of its own; `write` passes text on, `token` marks a token that is not text (tool-call
+    arguments). Called from AG2's worker thread: `send` must hand chunks over thread-safely.
+    """
+
+    def __init__(self, agent: str, send: Callable[[TextChunk], None] | None = None) -> None:
+        self.agent = agent
+        self.send = send
+        self.message_id = new_id()
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def begin(self) -> None:
+        """A new stream (a new message) starts."""
+        self.message_id = new_id()
+        self.first = self.last = None
+
+    def token(self) -> None:
+        """A token arrived (text or not): times the first and the last."""
+        self.last = time.perf_counter()
+        if self.first is None:
+            self.first = self.last
+
+    def write(self, text: str) -> None:
+        """Reply text arrived."""
+        if not text:
+            return
+        self.token()
+        if self.send is not None:
+            self.send(TextChunk(agent=self.agent, message_id=self.message_id, text=text))
+
+    def timing(self, started: float) -> tuple[float | None, float | None]:
+        """(time to first token, first → last token) in ms; (None, None) when nothing streamed."""
+        if self.first is None or self.last is None:
+            return None, None
+        return round((self.first - started) * 1000, 3), round((self.last - self.first) * 1000, 3)
+
+
 class Backend(Protocol):
     """Where completions come from."""
 
     offline: bool
 
-    def complete(self, agent: str, params: dict[str, Any]) -> ChatCompletion: ...
+    def complete(self, agent: str, params: dict[str, Any], stream: TextStream | None = None) -> ChatCompletion: ...
 
 
 class OpenAIBackend:
-    """Chat completions through the official `openai` SDK (OpenAI or any compatible server)."""
+    """Chat completions through the official `openai` SDK (OpenAI or any compatible server), streamed."""
 
     offline = False
 
@@ -56,10 +115,53 @@ class OpenAIBackend:
         # Compatible servers often need no key, but the SDK insists on one.
         self.client = OpenAI(api_key=api_key or "not-needed", base_url=base_url, timeout=timeout_s, max_retries=1)
 
-    def complete(self, agent: str, params: dict[str, Any]) -> ChatCompletion:
-        """One chat completion (non-streaming) with the parameters the API knows."""
+    def complete(self, agent: str, params: dict[str, Any], stream: TextStream | None = None) -> ChatCompletion:
+        """One streamed chat completion with the parameters the API knows, assembled whole.
+
+        The reply text goes to `stream` chunk by chunk; the SDK's own accumulator assembles the
+        chunks (text, tool calls and their arguments, usage) into the ChatCompletion AG2 receives.
+        """
         kwargs = {k: v for k, v in params.items() if k in _OPENAI_KEYS and v is not None}
-        return self.client.chat.completions.create(**kwargs)
+        stream = stream or TextStream(agent)
+        stream.begin()
+        state: ChatCompletionStreamState[Any] = ChatCompletionStreamState()
+        received = False
+        with self.client.chat.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}
+        ) as chunks:
+            for chunk in chunks:
+                state.handle_chunk(chunk)
+                received = True
+                for choice in chunk.choices:
+                    if choice.index != 0:
+                        continue
+                    if choice.delta.content:
+                        stream.write(choice.delta.content)
+                    elif choice.delta.tool_calls:
+                        stream.token()
+        if not received:
+            raise IncompleteStream(f"the model's stream for {agent} ended without a single chunk")
+        snapshot = state.current_completion_snapshot
+        if not snapshot.choices or any(choice.finish_reason is None for choice in snapshot.choices):
+            # The connection closed mid-answer: a cut-off text must not pass for a whole reply.
+            raise IncompleteStream(f"the model's stream for {agent} ended before its finish reason")
+        return _plain_completion(snapshot.to_dict())
+
+
+def _plain_completion(snapshot: dict[str, Any]) -> ChatCompletion:
+    """The SDK's assembled snapshot as a plain ChatCompletion (without its `parsed` helper fields,
+    which AG2 would otherwise copy into the next request's messages)."""
+    for choice in snapshot.get("choices") or []:
+        message = choice.get("message") or {}
+        message.pop("parsed", None)
+        message.setdefault("role", "assistant")
+        for call in message.get("tool_calls") or []:
+            (call.get("function") or {}).pop("parsed_arguments", None)
+    return ChatCompletion.model_validate(snapshot)
+
+
+# One chunk per word with the whitespace after it: the chunks concatenate to the exact text.
+_WORDS: Final = re.compile(r"\S+\s*|\s+")
 
 
 class ScriptedBackend:
@@ -71,16 +173,24 @@ class ScriptedBackend:
 
     offline = True
 
-    def __init__(self, fixtures: Mapping[str, list[ScriptedReply]], start: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        fixtures: Mapping[str, list[ScriptedReply]],
+        start: Mapping[str, int] | None = None,
+        *,
+        chunk_s: float = 0.0,
+    ) -> None:
         self.fixtures = fixtures
+        # Pause between streamed words, so offline runs stream at a visible pace.
+        self.chunk_s = chunk_s
         self.cursor: dict[str, int] = dict(start or {})
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.calls = 0
         self._lock = threading.Lock()
 
-    def complete(self, agent: str, params: dict[str, Any]) -> ChatCompletion:
-        """The agent's next scripted reply as an OpenAI ChatCompletion."""
+    def complete(self, agent: str, params: dict[str, Any], stream: TextStream | None = None) -> ChatCompletion:
+        """The agent's next scripted reply, streamed word by word, as an OpenAI ChatCompletion."""
         with self._lock:
             index = self.cursor.get(agent, 0)
             self.cursor[agent] = index + 1
@@ -105,6 +215,12 @@ class ScriptedBackend:
             self.calls += 1
             self.prompt_tokens += prompt
             self.completion_tokens += completion
+        if stream is not None:
+            stream.begin()
+            for number, word in enumerate(_WORDS.findall(step.content or "")):
+                if number and self.chunk_s > 0:
+                    time.sleep(self.chunk_s)  # AG2's worker thread, never the event loop
+                stream.write(word)
         return ChatCompletion.model_validate(
             {
                 "id": f"offline-{agent}-{index}",
@@ -127,10 +243,17 @@ def _estimate(value: Any) -> int:
 class Ledger:
     """Per run: the backend every client of the run uses, and where each call is reported."""
 
-    def __init__(self, backend: Backend, report: Callable[[LlmCallNote], None] | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        report: Callable[[LlmCallNote], None] | None = None,
+        text: Callable[[TextChunk], None] | None = None,
+    ) -> None:
         self.backend = backend
         self.notes: list[LlmCallNote] = []
         self._report = report
+        # Where streamed reply text goes (from AG2's worker threads).
+        self.text = text
         self._lock = threading.Lock()
 
     def record(self, note: LlmCallNote) -> None:
@@ -165,19 +288,22 @@ class MozaiksModelClient:
         backend = self.ledger.backend
         clean = {k: v for k, v in params.items() if k not in _OWN_KEYS}
         started = time.perf_counter()
+        stream = TextStream(self.agent, self.ledger.text)
         try:
-            response = backend.complete(self.agent, clean)
+            response = backend.complete(self.agent, clean, stream)
         except Exception as exc:
+            ttft, streamed = stream.timing(started)
             self.ledger.record(
                 LlmCallNote(
                     agent=self.agent,
                     call=LlmCall(
                         model=self.model, latency_ms=_ms(started), offline=backend.offline,
-                        error=f"{type(exc).__name__}: {exc}",
+                        error=f"{type(exc).__name__}: {exc}", ttft_ms=ttft, stream_ms=streamed,
                     ),
                 )
             )
             raise
+        ttft, streamed = stream.timing(started)
         usage = response.usage
         self.ledger.record(
             LlmCallNote(
@@ -189,6 +315,8 @@ class MozaiksModelClient:
                     latency_ms=_ms(started),
                     finish_reason=response.choices[0].finish_reason if response.choices else None,
                     offline=backend.offline,
+                    ttft_ms=ttft,
+                    stream_ms=streamed,
                 ),
             )
         )

@@ -20,7 +20,7 @@ from autogen.agentchat.group import ContextVariables
 from autogen.io.base import IOStream
 
 from app.orchestration.agents import ContextNote, Team, build_team
-from app.orchestration.clients import Backend, Ledger, LlmCallNote, OpenAIBackend, ScriptedBackend
+from app.orchestration.clients import Backend, Ledger, LlmCallNote, OpenAIBackend, ScriptedBackend, TextChunk
 from app.orchestration.recorder import RunMapper
 from app.settings import Settings
 from app.workflows import Workflow, WorkflowManager
@@ -57,6 +57,8 @@ class RunReport(msgspec.Struct, kw_only=True):
     # uuid of every AG2 event seen, in the order it was seen.
     ag2_uuids: list[str] = []
     runtime_events: int = 0
+    # `message.delta` records of the run (streamed text, coalesced over the flush window).
+    deltas: int = 0
     llm_calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -161,7 +163,7 @@ class Orchestrator:
             for record in history:
                 if record.type == "llm.call" and record.agent:
                     start[record.agent] = start.get(record.agent, 0) + 1
-            return ScriptedBackend(workflow.fixtures, start)
+            return ScriptedBackend(workflow.fixtures, start, chunk_s=self.settings.offline_chunk_ms / 1000)
         if self._openai is None:
             self._openai = OpenAIBackend(api_key=self.settings.openai_api_key, base_url=self.settings.openai_base_url)
         return self._openai
@@ -245,13 +247,20 @@ class _RunSession:
             else:
                 loop.call_soon_threadsafe(iostream.send, note)
 
+        group_agents = {a.name for a in self.workflow.agents if a.type != "user"}
+
+        def stream_text(chunk: TextChunk) -> None:
+            # Only the group's agents speak messages; a speaker selector's text is not one.
+            if chunk.agent in group_agents:
+                emit(chunk)
+
         backend = self.o.backend(self.workflow, self.history)
-        ledger = Ledger(backend, report=emit)
+        ledger = Ledger(backend, report=emit, text=stream_text)
         context = ContextVariables(data=initial_context(self.workflow, self.history))
         user_agent = next((a.name for a in self.workflow.agents if a.type == "user"), None)
         mapper = RunMapper(
             run_id=self.run_id,
-            group_agents={a.name for a in self.workflow.agents if a.type != "user"},
+            group_agents=group_agents,
             visual_agents=self.workflow.visual_agents,
             user_agent=user_agent or "_User",
         )
@@ -296,22 +305,43 @@ class _RunSession:
             self.queue.put_nowait(_Done(exc))
 
     async def record(self, mapper: RunMapper, response: Any, backend: Backend) -> str:
-        """The recorder loop: append each burst of events as one batch, answer input, finish the run."""
+        """The recorder loop: append each burst of events as one batch, answer input, finish the run.
+
+        Streamed text waits for the flush window (from its first unrecorded chunk) and is then
+        appended as one `message.delta` per message; any other event flushes it at once, before
+        itself, so a message's deltas always precede its `message.agent`.
+        """
+        loop = asyncio.get_running_loop()
+        window = self.o.settings.stream_flush_ms / 1000
+        flush_at: float | None = None
         stopping = asyncio.create_task(self.stop.wait())
+        getting: asyncio.Task[Any] | None = None
         try:
             while True:
-                getting = asyncio.create_task(self.queue.get())
-                await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not getting.done():
-                    getting.cancel()
+                if getting is None:
+                    getting = asyncio.create_task(self.queue.get())
+                timeout = None if flush_at is None else max(flush_at - loop.time(), 0)
+                await asyncio.wait({getting, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if stopping.done() and not getting.done():
                     return await self.stopped(mapper, response)
+                if not getting.done():
+                    await self.append(self.deltas(mapper.flush()))  # the flush window is over
+                    flush_at = None
+                    continue
                 batch = [getting.result()]
+                getting = None
                 while len(batch) < _MAX_BATCH and not self.queue.empty():
                     batch.append(self.queue.get_nowait())
                 pendings, request, done = self.map_batch(mapper, batch)
                 if done is not None:
                     outcome = self.finish(done, backend)
                     pendings.append(outcome)
+                if not mapper.unflushed:
+                    flush_at = None
+                elif window <= 0:
+                    pendings.extend(self.deltas(mapper.flush()))
+                elif flush_at is None:
+                    flush_at = loop.time() + window
                 await self.append(pendings)
                 if done is not None:
                     return "run.completed" if done.error is None else "run.failed"
@@ -322,12 +352,25 @@ class _RunSession:
                     await request.content.respond(answer)
         finally:
             stopping.cancel()
+            if getting is not None:
+                getting.cancel()
+
+    def deltas(self, pendings: list[Pending]) -> list[Pending]:
+        """Counts `message.delta` Pendings (runtime records of their own) in the report."""
+        self.report.deltas += len(pendings)
+        self.report.runtime_events += len(pendings)
+        return pendings
 
     def map_batch(self, mapper: RunMapper, batch: list[Any]) -> tuple[list[Pending], Any, _Done | None]:
         pendings: list[Pending] = []
         request: Any = None
         done: _Done | None = None
         for item in batch:
+            if isinstance(item, TextChunk):
+                pendings.extend(self.deltas(mapper.map_chunk(item)))
+                continue
+            # Whatever else happens is recorded after the text streamed before it.
+            pendings.extend(self.deltas(mapper.flush()))
             if isinstance(item, _Done):
                 done = item
             elif isinstance(item, ContextNote):
@@ -341,8 +384,10 @@ class _RunSession:
                 self.report.completion_tokens += item.call.completion_tokens
             else:
                 # Anything else on AG2's stream is an AG2 event (wrapped: `.type` + `.content`).
-                pending = mapper.map_event(item)
-                pendings.append(pending)
+                mapped = mapper.map_event(item)
+                pendings.extend(mapped)
+                pending = mapped[-1]
+                self.report.runtime_events += len(mapped) - 1
                 self.report.ag2_events += 1
                 self.report.ag2_uuids.append(str(getattr(getattr(item, "content", item), "uuid", "")))
                 if pending.event.__struct_config__.tag == "input.requested":
@@ -407,6 +452,6 @@ class _RunSession:
         while not source.empty():
             leftovers.append(source.get_nowait())
         pendings, _, _ = self.map_batch(mapper, leftovers)
-        await self.append(pendings)
+        await self.append(pendings + self.deltas(mapper.flush()))
         log.info("run.stopped", chat_id=self.stream.chat_id, run_id=self.run_id)
         return "run.stopped"

@@ -65,6 +65,19 @@ function latency(llm) {
   return parts.length ? parts.join(" · ") : null;
 }
 
+/** Time to first token (p50 · p95) of the calls that streamed. */
+function ttft(llm) {
+  const t = llm && typeof llm === "object" ? llm.ttft_ms : null;
+  if (!t || typeof t !== "object") return null;
+  const parts = [["p50", t.p50], ["p95", t.p95]].filter(([, v]) => isNumber(v)).map(([name, v]) => `${name} ${milliseconds(v)}`);
+  return parts.length ? parts.join(" · ") : null;
+}
+
+function rate(value) {
+  if (!isNumber(value)) return null;
+  return `${value >= 100 ? integer.format(value) : value.toFixed(1)} tokens/s`;
+}
+
 /** Per-agent rows from `agents` as an object keyed by name or a list of {agent|name, …}. */
 function agentRows(agents) {
   if (Array.isArray(agents)) return agents.map((a) => [a.agent ?? a.name ?? "?", a]);
@@ -92,6 +105,8 @@ export function renderMetrics(container, metrics, visibleAgents = null) {
         ["Cost", money(m.cost ?? (isNumber(m.cost_nanousd) ? m.cost_nanousd / 1e9 : null), m.currency), "cost"],
         ["LLM calls", count(m.llm?.count ?? m.llm_calls), "llm-calls"],
         ["LLM latency", latency(m.llm?.latency_ms ? m.llm : m), "llm-latency"],
+        ["First token", ttft(m.llm), "ttft"],
+        ["Output speed", rate(m.llm?.output_tokens_per_s), "output-speed"],
         ["Duration", seconds(m.duration_s), "duration"],
         ["Errors", isNumber(m.errors) && m.errors > 0 ? count(m.errors) : null, "errors"],
       ].filter(([, value]) => value !== null)
