@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from app.orchestration import Orchestrator
+from app.runs.orchestrator import Orchestrator
+from app.runs.workflows import WorkflowManager
 from app.settings import Settings
-from app.workflows import WorkflowManager
 from domain.store import MongoEventStore
 from tests.llm_server import Reply, StreamingModel, ToolCall, solo_workflow
 
