@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from domain.events import MessageAgent, MessageDelta, Pending, RunFailed, RunStarted, StreamRef
 from domain.store import MongoEventStore
-from tests.llm_server import Gate, StreamingModel, solo_workflow, text_reply
+from tests.llm_server import Gate, Reply, StreamingModel, ToolCall, solo_workflow, text_reply
 
 WAIT_S = 60.0
 
@@ -237,3 +237,92 @@ async def test_an_interrupted_message_keeps_its_deltas_and_is_replayed_as_text_s
         await replay.read_until(ws, lambda c: any(f["type"] == "replay.done" for f in c.frames))
     assert replay.streamed == {"m1": "The partial answer so far"}
     assert replay.types() == ["run.started", "message.delta", "message.delta", "message.delta", "message.agent", "run.failed"]
+
+
+# ---- the recorder, without a node -----------------------------------------------------------------
+
+
+def orchestrator_on(store: MongoEventStore, workflows: Path, model: StreamingModel | None = None, **settings: Any) -> Any:
+    from app.runs.orchestrator import Orchestrator
+    from app.runs.workflows import WorkflowManager
+    from app.settings import Settings
+
+    online = {"openai_api_key": "sk-test", "openai_base_url": model.base_url} if model is not None else {}
+    return Orchestrator(store, WorkflowManager(workflows), Settings(workflows_path=workflows, **online, **settings))
+
+
+def assert_messages_are_their_deltas(records: list[Any]) -> None:
+    """Every streamed message's deltas come before it, indexed 0, 1, 2, … and concatenate to its text."""
+    for message in (r for r in records if r.type == "message.agent"):
+        deltas = [r for r in records if r.type == "message.delta" and r.data["message_id"] == message.data["message_id"]]
+        assert all(d.seq < message.seq and d.agent == message.agent and d.visible == message.visible for d in deltas)
+        assert [d.data["index"] for d in deltas] == list(range(len(deltas)))
+        if deltas:
+            assert "".join(d.data["text"] for d in deltas) == message.data["content"]
+
+
+async def test_a_stream_cut_off_mid_answer_fails_the_run_and_keeps_what_was_said(store: MongoEventStore, solo: Path) -> None:
+    model = StreamingModel([text_reply("Half of an answer that never gets to its end", 10, cut_after=3)])
+    try:
+        orchestrator = orchestrator_on(store, solo, model)
+        stream = await orchestrator.create_chat(workflow="Solo", user_id="u", app_id="a", message="hi")
+        assert await orchestrator.run(stream) == "run.failed"
+    finally:
+        model.close()
+    records = await records_of(store, stream.chat_id)
+    deltas = [r for r in records if r.type == "message.delta"]
+    assert "".join(d.data["text"] for d in deltas) == "".join(model.replies[0].chunks[:4])
+    assert not [r for r in records if r.type == "message.agent"]  # incomplete: no message.agent
+    call = next(r for r in records if r.type == "llm.call")
+    assert "ended before its finish reason" in call.data["error"] and call.data["ttft_ms"] is not None
+    assert records[-1].type == "run.failed" and max(d.seq for d in deltas) < call.seq
+
+
+async def test_text_streamed_with_a_tool_call_becomes_a_message_before_the_call(store: MongoEventStore, tmp_path: Path) -> None:
+    workflows = solo_workflow(tmp_path, tool="text_statistics:tools.text_stats:text_statistics")
+    model = StreamingModel([
+        Reply(chunks=["Let me ", "count them."], tool_calls=[ToolCall("call_1", "text_statistics", '{"text": "a b c"}')]),
+        Reply(chunks=["Three ", "words."]),
+    ])
+    try:
+        orchestrator = orchestrator_on(store, workflows, model)
+        stream = await orchestrator.create_chat(workflow="Solo", user_id="u", app_id="a", message="Count: a b c")
+        assert await orchestrator.run(stream) == "run.completed"
+    finally:
+        model.close()
+    records = await records_of(store, stream.chat_id)
+    said = [(r.type, r.data.get("content")) for r in records if r.type in ("message.agent", "tool.called")]
+    assert said == [("message.agent", "Let me count them."), ("tool.called", None), ("message.agent", "Three words.")]
+    assert_messages_are_their_deltas(records)
+
+
+@pytest.mark.parametrize("name", ["Generator", "Analyzer"])
+async def test_offline_fixtures_stream_word_by_word_at_the_configured_pace(store: MongoEventStore, name: str) -> None:
+    examples = Path(__file__).resolve().parent.parent / "workflows"
+    # A 30 ms pace with a 0 ms flush window: each word that arrives on its own is a delta of its own.
+    orchestrator = orchestrator_on(store, examples, offline_chunk_ms=30.0, stream_flush_ms=0.0)
+    stream = await orchestrator.create_chat(workflow=name, user_id="u", app_id="a", message="Write about bees")
+    assert await asyncio.wait_for(orchestrator.run(stream), 120) == "run.completed"
+    records = await records_of(store, stream.chat_id)
+    assert_messages_are_their_deltas(records)
+    messages = [r for r in records if r.type == "message.agent" and len(r.data["content"].split()) > 3]
+    assert messages
+    for message in messages:
+        deltas = [r for r in records if r.type == "message.delta" and r.data["message_id"] == message.data["message_id"]]
+        assert len(deltas) > 1, f"{message.agent}'s message arrived in one piece"
+
+
+def test_a_retried_call_starts_a_new_message_and_leaves_the_first_attempt_incomplete() -> None:
+    from app.runs.clients import TextChunk
+    from app.runs.recorder import RunMapper
+
+    mapper = RunMapper(run_id="r", group_agents={"Writer"}, visual_agents=frozenset({"Writer"}), user_agent=None)
+    assert mapper.map_chunk(TextChunk(agent="Writer", message_id="a1", text="Hel")) == []
+    cut = mapper.map_chunk(TextChunk(agent="Writer", message_id="a2", text="Hello"))
+    assert [(p.event.message_id, p.event.index, p.event.text) for p in cut] == [("a1", 0, "Hel")]  # type: ignore[union-attr]
+    mapper.map_chunk(TextChunk(agent="Writer", message_id="a2", text=" world"))
+    [delta] = mapper.flush()
+    final = mapper.complete("Writer", "what AG2 says", None, None)
+    assert (delta.event.message_id, delta.event.index, delta.event.text) == ("a2", 0, "Hello world")  # type: ignore[union-attr]
+    assert (final.event.message_id, final.event.content) == ("a2", "Hello world")  # type: ignore[union-attr]
+    assert mapper.flush() == [] and not mapper.unflushed

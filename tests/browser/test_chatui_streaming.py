@@ -7,12 +7,16 @@ and streams SSE through the real `openai` SDK; the test lets chunks through one 
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from playwright.async_api import Browser
 
+from domain.store import MongoEventStore
 from tests.browser.conftest import ChatUI, Runtime, open_chatui, start_runtime, stop_runtime
 from tests.llm_server import Gate, StreamingModel, text_reply
 
@@ -133,3 +137,58 @@ async def test_a_message_cut_off_by_a_failed_run_is_shown_incomplete(ui: ChatUI,
         assert (await card(other))["text"].startswith("This answer will be cut off")
     records = await ui.runtime.events(chat_id)
     assert [r["type"] for r in records if r["type"] in ("message.delta", "message.agent")][-1] == "message.delta"
+
+
+async def test_kill_9_mid_stream_keeps_the_deltas_and_the_surviving_node_shows_the_message_incomplete(
+    browser: Browser, tmp_path_factory: pytest.TempPathFactory, mongo_uri: str, db_name: str, store: MongoEventStore
+) -> None:
+    """Two `mozaiks serve` on one database; the one running the chat is killed with SIGKILL mid-stream."""
+    held = Gate()
+    reply = text_reply("The start of an answer that the node will not live to finish " * 4, 40)
+    model = StreamingModel([reply], before_chunk=held.wait)
+    env = {
+        "DATABASE_URI": mongo_uri, "MOZAIKS_DB": db_name, "OPENAI_BASE_URL": model.base_url, "OPENAI_API_KEY": "sk-test",
+        "MOZAIKS_LEASE_TTL_S": "1.5", "MOZAIKS_STREAM_FLUSH_MS": "20",
+    }
+    root = tmp_path_factory.mktemp("killed")
+    doomed = start_runtime(root / "a", env)
+    survivor = start_runtime(root / "b", env)
+    try:
+        held.allow_through(9)
+        async with httpx.AsyncClient(base_url=doomed.base_url) as http:
+            response = await http.post("/api/chats", json={"workflow": "Story", "message": "Tell me something"})
+            chat_id = str(response.json()["chat_id"])
+        so_far = "".join(reply.chunks[:10])
+        # Wait until the first ten chunks are in the log, then kill the node in the middle of the message.
+        async with asyncio.timeout(60):
+            streamed = ""
+            async for record in store.subscribe(chat_id):
+                if record.type == "message.delta":
+                    streamed += record.data["text"]
+                    if streamed == so_far:
+                        break
+        doomed.process.send_signal(signal.SIGKILL)
+        doomed.process.wait(timeout=10)
+
+        async with asyncio.timeout(60):
+            async for record in store.subscribe(chat_id):
+                if record.type in ("run.failed", "run.completed", "run.stopped"):
+                    break
+        assert record.type == "run.failed" and record.data["reason"] == "interrupted", record
+        records = [r async for r in store.read(chat_id)]
+        assert "".join(r.data["text"] for r in records if r.type == "message.delta") == so_far
+        assert not [r for r in records if r.type == "message.agent"]
+        assert (await store.verify(chat_id)).ok
+
+        async with open_chatui(browser, survivor) as ui:
+            await ui.open(f"#chat={chat_id}")
+            assert await ui.wait_for_end() == "run.failed"
+            await ui.page.locator("[data-testid=incomplete]").wait_for(state="attached")
+            state = await card(ui)
+            assert state["text"].startswith(so_far.strip()) and "Incomplete" in state["text"], state
+            assert state["type"] is None and not state["streaming"]
+    finally:
+        held.close()
+        stop_runtime(survivor)
+        stop_runtime(doomed)
+        model.close()
