@@ -23,8 +23,7 @@ from typing import Any, ClassVar, Final, Protocol
 
 import msgspec
 from openai import OpenAI
-from openai.lib.streaming.chat import ChatCompletionStreamState
-from openai.types.chat import ChatCompletion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from domain.events import LlmCall, new_id
 from domain.manifest import ScriptedReply
@@ -118,20 +117,18 @@ class OpenAIBackend:
     def complete(self, agent: str, params: dict[str, Any], stream: TextStream | None = None) -> ChatCompletion:
         """One streamed chat completion with the parameters the API knows, assembled whole.
 
-        The reply text goes to `stream` chunk by chunk; the SDK's own accumulator assembles the
-        chunks (text, tool calls and their arguments, usage) into the ChatCompletion AG2 receives.
+        The reply text goes to `stream` chunk by chunk; the chunks (text, tool calls and their
+        arguments, finish reason, usage) are assembled into the one ChatCompletion AG2 receives.
         """
         kwargs = {k: v for k, v in params.items() if k in _OPENAI_KEYS and v is not None}
         stream = stream or TextStream(agent)
         stream.begin()
-        state: ChatCompletionStreamState[Any] = ChatCompletionStreamState()
-        received = False
+        assembly = Assembly()
         with self.client.chat.completions.create(
             **kwargs, stream=True, stream_options={"include_usage": True}
         ) as chunks:
             for chunk in chunks:
-                state.handle_chunk(chunk)
-                received = True
+                assembly.add(chunk)
                 for choice in chunk.choices:
                     if choice.index != 0:
                         continue
@@ -139,25 +136,73 @@ class OpenAIBackend:
                         stream.write(choice.delta.content)
                     elif choice.delta.tool_calls:
                         stream.token()
-        if not received:
+        return assembly.completion(agent)
+
+
+class Assembly:
+    """The chunks of one streamed completion, put together as the ChatCompletion they stand for.
+
+    The SDK has an accumulator (`ChatCompletionStreamState`), but it re-serialises the whole
+    snapshot for every chunk: measured 0.7 to 1.7 ms per chunk over 400 to 2,000 chunks, which at
+    zero model latency made it the stream's bottleneck. This keeps the pieces in lists instead.
+    """
+
+    def __init__(self) -> None:
+        self.head: dict[str, Any] = {}
+        self.usage: dict[str, Any] | None = None
+        # choice index -> {"role", "content": [...], "refusal": [...], "tool_calls": {index: {...}}, "finish_reason"}
+        self.choices: dict[int, dict[str, Any]] = {}
+
+    def add(self, chunk: ChatCompletionChunk) -> None:
+        """Take one chunk in."""
+        if not self.head:
+            self.head = {"id": chunk.id, "created": chunk.created, "model": chunk.model,
+                         "system_fingerprint": chunk.system_fingerprint}
+        if chunk.usage is not None:
+            self.usage = chunk.usage.model_dump()
+        for choice in chunk.choices:
+            state = self.choices.setdefault(
+                choice.index, {"role": "assistant", "content": [], "refusal": [], "tool_calls": {}, "finish_reason": None}
+            )
+            delta = choice.delta
+            if delta.role:
+                state["role"] = delta.role
+            if delta.content:
+                state["content"].append(delta.content)
+            if delta.refusal:
+                state["refusal"].append(delta.refusal)
+            for call in delta.tool_calls or []:
+                # As the SDK's own accumulator does: string fields arrive in pieces and are joined.
+                held = state["tool_calls"].setdefault(call.index, {"id": "", "type": "function", "name": "", "arguments": ""})
+                held["id"] += call.id or ""
+                held["type"] = call.type or held["type"]
+                if call.function is not None:
+                    held["name"] += call.function.name or ""
+                    held["arguments"] += call.function.arguments or ""
+            if choice.finish_reason:
+                state["finish_reason"] = choice.finish_reason
+
+    def completion(self, agent: str) -> ChatCompletion:
+        """The whole completion; raises IncompleteStream when the stream ended before the reply did."""
+        if not self.head:
             raise IncompleteStream(f"the model's stream for {agent} ended without a single chunk")
-        snapshot = state.current_completion_snapshot
-        if not snapshot.choices or any(choice.finish_reason is None for choice in snapshot.choices):
+        if not self.choices or any(state["finish_reason"] is None for state in self.choices.values()):
             # The connection closed mid-answer: a cut-off text must not pass for a whole reply.
             raise IncompleteStream(f"the model's stream for {agent} ended before its finish reason")
-        return _plain_completion(snapshot.to_dict())
-
-
-def _plain_completion(snapshot: dict[str, Any]) -> ChatCompletion:
-    """The SDK's assembled snapshot as a plain ChatCompletion (without its `parsed` helper fields,
-    which AG2 would otherwise copy into the next request's messages)."""
-    for choice in snapshot.get("choices") or []:
-        message = choice.get("message") or {}
-        message.pop("parsed", None)
-        message.setdefault("role", "assistant")
-        for call in message.get("tool_calls") or []:
-            (call.get("function") or {}).pop("parsed_arguments", None)
-    return ChatCompletion.model_validate(snapshot)
+        choices = []
+        for index, state in sorted(self.choices.items()):
+            message: dict[str, Any] = {"role": state["role"], "content": "".join(state["content"]) or None}
+            if state["refusal"]:
+                message["refusal"] = "".join(state["refusal"])
+            if state["tool_calls"]:
+                message["tool_calls"] = [
+                    {"id": held["id"], "type": held["type"], "function": {"name": held["name"], "arguments": held["arguments"]}}
+                    for _, held in sorted(state["tool_calls"].items())
+                ]
+            choices.append({"index": index, "message": message, "finish_reason": state["finish_reason"]})
+        return ChatCompletion.model_validate(
+            {**self.head, "object": "chat.completion", "choices": choices, "usage": self.usage}
+        )
 
 
 # One chunk per word with the whitespace after it: the chunks concatenate to the exact text.

@@ -169,6 +169,17 @@ class Orchestrator:
         return self._openai
 
 
+def merged(chunks: list[TextChunk]) -> list[TextChunk]:
+    """Consecutive chunks of one message joined into one (their text in order)."""
+    out: list[TextChunk] = []
+    for chunk in chunks:
+        if out and out[-1].message_id == chunk.message_id:
+            out[-1] = TextChunk(agent=chunk.agent, message_id=chunk.message_id, text=out[-1].text + chunk.text)
+        else:
+            out.append(chunk)
+    return out
+
+
 def conversation(history: list[Record], user_name: str | None) -> str | list[dict[str, Any]]:
     """The chat so far as AG2 messages: user text, agents' messages, answers to input requests.
 
@@ -249,10 +260,31 @@ class _RunSession:
 
         group_agents = {a.name for a in self.workflow.agents if a.type != "user"}
 
+        waiting: list[TextChunk] = []
+        waiting_lock = threading.Lock()
+
+        def hand_over(iostream: Any) -> None:
+            with waiting_lock:
+                chunks = merged(waiting)
+                waiting.clear()
+            for chunk in chunks:
+                iostream.send(chunk)
+
         def stream_text(chunk: TextChunk) -> None:
             # Only the group's agents speak messages; a speaker selector's text is not one.
-            if chunk.agent in group_agents:
-                emit(chunk)
+            if chunk.agent not in group_agents:
+                return
+            # At most one hand-over to the loop is pending: chunks arriving meanwhile join it, so a
+            # fast stream costs the loop one wake-up per turn of the loop, not one per chunk.
+            with waiting_lock:
+                waiting.append(chunk)
+                if len(waiting) > 1:
+                    return
+            iostream = IOStream.get_default()
+            if threading.get_ident() == loop_thread:
+                hand_over(iostream)
+            else:
+                loop.call_soon_threadsafe(hand_over, iostream)
 
         backend = self.o.backend(self.workflow, self.history)
         ledger = Ledger(backend, report=emit, text=stream_text)
