@@ -356,24 +356,26 @@ class _RunSession:
                 await asyncio.wait({getting, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if stopping.done() and not getting.done():
                     return await self.stopped(mapper, response)
-                if not getting.done():
-                    await self.append(self.deltas(mapper.flush()))  # the flush window is over
-                    flush_at = None
-                    continue
-                batch = [getting.result()]
-                getting = None
-                while len(batch) < _MAX_BATCH and not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
-                pendings, request, done = self.map_batch(mapper, batch)
-                if done is not None:
-                    outcome = self.finish(done, backend)
-                    pendings.append(outcome)
+                pendings: list[Pending] = []
+                request: Any = None
+                done: _Done | None = None
+                if getting.done():
+                    batch = [getting.result()]
+                    getting = None
+                    while len(batch) < _MAX_BATCH and not self.queue.empty():
+                        batch.append(self.queue.get_nowait())
+                    pendings, request, done = self.map_batch(mapper, batch)
+                    if done is not None:
+                        pendings.append(self.finish(done, backend))
+                if mapper.unflushed:
+                    # The window counts from the first chunk not yet recorded, and ends on time even
+                    # while chunks keep coming (a busy queue must not hold the text back).
+                    now = loop.time()
+                    flush_at = now + window if flush_at is None else flush_at
+                    if now >= flush_at:
+                        pendings.extend(self.deltas(mapper.flush()))
                 if not mapper.unflushed:
                     flush_at = None
-                elif window <= 0:
-                    pendings.extend(self.deltas(mapper.flush()))
-                elif flush_at is None:
-                    flush_at = loop.time() + window
                 await self.append(pendings)
                 if done is not None:
                     return "run.completed" if done.error is None else "run.failed"
