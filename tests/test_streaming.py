@@ -326,3 +326,15 @@ def test_a_retried_call_starts_a_new_message_and_leaves_the_first_attempt_incomp
     assert (delta.event.message_id, delta.event.index, delta.event.text) == ("a2", 0, "Hello world")  # type: ignore[union-attr]
     assert (final.event.message_id, final.event.content) == ("a2", "Hello world")  # type: ignore[union-attr]
     assert mapper.flush() == [] and not mapper.unflushed
+
+
+def test_streaming_settings_come_from_the_environment_and_bad_values_name_the_variable() -> None:
+    from app.settings import Settings, SettingsError
+
+    assert (Settings.from_env({}).stream_flush_ms, Settings.from_env({}).offline_chunk_ms) == (50.0, 20.0)
+    tuned = Settings.from_env({"MOZAIKS_STREAM_FLUSH_MS": "0", "MOZAIKS_OFFLINE_CHUNK_MS": "5"})
+    assert (tuned.stream_flush_ms, tuned.offline_chunk_ms) == (0.0, 5.0)
+    with pytest.raises(SettingsError, match="MOZAIKS_STREAM_FLUSH_MS='-1' must be zero or positive"):
+        Settings.from_env({"MOZAIKS_STREAM_FLUSH_MS": "-1"})
+    with pytest.raises(SettingsError, match="MOZAIKS_OFFLINE_CHUNK_MS='fast' is not a number"):
+        Settings.from_env({"MOZAIKS_OFFLINE_CHUNK_MS": "fast"})
