@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ from tests.llm_server import Reply, StreamingModel, solo_workflow
 from tests.nodes import Node, benchmark_mongo_uri
 
 FLUSH_MS = 50.0
+# Per delta frame: the record's `ts` (append time) -> received, in ms (clients' process only).
+SPLIT: list[float] = []
 
 
 def answer(tokens: int) -> Reply:
@@ -101,6 +104,8 @@ async def watch(url: str, chat_id: str, ready: asyncio.Event, got: list[tuple[fl
                 if event["type"] == "message.delta":
                     length += len(event["data"]["text"])
                     got.append((time.monotonic(), length))
+                    recorded = datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
+                    SPLIT.append((time.time() - recorded) * 1000)
                 elif event["type"] in ("run.completed", "run.failed"):
                     return
 
@@ -122,6 +127,13 @@ async def stream_latencies(http_url: str, ws_url: str, model: StreamingModel, go
     await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 120)
     go.set()  # every stream starts now, with every client live
     await asyncio.wait_for(asyncio.gather(*watchers), 600)
+    # Where the time goes: the node reading the stream (its llm.call's stream_ms) vs the server writing it.
+    async with httpx.AsyncClient(base_url=http_url, timeout=60) as http:
+        calls = [(await http.get(f"/api/chats/{c}/events", params={"type": "llm.call"})).json()["events"][0]["data"]
+                 for c in chat_ids]
+    sent = sorted(t for (n, _), t in model.sent_at.items() if n >= first)
+    print(f"    server wrote all chunks in {(sent[-1] - sent[0]) * 1000:.1f} ms; the node read each stream in "
+          f"{statistics.median(c['stream_ms'] for c in calls):.1f} ms (median)", flush=True)
     ends = list(itertools.accumulate(len(c) for c in reply.chunks))
     latencies: list[float] = []
     for number in range(first, len(model.requests)):
@@ -136,18 +148,29 @@ async def stream_latencies(http_url: str, ws_url: str, model: StreamingModel, go
     return latencies
 
 
-def latency_process(tokens: int, counts: list[int], pipe: Any) -> None:
+def latency_process(tokens: int, counts: list[int], pace_ms: float, pipe: Any) -> None:
     go = threading.Event()
     reply = answer(tokens)
-    model = StreamingModel([reply], before_chunk=lambda _n, i: go.wait() if i == 0 else None)
+
+    def before_chunk(_number: int, index: int) -> None:
+        if index == 0:
+            go.wait()
+        elif pace_ms > 0:
+            time.sleep(pace_ms / 1000)  # a model writing at a pace (the benchmark's option, not a test)
+
+    model = StreamingModel([reply], before_chunk=before_chunk)
     pipe.send(model.base_url)
     http_url, ws_url = pipe.recv()
     for streams in counts:
-        pipe.send((streams, asyncio.run(stream_latencies(http_url, ws_url, model, go, streams, reply))))
+        SPLIT.clear()
+        result = asyncio.run(stream_latencies(http_url, ws_url, model, go, streams, reply))
+        if SPLIT:
+            print(f"    delta recorded -> received: p50 {statistics.median(SPLIT):.1f} ms, max {max(SPLIT):.1f} ms", flush=True)
+        pipe.send((streams, result))
     model.close()
 
 
-async def bench(uri: str, tokens: int, chats: int, counts: list[int]) -> None:
+async def bench(uri: str, tokens: int, chats: int, counts: list[int], pace_ms: float) -> None:
     # Wide enough for 50 model calls in flight (AG2 runs each in the loop's default executor).
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=max(counts) + 16))
     db_name = f"bench_tokens_{os.getpid()}"
@@ -162,7 +185,7 @@ async def bench(uri: str, tokens: int, chats: int, counts: list[int]) -> None:
 
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
-        process = context.Process(target=latency_process, args=(tokens, counts, child))
+        process = context.Process(target=latency_process, args=(tokens, counts, pace_ms, child))
         process.start()
         base_url = await asyncio.to_thread(parent.recv)
         settings = Settings(database_uri=uri, db_name=db_name, workflows_path=workflows, openai_api_key="sk-bench",
@@ -171,7 +194,8 @@ async def bench(uri: str, tokens: int, chats: int, counts: list[int]) -> None:
         node = await Node(settings).start()
         try:
             parent.send((node.url, node.ws_url))
-            print(f"chunk emitted -> client received, {tokens} chunks per stream (goal p99 <= {FLUSH_MS + 30:g} ms at 50)")
+            print(f"chunk emitted -> client received, {tokens} chunks per stream, {pace_ms:g} ms apart "
+                  f"(goal p99 <= {FLUSH_MS + 30:g} ms at 50)")
             for _ in counts:
                 streams, latencies = await asyncio.to_thread(parent.recv)
                 latencies.sort()
@@ -191,12 +215,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=400)
     parser.add_argument("--chats", type=int, default=20)
     parser.add_argument("--streams", default="1,50")
+    parser.add_argument("--pace-ms", type=float, default=0.0, help="server pause between chunks (0: zero latency)")
     args = parser.parse_args()
     from app.logging import configure_logging
 
     configure_logging("WARNING")
     with benchmark_mongo_uri() as uri:
-        asyncio.run(bench(uri, args.tokens, args.chats, [int(n) for n in args.streams.split(",")]))
+        asyncio.run(bench(uri, args.tokens, args.chats, [int(n) for n in args.streams.split(",")], args.pace_ms))
 
 
 if __name__ == "__main__":
