@@ -1,4 +1,4 @@
-"""Static checks the style guide asks for, and decoder fuzzing: bad input never crashes a decoder."""
+"""Static checks the style guide asks for, and decoder fuzzing: bad input is refused cleanly, good input decodes."""
 
 from __future__ import annotations
 

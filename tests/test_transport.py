@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
-from app.observability import WS_CLOSED
+from app.observability import WS_CLIENTS, WS_CLOSED
 from domain.events import MessageAgent, Pending, StreamRef
 from domain.store import MongoEventStore
 
@@ -317,14 +317,17 @@ async def test_unknown_chat_and_bad_after_close_with_their_codes(store, start_no
 
 async def test_disconnect_never_stops_a_run_and_chat_stop_does(start_node) -> None:
     node = await start_node()
+    clients_before = WS_CLIENTS._value.get()
     async with httpx.AsyncClient(base_url=node.url) as http:
         chat_id = (await http.post("/api/chats", json={"workflow": "Assistant", "message": "Find bees"})).json()["chat_id"]
         async with connect(f"{node.ws_url}/ws/chats/{chat_id}?after=0") as ws:
             async with asyncio.timeout(60):
                 while json.loads(await ws.recv()).get("event", {}).get("type") != "input.requested":
                     pass
-        # Gone: the run still waits for its input, alive.
-        await asyncio.sleep(0.2)
+        # Gone (the server has let the socket go): the run still waits for its input, alive.
+        async with asyncio.timeout(30):
+            while WS_CLIENTS._value.get() != clients_before:
+                await asyncio.sleep(0.02)
         assert chat_id in node.runtime.supervisor.tasks
         async with connect(f"{node.ws_url}/ws/chats/{chat_id}?after=0") as ws:
             await ws.send(json.dumps({"type": "chat.stop"}))
