@@ -12,8 +12,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from app.auth import issue_token
-from app.supervisor import RunActive
+from app.http.auth import issue_token
+from app.runs.supervisor import RunActive
 from domain.events import (
     ChatCreated,
     InputRequested,

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.transport import _decode_client
+from app.http.transport import _decode_client
 from domain.errors import CorruptRecord
 from domain.events import (
     GENESIS_HASH,
