@@ -153,3 +153,13 @@ async def test_schemathesis_finds_no_server_error_and_no_response_off_the_schema
     )
     await _schemathesis(node, {"Authorization": f"Bearer {token}"}, tmp_path, "with-auth")
     await _schemathesis(node, {}, tmp_path, "without-auth")
+
+
+def test_the_chatui_codes_module_matches_the_servers_codes() -> None:
+    from app.http import codes
+
+    path = Path(__file__).resolve().parents[1] / "app" / "static" / "js" / "codes.js"
+    assert path.read_text() == codes.javascript(), (
+        "app/static/js/codes.js is stale: regenerate it with\n"
+        "python -c 'from app.http.codes import javascript; print(javascript(), end=\"\")' > app/static/js/codes.js"
+    )

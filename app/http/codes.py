@@ -49,3 +49,30 @@ CLOSE_SLOW: Final = 4408
 CHAT_STATUSES: Final = tuple(dict.fromkeys(STATUS_BY_TYPE.values()))
 # A chat in one of these has a run going (or about to start): it may be stopped.
 ACTIVE_STATUSES: Final = ("created", "running", "waiting_input")
+
+
+def javascript() -> str:
+    """These codes as the ChatUI's ES module `app/static/js/codes.js` (a test keeps the file equal to this)."""
+    closes = {name.removeprefix("CLOSE_"): value for name, value in globals().items() if name.startswith("CLOSE_")}
+    errors = {name: value for name, value in globals().items() if isinstance(value, str) and value in ERROR_CODES}
+    lines = [
+        "// Generated from app/http/codes.py by `codes.javascript()`; tests/test_contract.py keeps them equal.",
+        "",
+        "/** WebSocket close codes the server uses. */",
+        "export const CLOSE = Object.freeze({",
+        *[f"  {name}: {value}," for name, value in closes.items()],
+        "});",
+        "",
+        "/** Error codes of REST error bodies (`error`) and WebSocket error frames (`code`). */",
+        "export const ERROR = Object.freeze({",
+        *[f'  {name}: "{value}",' for name, value in errors.items()],
+        "});",
+        "",
+        "/** Chat statuses, in the order a chat goes through them. */",
+        f"export const CHAT_STATUSES = Object.freeze([{', '.join(f'{s!r}' for s in CHAT_STATUSES)}]);".replace("'", '"'),
+        "",
+        "/** Statuses of a chat with a run going (or about to start): it may be stopped. */",
+        f"export const ACTIVE_STATUSES = new Set([{', '.join(f'{s!r}' for s in ACTIVE_STATUSES)}]);".replace("'", '"'),
+        "",
+    ]
+    return "\n".join(lines)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -183,7 +183,7 @@ async def chat_ui() -> File:
     return File(STATIC / "index.html", content_disposition_type="inline", media_type=MediaType.HTML)
 
 
-def create_app(settings: Settings | None = None, on_shutdown: list[Callable[[], Any]] | None = None) -> Litestar:
+def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[[], Any]] = ()) -> Litestar:
     """Build the application for `settings` (default: from the environment).
 
     `on_shutdown` hooks run after every lifespan has closed (the CLI stops its embedded server there).
@@ -219,7 +219,7 @@ def create_app(settings: Settings | None = None, on_shutdown: list[Callable[[], 
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(title="Mozaiks AI Runtime", version="0.1.0", path="/schema"),
         request_max_body_size=settings.max_body_bytes,
-        on_shutdown=on_shutdown or [],
+        on_shutdown=list(on_shutdown),
         logging_config=None,  # logs go through app.logging's structlog setup, not Litestar's own
     )
     app.state.settings = settings

@@ -59,7 +59,8 @@ class OpenAIBackend:
     def complete(self, agent: str, params: dict[str, Any]) -> ChatCompletion:
         """One chat completion (non-streaming) with the parameters the API knows."""
         kwargs = {k: v for k, v in params.items() if k in _OPENAI_KEYS and v is not None}
-        return self.client.chat.completions.create(**kwargs)
+        completion: ChatCompletion = self.client.chat.completions.create(**kwargs)
+        return completion
 
 
 class ScriptedBackend:

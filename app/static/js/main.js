@@ -5,21 +5,18 @@ import { forgetAllHistory, forgetHistory, loadHistory, saveHistory } from "./his
 import { renderMetrics } from "./metrics.js";
 import { ChatView, el, timeEl } from "./render.js";
 import { ChatStream } from "./stream.js";
+import { ACTIVE_STATUSES } from "./codes.js";
 
 const $ = (id) => document.getElementById(id);
 const DEFAULT_HEARTBEAT_S = 15;
-// Statuses from the stream ("awaiting-input") and from the chat_sessions projection ("waiting_input").
-const RUNNING = new Set(["running", "awaiting-input", "waiting_input", "created"]);
 const STATUS_LABELS = {
   unknown: "—",
+  created: "Created",
   running: "Running",
-  "awaiting-input": "Waiting for you",
   waiting_input: "Waiting for you",
   completed: "Completed",
   failed: "Failed",
   stopped: "Stopped",
-  created: "Created",
-  interrupted: "Interrupted",
 };
 const CONNECTION_LABELS = {
   idle: "No chat open",
@@ -133,7 +130,7 @@ function setConnection(name, detail = {}) {
 
 const view = new ChatView(ui.events, {
   onStatus: (status) => {
-    if (!RUNNING.has(status)) state.stopping = false;
+    if (!ACTIVE_STATUSES.has(status)) state.stopping = false;
     renderStatus();
   },
   onOffline: () => {
@@ -167,7 +164,7 @@ function renderStatus() {
   const label = STATUS_LABELS[status] || status;
   ui.chatStatus.textContent = label;
   ui.chatStatus.dataset.status = status;
-  ui.stopButton.disabled = !RUNNING.has(status) || state.stopping;
+  ui.stopButton.disabled = !ACTIVE_STATUSES.has(status) || state.stopping;
   ui.stopButton.textContent = state.stopping ? "Stopping…" : "Stop";
   const listed = state.chats.find((c) => c.chat_id === state.chatId);
   if (listed && status !== "unknown" && listed.status !== status) {
@@ -176,7 +173,7 @@ function renderStatus() {
     renderChatList();
   }
   const workflow = ui.chatTitle.textContent;
-  document.title = `${RUNNING.has(status) ? "● " : ""}${workflow} — Mozaiks`;
+  document.title = `${ACTIVE_STATUSES.has(status) ? "● " : ""}${workflow} — Mozaiks`;
   updateComposer();
 }
 
@@ -187,7 +184,7 @@ function updateComposer() {
   if (view.pendingRequest) {
     disabled = true;
     hint = "An agent is waiting for your answer above.";
-  } else if (RUNNING.has(status)) {
+  } else if (ACTIVE_STATUSES.has(status)) {
     disabled = true;
     hint = "The agents are working. Use Stop to interrupt.";
   }
@@ -357,14 +354,11 @@ function visibleAgents(workflowName) {
   return Array.isArray(workflow?.visual_agents) ? new Set(workflow.visual_agents) : null;
 }
 
-/** What the workflow says about an agent, when /api/workflows lists its agents. */
+/** What the workflow says about an agent (its type), when /api/workflows lists it. */
 function agentInfo(workflowName, agentName) {
   const workflow = state.workflows.find((w) => w.name === workflowName);
-  const agents = Array.isArray(workflow?.agents) ? workflow.agents : [];
-  const agent = agents.find((a) => a && (a.name === agentName || a === agentName));
-  if (!agent || typeof agent !== "object") return {};
-  const role = typeof agent.type === "string" ? agent.type : typeof agent.role === "string" ? agent.role : null;
-  return { role, description: typeof agent.description === "string" ? agent.description : null };
+  const agent = (workflow?.agents || []).find((a) => a.name === agentName);
+  return agent ? { role: agent.type, description: null } : {};
 }
 
 // ---------------------------------------------------------------- metrics
@@ -466,7 +460,7 @@ function openChat(chatId) {
       const listed = state.chats.find((c) => c.chat_id === chatId);
       if (listed?.status) state.listedStatus = listed.status;
       renderStatus();
-      if (replayed > 0 && !RUNNING.has(view.status) && view.status !== "unknown") {
+      if (replayed > 0 && !ACTIVE_STATUSES.has(view.status) && view.status !== "unknown") {
         // The run ended while this page was away (or before it opened the chat): fresh numbers.
         refreshMetricsAfterRun(chatId, view.lastSeq);
         refreshChats();
@@ -553,7 +547,7 @@ async function sendFromComposer(event) {
   } finally {
     updateComposer();
   }
-  if (sent && !RUNNING.has(currentStatus())) ui.composerHint.textContent = "Sent. Waiting for the agents…";
+  if (sent && !ACTIVE_STATUSES.has(currentStatus())) ui.composerHint.textContent = "Sent. Waiting for the agents…";
 }
 
 async function stopRun() {
