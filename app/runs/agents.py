@@ -30,9 +30,6 @@ from app.runs.clients import CLIENT_CLASS_NAME, MozaiksModelClient
 from app.runs.workflows import GROUP_MANAGER, Tool, Workflow
 from domain.manifest import AgentSpec
 
-# The human stand-in used when a workflow has no agent of type "user" (AG2's own default name).
-TEMP_USER: str = "_User"
-
 
 class Team:
     """The AG2 objects of one run: agents by name, the user agent (if any) and the pattern."""

@@ -32,8 +32,5 @@ export const ERROR = Object.freeze({
   ERROR: "error",
 });
 
-/** Chat statuses, in the order a chat goes through them. */
-export const CHAT_STATUSES = Object.freeze(["created", "running", "waiting_input", "completed", "failed", "stopped"]);
-
 /** Statuses of a chat with a run going (or about to start): it may be stopped. */
 export const ACTIVE_STATUSES = new Set(["created", "running", "waiting_input"]);

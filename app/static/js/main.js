@@ -3,7 +3,7 @@
 import { api, ApiError, getToken, onUnauthorized, request, setToken, takeTokenFromFragment } from "./api.js";
 import { forgetAllHistory, forgetHistory, loadHistory, saveHistory } from "./history.js";
 import { renderMetrics } from "./metrics.js";
-import { ChatView, el, timeEl } from "./render.js";
+import { ChatView, el } from "./render.js";
 import { ChatStream } from "./stream.js";
 import { ACTIVE_STATUSES } from "./codes.js";
 
