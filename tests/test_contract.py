@@ -163,3 +163,54 @@ def test_the_chatui_codes_module_matches_the_servers_codes() -> None:
         "app/static/js/codes.js is stale: regenerate it with\n"
         "python -c 'from app.http.codes import javascript; print(javascript(), end=\"\")' > app/static/js/codes.js"
     )
+
+
+def test_readme_rest_table_matches_the_schema() -> None:
+    import re
+
+    schema = create_app(Settings()).openapi_schema.to_schema()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("\n## REST\n", 1)[1].split("\n### ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| `")]
+    documented: dict[tuple[str, str], str] = {}
+    for endpoints, _, what in rows:
+        method = ""
+        for token in re.findall(r"`([^`]+)`", endpoints):
+            parts = token.split()
+            method, path = (parts[0], parts[1]) if len(parts) == 2 else (method, parts[0])
+            documented[(method, re.sub(r"\{[^}]*\}", "{}", path))] = what
+    operations = {(m, re.sub(r"\{[^}]*\}", "{}", p)): op for m, p, op in _operations(schema)}
+    assert set(operations) == set(documented) - {("GET", "/schema")}, "README's REST table and /schema differ"
+
+    def names(node: Any, seen: set[str]) -> set[str]:
+        found: set[str] = set()
+        if isinstance(node, dict):
+            if "$ref" in node:
+                name = node["$ref"].rsplit("/", 1)[-1]
+                if name not in seen:
+                    found |= names(schema["components"]["schemas"][name], seen | {name})
+            found |= set(node.get("properties", {}))
+            for value in node.values():
+                found |= names(value, seen)
+        elif isinstance(node, list):
+            for value in node:
+                found |= names(value, seen)
+        return found
+
+    for endpoints, _, what in rows:
+        keys = [key for key, text in documented.items() if text is what]
+        known: set[str] = set()
+        for key in keys:
+            operation = operations.get(key)
+            if operation is None:
+                continue
+            known |= {p["name"] for p in operation.get("parameters", [])}
+            known |= names(operation.get("requestBody", {}), set())
+            known |= names({s: r for s, r in operation["responses"].items() if s.startswith("2")}, set())
+        if not known:
+            continue
+        for token in re.findall(r"`([^`]+)`", what):
+            fields = re.findall(r"[a-z_]+", token[1:-1]) if token.startswith("{") else [token]
+            for field in fields:
+                if re.fullmatch(r"[a-z_]+", field):
+                    assert field in known, f"README names `{field}` for {endpoints.strip()}, which /schema does not"
