@@ -116,7 +116,7 @@ async def _schemathesis(node: Any, headers: dict[str, str], tmp: Path, name: str
         "run",
         f"{node.url}/schema/openapi.json",
         "--checks",
-        "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+        "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,ignored_auth",
         "--max-examples",
         os.environ.get("MOZAIKS_SCHEMATHESIS_EXAMPLES", "12"),
         "--phases",
@@ -214,3 +214,17 @@ def test_readme_rest_table_matches_the_schema() -> None:
             for field in fields:
                 if re.fullmatch(r"[a-z_]+", field):
                     assert field in known, f"README names `{field}` for {endpoints.strip()}, which /schema does not"
+
+
+def test_rest_and_the_websocket_name_an_error_with_the_same_code() -> None:
+    from litestar.exceptions import NotAuthorizedException
+
+    from app.http import codes
+    from app.http.errors import error_code
+    from app.runs.supervisor import NoActiveRun, RunActive
+    from domain.errors import UnknownChat
+
+    assert error_code(RunActive("c", "r")) == codes.RUN_ACTIVE == "run_active"
+    assert error_code(NoActiveRun("c")) == codes.NO_ACTIVE_RUN
+    assert error_code(UnknownChat("c")) == codes.UNKNOWN_CHAT
+    assert error_code(NotAuthorizedException("no")) == codes.UNAUTHORIZED

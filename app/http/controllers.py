@@ -68,7 +68,7 @@ async def owned_chat(store: MongoEventStore, principal: Principal, chat_id: str,
     return first
 
 
-@get("/api/info", media_type=MediaType.JSON, responses=error_responses())
+@get("/api/info", media_type=MediaType.JSON, responses=error_responses(), security=[{}])
 async def info(settings: Settings) -> views.Info:
     """What a client needs to know before it connects: auth, heartbeat interval, offline mode."""
     return views.Info(
@@ -299,6 +299,7 @@ class HealthController(Controller):
     """Liveness and readiness probes."""
 
     path = "/health"
+    security = ({},)  # open: no token needed
 
     @get("/live", responses=error_responses())
     async def live(self) -> views.Live:

@@ -19,6 +19,7 @@ from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusConfig
 from litestar.response import File
 from litestar.static_files import create_static_files_router
@@ -217,7 +218,20 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             prometheus.middleware,
         ],
         exception_handlers=EXCEPTION_HANDLERS,
-        openapi_config=OpenAPIConfig(title="Mozaiks AI Runtime", version="0.1.0", path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="Mozaiks AI Runtime",
+            version="0.1.0",
+            path="/schema",
+            # Without MOZAIKS_AUTH_SECRET (local mode) no token is needed; with it, every route but the open ones.
+            components=Components(
+                security_schemes={
+                    "bearer": SecurityScheme(
+                        type="http", scheme="bearer", bearer_format="JWT", description="HS256, signed with MOZAIKS_AUTH_SECRET"
+                    )
+                }
+            ),
+            security=[{"bearer": []}],
+        ),
         request_max_body_size=settings.max_body_bytes,
         on_shutdown=list(on_shutdown),
         logging_config=None,  # logs go through app.logging's structlog setup, not Litestar's own
