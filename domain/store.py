@@ -31,6 +31,7 @@ DUPLICATE_KEY: Final = 11000
 # ChangeStreamFatalError, and the older "resume point no longer in the oplog".
 HISTORY_LOST_CODES: Final = frozenset({286, 280, 136})
 _HEAD_CACHE_SIZE: Final = 10_000
+_INSERTED_CACHE_SIZE: Final = 10_000
 SCAN_BATCH: Final = 2000  # log records per cursor batch of a scan
 _INSERTS: Final = [{"$match": {"operationType": "insert"}}]  # change-stream pipeline: new records
 
@@ -129,6 +130,8 @@ class MongoEventStore:
         )
         # chat_id -> (seq, hash) of the last record this process appended or read at the head.
         self._heads: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        # _id -> Record of inserts seen on change streams: every tail of this process shares one decode.
+        self._inserted: OrderedDict[Any, Record] = OrderedDict()
 
     async def ensure_indexes(self) -> None:
         """Create the indexes the log relies on (idempotent; never drops anything)."""
@@ -314,7 +317,7 @@ class MongoEventStore:
 
             async def live() -> AsyncIterator[Record]:
                 async for change in stream:
-                    yield to_record(change["fullDocument"])
+                    yield self._decode_insert(change["fullDocument"])
 
             async for record in follow(self.read, chat_id, after, live()):
                 yield record
@@ -334,7 +337,7 @@ class MongoEventStore:
                     on_open()
                 async for change in stream:
                     try:
-                        record = to_record(change["fullDocument"])
+                        record = self._decode_insert(change["fullDocument"])
                     except CorruptRecord:
                         continue  # a bad record is reported by every read of its chat; the tail goes on
                     yield Change(record, change["_id"])
@@ -342,6 +345,21 @@ class MongoEventStore:
             if exc.code in HISTORY_LOST_CODES or (resume_after is not None and "resume" in str(exc).lower()):
                 raise HistoryLost(f"change stream cannot resume: {exc}") from exc
             raise
+
+    def _decode_insert(self, document: Mapping[str, Any]) -> Record:
+        """The record of an insert seen on a change stream, decoded once per process.
+
+        Safe to share: an insert event carries the document as inserted, and no event is ever
+        updated. Reads of the collection itself always decode what is stored now (audit, verify).
+        """
+        key = document.get("_id")
+        record = self._inserted.get(key)
+        if record is None:
+            record = to_record(document)
+            self._inserted[key] = record
+            if len(self._inserted) > _INSERTED_CACHE_SIZE:
+                self._inserted.popitem(last=False)
+        return record
 
     # ---- whole-log reads (projections: catch-up, rebuild, status) ------------------------------
 
