@@ -25,6 +25,16 @@ def test_ruff_is_clean() -> None:
     assert result.returncode == 0, result.stdout
 
 
+def test_ruff_format_is_clean() -> None:
+    result = subprocess.run(
+        [BIN / "ruff", "format", "--check", "app", "domain", "projections", "tools", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout
+
+
 def test_mypy_strict_is_clean_on_domain_projections_and_app() -> None:
     result = subprocess.run([BIN / "mypy", "domain", "projections", "app"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
