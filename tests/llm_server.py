@@ -53,9 +53,14 @@ class Reply:
 
     @property
     def usage(self) -> dict[str, int]:
-        completion = self.completion_tokens if self.completion_tokens is not None else max(len(self.chunks), 1)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+        completion = (
+            self.completion_tokens if self.completion_tokens is not None else max(len(self.chunks), 1)
+        )
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
 
 
 def text_reply(text: str, pieces: int, **fields: Any) -> Reply:
@@ -138,10 +143,17 @@ class StreamingModel:
 
     def chunks(self, number: int, reply: Reply, include_usage: bool) -> Any:
         """The SSE payloads of one streamed reply (a generator: the pace hooks run as it is consumed)."""
-        head = {"id": f"chatcmpl-{number}", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": reply.model}
+        head = {
+            "id": f"chatcmpl-{number}",
+            "object": "chat.completion.chunk",
+            "created": 1_700_000_000,
+            "model": reply.model,
+        }
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            return json.dumps({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}).encode()
+            return json.dumps(
+                {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            ).encode()
 
         yield chunk({"role": "assistant", "content": ""})
         for index, text in enumerate(reply.chunks):
@@ -154,8 +166,18 @@ class StreamingModel:
             if reply.cut_after == index:
                 return
         for j, call in enumerate(reply.tool_calls):
-            yield chunk({"tool_calls": [{"index": j, "id": call.id, "type": "function",
-                                         "function": {"name": call.name, "arguments": ""}}]})
+            yield chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": j,
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": ""},
+                        }
+                    ]
+                }
+            )
             third = max(1, len(call.arguments) // 3)
             for start in range(0, len(call.arguments), third):
                 piece = call.arguments[start : start + third]
@@ -173,7 +195,10 @@ class StreamingModel:
                 for c in reply.tool_calls
             ]
         return {
-            "id": f"chatcmpl-{number}", "object": "chat.completion", "created": 1_700_000_000, "model": reply.model,
+            "id": f"chatcmpl-{number}",
+            "object": "chat.completion",
+            "created": 1_700_000_000,
+            "model": reply.model,
             "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}],
             "usage": reply.usage,
         }
@@ -216,13 +241,27 @@ def solo_workflow(root: Path, *, tool: str | None = None, prompt: str = "You are
     folder = root / "workflows" / "Solo"
     (folder / "prompts").mkdir(parents=True)
     (folder / "prompts" / "writer.md").write_text(prompt)
-    (folder / "workflow.json").write_text(json.dumps(
-        {"name": "Solo", "orchestration_pattern": "Default", "max_turns": 6, "visual_agents": ["Writer"], "entry_agent": "Writer"}
-    ))
-    agent: dict[str, Any] = {"name": "Writer", "system_message_file": "prompts/writer.md", "handoffs": {"after_work": "terminate"}}
+    (folder / "workflow.json").write_text(
+        json.dumps(
+            {
+                "name": "Solo",
+                "orchestration_pattern": "Default",
+                "max_turns": 6,
+                "visual_agents": ["Writer"],
+                "entry_agent": "Writer",
+            }
+        )
+    )
+    agent: dict[str, Any] = {
+        "name": "Writer",
+        "system_message_file": "prompts/writer.md",
+        "handoffs": {"after_work": "terminate"},
+    }
     if tool is not None:
         name, module, function = tool.split(":")
         agent.update(tools=[name], llm_config={"temperature": 0.2})
-        (folder / "tools.json").write_text(json.dumps({"tools": [{"name": name, "function": f"{module}:{function}"}]}))
+        (folder / "tools.json").write_text(
+            json.dumps({"tools": [{"name": name, "function": f"{module}:{function}"}]})
+        )
     (folder / "agents.json").write_text(json.dumps({"agents": [agent]}))
     return folder.parent

@@ -78,8 +78,12 @@ def got_type(kind: str) -> Any:
 
 async def node_on(start_node: Any, model: StreamingModel, workflows: Path, flush_ms: float) -> Any:
     """A runtime node whose model is `model`, with the given flush window."""
-    return await start_node(openai_base_url=model.base_url, openai_api_key="sk-test", workflows_path=workflows,
-                            stream_flush_ms=flush_ms)
+    return await start_node(
+        openai_base_url=model.base_url,
+        openai_api_key="sk-test",
+        workflows_path=workflows,
+        stream_flush_ms=flush_ms,
+    )
 
 
 async def start_chat(node: Any, message: str = "Write at length") -> str:
@@ -127,7 +131,10 @@ async def test_a_300_chunk_answer_reaches_a_live_client_while_the_model_still_wr
     # there is at most one window per 50 ms of the time the node was reading the stream (its first
     # to last token, recorded as `stream_ms`) plus one; the gate makes it two or more.
     call = next(r for r in records if r.type == "llm.call")
-    assert 2 <= len(deltas) <= math.floor(call.data["stream_ms"] / 50.0) + 2, (len(deltas), call.data["stream_ms"])
+    assert 2 <= len(deltas) <= math.floor(call.data["stream_ms"] / 50.0) + 2, (
+        len(deltas),
+        call.data["stream_ms"],
+    )
     assert len(deltas) < 300
     assert call.data["ttft_ms"] is not None and call.data["stream_ms"] is not None
     assert call.data["ttft_ms"] + call.data["stream_ms"] <= call.data["latency_ms"]
@@ -158,7 +165,9 @@ async def test_reconnecting_at_five_random_points_of_a_streamed_message_loses_an
                 released = point
                 so_far = len("".join(reply.chunks[: point + 1]))
                 # Once the client has everything the model wrote so far, drop it mid-message.
-                await resuming.read_until(live_ws, lambda c, n=so_far: sum(map(len, c.streamed.values())) == n)
+                await resuming.read_until(
+                    live_ws, lambda c, n=so_far: sum(map(len, c.streamed.values())) == n
+                )
                 await live_ws.close()
                 live_ws = await connect(f"{node.ws_url}/ws/chats/{chat_id}?after={resuming.last_seq}")
                 newcomer = Client()
@@ -222,45 +231,80 @@ async def test_an_interrupted_message_keeps_its_deltas_and_is_replayed_as_text_s
     stream = StreamRef(chat_id="cut", app_id="local", user_id="local", workflow="Analyzer")
     await store.append(stream, [Pending(event=RunStarted(pattern="Default", max_turns=3), run_id="r1")], 0)
     pieces = ["The partial ", "answer ", "so far"]
-    await store.append(stream, [
-        Pending(event=MessageDelta(message_id="m1", index=i, text=t), agent="Analyst", run_id="r1")
-        for i, t in enumerate(pieces)
-    ] + [Pending(event=MessageDelta(message_id="h1", index=0, text="hidden"), agent="Collector", visible=False, run_id="r1")], None)
-    await store.append(stream, [
-        Pending(event=MessageAgent(content="done", message_id="m0"), agent="Analyst", run_id="r1"),
-        Pending(event=RunFailed(error="node died", reason="interrupted"), run_id="r1"),
-    ], None)
+    await store.append(
+        stream,
+        [
+            Pending(event=MessageDelta(message_id="m1", index=i, text=t), agent="Analyst", run_id="r1")
+            for i, t in enumerate(pieces)
+        ]
+        + [
+            Pending(
+                event=MessageDelta(message_id="h1", index=0, text="hidden"),
+                agent="Collector",
+                visible=False,
+                run_id="r1",
+            )
+        ],
+        None,
+    )
+    await store.append(
+        stream,
+        [
+            Pending(event=MessageAgent(content="done", message_id="m0"), agent="Analyst", run_id="r1"),
+            Pending(event=RunFailed(error="node died", reason="interrupted"), run_id="r1"),
+        ],
+        None,
+    )
     node = await start_node()
     replay = Client()
     async with connect(f"{node.ws_url}/ws/chats/cut?after=0") as ws:
         await replay.read_until(ws, lambda c: any(f["type"] == "replay.done" for f in c.frames))
     assert replay.streamed == {"m1": "The partial answer so far"}
-    assert replay.types() == ["run.started", "message.delta", "message.delta", "message.delta", "message.agent", "run.failed"]
+    assert replay.types() == [
+        "run.started",
+        "message.delta",
+        "message.delta",
+        "message.delta",
+        "message.agent",
+        "run.failed",
+    ]
 
 
 # ---- the recorder, without a node -----------------------------------------------------------------
 
 
-def orchestrator_on(store: MongoEventStore, workflows: Path, model: StreamingModel | None = None, **settings: Any) -> Any:
+def orchestrator_on(
+    store: MongoEventStore, workflows: Path, model: StreamingModel | None = None, **settings: Any
+) -> Any:
     from app.runs.orchestrator import Orchestrator
     from app.runs.workflows import WorkflowManager
     from app.settings import Settings
 
     online = {"openai_api_key": "sk-test", "openai_base_url": model.base_url} if model is not None else {}
-    return Orchestrator(store, WorkflowManager(workflows), Settings(workflows_path=workflows, **online, **settings))
+    return Orchestrator(
+        store, WorkflowManager(workflows), Settings(workflows_path=workflows, **online, **settings)
+    )
 
 
 def assert_messages_are_their_deltas(records: list[Any]) -> None:
     """Every streamed message's deltas come before it, indexed 0, 1, 2, … and concatenate to its text."""
     for message in (r for r in records if r.type == "message.agent"):
-        deltas = [r for r in records if r.type == "message.delta" and r.data["message_id"] == message.data["message_id"]]
-        assert all(d.seq < message.seq and d.agent == message.agent and d.visible == message.visible for d in deltas)
+        deltas = [
+            r
+            for r in records
+            if r.type == "message.delta" and r.data["message_id"] == message.data["message_id"]
+        ]
+        assert all(
+            d.seq < message.seq and d.agent == message.agent and d.visible == message.visible for d in deltas
+        )
         assert [d.data["index"] for d in deltas] == list(range(len(deltas)))
         if deltas:
             assert "".join(d.data["text"] for d in deltas) == message.data["content"]
 
 
-async def test_a_stream_cut_off_mid_answer_fails_the_run_and_keeps_what_was_said(store: MongoEventStore, solo: Path) -> None:
+async def test_a_stream_cut_off_mid_answer_fails_the_run_and_keeps_what_was_said(
+    store: MongoEventStore, solo: Path
+) -> None:
     model = StreamingModel([text_reply("Half of an answer that never gets to its end", 10, cut_after=3)])
     try:
         orchestrator = orchestrator_on(store, solo, model)
@@ -277,37 +321,58 @@ async def test_a_stream_cut_off_mid_answer_fails_the_run_and_keeps_what_was_said
     assert records[-1].type == "run.failed" and max(d.seq for d in deltas) < call.seq
 
 
-async def test_text_streamed_with_a_tool_call_becomes_a_message_before_the_call(store: MongoEventStore, tmp_path: Path) -> None:
+async def test_text_streamed_with_a_tool_call_becomes_a_message_before_the_call(
+    store: MongoEventStore, tmp_path: Path
+) -> None:
     workflows = solo_workflow(tmp_path, tool="text_statistics:tools.text_stats:text_statistics")
-    model = StreamingModel([
-        Reply(chunks=["Let me ", "count them."], tool_calls=[ToolCall("call_1", "text_statistics", '{"text": "a b c"}')]),
-        Reply(chunks=["Three ", "words."]),
-    ])
+    model = StreamingModel(
+        [
+            Reply(
+                chunks=["Let me ", "count them."],
+                tool_calls=[ToolCall("call_1", "text_statistics", '{"text": "a b c"}')],
+            ),
+            Reply(chunks=["Three ", "words."]),
+        ]
+    )
     try:
         orchestrator = orchestrator_on(store, workflows, model)
-        stream = await orchestrator.create_chat(workflow="Solo", user_id="u", app_id="a", message="Count: a b c")
+        stream = await orchestrator.create_chat(
+            workflow="Solo", user_id="u", app_id="a", message="Count: a b c"
+        )
         assert await orchestrator.run(stream) == "run.completed"
     finally:
         model.close()
     records = await records_of(store, stream.chat_id)
     said = [(r.type, r.data.get("content")) for r in records if r.type in ("message.agent", "tool.called")]
-    assert said == [("message.agent", "Let me count them."), ("tool.called", None), ("message.agent", "Three words.")]
+    assert said == [
+        ("message.agent", "Let me count them."),
+        ("tool.called", None),
+        ("message.agent", "Three words."),
+    ]
     assert_messages_are_their_deltas(records)
 
 
 @pytest.mark.parametrize("name", ["Generator", "Analyzer"])
-async def test_offline_fixtures_stream_word_by_word_at_the_configured_pace(store: MongoEventStore, name: str) -> None:
+async def test_offline_fixtures_stream_word_by_word_at_the_configured_pace(
+    store: MongoEventStore, name: str
+) -> None:
     examples = Path(__file__).resolve().parent.parent / "workflows"
     # A 30 ms pace with a 0 ms flush window: each word that arrives on its own is a delta of its own.
     orchestrator = orchestrator_on(store, examples, offline_chunk_ms=30.0, stream_flush_ms=0.0)
-    stream = await orchestrator.create_chat(workflow=name, user_id="u", app_id="a", message="Write about bees")
+    stream = await orchestrator.create_chat(
+        workflow=name, user_id="u", app_id="a", message="Write about bees"
+    )
     assert await asyncio.wait_for(orchestrator.run(stream), 120) == "run.completed"
     records = await records_of(store, stream.chat_id)
     assert_messages_are_their_deltas(records)
     messages = [r for r in records if r.type == "message.agent" and len(r.data["content"].split()) > 3]
     assert messages
     for message in messages:
-        deltas = [r for r in records if r.type == "message.delta" and r.data["message_id"] == message.data["message_id"]]
+        deltas = [
+            r
+            for r in records
+            if r.type == "message.delta" and r.data["message_id"] == message.data["message_id"]
+        ]
         assert len(deltas) > 1, f"{message.agent}'s message arrived in one piece"
 
 
@@ -315,7 +380,9 @@ def test_a_retried_call_starts_a_new_message_and_leaves_the_first_attempt_incomp
     from app.runs.clients import TextChunk
     from app.runs.recorder import RunMapper
 
-    mapper = RunMapper(run_id="r", group_agents={"Writer"}, visual_agents=frozenset({"Writer"}), user_agent=None)
+    mapper = RunMapper(
+        run_id="r", group_agents={"Writer"}, visual_agents=frozenset({"Writer"}), user_agent=None
+    )
     assert mapper.map_chunk(TextChunk(agent="Writer", message_id="a1", text="Hel")) == []
     cut = mapper.map_chunk(TextChunk(agent="Writer", message_id="a2", text="Hello"))
     assert [(p.event.message_id, p.event.index, p.event.text) for p in cut] == [("a1", 0, "Hel")]  # type: ignore[union-attr]

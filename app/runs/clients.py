@@ -295,16 +295,13 @@ class Ledger:
         text: Callable[[TextChunk], None] | None = None,
     ) -> None:
         self.backend = backend
-        self.notes: list[LlmCallNote] = []
         self._report = report
         # Where streamed reply text goes (from AG2's worker threads).
         self.text = text
         self._lock = threading.Lock()
 
     def record(self, note: LlmCallNote) -> None:
-        """Keep the note and hand it to the run's reporter (from any thread)."""
-        with self._lock:
-            self.notes.append(note)
+        """Hand the note to the run's reporter (from any thread)."""
         if self._report is not None:
             self._report(note)
 

@@ -56,24 +56,37 @@ def answer(tokens: int) -> Reply:
 class NonStreamingBackend(OpenAIBackend):
     """The baseline: the same SDK client asking for one whole completion (no stream)."""
 
-    def complete(self, agent: str, params: dict[str, Any], stream: TextStream | None = None) -> ChatCompletion:
-        kwargs = {k: v for k, v in params.items() if k in {"model", "messages", "temperature"} and v is not None}
+    def complete(
+        self, agent: str, params: dict[str, Any], stream: TextStream | None = None
+    ) -> ChatCompletion:
+        kwargs = {
+            k: v for k, v in params.items() if k in {"model", "messages", "temperature"} and v is not None
+        }
         return self.client.chat.completions.create(**kwargs)
 
 
-async def throughput(uri: str, db_name: str, workflows: Path, chats: int, tokens: int, streaming: bool) -> tuple[float, int, int]:
+async def throughput(
+    uri: str, db_name: str, workflows: Path, chats: int, tokens: int, streaming: bool
+) -> tuple[float, int, int]:
     """Run `chats` chats at once; returns (recorded completion tokens/s, tokens, delta records)."""
     model = StreamingModel([answer(tokens)])
     mongo: AsyncMongoClient[Any] = AsyncMongoClient(uri, tz_aware=True)
     try:
         store = MongoEventStore(mongo[db_name])
         await store.ensure_indexes()
-        settings = Settings(openai_api_key="sk-bench", openai_base_url=model.base_url, workflows_path=workflows,
-                            stream_flush_ms=FLUSH_MS)
+        settings = Settings(
+            openai_api_key="sk-bench",
+            openai_base_url=model.base_url,
+            workflows_path=workflows,
+            stream_flush_ms=FLUSH_MS,
+        )
         orchestrator = Orchestrator(store, WorkflowManager(workflows), settings)
         if not streaming:
             orchestrator._openai = NonStreamingBackend(api_key="sk-bench", base_url=model.base_url)
-        streams = [await orchestrator.create_chat(workflow="Solo", user_id="u", app_id="a", message=f"go {k}") for k in range(chats)]
+        streams = [
+            await orchestrator.create_chat(workflow="Solo", user_id="u", app_id="a", message=f"go {k}")
+            for k in range(chats)
+        ]
         start = time.perf_counter()
         outcomes = await asyncio.gather(*(orchestrator.run(stream) for stream in streams))
         elapsed = time.perf_counter() - start
@@ -110,8 +123,9 @@ async def watch(url: str, chat_id: str, ready: asyncio.Event, got: list[tuple[fl
                     return
 
 
-async def stream_latencies(http_url: str, ws_url: str, model: StreamingModel, go: threading.Event, streams: int,
-                           reply: Reply) -> list[float]:
+async def stream_latencies(
+    http_url: str, ws_url: str, model: StreamingModel, go: threading.Event, streams: int, reply: Reply
+) -> list[float]:
     import httpx
 
     go.clear()
@@ -123,17 +137,27 @@ async def stream_latencies(http_url: str, ws_url: str, model: StreamingModel, go
             chat_ids.append(str(response.json()["chat_id"]))
     readies = [asyncio.Event() for _ in chat_ids]
     received: list[list[tuple[float, int]]] = [[] for _ in chat_ids]
-    watchers = [asyncio.create_task(watch(ws_url, c, r, g)) for c, r, g in zip(chat_ids, readies, received, strict=True)]
+    watchers = [
+        asyncio.create_task(watch(ws_url, c, r, g))
+        for c, r, g in zip(chat_ids, readies, received, strict=True)
+    ]
     await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 120)
     go.set()  # every stream starts now, with every client live
     await asyncio.wait_for(asyncio.gather(*watchers), 600)
     # Where the time goes: the node reading the stream (its llm.call's stream_ms) vs the server writing it.
     async with httpx.AsyncClient(base_url=http_url, timeout=60) as http:
-        calls = [(await http.get(f"/api/chats/{c}/events", params={"type": "llm.call"})).json()["events"][0]["data"]
-                 for c in chat_ids]
+        calls = [
+            (await http.get(f"/api/chats/{c}/events", params={"type": "llm.call"})).json()["events"][0][
+                "data"
+            ]
+            for c in chat_ids
+        ]
     sent = sorted(t for (n, _), t in model.sent_at.items() if n >= first)
-    print(f"    server wrote all chunks in {(sent[-1] - sent[0]) * 1000:.1f} ms; the node read each stream in "
-          f"{statistics.median(c['stream_ms'] for c in calls):.1f} ms (median)", flush=True)
+    print(
+        f"    server wrote all chunks in {(sent[-1] - sent[0]) * 1000:.1f} ms; the node read each stream in "
+        f"{statistics.median(c['stream_ms'] for c in calls):.1f} ms (median)",
+        flush=True,
+    )
     ends = list(itertools.accumulate(len(c) for c in reply.chunks))
     latencies: list[float] = []
     for number in range(first, len(model.requests)):
@@ -165,7 +189,10 @@ def latency_process(tokens: int, counts: list[int], pace_ms: float, pipe: Any) -
         SPLIT.clear()
         result = asyncio.run(stream_latencies(http_url, ws_url, model, go, streams, reply))
         if SPLIT:
-            print(f"    delta recorded -> received: p50 {statistics.median(SPLIT):.1f} ms, max {max(SPLIT):.1f} ms", flush=True)
+            print(
+                f"    delta recorded -> received: p50 {statistics.median(SPLIT):.1f} ms, max {max(SPLIT):.1f} ms",
+                flush=True,
+            )
         pipe.send((streams, result))
     model.close()
 
@@ -176,7 +203,9 @@ async def bench(uri: str, tokens: int, chats: int, counts: list[int], pace_ms: f
     db_name = f"bench_tokens_{os.getpid()}"
     with tempfile.TemporaryDirectory() as folder:
         workflows = solo_workflow(Path(folder))
-        print(f"recorded tokens/s, {chats} concurrent chats, one {tokens}-token answer each, flush window {FLUSH_MS:g} ms")
+        print(
+            f"recorded tokens/s, {chats} concurrent chats, one {tokens}-token answer each, flush window {FLUSH_MS:g} ms"
+        )
         off, total_off, _ = await throughput(uri, db_name, workflows, chats, tokens, streaming=False)
         on, total_on, deltas = await throughput(uri, db_name, workflows, chats, tokens, streaming=True)
         print(f"  streaming off {off:9.0f} tokens/s  ({total_off} tokens)")
@@ -188,20 +217,31 @@ async def bench(uri: str, tokens: int, chats: int, counts: list[int], pace_ms: f
         process = context.Process(target=latency_process, args=(tokens, counts, pace_ms, child))
         process.start()
         base_url = await asyncio.to_thread(parent.recv)
-        settings = Settings(database_uri=uri, db_name=db_name, workflows_path=workflows, openai_api_key="sk-bench",
-                            openai_base_url=base_url, stream_flush_ms=FLUSH_MS, ws_queue_max=100_000,
-                            chat_starts_per_minute=10_000)
+        settings = Settings(
+            database_uri=uri,
+            db_name=db_name,
+            workflows_path=workflows,
+            openai_api_key="sk-bench",
+            openai_base_url=base_url,
+            stream_flush_ms=FLUSH_MS,
+            ws_queue_max=100_000,
+            chat_starts_per_minute=10_000,
+        )
         node = await Node(settings).start()
         try:
             parent.send((node.url, node.ws_url))
-            print(f"chunk emitted -> client received, {tokens} chunks per stream, {pace_ms:g} ms apart "
-                  f"(goal p99 <= {FLUSH_MS + 30:g} ms at 50)")
+            print(
+                f"chunk emitted -> client received, {tokens} chunks per stream, {pace_ms:g} ms apart "
+                f"(goal p99 <= {FLUSH_MS + 30:g} ms at 50)"
+            )
             for _ in counts:
                 streams, latencies = await asyncio.to_thread(parent.recv)
                 latencies.sort()
                 p50 = statistics.median(latencies)
                 p99 = latencies[max(int(len(latencies) * 0.99) - 1, 0)]
-                print(f"  {streams:>3} streams: p50 {p50:7.1f} ms   p99 {p99:7.1f} ms   ({len(latencies)} chunks)")
+                print(
+                    f"  {streams:>3} streams: p50 {p50:7.1f} ms   p99 {p99:7.1f} ms   ({len(latencies)} chunks)"
+                )
         finally:
             process.join(timeout=60)
             await node.stop()
@@ -215,13 +255,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=400)
     parser.add_argument("--chats", type=int, default=20)
     parser.add_argument("--streams", default="1,50")
-    parser.add_argument("--pace-ms", type=float, default=0.0, help="server pause between chunks (0: zero latency)")
+    parser.add_argument(
+        "--pace-ms", type=float, default=0.0, help="server pause between chunks (0: zero latency)"
+    )
     args = parser.parse_args()
     from app.logging import configure_logging
 
     configure_logging("WARNING")
     with benchmark_mongo_uri() as uri:
-        asyncio.run(bench(uri, args.tokens, args.chats, [int(n) for n in args.streams.split(",")], args.pace_ms))
+        asyncio.run(
+            bench(uri, args.tokens, args.chats, [int(n) for n in args.streams.split(",")], args.pace_ms)
+        )
 
 
 if __name__ == "__main__":

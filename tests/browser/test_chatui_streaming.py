@@ -62,7 +62,8 @@ CARD = "document.querySelector('[data-message-id]')"
 
 async def card(ui: ChatUI) -> dict[str, Any]:
     """The streamed card's state as the user (and a screen reader) gets it."""
-    return dict(await ui.page.evaluate(f"""() => {{
+    return dict(
+        await ui.page.evaluate(f"""() => {{
         const body = {CARD};
         const user = document.querySelector("[data-type='message.user']");
         return {{
@@ -74,7 +75,8 @@ async def card(ui: ChatUI) -> dict[str, Any]:
             userTop: user ? user.offsetTop : null,
             announced: document.querySelector("[data-testid=announcer]").textContent,
         }};
-    }}"""))
+    }}""")
+    )
 
 
 async def test_an_agent_card_grows_while_the_model_streams_then_becomes_final(
@@ -121,7 +123,9 @@ async def test_an_agent_card_grows_while_the_model_streams_then_becomes_final(
     assert await ui.page.locator("[data-testid=incomplete]").count() == 0
 
 
-async def test_a_message_cut_off_by_a_failed_run_is_shown_incomplete(ui: ChatUI, gate: Gate, browser: Browser) -> None:
+async def test_a_message_cut_off_by_a_failed_run_is_shown_incomplete(
+    ui: ChatUI, gate: Gate, browser: Browser
+) -> None:
     gate.open()
     chat_id = await ui.start_chat("Story", "Tell me another one")
     assert await ui.wait_for_end() == "run.failed"
@@ -136,19 +140,29 @@ async def test_a_message_cut_off_by_a_failed_run_is_shown_incomplete(ui: ChatUI,
         await other.page.locator("[data-testid=incomplete]").wait_for(state="attached")
         assert (await card(other))["text"].startswith("This answer will be cut off")
     records = await ui.runtime.events(chat_id)
-    assert [r["type"] for r in records if r["type"] in ("message.delta", "message.agent")][-1] == "message.delta"
+    assert [r["type"] for r in records if r["type"] in ("message.delta", "message.agent")][
+        -1
+    ] == "message.delta"
 
 
 async def test_kill_9_mid_stream_keeps_the_deltas_and_the_surviving_node_shows_the_message_incomplete(
-    browser: Browser, tmp_path_factory: pytest.TempPathFactory, mongo_uri: str, db_name: str, store: MongoEventStore
+    browser: Browser,
+    tmp_path_factory: pytest.TempPathFactory,
+    mongo_uri: str,
+    db_name: str,
+    store: MongoEventStore,
 ) -> None:
     """Two `mozaiks serve` on one database; the one running the chat is killed with SIGKILL mid-stream."""
     held = Gate()
     reply = text_reply("The start of an answer that the node will not live to finish " * 4, 40)
     model = StreamingModel([reply], before_chunk=held.wait)
     env = {
-        "DATABASE_URI": mongo_uri, "MOZAIKS_DB": db_name, "OPENAI_BASE_URL": model.base_url, "OPENAI_API_KEY": "sk-test",
-        "MOZAIKS_LEASE_TTL_S": "1.5", "MOZAIKS_STREAM_FLUSH_MS": "20",
+        "DATABASE_URI": mongo_uri,
+        "MOZAIKS_DB": db_name,
+        "OPENAI_BASE_URL": model.base_url,
+        "OPENAI_API_KEY": "sk-test",
+        "MOZAIKS_LEASE_TTL_S": "1.5",
+        "MOZAIKS_STREAM_FLUSH_MS": "20",
     }
     root = tmp_path_factory.mktemp("killed")
     doomed = start_runtime(root / "a", env)
@@ -156,7 +170,9 @@ async def test_kill_9_mid_stream_keeps_the_deltas_and_the_surviving_node_shows_t
     try:
         held.allow_through(9)
         async with httpx.AsyncClient(base_url=doomed.base_url) as http:
-            response = await http.post("/api/chats", json={"workflow": "Story", "message": "Tell me something"})
+            response = await http.post(
+                "/api/chats", json={"workflow": "Story", "message": "Tell me something"}
+            )
             chat_id = str(response.json()["chat_id"])
         so_far = "".join(reply.chunks[:10])
         # Wait until the first ten chunks are in the log, then kill the node in the middle of the message.
