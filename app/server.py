@@ -33,7 +33,7 @@ from app.supervisor import NoActiveRun, RunActive, RunSupervisor
 from app.transport import chat_socket
 from app.workflows import UnknownWorkflow
 from domain.errors import Conflict, CorruptRecord, UnknownChat
-from domain.store import MongoEventStore
+from domain.store import MongoEventStore, RetryPolicy
 from projections.runner import ProjectionRunner
 
 STATIC = Path(__file__).parent / "static"
@@ -52,7 +52,7 @@ async def database_lifespan(app: Litestar) -> AsyncIterator[None]:
     runtime = _runtime(app)
     async with open_database(runtime.settings) as db:
         runtime.db = db
-        runtime.store = MongoEventStore(db)
+        runtime.store = MongoEventStore(db, RetryPolicy(budget_s=runtime.settings.db_retry_s))
         await runtime.store.ensure_indexes()
         log.info("database.ready", db=runtime.settings.db_name, embedded=runtime.settings.database_uri is None)
         yield

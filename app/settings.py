@@ -33,6 +33,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 1024 * 1024
     chat_starts_per_minute: int = 30
     lease_ttl_s: float = 30.0
+    # Faults (README "Reliability"): database retry budget; model call tries, backoff and timeout.
+    db_retry_s: float = 30.0
+    llm_attempts: int = 4
+    llm_backoff_s: float = 1.0
+    llm_backoff_max_s: float = 30.0
+    llm_timeout_s: float = 120.0
     node_id: str = msgspec.field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
 
     @property
@@ -89,4 +95,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ws_queue_max=int(number("MOZAIKS_WS_QUEUE_MAX", 1000)),
             chat_starts_per_minute=int(number("MOZAIKS_CHAT_STARTS_PER_MINUTE", 30)),
             lease_ttl_s=number("MOZAIKS_LEASE_TTL_S", 30.0),
+            db_retry_s=number("MOZAIKS_DB_RETRY_S", 30.0),
+            llm_attempts=int(number("MOZAIKS_LLM_ATTEMPTS", 4)),
+            llm_backoff_s=number("MOZAIKS_LLM_BACKOFF_S", 1.0),
+            llm_backoff_max_s=number("MOZAIKS_LLM_BACKOFF_MAX_S", 30.0),
+            llm_timeout_s=number("MOZAIKS_LLM_TIMEOUT_S", 120.0),
         )

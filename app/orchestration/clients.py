@@ -9,6 +9,7 @@ never used for metrics because client rebuilds reset them.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import math
 import threading
@@ -16,10 +17,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final, Protocol
 
+import httpx
 import msgspec
+import openai
 from openai import OpenAI
 from openai.types.chat import ChatCompletion
 
+from domain.errors import MozaiksError
 from domain.events import LlmCall
 from domain.manifest import ScriptedReply
 
@@ -30,6 +34,66 @@ _OPENAI_KEYS: Final = frozenset(
     {"model", "messages", "tools", "tool_choice", "temperature", "max_tokens", "top_p", "parallel_tool_calls",
      "response_format", "stop", "seed", "n", "presence_penalty", "frequency_penalty", "user", "max_completion_tokens"}
 )
+
+
+class ModelRetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """How a model call is retried (README: MOZAIKS_LLM_ATTEMPTS, MOZAIKS_LLM_BACKOFF_S, MOZAIKS_LLM_BACKOFF_MAX_S).
+
+    Retried: 429 (after its Retry-After when given), 408, 409, 5xx, timeouts and broken
+    connections (also mid-response). Each try is recorded as its own `llm.call` (status, attempt);
+    after `attempts` tries, or at once for any other error, the call raises ModelUnavailable and
+    the run fails with reason "model". Waits double from `first_delay_s`, capped at `max_delay_s`
+    (a longer Retry-After is capped too).
+    """
+
+    attempts: int = 4
+    first_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+
+    def delay(self, attempt: int, exc: BaseException) -> float:
+        """Seconds to wait after failed try number `attempt`."""
+        backoff = self.first_delay_s * 2 ** (attempt - 1)
+        after = retry_after_s(exc)
+        return min(after if after is not None else backoff, self.max_delay_s)
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """The server's Retry-After (seconds or an HTTP date) on an API error, if it sent one."""
+    response = getattr(exc, "response", None)
+    raw = response.headers.get("retry-after") if isinstance(response, httpx.Response) else None
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(raw) if raw else None
+        return max(0.0, when.timestamp() - time.time()) if when is not None else None
+
+
+def fault_status(exc: BaseException) -> tuple[str, bool]:
+    """What a failed model call's `llm.call.status` says, and whether trying again may help."""
+    if isinstance(exc, openai.APIStatusError):
+        code = exc.status_code
+        return f"http_{code}", code in (408, 409, 429) or code >= 500
+    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
+        return "timeout", True
+    if isinstance(exc, openai.APIConnectionError | httpx.TransportError):
+        return "connection", True  # includes a connection reset in the middle of a response
+    return "error", False
+
+
+class ModelUnavailable(MozaiksError):
+    """A model call failed for good (retries spent, or an error retrying cannot fix)."""
+
+    def __init__(self, agent: str, attempts: int, cause: BaseException) -> None:
+        self.agent = agent
+        self.attempts = attempts
+        self.cause = cause
+        status, _ = fault_status(cause)
+        super().__init__(
+            f"model call for agent {agent} failed after {attempts} "
+            f"{'try' if attempts == 1 else 'tries'} ({status}): {type(cause).__name__}: {cause}"
+        )
 
 
 class LlmCallNote(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,7 +118,8 @@ class OpenAIBackend:
 
     def __init__(self, *, api_key: str | None, base_url: str | None, timeout_s: float = 120.0) -> None:
         # Compatible servers often need no key, but the SDK insists on one.
-        self.client = OpenAI(api_key=api_key or "not-needed", base_url=base_url, timeout=timeout_s, max_retries=1)
+        # The SDK's own retries are off: ModelRetryPolicy retries, and records every try.
+        self.client = OpenAI(api_key=api_key or "not-needed", base_url=base_url, timeout=timeout_s, max_retries=0)
 
     def complete(self, agent: str, params: dict[str, Any]) -> ChatCompletion:
         """One chat completion (non-streaming) with the parameters the API knows."""
@@ -127,11 +192,53 @@ def _estimate(value: Any) -> int:
 class Ledger:
     """Per run: the backend every client of the run uses, and where each call is reported."""
 
-    def __init__(self, backend: Backend, report: Callable[[LlmCallNote], None] | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        report: Callable[[LlmCallNote], None] | None = None,
+        policy: ModelRetryPolicy | None = None,
+    ) -> None:
         self.backend = backend
+        self.policy = policy or ModelRetryPolicy()
         self.notes: list[LlmCallNote] = []
         self._report = report
         self._lock = threading.Lock()
+        # Set when the run is over: a call waiting to retry gives up instead of calling again.
+        self.closed = threading.Event()
+
+    def complete(self, agent: str, model: str, params: dict[str, Any]) -> ChatCompletion:
+        """One completion under the retry policy; every try is recorded as an `llm.call`."""
+        backend = self.backend
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            try:
+                response = backend.complete(agent, params)
+            except Exception as exc:
+                status, retryable = fault_status(exc)
+                call = LlmCall(
+                    model=model, latency_ms=_ms(started), offline=backend.offline,
+                    error=f"{type(exc).__name__}: {exc}", status=status, attempt=attempt,
+                )
+                self.record(LlmCallNote(agent=agent, call=call))
+                if not retryable or attempt >= self.policy.attempts:
+                    raise ModelUnavailable(agent, attempt, exc) from exc
+                if self.closed.wait(self.policy.delay(attempt, exc)):
+                    raise ModelUnavailable(agent, attempt, exc) from exc
+                continue
+            usage = response.usage
+            call = LlmCall(
+                model=response.model or model,
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+                latency_ms=_ms(started),
+                finish_reason=response.choices[0].finish_reason if response.choices else None,
+                offline=backend.offline,
+                attempt=attempt,
+            )
+            self.record(LlmCallNote(agent=agent, call=call))
+            return response
 
     def record(self, note: LlmCallNote) -> None:
         """Keep the note and hand it to the run's reporter (from any thread)."""
@@ -161,38 +268,9 @@ class MozaiksModelClient:
         self.model = str(config.get("model") or "")
 
     def create(self, params: dict[str, Any]) -> ChatCompletion:
-        """Run one completion and record it (also when it fails)."""
-        backend = self.ledger.backend
+        """Run one completion (retried per the run's policy) and record every try."""
         clean = {k: v for k, v in params.items() if k not in _OWN_KEYS}
-        started = time.perf_counter()
-        try:
-            response = backend.complete(self.agent, clean)
-        except Exception as exc:
-            self.ledger.record(
-                LlmCallNote(
-                    agent=self.agent,
-                    call=LlmCall(
-                        model=self.model, latency_ms=_ms(started), offline=backend.offline,
-                        error=f"{type(exc).__name__}: {exc}",
-                    ),
-                )
-            )
-            raise
-        usage = response.usage
-        self.ledger.record(
-            LlmCallNote(
-                agent=self.agent,
-                call=LlmCall(
-                    model=response.model or self.model,
-                    prompt_tokens=usage.prompt_tokens if usage else 0,
-                    completion_tokens=usage.completion_tokens if usage else 0,
-                    latency_ms=_ms(started),
-                    finish_reason=response.choices[0].finish_reason if response.choices else None,
-                    offline=backend.offline,
-                ),
-            )
-        )
-        return response
+        return self.ledger.complete(self.agent, self.model, clean)
 
     def message_retrieval(self, response: ChatCompletion) -> list[Any]:
         """Text replies as strings, tool-calling replies as the message object (what AG2 expects)."""
