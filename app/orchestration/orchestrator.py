@@ -35,6 +35,7 @@ from app.orchestration.clients import (
 )
 from app.orchestration.recorder import RunMapper
 from app.settings import Settings
+from app.tasks import cancel_requested
 from app.workflows import Workflow, WorkflowManager
 from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownChat
 from domain.events import (
@@ -468,22 +469,40 @@ class _RunSession:
         return future.result() if future.done() else None
 
     async def watch(self) -> None:
-        """Follow the chat's log for answers to input requests and for this run's stop."""
-        async for record in self.o.store.subscribe(self.stream.chat_id, after=self.started.seq):
-            if record.type == "input.received":
-                received = record.event
-                assert isinstance(received, InputReceived)
-                future = self.open_requests.get(received.request_id or "")
-                if future is None and received.request_id is None and self.open_requests:
-                    future = next(iter(self.open_requests.values()))
-                if future is not None and not future.done():
-                    future.set_result(received.text)
-                elif received.request_id is None:
-                    self.unclaimed.append(received)
-            elif record.type == "run.stopped" and record.run_id in (self.run_id, None):
-                self.stop_logged = True  # recorded by someone else (an older node, a tool): obey it
-                self.stop.set()
-                return
+        """Follow the chat's log for answers to input requests and for this run's stop.
+
+        A database outage ends a change stream: follow again from the last record seen.
+        """
+        after = self.started.seq
+        while True:
+            try:
+                async for record in self.o.store.subscribe(self.stream.chat_id, after=after):
+                    after = record.seq
+                    if self.observe(record):
+                        return
+            except PyMongoError as exc:
+                if cancel_requested():
+                    raise asyncio.CancelledError from exc
+                log.warning("run.watch_interrupted", chat_id=self.stream.chat_id, error=str(exc))
+                await asyncio.sleep(0.5)
+
+    def observe(self, record: Record) -> bool:
+        """Act on one record of the chat's log; True when the run is to stop."""
+        if record.type == "input.received":
+            received = record.event
+            assert isinstance(received, InputReceived)
+            future = self.open_requests.get(received.request_id or "")
+            if future is None and received.request_id is None and self.open_requests:
+                future = next(iter(self.open_requests.values()))
+            if future is not None and not future.done():
+                future.set_result(received.text)
+            elif received.request_id is None:
+                self.unclaimed.append(received)
+        elif record.type == "run.stopped" and record.run_id in (self.run_id, None):
+            self.stop_logged = True  # recorded by someone else (an older node, a tool): obey it
+            self.stop.set()
+            return True
+        return False
 
     async def stopped(self, mapper: RunMapper, response: Any) -> str:
         """Cancel AG2, record the events it had already produced, then `run.stopped` as the run's last record."""
