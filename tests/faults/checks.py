@@ -43,6 +43,10 @@ def waiting_for_input(records: list[Record]) -> bool:
     return bool(records) and records[-1].type == "input.requested"
 
 
+def longer_than(count: int) -> Any:
+    return lambda records: len(records) > count
+
+
 def runs_in(records: list[Record]) -> int:
     return sum(r.type == "run.started" for r in records)
 
@@ -61,7 +65,7 @@ async def drive_to_end(
                 return ended
             answered = await http.post(f"/api/chats/{chat_id}/messages", json={"message": "exit"})
             assert answered.status_code == 202, answered.text
-            await wait_for(store, chat_id, lambda rs, n=len(records): len(rs) > n)
+            await wait_for(store, chat_id, longer_than(len(records)))
 
 
 class Soundness:

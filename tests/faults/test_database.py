@@ -11,7 +11,14 @@ import pytest
 from websockets.asyncio.client import connect
 
 from domain.store import MongoEventStore
-from tests.faults.checks import assert_chat_sound, drive_to_end, records_of, run_end, wait_for, waiting_for_input
+from tests.faults.checks import (
+    assert_chat_sound,
+    drive_to_end,
+    records_of,
+    run_end,
+    wait_for,
+    waiting_for_input,
+)
 from tests.faults.report import Report, Result
 from tests.faults.server import COUNTER, FaultServer
 
