@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 from litestar import Litestar, MediaType, Request, Response, get
+from litestar.datastructures import MutableScopeHeaders
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
@@ -21,6 +22,7 @@ from litestar.openapi.config import OpenAPIConfig
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.response import File
 from litestar.static_files import create_static_files_router
+from litestar.types import Message, Scope
 
 from app.api import ChatController, HealthController, MetricsController, WorkflowController, info
 from app.auth import BearerAuthMiddleware, token_from
@@ -38,6 +40,17 @@ from projections.runner import ProjectionRunner
 
 STATIC = Path(__file__).parent / "static"
 SHUTDOWN_WAIT_S = 5.0
+# Sent on every HTTP response: the ChatUI page's own policy (its <meta> tag) plus what only a
+# header can say (frame-ancestors: no framing at all), no MIME sniffing, and no Referer.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
+    ("content-security-policy", CONTENT_SECURITY_POLICY),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+)
 log = structlog.get_logger("mozaiks.server")
 
 
@@ -108,6 +121,14 @@ async def supervisor_lifespan(app: Litestar) -> AsyncIterator[None]:
             await runtime.supervisor.shutdown()
 
 
+async def security_headers(message: Message, scope: Scope) -> None:
+    """Litestar `before_send` hook: the security headers on every HTTP response, errors included."""
+    if message["type"] == "http.response.start":
+        headers = MutableScopeHeaders.from_message(message)
+        for name, value in SECURITY_HEADERS:
+            headers[name] = value
+
+
 def _error(status: int, code: str) -> Any:
     def handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
         return Response({"error": code, "detail": str(exc)}, status_code=status, media_type=MediaType.JSON)
@@ -176,6 +197,7 @@ def create_app(settings: Settings | None = None, on_shutdown: list[Callable[[], 
         openapi_config=OpenAPIConfig(title="Mozaiks AI Runtime", version="0.1.0", path="/schema"),
         request_max_body_size=settings.max_body_bytes,
         on_shutdown=on_shutdown or [],
+        before_send=[security_headers],
         logging_config=None,  # logs go through app.logging's structlog setup, not Litestar's own
     )
     app.state.runtime = runtime
