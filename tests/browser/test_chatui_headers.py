@@ -16,7 +16,7 @@ INDEX = Path(__file__).resolve().parents[2] / "app" / "static" / "index.html"
 def test_every_response_carries_the_page_policy_plus_frame_ancestors(runtime: object) -> None:
     meta = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', INDEX.read_text())
     assert meta is not None
-    assert CONTENT_SECURITY_POLICY == meta.group(1) + "; frame-ancestors 'none'"
+    assert meta.group(1) + "; frame-ancestors 'none'" == CONTENT_SECURITY_POLICY
     base = runtime.base_url  # type: ignore[attr-defined]
     for path in ("/", "/api/workflows", "/health/live", "/static/chatui.css", "/no-such-page"):
         response = httpx.get(f"{base}{path}")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
+from app.orchestration import RunReport
 from domain.events import TERMINAL_TYPES, Record
 from domain.store import MongoEventStore
 from projections.projector import fold
@@ -78,13 +80,17 @@ class Soundness:
         self.lost = lost
 
 
+def ag2_uuids(records: list[Record]) -> Counter[str]:
+    """How often each AG2 event (by its uuid) is in the records."""
+    found = (json.loads(r.ag2).get("content", {}).get("uuid") for r in records if r.ag2 is not None)
+    return Counter(str(u) for u in found if u)
+
+
 def check_log(records: list[Record]) -> tuple[int, int]:
     """Gapless seqs, no AG2 event twice, one terminal per run and last in it; returns (runs, duplicated)."""
     seqs = [r.seq for r in records]
     assert seqs == list(range(1, len(records) + 1)), f"log has gaps or repeats: {seqs}"
-    uuids = Counter(
-        str(json.loads(r.ag2).get("content", {}).get("uuid")) for r in records if r.ag2 is not None
-    )
+    uuids = ag2_uuids(records)
     twice = {u: n for u, n in uuids.items() if n > 1}
     assert not twice, f"AG2 events recorded twice: {twice}"
     ids = Counter(r.id for r in records)
@@ -113,8 +119,23 @@ async def assert_projections_equal_rebuild(store: MongoEventStore, chat_id: str,
         assert live == expected, f"{projector.name} differs from a rebuild"
 
 
-async def assert_chat_sound(http: httpx.AsyncClient, store: MongoEventStore, chat_id: str) -> Soundness:
-    """Every fault scenario's end: sound log and projections, and the chat goes on with a new message."""
+def lost_events(records: list[Record], reports: Mapping[str, RunReport] | None) -> int:
+    """AG2 events the orchestrator saw in this chat's runs (its RunReports) that are not in the log."""
+    if reports is None:
+        return 0
+    runs = {r.run_id for r in records if r.type == "run.started"}
+    seen = {u for run_id in runs if run_id in reports for u in reports[run_id].ag2_uuids if u}
+    assert runs <= set(reports), "a run of the chat has no report in this process"
+    return len(seen - set(ag2_uuids(records)))
+
+
+async def assert_chat_sound(
+    http: httpx.AsyncClient, store: MongoEventStore, chat_id: str, reports: Mapping[str, RunReport] | None = None
+) -> Soundness:
+    """Every fault scenario's end: sound log and projections, and the chat goes on with a new message.
+
+    `reports`: the in-process orchestrator's run reports; every AG2 event they saw must be in the log.
+    """
     before = await records_of(store, chat_id)
     check_log(before)
     verified = (await http.get(f"/api/chats/{chat_id}/verify")).json()
@@ -128,4 +149,6 @@ async def assert_chat_sound(http: httpx.AsyncClient, store: MongoEventStore, cha
     runs, duplicated = check_log(after)
     assert (await store.verify(chat_id)).ok
     await assert_projections_equal_rebuild(store, chat_id, after)
-    return Soundness(events=len(after), runs=runs, duplicated=duplicated, lost=0)
+    lost = lost_events(after, reports)
+    assert lost == 0, f"{lost} AG2 events the runs produced are not in the log"
+    return Soundness(events=len(after), runs=runs, duplicated=duplicated, lost=lost)

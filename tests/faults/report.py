@@ -63,9 +63,9 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             name="database kill -9 and restart",
-            injects="SIGKILL of the database process mid-run (model replies slowed to keep it running), restart on the "
-            "same data folder",
-            expects="the run completes; nothing lost or doubled",
+            injects="SIGKILL of the database process while a run waits for input; the answer is sent during the "
+            "outage; restart on the same port and data folder once the node's commands have failed",
+            expects="the answer is recorded once the database is back, the run completes; nothing lost or doubled",
         ),
         Scenario(
             name="serve process kill -9",
@@ -75,8 +75,8 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             name="model: 429 Retry-After, 500, stall, connection reset",
-            injects="a local OpenAI-compatible server answering 429 (Retry-After: 1), 500, a stall past the client "
-            "timeout and a connection reset mid-response before each good reply",
+            injects="a local OpenAI-compatible server answering 429 (Retry-After: 1), then 500, then a stall past the "
+            "client timeout (MOZAIKS_LLM_TIMEOUT_S=1), then a connection reset mid-response, then a good reply",
             expects="every try is an `llm.call` (status, attempt); the run completes",
         ),
         Scenario(
@@ -124,6 +124,12 @@ def render(results: list[Result]) -> str:
         "",
         "Produced by the test suite (`tests/faults/`, rendered by `python -m tests.faults.report` from",
         "`test-artifacts/reliability.json`). Every scenario ends by checking: " + VERIFIES + ".",
+        "",
+        "Faults injected: what reached the runtime (failed or slow commands its client saw, model errors",
+        "served, processes killed). Events lost: AG2 events the in-process runs produced that are not in the",
+        "log (for the killed serve process: its WebSocket client's view against the log). Duplicated: AG2",
+        "event uuids recorded more than once. SecantusDB 0.7.0b3 supports every fail point used here",
+        "(`closeConnection`, `errorCode` + `errorLabels`, `writeConcernError`, `blockConnection`, `appName`).",
         "",
         "| scenario | faults injected | events checked | runs | lost | duplicated |",
         "|---|---:|---:|---:|---:|---:|",

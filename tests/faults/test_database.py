@@ -59,9 +59,9 @@ async def test_transient_insert_errors_mid_run_are_retried_and_the_run_completes
             assert await drive_to_end(http, fault_store, chat_id) == "run.completed"
         injected = faults(fault_server) - before
         assert injected == 2, "both armed faults reached the runtime"
-        sound = await assert_chat_sound(http, fault_store, chat_id)
+        sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
     report.add(Result(name=name, faults_injected=injected, events_checked=sound.events, runs=sound.runs,
-                      events_duplicated=sound.duplicated))
+                      events_lost=sound.lost, events_duplicated=sound.duplicated))
 
 
 async def test_retry_budget_spent_fails_the_run_for_storage_once_the_database_takes_the_record(
@@ -99,9 +99,9 @@ async def test_retry_budget_spent_fails_the_run_for_storage_once_the_database_ta
         assert "closed" in failed.data["error"] or "AutoReconnect" in failed.data["error"]
         # The batch that could not be recorded went in before the run's end.
         assert records[-2].run_id == failed.run_id and records[-2].type != "input.received"
-        sound = await assert_chat_sound(http, fault_store, chat_id)
+        sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
     report.add(Result(name=name, faults_injected=injected, events_checked=sound.events, runs=sound.runs,
-                      events_duplicated=sound.duplicated, detail={"retry budget s": 1.0}))
+                      events_lost=sound.lost, events_duplicated=sound.duplicated, detail={"retry budget s": 1.0}))
 
 
 async def test_slow_inserts_finds_and_change_stream_get_mores_delay_but_lose_nothing(
@@ -130,9 +130,9 @@ async def test_slow_inserts_finds_and_change_stream_get_mores_delay_but_lose_not
         assert seen == visible
         injected = fault_server.faults_seen()["slow"] - before
         assert injected >= 3
-        sound = await assert_chat_sound(http, fault_store, chat_id)
+        sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
     report.add(Result(name=name, faults_injected=injected, events_checked=sound.events, runs=sound.runs,
-                      events_duplicated=sound.duplicated, detail={"block ms": 400}))
+                      events_lost=sound.lost, events_duplicated=sound.duplicated, detail={"block ms": 400}))
 
 
 async def test_database_killed_and_restarted_mid_run(
@@ -156,6 +156,6 @@ async def test_database_killed_and_restarted_mid_run(
         records = await records_of(fault_store, chat_id)
         assert len(records) > stored
         injected = fault_server.faults_seen()["failed"] - before
-        sound = await assert_chat_sound(http, fault_store, chat_id)
-    report.add(Result(name=name, faults_injected=max(injected, 1), events_checked=sound.events, runs=sound.runs,
-                      events_duplicated=sound.duplicated, detail={"failed commands during the outage": injected}))
+        sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
+    report.add(Result(name=name, faults_injected=1, events_checked=sound.events, runs=sound.runs,
+                      events_lost=sound.lost, events_duplicated=sound.duplicated, detail={"failed commands during the outage": injected}))

@@ -41,13 +41,13 @@ async def test_429_500_stall_and_reset_are_retried_and_each_try_is_an_llm_call(
                 ("http_429", 1), ("http_500", 2), ("timeout", 3), ("connection", 4), ("ok", 5)
             ]
             assert all(c["error"] for c in calls[:4]) and calls[4]["error"] is None
-            sound = await assert_chat_sound(http, fault_store, chat_id)
+            sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
         injected = model.faults_served
         assert injected == 4
     finally:
         model.close()
     report.add(Result(name=name, faults_injected=injected, events_checked=sound.events, runs=sound.runs,
-                      events_duplicated=sound.duplicated, detail={"tries recorded": len(calls)}))
+                      events_lost=sound.lost, events_duplicated=sound.duplicated, detail={"tries recorded": len(calls)}))
 
 
 async def test_a_spent_retry_budget_fails_the_run_with_reason_model(
@@ -68,8 +68,8 @@ async def test_a_spent_retry_budget_fails_the_run_with_reason_model(
             assert "after 3 tries (http_503)" in failed.data["error"]
             injected = model.faults_served
             model.after = "ok"  # the model is back: the chat goes on
-            sound = await assert_chat_sound(http, fault_store, chat_id)
+            sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
     finally:
         model.close()
     report.add(Result(name=name, faults_injected=injected, events_checked=sound.events, runs=sound.runs,
-                      events_duplicated=sound.duplicated, detail={"tries": 3}))
+                      events_lost=sound.lost, events_duplicated=sound.duplicated, detail={"tries": 3}))

@@ -68,4 +68,4 @@ async def test_kill_9_of_the_serve_process_running_a_chat(
                 process.send_signal(signal.SIGTERM)
                 await asyncio.to_thread(process.wait, 30)
     report.add(Result(name=name, faults_injected=1, events_checked=sound.events, runs=sound.runs,
-                      events_duplicated=sound.duplicated, detail={"lease TTL s": 2}))
+                      events_lost=sound.lost, events_duplicated=sound.duplicated, detail={"lease TTL s": 2}))
