@@ -252,13 +252,16 @@ class MongoEventStore:
         chat_id = stream.chat_id
 
         async def attempt() -> Record:
+            # The end of the log first, then the check: a terminal appended after this read makes
+            # the append below conflict; one appended before it is found by the check.
+            self._heads.pop(chat_id, None)
+            last = await self.last_seq(chat_id)
             stored = await self.events.find_one(
                 {"chat_id": chat_id, "run_id": run_id, "type": {"$in": sorted(TERMINAL_TYPES)}}
             )
             if stored is not None:
                 return to_record(stored)
-            self._heads.pop(chat_id, None)
-            return (await self._append_at(stream, events, await self.last_seq(chat_id)))[-1]
+            return (await self._append_at(stream, events, last))[-1]
 
         while True:
             try:
