@@ -204,14 +204,18 @@ class RunSupervisor:
                     {"$set": {"expires_at": self._expiry()}},
                 )
 
-    async def _lease_of_live_run(self, chat_id: str) -> dict[str, Any] | None:
-        """The chat's lease if it is live and its run is not over (a run starting counts as live)."""
+    async def _lease_of_live_run(self, chat_id: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The chat's lease if it is live and its run is not over (a run starting counts as live).
+
+        Second: the run id of a lease that is still there but whose run has ended (free to take).
+        """
         lease = await self.leases.find_one({"_id": chat_id})
         if lease is None or lease["expires_at"] <= datetime.now(UTC):
-            return None
-        if await self._ended(chat_id, str(lease.get("run_id"))):
-            return None
-        return dict(lease)
+            return None, None
+        run_id = str(lease.get("run_id"))
+        if await self._ended(chat_id, run_id):
+            return None, run_id
+        return dict(lease), None
 
     async def _ended(self, chat_id: str, run_id: str) -> bool:
         async for record in self.store.find(chat_id, types=sorted(TERMINAL_TYPES)):
@@ -233,7 +237,7 @@ class RunSupervisor:
         lease (its node died) is recorded as interrupted first, so a chat never stays wedged.
         """
         state = await chat_state(self.store, chat_id)
-        lease = await self._lease_of_live_run(chat_id)
+        lease, ended = await self._lease_of_live_run(chat_id)
         if state.active_run is not None:
             if lease is not None:
                 if state.open_request is None and request_id is None:
@@ -244,9 +248,8 @@ class RunSupervisor:
             await self._interrupt(state.stream, state.active_run, "the run's node stopped holding its lease")
         elif lease is not None:
             raise RunActive(chat_id, str(lease.get("run_id")))
-        stale = await self.leases.find_one({"_id": chat_id})
         await self.store.append(state.stream, [Pending(event=MessageUser(content=text))], None)
-        await self.start(state.stream, ended=str(stale["run_id"]) if stale else None)
+        await self.start(state.stream, ended=ended)
         return "message.user"
 
     async def stop(self, chat_id: str, by: str | None) -> str:
@@ -306,7 +309,7 @@ class RunSupervisor:
                 continue
             with contextlib.suppress(UnknownChat):
                 state = await chat_state(self.store, chat_id)
-                if state.active_run is not None and await self._lease_of_live_run(chat_id) is None:
+                if state.active_run is not None and (await self._lease_of_live_run(chat_id))[0] is None:
                     recovered += await self._interrupt(state.stream, state.active_run, "the run lost its lease")
         return recovered
 

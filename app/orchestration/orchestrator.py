@@ -297,9 +297,11 @@ class _RunSession:
         self.open_requests: OrderedDict[str, asyncio.Future[str]] = OrderedDict()
         self.unclaimed: deque[InputReceived] = deque()
         self.summary: str | None = None
-        # Who asked this process to stop the run; `stop_logged` when a run.stopped is already in the log.
+        # Who asked this process to stop the run; `stop_logged` when a run.stopped is already in the log;
+        # `ended_by_other`: the terminal type another node recorded for this run (it gave the run up).
         self.stop_by: str | None = None
         self.stop_logged = False
+        self.ended_by_other: str | None = None
 
     async def append(self, pendings: list[Pending]) -> None:
         """Record a burst of the run's events; past the retry budget the run ends as failed (storage)."""
@@ -321,6 +323,9 @@ class _RunSession:
             record = await self.o.store.finish_run(self.stream, self.run_id, pendings)
         except StorageUnavailable as exc:
             raise RunNotRecorded(pendings, exc) from exc
+        if record.id != pendings[-1].id:
+            log.warning("run.already_ended", chat_id=self.stream.chat_id, run_id=self.run_id, ended=record.type,
+                        not_recorded=len(pendings))
         return record.type
 
     async def drive(self) -> str:
@@ -502,6 +507,11 @@ class _RunSession:
             self.stop_logged = True  # recorded by someone else (an older node, a tool): obey it
             self.stop.set()
             return True
+        elif record.type in ("run.completed", "run.failed") and record.run_id == self.run_id:
+            # Another node gave this run up (its lease had expired): record nothing more after it.
+            self.ended_by_other = record.type
+            self.stop.set()
+            return True
         return False
 
     async def stopped(self, mapper: RunMapper, response: Any) -> str:
@@ -518,6 +528,10 @@ class _RunSession:
         while not source.empty():
             leftovers.append(source.get_nowait())
         pendings, _, _ = self.map_batch(mapper, leftovers)
+        if self.ended_by_other is not None:
+            log.warning("run.ended_elsewhere", chat_id=self.stream.chat_id, run_id=self.run_id,
+                        ended=self.ended_by_other, not_recorded=len(pendings))
+            return self.ended_by_other
         log.info("run.stopped", chat_id=self.stream.chat_id, run_id=self.run_id)
         if self.stop_logged:
             await self.append(pendings)
