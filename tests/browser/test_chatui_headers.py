@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from app.server import CONTENT_SECURITY_POLICY
+from app.http.server import CONTENT_SECURITY_POLICY
 from tests.browser.conftest import ChatUI
 
 INDEX = Path(__file__).resolve().parents[2] / "app" / "static" / "index.html"

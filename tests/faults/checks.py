@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from app.orchestration import RunReport
+from app.runs.orchestrator import RunReport
 from domain.events import TERMINAL_TYPES, Record
 from domain.store import MongoEventStore
 from projections.projector import fold

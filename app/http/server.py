@@ -24,21 +24,21 @@ from litestar.response import File
 from litestar.static_files import create_static_files_router
 from litestar.types import Message, Scope
 
-from app.api import ChatController, HealthController, MetricsController, WorkflowController, info
-from app.auth import BearerAuthMiddleware, token_from
 from app.database import open_database
+from app.http.auth import BearerAuthMiddleware, token_from
+from app.http.controllers import ChatController, HealthController, MetricsController, WorkflowController, info
+from app.http.runtime import Runtime
+from app.http.transport import chat_socket
 from app.hub import LiveHub
-from app.orchestration import Orchestrator
-from app.runtime import Runtime
+from app.runs.orchestrator import Orchestrator
+from app.runs.supervisor import NoActiveRun, RunActive, RunSupervisor
+from app.runs.workflows import UnknownWorkflow
 from app.settings import Settings
-from app.supervisor import NoActiveRun, RunActive, RunSupervisor
-from app.transport import chat_socket
-from app.workflows import UnknownWorkflow
 from domain.errors import Conflict, CorruptRecord, UnknownChat
 from domain.store import MongoEventStore, RetryPolicy
 from projections.runner import ProjectionRunner
 
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).parents[1] / "static"
 SHUTDOWN_WAIT_S = 5.0
 # Sent on every HTTP response: the ChatUI page's own policy (its <meta> tag) plus what only a
 # header can say (frame-ancestors: no framing at all), no MIME sniffing, and no Referer.
@@ -202,7 +202,7 @@ def create_app(settings: Settings | None = None, on_shutdown: list[Callable[[], 
     )
     app.state.runtime = runtime
     app.state.settings = settings
-    runtime.observability.bind(runtime)
+    runtime.observability.bind(lambda: runtime.projections)
     return app
 
 

@@ -23,8 +23,8 @@ from autogen.io.base import IOStream
 from pymongo.errors import PyMongoError
 
 import tools
-from app.orchestration.agents import ContextNote, Team, build_team
-from app.orchestration.clients import (
+from app.runs.agents import ContextNote, Team, build_team
+from app.runs.clients import (
     Backend,
     Ledger,
     LlmCallNote,
@@ -33,10 +33,10 @@ from app.orchestration.clients import (
     OpenAIBackend,
     ScriptedBackend,
 )
-from app.orchestration.recorder import RunMapper
+from app.runs.recorder import RunMapper
+from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
 from app.tasks import cancel_requested
-from app.workflows import Workflow, WorkflowManager
 from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownChat
 from domain.events import (
     ChatCreated,
