@@ -44,6 +44,8 @@ LEASES = "chat_leases"
 SESSIONS = "chat_sessions"  # the projection's collection: where the sweep looks for runs to check
 # How often a node looks for stop marks on the leases of the runs it holds.
 STOP_POLL_S = 0.2
+# How long `stop` waits for the running node to record the run's end before answering anyway.
+STOP_WAIT_S = 10.0
 _STATE_TYPES = ["chat.created", "run.started", *sorted(TERMINAL_TYPES), "input.requested", "input.received"]
 
 
@@ -254,13 +256,17 @@ class RunSupervisor:
     async def stop(self, chat_id: str, by: str | None) -> str:
         """Stop the chat's active run: the node running it records `run.stopped` as the run's last record.
 
-        Returns the run id. A run with no live lease is recorded as stopped here and now.
+        Returns the run id once the run's end is in the log (or after STOP_WAIT_S if its node is slow
+        to get there). A run with no live lease is recorded as stopped here and now.
         """
         state = await chat_state(self.store, chat_id)
         if state.active_run is None:
             raise NoActiveRun(chat_id)
         run_id = state.active_run
         if self.orchestrator.request_stop(run_id, by):
+            task = self.tasks.get(chat_id)
+            if task is not None:
+                await asyncio.wait({task}, timeout=STOP_WAIT_S)  # waits for the run to end; never cancels it
             return run_id
         asked = await self.leases.update_one(
             {"_id": chat_id, "run_id": run_id, "expires_at": {"$gt": datetime.now(UTC)}},
@@ -268,6 +274,11 @@ class RunSupervisor:
         )
         if asked.matched_count == 0:
             await self.store.finish_run(state.stream, run_id, [Pending(event=RunStopped(by=by), run_id=run_id)])
+            return run_id
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_WAIT_S):
+                while not await self._ended(chat_id, run_id):  # the running node polls its leases' marks
+                    await asyncio.sleep(STOP_POLL_S / 2)
         return run_id
 
     async def obey_stops(self) -> None:
