@@ -46,6 +46,9 @@ SESSIONS = "chat_sessions"  # the projection's collection: where the sweep looks
 STOP_POLL_S = 0.2
 # How long `stop` waits for the running node to record the run's end before answering anyway.
 STOP_WAIT_S = 10.0
+# The sweep looks at chats the projection shows as running (a full read of chat_sessions) only on
+# every Nth round; a message to a wedged chat repairs it at once anyway (send_message).
+SESSIONS_SWEEP_EVERY = 10
 _STATE_TYPES = ["chat.created", "run.started", *sorted(TERMINAL_TYPES), "input.requested", "input.received"]
 
 
@@ -116,6 +119,7 @@ class RunSupervisor:
         self.leases = db[LEASES]
         self.node = settings.node_id
         self.tasks: dict[str, asyncio.Task[str]] = {}
+        self._sweeps = 0
 
     def _expiry(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self.settings.lease_ttl_s)
@@ -288,7 +292,7 @@ class RunSupervisor:
         async for lease in self.leases.find({"_id": {"$in": list(self.tasks)}, "owner": self.node, "stop": {"$exists": True}}):
             self.orchestrator.request_stop(str(lease["run_id"]), (lease.get("stop") or {}).get("by"))
 
-    async def recover_expired(self) -> int:
+    async def recover_expired(self, sessions: bool = True) -> int:
         """The sweep: record runs with neither a live lease nor a terminal record as interrupted.
 
         Expired leases (their node died) are taken over atomically, so one node records each; runs
@@ -312,6 +316,8 @@ class RunSupervisor:
                     recovered += await self._interrupt(state.stream, state.active_run, why)
             # Only once the run's end is recorded: a failure above leaves the lease to expire and be retried.
             await self.leases.delete_one({"_id": lease["_id"], "owner": self.node})
+        if not sessions:
+            return recovered
         going = self.store.db[SESSIONS].find({"status": {"$in": ["running", "waiting_input"]}}, {"_id": 1})
         async for session in going:
             chat_id = str(session["_id"])
@@ -333,7 +339,8 @@ class RunSupervisor:
                 await self.obey_stops()
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + sweep_every
-                    count = await self.recover_expired()
+                    count = await self.recover_expired(sessions=self._sweeps % SESSIONS_SWEEP_EVERY == 0)
+                    self._sweeps += 1
                     if count:
                         log.warning("runs.interrupted", count=count)
             except (PyMongoError, StorageUnavailable) as exc:
