@@ -37,6 +37,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     stream_flush_ms: float = 50.0
     # Offline fixtures stream word by word, this far apart (0 = as fast as possible; env default 20).
     offline_chunk_ms: float = 0.0
+    # Faults (README "Reliability"): database retry budget; model call tries, backoff and timeout.
+    db_retry_s: float = 30.0
+    llm_attempts: int = 4
+    llm_backoff_s: float = 1.0
+    llm_backoff_max_s: float = 30.0
+    llm_timeout_s: float = 120.0
     node_id: str = msgspec.field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
 
     @property
@@ -95,4 +101,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             lease_ttl_s=number("MOZAIKS_LEASE_TTL_S", 30.0),
             stream_flush_ms=number("MOZAIKS_STREAM_FLUSH_MS", 50.0, zero=True),
             offline_chunk_ms=number("MOZAIKS_OFFLINE_CHUNK_MS", 20.0, zero=True),
+            db_retry_s=number("MOZAIKS_DB_RETRY_S", 30.0),
+            llm_attempts=int(number("MOZAIKS_LLM_ATTEMPTS", 4)),
+            llm_backoff_s=number("MOZAIKS_LLM_BACKOFF_S", 1.0),
+            llm_backoff_max_s=number("MOZAIKS_LLM_BACKOFF_MAX_S", 30.0),
+            llm_timeout_s=number("MOZAIKS_LLM_TIMEOUT_S", 120.0),
         )

@@ -101,6 +101,10 @@ class LlmCall(Event, tag="llm.call", frozen=True, kw_only=True):
     # Streaming: call start -> first streamed token, and first -> last token (None: nothing streamed).
     ttft_ms: float | None = None
     stream_ms: float | None = None
+    # "ok", or what went wrong with this try: "http_429", "http_503", "timeout", "connection", "error".
+    status: str = "ok"
+    # Which try of the call this was (1 = first); failed tries are recorded too, each as its own llm.call.
+    attempt: int = 1
 
 
 class ContextUpdated(Event, tag="context.updated", frozen=True, kw_only=True):
@@ -113,6 +117,9 @@ class RunCompleted(Event, tag="run.completed", frozen=True, kw_only=True):
 
 class RunFailed(Event, tag="run.failed", frozen=True, kw_only=True):
     error: str
+    # Why: "interrupted" (its node died or shut down), "storage" (database errors past the retry
+    # budget), "model" (LLM errors past the retry budget), "tool", "setup" (the workflow could not
+    # be built); "error" for anything else (a bug). A user's stop is `run.stopped`, never this.
     reason: str = "error"
 
 

@@ -307,7 +307,8 @@ async def test_a_stream_cut_off_mid_answer_fails_the_run_and_keeps_what_was_said
 ) -> None:
     model = StreamingModel([text_reply("Half of an answer that never gets to its end", 10, cut_after=3)])
     try:
-        orchestrator = orchestrator_on(store, solo, model)
+        # One try only: the cut is not retried, so the run fails on it (retries are the next test's).
+        orchestrator = orchestrator_on(store, solo, model, llm_attempts=1)
         stream = await orchestrator.create_chat(workflow="Solo", user_id="u", app_id="a", message="hi")
         assert await orchestrator.run(stream) == "run.failed"
     finally:
@@ -318,7 +319,30 @@ async def test_a_stream_cut_off_mid_answer_fails_the_run_and_keeps_what_was_said
     assert not [r for r in records if r.type == "message.agent"]  # incomplete: no message.agent
     call = next(r for r in records if r.type == "llm.call")
     assert "ended before its finish reason" in call.data["error"] and call.data["ttft_ms"] is not None
-    assert records[-1].type == "run.failed" and max(d.seq for d in deltas) < call.seq
+    assert call.data["status"] == "connection"
+    assert records[-1].type == "run.failed" and records[-1].data["reason"] == "model"
+    assert max(d.seq for d in deltas) < call.seq
+
+
+async def test_a_stream_cut_off_mid_answer_is_retried_as_a_new_message(store: MongoEventStore, solo: Path) -> None:
+    cut = text_reply("Half of an answer that never gets to its end", 10, cut_after=3)
+    whole = text_reply("A whole answer this time", 5)
+    model = StreamingModel([cut, whole])
+    try:
+        orchestrator = orchestrator_on(store, solo, model, llm_backoff_s=0.05)
+        stream = await orchestrator.create_chat(workflow="Solo", user_id="u", app_id="a", message="hi")
+        assert await orchestrator.run(stream) == "run.completed"
+    finally:
+        model.close()
+    records = await records_of(store, stream.chat_id)
+    calls = [r for r in records if r.type == "llm.call"]
+    assert [(c.data["status"], c.data["attempt"]) for c in calls[:2]] == [("connection", 1), ("ok", 2)]
+    [message] = [r for r in records if r.type == "message.agent"]
+    assert message.data["content"] == "".join(whole.chunks)
+    first_try = [r for r in records if r.type == "message.delta" and r.data["message_id"] != message.data["message_id"]]
+    # The cut try keeps what it said, as a message of its own that never finishes.
+    assert "".join(d.data["text"] for d in first_try) == "".join(cut.chunks[:4])
+    assert_messages_are_their_deltas(records)
 
 
 async def test_text_streamed_with_a_tool_call_becomes_a_message_before_the_call(

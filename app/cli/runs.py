@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from app.database import open_store
-from app.runs.orchestrator import Orchestrator
+from app.runs.orchestrator import Orchestrator, RunNotRecorded
 from app.runs.workflows import WorkflowManager
 from app.settings import Settings
 from domain.events import InputReceived, Pending, Record, StreamRef
@@ -68,7 +68,12 @@ async def _run(settings: Settings, workflow: str, message: str, user_id: str, ap
         stream = await orchestrator.create_chat(workflow=workflow, user_id=user_id, app_id=app_id, message=message)
         printer = asyncio.create_task(_print_events(store, stream, all_events))
         try:
-            outcome = await orchestrator.run(stream)
+            try:
+                outcome = await orchestrator.run(stream)
+            except RunNotRecorded as exc:  # the database came back too late: record the run's end now
+                click.echo(f"recording the run's end after a database outage ({exc.cause})", err=True)
+                run_id = exc.pendings[-1].run_id or ""
+                outcome = (await store.finish_run(stream, run_id, exc.pendings)).type
             # Let the printer reach the terminal record before stopping it.
             await asyncio.wait_for(printer, timeout=10)
         finally:

@@ -13,6 +13,7 @@ ChatCompletion AG2 receives, tool calls included.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import math
 import re
@@ -21,10 +22,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final, Protocol
 
+import httpx
 import msgspec
+import openai
 from openai import OpenAI
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from domain.errors import MozaiksError
 from domain.events import LlmCall, new_id
 from domain.manifest import ScriptedReply
 
@@ -35,6 +39,66 @@ _OPENAI_KEYS: Final = frozenset(
     {"model", "messages", "tools", "tool_choice", "temperature", "max_tokens", "top_p", "parallel_tool_calls",
      "response_format", "stop", "seed", "n", "presence_penalty", "frequency_penalty", "user", "max_completion_tokens"}
 )
+
+
+class ModelRetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """How a model call is retried (README: MOZAIKS_LLM_ATTEMPTS, MOZAIKS_LLM_BACKOFF_S, MOZAIKS_LLM_BACKOFF_MAX_S).
+
+    Retried: 429 (after its Retry-After when given), 408, 409, 5xx, timeouts and broken
+    connections (also mid-response). Each try is recorded as its own `llm.call` (status, attempt);
+    after `attempts` tries, or at once for any other error, the call raises ModelUnavailable and
+    the run fails with reason "model". Waits double from `first_delay_s`, capped at `max_delay_s`
+    (a longer Retry-After is capped too).
+    """
+
+    attempts: int = 4
+    first_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+
+    def delay(self, attempt: int, exc: BaseException) -> float:
+        """Seconds to wait after failed try number `attempt`."""
+        backoff = self.first_delay_s * 2 ** (attempt - 1)
+        after = retry_after_s(exc)
+        return min(after if after is not None else backoff, self.max_delay_s)
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """The server's Retry-After (seconds or an HTTP date) on an API error, if it sent one."""
+    response = getattr(exc, "response", None)
+    raw = response.headers.get("retry-after") if isinstance(response, httpx.Response) else None
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(raw) if raw else None
+        return max(0.0, when.timestamp() - time.time()) if when is not None else None
+
+
+def fault_status(exc: BaseException) -> tuple[str, bool]:
+    """What a failed model call's `llm.call.status` says, and whether trying again may help."""
+    if isinstance(exc, openai.APIStatusError):
+        code = exc.status_code
+        return f"http_{code}", code in (408, 409, 429) or code >= 500
+    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
+        return "timeout", True
+    if isinstance(exc, openai.APIConnectionError | httpx.TransportError | IncompleteStream):
+        return "connection", True  # includes a connection reset or a stream cut in the middle of a response
+    return "error", False
+
+
+class ModelUnavailable(MozaiksError):
+    """A model call failed for good (retries spent, or an error retrying cannot fix)."""
+
+    def __init__(self, agent: str, attempts: int, cause: BaseException) -> None:
+        self.agent = agent
+        self.attempts = attempts
+        self.cause = cause
+        status, _ = fault_status(cause)
+        super().__init__(
+            f"model call for agent {agent} failed after {attempts} "
+            f"{'try' if attempts == 1 else 'tries'} ({status}): {type(cause).__name__}: {cause}"
+        )
 
 
 class LlmCallNote(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,7 +176,8 @@ class OpenAIBackend:
 
     def __init__(self, *, api_key: str | None, base_url: str | None, timeout_s: float = 120.0) -> None:
         # Compatible servers often need no key, but the SDK insists on one.
-        self.client = OpenAI(api_key=api_key or "not-needed", base_url=base_url, timeout=timeout_s, max_retries=1)
+        # The SDK's own retries are off: ModelRetryPolicy retries, and records every try.
+        self.client = OpenAI(api_key=api_key or "not-needed", base_url=base_url, timeout=timeout_s, max_retries=0)
 
     def complete(self, agent: str, params: dict[str, Any], stream: TextStream | None = None) -> ChatCompletion:
         """One streamed chat completion with the parameters the API knows, assembled whole.
@@ -293,12 +358,57 @@ class Ledger:
         backend: Backend,
         report: Callable[[LlmCallNote], None] | None = None,
         text: Callable[[TextChunk], None] | None = None,
+        policy: ModelRetryPolicy | None = None,
     ) -> None:
         self.backend = backend
+        self.policy = policy or ModelRetryPolicy()
         self._report = report
         # Where streamed reply text goes (from AG2's worker threads).
         self.text = text
         self._lock = threading.Lock()
+        # Set when the run is over: a call waiting to retry gives up instead of calling again.
+        self.closed = threading.Event()
+
+    def complete(self, agent: str, model: str, params: dict[str, Any]) -> ChatCompletion:
+        """One completion under the retry policy; every try is recorded as an `llm.call`."""
+        backend = self.backend
+        # Each try streams as a message of its own (`begin`): a failed try's text stays an incomplete message.
+        stream = TextStream(agent, self.text)
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            try:
+                response = backend.complete(agent, params, stream)
+            except Exception as exc:
+                status, retryable = fault_status(exc)
+                ttft, streamed = stream.timing(started)
+                call = LlmCall(
+                    model=model, latency_ms=_ms(started), offline=backend.offline,
+                    error=f"{type(exc).__name__}: {exc}", status=status, attempt=attempt,
+                    ttft_ms=ttft, stream_ms=streamed,
+                )
+                self.record(LlmCallNote(agent=agent, call=call))
+                if not retryable or attempt >= self.policy.attempts:
+                    raise ModelUnavailable(agent, attempt, exc) from exc
+                if self.closed.wait(self.policy.delay(attempt, exc)):
+                    raise ModelUnavailable(agent, attempt, exc) from exc
+                continue
+            ttft, streamed = stream.timing(started)
+            usage = response.usage
+            call = LlmCall(
+                model=response.model or model,
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+                latency_ms=_ms(started),
+                finish_reason=response.choices[0].finish_reason if response.choices else None,
+                offline=backend.offline,
+                attempt=attempt,
+                ttft_ms=ttft,
+                stream_ms=streamed,
+            )
+            self.record(LlmCallNote(agent=agent, call=call))
+            return response
 
     def record(self, note: LlmCallNote) -> None:
         """Hand the note to the run's reporter (from any thread)."""
@@ -326,43 +436,9 @@ class MozaiksModelClient:
         self.model = str(config.get("model") or "")
 
     def create(self, params: dict[str, Any]) -> ChatCompletion:
-        """Run one completion and record it (also when it fails)."""
-        backend = self.ledger.backend
+        """Run one completion (retried per the run's policy) and record every try."""
         clean = {k: v for k, v in params.items() if k not in _OWN_KEYS}
-        started = time.perf_counter()
-        stream = TextStream(self.agent, self.ledger.text)
-        try:
-            response = backend.complete(self.agent, clean, stream)
-        except Exception as exc:
-            ttft, streamed = stream.timing(started)
-            self.ledger.record(
-                LlmCallNote(
-                    agent=self.agent,
-                    call=LlmCall(
-                        model=self.model, latency_ms=_ms(started), offline=backend.offline,
-                        error=f"{type(exc).__name__}: {exc}", ttft_ms=ttft, stream_ms=streamed,
-                    ),
-                )
-            )
-            raise
-        ttft, streamed = stream.timing(started)
-        usage = response.usage
-        self.ledger.record(
-            LlmCallNote(
-                agent=self.agent,
-                call=LlmCall(
-                    model=response.model or self.model,
-                    prompt_tokens=usage.prompt_tokens if usage else 0,
-                    completion_tokens=usage.completion_tokens if usage else 0,
-                    latency_ms=_ms(started),
-                    finish_reason=response.choices[0].finish_reason if response.choices else None,
-                    offline=backend.offline,
-                    ttft_ms=ttft,
-                    stream_ms=streamed,
-                ),
-            )
-        )
-        return response
+        return self.ledger.complete(self.agent, self.model, clean)
 
     def message_retrieval(self, response: ChatCompletion) -> list[Any]:
         """Text replies as strings, tool-calling replies as the message object (what AG2 expects)."""

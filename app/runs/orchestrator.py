@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from collections import OrderedDict, deque
+from pathlib import Path
 from typing import Any, Final
 
 import msgspec
@@ -18,13 +20,25 @@ import structlog
 from autogen.agentchat import a_run_group_chat
 from autogen.agentchat.group import ContextVariables
 from autogen.io.base import IOStream
+from pymongo.errors import PyMongoError
 
+import tools
 from app.runs.agents import ContextNote, Team, build_team
-from app.runs.clients import Backend, Ledger, LlmCallNote, OpenAIBackend, ScriptedBackend, TextChunk
+from app.runs.clients import (
+    Backend,
+    Ledger,
+    LlmCallNote,
+    ModelRetryPolicy,
+    ModelUnavailable,
+    OpenAIBackend,
+    ScriptedBackend,
+    TextChunk,
+)
 from app.runs.recorder import RunMapper
 from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
-from domain.errors import Conflict, UnknownChat
+from app.tasks import cancel_requested
+from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownChat
 from domain.events import (
     ChatCreated,
     InputReceived,
@@ -34,6 +48,7 @@ from domain.events import (
     RunCompleted,
     RunFailed,
     RunStarted,
+    RunStopped,
     StreamRef,
     new_id,
 )
@@ -42,6 +57,8 @@ from domain.store import MongoEventStore
 log = structlog.get_logger("mozaiks.orchestration")
 
 _MAX_BATCH: Final = 256
+# Frames from here are the workflows' tools: an error raised there fails a run with reason "tool".
+_TOOLS_DIR: Final = str(Path(tools.__file__).resolve().parent) + os.sep
 _REPORTS_KEPT: Final = 100
 
 
@@ -66,6 +83,41 @@ class RunReport(msgspec.Struct, kw_only=True):
     scripted: tuple[int, int, int] | None = None
 
 
+class RunNotRecorded(MozaiksError):
+    """The database refused a run's records past the retry budget; `pendings` end with its terminal.
+
+    The run itself is over. Whoever holds its lease keeps re-sending `pendings` (idempotent by id)
+    until they land, so nothing AG2 produced is lost and the run still gets its one terminal record.
+    """
+
+    def __init__(self, pendings: list[Pending], cause: BaseException) -> None:
+        self.pendings = pendings
+        self.cause = cause
+        super().__init__(f"run records not stored: {cause}")
+
+
+def failure_reason(error: BaseException) -> str:
+    """`run.failed.reason` for an error that ended a run: storage, model, tool, else error.
+
+    Looks through the exception's causes (AG2 and the executor wrap what a model client raised).
+    """
+    seen: BaseException | None = error
+    for _ in range(32):  # a cause chain can loop
+        if seen is None:
+            break
+        if isinstance(seen, StorageUnavailable | PyMongoError):
+            return "storage"
+        if isinstance(seen, ModelUnavailable):
+            return "model"
+        tb = seen.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.startswith(_TOOLS_DIR):
+                return "tool"
+            tb = tb.tb_next
+        seen = seen.__cause__ or seen.__context__
+    return "error"
+
+
 class _Done(msgspec.Struct):
     """End of AG2's event stream: `error` is None when the run completed."""
 
@@ -80,7 +132,20 @@ class Orchestrator:
         self.workflows = workflows
         self.settings = settings
         self.reports: OrderedDict[str, RunReport] = OrderedDict()
+        self.sessions: dict[str, _RunSession] = {}
         self._openai: OpenAIBackend | None = None
+
+    def request_stop(self, run_id: str, by: str | None) -> bool:
+        """Stop a run going on in this process; False when it is not running here.
+
+        The run cancels AG2, records the events AG2 had produced, then `run.stopped` as its last record.
+        """
+        session = self.sessions.get(run_id)
+        if session is None:
+            return False
+        session.stop_by = by
+        session.stop.set()
+        return True
 
     @property
     def last_report(self) -> RunReport | None:
@@ -144,9 +209,11 @@ class Orchestrator:
                 continue  # a user message landed in between: read again so the run sees it
         report = RunReport(run_id=run_id, chat_id=stream.chat_id, workflow=workflow.name, offline=self.settings.offline)
         session = _RunSession(self, stream, workflow, history, record, report)
+        self.sessions[run_id] = session
         try:
             outcome = await session.drive()
         finally:
+            self.sessions.pop(run_id, None)
             self.reports[run_id] = report
             while len(self.reports) > _REPORTS_KEPT:
                 self.reports.popitem(last=False)
@@ -165,7 +232,11 @@ class Orchestrator:
                     start[record.agent] = start.get(record.agent, 0) + 1
             return ScriptedBackend(workflow.fixtures, start, chunk_s=self.settings.offline_chunk_ms / 1000)
         if self._openai is None:
-            self._openai = OpenAIBackend(api_key=self.settings.openai_api_key, base_url=self.settings.openai_base_url)
+            self._openai = OpenAIBackend(
+                api_key=self.settings.openai_api_key,
+                base_url=self.settings.openai_base_url,
+                timeout_s=self.settings.llm_timeout_s,
+            )
         return self._openai
 
 
@@ -287,10 +358,36 @@ class _RunSession:
         self.unclaimed: deque[InputReceived] = deque()
         self.summary: str | None = None
         self.relay: Relay | None = None
+        # Who asked this process to stop the run; `stop_logged` when a run.stopped is already in the log;
+        # `ended_by_other`: the terminal type another node recorded for this run (it gave the run up).
+        self.stop_by: str | None = None
+        self.stop_logged = False
+        self.ended_by_other: str | None = None
 
     async def append(self, pendings: list[Pending]) -> None:
-        if pendings:
+        """Record a burst of the run's events; past the retry budget the run ends as failed (storage)."""
+        if not pendings:
+            return
+        try:
             await self.o.store.append(self.stream, pendings, expected_seq=None)
+        except StorageUnavailable as exc:
+            failed = self.terminal(RunFailed(error=str(exc), reason="storage"))
+            raise RunNotRecorded([*pendings, failed], exc) from exc
+
+    async def finish(self, pendings: list[Pending]) -> str:
+        """Record the run's last burst ending with its terminal event; returns the terminal type.
+
+        If the run already has a terminal record (another node gave it up for interrupted), that one
+        stands and is returned. Past the retry budget, the lease holder keeps trying (RunNotRecorded).
+        """
+        try:
+            record = await self.o.store.finish_run(self.stream, self.run_id, pendings)
+        except StorageUnavailable as exc:
+            raise RunNotRecorded(pendings, exc) from exc
+        if record.id != pendings[-1].id:
+            log.warning("run.already_ended", chat_id=self.stream.chat_id, run_id=self.run_id, ended=record.type,
+                        not_recorded=len(pendings))
+        return record.type
 
     async def drive(self) -> str:
         group_agents = {a.name for a in self.workflow.agents if a.type != "user"}
@@ -306,7 +403,11 @@ class _RunSession:
                 relay.send(chunk, wait=True)
 
         backend = self.o.backend(self.workflow, self.history)
-        ledger = Ledger(backend, report=emit, text=stream_text)
+        settings = self.o.settings
+        policy = ModelRetryPolicy(
+            attempts=settings.llm_attempts, first_delay_s=settings.llm_backoff_s, max_delay_s=settings.llm_backoff_max_s
+        )
+        ledger = Ledger(backend, report=emit, text=stream_text, policy=policy)
         context = ContextVariables(data=initial_context(self.workflow, self.history))
         user_agent = next((a.name for a in self.workflow.agents if a.type == "user"), None)
         mapper = RunMapper(
@@ -329,11 +430,11 @@ class _RunSession:
                 )
             except Exception as exc:
                 log.exception("run.setup_failed", chat_id=self.stream.chat_id, run_id=self.run_id)
-                await self.append([self.terminal(RunFailed(error=f"{type(exc).__name__}: {exc}", reason="setup"))])
-                return "run.failed"
+                return await self.finish([self.terminal(RunFailed(error=f"{type(exc).__name__}: {exc}", reason="setup"))])
             pump = asyncio.create_task(self.pump(response), name=f"pump-{self.run_id}")
             return await self.record(mapper, response, backend)
         finally:
+            ledger.closed.set()
             for task in (pump, watcher, getattr(response, "_task_ref", None)):
                 if task is not None and not task.done():
                     task.cancel()
@@ -342,7 +443,7 @@ class _RunSession:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
 
-    def terminal(self, event: RunCompleted | RunFailed) -> Pending:
+    def terminal(self, event: RunCompleted | RunFailed | RunStopped) -> Pending:
         self.report.runtime_events += 1
         return Pending(event=event, run_id=self.run_id)
 
@@ -374,13 +475,11 @@ class _RunSession:
                 while len(batch) < _MAX_BATCH and not self.queue.empty():
                     batch.append(self.queue.get_nowait())
                 pendings, request, done = self.map_batch(mapper, batch)
-                if done is not None:
-                    pendings.append(self.finish(done, backend))
                 # Text reaches the recorder once per flush window (the relay held it): record it now.
                 pendings.extend(self.deltas(mapper.flush()))
-                await self.append(pendings)
                 if done is not None:
-                    return "run.completed" if done.error is None else "run.failed"
+                    return await self.finish([*pendings, self.outcome(done, backend)])
+                await self.append(pendings)
                 if request is not None:
                     answer = await self.answer(request)
                     if answer is None:
@@ -432,14 +531,14 @@ class _RunSession:
                     self.summary = item.content.summary
         return pendings, request, done
 
-    def finish(self, done: _Done, backend: Backend) -> Pending:
+    def outcome(self, done: _Done, backend: Backend) -> Pending:
         if isinstance(backend, ScriptedBackend):
             self.report.scripted = (backend.calls, backend.prompt_tokens, backend.completion_tokens)
         if done.error is None:
             return self.terminal(RunCompleted(summary=self.summary))
         error = done.error
         log.warning("run.failed", chat_id=self.stream.chat_id, run_id=self.run_id, error=str(error))
-        return self.terminal(RunFailed(error=f"{type(error).__name__}: {error}"))
+        return self.terminal(RunFailed(error=f"{type(error).__name__}: {error}", reason=failure_reason(error)))
 
     async def answer(self, request: Any) -> str | None:
         """Wait for the `input.received` answering `request` (None when the run is stopped first)."""
@@ -457,24 +556,48 @@ class _RunSession:
         return future.result() if future.done() else None
 
     async def watch(self) -> None:
-        """Follow the chat's log for answers to input requests and for this run's stop."""
-        async for record in self.o.store.subscribe(self.stream.chat_id, after=self.started.seq):
-            if record.type == "input.received":
-                received = record.event
-                assert isinstance(received, InputReceived)
-                future = self.open_requests.get(received.request_id or "")
-                if future is None and received.request_id is None and self.open_requests:
-                    future = next(iter(self.open_requests.values()))
-                if future is not None and not future.done():
-                    future.set_result(received.text)
-                elif received.request_id is None:
-                    self.unclaimed.append(received)
-            elif record.type == "run.stopped" and record.run_id in (self.run_id, None):
-                self.stop.set()
-                return
+        """Follow the chat's log for answers to input requests and for this run's stop.
+
+        A database outage ends a change stream: follow again from the last record seen.
+        """
+        after = self.started.seq
+        while True:
+            try:
+                async for record in self.o.store.subscribe(self.stream.chat_id, after=after):
+                    after = record.seq
+                    if self.observe(record):
+                        return
+            except PyMongoError as exc:
+                if cancel_requested():
+                    raise asyncio.CancelledError from exc
+                log.warning("run.watch_interrupted", chat_id=self.stream.chat_id, error=str(exc))
+                await asyncio.sleep(0.5)
+
+    def observe(self, record: Record) -> bool:
+        """Act on one record of the chat's log; True when the run is to stop."""
+        if record.type == "input.received":
+            received = record.event
+            assert isinstance(received, InputReceived)
+            future = self.open_requests.get(received.request_id or "")
+            if future is None and received.request_id is None and self.open_requests:
+                future = next(iter(self.open_requests.values()))
+            if future is not None and not future.done():
+                future.set_result(received.text)
+            elif received.request_id is None:
+                self.unclaimed.append(received)
+        elif record.type == "run.stopped" and record.run_id in (self.run_id, None):
+            self.stop_logged = True  # recorded by someone else (an older node, a tool): obey it
+            self.stop.set()
+            return True
+        elif record.type in ("run.completed", "run.failed") and record.run_id == self.run_id:
+            # Another node gave this run up (its lease had expired): record nothing more after it.
+            self.ended_by_other = record.type
+            self.stop.set()
+            return True
+        return False
 
     async def stopped(self, mapper: RunMapper, response: Any) -> str:
-        """Cancel AG2, record the events it had already produced, and report the stop."""
+        """Cancel AG2, record the events it had already produced, then `run.stopped` as the run's last record."""
         task = getattr(response, "_task_ref", None)  # a_run_group_chat's task: the only handle to cancel AG2
         if task is not None and not task.done():
             task.cancel()
@@ -489,6 +612,13 @@ class _RunSession:
         while not source.empty():
             leftovers.append(source.get_nowait())
         pendings, _, _ = self.map_batch(mapper, leftovers)
-        await self.append(pendings + self.deltas(mapper.flush()))
+        pendings += self.deltas(mapper.flush())
+        if self.ended_by_other is not None:
+            log.warning("run.ended_elsewhere", chat_id=self.stream.chat_id, run_id=self.run_id,
+                        ended=self.ended_by_other, not_recorded=len(pendings))
+            return self.ended_by_other
         log.info("run.stopped", chat_id=self.stream.chat_id, run_id=self.run_id)
-        return "run.stopped"
+        if self.stop_logged:
+            await self.append(pendings)
+            return "run.stopped"
+        return await self.finish([*pendings, self.terminal(RunStopped(by=self.stop_by))])
