@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 from litestar import Litestar, MediaType, Request, Response, get
+from litestar.config.cors import CORSConfig
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
@@ -22,6 +23,7 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.response import File
 from litestar.static_files import create_static_files_router
 
+from app.agui import run_agent
 from app.api import ChatController, HealthController, MetricsController, WorkflowController, info
 from app.auth import BearerAuthMiddleware, token_from
 from app.database import open_database
@@ -154,6 +156,7 @@ def create_app(settings: Settings | None = None, on_shutdown: list[Callable[[], 
             HealthController,
             PrometheusController,
             chat_socket,
+            run_agent,
             create_static_files_router(path="/static", directories=[STATIC]),
         ],
         lifespan=[database_lifespan, hub_lifespan, projections_lifespan, supervisor_lifespan],
@@ -173,6 +176,8 @@ def create_app(settings: Settings | None = None, on_shutdown: list[Callable[[], 
             NoActiveRun: _error(409, "no_active_run"),
             CorruptRecord: _error(500, "corrupt_record"),
         },
+        # Closed unless MOZAIKS_CORS_ORIGINS lists origins (AG-UI frontends usually live on another one).
+        cors_config=CORSConfig(allow_origins=list(settings.cors_origins)) if settings.cors_origins else None,
         openapi_config=OpenAPIConfig(title="Mozaiks AI Runtime", version="0.1.0", path="/schema"),
         request_max_body_size=settings.max_body_bytes,
         on_shutdown=on_shutdown or [],

@@ -33,6 +33,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 1024 * 1024
     chat_starts_per_minute: int = 30
     lease_ttl_s: float = 30.0
+    # Browser origins allowed to call the API and the AG-UI endpoint (CORS); none by default.
+    cors_origins: tuple[str, ...] = ()
     node_id: str = msgspec.field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
 
     @property
@@ -66,6 +68,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 raise SettingsError(f"{name}={raw!r} must be positive")
             return value
 
+        def origins(raw: str | None) -> tuple[str, ...]:
+            found = tuple(origin.strip().rstrip("/") for origin in (raw or "").split(",") if origin.strip())
+            for origin in found:
+                parsed = urlparse(origin)
+                if origin != "*" and (parsed.scheme not in {"http", "https"} or not parsed.netloc or parsed.path):
+                    raise SettingsError(
+                        f"MOZAIKS_CORS_ORIGINS: {origin!r} is not an origin like https://app.example.com (or *)"
+                    )
+            return found
+
         database_uri = text("DATABASE_URI")
         db_name = text("MOZAIKS_DB")
         if db_name is None and database_uri:
@@ -89,4 +101,5 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ws_queue_max=int(number("MOZAIKS_WS_QUEUE_MAX", 1000)),
             chat_starts_per_minute=int(number("MOZAIKS_CHAT_STARTS_PER_MINUTE", 30)),
             lease_ttl_s=number("MOZAIKS_LEASE_TTL_S", 30.0),
+            cors_origins=origins(text("MOZAIKS_CORS_ORIGINS")),
         )

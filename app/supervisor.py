@@ -28,6 +28,7 @@ from domain.events import (
     InputReceived,
     MessageUser,
     Pending,
+    Record,
     RunFailed,
     RunStopped,
     StreamRef,
@@ -174,19 +175,26 @@ class RunSupervisor:
         Returns the type recorded (`input.received` or `message.user`); raises RunActive when a run
         is going and is not waiting for input.
         """
+        return (await self.post_message(chat_id, text, request_id=request_id)).type
+
+    async def post_message(
+        self, chat_id: str, text: str, *, request_id: str | None = None, message_id: str | None = None
+    ) -> Record:
+        """`send_message`, returning the record it appended (`message_id`: the client's id for a new turn)."""
         state = await chat_state(self.store, chat_id)
         if state.active_run is not None:
             if state.open_request is None and request_id is None:
                 raise RunActive(chat_id, state.active_run)
             answer = InputReceived(request_id=request_id or state.open_request, text=text)
-            await self.store.append(state.stream, [Pending(event=answer, run_id=state.active_run)], None)
-            return "input.received"
+            [record] = await self.store.append(state.stream, [Pending(event=answer, run_id=state.active_run)], None)
+            return record
         lease = await self.leases.find_one({"_id": chat_id})
         if lease is not None and lease["expires_at"] > datetime.now(UTC):
             raise RunActive(chat_id, str(lease.get("run_id")))
-        await self.store.append(state.stream, [Pending(event=MessageUser(content=text))], None)
+        turn = MessageUser(content=text, message_id=message_id)
+        [record] = await self.store.append(state.stream, [Pending(event=turn)], None)
         await self.start(state.stream)
-        return "message.user"
+        return record
 
     async def stop(self, chat_id: str, by: str | None) -> str:
         """Record `run.stopped` for the chat's active run; the node running it cancels AG2 when it sees it."""
