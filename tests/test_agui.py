@@ -14,8 +14,8 @@ import pytest
 from ag_ui.core import Event, RunAgentInput
 from pydantic import BaseModel, TypeAdapter
 
-from app.agui import RunTranslator
-from app.auth import issue_token
+from app.http.agui import RunTranslator
+from app.http.auth import issue_token
 from domain.events import (
     ChatCreated,
     ContextUpdated,

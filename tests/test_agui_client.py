@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.auth import issue_token
+from app.http.auth import issue_token
 from tests.browser.conftest import Runtime, start_runtime, stop_runtime
 from tests.test_agui import validated
 

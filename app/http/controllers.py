@@ -13,8 +13,8 @@ from litestar.params import Parameter
 from litestar.response import Stream
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_503_SERVICE_UNAVAILABLE
 
-from app.auth import Principal, require_role
-from app.runtime import Runtime
+from app.http.auth import Principal, require_role
+from app.http.runtime import Runtime
 from domain.errors import UnknownChat
 from domain.events import EVENT_TYPES, Record, to_document
 from projections import queries

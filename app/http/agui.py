@@ -64,12 +64,12 @@ from litestar.exceptions import PermissionDeniedException
 from litestar.response import Stream
 from pydantic import ValidationError
 
-from app.api import owned_chat
-from app.auth import Principal
+from app.http.auth import Principal
+from app.http.controllers import owned_chat
+from app.http.runtime import Runtime
 from app.hub import Overflowed
-from app.runtime import Runtime
-from app.supervisor import NoActiveRun, RunActive, chat_state
-from app.workflows import UnknownWorkflow
+from app.runs.supervisor import NoActiveRun, RunActive, chat_state
+from app.runs.workflows import UnknownWorkflow
 from domain.errors import Conflict, UnknownChat
 from domain.events import Record
 from domain.store import MongoEventStore, ReplayDone
