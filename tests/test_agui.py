@@ -399,3 +399,28 @@ async def test_cors_is_closed_by_default_and_opened_by_the_allow_list(start_node
             assert shut.headers.get("access-control-allow-origin") is None
         listed = await http.get(opened.url + "/api/workflows", headers={"Origin": "http://app.example"})
         assert listed.headers["access-control-allow-origin"] == "http://app.example"
+
+
+async def test_an_idle_stream_gets_keepalives_and_a_client_that_leaves_frees_its_subscription(
+    start_node, store: MongoEventStore
+) -> None:
+    node = await start_node(ws_heartbeat_s=0.2)
+    await store.append(
+        stream_of("t-idle"),
+        [
+            Pending(event=ChatCreated()),
+            Pending(event=MessageUser(content="go", message_id="m1")),
+            Pending(event=RunStarted(pattern="RoundRobin", max_turns=8), run_id="run1"),
+        ],
+        0,
+    )
+    seen: list[str] = []
+    async with httpx.AsyncClient(base_url=node.url) as http, asyncio.timeout(30):
+        async with http.stream("POST", "/ag-ui/Analyzer", json=body("t-idle", ("m1", "go"))) as response:
+            async for line in response.aiter_lines():
+                seen.append(line)
+                if line == ": keepalive":
+                    break  # and leave while the run goes on
+        assert any(line.startswith("data: ") and "RUN_STARTED" in line for line in seen)
+        while node.runtime.hub.subscriber_count:
+            await asyncio.sleep(0.05)
