@@ -354,7 +354,9 @@ async def test_errors_have_one_shape_and_users_reach_only_their_own_threads(star
     alice = {"Authorization": f"Bearer {issue_token(secret, 'alice', 'app1', ['user'])}"}
     bob = {"Authorization": f"Bearer {issue_token(secret, 'bob', 'app1', ['user'])}"}
     async with httpx.AsyncClient(base_url=node.url, timeout=30) as http:
-        assert (await http.post("/ag-ui/Analyzer", json=body("t-auth", ("m1", "hi")))).status_code == 401
+        anonymous = await http.post("/ag-ui/Analyzer", json=body("t-auth", ("m1", "hi")))
+        assert anonymous.status_code == 401, anonymous.text
+        assert anonymous.json()["error"] == "unauthorized"
         async with http.stream("POST", "/ag-ui/Analyzer", json=body("t-auth", ("m1", "hi")), headers=alice) as response:
             assert response.status_code == 200
             assert (await read_sse(response))[-1].type == "RUN_FINISHED"
@@ -364,6 +366,7 @@ async def test_errors_have_one_shape_and_users_reach_only_their_own_threads(star
             "unknown workflow": (await http.post("/ag-ui/Nope", json=body("t-x", ("m1", "x")), headers=alice), 404, "unknown_workflow"),
             "no user message": (await http.post("/ag-ui/Analyzer", json=body("t-y"), headers=alice), 400, "bad_request"),
             "not RunAgentInput": (await http.post("/ag-ui/Analyzer", json={"threadId": 3}, headers=alice), 400, "bad_request"),
+            "not JSON": (await http.post("/ag-ui/Analyzer", content=b"{nope", headers=alice), 400, "bad_request"),
             "bad Last-Event-ID": (
                 await http.post("/ag-ui/Analyzer", json=body("t-auth", ("m1", "hi")), headers={**alice, "Last-Event-ID": "x"}),
                 400,
@@ -424,3 +427,12 @@ async def test_an_idle_stream_gets_keepalives_and_a_client_that_leaves_frees_its
         assert any(line.startswith("data: ") and "RUN_STARTED" in line for line in seen)
         while node.runtime.hub.subscriber_count:
             await asyncio.sleep(0.05)
+
+
+async def test_agui_runs_count_against_the_chat_start_rate_limit(start_node) -> None:
+    node = await start_node(chat_starts_per_minute=2)
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        await run(http, "Analyzer", body("t-rl1", ("m1", "one")))
+        await run(http, "Analyzer", body("t-rl2", ("m1", "two")))
+        third = await http.post("/ag-ui/Analyzer", json=body("t-rl3", ("m1", "three")))
+    assert third.status_code == 429

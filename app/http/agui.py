@@ -60,9 +60,8 @@ from ag_ui.core import (
 )
 from ag_ui.encoder import EventEncoder
 from litestar import MediaType, Request, Response, post
-from litestar.exceptions import PermissionDeniedException
+from litestar.exceptions import ClientException, PermissionDeniedException
 from litestar.response import Stream
-from pydantic import ValidationError
 
 from app.http.auth import Principal
 from app.http.controllers import owned_chat
@@ -504,19 +503,37 @@ def _refusal(status: int, code: str, detail: str, fields: list[dict[str, Any]] |
     return Response(body, status_code=status, media_type=MediaType.JSON)
 
 
-@post("/ag-ui/{workflow:str}", status_code=200, summary="Run a workflow for an AG-UI client")
-async def run_agent(request: Request[Principal, Any, Any], workflow: str, runtime: Runtime) -> Response[Any]:
+_CODES: Final = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 413: "too_large", 429: "rate_limited"}
+
+
+def _client_error(request: Request[Any, Any, Any], exc: ClientException) -> Response[Any]:
+    """Litestar's own refusals of this route (a body that is not a RunAgentInput, ...) in the one error shape."""
+    status = exc.status_code
+    if status != 400:
+        return _refusal(status, _CODES.get(status, "error"), str(exc.detail))
+    problems = exc.extra if isinstance(exc.extra, list) else []
+    fields = [{"field": str(p.get("key", "")), "message": str(p.get("message", ""))} for p in problems if isinstance(p, dict)]
+    return _refusal(400, "bad_request", f"the body is not an AG-UI RunAgentInput: {exc.detail}", fields)
+
+
+@post(
+    "/ag-ui/{workflow:str}",
+    status_code=200,
+    media_type="text/event-stream",
+    summary="Run a workflow for an AG-UI client",
+    response_description="text/event-stream of AG-UI events, each with `id: <seq>`",
+    exception_handlers={ClientException: _client_error},
+)
+async def run_agent(
+    request: Request[Principal, Any, Any], workflow: str, data: RunAgentInput, runtime: Runtime
+) -> Response[Any]:
     """AG-UI `RunAgentInput` in, `text/event-stream` of AG-UI events out, until RUN_FINISHED or RUN_ERROR.
 
     `threadId` is the chat id (a new one starts a chat of `workflow`, with `state` as its context);
     the last user message is the new turn; `resume` answers the interrupt a run ended with.
     `Last-Event-ID` (with the same body) resumes the stream after that event.
     """
-    try:
-        run = RunAgentInput.model_validate_json(await request.body())
-    except ValidationError as exc:
-        fields = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()[:20]]
-        return _refusal(400, "bad_request", f"the body is not an AG-UI RunAgentInput ({exc.error_count()} errors)", fields)
+    run = data
     after: tuple[int, float] = (0, -1.0)
     last_event = request.headers.get("last-event-id")
     if last_event:

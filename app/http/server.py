@@ -124,7 +124,9 @@ def _rate_limit_identity(request: Request[Any, Any, Any]) -> str:
 
 
 def _is_chat_start(request: Request[Any, Any, Any]) -> bool:
-    return request.method == "POST" and request.url.path.rstrip("/") == "/api/chats"
+    # Every AG-UI run counts: any of them may start a chat (a new threadId).
+    path = request.url.path.rstrip("/")
+    return request.method == "POST" and (path == "/api/chats" or path.startswith("/ag-ui/"))
 
 
 @get("/", include_in_schema=False, media_type=MediaType.HTML)
