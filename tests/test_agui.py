@@ -222,6 +222,9 @@ async def test_an_input_request_ends_the_run_with_an_interrupt_that_resume_answe
             "/ag-ui/Assistant", json=body("t-ask", ("m1", "Find bees"), resume=[{"interruptId": "nope", "status": "resolved"}])
         )
         assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_interrupt"
+        not_an_answer = await http.post("/ag-ui/Assistant", json=body("t-ask", ("m1", "Find bees"), ("m2", "hello?")))
+        assert not_an_answer.status_code == 409 and not_an_answer.json()["error"] == "interrupt_pending"
+        assert interrupt["id"] in not_an_answer.json()["detail"]
         answers = iter(["yes, go on", "exit", "exit", "exit"])
         runs = [first]
         while runs[-1][-1].event.get("outcome", {}).get("type") == "interrupt":

@@ -366,7 +366,9 @@ async def run_events(
     visible record, until the run finishes, fails or asks for input."""
     assert runtime.store is not None and runtime.hub is not None
     history = [record async for record in runtime.store.read(chat_id, limit=start)]
-    yield sse(start, translator.start(history), after)
+    opening = sse(start, translator.start(history), after)
+    if opening:
+        yield opening
     subscription = runtime.hub.subscribe(chat_id, start)
     items = _with_keepalive(subscription, runtime.settings.ws_heartbeat_s)
     try:
@@ -492,6 +494,9 @@ async def begin(runtime: Runtime, principal: Principal, workflow: str, run: RunA
     repeated = await _first(runtime.store, chat_id, "message.user", "message_id", message_id)
     if repeated is not None:
         return repeated.seq
+    waiting = (await chat_state(runtime.store, chat_id)).open_request
+    if waiting is not None:  # AG-UI answers an interrupt with `resume`, never with a new message
+        raise Refused(409, "interrupt_pending", f"thread {chat_id} waits for an answer to interrupt {waiting}: send it in resume")
     record = await runtime.supervisor.post_message(chat_id, text, message_id=message_id)
     return record.seq
 
