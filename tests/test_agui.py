@@ -234,6 +234,14 @@ async def test_an_input_request_ends_the_run_with_an_interrupt_that_resume_answe
             assert_well_formed(runs[-1])
             assert types(runs[-1])[:3] == ["RUN_STARTED", "STATE_SNAPSHOT", "MESSAGES_SNAPSHOT"]
     assert runs[-1][-1].event["outcome"] == {"type": "success"}
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        asking = await run(http, "Assistant", body("t-ask", ("m1", "Find bees"), ("m9", "More bees"), run="again"))
+        [pending] = asking[-1].event["outcome"]["interrupts"]
+        cancel = [{"interruptId": pending["id"], "status": "cancelled"}]
+        cancelled = await run(http, "Assistant", body("t-ask", ("m1", "Find bees"), ("m9", "More bees"), resume=cancel))
+    assert_well_formed(cancelled)
+    assert cancelled[-1].event["outcome"] == {"type": "cancelled"}
+    assert [r.type async for r in store.find("t-ask", types=["run.stopped"])] == ["run.stopped"]
     received = [r async for r in store.find("t-ask", types=["input.received"])]
     assert [r.data["text"] for r in received] == ["yes, go on", "exit", "exit", "exit"][: len(received)]
     assert received[0].data["request_id"] == interrupt["id"]
@@ -273,13 +281,14 @@ async def test_reconnecting_with_last_event_id_mid_run_ends_with_the_same_events
         ],
         0,
     )
+    other_node = await start_node()  # any node serves any thread's stream
     payload = body("t-re", ("m1", "go"))
-    async with httpx.AsyncClient(base_url=node.url) as http:
+    async with httpx.AsyncClient(base_url=node.url) as http, httpx.AsyncClient(base_url=other_node.url) as other:
         unbroken = asyncio.create_task(run(http, "Analyzer", payload))
         pieces = [await run(http, "Analyzer", payload, limit=6)]  # disconnects in the middle of a record's events
         assert "." in pieces[0][-1].id
         await store.append(chat, a_turn_of("Summarizer", 2), None)  # the run goes on while the client is away
-        pieces.append(await run(http, "Analyzer", payload, last_event_id=pieces[-1][-1].id, limit=12))
+        pieces.append(await run(other, "Analyzer", payload, last_event_id=pieces[-1][-1].id, limit=12))
         await store.append(chat, [*a_turn_of("Analyst", 3), Pending(event=RunCompleted(summary="done"))], None)
         pieces.append(await run(http, "Analyzer", payload, last_event_id=pieces[-1][-1].id))
         whole = await unbroken
