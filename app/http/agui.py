@@ -369,6 +369,8 @@ async def run_events(
     opening = sse(start, translator.start(history), after)
     if opening:
         yield opening
+    # Every visible record, replay included (no skipping of finished messages' deltas): a reconnect
+    # re-derives the run from its start and must meet exactly what the live stream met.
     subscription = runtime.hub.subscribe(chat_id, start)
     items = _with_keepalive(subscription, runtime.settings.ws_heartbeat_s)
     try:
