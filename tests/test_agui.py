@@ -16,6 +16,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from app.http.agui import RunTranslator
 from app.http.auth import issue_token
+from app.settings import Settings, SettingsError
 from domain.events import (
     ChatCreated,
     ContextUpdated,
@@ -448,3 +449,12 @@ async def test_agui_runs_count_against_the_chat_start_rate_limit(start_node) -> 
         await run(http, "Analyzer", body("t-rl2", ("m1", "two")))
         third = await http.post("/ag-ui/Analyzer", json=body("t-rl3", ("m1", "three")))
     assert third.status_code == 429
+
+
+def test_the_cors_allow_list_takes_origins_and_names_a_bad_one() -> None:
+    listed = Settings.from_env({"MOZAIKS_CORS_ORIGINS": " https://app.example.com/ , http://localhost:3000"})
+    assert listed.cors_origins == ("https://app.example.com", "http://localhost:3000")
+    assert Settings.from_env({}).cors_origins == ()
+    for bad in ("app.example.com", "https://app.example.com/chat", "ftp://x"):
+        with pytest.raises(SettingsError, match=f"MOZAIKS_CORS_ORIGINS: '{bad}'"):
+            Settings.from_env({"MOZAIKS_CORS_ORIGINS": bad})
