@@ -43,6 +43,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     llm_backoff_s: float = 1.0
     llm_backoff_max_s: float = 30.0
     llm_timeout_s: float = 120.0
+    # Browser origins allowed to call the API and the AG-UI endpoint (CORS); none by default.
+    cors_origins: tuple[str, ...] = ()
     node_id: str = msgspec.field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
 
     @property
@@ -76,6 +78,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 raise SettingsError(f"{name}={raw!r} must be {'zero or ' if zero else ''}positive")
             return value
 
+        def origins(raw: str | None) -> tuple[str, ...]:
+            found = tuple(origin.strip().rstrip("/") for origin in (raw or "").split(",") if origin.strip())
+            for origin in found:
+                parsed = urlparse(origin)
+                if origin != "*" and (parsed.scheme not in {"http", "https"} or not parsed.netloc or parsed.path):
+                    raise SettingsError(
+                        f"MOZAIKS_CORS_ORIGINS: {origin!r} is not an origin like https://app.example.com (or *)"
+                    )
+            return found
+
         database_uri = text("DATABASE_URI")
         db_name = text("MOZAIKS_DB")
         if db_name is None and database_uri:
@@ -106,4 +118,5 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             llm_backoff_s=number("MOZAIKS_LLM_BACKOFF_S", 1.0),
             llm_backoff_max_s=number("MOZAIKS_LLM_BACKOFF_MAX_S", 30.0),
             llm_timeout_s=number("MOZAIKS_LLM_TIMEOUT_S", 120.0),
+            cors_origins=origins(text("MOZAIKS_CORS_ORIGINS")),
         )

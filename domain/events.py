@@ -36,6 +36,8 @@ class RunStarted(Event, tag="run.started", frozen=True, kw_only=True):
 
 class MessageUser(Event, tag="message.user", frozen=True, kw_only=True):
     content: str
+    # The client's own id for the message (AG-UI `Message.id`), so a retried request is recognised.
+    message_id: str | None = None
 
 
 class MessageAgent(Event, tag="message.agent", frozen=True, kw_only=True):

@@ -27,13 +27,16 @@ RATE_LIMITED: Final = "rate_limited"  # 429: too many chat starts; see RateLimit
 CORRUPT_RECORD: Final = "corrupt_record"  # 500: a stored record cannot be read
 INTERNAL: Final = "internal_error"  # 500: a bug; the server log has the details
 NOT_READY: Final = "not_ready"  # 503
+UNKNOWN_INTERRUPT: Final = "unknown_interrupt"  # 404 (AG-UI): a resume entry names no interrupt of the chat
+WRONG_WORKFLOW: Final = "wrong_workflow"  # 409 (AG-UI): the thread is a chat of another workflow
+INTERRUPT_PENDING: Final = "interrupt_pending"  # 409 (AG-UI): answer the open interrupt with `resume` first
 BAD_FRAME: Final = "bad_frame"  # socket only: a client frame that does not decode
 ERROR: Final = "error"  # any other refusal
 
 ERROR_CODES: Final = (
     BAD_REQUEST, UNAUTHORIZED, FORBIDDEN, NOT_FOUND, UNKNOWN_CHAT, UNKNOWN_WORKFLOW, METHOD_NOT_ALLOWED,
     CONFLICT, RUN_ACTIVE, NO_ACTIVE_RUN, TOO_LARGE, RATE_LIMITED, CORRUPT_RECORD, INTERNAL, NOT_READY,
-    BAD_FRAME, ERROR,
+    UNKNOWN_INTERRUPT, WRONG_WORKFLOW, INTERRUPT_PENDING, BAD_FRAME, ERROR,
 )  # fmt: skip
 
 # ---- WebSocket close codes (4000-4999 are the application's own)

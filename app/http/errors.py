@@ -65,8 +65,20 @@ _DOMAIN: Final[Mapping[type[Exception], tuple[int, str]]] = {
 }
 
 
+class Refused(Exception):
+    """A request turned down with its own status and code (for refusals no domain error names)."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        self.status = status
+        self.code = code
+        self.detail = detail
+        super().__init__(detail)
+
+
 def error_code(exc: Exception) -> str:
     """The code of an error, the same on REST and on the WebSocket."""
+    if isinstance(exc, Refused):
+        return exc.code
     for kind, (_, code) in _DOMAIN.items():
         if isinstance(exc, kind):
             return code
@@ -111,6 +123,10 @@ def _domain_error(request: Request[Any, Any, Any], exc: Exception) -> Response[E
     return _response(status, ErrorBody(error=code, detail=str(exc)))
 
 
+def _refused(request: Request[Any, Any, Any], exc: Refused) -> Response[ErrorBody]:
+    return _response(exc.status, ErrorBody(error=exc.code, detail=exc.detail))
+
+
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     log.error("request.crashed", method=request.method, path=request.url.path, exc_info=exc)
     return _response(500, ErrorBody(error=codes.INTERNAL, detail="internal server error; the server log has the details"))
@@ -119,6 +135,7 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Err
 EXCEPTION_HANDLERS: Final[ExceptionHandlersMap] = {
     HTTPException: _http_error,
     **{kind: _domain_error for kind in _DOMAIN},
+    Refused: _refused,
     Exception: _unexpected,
 }
 

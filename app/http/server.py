@@ -14,6 +14,7 @@ from typing import Any, Final
 
 import structlog
 from litestar import Litestar, MediaType, Request, get
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
@@ -27,6 +28,7 @@ from litestar.types import Message, Scope
 from pymongo.asynchronous.database import AsyncDatabase
 
 from app.database import open_database
+from app.http.agui import run_agent
 from app.http.auth import BearerAuthMiddleware, token_from
 from app.http.controllers import (
     ChatController,
@@ -195,7 +197,9 @@ def _rate_limit_identity(request: Request[Any, Any, Any]) -> str:
 
 
 def _is_chat_start(request: Request[Any, Any, Any]) -> bool:
-    return request.method == "POST" and request.url.path.rstrip("/") == "/api/chats"
+    # Every AG-UI run counts: any of them may start a chat (a new threadId).
+    path = request.url.path.rstrip("/")
+    return request.method == "POST" and (path == "/api/chats" or path.startswith("/ag-ui/"))
 
 
 @get("/", include_in_schema=False, media_type=MediaType.HTML)
@@ -226,6 +230,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             HealthController,
             prometheus_metrics,
             chat_socket,
+            run_agent,
             create_static_files_router(path="/static", directories=[STATIC]),
         ],
         lifespan=[database_lifespan, hub_lifespan, projections_lifespan, supervisor_lifespan],
@@ -238,6 +243,8 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             prometheus.middleware,
         ],
         exception_handlers=EXCEPTION_HANDLERS,
+        # Closed unless MOZAIKS_CORS_ORIGINS lists origins (AG-UI frontends usually live on another one).
+        cors_config=CORSConfig(allow_origins=list(settings.cors_origins)) if settings.cors_origins else None,
         openapi_config=OpenAPIConfig(
             title="Mozaiks AI Runtime",
             version="0.1.0",

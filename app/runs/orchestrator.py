@@ -161,6 +161,7 @@ class Orchestrator:
         message: str | None,
         context: dict[str, Any] | None = None,
         chat_id: str | None = None,
+        message_id: str | None = None,
     ) -> StreamRef:
         """Start a chat's log: `chat.created` (context = workflow defaults + `context`), then `message.user`.
 
@@ -171,7 +172,7 @@ class Orchestrator:
         stream = StreamRef(chat_id=chat_id or new_id(), app_id=app_id, user_id=user_id, workflow=loaded.name)
         events = [Pending(event=ChatCreated(context={**loaded.context, **(context or {})}, offline=self.settings.offline))]
         if message is not None:
-            events.append(Pending(event=MessageUser(content=message)))
+            events.append(Pending(event=MessageUser(content=message, message_id=message_id)))
         await self.store.append(stream, events, expected_seq=0)
         log.info("chat.created", chat_id=stream.chat_id, workflow=loaded.name, offline=self.settings.offline)
         return stream

@@ -31,6 +31,7 @@ from domain.events import (
     InputReceived,
     MessageUser,
     Pending,
+    Record,
     RunFailed,
     RunStopped,
     StreamRef,
@@ -241,6 +242,12 @@ class RunSupervisor:
         run is going and is not waiting for input. A run the log calls active but that has no live
         lease (its node died) is recorded as interrupted first, so a chat never stays wedged.
         """
+        return (await self.post_message(chat_id, text, request_id=request_id)).type
+
+    async def post_message(
+        self, chat_id: str, text: str, *, request_id: str | None = None, message_id: str | None = None
+    ) -> Record:
+        """`send_message`, returning the record it appended (`message_id`: the client's id for a new turn)."""
         state = await chat_state(self.store, chat_id)
         lease, ended = await self._lease_of_live_run(chat_id)
         if state.active_run is not None:
@@ -248,14 +255,15 @@ class RunSupervisor:
                 if state.open_request is None and request_id is None:
                     raise RunActive(chat_id, state.active_run)
                 answer = InputReceived(request_id=request_id or state.open_request, text=text)
-                await self.store.append(state.stream, [Pending(event=answer, run_id=state.active_run)], None)
-                return "input.received"
+                [record] = await self.store.append(state.stream, [Pending(event=answer, run_id=state.active_run)], None)
+                return record
             await self._interrupt(state.stream, state.active_run, "the run's node stopped holding its lease")
         elif lease is not None:
             raise RunActive(chat_id, str(lease.get("run_id")))
-        await self.store.append(state.stream, [Pending(event=MessageUser(content=text))], None)
+        turn = MessageUser(content=text, message_id=message_id)
+        [record] = await self.store.append(state.stream, [Pending(event=turn)], None)
         await self.start(state.stream, ended=ended)
-        return "message.user"
+        return record
 
     async def stop(self, chat_id: str, by: str | None) -> str:
         """Stop the chat's active run: the node running it records `run.stopped` as the run's last record.

@@ -28,6 +28,9 @@ export const ERROR = Object.freeze({
   CORRUPT_RECORD: "corrupt_record",
   INTERNAL: "internal_error",
   NOT_READY: "not_ready",
+  UNKNOWN_INTERRUPT: "unknown_interrupt",
+  WRONG_WORKFLOW: "wrong_workflow",
+  INTERRUPT_PENDING: "interrupt_pending",
   BAD_FRAME: "bad_frame",
   ERROR: "error",
 });

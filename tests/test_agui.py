@@ -1,0 +1,464 @@
+"""AG-UI endpoint over real HTTP: runs of the example workflows, continuing threads, interrupts and
+resume, reconnects with Last-Event-ID, errors, auth and CORS. Every SSE event any test here reads is
+parsed back through the official `ag-ui-protocol` models (unknown fields rejected)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
+
+import httpx
+import pytest
+from ag_ui.core import Event, RunAgentInput
+from pydantic import BaseModel, TypeAdapter
+
+from app.http.agui import RunTranslator
+from app.http.auth import issue_token
+from app.settings import Settings, SettingsError
+from domain.events import (
+    ChatCreated,
+    ContextUpdated,
+    Handoff,
+    MessageAgent,
+    MessageUser,
+    Pending,
+    Record,
+    RunCompleted,
+    RunFailed,
+    RunStarted,
+    RunStopped,
+    SpeakerSelected,
+    StreamRef,
+    ToolCalled,
+    ToolResult,
+)
+from domain.store import MongoEventStore
+
+EVENT: TypeAdapter[Any] = TypeAdapter(Event)
+
+
+def assert_no_unknown_fields(model: Any, where: str = "event") -> None:
+    """The package's models keep unknown fields instead of rejecting them: check none were sent."""
+    if isinstance(model, BaseModel):
+        assert not model.model_extra, f"{where}: fields outside AG-UI: {sorted(model.model_extra)}"
+        for name in type(model).model_fields:
+            assert_no_unknown_fields(getattr(model, name), f"{where}.{name}")
+    elif isinstance(model, list):
+        for i, item in enumerate(model):
+            assert_no_unknown_fields(item, f"{where}[{i}]")
+
+
+def validated(data: str) -> dict[str, Any]:
+    """One SSE event's JSON, after it parsed as an AG-UI event of the official package."""
+    model = EVENT.validate_json(data)
+    assert_no_unknown_fields(model, str(model.type.value))
+    event: dict[str, Any] = json.loads(data)
+    return event
+
+
+class Sse(NamedTuple):
+    id: str
+    event: dict[str, Any]
+
+    @property
+    def type(self) -> str:
+        return str(self.event["type"])
+
+
+async def read_sse(response: httpx.Response, limit: int | None = None) -> list[Sse]:
+    """The SSE events of a response (comments skipped), each validated; stops after `limit`."""
+    got: list[Sse] = []
+    event_id, data = "", []
+    async for line in response.aiter_lines():
+        if line.startswith(":"):
+            continue
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            data.append(line[6:])
+        elif line == "" and data:
+            got.append(Sse(event_id, validated("\n".join(data))))
+            event_id, data = "", []
+            if limit is not None and len(got) >= limit:
+                break
+    return got
+
+
+def body(thread: str, *messages: tuple[str, str], run: str = "r", **extra: Any) -> dict[str, Any]:
+    """A RunAgentInput (checked against the package's model) with user messages (id, text)."""
+    payload = {
+        "threadId": thread,
+        "runId": run,
+        "messages": [{"id": mid, "role": "user", "content": text} for mid, text in messages],
+        **extra,
+    }
+    RunAgentInput.model_validate(payload)
+    return payload
+
+
+async def run(
+    http: httpx.AsyncClient, workflow: str, payload: dict[str, Any], *, last_event_id: str | None = None,
+    limit: int | None = None,
+) -> list[Sse]:
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    async with asyncio.timeout(90):
+        async with http.stream("POST", f"/ag-ui/{workflow}", json=payload, headers=headers) as response:
+            assert response.status_code == 200, (await response.aread()).decode()
+            assert response.headers["content-type"].startswith("text/event-stream")
+            return await read_sse(response, limit)
+
+
+def types(events: list[Sse]) -> list[str]:
+    return [e.type for e in events]
+
+
+def position(event_id: str) -> tuple[int, float]:
+    seq, _, index = event_id.partition(".")
+    return int(seq), int(index) if index else float("inf")
+
+
+def assert_well_formed(events: list[Sse]) -> None:
+    """AG-UI's order rules as a test sees them, and strictly increasing SSE ids."""
+    assert events[0].type == "RUN_STARTED"
+    assert events[-1].type in ("RUN_FINISHED", "RUN_ERROR")
+    positions = [position(e.id) for e in events]
+    assert positions == sorted(positions) and len(set(positions)) == len(positions)
+    step = None
+    open_messages: set[str] = set()
+    for e in events:
+        match e.type:
+            case "STEP_STARTED":
+                assert step is None, f"step {e.event['stepName']} started inside {step}"
+                step = e.event["stepName"]
+            case "STEP_FINISHED":
+                assert step == e.event["stepName"]
+                step = None
+            case "TEXT_MESSAGE_START":
+                open_messages.add(e.event["messageId"])
+            case "TEXT_MESSAGE_END":
+                open_messages.remove(e.event["messageId"])
+    assert step is None and not open_messages
+
+
+def texts(events: list[Sse]) -> list[tuple[str | None, str, str]]:
+    """The text messages a client assembles from the events: (name, role, text)."""
+    started: dict[str, list[Any]] = {}
+    order: list[str] = []
+    for e in events:
+        if e.type == "TEXT_MESSAGE_START":
+            started[e.event["messageId"]] = [e.event.get("name"), e.event.get("role", "assistant"), ""]
+            order.append(e.event["messageId"])
+        elif e.type == "TEXT_MESSAGE_CONTENT":
+            started[e.event["messageId"]][2] += e.event["delta"]
+    return [tuple(started[m]) for m in order]  # type: ignore[misc]
+
+
+async def test_a_new_thread_starts_a_chat_and_streams_its_visible_log(start_node, store: MongoEventStore) -> None:
+    node = await start_node()
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        events = await run(http, "Analyzer", body("t-new", ("m1", "Count these words"), state={"topic": "bees"}))
+    assert_well_formed(events)
+    assert types(events)[:2] == ["RUN_STARTED", "STATE_SNAPSHOT"]
+    assert "MESSAGES_SNAPSHOT" not in types(events)  # a new chat: the client already holds its message
+    assert events[0].event["threadId"] == "t-new" and events[0].event["runId"] == "r"
+    assert events[1].event["snapshot"] == {"topic": "bees", "last_word_count": None}
+    assert events[-1].type == "RUN_FINISHED" and events[-1].event["outcome"] == {"type": "success"}
+    log = [r async for r in store.read("t-new")]
+    assert [r.type for r in log[:2]] == ["chat.created", "message.user"]
+    assert log[1].data["message_id"] == "m1" and log[0].data["context"]["topic"] == "bees"
+    visible = [r for r in log if r.visible]
+    assert texts(events) == [(r.agent, "assistant", r.data["content"]) for r in visible if r.type == "message.agent"]
+    assert {e.event["stepName"] for e in events if e.type == "STEP_STARTED"} == {"Analyst", "Summarizer"}
+    assert "Collector" not in json.dumps([e.event for e in events])  # hidden agent: recorded, never sent
+    calls = [e.event["toolCallId"] for e in events if e.type == "TOOL_CALL_START"]
+    assert calls == [r.data["call_id"] for r in visible if r.type == "tool.called"]
+    results = [e.event["content"] for e in events if e.type == "TOOL_CALL_RESULT"]
+    assert results == [r.data["content"] for r in visible if r.type == "tool.result"]
+    deltas = [op for e in events if e.type == "STATE_DELTA" for op in e.event["delta"]]
+    updated = [r.data["variables"] for r in visible if r.type == "context.updated"]
+    assert deltas and [{op["path"][1:]: op["value"]} for op in deltas] == updated
+    assert all(int(position(e.id)[0]) in {r.seq for r in visible} for e in events)
+
+
+async def test_a_known_thread_continues_the_chat_and_a_repeated_request_records_nothing(
+    start_node, store: MongoEventStore
+) -> None:
+    node = await start_node()
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        first = await run(http, "Analyzer", body("t-two", ("m1", "Count these words")))
+        second_body = body("t-two", ("m1", "Count these words"), ("m2", "And these"), run="r2")
+        second = await run(http, "Analyzer", second_body)
+        log_before = [r.id async for r in store.read("t-two")]
+        again = await run(http, "Analyzer", second_body)
+    assert_well_formed(second)
+    assert types(second)[:3] == ["RUN_STARTED", "STATE_SNAPSHOT", "MESSAGES_SNAPSHOT"]
+    snapshot = second[2].event["messages"]
+    assert snapshot[0] == {"id": "m1", "role": "user", "content": "Count these words"}
+    assert [m.get("content") for m in snapshot if m["role"] == "assistant" and m.get("content")] == [
+        text for _, _, text in texts(first)
+    ]
+    assert texts(second)[0] == (None, "user", "And these")
+    assert next(e.event["messageId"] for e in second if e.type == "TEXT_MESSAGE_START") == "m2"
+    assert second[-1].type == "RUN_FINISHED"
+    assert [r.data.get("message_id") async for r in store.find("t-two", types=["message.user"])] == ["m1", "m2"]
+    assert again == second  # the same run again, from the log
+    assert [r.id async for r in store.read("t-two")] == log_before
+
+
+async def test_an_input_request_ends_the_run_with_an_interrupt_that_resume_answers(
+    start_node, store: MongoEventStore
+) -> None:
+    node = await start_node()
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        first = await run(http, "Assistant", body("t-ask", ("m1", "Find bees")))
+        assert_well_formed(first)
+        outcome = first[-1].event["outcome"]
+        assert first[-1].type == "RUN_FINISHED" and outcome["type"] == "interrupt"
+        [interrupt] = outcome["interrupts"]
+        asked = [r async for r in store.find("t-ask", types=["input.requested"])]
+        assert interrupt["id"] == asked[-1].data["request_id"] and interrupt["reason"] == "input_required"
+        unknown = await http.post(
+            "/ag-ui/Assistant", json=body("t-ask", ("m1", "Find bees"), resume=[{"interruptId": "nope", "status": "resolved"}])
+        )
+        assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_interrupt"
+        not_an_answer = await http.post("/ag-ui/Assistant", json=body("t-ask", ("m1", "Find bees"), ("m2", "hello?")))
+        assert not_an_answer.status_code == 409 and not_an_answer.json()["error"] == "interrupt_pending"
+        assert interrupt["id"] in not_an_answer.json()["detail"]
+        answers = iter(["yes, go on", "exit", "exit", "exit"])
+        runs = [first]
+        while runs[-1][-1].event.get("outcome", {}).get("type") == "interrupt":
+            [pending] = runs[-1][-1].event["outcome"]["interrupts"]
+            resume = [{"interruptId": pending["id"], "status": "resolved", "payload": next(answers)}]
+            runs.append(await run(http, "Assistant", body("t-ask", ("m1", "Find bees"), run=f"r{len(runs)}", resume=resume)))
+            assert_well_formed(runs[-1])
+            assert types(runs[-1])[:3] == ["RUN_STARTED", "STATE_SNAPSHOT", "MESSAGES_SNAPSHOT"]
+    assert runs[-1][-1].event["outcome"] == {"type": "success"}
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        asking = await run(http, "Assistant", body("t-ask", ("m1", "Find bees"), ("m9", "More bees"), run="again"))
+        [pending] = asking[-1].event["outcome"]["interrupts"]
+        cancel = [{"interruptId": pending["id"], "status": "cancelled"}]
+        cancelled = await run(http, "Assistant", body("t-ask", ("m1", "Find bees"), ("m9", "More bees"), resume=cancel))
+    assert_well_formed(cancelled)
+    assert cancelled[-1].event["outcome"] == {"type": "cancelled"}
+    assert [r.type async for r in store.find("t-ask", types=["run.stopped"])] == ["run.stopped"]
+    received = [r async for r in store.find("t-ask", types=["input.received"])]
+    assert [r.data["text"] for r in received] == ["yes, go on", "exit", "exit", "exit"][: len(received)]
+    assert received[0].data["request_id"] == interrupt["id"]
+
+
+def stream_of(chat_id: str) -> StreamRef:
+    return StreamRef(chat_id=chat_id, app_id="local", user_id="local", workflow="Analyzer")
+
+
+def a_turn_of(agent: str, n: int) -> list[Pending]:
+    """One agent's turn: chosen, a tool call and its result, a context change, two messages, a handoff."""
+    call = f"call-{agent}-{n}"
+    return [
+        Pending(event=SpeakerSelected(speaker=agent), agent=agent),
+        Pending(event=ToolCalled(tool="lookup", call_id=call, arguments=json.dumps({"n": n})), agent=agent),
+        Pending(event=ToolResult(tool="lookup", call_id=call, content=f"found {n}"), agent=agent),
+        Pending(event=ContextUpdated(variables={"n": n, "a/b": [n]})),
+        Pending(event=MessageAgent(content=f"{agent} says {n}"), agent=agent),
+        Pending(event=MessageAgent(content=f"hidden {n}"), agent="Collector", visible=False),
+        Pending(event=MessageAgent(content=f"{agent} adds {n}"), agent=agent),
+        Pending(event=Handoff(source=agent, target="Summarizer"), agent=agent),
+    ]
+
+
+async def test_reconnecting_with_last_event_id_mid_run_ends_with_the_same_events_as_an_unbroken_stream(
+    start_node, store: MongoEventStore, db: Any
+) -> None:
+    # The run below is written by the test, standing in for a node that holds the chat's live lease
+    # (without one, the nodes' sweep would rightly record the run as interrupted).
+    expires = datetime.now(UTC) + timedelta(hours=1)
+    await db["chat_leases"].insert_one({"_id": "t-re", "owner": "elsewhere", "run_id": "run1", "expires_at": expires})
+    node = await start_node()
+    chat = stream_of("t-re")
+    await store.append(
+        chat,
+        [
+            Pending(event=ChatCreated(context={"n": 0})),
+            Pending(event=MessageUser(content="go", message_id="m1")),
+            Pending(event=RunStarted(pattern="RoundRobin", max_turns=8), run_id="run1"),
+            *a_turn_of("Analyst", 1),
+        ],
+        0,
+    )
+    other_node = await start_node()  # any node serves any thread's stream
+    payload = body("t-re", ("m1", "go"))
+    async with httpx.AsyncClient(base_url=node.url) as http, httpx.AsyncClient(base_url=other_node.url) as other:
+        unbroken = asyncio.create_task(run(http, "Analyzer", payload))
+        pieces = [await run(http, "Analyzer", payload, limit=6)]  # disconnects in the middle of a record's events
+        assert "." in pieces[0][-1].id
+        await store.append(chat, a_turn_of("Summarizer", 2), None)  # the run goes on while the client is away
+        pieces.append(await run(other, "Analyzer", payload, last_event_id=pieces[-1][-1].id, limit=12))
+        await store.append(chat, [*a_turn_of("Analyst", 3), Pending(event=RunCompleted(summary="done"))], None)
+        pieces.append(await run(http, "Analyzer", payload, last_event_id=pieces[-1][-1].id))
+        whole = await unbroken
+    joined = [e for piece in pieces for e in piece]
+    assert joined == whole
+    assert_well_formed(whole)
+    assert whole[-1].event["result"] == "done"
+    assert [t for _, _, t in texts(whole)] == [f"{a} {v} {n}" for a, n in (("Analyst", 1), ("Summarizer", 2), ("Analyst", 3)) for v in ("says", "adds")]
+    assert [e.event["stepName"] for e in whole if e.type == "STEP_STARTED"] == ["Analyst", "Summarizer", "Analyst"]
+    customs = [e.event["name"] for e in whole if e.type == "CUSTOM"]
+    assert customs == ["speaker.selected", "handoff"] * 3
+    assert {"op": "add", "path": "/a~1b", "value": [2]} in [op for e in whole if e.type == "STATE_DELTA" for op in e.event["delta"]]
+
+
+@pytest.mark.parametrize(
+    ("terminal", "last"),
+    [
+        (RunFailed(error="model unreachable", reason="model"), {"type": "RUN_ERROR", "message": "model unreachable", "code": "model"}),
+        (RunStopped(by="local"), {"type": "RUN_FINISHED", "threadId": "t-end", "runId": "r", "outcome": {"type": "cancelled"}}),
+    ],
+)
+async def test_a_failed_run_is_a_run_error_and_a_stopped_one_is_cancelled(
+    start_node, store: MongoEventStore, terminal: Any, last: dict[str, Any]
+) -> None:
+    node = await start_node()
+    await store.append(
+        stream_of("t-end"),
+        [
+            Pending(event=ChatCreated()),
+            Pending(event=MessageUser(content="go", message_id="m1")),
+            Pending(event=MessageAgent(content="working"), agent="Analyst"),
+            Pending(event=terminal),
+        ],
+        0,
+    )
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        events = await run(http, "Analyzer", body("t-end", ("m1", "go")))
+    assert_well_formed(events)
+    assert types(events)[-2] == "STEP_FINISHED"
+    assert {k: v for k, v in events[-1].event.items() if k != "timestamp"} == last
+
+
+def record(seq: int, type_: str, data: dict[str, Any], agent: str | None = "Analyst") -> Record:
+    return Record(
+        id=f"id{seq}", chat_id="c", seq=seq, type=type_, ts=datetime(2026, 1, 1, tzinfo=UTC), app_id="a",
+        user_id="u", workflow="Analyzer", run_id="run", agent=agent, visible=True, data=data, prev_hash="", hash="",
+    )
+
+
+def test_streamed_deltas_become_content_events_and_the_final_message_only_closes_them() -> None:
+    translator = RunTranslator("c", "r")
+    events = translator.start([record(1, "message.user", {"content": "hi", "message_id": "u1"}, agent=None)])
+    for seq, text in ((2, "Hel"), (3, "lo "), (4, "world")):
+        events += translator.translate(record(seq, "message.delta", {"message_id": "m", "index": seq - 2, "text": text}))
+    events += translator.translate(record(5, "message.agent", {"content": "Hello world", "message_id": "m"}))
+    events += translator.translate(record(6, "message.agent", {"content": "not streamed"}))
+    events += translator.translate(record(7, "message.delta", {"message_id": "m2", "index": 0, "text": "cut sh"}))
+    events += translator.translate(record(8, "run.stopped", {"by": "u"}, agent=None))
+    wire = [validated(e.model_dump_json(by_alias=True)) for e in events]
+    assert [e["type"] for e in wire] == [
+        "RUN_STARTED", "STATE_SNAPSHOT", "STEP_STARTED",
+        "TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_END",
+        "TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_END",
+        "TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT",
+        "TEXT_MESSAGE_END", "STEP_FINISHED", "RUN_FINISHED",
+    ]  # fmt: skip
+    assert [e["delta"] for e in wire if e["type"] == "TEXT_MESSAGE_CONTENT"] == ["Hel", "lo ", "world", "not streamed", "cut sh"]
+    assert wire[7]["messageId"] == "m" and wire[8]["messageId"] == "id6" and wire[-3]["messageId"] == "m2"
+    assert translator.translate(record(9, "message.agent", {"content": "after the end"})) == []
+
+
+async def test_errors_have_one_shape_and_users_reach_only_their_own_threads(start_node, store: MongoEventStore) -> None:
+    secret = "s" * 32
+    node = await start_node(auth_secret=secret)
+    alice = {"Authorization": f"Bearer {issue_token(secret, 'alice', 'app1', ['user'])}"}
+    bob = {"Authorization": f"Bearer {issue_token(secret, 'bob', 'app1', ['user'])}"}
+    async with httpx.AsyncClient(base_url=node.url, timeout=30) as http:
+        anonymous = await http.post("/ag-ui/Analyzer", json=body("t-auth", ("m1", "hi")))
+        assert anonymous.status_code == 401, anonymous.text
+        assert anonymous.json()["error"] == "unauthorized"
+        async with http.stream("POST", "/ag-ui/Analyzer", json=body("t-auth", ("m1", "hi")), headers=alice) as response:
+            assert response.status_code == 200
+            assert (await read_sse(response))[-1].type == "RUN_FINISHED"
+        refusals = {
+            "bob on alice's thread": (await http.post("/ag-ui/Analyzer", json=body("t-auth", ("m2", "mine?")), headers=bob), 403, "forbidden"),
+            "other workflow": (await http.post("/ag-ui/Generator", json=body("t-auth", ("m3", "x")), headers=alice), 409, "wrong_workflow"),
+            "unknown workflow": (await http.post("/ag-ui/Nope", json=body("t-x", ("m1", "x")), headers=alice), 404, "unknown_workflow"),
+            "no user message": (await http.post("/ag-ui/Analyzer", json=body("t-y"), headers=alice), 400, "bad_request"),
+            "not RunAgentInput": (await http.post("/ag-ui/Analyzer", json={"threadId": 3}, headers=alice), 400, "bad_request"),
+            "not JSON": (await http.post("/ag-ui/Analyzer", content=b"{nope", headers=alice), 400, "bad_request"),
+            "bad Last-Event-ID": (
+                await http.post("/ag-ui/Analyzer", json=body("t-auth", ("m1", "hi")), headers={**alice, "Last-Event-ID": "x"}),
+                400,
+                "bad_request",
+            ),
+        }
+    for what, (response, status, code) in refusals.items():
+        assert response.status_code == status, what
+        assert response.json()["error"] == code and response.json()["detail"], what
+    fields = refusals["not RunAgentInput"][0].json()["fields"]
+    assert {f["name"] for f in fields} >= {"threadId", "runId", "messages"}
+    assert [r.user_id async for r in store.read("t-auth", limit=1)] == ["alice"]
+    assert [r async for r in store.read("t-x")] == []
+
+
+async def test_cors_is_closed_by_default_and_opened_by_the_allow_list(start_node) -> None:
+    closed = await start_node()
+    opened = await start_node(cors_origins=("http://app.example",))
+    preflight = {
+        "Origin": "http://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type,last-event-id",
+    }
+    async with httpx.AsyncClient() as http:
+        for path in ("/ag-ui/Analyzer", "/api/chats"):
+            allowed = await http.options(opened.url + path, headers=preflight)
+            assert allowed.status_code in (200, 204), path
+            assert allowed.headers["access-control-allow-origin"] == "http://app.example"
+            assert "POST" in allowed.headers["access-control-allow-methods"]
+            other = await http.options(opened.url + path, headers={**preflight, "Origin": "http://evil.example"})
+            assert other.headers.get("access-control-allow-origin") is None
+            shut = await http.options(closed.url + path, headers=preflight)
+            assert shut.headers.get("access-control-allow-origin") is None
+        listed = await http.get(opened.url + "/api/workflows", headers={"Origin": "http://app.example"})
+        assert listed.headers["access-control-allow-origin"] == "http://app.example"
+
+
+async def test_an_idle_stream_gets_keepalives_and_a_client_that_leaves_frees_its_subscription(
+    start_node, store: MongoEventStore
+) -> None:
+    node = await start_node(ws_heartbeat_s=0.2)
+    await store.append(
+        stream_of("t-idle"),
+        [
+            Pending(event=ChatCreated()),
+            Pending(event=MessageUser(content="go", message_id="m1")),
+            Pending(event=RunStarted(pattern="RoundRobin", max_turns=8), run_id="run1"),
+        ],
+        0,
+    )
+    seen: list[str] = []
+    async with httpx.AsyncClient(base_url=node.url) as http, asyncio.timeout(30):
+        async with http.stream("POST", "/ag-ui/Analyzer", json=body("t-idle", ("m1", "go"))) as response:
+            async for line in response.aiter_lines():
+                seen.append(line)
+                if line == ": keepalive":
+                    break  # and leave while the run goes on
+        assert any(line.startswith("data: ") and "RUN_STARTED" in line for line in seen)
+        while node.runtime.hub.subscriber_count:
+            await asyncio.sleep(0.05)
+
+
+async def test_agui_runs_count_against_the_chat_start_rate_limit(start_node) -> None:
+    node = await start_node(chat_starts_per_minute=2)
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        await run(http, "Analyzer", body("t-rl1", ("m1", "one")))
+        await run(http, "Analyzer", body("t-rl2", ("m1", "two")))
+        third = await http.post("/ag-ui/Analyzer", json=body("t-rl3", ("m1", "three")))
+    assert third.status_code == 429
+
+
+def test_the_cors_allow_list_takes_origins_and_names_a_bad_one() -> None:
+    listed = Settings.from_env({"MOZAIKS_CORS_ORIGINS": " https://app.example.com/ , http://localhost:3000"})
+    assert listed.cors_origins == ("https://app.example.com", "http://localhost:3000")
+    assert Settings.from_env({}).cors_origins == ()
+    for bad in ("app.example.com", "https://app.example.com/chat", "ftp://x"):
+        with pytest.raises(SettingsError, match=f"MOZAIKS_CORS_ORIGINS: '{bad}'"):
+            Settings.from_env({"MOZAIKS_CORS_ORIGINS": bad})
