@@ -34,6 +34,8 @@ def test_an_issued_token_is_hs256_with_top_level_claims_and_a_lifetime() -> None
     claims = jwt.decode(token, SECRET, algorithms=["HS256"])
     assert {k: claims[k] for k in ("sub", "app_id", "roles")} == {"sub": "ann", "app_id": "shop", "roles": ["user", "analyst"]}
     assert claims["exp"] - claims["iat"] == 120
+    one_hour = jwt.decode(issue_token(SECRET, "ann", "shop", ["user"]), SECRET, algorithms=["HS256"])
+    assert one_hour["exp"] - one_hour["iat"] == 3600  # the default lifetime
     assert principal_from_token(token, SECRET) == Principal(
         user_id="ann", app_id="shop", roles=frozenset({"user", "analyst"})
     )
