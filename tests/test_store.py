@@ -243,6 +243,30 @@ async def test_tail_sees_new_records_of_all_chats_and_resumes_after_a_token(stor
 
 async def test_tail_with_an_unusable_token_raises_history_lost(store: MongoEventStore) -> None:
     bogus = {"_data": "00" * 40}
-    with pytest.raises(HistoryLost):
+    with pytest.raises(HistoryLost, match=r"^change stream cannot resume: "):
         tail = store.tail(resume_after=bogus)
         await asyncio.wait_for(anext(tail), 10)
+
+
+async def test_tail_and_subscribe_see_only_new_records_and_the_tail_outlives_a_malformed_one(
+    store: MongoEventStore,
+) -> None:
+    await store.append(chat("mine"), [said("one")], 0)
+    await store.append(chat("other"), [said("x")], 0)
+    opened = asyncio.Event()
+    tail = store.tail(on_open=opened.set)
+    first = asyncio.ensure_future(anext(tail))
+    await asyncio.wait_for(opened.wait(), 10)
+    subscription = store.subscribe("mine")  # from the start: seq 1 on
+    assert (await asyncio.wait_for(anext(subscription), 10)).seq == 1
+    # Not appends: an edit and a removal (as a careless admin might), and a malformed record.
+    await store.events.update_one({"chat_id": "other", "seq": 1}, {"$set": {"data.content": "edited"}})
+    await store.events.delete_one({"chat_id": "other", "seq": 1})
+    await store.events.insert_one({"_id": "junk", "chat_id": "other", "seq": 2, "type": "no.such.type"})
+    appended = await store.append(chat("mine"), [said("two")], 1)
+    try:
+        assert (await asyncio.wait_for(first, 10)).record == appended[0]
+        assert await asyncio.wait_for(anext(subscription), 10) == appended[0]
+    finally:
+        await tail.aclose()
+        await subscription.aclose()
