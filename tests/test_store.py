@@ -190,6 +190,8 @@ async def test_follow_fills_a_gap_when_the_live_source_jumps_ahead(store: MongoE
     await store.append(chat("jump"), [said(f"m{i}") for i in range(3)], 0)
 
     async def live() -> AsyncIterator[Record]:
+        others = await store.append(chat("other"), [said(f"o{i}") for i in range(4)], 0)
+        yield others[3]  # another chat's seq 4: not this chat's
         await store.append(chat("jump"), [said(f"n{i}") for i in range(5)], None)  # seqs 4..8
         stored = [r async for r in store.read("jump", after=3)]
         yield stored[0]  # 4
