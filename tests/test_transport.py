@@ -378,4 +378,5 @@ async def test_control_frames_act_on_the_socket_s_own_chat_only(store, start_nod
         "message": "chat b-mine has a run in progress (rb); wait for it or stop it first",
     }
     assert (stopped["seq"], stopped["event"]["type"], stopped["event"]["run_id"]) == (4, "run.stopped", "rb")
+    assert stopped["event"]["data"]["by"] == "local"
     assert [r.type async for r in store.read("a-other")] == ["run.started", "input.requested"]
