@@ -22,7 +22,7 @@ from domain.events import (
     now,
     seal,
 )
-from domain.store import MongoEventStore, ReplayDone, follow
+from domain.store import MongoEventStore, ReplayDone, Verification, follow
 
 
 def chat(chat_id: str, app_id: str = "app") -> StreamRef:
@@ -42,7 +42,7 @@ async def test_append_assigns_gapless_seq_and_chains_hashes(store: MongoEventSto
     assert records[1].prev_hash == records[0].hash and records[2].prev_hash == records[1].hash
     assert records[2].event == MessageAgent(content="b")
     assert await store.last_seq("c1") == 3
-    assert (await store.verify("c1")).ok
+    assert await store.verify("c1") == Verification(chat_id="c1", ok=True, checked=3, last_seq=3)
 
 
 async def test_two_concurrent_appenders_one_wins_each_seq(store: MongoEventStore) -> None:
@@ -110,9 +110,9 @@ async def test_partially_landed_batch_is_completed_by_the_retry(store: MongoEven
 async def test_edited_record_is_reported_by_verify(store: MongoEventStore) -> None:
     await store.append(chat("audit"), [said(f"m{i}") for i in range(5)], 0)
     await store.events.update_one({"chat_id": "audit", "seq": 3}, {"$set": {"data.content": "forged"}})
-    result = await store.verify("audit")
-    assert not result.ok and result.broken_seq == 3 and result.checked == 2
-    assert "hash" in (result.detail or "")
+    assert await store.verify("audit") == Verification(
+        chat_id="audit", ok=False, checked=2, last_seq=2, broken_seq=3, detail="hash does not match the record's content"
+    )
 
 
 async def test_record_replaced_by_a_self_consistent_forgery_is_reported_where_the_link_breaks(
@@ -147,8 +147,14 @@ async def test_last_record_relinked_with_its_hash_recomputed_is_reported(store: 
 async def test_deleted_record_is_reported_by_verify(store: MongoEventStore) -> None:
     await store.append(chat("audit"), [said(f"m{i}") for i in range(4)], 0)
     await store.events.delete_one({"chat_id": "audit", "seq": 2})
-    result = await store.verify("audit")
-    assert not result.ok and result.broken_seq == 3
+    assert await store.verify("audit") == Verification(
+        chat_id="audit", ok=False, checked=1, last_seq=1, broken_seq=3, detail="expected seq 2, found 3"
+    )
+    # A seq that is not even a number: the break is reported where the next seq was due.
+    await store.events.update_one({"chat_id": "audit", "seq": 1}, {"$set": {"seq": None}})
+    assert await store.verify("audit") == Verification(
+        chat_id="audit", ok=False, checked=0, last_seq=0, broken_seq=1, detail="expected seq 1, found None"
+    )
 
 
 async def test_malformed_record_names_chat_and_seq_and_other_chats_still_read(store: MongoEventStore) -> None:
