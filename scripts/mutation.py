@@ -152,6 +152,10 @@ def run(target: Target, children: int, fresh: bool) -> tuple[int, int, list[str]
         print(f"   mutmut produced no results; see {work / 'run.log'}", flush=True)
         print("\n".join((done.stdout + done.stderr).splitlines()[-15:]), flush=True)
         return 0, 0, [], time.monotonic() - started
+    unchecked = [name for name, status in found.items() if status == "not checked"]
+    if unchecked:
+        print(f"   {len(unchecked)} mutants were not run (mutmut stopped early; see {work / 'run.log'})", flush=True)
+        found = {name: status for name, status in found.items() if status != "not checked"}
     survivors = sorted(name for name, status in found.items() if status not in KILLED)
     with (work / "survivors.txt").open("w") as report:
         for name in survivors:
