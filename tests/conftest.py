@@ -60,12 +60,14 @@ def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-async def mongo_client(mongo_uri: str) -> AsyncIterator[AsyncMongoClient[Any]]:
-    """One async client for the whole suite, on the session's event loop."""
+async def mongo_client(mongo_uri: str, db_name: str) -> AsyncIterator[AsyncMongoClient[Any]]:
+    """One async client for the whole suite, on the session's event loop; drops the session's database at the end."""
     client: AsyncMongoClient[Any] = AsyncMongoClient(mongo_uri, tz_aware=True)
     try:
         yield client
     finally:
+        with contextlib.suppress(Exception):  # a server shared by many runs (scripts/mutation) keeps no leftovers
+            await client.drop_database(db_name)
         await client.close()
 
 

@@ -63,6 +63,7 @@ async def test_users_see_only_their_own_chats(secured: Any) -> None:
         ]:
             response = await http.request(method, path, json=body, headers=y)
             assert response.status_code == 403, (method, path, response.text)
+            assert response.json()["detail"] == f"chat {chat_id} is not yours to read", (method, path)
         async with asyncio.timeout(30):
             while not (await http.get("/api/chats", headers=x)).json()["chats"]:
                 await asyncio.sleep(0.1)
@@ -97,7 +98,9 @@ async def test_auditors_read_every_chat_of_their_app_only(secured: Any) -> None:
         assert "Collector" not in {e["agent"] for e in own}
         assert (await http.get(f"/api/chats/{in_q['chat_id']}/events", headers=auditor)).status_code == 403
         # An auditor reads but does not steer.
-        assert (await http.post(f"/api/chats/{in_p['chat_id']}/stop", headers=auditor)).status_code == 403
+        refused = await http.post(f"/api/chats/{in_p['chat_id']}/stop", headers=auditor)
+        assert refused.status_code == 403
+        assert refused.json()["detail"] == f"only the chat's own user may change chat {in_p['chat_id']}"
 
 
 async def test_an_auditor_cannot_stop_or_steer_a_chat_over_the_websocket(secured: Any, store: Any) -> None:
@@ -128,7 +131,7 @@ async def test_an_auditor_cannot_stop_or_steer_a_chat_over_the_websocket(secured
                 reply = json.loads(await ws.recv())
                 while reply["type"] == "heartbeat":
                     reply = json.loads(await ws.recv())
-                assert (reply["type"], reply.get("code")) == ("error", "forbidden"), (frame, reply)
+                assert reply == {"type": "error", "code": "forbidden", "message": "only the chat's own user may do that"}
     # Frames are handled one at a time: after the last refusal nothing more can land.
     assert [r.seq async for r in store.read("steer")] == [1, 2, 3, 4]
 
@@ -138,7 +141,9 @@ async def test_metrics_need_the_analyst_role(secured: Any) -> None:
         assert (await http.get("/metrics/perf/aggregate", headers=bearer("x"))).status_code == 403
         assert (await http.get("/metrics/perf/chats", headers=bearer("x"))).status_code == 403
         assert (await http.get("/metrics/perf/aggregate", headers=bearer("a", roles=("analyst",)))).status_code == 200
-        assert (await http.get("/api/chats")).status_code == 401
+        missing = await http.get("/api/chats")
+        assert missing.status_code == 401
+        assert missing.json()["detail"] == "missing bearer token (Authorization header or bearer.<token> subprotocol)"
         assert (await http.get("/api/chats", headers={"Authorization": "Bearer not.a.token"})).status_code == 401
         forged = issue_token("another-secret-of-at-least-thirty-two-b", "x", "P", ["user"])
         assert (await http.get("/api/chats", headers={"Authorization": f"Bearer {forged}"})).status_code == 401
@@ -158,7 +163,8 @@ async def test_bad_input_gets_clear_errors_and_the_server_keeps_serving(start_no
         assert unknown.status_code == 404 and "Nope" in unknown.json()["detail"]
         typo = await http.post("/api/chats", json={"workflow": "Analyzer", "mesage": "hi"})
         assert typo.status_code == 400
-        assert (await http.get("/api/chats/missing/events")).status_code == 404
+        missing = await http.get("/api/chats/missing/events")
+        assert missing.status_code == 404 and missing.json() == {"error": "unknown_chat", "detail": "chat missing does not exist"}
         bad_type = await http.get("/api/chats/c/events", params={"type": "message.nope"})
         assert bad_type.status_code == 400 and "message.nope" in bad_type.text
         assert (await http.get("/api/chats/c/events", params={"after": "-1"})).status_code == 400

@@ -22,7 +22,7 @@ from domain.events import (
     now,
     seal,
 )
-from domain.store import MongoEventStore, ReplayDone, follow
+from domain.store import MongoEventStore, ReplayDone, Verification, follow
 
 
 def chat(chat_id: str, app_id: str = "app") -> StreamRef:
@@ -42,7 +42,7 @@ async def test_append_assigns_gapless_seq_and_chains_hashes(store: MongoEventSto
     assert records[1].prev_hash == records[0].hash and records[2].prev_hash == records[1].hash
     assert records[2].event == MessageAgent(content="b")
     assert await store.last_seq("c1") == 3
-    assert (await store.verify("c1")).ok
+    assert await store.verify("c1") == Verification(chat_id="c1", ok=True, checked=3, last_seq=3)
 
 
 async def test_two_concurrent_appenders_one_wins_each_seq(store: MongoEventStore) -> None:
@@ -110,9 +110,9 @@ async def test_partially_landed_batch_is_completed_by_the_retry(store: MongoEven
 async def test_edited_record_is_reported_by_verify(store: MongoEventStore) -> None:
     await store.append(chat("audit"), [said(f"m{i}") for i in range(5)], 0)
     await store.events.update_one({"chat_id": "audit", "seq": 3}, {"$set": {"data.content": "forged"}})
-    result = await store.verify("audit")
-    assert not result.ok and result.broken_seq == 3 and result.checked == 2
-    assert "hash" in (result.detail or "")
+    assert await store.verify("audit") == Verification(
+        chat_id="audit", ok=False, checked=2, last_seq=2, broken_seq=3, detail="hash does not match the record's content"
+    )
 
 
 async def test_record_replaced_by_a_self_consistent_forgery_is_reported_where_the_link_breaks(
@@ -147,8 +147,14 @@ async def test_last_record_relinked_with_its_hash_recomputed_is_reported(store: 
 async def test_deleted_record_is_reported_by_verify(store: MongoEventStore) -> None:
     await store.append(chat("audit"), [said(f"m{i}") for i in range(4)], 0)
     await store.events.delete_one({"chat_id": "audit", "seq": 2})
-    result = await store.verify("audit")
-    assert not result.ok and result.broken_seq == 3
+    assert await store.verify("audit") == Verification(
+        chat_id="audit", ok=False, checked=1, last_seq=1, broken_seq=3, detail="expected seq 2, found 3"
+    )
+    # A seq that is not even a number: the break is reported where the next seq was due.
+    await store.events.update_one({"chat_id": "audit", "seq": 1}, {"$set": {"seq": None}})
+    assert await store.verify("audit") == Verification(
+        chat_id="audit", ok=False, checked=0, last_seq=0, broken_seq=1, detail="expected seq 1, found None"
+    )
 
 
 async def test_malformed_record_names_chat_and_seq_and_other_chats_still_read(store: MongoEventStore) -> None:
@@ -190,6 +196,8 @@ async def test_follow_fills_a_gap_when_the_live_source_jumps_ahead(store: MongoE
     await store.append(chat("jump"), [said(f"m{i}") for i in range(3)], 0)
 
     async def live() -> AsyncIterator[Record]:
+        others = await store.append(chat("other"), [said(f"o{i}") for i in range(4)], 0)
+        yield others[3]  # another chat's seq 4: not this chat's
         await store.append(chat("jump"), [said(f"n{i}") for i in range(5)], None)  # seqs 4..8
         stored = [r async for r in store.read("jump", after=3)]
         yield stored[0]  # 4
@@ -243,6 +251,30 @@ async def test_tail_sees_new_records_of_all_chats_and_resumes_after_a_token(stor
 
 async def test_tail_with_an_unusable_token_raises_history_lost(store: MongoEventStore) -> None:
     bogus = {"_data": "00" * 40}
-    with pytest.raises(HistoryLost):
+    with pytest.raises(HistoryLost, match=r"^change stream cannot resume: "):
         tail = store.tail(resume_after=bogus)
         await asyncio.wait_for(anext(tail), 10)
+
+
+async def test_tail_and_subscribe_see_only_new_records_and_the_tail_outlives_a_malformed_one(
+    store: MongoEventStore,
+) -> None:
+    await store.append(chat("mine"), [said("one")], 0)
+    await store.append(chat("other"), [said("x")], 0)
+    opened = asyncio.Event()
+    tail = store.tail(on_open=opened.set)
+    first = asyncio.ensure_future(anext(tail))
+    await asyncio.wait_for(opened.wait(), 10)
+    subscription = store.subscribe("mine")  # from the start: seq 1 on
+    assert (await asyncio.wait_for(anext(subscription), 10)).seq == 1
+    # Not appends: an edit and a removal (as a careless admin might), and a malformed record.
+    await store.events.update_one({"chat_id": "other", "seq": 1}, {"$set": {"data.content": "edited"}})
+    await store.events.delete_one({"chat_id": "other", "seq": 1})
+    await store.events.insert_one({"_id": "junk", "chat_id": "other", "seq": 2, "type": "no.such.type"})
+    appended = await store.append(chat("mine"), [said("two")], 1)
+    try:
+        assert (await asyncio.wait_for(first, 10)).record == appended[0]
+        assert await asyncio.wait_for(anext(subscription), 10) == appended[0]
+    finally:
+        await tail.aclose()
+        await subscription.aclose()

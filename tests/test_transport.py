@@ -19,7 +19,7 @@ from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
 from app.observability import WS_CLIENTS, WS_CLOSED
-from domain.events import MessageAgent, Pending, StreamRef
+from domain.events import InputRequested, MessageAgent, Pending, RunStarted, StreamRef
 from domain.store import MongoEventStore
 
 LOCAL = StreamRef(chat_id="", app_id="local", user_id="local", workflow="Analyzer")
@@ -342,3 +342,41 @@ async def test_disconnect_never_stops_a_run_and_chat_stop_does(start_node) -> No
         types = [e["type"] for e in (await http.get(f"/api/chats/{chat_id}/events")).json()["events"]]
     assert types.count("run.stopped") == 1
     assert "run.completed" not in types and "run.failed" not in types
+
+
+async def test_control_frames_act_on_the_socket_s_own_chat_only(store, start_node) -> None:
+    # Two chats whose runs both wait for input; the client controls "b-mine", and "a-other" (first in
+    # the log's order) must not be touched.
+    for chat_id, run_id in (("a-other", "ra"), ("b-mine", "rb")):
+        await store.append(
+            stream_of(chat_id),
+            [
+                Pending(event=RunStarted(pattern="RoundRobin", max_turns=4), run_id=run_id),
+                Pending(event=InputRequested(request_id="q1", prompt="go on?"), run_id=run_id),
+            ],
+            0,
+        )
+    node = await start_node()
+
+    async def reply(ws: ClientConnection) -> dict[str, Any]:
+        while (frame := json.loads(await ws.recv()))["type"] in ("heartbeat", "replay.done"):
+            pass
+        return frame
+
+    async with connect(f"{node.ws_url}/ws/chats/b-mine?after=2") as ws:
+        async with asyncio.timeout(30):
+            await ws.send(json.dumps({"type": "input.response", "request_id": "q1", "text": "yes"}))
+            answered = await reply(ws)
+            await ws.send(json.dumps({"type": "user.message", "text": "and more"}))
+            busy = await reply(ws)
+            await ws.send(json.dumps({"type": "chat.stop"}))
+            stopped = await reply(ws)
+    assert (answered["seq"], answered["event"]["type"], answered["event"]["data"]["text"]) == (3, "input.received", "yes")
+    assert busy == {
+        "type": "error",
+        "code": "RunActive",
+        "message": "chat b-mine has a run in progress (rb); wait for it or stop it first",
+    }
+    assert (stopped["seq"], stopped["event"]["type"], stopped["event"]["run_id"]) == (4, "run.stopped", "rb")
+    assert stopped["event"]["data"]["by"] == "local"
+    assert [r.type async for r in store.read("a-other")] == ["run.started", "input.requested"]

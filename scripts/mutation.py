@@ -1,0 +1,201 @@
+"""Mutation testing of the modules that guard the runtime's promises, with mutmut, one module at a time.
+
+Each module is mutated in its own scratch copy of the project (`.mutation/<module>/`), and each mutant
+runs only the tests of that module's test files that cover the mutated function. Prints the kill
+ratio per module and lists the survivors (their diffs go to `.mutation/<module>/survivors.txt`).
+
+Run through `scripts/mutation [module ...]` (which installs the `mutation` extra); not part of CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / ".mutation"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module to mutate: its file, optionally only some functions, and the tests that guard it."""
+
+    name: str
+    path: str
+    tests: list[str]
+    # mutmut function names (`x_function`, `xǁClassǁmethod`) to mutate; empty means the whole module.
+    functions: list[str] = field(default_factory=list)
+
+
+# The one list to update when a module moves (see the layout map of issue 12) or a test file is split.
+TARGETS: list[Target] = [
+    Target("store", "domain/store.py", ["tests/test_store.py"]),
+    Target("events", "domain/events.py", ["tests/test_store.py", "tests/test_quality.py::test_client_frame_decoder_accepts_exactly_the_well_formed_frames", "tests/test_quality.py::test_stored_record_decoder_refuses_anything_malformed_naming_chat_and_seq", "tests/test_quality.py::test_a_sealed_record_decodes_and_any_broken_field_of_it_is_refused"]),
+    Target("writer", "projections/writer.py", ["tests/test_projections.py"]),
+    Target("rebuild", "projections/rebuild.py", ["tests/test_projections.py"]),
+    Target("auth", "app/http/auth.py", ["tests/test_auth.py", "tests/test_api.py"]),
+    Target(
+        "api-authz",
+        "app/http/controllers.py",
+        ["tests/test_api.py"],
+        ["x_owned_chat", "xǁChatControllerǁlist_chats", "xǁChatControllerǁevents", "xǁMetricsControllerǁchat"],
+    ),
+    Target(
+        "transport-authz",
+        "app/http/transport.py",
+        ["tests/test_api.py", "tests/test_transport.py"],
+        ["xǁChatConnectionǁhandle", "x__principal"],
+    ),
+    Target(
+        "leases",
+        "app/runs/supervisor.py",
+        ["tests/test_api.py"],
+        [
+            "xǁRunSupervisorǁ_acquire",
+            "xǁRunSupervisorǁ_release",
+            "xǁRunSupervisorǁ_renew",
+            "xǁRunSupervisorǁstart",
+            "xǁRunSupervisorǁsend_message",
+            "xǁRunSupervisorǁrecover_expired",
+        ],
+    ),
+]
+
+COPIED = ["app", "domain", "projections", "tools", "tests", "workflows", "pyproject.toml"]
+SOURCE_PATHS = ["app", "domain", "projections"]
+KILLED = {"killed", "timeout", "caught by type check"}
+STATUS_LINE = re.compile(r"^\s+(?P<name>\S+): (?P<status>.+)$")
+
+
+def prepare(target: Target, fresh: bool) -> Path:
+    """A scratch copy of the project whose pyproject points mutmut at `target`.
+
+    mutmut's results in an existing copy are kept (it retests only functions whose code changed),
+    unless `fresh`.
+    """
+    work = WORK / target.name
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    for name in COPIED:
+        if (work / name).is_dir():
+            shutil.rmtree(work / name)
+    work.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "node_modules", "test-artifacts", "browser")
+    for name in COPIED:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, work / name, ignore=ignore)
+        else:
+            shutil.copy2(source, work / name)
+    tests = ", ".join(f'"{t}"' for t in target.tests)
+    sources = ", ".join(f'"{s}"' for s in SOURCE_PATHS)
+    with (work / "pyproject.toml").open("a") as config:
+        config.write(
+            "\n[tool.mutmut]\n"
+            f"source_paths = [{sources}]\n"
+            f'only_mutate = ["{target.path}"]\n'
+            'also_copy = ["tools", "workflows"]\n'
+            f"pytest_add_cli_args_test_selection = [{tests}]\n"
+            'pytest_add_cli_args = ["-p", "no:cacheprovider"]\n'
+            "use_git_change_detection = false\n"
+        )
+    return work
+
+
+def module_of(target: Target) -> str:
+    return target.path.removesuffix(".py").replace("/", ".")
+
+
+def patterns(target: Target) -> list[str]:
+    """mutmut name globs of the mutants to run (`module.function__mutmut_N`)."""
+    module = module_of(target)
+    if not target.functions:
+        return [f"{module}.*"]
+    return [f"{module}.{function}__mutmut_*" for function in target.functions]
+
+
+def mutmut(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "MOZAIKS_TEST_DOCKER": "never"}
+    return subprocess.run(
+        [sys.executable, "-m", "mutmut", *args], cwd=work, env=env, capture_output=True, text=True, check=False
+    )
+
+
+def statuses(work: Path, target: Target) -> dict[str, str]:
+    """Each of the target's mutants and its outcome (`killed`, `survived`, `no tests`, `timeout`, ...)."""
+    listing = mutmut(work, "results", "--all", "true")
+    found: dict[str, str] = {}
+    for line in listing.stdout.splitlines():
+        match = STATUS_LINE.match(line)
+        if match and any(fnmatch.fnmatchcase(match["name"], p) for p in patterns(target)):
+            found[match["name"]] = match["status"].strip()
+    return found
+
+
+def run(target: Target, children: int, fresh: bool) -> tuple[int, int, list[str], float]:
+    """Mutate `target`, run its tests against every mutant; returns (killed, total, survivors, seconds)."""
+    started = time.monotonic()
+    work = prepare(target, fresh)
+    print(f"== {target.name}: {target.path} against {', '.join(target.tests)}", flush=True)
+    done = mutmut(work, "run", "--max-children", str(children), *patterns(target))
+    (work / "run.log").write_text(done.stdout + done.stderr)
+    found = statuses(work, target)
+    if not found:
+        print(f"   mutmut produced no results; see {work / 'run.log'}", flush=True)
+        print("\n".join((done.stdout + done.stderr).splitlines()[-15:]), flush=True)
+        return 0, 0, [], time.monotonic() - started
+    unchecked = [name for name, status in found.items() if status == "not checked"]
+    if unchecked:
+        print(f"   {len(unchecked)} mutants were not run (mutmut stopped early; see {work / 'run.log'})", flush=True)
+        found = {name: status for name, status in found.items() if status != "not checked"}
+    survivors = sorted(name for name, status in found.items() if status not in KILLED)
+    with (work / "survivors.txt").open("w") as report:
+        for name in survivors:
+            report.write(mutmut(work, "show", name).stdout + "\n")
+    killed = len(found) - len(survivors)
+    return killed, len(found), [f"{name} ({found[name]})" for name in survivors], time.monotonic() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="*", help=f"modules to run (default all): {[t.name for t in TARGETS]}")
+    parser.add_argument("--children", type=int, default=2, help="mutants tested at once (default 2)")
+    parser.add_argument("--fresh", action="store_true", help="forget earlier results in .mutation/")
+    options = parser.parse_args()
+    unknown = set(options.modules) - {t.name for t in TARGETS}
+    if unknown:
+        parser.error(f"unknown module(s) {sorted(unknown)}; known: {[t.name for t in TARGETS]}")
+    chosen = [t for t in TARGETS if not options.modules or t.name in options.modules]
+    rows = []
+    # One wire server for every test session of every mutant (each session uses its own database).
+    from app.embedded import EmbeddedMongo
+
+    with EmbeddedMongo(":memory:", test_commands=True) as server:
+        os.environ["MOZAIKS_TEST_MONGO_URI"] = server.uri
+        for target in chosen:
+            rows.append(report(target, *run(target, options.children, options.fresh)))
+    print("\nmodule            killed/total  ratio")
+    for target, killed, total, ratio in rows:
+        print(f"{target.name:<17} {killed:>5}/{total:<6}  {ratio}")
+    print(f"survivors' diffs: {WORK}/<module>/survivors.txt")
+    return 0 if all(total for _, _, total, _ in rows) else 1
+
+
+def report(target: Target, killed: int, total: int, survivors: list[str], seconds: float) -> tuple[Target, int, int, str]:
+    ratio = f"{100 * killed / total:.0f} %" if total else "n/a"
+    print(f"   {target.name}: {killed}/{total} killed ({ratio}) in {seconds / 60:.1f} min", flush=True)
+    for survivor in survivors:
+        print(f"   survived: {survivor}", flush=True)
+    return target, killed, total, ratio
+
+
+if __name__ == "__main__":
+    sys.exit(main())
