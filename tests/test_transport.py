@@ -8,6 +8,7 @@ import json
 import random
 import re
 import socket
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -344,9 +345,10 @@ async def test_disconnect_never_stops_a_run_and_chat_stop_does(start_node) -> No
     assert "run.completed" not in types and "run.failed" not in types
 
 
-async def test_control_frames_act_on_the_socket_s_own_chat_only(store, start_node) -> None:
-    # Two chats whose runs both wait for input; the client controls "b-mine", and "a-other" (first in
-    # the log's order) must not be touched.
+async def test_control_frames_act_on_the_socket_s_own_chat_only(store, db, start_node) -> None:
+    # Two chats whose runs both wait for input, each run held by another node's live lease; the client
+    # controls "b-mine", and "a-other" (first in the log's order) must not be touched.
+    expires = datetime.now(UTC) + timedelta(hours=1)
     for chat_id, run_id in (("a-other", "ra"), ("b-mine", "rb")):
         await store.append(
             stream_of(chat_id),
@@ -356,6 +358,7 @@ async def test_control_frames_act_on_the_socket_s_own_chat_only(store, start_nod
             ],
             0,
         )
+        await db["chat_leases"].insert_one({"_id": chat_id, "owner": "elsewhere", "run_id": run_id, "expires_at": expires})
     node = await start_node()
 
     async def reply(ws: ClientConnection) -> dict[str, Any]:
@@ -363,20 +366,25 @@ async def test_control_frames_act_on_the_socket_s_own_chat_only(store, start_nod
             pass
         return frame
 
+    async def stop_mark(chat_id: str) -> Any:
+        return ((await db["chat_leases"].find_one({"_id": chat_id})) or {}).get("stop")
+
     async with connect(f"{node.ws_url}/ws/chats/b-mine?after=2") as ws:
         async with asyncio.timeout(30):
             await ws.send(json.dumps({"type": "input.response", "request_id": "q1", "text": "yes"}))
             answered = await reply(ws)
             await ws.send(json.dumps({"type": "user.message", "text": "and more"}))
             busy = await reply(ws)
+            # The run's node is another one: the stop reaches it as a mark on the run's lease.
             await ws.send(json.dumps({"type": "chat.stop"}))
-            stopped = await reply(ws)
+            while await stop_mark("b-mine") is None:
+                await asyncio.sleep(0.05)
     assert (answered["seq"], answered["event"]["type"], answered["event"]["data"]["text"]) == (3, "input.received", "yes")
     assert busy == {
         "type": "error",
-        "code": "RunActive",
+        "code": "run_active",
         "message": "chat b-mine has a run in progress (rb); wait for it or stop it first",
     }
-    assert (stopped["seq"], stopped["event"]["type"], stopped["event"]["run_id"]) == (4, "run.stopped", "rb")
-    assert stopped["event"]["data"]["by"] == "local"
+    assert await stop_mark("b-mine") == {"by": "local"}
+    assert await stop_mark("a-other") is None
     assert [r.type async for r in store.read("a-other")] == ["run.started", "input.requested"]
