@@ -15,6 +15,7 @@ from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_503_SERVICE_UNAVAILABL
 
 from app.auth import Principal, require_role
 from app.runtime import Runtime
+from domain.chain import Verification
 from domain.errors import UnknownChat
 from domain.events import EVENT_TYPES, Record, to_document
 from projections import queries
@@ -204,12 +205,11 @@ class ChatController(Controller):
         return Response({"chat_id": chat_id, "events": items}, media_type=MediaType.JSON)
 
     @get("/{chat_id:str}/verify")
-    async def verify(self, request: Request[Principal, Any, Any], chat_id: str, runtime: Runtime) -> dict[str, Any]:
-        """Recompute the chat's hash chain: `ok`, how many records were checked, the first broken seq."""
-        assert runtime.store is not None
-        await owned_chat(runtime, request.user, chat_id)
-        result: dict[str, Any] = msgspec.to_builtins(await runtime.store.verify(chat_id))
-        return result
+    async def verify(self, request: Request[Principal, Any, Any], chat_id: str, runtime: Runtime) -> Verification:
+        """Recompute the chat's hash chain and check it against its tail anchor: `ok`, the first broken seq."""
+        from app.audit import verify_chat  # app.audit builds on this module
+
+        return await verify_chat(runtime, request.user, chat_id)
 
 
 def _summary(doc: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import sys
 import click
 import msgspec
 
+from app.audit_cli import audit_group, metrics_group
 from app.embedded import EmbeddedMongo, EmbeddedServerError
 from app.logging import configure_logging
 from app.orchestration.cli import run_command, workflows_group
@@ -108,3 +109,5 @@ def token(user_id: str, app_id: str, roles: tuple[str, ...], ttl: int) -> None:
 main.add_command(run_command)
 main.add_command(workflows_group)
 main.add_command(projections_group)
+main.add_command(audit_group)
+main.add_command(metrics_group)

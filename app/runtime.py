@@ -10,6 +10,7 @@ from app.orchestration import Orchestrator
 from app.settings import Settings
 from app.supervisor import RunSupervisor
 from app.workflows import WorkflowManager
+from domain.anchors import AnchorBook
 from domain.store import MongoEventStore
 from projections.runner import ProjectionRunner
 
@@ -28,3 +29,5 @@ class Runtime:
         self.supervisor: RunSupervisor | None = None
         self.projections: ProjectionRunner | None = None
         self.orchestrator: Orchestrator | None = None
+        # The tail anchors (set by the anchors lifespan).
+        self.anchors: AnchorBook | None = None

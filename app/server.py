@@ -22,7 +22,9 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.response import File
 from litestar.static_files import create_static_files_router
 
+from app.analytics import SeriesController
 from app.api import ChatController, HealthController, MetricsController, WorkflowController, info
+from app.audit import AuditController, anchor_key
 from app.auth import BearerAuthMiddleware, token_from
 from app.database import open_database
 from app.hub import LiveHub
@@ -32,8 +34,10 @@ from app.settings import Settings
 from app.supervisor import NoActiveRun, RunActive, RunSupervisor
 from app.transport import chat_socket
 from app.workflows import UnknownWorkflow
+from domain.anchors import AnchorBook
 from domain.errors import Conflict, CorruptRecord, UnknownChat
 from domain.store import MongoEventStore
+from projections.heads import AnchorWriter
 from projections.runner import ProjectionRunner
 
 STATIC = Path(__file__).parent / "static"
@@ -95,6 +99,18 @@ async def projections_lifespan(app: Litestar) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
+async def anchors_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """Anchor changed chat heads every MOZAIKS_ANCHOR_INTERVAL_S and after every terminal record."""
+    runtime = _runtime(app)
+    runtime.anchors = AnchorBook(runtime.db, anchor_key(runtime.settings))
+    writer = AnchorWriter(runtime.db, runtime.anchors, runtime.settings.anchor_interval_s)
+    if runtime.projections is not None:
+        runtime.projections.on_applied = writer.notice
+    async with _background("anchor-writer", writer.run()):
+        yield
+
+
+@contextlib.asynccontextmanager
 async def supervisor_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Runs in the background, each guarded by a lease; expired leases recovered as interrupted runs."""
     runtime = _runtime(app)
@@ -151,12 +167,14 @@ def create_app(settings: Settings | None = None, on_shutdown: list[Callable[[], 
             WorkflowController,
             ChatController,
             MetricsController,
+            AuditController,
+            SeriesController,
             HealthController,
             PrometheusController,
             chat_socket,
             create_static_files_router(path="/static", directories=[STATIC]),
         ],
-        lifespan=[database_lifespan, hub_lifespan, projections_lifespan, supervisor_lifespan],
+        lifespan=[database_lifespan, hub_lifespan, projections_lifespan, anchors_lifespan, supervisor_lifespan],
         dependencies={"runtime": Provide(lambda: runtime, sync_to_thread=False)},
         middleware=[
             DefineMiddleware(

@@ -33,6 +33,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 1024 * 1024
     chat_starts_per_minute: int = 30
     lease_ttl_s: float = 30.0
+    anchor_interval_s: float = 60.0
+    # HMAC key of the tail anchors; None: derived from auth_secret, or a key file in data_dir.
+    anchor_key: str | None = None
     node_id: str = msgspec.field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
 
     @property
@@ -89,4 +92,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ws_queue_max=int(number("MOZAIKS_WS_QUEUE_MAX", 1000)),
             chat_starts_per_minute=int(number("MOZAIKS_CHAT_STARTS_PER_MINUTE", 30)),
             lease_ttl_s=number("MOZAIKS_LEASE_TTL_S", 30.0),
+            anchor_interval_s=number("MOZAIKS_ANCHOR_INTERVAL_S", 60.0),
+            anchor_key=text("MOZAIKS_ANCHOR_KEY"),
         )

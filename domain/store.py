@@ -18,8 +18,10 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure
 
+from domain.audit import AUDIT_INDEXES
+from domain.chain import ChainCheck, Verification
 from domain.errors import Conflict, CorruptRecord, HistoryLost
-from domain.events import GENESIS_HASH, Pending, Record, StreamRef, chain_hash, now, seal, to_record
+from domain.events import GENESIS_HASH, Pending, Record, StreamRef, now, seal, to_record
 
 EVENTS: Final = "events"
 DUPLICATE_KEY: Final = 11000
@@ -27,17 +29,6 @@ DUPLICATE_KEY: Final = 11000
 # ChangeStreamFatalError, and the older "resume point no longer in the oplog".
 HISTORY_LOST_CODES: Final = frozenset({286, 280, 136})
 _HEAD_CACHE_SIZE: Final = 10_000
-
-
-class Verification(msgspec.Struct, frozen=True, kw_only=True):
-    """Result of recomputing one chat's hash chain."""
-
-    chat_id: str
-    ok: bool
-    checked: int
-    last_seq: int
-    broken_seq: int | None = None
-    detail: str | None = None
 
 
 class Change(msgspec.Struct, frozen=True):
@@ -82,8 +73,9 @@ class MongoEventStore:
         await self.events.create_indexes(
             [
                 IndexModel([("chat_id", ASCENDING), ("seq", ASCENDING)], unique=True, name="chat_seq"),
-                IndexModel([("app_id", ASCENDING), ("ts", ASCENDING)], name="app_ts"),
                 IndexModel([("type", ASCENDING), ("ts", ASCENDING)], name="type_ts"),
+                # The app-wide audit query's indexes (they supersede the former `app_ts`).
+                *AUDIT_INDEXES,
             ]
         )
 
@@ -228,29 +220,16 @@ class MongoEventStore:
         async for doc in cursor:
             yield to_record(doc)
 
-    async def verify(self, chat_id: str) -> Verification:
-        """Recompute the chat's hash chain from the stored documents; report the first broken seq."""
-        expected_prev = GENESIS_HASH
-        checked = 0
-        last = 0
+    async def verify(self, chat_id: str, check: ChainCheck | None = None) -> Verification:
+        """Recompute the chat's hash chain from the stored documents; report the first broken seq.
+
+        `check` is the fold to feed (one watching an anchored seq, say); by default a plain one.
+        """
+        check = check or ChainCheck(chat_id)
         async for doc in self.events.find({"chat_id": chat_id}, sort=[("seq", ASCENDING)]):
-            seq = doc.get("seq")
-            problem = None
-            if seq != last + 1:
-                problem = f"expected seq {last + 1}, found {seq}"
-            elif doc.get("prev_hash") != expected_prev:
-                problem = "prev_hash does not match the previous record's hash"
-            elif doc.get("hash") != chain_hash(expected_prev, doc):
-                problem = "hash does not match the record's content"
-            if problem is not None:
-                broken = seq if isinstance(seq, int) else last + 1
-                return Verification(
-                    chat_id=chat_id, ok=False, checked=checked, last_seq=last, broken_seq=broken, detail=problem
-                )
-            checked += 1
-            last = int(seq)
-            expected_prev = str(doc["hash"])
-        return Verification(chat_id=chat_id, ok=True, checked=checked, last_seq=last)
+            if not check.add(doc):
+                break
+        return check.result()
 
     # ---- live ---------------------------------------------------------------------------------
 
