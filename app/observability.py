@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
-    from app.server import Runtime
+    from projections.runner import ProjectionRunner
 
 EVENTS_SEEN = Counter("mozaiks_events_appended_total", "Events appended to the log (seen on the change stream)", ["type"])
 WS_CLIENTS = Gauge("mozaiks_ws_clients", "WebSocket clients connected to this process")
@@ -21,13 +22,13 @@ _PROJECTION_LAG_SECONDS = Gauge("mozaiks_projection_lag_seconds", "Seconds the p
 
 
 class Observability:
-    """Binds the gauges that are read at scrape time to one process's runtime."""
+    """Binds the gauges that are read at scrape time to one process's services."""
 
-    def bind(self, runtime: Runtime) -> None:
-        """Read projection lag from the runtime's projection runner at every scrape."""
+    def bind(self, projections: Callable[[], ProjectionRunner | None]) -> None:
+        """Read projection lag from the process's projection runner (once it runs) at every scrape."""
 
         def lag(key: str) -> float:
-            runner = runtime.projections
+            runner = projections()
             return float(runner.lag().get(key, 0) or 0) if runner is not None else 0.0
 
         _PROJECTION_LAG_EVENTS.set_function(lambda: lag("events_behind"))

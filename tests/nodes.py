@@ -31,7 +31,7 @@ class Node:
         import uvicorn
 
         from app.embedded import free_port
-        from app.server import create_app
+        from app.http.server import create_app
 
         self.settings = settings
         self.port = free_port()

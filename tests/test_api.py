@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from app.auth import issue_token
+from app.http.auth import issue_token
 from domain.events import MessageAgent, Pending, RunStarted, StreamRef
 
 SECRET = "test-secret-of-at-least-thirty-two-bytes!"

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
-from app.auth import issue_token
+from app.http.auth import issue_token
 from domain.audit import AuditFilter, Position, plans
 from domain.events import (
     ChatCreated,

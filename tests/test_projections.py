@@ -605,7 +605,7 @@ def test_rebuild_command_shows_progress_and_a_summary(mongo_uri: str, db_name: s
     from click.testing import CliRunner
     from pymongo import MongoClient
 
-    from app.projections_cli import projections_group
+    from app.cli.projections import projections_group
     from domain.events import now, seal
 
     client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)

@@ -10,7 +10,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.transport import _decode_client
+from app.http.transport import _decode_client
 from domain.errors import CorruptRecord
 from domain.events import to_record
 

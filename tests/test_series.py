@@ -18,7 +18,7 @@ import httpx
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
-from app.auth import issue_token
+from app.http.auth import issue_token
 from domain.events import (
     GENESIS_HASH,
     ChatCreated,

@@ -26,8 +26,8 @@ from autogen.agentchat.group.targets.transition_target import TransitionTarget
 from autogen.agentchat.groupchat import GroupChat
 from autogen.oai.client import PlaceHolderClient
 
-from app.orchestration.clients import CLIENT_CLASS_NAME, MozaiksModelClient
-from app.workflows import GROUP_MANAGER, Tool, Workflow
+from app.runs.clients import CLIENT_CLASS_NAME, MozaiksModelClient
+from app.runs.workflows import GROUP_MANAGER, Tool, Workflow
 from domain.manifest import AgentSpec
 
 # The human stand-in used when a workflow has no agent of type "user" (AG2's own default name).

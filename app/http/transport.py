@@ -18,11 +18,11 @@ import structlog
 from litestar import WebSocket, websocket
 from litestar.exceptions import NotAuthorizedException, WebSocketDisconnect
 
-from app.auth import LOCAL_USER, SUBPROTOCOL_PREFIX, Principal, principal_from_token, token_from
+from app.http.auth import LOCAL_USER, SUBPROTOCOL_PREFIX, Principal, principal_from_token, token_from
+from app.http.runtime import Runtime
 from app.hub import Overflowed
 from app.observability import REPLAY_SIZE, WS_CLIENTS, WS_CLOSED
-from app.runtime import Runtime
-from app.supervisor import NoActiveRun, RunActive
+from app.runs.supervisor import NoActiveRun, RunActive
 from domain.errors import MozaiksError
 from domain.events import Record, now
 from domain.store import ReplayDone

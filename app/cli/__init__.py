@@ -9,11 +9,11 @@ import sys
 import click
 import msgspec
 
-from app.audit_cli import audit_group, metrics_group
+from app.cli.audit import audit_group, metrics_group
+from app.cli.projections import projections_group
+from app.cli.runs import run_command, workflows_group
 from app.embedded import EmbeddedMongo, EmbeddedServerError
 from app.logging import configure_logging
-from app.orchestration.cli import run_command, workflows_group
-from app.projections_cli import projections_group
 from app.settings import Settings, SettingsError
 
 
@@ -49,7 +49,7 @@ def serve(host: str, port: int) -> None:
     """Run the HTTP/WebSocket service (embedded MongoDB when DATABASE_URI is not set)."""
     import uvicorn
 
-    from app.server import create_app
+    from app.http.server import create_app
 
     try:
         settings = Settings.from_env()
@@ -97,7 +97,7 @@ def serve(host: str, port: int) -> None:
 @click.option("--ttl", default=3600, show_default=True, help="seconds until it expires")
 def token(user_id: str, app_id: str, roles: tuple[str, ...], ttl: int) -> None:
     """Print a bearer token signed with MOZAIKS_AUTH_SECRET."""
-    from app.auth import issue_token
+    from app.http.auth import issue_token
 
     secret = Settings.from_env().auth_secret
     if secret is None:

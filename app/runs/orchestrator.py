@@ -19,11 +19,11 @@ from autogen.agentchat import a_run_group_chat
 from autogen.agentchat.group import ContextVariables
 from autogen.io.base import IOStream
 
-from app.orchestration.agents import ContextNote, Team, build_team
-from app.orchestration.clients import Backend, Ledger, LlmCallNote, OpenAIBackend, ScriptedBackend
-from app.orchestration.recorder import RunMapper
+from app.runs.agents import ContextNote, Team, build_team
+from app.runs.clients import Backend, Ledger, LlmCallNote, OpenAIBackend, ScriptedBackend
+from app.runs.recorder import RunMapper
+from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
-from app.workflows import Workflow, WorkflowManager
 from domain.errors import Conflict, UnknownChat
 from domain.events import (
     ChatCreated,

@@ -13,8 +13,8 @@ from litestar.params import Parameter
 from litestar.response import Stream
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_503_SERVICE_UNAVAILABLE
 
-from app.auth import Principal, require_role
-from app.runtime import Runtime
+from app.http.auth import Principal, require_role
+from app.http.runtime import Runtime
 from domain.chain import Verification
 from domain.errors import UnknownChat
 from domain.events import EVENT_TYPES, Record, to_document
@@ -207,7 +207,7 @@ class ChatController(Controller):
     @get("/{chat_id:str}/verify")
     async def verify(self, request: Request[Principal, Any, Any], chat_id: str, runtime: Runtime) -> Verification:
         """Recompute the chat's hash chain and check it against its tail anchor: `ok`, the first broken seq."""
-        from app.audit import verify_chat  # app.audit builds on this module
+        from app.http.audit import verify_chat  # app.http.audit builds on this module
 
         return await verify_chat(runtime, request.user, chat_id)
 

@@ -22,25 +22,25 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.response import File
 from litestar.static_files import create_static_files_router
 
-from app.analytics import SeriesController
-from app.api import ChatController, HealthController, MetricsController, WorkflowController, info
-from app.audit import AuditController, anchor_key
-from app.auth import BearerAuthMiddleware, token_from
 from app.database import open_database
+from app.http.analytics import SeriesController
+from app.http.audit import AuditController, anchor_key
+from app.http.auth import BearerAuthMiddleware, token_from
+from app.http.controllers import ChatController, HealthController, MetricsController, WorkflowController, info
+from app.http.runtime import Runtime
+from app.http.transport import chat_socket
 from app.hub import LiveHub
-from app.orchestration import Orchestrator
-from app.runtime import Runtime
+from app.runs.orchestrator import Orchestrator
+from app.runs.supervisor import NoActiveRun, RunActive, RunSupervisor
+from app.runs.workflows import UnknownWorkflow
 from app.settings import Settings
-from app.supervisor import NoActiveRun, RunActive, RunSupervisor
-from app.transport import chat_socket
-from app.workflows import UnknownWorkflow
 from domain.anchors import AnchorBook
 from domain.errors import Conflict, CorruptRecord, UnknownChat
 from domain.store import MongoEventStore
 from projections.heads import AnchorWriter
 from projections.runner import ProjectionRunner
 
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).parents[1] / "static"
 SHUTDOWN_WAIT_S = 5.0
 log = structlog.get_logger("mozaiks.server")
 
@@ -198,7 +198,7 @@ def create_app(settings: Settings | None = None, on_shutdown: list[Callable[[], 
     )
     app.state.runtime = runtime
     app.state.settings = settings
-    runtime.observability.bind(runtime)
+    runtime.observability.bind(lambda: runtime.projections)
     return app
 
 

@@ -1,7 +1,7 @@
 """CLI commands of the projections: `projections rebuild [--name N] [--chat ID]` and `projections status`.
 
 The lead wires `projections_group` into the `mozaiks` click group; standalone:
-`python -m app.projections_cli rebuild --name metrics`.
+`python -m app.cli.projections rebuild --name metrics`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """CLI commands of the orchestration: `run WORKFLOW "message"` and `workflows validate [PATH]`.
 
 The lead wires `run_command` and `workflows_group` into the `mozaiks` click group; standalone:
-`python -m app.orchestration.cli run Generator "Write about bees"`.
+`python -m app.cli.runs run Generator "Write about bees"`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import click
 
 from app.database import open_store
-from app.orchestration.orchestrator import Orchestrator
+from app.runs.orchestrator import Orchestrator
+from app.runs.workflows import WorkflowManager
 from app.settings import Settings
-from app.workflows import WorkflowManager
 from domain.events import InputReceived, Pending, Record, StreamRef
 from domain.store import MongoEventStore
 

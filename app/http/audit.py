@@ -17,9 +17,9 @@ from litestar.exceptions import PermissionDeniedException, ValidationException
 from litestar.params import Parameter
 from litestar.response import Stream
 
-from app.api import owned_chat
-from app.auth import Principal
-from app.runtime import Runtime
+from app.http.auth import Principal
+from app.http.controllers import owned_chat
+from app.http.runtime import Runtime
 from app.settings import Settings
 from domain.anchors import derive_key, judge
 from domain.audit import AuditFilter, BadCursor, Position, find_records

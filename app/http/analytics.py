@@ -12,8 +12,8 @@ from litestar import Controller, MediaType, Request, Response, get
 from litestar.exceptions import ValidationException
 from litestar.params import Parameter
 
-from app.auth import Principal, require_role
-from app.runtime import Runtime
+from app.http.auth import Principal, require_role
+from app.http.runtime import Runtime
 from projections.buckets import GROUPS, MetricsSeries, SeriesPoint, series
 
 DEFAULT_DAYS: Final = 30

@@ -19,10 +19,10 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from app.analytics import CSV_COLUMNS, csv_row, parse_group_by, time_range, to_csv
-from app.audit import anchor_key
+from app.cli.projections import progress_bar
 from app.database import open_store
-from app.projections_cli import progress_bar
+from app.http.analytics import CSV_COLUMNS, csv_row, parse_group_by, time_range, to_csv
+from app.http.audit import anchor_key
 from app.settings import Settings, SettingsError
 from domain.anchors import AnchorBook
 from domain.audit import AuditFilter, LogVerification, find_records, verify_log

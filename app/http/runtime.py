@@ -6,10 +6,10 @@ from typing import Any
 
 from app.hub import LiveHub
 from app.observability import Observability
-from app.orchestration import Orchestrator
+from app.runs.orchestrator import Orchestrator
+from app.runs.supervisor import RunSupervisor
+from app.runs.workflows import WorkflowManager
 from app.settings import Settings
-from app.supervisor import RunSupervisor
-from app.workflows import WorkflowManager
 from domain.anchors import AnchorBook
 from domain.store import MongoEventStore
 from projections.runner import ProjectionRunner
