@@ -24,7 +24,7 @@ import msgspec
 from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 
-from domain.anchors import Anchor, AnchorBook, judge
+from domain.anchors import Anchor, AnchorBook, AnchorScan, judge
 from domain.chain import ChainCheck, Verification
 from domain.errors import MozaiksError
 
@@ -250,6 +250,68 @@ class LogVerification(msgspec.Struct, kw_only=True):
         return not self.broken and not self.anchor_problems
 
 
+class LogCheck:
+    """Checks the chains of many chats from their stored documents, each chat's in seq order.
+
+    Chats may be interleaved (documents in time order); `close` a chat once all of it was fed (in
+    chat order) to keep memory flat. `result` judges every chat against its latest anchor and
+    reports anchored chats never fed (deleted).
+    """
+
+    def __init__(self, anchors: AnchorScan | None, key: bytes | None, chat_ids: set[str] | None = None) -> None:
+        self.anchors = anchors
+        self.key = key
+        self.chat_ids = chat_ids
+        self.records = 0
+        self.seen: set[str] = set()
+        self.broken: list[Verification] = []
+        self._open: dict[str, ChainCheck] = {}
+
+    def add(self, doc: Mapping[str, Any]) -> None:
+        """Check one more document of its chat."""
+        chat_id = str(doc.get("chat_id"))
+        check = self._open.get(chat_id)
+        if check is None:
+            if self.chat_ids is not None and chat_id not in self.chat_ids:
+                return
+            anchor = self._anchored(chat_id)
+            check = self._open[chat_id] = ChainCheck(chat_id, watch_seq=anchor.seq if anchor is not None else None)
+            self.seen.add(chat_id)
+        self.records += 1
+        check.add(doc)
+
+    def close(self, chat_id: str) -> None:
+        """Judge a chat all of whose documents were fed."""
+        check = self._open.pop(chat_id, None)
+        if check is not None:
+            self._judge(check)
+
+    def result(self, app_id: str | None) -> LogVerification:
+        """Judge the chats still open and the anchored chats never seen."""
+        for chat_id in list(self._open):
+            self.close(chat_id)
+        latest = self.anchors.latest if self.anchors is not None else {}
+        for chat_id in sorted(set(latest) - self.seen):
+            if self.chat_ids is None or chat_id in self.chat_ids:
+                self._judge(ChainCheck(chat_id))
+        return LogVerification(
+            app_id=app_id,
+            chats=len(self.seen),
+            records=self.records,
+            anchors=self.anchors.count if self.anchors is not None else 0,
+            broken=sorted(self.broken, key=lambda v: v.chat_id),
+            anchor_problems=list(self.anchors.problems) if self.anchors is not None else [],
+        )
+
+    def _anchored(self, chat_id: str) -> Anchor | None:
+        return self.anchors.latest.get(chat_id) if self.anchors is not None else None
+
+    def _judge(self, check: ChainCheck) -> None:
+        result = judge(check, self._anchored(check.chat_id), self.key)
+        if not result.ok:
+            self.broken.append(result)
+
+
 Progress = Callable[[int, int], None]
 
 
@@ -268,53 +330,21 @@ async def verify_log(
     whose log ends before its anchored seq, whose anchored record changed, and an anchored chat
     that is gone. `progress(records, total)` is called every `batch_size` records.
     """
-    anchored: dict[str, Anchor] = {}
-    anchor_problems: list[str] = []
-    anchors = 0
-    if book is not None:
-        scan = await book.scan(app_id)
-        anchored, anchor_problems, anchors = scan.latest, scan.problems, scan.count
+    log_check = LogCheck(await book.scan(app_id) if book is not None else None, book.key if book else None, chat_ids)
     query: dict[str, Any] = {} if app_id is None else {"app_id": str(app_id)}
     total = await (events.count_documents(query) if app_id is not None else events.estimated_document_count())
-    broken: list[Verification] = []
-    seen: set[str] = set()
-    records = 0
-    check: ChainCheck | None = None
-
-    def finish(done: ChainCheck) -> None:
-        anchor = anchored.get(done.chat_id)
-        result = judge(done, anchor, book.key if book is not None else None)
-        if not result.ok:
-            broken.append(result)
-
-    cursor = events.find(query, sort=list(CHAT_ORDER), hint=CHAT_INDEX, batch_size=batch_size)
-    async for doc in cursor:
-        records += 1
-        if progress is not None and records % batch_size == 0:
-            progress(records, max(total, records))
+    current: str | None = None
+    read = 0
+    async for doc in events.find(query, sort=list(CHAT_ORDER), hint=CHAT_INDEX, batch_size=batch_size):
+        read += 1
+        if progress is not None and read % batch_size == 0:
+            progress(read, max(total, read))
         chat_id = str(doc.get("chat_id"))
-        if check is None or chat_id != check.chat_id:
-            if check is not None:
-                finish(check)
-            check = None
-            if chat_ids is not None and chat_id not in chat_ids:
-                continue
-            seen.add(chat_id)
-            anchor = anchored.get(chat_id)
-            check = ChainCheck(chat_id, watch_seq=anchor.seq if anchor is not None else None)
-        check.add(doc)
-    if check is not None:
-        finish(check)
-    wanted = anchored if chat_ids is None else {c: a for c, a in anchored.items() if c in chat_ids}
-    for chat_id in sorted(set(wanted) - seen):
-        broken.append(judge(ChainCheck(chat_id), wanted[chat_id], book.key if book is not None else None))
+        if chat_id != current:
+            if current is not None:
+                log_check.close(current)
+            current = chat_id
+        log_check.add(doc)
     if progress is not None:
-        progress(records, records)
-    return LogVerification(
-        app_id=app_id,
-        chats=len(seen),
-        records=records,
-        anchors=anchors,
-        broken=sorted(broken, key=lambda v: v.chat_id),
-        anchor_problems=anchor_problems,
-    )
+        progress(read, read)
+    return log_check.result(app_id)

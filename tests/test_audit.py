@@ -326,6 +326,14 @@ async def test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported(
     assert lines and {line["type"] for line in lines} == {"llm.call"} and {line["app_id"] for line in lines} == {"P"}
     told = " ".join(export.stderr.split())
     assert export.returncode == 1 and truncated in told and "verification FAILED (the exported chats" in told
+    # A whole app's export checks the chains as the records stream past: the same findings.
+    whole = mozaiks("audit", "export", "--app", "P", env=env)
+    told = " ".join(whole.stderr.split())
+    assert whole.returncode == 1 and re.search(rf"{truncated} │ {head - 2} │ {head} │", told), told
+    assert deleted in told and "deleted" in told and "signature does not match" in told
+    assert len(whole.stdout.splitlines()) == await db["events"].count_documents({"app_id": "P"})
+    intact_app = mozaiks("audit", "export", "--app", "Q", env=env)
+    assert intact_app.returncode == 0 and "every chain intact" in " ".join(intact_app.stderr.split())
     anchors = mozaiks("audit", "anchors", "export", "--app", "Q", env=env)
     exported = [json.loads(line) for line in anchors.stdout.splitlines()]
     assert exported and all(a["app_id"] == "Q" for a in exported) and "sig" in exported[0]

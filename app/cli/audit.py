@@ -25,7 +25,7 @@ from app.http.analytics import CSV_COLUMNS, csv_row, parse_group_by, time_range,
 from app.http.audit import anchor_key
 from app.settings import Settings, SettingsError
 from domain.anchors import AnchorBook
-from domain.audit import AuditFilter, LogVerification, find_records, verify_log
+from domain.audit import AuditFilter, LogCheck, LogVerification, find_records, verify_log
 from domain.errors import MozaiksError
 from domain.events import EVENT_TYPES
 from projections.buckets import series
@@ -106,12 +106,19 @@ def export_command(
 
 
 async def _export(settings: Settings, wanted: AuditFilter, out: BinaryIO, console: Console) -> int:
+    # Exporting whole chats (no filter but the app), the chains are checked as the records stream
+    # past; otherwise the exported chats are read again, whole, afterwards.
+    whole = wanted == AuditFilter(app_id=wanted.app_id)
     async with open_store(settings) as store:
+        book = AnchorBook(store.db, anchor_key(settings))
+        inline = LogCheck(await book.scan(wanted.app_id), book.key) if whole else None
         chats: set[str] = set()
         count = 0
         with progress_bar(console) as bar:
             task = bar.add_task("exporting", total=None)
             async for doc in find_records(store.events, wanted, batch_size=2000):
+                if inline is not None:
+                    inline.add(doc)
                 chats.add(str(doc["chat_id"]))
                 doc["id"] = doc.pop("_id")
                 out.write(_ndjson.encode(doc) + b"\n")
@@ -120,15 +127,17 @@ async def _export(settings: Settings, wanted: AuditFilter, out: BinaryIO, consol
                     bar.update(task, completed=count)
             bar.update(task, completed=count, total=count)
             out.flush()
-            book = AnchorBook(store.db, anchor_key(settings))
-            check = bar.add_task(f"verifying {len(chats):,} chats", total=None)
-            result = await verify_log(
-                store.events,
-                book,
-                app_id=wanted.app_id,
-                chat_ids=chats,
-                progress=lambda done, total: bar.update(check, completed=done, total=total),
-            )
+            if inline is not None:
+                result = inline.result(wanted.app_id)
+            else:
+                check = bar.add_task(f"verifying {len(chats):,} chats", total=None)
+                result = await verify_log(
+                    store.events,
+                    book,
+                    app_id=wanted.app_id,
+                    chat_ids=chats,
+                    progress=lambda done, total: bar.update(check, completed=done, total=total),
+                )
         console.print(f"exported {count:,} records of {len(chats):,} chats")
         report(result, console, "the exported chats")
         return 0 if result.ok else 1
