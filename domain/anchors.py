@@ -93,6 +93,34 @@ class AnchorScan(msgspec.Struct, kw_only=True):
     latest: dict[str, Anchor]
     problems: list[str]
     count: int
+    # id -> signature of every stored anchor, to compare an exported copy with.
+    signatures: dict[str, str] = {}
+
+    def compare(self, exported: Iterable[Mapping[str, Any]], key: bytes) -> None:
+        """Check the database's anchors against an exported copy kept elsewhere.
+
+        An exported anchor missing from the database, or stored differently, is a problem, and a
+        valid exported anchor newer than the database's latest for its chat becomes that chat's latest.
+        """
+        for doc in exported:
+            anchor = _anchor(doc)
+            if anchor is None:
+                self.problems.append(f"exported anchor {doc.get('_id')!r} is malformed")
+                continue
+            if not anchor.signed_by(key):
+                self.problems.append(f"exported {anchor.describe()}: signature does not match this key")
+                continue
+            stored = self.signatures.get(anchor.id)
+            if stored is None:
+                self.problems.append(
+                    f"{anchor.describe()} (chat {anchor.chat_id}, seq {anchor.seq}) is in the exported file "
+                    "but not in the database: anchors were deleted"
+                )
+            elif stored != anchor.sig:
+                self.problems.append(f"{anchor.describe()} differs from the exported copy")
+            current = self.latest.get(anchor.chat_id)
+            if current is None or current.n < anchor.n:
+                self.latest[anchor.chat_id] = anchor
 
 
 class AnchorBook:
@@ -182,6 +210,7 @@ class AnchorBook:
         """Check every anchor (of one app): signature, numbering and chaining; the latest per chat."""
         latest: dict[str, Anchor] = {}
         problems: list[str] = []
+        signatures: dict[str, str] = {}
         count = 0
         app: str | None = None
         expected_n, prev_sig = 1, GENESIS_HASH
@@ -191,6 +220,7 @@ class AnchorBook:
             if anchor is None:
                 problems.append(f"anchor {doc.get('_id')!r} is malformed")
                 continue
+            signatures[anchor.id] = anchor.sig
             if anchor.app_id != app:
                 app, expected_n, prev_sig = anchor.app_id, 1, GENESIS_HASH
             if anchor.n != expected_n:
@@ -205,7 +235,7 @@ class AnchorBook:
             else:
                 latest[anchor.chat_id] = anchor
             expected_n, prev_sig = anchor.n + 1, anchor.sig
-        return AnchorScan(latest=latest, problems=problems, count=count)
+        return AnchorScan(latest=latest, problems=problems, count=count, signatures=signatures)
 
 
 def _anchor(doc: Mapping[str, Any]) -> Anchor | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import heapq
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NamedTuple
 
@@ -321,6 +321,7 @@ async def verify_log(
     *,
     app_id: str | None = None,
     chat_ids: set[str] | None = None,
+    exported: Iterable[Mapping[str, Any]] | None = None,
     progress: Progress | None = None,
     batch_size: int = 2000,
 ) -> LogVerification:
@@ -328,9 +329,13 @@ async def verify_log(
 
     With `chat_ids`, only those chats (the rest of the log is read but not checked). Reports a chat
     whose log ends before its anchored seq, whose anchored record changed, and an anchored chat
-    that is gone. `progress(records, total)` is called every `batch_size` records.
+    that is gone. `exported`: anchors exported earlier (`audit anchors export`), checked against the
+    database's and trusted where newer. `progress(records, total)` is called every `batch_size` records.
     """
-    log_check = LogCheck(await book.scan(app_id) if book is not None else None, book.key if book else None, chat_ids)
+    scan = await book.scan(app_id) if book is not None else None
+    if scan is not None and book is not None and exported is not None:
+        scan.compare((doc for doc in exported if app_id is None or doc.get("app_id") == app_id), book.key)
+    log_check = LogCheck(scan, book.key if book else None, chat_ids)
     query: dict[str, Any] = {} if app_id is None else {"app_id": str(app_id)}
     total = await (events.count_documents(query) if app_id is not None else events.estimated_document_count())
     current: str | None = None

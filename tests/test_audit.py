@@ -277,10 +277,10 @@ async def wait_anchored(db: AsyncDatabase[Any], chat_ids: list[str], store: Mong
 
 
 async def test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported(
-    secured: Any, store: MongoEventStore, db: AsyncDatabase[Any], mongo_uri: str, db_name: str
+    secured: Any, store: MongoEventStore, db: AsyncDatabase[Any], mongo_uri: str, db_name: str, tmp_path: Path
 ) -> None:
-    await write_chats(store, 6)
-    chats = [f"chat-{i:02d}" for i in range(6)]
+    await write_chats(store, 8)
+    chats = [f"chat-{i:02d}" for i in range(8)]
     # Every chat ends with run.completed: the writer anchors it without waiting for its interval.
     await wait_anchored(db, chats, store)
     env = {"DATABASE_URI": mongo_uri, "MOZAIKS_DB": db_name, "MOZAIKS_AUTH_SECRET": SECRET}
@@ -288,13 +288,20 @@ async def test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported(
     assert clean.returncode == 0, clean.stderr
     assert "every chain intact" in " ".join(clean.stderr.split())
 
-    truncated, deleted, edited = "chat-00", "chat-02", "chat-04"  # all of app P
+    kept_apart = tmp_path / "anchors.ndjson"
+    kept_apart.write_text(mozaiks("audit", "anchors", "export", "--app", "P", env=env).stdout)
+
+    truncated, deleted, edited, unanchored = "chat-00", "chat-02", "chat-04", "chat-06"  # all of app P
     head = await store.last_seq(truncated)
     await db["events"].delete_many({"chat_id": truncated, "seq": {"$gt": head - 3}})
     await db["events"].delete_many({"chat_id": deleted})
     anchor = await db["chain_anchors"].find_one({"chat_id": edited}, sort=[("n", -1)])
     assert anchor is not None
     await db["chain_anchors"].update_one({"_id": anchor["_id"]}, {"$set": {"seq": anchor["seq"] + 5}})
+    # A tail removed together with the anchors that vouch for it: only the exported copy knows.
+    await db["events"].delete_one({"chat_id": unanchored, "seq": await store.last_seq(unanchored)})
+    removed = [a["_id"] async for a in db["chain_anchors"].find({"chat_id": unanchored})]
+    await db["chain_anchors"].delete_many({"chat_id": unanchored})
 
     auditor = bearer("auditor", "P", ("auditor",))
     async with httpx.AsyncClient(base_url=secured.url) as http:
@@ -318,6 +325,12 @@ async def test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported(
     assert deleted in out and "deleted" in out
     assert f"P#{anchor['n']}" in out and "signature does not match" in out
     assert "chat-01" not in out  # app Q is not part of this check
+    assert unanchored not in out  # without its anchors, the database alone cannot tell
+    checked = mozaiks("audit", "verify", "--app", "P", "--anchors", str(kept_apart), env=env)
+    against = " ".join(checked.stderr.split())
+    assert checked.returncode == 1 and re.search(rf"{unanchored} │ \d+ │ \d+ │ the log ends", against), against
+    assert all(f"{anchor_id} " in against or f"{anchor_id} of" in against for anchor_id in removed), against
+    assert "not in the database" in against
     other = mozaiks("audit", "verify", "--app", "Q", env=env)
     assert other.returncode == 0, other.stderr
 

@@ -145,12 +145,33 @@ async def _export(settings: Settings, wanted: AuditFilter, out: BinaryIO, consol
 
 @audit_group.command("verify")
 @click.option("--app", "app_id", default=None, help="only this app's chats and anchors (default: all)")
-def verify_command(app_id: str | None) -> None:
+@click.option(
+    "--anchors",
+    "anchors_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="an `audit anchors export` file kept elsewhere: also check the log and the stored anchors against it",
+)
+def verify_command(app_id: str | None, anchors_file: Path | None) -> None:
     """Check every chat's hash chain and tail anchor; list broken chats and their first broken seq."""
-    _run(lambda settings: _verify(settings, app_id, Console(stderr=True, soft_wrap=True)))
+    _run(lambda settings: _verify(settings, app_id, Console(stderr=True, soft_wrap=True), anchors_file))
 
 
-async def _verify(settings: Settings, app_id: str | None, console: Console) -> int:
+def read_exported(path: Path) -> list[dict[str, Any]]:
+    """The anchors of an `audit anchors export` file; raises ValueError naming the bad line."""
+    anchors: list[dict[str, Any]] = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            anchors.append(msgspec.json.decode(line, type=dict[str, Any]))
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"{path}, line {number}: not an anchor ({exc})") from None
+    return anchors
+
+
+async def _verify(settings: Settings, app_id: str | None, console: Console, anchors_file: Path | None = None) -> int:
+    exported = read_exported(anchors_file) if anchors_file is not None else None
     async with open_store(settings) as store:
         book = AnchorBook(store.db, anchor_key(settings))
         with progress_bar(console) as bar:
@@ -159,9 +180,10 @@ async def _verify(settings: Settings, app_id: str | None, console: Console) -> i
                 store.events,
                 book,
                 app_id=app_id,
+                exported=exported,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
-        report(result, console, "the log")
+        report(result, console, "the log" + (f" against {anchors_file}" if anchors_file else ""))
         return 0 if result.ok else 1
 
 
