@@ -26,7 +26,8 @@ async def test_the_analyst_page_draws_cost_and_latency_per_day_by_workflow(brows
     csp: list[str] = []
     ui.page.on("console", lambda message: csp.append(message.text) if "Content Security Policy" in message.text else None)
     try:
-        await ui.page.goto(f"{runtime.base_url}/static/analyst.html")
+        await ui.open()
+        await ui.page.click("[data-testid=analytics-link]")  # the ChatUI links to it
         await ui.page.wait_for_selector("[data-testid=status][data-state=ready]", timeout=15_000)
         for chart in ("cost-chart", "latency-chart"):
             points = ui.page.locator(f"[data-testid={chart}] svg [data-testid=point]")
