@@ -21,15 +21,12 @@ _PROJECTION_LAG_EVENTS = Gauge("mozaiks_projection_lag_events", "Events the proj
 _PROJECTION_LAG_SECONDS = Gauge("mozaiks_projection_lag_seconds", "Seconds the projections are behind the log")
 
 
-class Observability:
-    """Binds the gauges that are read at scrape time to one process's services."""
+def watch_projection_lag(projections: Callable[[], ProjectionRunner | None]) -> None:
+    """Read projection lag from the process's projection runner (once it runs) at every scrape."""
 
-    def bind(self, projections: Callable[[], ProjectionRunner | None]) -> None:
-        """Read projection lag from the process's projection runner (once it runs) at every scrape."""
+    def lag(key: str) -> float:
+        runner = projections()
+        return float(runner.lag().get(key, 0) or 0) if runner is not None else 0.0
 
-        def lag(key: str) -> float:
-            runner = projections()
-            return float(runner.lag().get(key, 0) or 0) if runner is not None else 0.0
-
-        _PROJECTION_LAG_EVENTS.set_function(lambda: lag("events_behind"))
-        _PROJECTION_LAG_SECONDS.set_function(lambda: lag("seconds_behind"))
+    _PROJECTION_LAG_EVENTS.set_function(lambda: lag("events_behind"))
+    _PROJECTION_LAG_SECONDS.set_function(lambda: lag("seconds_behind"))

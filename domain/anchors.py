@@ -75,7 +75,9 @@ class Anchor(msgspec.Struct, frozen=True, kw_only=True, rename={"id": "_id"}):
 
     def describe(self) -> str:
         """`anchor P#12 of 2026-12-01T10:00:00Z`."""
-        return f"anchor {self.app_id}#{self.n} of {self.ts.astimezone(UTC).isoformat().replace('+00:00', 'Z')}"
+        return (
+            f"anchor {self.app_id}#{self.n} of {self.ts.astimezone(UTC).isoformat().replace('+00:00', 'Z')}"
+        )
 
 
 def signature(
@@ -160,7 +162,9 @@ class AnchorBook:
     async def _append_app(self, app_id: str, heads: list[Head]) -> int:
         written = 0
         while heads:
-            last = await self.anchors.find_one({"app_id": app_id}, {"n": 1, "sig": 1}, sort=[("n", DESCENDING)])
+            last = await self.anchors.find_one(
+                {"app_id": app_id}, {"n": 1, "sig": 1}, sort=[("n", DESCENDING)]
+            )
             n = int(last["n"]) if last else 0
             prev = str(last["sig"]) if last else GENESIS_HASH
             ts = now()
@@ -259,7 +263,10 @@ def judge(check: ChainCheck, anchor: Anchor | None, key: bytes | None) -> Verifi
     where = f"seq {anchor.seq} was anchored in {anchor.describe()}"
     if check.checked == 0:
         return msgspec.structs.replace(
-            result, ok=False, broken_seq=1, detail=f"the log has no records of this chat, but {where}: the chat was deleted"
+            result,
+            ok=False,
+            broken_seq=1,
+            detail=f"the log has no records of this chat, but {where}: the chat was deleted",
         )
     if check.last_seq < anchor.seq:
         return msgspec.structs.replace(

@@ -101,18 +101,28 @@ class Position(msgspec.Struct, frozen=True, array_like=True):
         """Parse a cursor; raises BadCursor naming the problem."""
         try:
             raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-            return _position_json_decoder.decode(raw)
-        except (binascii.Error, ValueError, msgspec.DecodeError):
-            raise BadCursor(f"cursor {text[:40]!r} is not one this server issued; start again without it") from None
+            position = _position_json_decoder.decode(raw)
+            if not 0 <= position.seq < 2**62:
+                raise ValueError("seq out of range")
+            _ = position.ts  # in datetime's range
+            return position
+        except (binascii.Error, ValueError, OverflowError, msgspec.DecodeError):
+            raise BadCursor(
+                f"cursor {text[:40]!r} is not one this server issued; start again without it"
+            ) from None
 
 
 _position_json = msgspec.json.Encoder()
 _position_json_decoder = msgspec.json.Decoder(Position)
 
 
+def _aware(ts: datetime) -> datetime:
+    """A time without a zone is UTC (as BSON stores it)."""
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
 def _ms(ts: datetime) -> int:
-    aware = ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
-    return (aware - _EPOCH) // timedelta(milliseconds=1)
+    return (_aware(ts) - _EPOCH) // timedelta(milliseconds=1)
 
 
 class Plan(NamedTuple):
@@ -149,9 +159,9 @@ def _plan(f: AuditFilter, after: Position | None, time_ordered: bool) -> Plan:
         query["visible"] = bool(f.visible)
     window: dict[str, datetime] = {}
     if f.since is not None:
-        window["$gte"] = f.since
+        window["$gte"] = _aware(f.since)
     if f.until is not None:
-        window["$lt"] = f.until
+        window["$lt"] = _aware(f.until)
     if time_ordered:
         if after is not None:
             since = window.get("$gte")
@@ -170,7 +180,11 @@ def _plan(f: AuditFilter, after: Position | None, time_ordered: bool) -> Plan:
     if after is not None:
         if f.chat_id is not None:
             # One chat: the page goes on after the cursor's seq, or is empty past that chat.
-            query["seq"] = {"$gt": after.seq if after.chat_id == f.chat_id else (0 if after.chat_id < f.chat_id else 2**62)}
+            query["seq"] = {
+                "$gt": after.seq
+                if after.chat_id == f.chat_id
+                else (0 if after.chat_id < f.chat_id else 2**62)
+            }
         else:
             query["chat_id"] = {"$gte": after.chat_id}
             query["$or"] = [{"chat_id": {"$gt": after.chat_id}}, {"seq": {"$gt": after.seq}}]
@@ -258,7 +272,9 @@ class LogCheck:
     reports anchored chats never fed (deleted).
     """
 
-    def __init__(self, anchors: AnchorScan | None, key: bytes | None, chat_ids: set[str] | None = None) -> None:
+    def __init__(
+        self, anchors: AnchorScan | None, key: bytes | None, chat_ids: set[str] | None = None
+    ) -> None:
         self.anchors = anchors
         self.key = key
         self.chat_ids = chat_ids
@@ -275,7 +291,9 @@ class LogCheck:
             if self.chat_ids is not None and chat_id not in self.chat_ids:
                 return
             anchor = self._anchored(chat_id)
-            check = self._open[chat_id] = ChainCheck(chat_id, watch_seq=anchor.seq if anchor is not None else None)
+            check = self._open[chat_id] = ChainCheck(
+                chat_id, watch_seq=anchor.seq if anchor is not None else None
+            )
             self.seen.add(chat_id)
         self.records += 1
         check.add(doc)

@@ -26,7 +26,16 @@ class Verification(msgspec.Struct, frozen=True, kw_only=True):
 class ChainCheck:
     """Feed one chat's stored documents in seq order; stops at the first record that breaks the chain."""
 
-    __slots__ = ("broken_seq", "chat_id", "checked", "detail", "last_hash", "last_seq", "watch_hash", "watch_seq")
+    __slots__ = (
+        "broken_seq",
+        "chat_id",
+        "checked",
+        "detail",
+        "last_hash",
+        "last_seq",
+        "watch_hash",
+        "watch_seq",
+    )
 
     def __init__(self, chat_id: str, watch_seq: int | None = None) -> None:
         """`watch_seq`: remember the stored hash of that seq (an anchored head) in `watch_hash`."""

@@ -7,18 +7,23 @@ record's `_id` is fixed before the first try.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any, Final, Protocol
 
 import msgspec
 from pymongo import ASCENDING, DESCENDING, IndexModel, WriteConcern
+from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure
 
-from domain.audit import AUDIT_INDEXES
+from domain.anchors import AnchorBook
+from domain.audit import AUDIT_INDEXES, AuditFilter, LogVerification, Position, find_records, verify_log
 from domain.chain import ChainCheck, Verification
 from domain.errors import Conflict, CorruptRecord, HistoryLost
 from domain.events import GENESIS_HASH, Pending, Record, StreamRef, now, seal, to_record
@@ -29,6 +34,9 @@ DUPLICATE_KEY: Final = 11000
 # ChangeStreamFatalError, and the older "resume point no longer in the oplog".
 HISTORY_LOST_CODES: Final = frozenset({286, 280, 136})
 _HEAD_CACHE_SIZE: Final = 10_000
+_INSERTED_CACHE_SIZE: Final = 10_000
+SCAN_BATCH: Final = 2000  # log records per cursor batch of a scan
+_INSERTS: Final = [{"$match": {"operationType": "insert"}}]  # change-stream pipeline: new records
 
 
 class Change(msgspec.Struct, frozen=True):
@@ -36,6 +44,25 @@ class Change(msgspec.Struct, frozen=True):
 
     record: Record
     token: Mapping[str, Any]
+
+
+class Appends:
+    """A change stream over appends, opened at one moment: its resume token and the chats appended since."""
+
+    def __init__(self, stream: AsyncChangeStream[Any]) -> None:
+        self._stream = stream
+
+    @property
+    def token(self) -> Mapping[str, Any] | None:
+        """A resume token for the log's end when the stream was opened (or at the last change read)."""
+        return self._stream.resume_token
+
+    async def chats(self) -> set[str]:
+        """The chats that got records since the stream opened, as far as it has seen (PyMongoError if it broke)."""
+        chats: set[str] = set()
+        while (change := await self._stream.try_next()) is not None:
+            chats.add(str(change["fullDocument"]["chat_id"]))
+        return chats
 
 
 class EventStore(Protocol):
@@ -53,7 +80,35 @@ class EventStore(Protocol):
 
     def subscribe(self, chat_id: str, after: int = 0) -> AsyncIterator[Record]: ...
 
-    def tail(self, resume_after: Mapping[str, Any] | None = None) -> AsyncIterator[Change]: ...
+    def find(
+        self,
+        chat_id: str | None = None,
+        *,
+        after: int = 0,
+        limit: int | None = None,
+        types: Sequence[str] | None = None,
+        agent: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        app_id: str | None = None,
+        user_id: str | None = None,
+        visible: bool | None = None,
+        newest_first: bool = False,
+    ) -> AsyncIterator[Record]: ...
+
+    def tail(
+        self, resume_after: Mapping[str, Any] | None = None, on_open: Callable[[], None] | None = None
+    ) -> AsyncIterator[Change]: ...
+
+    async def count(self, chat_id: str | None = None) -> int: ...
+
+    async def heads(self, chat_ids: Iterable[str] | None = None) -> dict[str, int]: ...
+
+    def scan(
+        self, chat_id: str | None = None, *, positions: Sequence[tuple[str, int]] | None = None
+    ) -> AsyncGenerator[Record | CorruptRecord, None]: ...
+
+    def appends(self, *, max_await_time_ms: int | None = None) -> AbstractAsyncContextManager[Appends]: ...
 
 
 class MongoEventStore:
@@ -67,6 +122,8 @@ class MongoEventStore:
         )
         # chat_id -> (seq, hash) of the last record this process appended or read at the head.
         self._heads: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        # _id -> Record of inserts seen on change streams: every tail of this process shares one decode.
+        self._inserted: OrderedDict[Any, Record] = OrderedDict()
 
     async def ensure_indexes(self) -> None:
         """Create the indexes the log relies on (idempotent; never drops anything)."""
@@ -220,6 +277,26 @@ class MongoEventStore:
         async for doc in cursor:
             yield to_record(doc)
 
+    def audit(
+        self, f: AuditFilter, *, after: Position | None = None, limit: int | None = None, batch_size: int = 1000
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The app-wide audit read (`domain.audit`): stored documents matching `f` after `after`, in order."""
+        return find_records(self.events, f, after=after, limit=limit, batch_size=batch_size)
+
+    async def verify_all(
+        self,
+        book: AnchorBook | None,
+        *,
+        app_id: str | None = None,
+        chat_ids: set[str] | None = None,
+        exported: Iterable[Mapping[str, Any]] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> LogVerification:
+        """Every chat's chain (of one app, or `chat_ids`) against its tail anchor, in one pass (`verify_log`)."""
+        return await verify_log(
+            self.events, book, app_id=app_id, chat_ids=chat_ids, exported=exported, progress=progress
+        )
+
     async def verify(self, chat_id: str, check: ChainCheck | None = None) -> Verification:
         """Recompute the chat's hash chain from the stored documents; report the first broken seq.
 
@@ -240,7 +317,7 @@ class MongoEventStore:
 
             async def live() -> AsyncIterator[Record]:
                 async for change in stream:
-                    yield to_record(change["fullDocument"])
+                    yield self._decode_insert(change["fullDocument"])
 
             async for record in follow(self.read, chat_id, after, live()):
                 yield record
@@ -260,7 +337,7 @@ class MongoEventStore:
                     on_open()
                 async for change in stream:
                     try:
-                        record = to_record(change["fullDocument"])
+                        record = self._decode_insert(change["fullDocument"])
                     except CorruptRecord:
                         continue  # a bad record is reported by every read of its chat; the tail goes on
                     yield Change(record, change["_id"])
@@ -268,6 +345,99 @@ class MongoEventStore:
             if exc.code in HISTORY_LOST_CODES or (resume_after is not None and "resume" in str(exc).lower()):
                 raise HistoryLost(f"change stream cannot resume: {exc}") from exc
             raise
+
+    def _decode_insert(self, document: Mapping[str, Any]) -> Record:
+        """The record of an insert seen on a change stream, decoded once per process.
+
+        Safe to share: an insert event carries the document as inserted, and no event is ever
+        updated. Reads of the collection itself always decode what is stored now (audit, verify).
+        """
+        key = document.get("_id")
+        record = self._inserted.get(key)
+        if record is None:
+            record = to_record(document)
+            self._inserted[key] = record
+            if len(self._inserted) > _INSERTED_CACHE_SIZE:
+                self._inserted.popitem(last=False)
+        return record
+
+    # ---- whole-log reads (projections: catch-up, rebuild, status) ------------------------------
+
+    async def count(self, chat_id: str | None = None) -> int:
+        """How many records the log holds: estimated for the whole log, exact for one chat."""
+        if chat_id is None:
+            return int(await self.events.estimated_document_count())
+        return int(await self.events.count_documents({"chat_id": str(chat_id)}))
+
+    async def heads(self, chat_ids: Iterable[str] | None = None) -> dict[str, int]:
+        """Each chat's last seq (one aggregate; the (chat_id, seq) index serves it on MongoDB)."""
+        pipeline: list[dict[str, Any]] = []
+        if chat_ids is not None:
+            pipeline.append({"$match": {"chat_id": {"$in": [str(c) for c in chat_ids]}}})
+        pipeline += [
+            {"$sort": {"chat_id": ASCENDING, "seq": DESCENDING}},
+            {"$group": {"_id": "$chat_id", "head": {"$first": "$seq"}}},
+        ]
+        heads: dict[str, int] = {}
+        async for row in await self.events.aggregate(pipeline):
+            if isinstance(row["_id"], str) and isinstance(row["head"], int):
+                heads[row["_id"]] = row["head"]
+        return heads
+
+    async def scan(
+        self, chat_id: str | None = None, *, positions: Sequence[tuple[str, int]] | None = None
+    ) -> AsyncGenerator[Record | CorruptRecord, None]:
+        """The log (or one chat, or each chat of `positions` after its seq) in (chat_id, seq) order.
+
+        A record that cannot be decoded comes as its CorruptRecord (naming chat and seq), so a
+        caller can stop that chat and go on with the others. The next batch is already requested
+        while this one is used: the server scans while this process folds.
+        """
+        query: dict[str, Any] = {}
+        if positions is not None:
+            query = {"$or": [{"chat_id": str(c), "seq": {"$gt": int(at)}} for c, at in positions]}
+        elif chat_id is not None:
+            query = {"chat_id": str(chat_id)}
+        cursor = self.events.find(query, sort=[("chat_id", ASCENDING), ("seq", ASCENDING)], batch_size=SCAN_BATCH)
+        batches: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue(maxsize=4)
+
+        async def read() -> None:
+            while batch := await cursor.to_list(SCAN_BATCH):
+                await batches.put(batch)
+            await batches.put([])
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                getter = asyncio.ensure_future(batches.get())
+                await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    reader.result()  # the reader failed: raise its error
+                batch = getter.result()
+                if not batch:
+                    return
+                for doc in batch:
+                    try:
+                        item: Record | CorruptRecord = to_record(doc)
+                    except CorruptRecord as exc:
+                        item = exc
+                    yield item
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            await cursor.close()
+
+    @contextlib.asynccontextmanager
+    async def appends(self, *, max_await_time_ms: int | None = None) -> AsyncIterator[Appends]:
+        """A change stream over appends from now on (for a resume token, or the chats appended meanwhile)."""
+        async with await self.events.watch(_INSERTS, max_await_time_ms=max_await_time_ms) as stream:
+            yield Appends(stream)
+
+
+def _conforms(store: MongoEventStore) -> EventStore:
+    # mypy checks here that the class keeps the contract.
+    return store
 
 
 ReadAfter = Callable[[str, int], AsyncIterator[Record]]

@@ -33,7 +33,15 @@ from projections.update import Update, field_key, name_of_key
 
 HOUR_MS: Final = 3_600_000
 GROUPS: Final = ("workflow", "model", "agent")
-_COUNTERS: Final = ("calls", "failures", "offline", "unpriced", "prompt_tokens", "completion_tokens", "cost_nanousd")
+_COUNTERS: Final = (
+    "calls",
+    "failures",
+    "offline",
+    "unpriced",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_nanousd",
+)
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 Bucket = Literal["hour", "day"]
@@ -51,7 +59,9 @@ class MetricsBucketsProjector(PricedProjector):
     collection: ClassVar[str] = "metrics_buckets"
     handles: ClassVar[frozenset[str]] = frozenset({"llm.call"})
     indexes: ClassVar[tuple[IndexModel, ...]] = (
-        IndexModel([("app_id", ASCENDING), ("last_hour", ASCENDING), ("first_hour", ASCENDING)], name="app_hours"),
+        IndexModel(
+            [("app_id", ASCENDING), ("last_hour", ASCENDING), ("first_hour", ASCENDING)], name="app_hours"
+        ),
     )
 
     def initial(self, first: Record) -> dict[str, Any]:
@@ -207,7 +217,9 @@ async def series(
         sums.setdefault(key, _Sum()).add(row["stats"])
     points = [
         total.point(_EPOCH + timedelta(hours=period), dict(zip(GROUPS, group, strict=True)))
-        for (period, group), total in sorted(sums.items(), key=lambda item: (item[0][0], [g or "" for g in item[0][1]]))
+        for (period, group), total in sorted(
+            sums.items(), key=lambda item: (item[0][0], [g or "" for g in item[0][1]])
+        )
     ]
     return MetricsSeries(
         start=start,

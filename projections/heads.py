@@ -82,7 +82,12 @@ class AnchorWriter:
                 {"dirty": True}, {"app_id": 1, "last_seq": 1, "hash": 1}, hint="dirty", limit=READ_BATCH
             ).to_list()
             heads = [
-                Head(app_id=str(d["app_id"]), chat_id=str(d["_id"]), seq=int(d["last_seq"]), hash=str(d["hash"]))
+                Head(
+                    app_id=str(d["app_id"]),
+                    chat_id=str(d["_id"]),
+                    seq=int(d["last_seq"]),
+                    hash=str(d["hash"]),
+                )
                 for d in docs
                 if d.get("hash") and d.get("app_id") is not None
             ]
@@ -90,7 +95,10 @@ class AnchorWriter:
                 written += await self.book.append(heads)
             if docs:
                 await self.heads.bulk_write(
-                    [UpdateOne({"_id": d["_id"], "last_seq": d["last_seq"]}, {"$set": {"dirty": False}}) for d in docs],
+                    [
+                        UpdateOne({"_id": d["_id"], "last_seq": d["last_seq"]}, {"$set": {"dirty": False}})
+                        for d in docs
+                    ],
                     ordered=False,
                 )
             if len(docs) < READ_BATCH:

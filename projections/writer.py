@@ -15,13 +15,13 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
-from pymongo import ASCENDING, DESCENDING, InsertOne, UpdateOne
+from pymongo import InsertOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from domain.errors import CorruptRecord
-from domain.events import Record, to_record
+from domain.events import Record
 from domain.store import DUPLICATE_KEY, MongoEventStore
 from projections.projector import Projector, fold
 from projections.update import ProjectionError, Update
@@ -32,7 +32,6 @@ MAX_ATTEMPTS: Final = 50
 CATCH_UP_EVENTS: Final = 5_000  # events read from the log per catch-up round
 CATCH_UP_CHATS: Final = 500
 
-INSERTS: Final = [{"$match": {"operationType": "insert"}}]  # change-stream pipeline: new records
 _ABSENT: Final[dict[str, Any]] = {}  # cache marker: the chat has no document (yet)
 
 
@@ -69,10 +68,6 @@ class ProjectionWriter:
         """Create the projector's indexes (idempotent)."""
         if self.projector.indexes:
             await self.collection.create_indexes(list(self.projector.indexes))
-
-    def forget(self) -> None:
-        """Drop every cached state (e.g. after the collection was swapped by a rebuild)."""
-        self._cache.clear()
 
     async def apply(self, by_chat: Mapping[str, Sequence[Record]]) -> int:
         """Apply each chat's records (any order, repeats allowed); returns how many were newly applied.
@@ -208,22 +203,6 @@ class ProjectionWriter:
 # ---- catching up with the log -------------------------------------------------------------------
 
 
-async def log_heads(store: MongoEventStore, chat_ids: Iterable[str] | None = None) -> dict[str, int]:
-    """Each chat's last seq in the log (one aggregate; the (chat_id, seq) index serves it on MongoDB)."""
-    pipeline: list[dict[str, Any]] = []
-    if chat_ids is not None:
-        pipeline.append({"$match": {"chat_id": {"$in": list(chat_ids)}}})
-    pipeline += [
-        {"$sort": {"chat_id": ASCENDING, "seq": DESCENDING}},
-        {"$group": {"_id": "$chat_id", "head": {"$first": "$seq"}}},
-    ]
-    heads: dict[str, int] = {}
-    async for row in await store.events.aggregate(pipeline):
-        if isinstance(row["_id"], str) and isinstance(row["head"], int):
-            heads[row["_id"]] = row["head"]
-    return heads
-
-
 async def positions(
     collection: AsyncCollection[Any], chat_ids: Iterable[str] | None = None
 ) -> dict[str, int]:
@@ -237,7 +216,7 @@ async def behind(
 ) -> dict[str, tuple[int, int]]:
     """Chats some projection is behind on: chat_id -> (lowest projected last_seq, log head)."""
     wanted = list(chat_ids) if chat_ids is not None else None
-    heads = await log_heads(store, wanted)
+    heads = await store.heads(wanted)
     lowest = dict.fromkeys(heads, -1)
     for writer in writers:
         at = await positions(writer.collection, wanted)
@@ -291,18 +270,14 @@ async def _read_chunks(
 
 async def _read_after(store: MongoEventStore, group: list[tuple[str, int]]) -> Chunk:
     """The group's records after each chat's position; a chat stops before a corrupt record (`broken`)."""
-    query = {"$or": [{"chat_id": chat_id, "seq": {"$gt": at}} for chat_id, at in group]}
     chunk: dict[str, list[Record]] = {}
     broken: dict[str, int] = {}
-    async for doc in store.events.find(query, sort=[("chat_id", ASCENDING), ("seq", ASCENDING)]):
-        chat_id = str(doc.get("chat_id"))
-        if chat_id in broken:
+    async for item in store.scan(positions=group):
+        if item.chat_id in broken:
             continue
-        try:
-            record = to_record(doc)
-        except CorruptRecord as exc:
-            log.error("catch-up stops at chat %s: %s", chat_id, exc)
-            broken[chat_id] = int(doc.get("seq", 0) or 0)
+        if isinstance(item, CorruptRecord):
+            log.error("catch-up stops at chat %s: %s", item.chat_id, item)
+            broken[item.chat_id] = item.seq if isinstance(item.seq, int) else 0
             continue
-        chunk.setdefault(chat_id, []).append(record)
+        chunk.setdefault(item.chat_id, []).append(item)
     return chunk, broken

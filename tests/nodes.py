@@ -58,7 +58,8 @@ class Node:
 
     @property
     def runtime(self) -> Any:
-        return self.app.state.runtime
+        """The app's state: its services (`store`, `hub`, `supervisor`, …) as the lifespans built them."""
+        return self.app.state
 
     async def start(self) -> Node:
         self.task = asyncio.create_task(self.server.serve())

@@ -46,27 +46,56 @@ def bearer(user: str, app: str, roles: tuple[str, ...] = ("user",)) -> dict[str,
 
 def chat_events(i: int) -> list[list[Pending]]:
     """A small chat: created, a user message, one or two runs of agent turns with tools and LLM calls."""
-    bursts: list[list[Pending]] = [[Pending(event=ChatCreated()), Pending(event=MessageUser(content=f"hi {i}"))]]
+    bursts: list[list[Pending]] = [
+        [Pending(event=ChatCreated()), Pending(event=MessageUser(content=f"hi {i}"))]
+    ]
     for r in range(1 + i % 2):
         run_id = f"run-{i}-{r}"
         burst = [Pending(event=RunStarted(pattern="RoundRobin", max_turns=4), run_id=run_id)]
         for turn in range(2):
             agent = AGENTS[(i + turn + r) % 3]
             burst.append(
-                Pending(event=LlmCall(model="gpt-4o-mini", prompt_tokens=10 + i, completion_tokens=5, latency_ms=100.0 + i),
-                        agent=agent, run_id=run_id, visible=False)
+                Pending(
+                    event=LlmCall(
+                        model="gpt-4o-mini", prompt_tokens=10 + i, completion_tokens=5, latency_ms=100.0 + i
+                    ),
+                    agent=agent,
+                    run_id=run_id,
+                    visible=False,
+                )
             )
             if (i + turn) % 3 == 0:
-                burst.append(Pending(event=ToolCalled(tool="search", call_id=f"c{i}{turn}", arguments="{}"), agent=agent, run_id=run_id))
-                burst.append(Pending(event=ToolResult(tool="search", call_id=f"c{i}{turn}", content="r"), agent=agent, run_id=run_id))
-            burst.append(Pending(event=MessageAgent(content=f"turn {turn}"), agent=agent, run_id=run_id, visible=agent != "_Hidden"))
+                burst.append(
+                    Pending(
+                        event=ToolCalled(tool="search", call_id=f"c{i}{turn}", arguments="{}"),
+                        agent=agent,
+                        run_id=run_id,
+                    )
+                )
+                burst.append(
+                    Pending(
+                        event=ToolResult(tool="search", call_id=f"c{i}{turn}", content="r"),
+                        agent=agent,
+                        run_id=run_id,
+                    )
+                )
+            burst.append(
+                Pending(
+                    event=MessageAgent(content=f"turn {turn}"),
+                    agent=agent,
+                    run_id=run_id,
+                    visible=agent != "_Hidden",
+                )
+            )
         burst.append(Pending(event=RunCompleted(), run_id=run_id))
         bursts.append(burst)
     return bursts
 
 
 def ref(i: int) -> StreamRef:
-    return StreamRef(chat_id=f"chat-{i:02d}", app_id=APPS[i % 2], user_id=USERS[i % 3], workflow=WORKFLOWS[(i // 2) % 2])
+    return StreamRef(
+        chat_id=f"chat-{i:02d}", app_id=APPS[i % 2], user_id=USERS[i % 3], workflow=WORKFLOWS[(i // 2) % 2]
+    )
 
 
 async def write_chats(store: MongoEventStore, count: int = 30) -> None:
@@ -89,7 +118,9 @@ def matches(doc: Mapping[str, Any], f: AuditFilter) -> bool:
     return f.until is None or doc["ts"] < f.until
 
 
-async def page_all(http: httpx.AsyncClient, headers: dict[str, str], params: dict[str, Any], limit: int = 7) -> list[dict[str, Any]]:
+async def page_all(
+    http: httpx.AsyncClient, headers: dict[str, str], params: dict[str, Any], limit: int = 7
+) -> list[dict[str, Any]]:
     """Every record of a query, page by page through the cursor."""
     records: list[dict[str, Any]] = []
     cursor = None
@@ -152,17 +183,25 @@ async def test_each_filter_returns_exactly_the_matching_records_of_the_callers_a
                     key=lambda d: (d["ts"], d["chat_id"], d["seq"]),
                 )
                 got = await page_all(http, auditor, filter_params(f))
-                assert [(r["chat_id"], r["seq"]) for r in got] == [(d["chat_id"], d["seq"]) for d in expected], (app, f)
+                assert [(r["chat_id"], r["seq"]) for r in got] == [
+                    (d["chat_id"], d["seq"]) for d in expected
+                ], (app, f)
                 assert all(r["app_id"] == app for r in got)
                 streamed = await http.get(
-                    "/api/events", params=filter_params(f), headers={**auditor, "Accept": "application/x-ndjson"}
+                    "/api/events",
+                    params=filter_params(f),
+                    headers={**auditor, "Accept": "application/x-ndjson"},
                 )
                 assert streamed.headers["content-type"].startswith("application/x-ndjson")
-                assert [json.loads(line)["id"] for line in streamed.text.splitlines()] == [d["_id"] for d in expected]
+                assert [json.loads(line)["id"] for line in streamed.text.splitlines()] == [
+                    d["_id"] for d in expected
+                ]
             assert any(f.types for f in filters) and expected  # the last filter matched something
             # The other app's chat, asked for by id, is simply not there.
             other = "chat-01" if app == "P" else "chat-00"
-            assert (await http.get("/api/events", params={"chat_id": other}, headers=auditor)).json()["events"] == []
+            assert (await http.get("/api/events", params={"chat_id": other}, headers=auditor)).json()[
+                "events"
+            ] == []
         # A user reads the visible records of their own chats only, and no one else's.
         user = bearer("u1", "P")
         own = await page_all(http, user, {})
@@ -190,7 +229,9 @@ async def test_paging_while_appends_continue_misses_and_repeats_nothing(
         n = 100
         while not stop.is_set():
             i = n % 12
-            chat = ref(i) if n % 3 else StreamRef(chat_id=f"new-{n}", app_id="P", user_id="u0", workflow="Alpha")
+            chat = (
+                ref(i) if n % 3 else StreamRef(chat_id=f"new-{n}", app_id="P", user_id="u0", workflow="Alpha")
+            )
             await store.append(chat, [Pending(event=MessageAgent(content=f"late {n}"), agent="Writer")], None)
             appended += 1
             n += 1
@@ -221,7 +262,9 @@ def _stages(plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return found
 
 
-async def test_every_documented_filter_is_served_by_an_index(store: MongoEventStore, db: AsyncDatabase[Any]) -> None:
+async def test_every_documented_filter_is_served_by_an_index(
+    store: MongoEventStore, db: AsyncDatabase[Any]
+) -> None:
     await write_chats(store, 4)
     last = await db["events"].find_one({"app_id": "P"}, sort=[("ts", -1)])
     assert last is not None
@@ -270,7 +313,9 @@ async def wait_anchored(db: AsyncDatabase[Any], chat_ids: list[str], store: Mong
     async with asyncio.timeout(60):
         while True:
             heads = {c: await store.last_seq(c) for c in chat_ids}
-            anchored = {c: await db["chain_anchors"].find_one({"chat_id": c, "seq": s}) for c, s in heads.items()}
+            anchored = {
+                c: await db["chain_anchors"].find_one({"chat_id": c, "seq": s}) for c, s in heads.items()
+            }
             if all(anchored.values()):
                 return
             await asyncio.sleep(0.05)
@@ -313,7 +358,9 @@ async def test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported(
         assert "deleted" in gone.json()["detail"]
         forged = (await http.get(f"/api/chats/{edited}/verify", headers=auditor)).json()
         assert forged["ok"] is False and "signature" in forged["detail"]
-        intact = (await http.get("/api/chats/chat-01/verify", headers=bearer("auditor", "Q", ("auditor",)))).json()
+        intact = (
+            await http.get("/api/chats/chat-01/verify", headers=bearer("auditor", "Q", ("auditor",)))
+        ).json()
         assert intact["ok"] is True and intact["anchored_seq"] == await store.last_seq("chat-01")
         # The chat's user gets a 404 for a deleted chat: only auditors learn of anchors.
         assert (await http.get(f"/api/chats/{deleted}/verify", headers=bearer("u2", "P"))).status_code == 404
@@ -328,7 +375,9 @@ async def test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported(
     assert unanchored not in out  # without its anchors, the database alone cannot tell
     checked = mozaiks("audit", "verify", "--app", "P", "--anchors", str(kept_apart), env=env)
     against = " ".join(checked.stderr.split())
-    assert checked.returncode == 1 and re.search(rf"{unanchored} │ \d+ │ \d+ │ the log ends", against), against
+    assert checked.returncode == 1 and re.search(rf"{unanchored} │ \d+ │ \d+ │ the log ends", against), (
+        against
+    )
     assert all(f"{anchor_id} " in against or f"{anchor_id} of" in against for anchor_id in removed), against
     assert "not in the database" in against
     other = mozaiks("audit", "verify", "--app", "Q", env=env)
@@ -336,7 +385,11 @@ async def test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported(
 
     export = mozaiks("audit", "export", "--app", "P", "--type", "llm.call", env=env)
     lines = [json.loads(line) for line in export.stdout.splitlines()]
-    assert lines and {line["type"] for line in lines} == {"llm.call"} and {line["app_id"] for line in lines} == {"P"}
+    assert (
+        lines
+        and {line["type"] for line in lines} == {"llm.call"}
+        and {line["app_id"] for line in lines} == {"P"}
+    )
     told = " ".join(export.stderr.split())
     assert export.returncode == 1 and truncated in told and "verification FAILED (the exported chats" in told
     # A whole app's export checks the chains as the records stream past: the same findings.

@@ -50,7 +50,9 @@ async def write_dated_chats(db: AsyncDatabase[Any], chats: int = 12) -> None:
     """Chats of two apps and two workflows whose LLM calls spread over three days and many hours."""
     docs: list[dict[str, Any]] = []
     for k in range(chats):
-        stream = StreamRef(chat_id=f"chat-{k}", app_id="PQ"[k % 2], user_id="u", workflow=("Alpha", "Beta")[k // 2 % 2])
+        stream = StreamRef(
+            chat_id=f"chat-{k}", app_id="PQ"[k % 2], user_id="u", workflow=("Alpha", "Beta")[k // 2 % 2]
+        )
         start = DAY0 + timedelta(hours=7 * k, minutes=k)
         events: list[tuple[Pending, datetime]] = [
             (Pending(event=ChatCreated()), start),
@@ -66,7 +68,12 @@ async def write_dated_chats(db: AsyncDatabase[Any], chats: int = 12) -> None:
                 error="timeout" if (k + j) % 5 == 0 else None,
             )
             # Calls spread over about 30 hours: the chat's buckets cross a day boundary.
-            events.append((Pending(event=call, agent=AGENTS[j % 3], run_id="r", visible=False), start + timedelta(hours=5 * j)))
+            events.append(
+                (
+                    Pending(event=call, agent=AGENTS[j % 3], run_id="r", visible=False),
+                    start + timedelta(hours=5 * j),
+                )
+            )
         events.append((Pending(event=RunCompleted(), run_id="r"), start + timedelta(hours=31)))
         prev = GENESIS_HASH
         for seq, (pending, ts) in enumerate(events, start=1):
@@ -77,7 +84,14 @@ async def write_dated_chats(db: AsyncDatabase[Any], chats: int = 12) -> None:
 
 
 def expected_series(
-    raw: list[Mapping[str, Any]], prices: PriceTable, *, app: str, start: datetime, end: datetime, hours: int, groups: tuple[str, ...]
+    raw: list[Mapping[str, Any]],
+    prices: PriceTable,
+    *,
+    app: str,
+    start: datetime,
+    end: datetime,
+    hours: int,
+    groups: tuple[str, ...],
 ) -> dict[tuple[Any, ...], dict[str, Any]]:
     """The series computed straight from the raw `llm.call` records."""
     out: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -89,9 +103,24 @@ def expected_series(
         period = datetime(ts.year, ts.month, ts.day, ts.hour if hours == 1 else 0, tzinfo=UTC)
         names = {"workflow": doc["workflow"], "model": data["model"], "agent": doc["agent"]}
         key = (period, *(names[g] if g in groups else None for g in ("workflow", "model", "agent")))
-        point = out.setdefault(key, {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_nanousd": 0,
-                                     "unpriced": 0, "failures": 0, "buckets": {}, "max": 0})
-        cost = 0 if data["offline"] else prices.cost_nanousd(data["model"], data["prompt_tokens"], data["completion_tokens"], ts)
+        point = out.setdefault(
+            key,
+            {
+                "calls": 0,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "cost_nanousd": 0,
+                "unpriced": 0,
+                "failures": 0,
+                "buckets": {},
+                "max": 0,
+            },
+        )
+        cost = (
+            0
+            if data["offline"]
+            else prices.cost_nanousd(data["model"], data["prompt_tokens"], data["completion_tokens"], ts)
+        )
         point["calls"] += 1
         point["prompt_tokens"] += data["prompt_tokens"]
         point["completion_tokens"] += data["completion_tokens"]
@@ -110,7 +139,11 @@ def expected_series(
 def as_expected(points: list[Mapping[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
     got: dict[tuple[Any, ...], dict[str, Any]] = {}
     for p in points:
-        start = p["start"] if isinstance(p["start"], datetime) else datetime.fromisoformat(p["start"].replace("Z", "+00:00"))
+        start = (
+            p["start"]
+            if isinstance(p["start"], datetime)
+            else datetime.fromisoformat(p["start"].replace("Z", "+00:00"))
+        )
         key = (start, p.get("workflow"), p.get("model"), p.get("agent"))
         latency = p["latency_ms"]
         got[key] = {
@@ -143,36 +176,60 @@ async def test_series_equal_the_raw_calls_survive_a_rebuild_and_follow_a_price_c
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["bucket"] == "day" and body["group_by"] == ["workflow"]
-        expected = expected_series(raw, shipped, app="P", start=start, end=end, hours=24, groups=("workflow",))
+        expected = expected_series(
+            raw, shipped, app="P", start=start, end=end, hours=24, groups=("workflow",)
+        )
         assert len(expected) >= 4 and any(p["unpriced"] for p in expected.values())
         assert as_expected(body["points"]) == expected
         # Hours, a range that starts and ends mid-day, every grouping.
         mid_start, mid_end = DAY0 + timedelta(hours=13), DAY0 + timedelta(days=2, hours=5)
         fine = await http.get(
             "/metrics/perf/series",
-            params={"from": mid_start.isoformat(), "to": mid_end.isoformat(), "bucket": "hour", "group_by": "workflow,model,agent"},
+            params={
+                "from": mid_start.isoformat(),
+                "to": mid_end.isoformat(),
+                "bucket": "hour",
+                "group_by": "workflow,model,agent",
+            },
             headers=analyst(),
         )
         assert as_expected(fine.json()["points"]) == expected_series(
-            raw, shipped, app="P", start=mid_start, end=mid_end, hours=1, groups=("workflow", "model", "agent")
+            raw,
+            shipped,
+            app="P",
+            start=mid_start,
+            end=mid_end,
+            hours=1,
+            groups=("workflow", "model", "agent"),
         )
         # CSV carries the same numbers.
-        as_csv = await http.get("/metrics/perf/series", params=params, headers={**analyst(), "Accept": "text/csv"})
+        as_csv = await http.get(
+            "/metrics/perf/series", params=params, headers={**analyst(), "Accept": "text/csv"}
+        )
         assert as_csv.headers["content-type"].startswith("text/csv")
         rows = list(csv.DictReader(io.StringIO(as_csv.text)))
         assert [int(r["cost_nanousd"]) for r in rows] == [p["cost_nanousd"] for p in body["points"]]
         assert [r["workflow"] for r in rows] == [p["workflow"] for p in body["points"]]
         # App Q's analyst sees Q's numbers only; a user without the role sees nothing.
         other = (await http.get("/metrics/perf/series", params=params, headers=analyst("Q"))).json()
-        assert as_expected(other["points"]) == expected_series(raw, shipped, app="Q", start=start, end=end, hours=24, groups=("workflow",))
+        assert as_expected(other["points"]) == expected_series(
+            raw, shipped, app="Q", start=start, end=end, hours=24, groups=("workflow",)
+        )
         user = {"Authorization": f"Bearer {issue_token(SECRET, 'u', 'P', ['user'])}"}
         assert (await http.get("/metrics/perf/series", headers=user)).status_code == 403
         bad = await http.get("/metrics/perf/series", params={"group_by": "colour"}, headers=analyst())
         assert bad.status_code == 400 and "colour" in bad.text
 
-    live = builtins(await series(db, app_id="P", start=start, end=end, bucket="hour", group_by=("model", "agent")))
+    live = builtins(
+        await series(db, app_id="P", start=start, end=end, bucket="hour", group_by=("model", "agent"))
+    )
     await rebuild(db, store, names=["metrics_buckets"])
-    assert builtins(await series(db, app_id="P", start=start, end=end, bucket="hour", group_by=("model", "agent"))) == live
+    assert (
+        builtins(
+            await series(db, app_id="P", start=start, end=end, bucket="hour", group_by=("model", "agent"))
+        )
+        == live
+    )
 
     table = json.loads((ROOT / "projections" / "prices.json").read_text())
     for versions in table["models"].values():
@@ -183,11 +240,15 @@ async def test_series_equal_the_raw_calls_survive_a_rebuild_and_follow_a_price_c
     dearer = PriceTable.load(dearer_file)
     await rebuild(db, store, names=["metrics_buckets"], prices=dearer)
     recosted = await series(db, app_id="P", start=start, end=end, bucket="day", group_by=("workflow",))
-    assert as_expected(builtins(recosted)) == expected_series(raw, dearer, app="P", start=start, end=end, hours=24, groups=("workflow",))
+    assert as_expected(builtins(recosted)) == expected_series(
+        raw, dearer, app="P", start=start, end=end, hours=24, groups=("workflow",)
+    )
     assert sum(p.cost_nanousd for p in recosted.points) > sum(p["cost_nanousd"] for p in body["points"])
 
 
-def export(*args: str, env: Mapping[str, str], without_pyarrow: bool = False) -> subprocess.CompletedProcess[str]:
+def export(
+    *args: str, env: Mapping[str, str], without_pyarrow: bool = False
+) -> subprocess.CompletedProcess[str]:
     # sys.modules[name] = None makes `import name` fail, as on a machine without the extra.
     block = "import sys; sys.modules['pyarrow'] = None; " if without_pyarrow else ""
     return subprocess.run(
@@ -219,4 +280,6 @@ async def test_metrics_export_writes_csv_and_parquet_or_says_what_is_missing(
     assert parquet.returncode == 0, parquet.stderr
     table = pq.read_table(target).to_pylist()
     assert [row["cost_nanousd"] for row in table] == [int(r["cost_nanousd"]) for r in rows]
-    assert [row["latency_p95_ms"] for row in table] == [float(r["latency_p95_ms"]) if r["latency_p95_ms"] else None for r in rows]
+    assert [row["latency_p95_ms"] for row in table] == [
+        float(r["latency_p95_ms"]) if r["latency_p95_ms"] else None for r in rows
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
+from typing import NoReturn
 
 import click
 import msgspec
@@ -29,7 +30,7 @@ def _is_loopback(host: str) -> bool:
             return False
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Print one line a user can act on and exit non-zero."""
     click.echo(f"mozaiks: error: {message}", err=True)
     sys.exit(2)
@@ -102,7 +103,6 @@ def token(user_id: str, app_id: str, roles: tuple[str, ...], ttl: int) -> None:
     secret = Settings.from_env().auth_secret
     if secret is None:
         fail("MOZAIKS_AUTH_SECRET is not set")
-    assert secret is not None
     click.echo(issue_token(secret, user_id, app_id, list(roles), ttl))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,7 +25,7 @@ from app.http.analytics import CSV_COLUMNS, csv_row, parse_group_by, time_range,
 from app.http.audit import anchor_key
 from app.settings import Settings, SettingsError
 from domain.anchors import AnchorBook
-from domain.audit import AuditFilter, LogCheck, LogVerification, find_records, verify_log
+from domain.audit import AuditFilter, LogCheck, LogVerification
 from domain.errors import MozaiksError
 from domain.events import EVENT_TYPES
 from projections.buckets import series
@@ -33,7 +33,7 @@ from projections.buckets import series
 _ndjson = msgspec.json.Encoder(enc_hook=str)
 
 
-def _run(main: Callable[[Settings], Awaitable[int]]) -> None:
+def _run(main: Callable[[Settings], Coroutine[Any, Any, int]]) -> None:
     try:
         code = asyncio.run(main(Settings.from_env()))
     except (MozaiksError, SettingsError, ValueError) as exc:
@@ -78,7 +78,9 @@ def audit_group() -> None:
 
 @audit_group.command("export")
 @click.option("--app", "app_id", default=None, help="only this app (default: every app)")
-@click.option("--type", "types", multiple=True, type=click.Choice(sorted(EVENT_TYPES)), help="event type (repeatable)")
+@click.option(
+    "--type", "types", multiple=True, type=click.Choice(sorted(EVENT_TYPES)), help="event type (repeatable)"
+)
 @click.option("--agent", default=None)
 @click.option("--workflow", default=None)
 @click.option("--user", "user_id", default=None)
@@ -116,7 +118,7 @@ async def _export(settings: Settings, wanted: AuditFilter, out: BinaryIO, consol
         count = 0
         with progress_bar(console) as bar:
             task = bar.add_task("exporting", total=None)
-            async for doc in find_records(store.events, wanted, batch_size=2000):
+            async for doc in store.audit(wanted, batch_size=2000):
                 if inline is not None:
                     inline.add(doc)
                 chats.add(str(doc["chat_id"]))
@@ -131,8 +133,7 @@ async def _export(settings: Settings, wanted: AuditFilter, out: BinaryIO, consol
                 result = inline.result(wanted.app_id)
             else:
                 check = bar.add_task(f"verifying {len(chats):,} chats", total=None)
-                result = await verify_log(
-                    store.events,
+                result = await store.verify_all(
                     book,
                     app_id=wanted.app_id,
                     chat_ids=chats,
@@ -170,14 +171,15 @@ def read_exported(path: Path) -> list[dict[str, Any]]:
     return anchors
 
 
-async def _verify(settings: Settings, app_id: str | None, console: Console, anchors_file: Path | None = None) -> int:
+async def _verify(
+    settings: Settings, app_id: str | None, console: Console, anchors_file: Path | None = None
+) -> int:
     exported = read_exported(anchors_file) if anchors_file is not None else None
     async with open_store(settings) as store:
         book = AnchorBook(store.db, anchor_key(settings))
         with progress_bar(console) as bar:
             task = bar.add_task("verifying chains", total=None)
-            result = await verify_log(
-                store.events,
+            result = await store.verify_all(
                 book,
                 app_id=app_id,
                 exported=exported,
@@ -220,11 +222,25 @@ def metrics_group() -> None:
 @click.option("--from", "start", type=click.DateTime(), default=None, help="UTC start (default: 30 days ago)")
 @click.option("--to", "end", type=click.DateTime(), default=None, help="UTC end, exclusive (default: now)")
 @click.option("--bucket", type=click.Choice(["hour", "day"]), default="day", show_default=True)
-@click.option("--group-by", default="workflow,model,agent", show_default=True, help="any of workflow,model,agent")
+@click.option(
+    "--group-by", default="workflow,model,agent", show_default=True, help="any of workflow,model,agent"
+)
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True)
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="file (default: stdout; parquet needs a file)")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="file (default: stdout; parquet needs a file)",
+)
 def metrics_export_command(
-    app_id: str, start: datetime | None, end: datetime | None, bucket: str, group_by: str, fmt: str, output: Path | None
+    app_id: str,
+    start: datetime | None,
+    end: datetime | None,
+    bucket: str,
+    group_by: str,
+    fmt: str,
+    output: Path | None,
 ) -> None:
     """Write the metrics series (as `GET /metrics/perf/series`) as CSV or Parquet."""
     if fmt == "parquet":

@@ -1,4 +1,4 @@
-"""Auditing across chats: `GET /api/events` (app-wide history), chain verification with tail anchors.
+"""Auditing across chats: `GET /api/events` (app-wide history) and the tail anchors' key.
 
 Auditors read every record of their app; users read the visible records of their own chats.
 """
@@ -18,14 +18,13 @@ from litestar.params import Parameter
 from litestar.response import Stream
 
 from app.http.auth import Principal
-from app.http.controllers import owned_chat
-from app.http.runtime import Runtime
+from app.http.errors import error_responses
+from app.http.views import AuditRecord, View, audit_record
 from app.settings import Settings
-from domain.anchors import derive_key, judge
-from domain.audit import AuditFilter, BadCursor, Position, find_records
-from domain.chain import ChainCheck, Verification
-from domain.errors import CorruptRecord, UnknownChat
-from domain.events import EVENT_TYPES
+from domain.anchors import derive_key
+from domain.audit import AuditFilter, BadCursor, Position
+from domain.events import EVENT_TYPES, to_record
+from domain.store import MongoEventStore
 
 KEY_FILE: Final = "anchor.key"
 PAGE_DEFAULT: Final = 100
@@ -56,45 +55,17 @@ def anchor_key(settings: Settings) -> bytes:
     return path.read_text().strip().encode()
 
 
-class AuditEvent(msgspec.Struct, kw_only=True):
-    """One stored record as auditors read it: every field, `_id` as `id` (the NDJSON lines are the same)."""
+class AuditPage(View, frozen=True, kw_only=True):
+    """`GET /api/events`: a page of records; pass `next` as `cursor` for the following page while `more`."""
 
-    id: str
-    chat_id: str
-    seq: int
-    type: str
-    ts: datetime
-    app_id: str
-    user_id: str
-    workflow: str
-    run_id: str | None = None
-    agent: str | None = None
-    visible: bool = True
-    data: dict[str, Any] = {}
-    ag2: str | None = None
-    v: int = 1
-    prev_hash: str = ""
-    hash: str = ""
-
-
-class AuditPage(msgspec.Struct, kw_only=True):
-    """A page of `GET /api/events`: pass `next` as `cursor` for the following page while `more`."""
-
-    events: list[AuditEvent]
+    events: list[AuditRecord]
     next: str | None
     more: bool
 
 
-def _line(doc: dict[str, Any]) -> dict[str, Any]:
+def _line(doc: dict[str, Any]) -> bytes:
     doc["id"] = doc.pop("_id")
-    return doc
-
-
-def _event(doc: dict[str, Any]) -> AuditEvent:
-    try:
-        return msgspec.convert(_line(doc), AuditEvent)
-    except msgspec.ValidationError as exc:
-        raise CorruptRecord(str(doc.get("chat_id", "?")), doc.get("seq", "?"), str(exc)) from None
+    return _ndjson.encode(doc) + b"\n"
 
 
 def scope(principal: Principal, f: AuditFilter) -> AuditFilter:
@@ -111,11 +82,11 @@ class AuditController(Controller):
 
     path = "/api/events"
 
-    @get()
+    @get(responses=error_responses(401, 403))
     async def events(
         self,
         request: Request[Principal, Any, Any],
-        runtime: Runtime,
+        store: MongoEventStore,
         event_type: Annotated[list[str] | None, Parameter(query="type")] = None,
         agent: str | None = None,
         workflow: str | None = None,
@@ -127,14 +98,13 @@ class AuditController(Controller):
         cursor: str | None = None,
         limit: Annotated[int | None, Parameter(ge=1)] = None,
         fmt: Annotated[str | None, Parameter(query="format")] = None,
-    ) -> Response[AuditPage] | Stream:
+    ) -> Response[AuditPage]:
         """Records of many chats, filtered, in time order (one chat or run: in seq order).
 
         JSON: a page of `limit` (default 100, at most 1000) records and the cursor after it.
         NDJSON (`Accept: application/x-ndjson` or `?format=ndjson`): every matching record after
         `cursor` (at most `limit`), streamed.
         """
-        assert runtime.store is not None
         unknown = sorted(set(event_type or ()) - EVENT_TYPES)
         if unknown:
             raise ValidationException(f"unknown event type(s) {unknown}; known: {sorted(EVENT_TYPES)}")
@@ -156,38 +126,22 @@ class AuditController(Controller):
             ),
         )
         if fmt == "ndjson" or "application/x-ndjson" in request.headers.get("accept", ""):
-            records = find_records(runtime.store.events, wanted, after=after, limit=limit)
+            records = store.audit(wanted, after=after, limit=limit)
 
             async def lines() -> AsyncIterator[bytes]:
                 async for doc in records:
-                    yield _ndjson.encode(_line(doc)) + b"\n"
+                    yield _line(doc)
 
-            return Stream(lines(), media_type="application/x-ndjson")
+            # A Stream is a Response; its lines are documented by the JSON page's items.
+            return Stream(lines(), media_type="application/x-ndjson")  # type: ignore[return-value]
         if limit is not None and limit > PAGE_MAX:
-            raise ValidationException(f"limit {limit} is above {PAGE_MAX} for JSON pages; ask for NDJSON to stream more")
+            raise ValidationException(
+                f"limit {limit} is above {PAGE_MAX} for JSON pages; ask for NDJSON to stream more"
+            )
         size = limit or PAGE_DEFAULT
-        docs = [doc async for doc in find_records(runtime.store.events, wanted, after=after, limit=size)]
+        docs = [doc async for doc in store.audit(wanted, after=after, limit=size)]
         last = Position.of(docs[-1]).encode() if docs else cursor
-        page = AuditPage(events=[_event(doc) for doc in docs], next=last, more=len(docs) == size)
+        page = AuditPage(
+            events=[audit_record(to_record(doc)) for doc in docs], next=last, more=len(docs) == size
+        )
         return Response(page, media_type=MediaType.JSON)
-
-
-async def verify_chat(runtime: Runtime, principal: Principal, chat_id: str) -> Verification:
-    """The chat's hash chain, and its log against its latest tail anchor (`GET /api/chats/{id}/verify`).
-
-    An auditor asking about a chat that is gone from the log but was anchored gets the report of a
-    deleted chat instead of 404.
-    """
-    assert runtime.store is not None
-    book = runtime.anchors
-    try:
-        await owned_chat(runtime, principal, chat_id)
-    except UnknownChat:
-        anchor = await book.latest(chat_id) if book is not None else None
-        if book is None or anchor is None or "auditor" not in principal.roles or anchor.app_id != principal.app_id:
-            raise
-        return judge(ChainCheck(chat_id), anchor, book.key)
-    anchor = await book.latest(chat_id) if book is not None else None
-    check = ChainCheck(chat_id, watch_seq=anchor.seq if anchor is not None else None)
-    await runtime.store.verify(chat_id, check)
-    return judge(check, anchor, book.key if book is not None else None)

@@ -8,34 +8,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import structlog
-from litestar import Litestar, MediaType, Request, Response, get
+from litestar import Litestar, MediaType, Request, get
+from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi.config import OpenAPIConfig
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.prometheus import PrometheusConfig
 from litestar.response import File
 from litestar.static_files import create_static_files_router
+from pymongo.asynchronous.database import AsyncDatabase
 
 from app.database import open_database
 from app.http.analytics import SeriesController
 from app.http.audit import AuditController, anchor_key
 from app.http.auth import BearerAuthMiddleware, token_from
-from app.http.controllers import ChatController, HealthController, MetricsController, WorkflowController, info
-from app.http.runtime import Runtime
+from app.http.controllers import (
+    ChatController,
+    HealthController,
+    MetricsController,
+    WorkflowController,
+    info,
+    prometheus_metrics,
+)
+from app.http.errors import EXCEPTION_HANDLERS
 from app.http.transport import chat_socket
 from app.hub import LiveHub
+from app.observability import watch_projection_lag
 from app.runs.orchestrator import Orchestrator
-from app.runs.supervisor import NoActiveRun, RunActive, RunSupervisor
-from app.runs.workflows import UnknownWorkflow
+from app.runs.supervisor import RunSupervisor
+from app.runs.workflows import WorkflowManager
 from app.settings import Settings
 from domain.anchors import AnchorBook
-from domain.errors import Conflict, CorruptRecord, UnknownChat
 from domain.store import MongoEventStore
 from projections.heads import AnchorWriter
 from projections.runner import ProjectionRunner
@@ -45,20 +55,15 @@ SHUTDOWN_WAIT_S = 5.0
 log = structlog.get_logger("mozaiks.server")
 
 
-def _runtime(app: Litestar) -> Runtime:
-    runtime: Runtime = app.state.runtime
-    return runtime
-
-
 @contextlib.asynccontextmanager
 async def database_lifespan(app: Litestar) -> AsyncIterator[None]:
-    """Open the database (starting the embedded server when no DATABASE_URI is set)."""
-    runtime = _runtime(app)
-    async with open_database(runtime.settings) as db:
-        runtime.db = db
-        runtime.store = MongoEventStore(db)
-        await runtime.store.ensure_indexes()
-        log.info("database.ready", db=runtime.settings.db_name, embedded=runtime.settings.database_uri is None)
+    """Open the database (starting the embedded server when no DATABASE_URI is set) and the event store."""
+    settings: Settings = app.state.settings
+    async with open_database(settings) as db:
+        store = MongoEventStore(db)
+        await store.ensure_indexes()
+        app.state.db, app.state.store = db, store
+        log.info("database.ready", db=settings.db_name, embedded=settings.database_uri is None)
         yield
 
 
@@ -80,32 +85,28 @@ async def _background(name: str, coro: Any) -> AsyncIterator[asyncio.Task[Any]]:
 @contextlib.asynccontextmanager
 async def hub_lifespan(app: Litestar) -> AsyncIterator[None]:
     """One change stream per process, fanned out to WebSocket clients."""
-    runtime = _runtime(app)
-    assert runtime.store is not None
-    runtime.hub = LiveHub(runtime.store, runtime.settings.ws_queue_max)
-    async with _background("live-hub", runtime.hub.run()):
-        await asyncio.wait_for(runtime.hub.wait_ready(), 30)
+    hub = app.state.hub = LiveHub(app.state.store, app.state.settings.ws_queue_max)
+    async with _background("live-hub", hub.run()):
+        await asyncio.wait_for(hub.wait_ready(), 30)
         yield
 
 
 @contextlib.asynccontextmanager
 async def projections_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Keep chat_sessions and chat_metrics up to date from the log."""
-    runtime = _runtime(app)
-    assert runtime.store is not None
-    runtime.projections = ProjectionRunner.for_settings(runtime.db, runtime.store, runtime.settings.prices_path)
-    async with _background("projection-runner", runtime.projections.run()):
+    runner = ProjectionRunner.for_settings(app.state.db, app.state.store, app.state.settings.prices_path)
+    app.state.projections = runner
+    async with _background("projection-runner", runner.run()):
         yield
 
 
 @contextlib.asynccontextmanager
 async def anchors_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Anchor changed chat heads every MOZAIKS_ANCHOR_INTERVAL_S and after every terminal record."""
-    runtime = _runtime(app)
-    runtime.anchors = AnchorBook(runtime.db, anchor_key(runtime.settings))
-    writer = AnchorWriter(runtime.db, runtime.anchors, runtime.settings.anchor_interval_s)
-    if runtime.projections is not None:
-        runtime.projections.on_applied = writer.notice
+    state = app.state
+    book = state.anchors = AnchorBook(state.db, anchor_key(state.settings))
+    writer = AnchorWriter(state.db, book, state.settings.anchor_interval_s)
+    state.projections.on_applied = writer.notice
     async with _background("anchor-writer", writer.run()):
         yield
 
@@ -113,22 +114,79 @@ async def anchors_lifespan(app: Litestar) -> AsyncIterator[None]:
 @contextlib.asynccontextmanager
 async def supervisor_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Runs in the background, each guarded by a lease; expired leases recovered as interrupted runs."""
-    runtime = _runtime(app)
-    assert runtime.store is not None
-    runtime.orchestrator = Orchestrator(runtime.store, runtime.workflows, runtime.settings)
-    runtime.supervisor = RunSupervisor(runtime.db, runtime.store, runtime.orchestrator, runtime.settings)
-    async with _background("lease-watch", runtime.supervisor.watch_leases()):
+    state = app.state
+    orchestrator = state.orchestrator = Orchestrator(state.store, state.workflows, state.settings)
+    supervisor = state.supervisor = RunSupervisor(state.db, state.store, orchestrator, state.settings)
+    async with _background("lease-watch", supervisor.watch_leases()):
         try:
             yield
         finally:
-            await runtime.supervisor.shutdown()
+            await supervisor.shutdown()
 
 
-def _error(status: int, code: str) -> Any:
-    def handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-        return Response({"error": code, "detail": str(exc)}, status_code=status, media_type=MediaType.JSON)
+# ---- services, injected into handlers by parameter name and type ---------------------------------
+# Each is built once per process by its lifespan (above) and kept on the app's state.
 
-    return handler
+
+def _settings(state: State) -> Settings:
+    settings: Settings = state.settings
+    return settings
+
+
+def _workflows(state: State) -> WorkflowManager:
+    workflows: WorkflowManager = state.workflows
+    return workflows
+
+
+def _db(state: State) -> AsyncDatabase[Any]:
+    db: AsyncDatabase[Any] = state.db
+    return db
+
+
+def _store(state: State) -> MongoEventStore:
+    store: MongoEventStore = state.store
+    return store
+
+
+def _hub(state: State) -> LiveHub:
+    hub: LiveHub = state.hub
+    return hub
+
+
+def _projections(state: State) -> ProjectionRunner:
+    projections: ProjectionRunner = state.projections
+    return projections
+
+
+def _anchors(state: State) -> AnchorBook:
+    anchors: AnchorBook = state.anchors
+    return anchors
+
+
+def _orchestrator(state: State) -> Orchestrator:
+    orchestrator: Orchestrator = state.orchestrator
+    return orchestrator
+
+
+def _supervisor(state: State) -> RunSupervisor:
+    supervisor: RunSupervisor = state.supervisor
+    return supervisor
+
+
+DEPENDENCIES: Final = {
+    name: Provide(provider, sync_to_thread=False)
+    for name, provider in {
+        "settings": _settings,
+        "workflows": _workflows,
+        "db": _db,
+        "store": _store,
+        "hub": _hub,
+        "projections": _projections,
+        "anchors": _anchors,
+        "orchestrator": _orchestrator,
+        "supervisor": _supervisor,
+    }.items()
+}
 
 
 def _rate_limit_identity(request: Request[Any, Any, Any]) -> str:
@@ -147,13 +205,12 @@ async def chat_ui() -> File:
     return File(STATIC / "index.html", content_disposition_type="inline", media_type=MediaType.HTML)
 
 
-def create_app(settings: Settings | None = None, on_shutdown: list[Callable[[], Any]] | None = None) -> Litestar:
+def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[[], Any]] = ()) -> Litestar:
     """Build the application for `settings` (default: from the environment).
 
     `on_shutdown` hooks run after every lifespan has closed (the CLI stops its embedded server there).
     """
     settings = settings or Settings.from_env()
-    runtime = Runtime(settings)
     prometheus = PrometheusConfig(app_name="mozaiks", prefix="mozaiks", group_path=True, exclude=["/metrics"])
     rate_limit = RateLimitConfig(
         rate_limit=("minute", settings.chat_starts_per_minute),
@@ -170,12 +227,12 @@ def create_app(settings: Settings | None = None, on_shutdown: list[Callable[[], 
             AuditController,
             SeriesController,
             HealthController,
-            PrometheusController,
+            prometheus_metrics,
             chat_socket,
             create_static_files_router(path="/static", directories=[STATIC]),
         ],
         lifespan=[database_lifespan, hub_lifespan, projections_lifespan, anchors_lifespan, supervisor_lifespan],
-        dependencies={"runtime": Provide(lambda: runtime, sync_to_thread=False)},
+        dependencies=DEPENDENCIES,
         middleware=[
             DefineMiddleware(
                 BearerAuthMiddleware, exclude=["^/$", "^/static", "^/health", "^/schema", "^/api/info$", "^/ws/"]
@@ -183,22 +240,28 @@ def create_app(settings: Settings | None = None, on_shutdown: list[Callable[[], 
             rate_limit.middleware,
             prometheus.middleware,
         ],
-        exception_handlers={
-            UnknownChat: _error(404, "unknown_chat"),
-            UnknownWorkflow: _error(404, "unknown_workflow"),
-            Conflict: _error(409, "conflict"),
-            RunActive: _error(409, "run_active"),
-            NoActiveRun: _error(409, "no_active_run"),
-            CorruptRecord: _error(500, "corrupt_record"),
-        },
-        openapi_config=OpenAPIConfig(title="Mozaiks AI Runtime", version="0.1.0", path="/schema"),
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=OpenAPIConfig(
+            title="Mozaiks AI Runtime",
+            version="0.1.0",
+            path="/schema",
+            # Without MOZAIKS_AUTH_SECRET (local mode) no token is needed; with it, every route but the open ones.
+            components=Components(
+                security_schemes={
+                    "bearer": SecurityScheme(
+                        type="http", scheme="bearer", bearer_format="JWT", description="HS256, signed with MOZAIKS_AUTH_SECRET"
+                    )
+                }
+            ),
+            security=[{"bearer": []}],
+        ),
         request_max_body_size=settings.max_body_bytes,
-        on_shutdown=on_shutdown or [],
+        on_shutdown=list(on_shutdown),
         logging_config=None,  # logs go through app.logging's structlog setup, not Litestar's own
     )
-    app.state.runtime = runtime
     app.state.settings = settings
-    runtime.observability.bind(lambda: runtime.projections)
+    app.state.workflows = WorkflowManager(settings.workflows_path)
+    watch_projection_lag(lambda: app.state.get("projections"))
     return app
 
 

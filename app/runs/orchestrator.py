@@ -370,7 +370,8 @@ class _RunSession:
             future.set_result(self.unclaimed.popleft().text)
         stopping = asyncio.create_task(self.stop.wait())
         try:
-            await asyncio.wait({future, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            waiters: list[asyncio.Future[Any]] = [future, stopping]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopping.cancel()
             self.open_requests.pop(request_id, None)

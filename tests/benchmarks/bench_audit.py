@@ -48,7 +48,9 @@ def chat_docs(k: int, per_chat: int) -> list[dict[str, Any]]:
     for seq in range(1, per_chat + 1):
         match seq % 3:
             case 0:
-                event: Any = LlmCall(model="gpt-4o-mini", prompt_tokens=120, completion_tokens=40, latency_ms=300.0)
+                event: Any = LlmCall(
+                    model="gpt-4o-mini", prompt_tokens=120, completion_tokens=40, latency_ms=300.0
+                )
             case 1:
                 event = MessageAgent(content="lorem ipsum dolor sit amet " * 6)
             case _:
@@ -75,7 +77,9 @@ async def bench(uri: str, chats: int, per_chat: int) -> None:
     await store.ensure_indexes()
     print(f"writing {chats} chats x {per_chat} records (two apps)")
     for start in range(0, chats, 20):
-        await store.events.insert_many([d for k in range(start, min(start + 20, chats)) for d in chat_docs(k, per_chat)])
+        await store.events.insert_many(
+            [d for k in range(start, min(start + 20, chats)) for d in chat_docs(k, per_chat)]
+        )
     book = AnchorBook(db, b"bench-key")
     await book.ensure_indexes()
 
@@ -96,7 +100,11 @@ async def bench(uri: str, chats: int, per_chat: int) -> None:
 
     for label, query, f in (
         ("every record of app P", {"app_id": "P"}, AuditFilter(app_id="P")),
-        ("type=llm.call of app P", {"app_id": "P", "type": "llm.call"}, AuditFilter(app_id="P", types=("llm.call",))),
+        (
+            "type=llm.call of app P",
+            {"app_id": "P", "type": "llm.call"},
+            AuditFilter(app_id="P", types=("llm.call",)),
+        ),
     ):
         print(f"query: {label}")
         raw_t, raw_n = await timed("raw find (documents only)", lambda q=query: raw(q))  # type: ignore[misc]
@@ -104,7 +112,9 @@ async def bench(uri: str, chats: int, per_chat: int) -> None:
         same_t, _ = await timed("raw find, same sort and index", lambda q=query, p=plan: raw(q, p))  # type: ignore[misc]
         audit_t, audit_n = await timed("find_records + NDJSON encoding", lambda f=f: audited(f))  # type: ignore[misc]
         assert raw_n == audit_n, (raw_n, audit_n)
-        print(f"  ratio audit/raw: {audit_t / raw_t:.2f}x (vs the same sorted index scan: {audit_t / same_t:.2f}x)")
+        print(
+            f"  ratio audit/raw: {audit_t / raw_t:.2f}x (vs the same sorted index scan: {audit_t / same_t:.2f}x)"
+        )
 
     print("export: mozaiks audit export --app P (NDJSON, chains checked as the records stream past)")
     settings = Settings(database_uri=uri, db_name=name, anchor_key="bench-key")
