@@ -45,6 +45,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     llm_timeout_s: float = 120.0
     # Browser origins allowed to call the API and the AG-UI endpoint (CORS); none by default.
     cors_origins: tuple[str, ...] = ()
+    anchor_interval_s: float = 60.0
+    # HMAC key of the tail anchors; None: derived from auth_secret, or a key file in data_dir.
+    anchor_key: str | None = None
     node_id: str = msgspec.field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
 
     @property
@@ -119,4 +122,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             llm_backoff_max_s=number("MOZAIKS_LLM_BACKOFF_MAX_S", 30.0),
             llm_timeout_s=number("MOZAIKS_LLM_TIMEOUT_S", 120.0),
             cors_origins=origins(text("MOZAIKS_CORS_ORIGINS")),
+            anchor_interval_s=number("MOZAIKS_ANCHOR_INTERVAL_S", 60.0),
+            anchor_key=text("MOZAIKS_ANCHOR_KEY"),
         )

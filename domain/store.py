@@ -29,6 +29,9 @@ from pymongo.errors import (
     WriteConcernError,
 )
 
+from domain.anchors import AnchorBook
+from domain.audit import AUDIT_INDEXES, AuditFilter, LogVerification, Position, find_records, verify_log
+from domain.chain import ChainCheck, Verification
 from domain.errors import Conflict, CorruptRecord, HistoryLost, StorageUnavailable
 from domain.events import (
     GENESIS_HASH,
@@ -36,7 +39,6 @@ from domain.events import (
     Pending,
     Record,
     StreamRef,
-    chain_hash,
     now,
     seal,
     to_record,
@@ -119,17 +121,6 @@ async def with_retries(policy: RetryPolicy, what: str, operation: Callable[[], A
             return await operation()
         except PyMongoError as exc:
             await backoff.wait(exc)
-
-
-class Verification(msgspec.Struct, frozen=True, kw_only=True):
-    """Result of recomputing one chat's hash chain."""
-
-    chat_id: str
-    ok: bool
-    checked: int
-    last_seq: int
-    broken_seq: int | None = None
-    detail: str | None = None
 
 
 class Change(msgspec.Struct, frozen=True):
@@ -224,8 +215,9 @@ class MongoEventStore:
         await self.events.create_indexes(
             [
                 IndexModel([("chat_id", ASCENDING), ("seq", ASCENDING)], unique=True, name="chat_seq"),
-                IndexModel([("app_id", ASCENDING), ("ts", ASCENDING)], name="app_ts"),
                 IndexModel([("type", ASCENDING), ("ts", ASCENDING)], name="type_ts"),
+                # The app-wide audit query's indexes (they supersede the former `app_ts`).
+                *AUDIT_INDEXES,
             ]
         )
 
@@ -459,29 +451,36 @@ class MongoEventStore:
                 found.add(str(message_id))
         return found
 
-    async def verify(self, chat_id: str) -> Verification:
-        """Recompute the chat's hash chain from the stored documents; report the first broken seq."""
-        expected_prev = GENESIS_HASH
-        checked = 0
-        last = 0
+    def audit(
+        self, f: AuditFilter, *, after: Position | None = None, limit: int | None = None, batch_size: int = 1000
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The app-wide audit read (`domain.audit`): stored documents matching `f` after `after`, in order."""
+        return find_records(self.events, f, after=after, limit=limit, batch_size=batch_size)
+
+    async def verify_all(
+        self,
+        book: AnchorBook | None,
+        *,
+        app_id: str | None = None,
+        chat_ids: set[str] | None = None,
+        exported: Iterable[Mapping[str, Any]] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> LogVerification:
+        """Every chat's chain (of one app, or `chat_ids`) against its tail anchor, in one pass (`verify_log`)."""
+        return await verify_log(
+            self.events, book, app_id=app_id, chat_ids=chat_ids, exported=exported, progress=progress
+        )
+
+    async def verify(self, chat_id: str, check: ChainCheck | None = None) -> Verification:
+        """Recompute the chat's hash chain from the stored documents; report the first broken seq.
+
+        `check` is the fold to feed (one watching an anchored seq, say); by default a plain one.
+        """
+        check = check or ChainCheck(chat_id)
         async for doc in self.events.find({"chat_id": chat_id}, sort=[("seq", ASCENDING)]):
-            seq = doc.get("seq")
-            problem = None
-            if seq != last + 1:
-                problem = f"expected seq {last + 1}, found {seq}"
-            elif doc.get("prev_hash") != expected_prev:
-                problem = "prev_hash does not match the previous record's hash"
-            elif doc.get("hash") != chain_hash(expected_prev, doc):
-                problem = "hash does not match the record's content"
-            if problem is not None:
-                broken = seq if isinstance(seq, int) else last + 1
-                return Verification(
-                    chat_id=chat_id, ok=False, checked=checked, last_seq=last, broken_seq=broken, detail=problem
-                )
-            checked += 1
-            last = int(seq)
-            expected_prev = str(doc["hash"])
-        return Verification(chat_id=chat_id, ok=True, checked=checked, last_seq=last)
+            if not check.add(doc):
+                break
+        return check.result()
 
     # ---- live ---------------------------------------------------------------------------------
 

@@ -64,7 +64,41 @@ def empty_llm() -> dict[str, Any]:
     }
 
 
-class ChatMetricsProjector(Projector):
+class PricedProjector(Projector):
+    """A projector that costs `llm.call` records with a price table (re-read when its file changes)."""
+
+    def __init__(self, prices: PriceTable | WatchedPrices | None = None) -> None:
+        self._watched = prices if isinstance(prices, WatchedPrices) else None
+        self._table = prices if isinstance(prices, PriceTable) else None
+        if prices is None:
+            self._table = PriceTable.load()
+
+    @property
+    def prices(self) -> PriceTable:
+        """The price table in use now."""
+        if self._watched is not None:
+            return self._watched.table
+        assert self._table is not None
+        return self._table
+
+    def refresh(self) -> None:
+        """Re-read a watched price file that changed."""
+        if self._watched is not None:
+            self._watched.refresh()
+
+    def call_cost(self, record: Record, call: LlmCall) -> int | None:
+        """The call's cost in nano-USD (0 offline) by the prices in force on its date; None if unpriced."""
+        if call.offline:
+            return 0
+        return self.prices.cost_nanousd(call.model, call.prompt_tokens, call.completion_tokens, record.ts)
+
+
+def latency_us(call: LlmCall) -> int:
+    """The call's latency in whole microseconds (0 when not a finite, positive number)."""
+    return max(round(call.latency_ms * 1000), 0) if math.isfinite(call.latency_ms) else 0
+
+
+class ChatMetricsProjector(PricedProjector):
     """Projects per-chat and per-agent performance metrics into `chat_metrics`."""
 
     name: ClassVar[str] = "metrics"
@@ -89,25 +123,6 @@ class ChatMetricsProjector(Projector):
         IndexModel([("app_id", ASCENDING), ("total_tokens", DESCENDING)], name="app_tokens"),
         IndexModel([("user_id", ASCENDING), ("updated_at", DESCENDING)], name="user_updated"),
     )
-
-    def __init__(self, prices: PriceTable | WatchedPrices | None = None) -> None:
-        self._watched = prices if isinstance(prices, WatchedPrices) else None
-        self._table = prices if isinstance(prices, PriceTable) else None
-        if prices is None:
-            self._table = PriceTable.load()
-
-    @property
-    def prices(self) -> PriceTable:
-        """The price table in use now."""
-        if self._watched is not None:
-            return self._watched.table
-        assert self._table is not None
-        return self._table
-
-    def refresh(self) -> None:
-        """Re-read a watched price file that changed."""
-        if self._watched is not None:
-            self._watched.refresh()
 
     def empty(self) -> dict[str, Any]:
         """All counters zero."""
@@ -168,23 +183,21 @@ class ChatMetricsProjector(Projector):
         count("prompt_tokens", call.prompt_tokens)
         count("completion_tokens", call.completion_tokens)
         count("total_tokens", call.prompt_tokens + call.completion_tokens)
+        cost = self.call_cost(record, call)
         if call.offline:
-            cost: int | None = 0
             count("llm.offline")
-        else:
-            cost = self.prices.cost_nanousd(call.model, call.prompt_tokens, call.completion_tokens, record.ts)
-            if cost is None:
-                count("llm.unpriced")
+        elif cost is None:
+            count("llm.unpriced")
         count("cost_nanousd", cost or 0)
         count("llm.count")
         if call.error is not None:
             count("llm.failures")
-        latency_us = max(round(call.latency_ms * 1000), 0) if math.isfinite(call.latency_ms) else 0
-        count("llm.latency_us_sum", latency_us)
+        latency = latency_us(call)
+        count("llm.latency_us_sum", latency)
         count(f"llm.buckets.{bucket_key(call.latency_ms)}")
-        change.max["llm.latency_us_max"] = latency_us
+        change.max["llm.latency_us_max"] = latency
         if record.agent is not None:
-            change.max[f"agents.{field_key(record.agent)}.llm.latency_us_max"] = latency_us
+            change.max[f"agents.{field_key(record.agent)}.llm.latency_us_max"] = latency
         if call.ttft_ms is not None and math.isfinite(call.ttft_ms):
             count(f"llm.ttft_buckets.{bucket_key(call.ttft_ms)}")
         stream_us = round(call.stream_ms * 1000) if call.stream_ms is not None and math.isfinite(call.stream_ms) else 0

@@ -29,6 +29,8 @@ from pymongo.errors import PyMongoError
 
 from domain.errors import CorruptRecord
 from domain.store import Appends, MongoEventStore
+from projections.buckets import MetricsBucketsProjector
+from projections.heads import ChainHeadsProjector
 from projections.metrics import ChatMetricsProjector
 from projections.prices import PriceTable
 from projections.projector import Projector, apply_record
@@ -37,7 +39,12 @@ from projections.writer import ProjectionWriter, catch_up
 
 log = logging.getLogger(__name__)
 
-PROJECTION_NAMES: Final = (ChatSessionsProjector.name, ChatMetricsProjector.name)
+PROJECTION_NAMES: Final = (
+    ChatSessionsProjector.name,
+    ChatMetricsProjector.name,
+    MetricsBucketsProjector.name,
+    ChainHeadsProjector.name,
+)
 WRITE_BATCH: Final = 500  # documents per bulk replace into a projection collection
 PROGRESS_EVERY: Final = 1000  # events between progress callbacks
 
@@ -75,6 +82,8 @@ def select_projectors(
     available: dict[str, Projector] = {
         ChatSessionsProjector.name: ChatSessionsProjector(),
         ChatMetricsProjector.name: ChatMetricsProjector(table),
+        MetricsBucketsProjector.name: MetricsBucketsProjector(table),
+        ChainHeadsProjector.name: ChainHeadsProjector(),
     }
     return [available[name] for name in PROJECTION_NAMES if name in wanted]
 

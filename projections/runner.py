@@ -26,6 +26,8 @@ from pymongo.errors import PyMongoError
 from domain.errors import HistoryLost
 from domain.events import Record
 from domain.store import Change, MongoEventStore
+from projections.buckets import MetricsBucketsProjector
+from projections.heads import ChainHeadsProjector
 from projections.metrics import ChatMetricsProjector
 from projections.prices import PriceTable, WatchedPrices
 from projections.projector import Projector
@@ -38,8 +40,8 @@ CHECKPOINTS: Final = "projection_checkpoints"
 
 
 def default_projectors(prices: PriceTable | WatchedPrices | None = None) -> list[Projector]:
-    """chat_sessions and metrics (costed with `prices`, else the shipped default table)."""
-    return [ChatSessionsProjector(), ChatMetricsProjector(prices)]
+    """chat_sessions, metrics and metrics_buckets (costed with `prices`, else the shipped table), chain_heads."""
+    return [ChatSessionsProjector(), ChatMetricsProjector(prices), MetricsBucketsProjector(prices), ChainHeadsProjector()]
 
 
 Hook = Callable[[], Awaitable[None]]

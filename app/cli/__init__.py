@@ -10,6 +10,7 @@ from typing import NoReturn
 import click
 import msgspec
 
+from app.cli.audit import audit_group, metrics_group
 from app.cli.projections import projections_group
 from app.cli.runs import run_command, workflows_group
 from app.embedded import EmbeddedMongo, EmbeddedServerError
@@ -108,3 +109,5 @@ def token(user_id: str, app_id: str, roles: tuple[str, ...], ttl: int) -> None:
 main.add_command(run_command)
 main.add_command(workflows_group)
 main.add_command(projections_group)
+main.add_command(audit_group)
+main.add_command(metrics_group)

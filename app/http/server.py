@@ -29,6 +29,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from app.database import open_database
 from app.http.agui import run_agent
+from app.http.analytics import SeriesController
+from app.http.audit import AuditController, anchor_key
 from app.http.auth import BearerAuthMiddleware, token_from
 from app.http.controllers import (
     ChatController,
@@ -46,7 +48,9 @@ from app.runs.orchestrator import Orchestrator
 from app.runs.supervisor import RunSupervisor
 from app.runs.workflows import WorkflowManager
 from app.settings import Settings
+from domain.anchors import AnchorBook
 from domain.store import MongoEventStore, RetryPolicy
+from projections.heads import AnchorWriter
 from projections.runner import ProjectionRunner
 
 STATIC = Path(__file__).parents[1] / "static"
@@ -111,6 +115,17 @@ async def projections_lifespan(app: Litestar) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
+async def anchors_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """Anchor changed chat heads every MOZAIKS_ANCHOR_INTERVAL_S and after every terminal record."""
+    state = app.state
+    book = state.anchors = AnchorBook(state.db, anchor_key(state.settings))
+    writer = AnchorWriter(state.db, book, state.settings.anchor_interval_s)
+    state.projections.on_applied = writer.notice
+    async with _background("anchor-writer", writer.run()):
+        yield
+
+
+@contextlib.asynccontextmanager
 async def supervisor_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Runs in the background, each guarded by a lease; expired leases recovered as interrupted runs."""
     state = app.state
@@ -165,6 +180,11 @@ def _projections(state: State) -> ProjectionRunner:
     return projections
 
 
+def _anchors(state: State) -> AnchorBook:
+    anchors: AnchorBook = state.anchors
+    return anchors
+
+
 def _orchestrator(state: State) -> Orchestrator:
     orchestrator: Orchestrator = state.orchestrator
     return orchestrator
@@ -184,6 +204,7 @@ DEPENDENCIES: Final = {
         "store": _store,
         "hub": _hub,
         "projections": _projections,
+        "anchors": _anchors,
         "orchestrator": _orchestrator,
         "supervisor": _supervisor,
     }.items()
@@ -227,13 +248,15 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             WorkflowController,
             ChatController,
             MetricsController,
+            AuditController,
+            SeriesController,
             HealthController,
             prometheus_metrics,
             chat_socket,
             run_agent,
             create_static_files_router(path="/static", directories=[STATIC]),
         ],
-        lifespan=[database_lifespan, hub_lifespan, projections_lifespan, supervisor_lifespan],
+        lifespan=[database_lifespan, hub_lifespan, projections_lifespan, anchors_lifespan, supervisor_lifespan],
         dependencies=DEPENDENCIES,
         middleware=[
             DefineMiddleware(

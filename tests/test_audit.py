@@ -1,0 +1,405 @@
+"""Auditing across chats on the real wire server: the app-wide query and its cursor, indexes, tail anchors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pymongo.asynchronous.database import AsyncDatabase
+
+from app.http.auth import issue_token
+from domain.audit import AuditFilter, Position, plans
+from domain.events import (
+    ChatCreated,
+    LlmCall,
+    MessageAgent,
+    MessageUser,
+    Pending,
+    RunCompleted,
+    RunStarted,
+    StreamRef,
+    ToolCalled,
+    ToolResult,
+)
+from domain.store import MongoEventStore
+
+SECRET = "audit-test-secret-of-at-least-thirty-two-bytes"
+ROOT = Path(__file__).resolve().parents[1]
+APPS = ("P", "Q")
+USERS = ("u0", "u1", "u2")
+WORKFLOWS = ("Alpha", "Beta")
+AGENTS = ("Planner", "Writer", "_Hidden")
+
+
+def bearer(user: str, app: str, roles: tuple[str, ...] = ("user",)) -> dict[str, str]:
+    return {"Authorization": f"Bearer {issue_token(SECRET, user, app, list(roles))}"}
+
+
+def chat_events(i: int) -> list[list[Pending]]:
+    """A small chat: created, a user message, one or two runs of agent turns with tools and LLM calls."""
+    bursts: list[list[Pending]] = [
+        [Pending(event=ChatCreated()), Pending(event=MessageUser(content=f"hi {i}"))]
+    ]
+    for r in range(1 + i % 2):
+        run_id = f"run-{i}-{r}"
+        burst = [Pending(event=RunStarted(pattern="RoundRobin", max_turns=4), run_id=run_id)]
+        for turn in range(2):
+            agent = AGENTS[(i + turn + r) % 3]
+            burst.append(
+                Pending(
+                    event=LlmCall(
+                        model="gpt-4o-mini", prompt_tokens=10 + i, completion_tokens=5, latency_ms=100.0 + i
+                    ),
+                    agent=agent,
+                    run_id=run_id,
+                    visible=False,
+                )
+            )
+            if (i + turn) % 3 == 0:
+                burst.append(
+                    Pending(
+                        event=ToolCalled(tool="search", call_id=f"c{i}{turn}", arguments="{}"),
+                        agent=agent,
+                        run_id=run_id,
+                    )
+                )
+                burst.append(
+                    Pending(
+                        event=ToolResult(tool="search", call_id=f"c{i}{turn}", content="r"),
+                        agent=agent,
+                        run_id=run_id,
+                    )
+                )
+            burst.append(
+                Pending(
+                    event=MessageAgent(content=f"turn {turn}"),
+                    agent=agent,
+                    run_id=run_id,
+                    visible=agent != "_Hidden",
+                )
+            )
+        burst.append(Pending(event=RunCompleted(), run_id=run_id))
+        bursts.append(burst)
+    return bursts
+
+
+def ref(i: int) -> StreamRef:
+    return StreamRef(
+        chat_id=f"chat-{i:02d}", app_id=APPS[i % 2], user_id=USERS[i % 3], workflow=WORKFLOWS[(i // 2) % 2]
+    )
+
+
+async def write_chats(store: MongoEventStore, count: int = 30) -> None:
+    for i in range(count):
+        for burst in chat_events(i):
+            await store.append(ref(i), burst, None)
+
+
+def matches(doc: Mapping[str, Any], f: AuditFilter) -> bool:
+    if f.types and doc["type"] not in f.types:
+        return False
+    for field in ("app_id", "agent", "workflow", "user_id", "chat_id", "run_id"):
+        value = getattr(f, field)
+        if value is not None and doc[field] != value:
+            return False
+    if f.visible is not None and doc["visible"] != f.visible:
+        return False
+    if f.since is not None and doc["ts"] < f.since:
+        return False
+    return f.until is None or doc["ts"] < f.until
+
+
+async def page_all(
+    http: httpx.AsyncClient, headers: dict[str, str], params: dict[str, Any], limit: int = 7
+) -> list[dict[str, Any]]:
+    """Every record of a query, page by page through the cursor."""
+    records: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = {**params, "limit": limit, **({"cursor": cursor} if cursor else {})}
+        response = await http.get("/api/events", params=query, headers=headers)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        records += page["events"]
+        cursor = page["next"]
+        if not page["more"]:
+            return records
+
+
+def filter_params(f: AuditFilter) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if f.types:
+        params["type"] = list(f.types)
+    for field in ("agent", "workflow", "user_id", "chat_id", "run_id"):
+        if getattr(f, field) is not None:
+            params[field] = getattr(f, field)
+    for field in ("since", "until"):
+        value = getattr(f, field)
+        if value is not None:
+            params[field] = value.isoformat()
+    return params
+
+
+@pytest.fixture
+async def secured(start_node: Any) -> Any:
+    return await start_node(auth_secret=SECRET)
+
+
+async def test_each_filter_returns_exactly_the_matching_records_of_the_callers_app(
+    secured: Any, store: MongoEventStore, db: AsyncDatabase[Any]
+) -> None:
+    await write_chats(store)
+    stored = [doc async for doc in db["events"].find({})]
+    times = sorted(doc["ts"] for doc in stored)
+    middle, late = times[len(times) // 3], times[2 * len(times) // 3]
+    filters = [
+        AuditFilter(),
+        AuditFilter(types=("llm.call",)),
+        AuditFilter(types=("tool.called", "tool.result", "run.completed")),
+        AuditFilter(agent="Writer"),
+        AuditFilter(workflow="Beta"),
+        AuditFilter(user_id="u1"),
+        AuditFilter(chat_id="chat-04"),
+        AuditFilter(run_id="run-03-1"),
+        AuditFilter(since=middle),
+        AuditFilter(since=middle, until=late),
+        AuditFilter(types=("message.agent",), agent="_Hidden", user_id="u2", since=middle),
+    ]
+    async with httpx.AsyncClient(base_url=secured.url) as http:
+        for app in APPS:
+            auditor = bearer("auditor", app, ("auditor",))
+            for f in filters:
+                expected = sorted(
+                    (d for d in stored if d["app_id"] == app and matches(d, f)),
+                    key=lambda d: (d["ts"], d["chat_id"], d["seq"]),
+                )
+                got = await page_all(http, auditor, filter_params(f))
+                assert [(r["chat_id"], r["seq"]) for r in got] == [
+                    (d["chat_id"], d["seq"]) for d in expected
+                ], (app, f)
+                assert all(r["app_id"] == app for r in got)
+                streamed = await http.get(
+                    "/api/events",
+                    params=filter_params(f),
+                    headers={**auditor, "Accept": "application/x-ndjson"},
+                )
+                assert streamed.headers["content-type"].startswith("application/x-ndjson")
+                assert [json.loads(line)["id"] for line in streamed.text.splitlines()] == [
+                    d["_id"] for d in expected
+                ]
+            assert any(f.types for f in filters) and expected  # the last filter matched something
+            # The other app's chat, asked for by id, is simply not there.
+            other = "chat-01" if app == "P" else "chat-00"
+            assert (await http.get("/api/events", params={"chat_id": other}, headers=auditor)).json()[
+                "events"
+            ] == []
+        # A user reads the visible records of their own chats only, and no one else's.
+        user = bearer("u1", "P")
+        own = await page_all(http, user, {})
+        expected_own = [d for d in stored if d["app_id"] == "P" and d["user_id"] == "u1" and d["visible"]]
+        assert sorted(r["id"] for r in own) == sorted(d["_id"] for d in expected_own)
+        assert (await http.get("/api/events", params={"user_id": "u2"}, headers=user)).status_code == 403
+        # Bad input: a clear 400 naming what is wrong.
+        bad = await http.get("/api/events", params={"type": "nope"}, headers=user)
+        assert bad.status_code == 400 and "nope" in bad.text
+        bad_cursor = await http.get("/api/events", params={"cursor": "not-a-cursor"}, headers=user)
+        assert bad_cursor.status_code == 400 and "cursor" in bad_cursor.text
+        assert (await http.get("/api/events")).status_code == 401
+
+
+async def test_paging_while_appends_continue_misses_and_repeats_nothing(
+    secured: Any, store: MongoEventStore, db: AsyncDatabase[Any]
+) -> None:
+    await write_chats(store, 12)
+    before = {doc["_id"] async for doc in db["events"].find({"app_id": "P"}, {"_id": 1})}
+    stop = asyncio.Event()
+    appended = 0
+
+    async def keep_appending() -> None:
+        nonlocal appended
+        n = 100
+        while not stop.is_set():
+            i = n % 12
+            chat = (
+                ref(i) if n % 3 else StreamRef(chat_id=f"new-{n}", app_id="P", user_id="u0", workflow="Alpha")
+            )
+            await store.append(chat, [Pending(event=MessageAgent(content=f"late {n}"), agent="Writer")], None)
+            appended += 1
+            n += 1
+            await asyncio.sleep(0)
+
+    writer = asyncio.create_task(keep_appending())
+    try:
+        async with httpx.AsyncClient(base_url=secured.url) as http:
+            records = await page_all(http, bearer("auditor", "P", ("auditor",)), {}, limit=5)
+    finally:
+        stop.set()
+        await writer
+    ids = [r["id"] for r in records]
+    assert appended > 0
+    assert len(ids) == len(set(ids)), "a record came twice"
+    assert before <= set(ids), f"missed {len(before - set(ids))} records stored before paging began"
+    keys = [(r["ts"], r["chat_id"], r["seq"]) for r in records]
+    assert keys == sorted(keys)
+
+
+def _stages(plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    found = [plan]
+    for key in ("inputStage", "outerStage", "innerStage"):
+        if isinstance(plan.get(key), Mapping):
+            found += _stages(plan[key])
+    for child in plan.get("inputStages", ()):
+        found += _stages(child)
+    return found
+
+
+async def test_every_documented_filter_is_served_by_an_index(
+    store: MongoEventStore, db: AsyncDatabase[Any]
+) -> None:
+    await write_chats(store, 4)
+    last = await db["events"].find_one({"app_id": "P"}, sort=[("ts", -1)])
+    assert last is not None
+    after = Position.of(last)
+    documented = [
+        AuditFilter(app_id="P"),
+        AuditFilter(app_id="P", types=("llm.call",)),
+        AuditFilter(app_id="P", types=("llm.call", "tool.called")),
+        AuditFilter(app_id="P", agent="Writer"),
+        AuditFilter(app_id="P", workflow="Alpha"),
+        AuditFilter(app_id="P", user_id="u1"),
+        AuditFilter(app_id="P", user_id="u1", visible=True),
+        AuditFilter(app_id="P", chat_id="chat-00"),
+        AuditFilter(app_id="P", run_id="run-00-0"),
+        AuditFilter(app_id="P", since=last["ts"]),
+        AuditFilter(app_id="P", until=last["ts"]),
+        AuditFilter(types=("llm.call",)),  # the CLI's export of every app
+    ]
+    for f in documented:
+        for position in (None, after):
+            for plan in plans(f, position):
+                explained = await db["events"].find(plan.query, sort=plan.sort, hint=plan.hint).explain()
+                stages = _stages(explained["queryPlanner"]["winningPlan"])
+                names = [stage.get("stage") for stage in stages]
+                assert "COLLSCAN" not in names, (f, names)
+                scans = [stage for stage in stages if stage.get("stage") == "IXSCAN"]
+                assert [scan["indexName"] for scan in scans] == [plan.hint], (f, names)
+
+
+# ---- tail anchors -------------------------------------------------------------------------------
+
+
+def mozaiks(*args: str, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from app.cli import main; main()", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+async def wait_anchored(db: AsyncDatabase[Any], chat_ids: list[str], store: MongoEventStore) -> None:
+    """Until each chat's head (its terminal record) is anchored."""
+    async with asyncio.timeout(60):
+        while True:
+            heads = {c: await store.last_seq(c) for c in chat_ids}
+            anchored = {
+                c: await db["chain_anchors"].find_one({"chat_id": c, "seq": s}) for c, s in heads.items()
+            }
+            if all(anchored.values()):
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported(
+    secured: Any, store: MongoEventStore, db: AsyncDatabase[Any], mongo_uri: str, db_name: str, tmp_path: Path
+) -> None:
+    await write_chats(store, 8)
+    chats = [f"chat-{i:02d}" for i in range(8)]
+    # Every chat ends with run.completed: the writer anchors it without waiting for its interval.
+    await wait_anchored(db, chats, store)
+    env = {"DATABASE_URI": mongo_uri, "MOZAIKS_DB": db_name, "MOZAIKS_AUTH_SECRET": SECRET}
+    clean = mozaiks("audit", "verify", env=env)
+    assert clean.returncode == 0, clean.stderr
+    assert "every chain intact" in " ".join(clean.stderr.split())
+
+    kept_apart = tmp_path / "anchors.ndjson"
+    kept_apart.write_text(mozaiks("audit", "anchors", "export", "--app", "P", env=env).stdout)
+
+    truncated, deleted, edited, unanchored = "chat-00", "chat-02", "chat-04", "chat-06"  # all of app P
+    head = await store.last_seq(truncated)
+    await db["events"].delete_many({"chat_id": truncated, "seq": {"$gt": head - 3}})
+    await db["events"].delete_many({"chat_id": deleted})
+    anchor = await db["chain_anchors"].find_one({"chat_id": edited}, sort=[("n", -1)])
+    assert anchor is not None
+    await db["chain_anchors"].update_one({"_id": anchor["_id"]}, {"$set": {"seq": anchor["seq"] + 5}})
+    # A tail removed together with the anchors that vouch for it: only the exported copy knows.
+    await db["events"].delete_one({"chat_id": unanchored, "seq": await store.last_seq(unanchored)})
+    removed = [a["_id"] async for a in db["chain_anchors"].find({"chat_id": unanchored})]
+    await db["chain_anchors"].delete_many({"chat_id": unanchored})
+
+    auditor = bearer("auditor", "P", ("auditor",))
+    async with httpx.AsyncClient(base_url=secured.url) as http:
+        cut = (await http.get(f"/api/chats/{truncated}/verify", headers=auditor)).json()
+        assert cut["ok"] is False and cut["broken_seq"] == head - 2 and cut["anchored_seq"] == head
+        assert "removed from its end" in cut["detail"]
+        gone = await http.get(f"/api/chats/{deleted}/verify", headers=auditor)
+        assert gone.status_code == 200 and gone.json()["ok"] is False
+        assert "deleted" in gone.json()["detail"]
+        forged = (await http.get(f"/api/chats/{edited}/verify", headers=auditor)).json()
+        assert forged["ok"] is False and "signature" in forged["detail"]
+        intact = (
+            await http.get("/api/chats/chat-01/verify", headers=bearer("auditor", "Q", ("auditor",)))
+        ).json()
+        assert intact["ok"] is True and intact["anchored_seq"] == await store.last_seq("chat-01")
+        # The chat's user gets a 404 for a deleted chat: only auditors learn of anchors.
+        assert (await http.get(f"/api/chats/{deleted}/verify", headers=bearer("u2", "P"))).status_code == 404
+
+    broken = mozaiks("audit", "verify", "--app", "P", env=env)
+    assert broken.returncode == 1
+    out = " ".join(broken.stderr.split())
+    assert re.search(rf"{truncated} │ {head - 2} │ {head} │", out), out
+    assert deleted in out and "deleted" in out
+    assert f"P#{anchor['n']}" in out and "signature does not match" in out
+    assert "chat-01" not in out  # app Q is not part of this check
+    assert unanchored not in out  # without its anchors, the database alone cannot tell
+    checked = mozaiks("audit", "verify", "--app", "P", "--anchors", str(kept_apart), env=env)
+    against = " ".join(checked.stderr.split())
+    assert checked.returncode == 1 and re.search(rf"{unanchored} │ \d+ │ \d+ │ the log ends", against), (
+        against
+    )
+    assert all(f"{anchor_id} " in against or f"{anchor_id} of" in against for anchor_id in removed), against
+    assert "not in the database" in against
+    other = mozaiks("audit", "verify", "--app", "Q", env=env)
+    assert other.returncode == 0, other.stderr
+
+    export = mozaiks("audit", "export", "--app", "P", "--type", "llm.call", env=env)
+    lines = [json.loads(line) for line in export.stdout.splitlines()]
+    assert (
+        lines
+        and {line["type"] for line in lines} == {"llm.call"}
+        and {line["app_id"] for line in lines} == {"P"}
+    )
+    told = " ".join(export.stderr.split())
+    assert export.returncode == 1 and truncated in told and "verification FAILED (the exported chats" in told
+    # A whole app's export checks the chains as the records stream past: the same findings.
+    whole = mozaiks("audit", "export", "--app", "P", env=env)
+    told = " ".join(whole.stderr.split())
+    assert whole.returncode == 1 and re.search(rf"{truncated} │ {head - 2} │ {head} │", told), told
+    assert deleted in told and "deleted" in told and "signature does not match" in told
+    assert len(whole.stdout.splitlines()) == await db["events"].count_documents({"app_id": "P"})
+    intact_app = mozaiks("audit", "export", "--app", "Q", env=env)
+    assert intact_app.returncode == 0 and "every chain intact" in " ".join(intact_app.stderr.split())
+    anchors = mozaiks("audit", "anchors", "export", "--app", "Q", env=env)
+    exported = [json.loads(line) for line in anchors.stdout.splitlines()]
+    assert exported and all(a["app_id"] == "Q" for a in exported) and "sig" in exported[0]
