@@ -68,7 +68,7 @@ def test_a_token_signed_otherwise_is_refused() -> None:
     with pytest.raises(NotAuthorizedException, match="invalid token: Signature verification failed"):
         principal_from_token(signed({"sub": "ann", "app_id": "shop"}, "another-secret-of-at-least-32-bytes!!"), SECRET)
     with pytest.raises(NotAuthorizedException, match="invalid token: The specified alg value is not allowed"):
-        principal_from_token(signed({"sub": "ann", "app_id": "shop"}, SECRET, "HS512"), SECRET)
+        principal_from_token(signed({"sub": "ann", "app_id": "shop"}, SECRET * 2, "HS512"), SECRET)
 
 
 def test_roles_default_to_user_and_may_be_all_three() -> None:
