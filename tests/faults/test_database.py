@@ -13,6 +13,7 @@ from websockets.asyncio.client import connect
 from domain.store import MongoEventStore
 from tests.faults.checks import (
     assert_chat_sound,
+    assert_client_saw_the_log,
     drive_to_end,
     records_of,
     run_end,
@@ -127,7 +128,7 @@ async def test_slow_inserts_finds_and_change_stream_get_mores_delay_but_lose_not
                     frame = json.loads(await ws.recv())
                     if frame["type"] == "event":
                         seen.append(frame["seq"])
-        assert seen == visible
+        assert_client_saw_the_log(seen, await records_of(fault_store, chat_id))
         injected = fault_server.faults_seen()["slow"] - before
         assert injected >= 3
         sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)

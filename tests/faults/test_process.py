@@ -13,7 +13,14 @@ from websockets.asyncio.client import connect
 
 from app.embedded import free_port
 from domain.store import MongoEventStore
-from tests.faults.checks import assert_chat_sound, records_of, run_end, wait_for, waiting_for_input
+from tests.faults.checks import (
+    assert_chat_sound,
+    assert_client_saw_the_log,
+    records_of,
+    run_end,
+    wait_for,
+    waiting_for_input,
+)
 from tests.faults.report import Report, Result
 from tests.faults.server import FaultServer
 from tests.test_serve import serve, wait_ready
@@ -57,7 +64,7 @@ async def test_kill_9_of_the_serve_process_running_a_chat(
         records = await records_of(fault_store, chat_id)
         failed = records[-1]
         assert failed.type == "run.failed" and failed.data["reason"] == "interrupted" and run_end(records) == "run.failed"
-        assert seen == [r.seq for r in records if r.visible]
+        assert_client_saw_the_log(seen, records)
         async with httpx.AsyncClient(base_url=f"http://{second_addr}", timeout=60) as http_b:
             sound = await assert_chat_sound(http_b, fault_store, chat_id)
         started = [r for r in await records_of(fault_store, chat_id) if r.type == "run.started"]
