@@ -111,14 +111,15 @@ class ChatController(Controller):
         """Start a chat on a workflow with a first message; the run goes on in the background."""
         assert runtime.orchestrator is not None and runtime.supervisor is not None
         principal = request.user
-        stream = await runtime.orchestrator.create_chat(
-            workflow=data.workflow,
-            user_id=principal.user_id,
-            app_id=principal.app_id,
-            message=data.message,
-            context=data.context,
-        )
-        run_id = await runtime.supervisor.start(stream)
+        with runtime.supervisor.admission():  # a full node refuses (503) before recording anything
+            stream = await runtime.orchestrator.create_chat(
+                workflow=data.workflow,
+                user_id=principal.user_id,
+                app_id=principal.app_id,
+                message=data.message,
+                context=data.context,
+            )
+            run_id = await runtime.supervisor.start(stream, admitted=True)
         return {"chat_id": stream.chat_id, "run_id": run_id, "workflow": stream.workflow}
 
     @get()

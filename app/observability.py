@@ -18,13 +18,16 @@ WS_CLOSED = Counter("mozaiks_ws_closed_total", "WebSocket closes by the server, 
 RUN_OUTCOMES = Counter("mozaiks_run_outcomes_total", "Runs finished on this process, by terminal event", ["outcome"])
 _PROJECTION_LAG_EVENTS = Gauge("mozaiks_projection_lag_events", "Events the projections are behind the log")
 _PROJECTION_LAG_SECONDS = Gauge("mozaiks_projection_lag_seconds", "Seconds the projections are behind the log")
+_LLM_IN_FLIGHT = Gauge("mozaiks_llm_calls_in_flight", "Model calls running on this process")
+_LLM_QUEUED = Gauge("mozaiks_llm_calls_queued", "Model calls waiting for a slot (MOZAIKS_MAX_CONCURRENT_LLM_CALLS)")
+_ACTIVE_RUNS = Gauge("mozaiks_active_runs", "Runs going on this process (bounded by MOZAIKS_MAX_ACTIVE_RUNS)")
 
 
 class Observability:
     """Binds the gauges that are read at scrape time to one process's runtime."""
 
     def bind(self, runtime: Runtime) -> None:
-        """Read projection lag from the runtime's projection runner at every scrape."""
+        """Read projection lag, model calls and active runs from the runtime at every scrape."""
 
         def lag(key: str) -> float:
             runner = runtime.projections
@@ -32,3 +35,6 @@ class Observability:
 
         _PROJECTION_LAG_EVENTS.set_function(lambda: lag("events_behind"))
         _PROJECTION_LAG_SECONDS.set_function(lambda: lag("seconds_behind"))
+        _LLM_IN_FLIGHT.set_function(lambda: float(runtime.executor.in_flight) if runtime.executor else 0.0)
+        _LLM_QUEUED.set_function(lambda: float(runtime.executor.queued) if runtime.executor else 0.0)
+        _ACTIVE_RUNS.set_function(lambda: float(len(runtime.supervisor.tasks)) if runtime.supervisor else 0.0)

@@ -7,6 +7,7 @@ from typing import Any
 from app.hub import LiveHub
 from app.observability import Observability
 from app.orchestration import Orchestrator
+from app.orchestration.pool import RoutingExecutor
 from app.settings import Settings
 from app.supervisor import RunSupervisor
 from app.workflows import WorkflowManager
@@ -28,3 +29,5 @@ class Runtime:
         self.supervisor: RunSupervisor | None = None
         self.projections: ProjectionRunner | None = None
         self.orchestrator: Orchestrator | None = None
+        # The loop's default executor while the app runs (model calls apart from the runtime's I/O).
+        self.executor: RoutingExecutor | None = None

@@ -27,9 +27,10 @@ from app.auth import BearerAuthMiddleware, token_from
 from app.database import open_database
 from app.hub import LiveHub
 from app.orchestration import Orchestrator
+from app.orchestration.pool import routed_default_executor
 from app.runtime import Runtime
 from app.settings import Settings
-from app.supervisor import NoActiveRun, RunActive, RunSupervisor
+from app.supervisor import NoActiveRun, NodeBusy, RunActive, RunSupervisor
 from app.transport import chat_socket
 from app.workflows import UnknownWorkflow
 from domain.errors import Conflict, CorruptRecord, UnknownChat
@@ -44,6 +45,18 @@ log = structlog.get_logger("mozaiks.server")
 def _runtime(app: Litestar) -> Runtime:
     runtime: Runtime = app.state.runtime
     return runtime
+
+
+@contextlib.asynccontextmanager
+async def executor_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """Model calls get threads of their own (MOZAIKS_MAX_CONCURRENT_LLM_CALLS); see app.orchestration.pool."""
+    runtime = _runtime(app)
+    with routed_default_executor(asyncio.get_running_loop(), runtime.settings.max_concurrent_llm_calls) as executor:
+        runtime.executor = executor
+        try:
+            yield
+        finally:
+            runtime.executor = None
 
 
 @contextlib.asynccontextmanager
@@ -99,7 +112,9 @@ async def supervisor_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Runs in the background, each guarded by a lease; expired leases recovered as interrupted runs."""
     runtime = _runtime(app)
     assert runtime.store is not None
-    runtime.orchestrator = Orchestrator(runtime.store, runtime.workflows, runtime.settings)
+    assert runtime.hub is not None
+    # Runs learn about input answers and stops from the process's one change stream (the hub).
+    runtime.orchestrator = Orchestrator(runtime.store, runtime.workflows, runtime.settings, follow=runtime.hub.records)
     runtime.supervisor = RunSupervisor(runtime.db, runtime.store, runtime.orchestrator, runtime.settings)
     async with _background("lease-watch", runtime.supervisor.watch_leases()):
         try:
@@ -113,6 +128,15 @@ def _error(status: int, code: str) -> Any:
         return Response({"error": code, "detail": str(exc)}, status_code=status, media_type=MediaType.JSON)
 
     return handler
+
+
+def _node_busy(request: Request[Any, Any, Any], exc: NodeBusy) -> Response[Any]:
+    return Response(
+        {"error": "node_busy", "detail": str(exc)},
+        status_code=503,
+        media_type=MediaType.JSON,
+        headers={"Retry-After": str(exc.retry_after_s)},
+    )
 
 
 def _rate_limit_identity(request: Request[Any, Any, Any]) -> str:
@@ -156,7 +180,7 @@ def create_app(settings: Settings | None = None, on_shutdown: list[Callable[[], 
             chat_socket,
             create_static_files_router(path="/static", directories=[STATIC]),
         ],
-        lifespan=[database_lifespan, hub_lifespan, projections_lifespan, supervisor_lifespan],
+        lifespan=[executor_lifespan, database_lifespan, hub_lifespan, projections_lifespan, supervisor_lifespan],
         dependencies={"runtime": Provide(lambda: runtime, sync_to_thread=False)},
         middleware=[
             DefineMiddleware(
@@ -171,6 +195,7 @@ def create_app(settings: Settings | None = None, on_shutdown: list[Callable[[], 
             Conflict: _error(409, "conflict"),
             RunActive: _error(409, "run_active"),
             NoActiveRun: _error(409, "no_active_run"),
+            NodeBusy: _node_busy,
             CorruptRecord: _error(500, "corrupt_record"),
         },
         openapi_config=OpenAPIConfig(title="Mozaiks AI Runtime", version="0.1.0", path="/schema"),

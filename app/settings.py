@@ -33,6 +33,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 1024 * 1024
     chat_starts_per_minute: int = 30
     lease_ttl_s: float = 30.0
+    max_concurrent_llm_calls: int = 256
+    max_active_runs: int = 500
     node_id: str = msgspec.field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
 
     @property
@@ -89,4 +91,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ws_queue_max=int(number("MOZAIKS_WS_QUEUE_MAX", 1000)),
             chat_starts_per_minute=int(number("MOZAIKS_CHAT_STARTS_PER_MINUTE", 30)),
             lease_ttl_s=number("MOZAIKS_LEASE_TTL_S", 30.0),
+            max_concurrent_llm_calls=int(number("MOZAIKS_MAX_CONCURRENT_LLM_CALLS", 256)),
+            max_active_runs=int(number("MOZAIKS_MAX_ACTIVE_RUNS", 500)),
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -38,6 +39,8 @@ from domain.store import MongoEventStore
 log = structlog.get_logger("mozaiks.supervisor")
 
 LEASES = "chat_leases"
+# Retry-After of a refused run: runs that take minutes free a slot every few seconds on a busy node.
+BUSY_RETRY_AFTER_S = 5
 _STATE_TYPES = ["chat.created", "run.started", *sorted(TERMINAL_TYPES), "input.requested", "input.received"]
 
 
@@ -48,6 +51,14 @@ class RunActive(MozaiksError):
         self.chat_id = chat_id
         self.run_id = run_id
         super().__init__(f"chat {chat_id} has a run in progress ({run_id}); wait for it or stop it first")
+
+
+class NodeBusy(MozaiksError):
+    """This node already runs MOZAIKS_MAX_ACTIVE_RUNS runs: retry after `retry_after_s` (any replica will do)."""
+
+    def __init__(self, active: int, retry_after_s: int) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(f"this node runs {active} runs, its limit (MOZAIKS_MAX_ACTIVE_RUNS); retry in {retry_after_s} s")
 
 
 class NoActiveRun(MozaiksError):
@@ -108,6 +119,7 @@ class RunSupervisor:
         self.leases = db[LEASES]
         self.node = settings.node_id
         self.tasks: dict[str, asyncio.Task[str]] = {}
+        self._admitting = 0
 
     def _expiry(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self.settings.lease_ttl_s)
@@ -128,8 +140,33 @@ class RunSupervisor:
         with contextlib.suppress(PyMongoError):
             await self.leases.delete_one({"_id": chat_id, "owner": self.node, "run_id": run_id})
 
-    async def start(self, stream: StreamRef) -> str:
-        """Start a run of the chat in the background on this node; returns its run id."""
+    def _check_capacity(self) -> None:
+        active = len(self.tasks) + self._admitting
+        if active >= self.settings.max_active_runs:
+            raise NodeBusy(active, BUSY_RETRY_AFTER_S)
+
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        """Hold one of the node's run slots for the block (NodeBusy when none is free).
+
+        Taken before anything is recorded, so a refused chat or turn leaves no trace in the log;
+        call `start(..., admitted=True)` inside the block.
+        """
+        self._check_capacity()
+        self._admitting += 1
+        try:
+            yield
+        finally:
+            self._admitting -= 1
+
+    async def start(self, stream: StreamRef, *, admitted: bool = False) -> str:
+        """Start a run of the chat in the background on this node; returns its run id.
+
+        Raises NodeBusy when the node runs MOZAIKS_MAX_ACTIVE_RUNS already (unless `admitted`
+        inside `admission()`), RunActive when the chat has a run.
+        """
+        if not admitted:
+            self._check_capacity()
         run_id = new_id()
         if not await self._acquire(stream.chat_id, run_id):
             lease = await self.leases.find_one({"_id": stream.chat_id}) or {}
@@ -184,8 +221,9 @@ class RunSupervisor:
         lease = await self.leases.find_one({"_id": chat_id})
         if lease is not None and lease["expires_at"] > datetime.now(UTC):
             raise RunActive(chat_id, str(lease.get("run_id")))
-        await self.store.append(state.stream, [Pending(event=MessageUser(content=text))], None)
-        await self.start(state.stream)
+        with self.admission():
+            await self.store.append(state.stream, [Pending(event=MessageUser(content=text))], None)
+            await self.start(state.stream, admitted=True)
         return "message.user"
 
     async def stop(self, chat_id: str, by: str | None) -> str:

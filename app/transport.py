@@ -22,7 +22,7 @@ from app.auth import LOCAL_USER, SUBPROTOCOL_PREFIX, Principal, principal_from_t
 from app.hub import Overflowed
 from app.observability import REPLAY_SIZE, WS_CLIENTS, WS_CLOSED
 from app.runtime import Runtime
-from app.supervisor import NoActiveRun, RunActive
+from app.supervisor import NoActiveRun, NodeBusy, RunActive
 from domain.errors import MozaiksError
 from domain.events import Record, now
 from domain.store import ReplayDone
@@ -209,7 +209,7 @@ class ChatConnection:
                     await supervisor.send_message(chat_id, text, request_id=request_id)
                 case ChatStop():
                     await supervisor.stop(chat_id, by=self.principal.user_id)
-        except (RunActive, NoActiveRun) as exc:
+        except (RunActive, NoActiveRun, NodeBusy) as exc:
             await self.send(frame_text(ErrorFrame(code=type(exc).__name__, message=str(exc))))
         except MozaiksError as exc:
             await self.send(frame_text(ErrorFrame(code="error", message=str(exc))))

@@ -21,9 +21,12 @@ TOOL_ARGUMENTS = '{"text":  "one two three"}'
 
 
 class CompatibleServer:
-    """A tiny OpenAI-compatible chat completions server on 127.0.0.1 with scripted replies."""
+    """A tiny OpenAI-compatible chat completions server on 127.0.0.1 with scripted replies.
 
-    def __init__(self, replies: list[tuple[int, dict[str, Any]]]) -> None:
+    `before_reply` runs in the request's own thread before each answer (subclasses hold or delay there).
+    """
+
+    def __init__(self, replies: list[tuple[int, dict[str, Any]]], port: int = 0) -> None:
         self.replies = replies
         self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
         server = self
@@ -35,6 +38,7 @@ class CompatibleServer:
                 status, reply = server.replies.pop(0) if len(server.replies) > 1 else server.replies[0]
                 if self.path != "/v1/chat/completions":
                     status, reply = 404, {"error": {"message": f"no route {self.path}"}}
+                server.before_reply()
                 data = json.dumps(reply).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -45,9 +49,16 @@ class CompatibleServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 512  # hundreds of clients may connect at once
+            daemon_threads = True
+
+        self.httpd = Server(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
+
+    def before_reply(self) -> None:
+        """Called before each reply, in the request's thread."""
 
     @property
     def base_url(self) -> str:

@@ -1,8 +1,9 @@
 """The Orchestrator: creates chats and runs workflows on AG2, recording every event in the log first.
 
 Control goes through the log, so it works from any node: while a run is going, it follows the
-chat's log (`store.subscribe`) for `input.received` (answers AG2's pending input request) and for a
-`run.stopped` of its run appended by someone else (cancels the AG2 run).
+chat's log for `input.received` (answers AG2's pending input request) and for a `run.stopped` of
+its run appended by someone else (cancels the AG2 run). In the server it follows through the
+process's hub (one change stream for every run); alone (the CLI) through `store.subscribe`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import threading
 from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 import msgspec
@@ -21,6 +23,7 @@ from autogen.io.base import IOStream
 
 from app.orchestration.agents import ContextNote, Team, build_team
 from app.orchestration.clients import Backend, Ledger, LlmCallNote, OpenAIBackend, ScriptedBackend
+from app.orchestration.pool import model_calls
 from app.orchestration.recorder import RunMapper
 from app.settings import Settings
 from app.workflows import Workflow, WorkflowManager
@@ -43,6 +46,9 @@ log = structlog.get_logger("mozaiks.orchestration")
 
 _MAX_BATCH: Final = 256
 _REPORTS_KEPT: Final = 100
+
+# A chat's records after a seq, stored then live (the hub's `records`, or `store.subscribe`).
+Follow = Callable[[str, int], AsyncIterator[Record]]
 
 
 class RunReport(msgspec.Struct, kw_only=True):
@@ -73,10 +79,13 @@ class _Done(msgspec.Struct):
 class Orchestrator:
     """Creates chats and runs workflows; the API the run supervisor, REST layer and CLI call."""
 
-    def __init__(self, store: MongoEventStore, workflows: WorkflowManager, settings: Settings) -> None:
+    def __init__(
+        self, store: MongoEventStore, workflows: WorkflowManager, settings: Settings, *, follow: Follow | None = None
+    ) -> None:
         self.store = store
         self.workflows = workflows
         self.settings = settings
+        self.follow: Follow = follow or store.subscribe
         self.reports: OrderedDict[str, RunReport] = OrderedDict()
         self._openai: OpenAIBackend | None = None
 
@@ -264,9 +273,10 @@ class _RunSession:
                     self.workflow, client_cls=ledger.client_class(), context=context,
                     default_model=self.o.settings.openai_model, emit=emit,
                 )
-                response = await a_run_group_chat(
-                    team.pattern, conversation(self.history, user_agent), max_rounds=self.workflow.max_turns
-                )
+                with model_calls():  # AG2's run task inherits the mark: its executor work is model calls
+                    response = await a_run_group_chat(
+                        team.pattern, conversation(self.history, user_agent), max_rounds=self.workflow.max_turns
+                    )
             except Exception as exc:
                 log.exception("run.setup_failed", chat_id=self.stream.chat_id, run_id=self.run_id)
                 await self.append([self.terminal(RunFailed(error=f"{type(exc).__name__}: {exc}", reason="setup"))])
@@ -378,7 +388,7 @@ class _RunSession:
 
     async def watch(self) -> None:
         """Follow the chat's log for answers to input requests and for this run's stop."""
-        async for record in self.o.store.subscribe(self.stream.chat_id, after=self.started.seq):
+        async for record in self.o.follow(self.stream.chat_id, self.started.seq):
             if record.type == "input.received":
                 received = record.event
                 assert isinstance(received, InputReceived)
