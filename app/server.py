@@ -99,10 +99,14 @@ async def hub_lifespan(app: Litestar) -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def projections_lifespan(app: Litestar) -> AsyncIterator[None]:
-    """Keep chat_sessions and chat_metrics up to date from the log."""
+    """Keep chat_sessions and chat_metrics up to date from the log (on the replica holding the lease)."""
     runtime = _runtime(app)
     assert runtime.store is not None
-    runtime.projections = ProjectionRunner.for_settings(runtime.db, runtime.store, runtime.settings.prices_path)
+    settings = runtime.settings
+    # One writer across replicas (the holder of the projection lease); the others stand by.
+    runtime.projections = ProjectionRunner.for_settings(
+        runtime.db, runtime.store, settings.prices_path, owner=settings.node_id, lease_ttl_s=settings.lease_ttl_s
+    )
     async with _background("projection-runner", runtime.projections.run()):
         yield
 

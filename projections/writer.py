@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
-from pymongo import ASCENDING, DESCENDING, InsertOne, UpdateOne
+from pymongo import ASCENDING, InsertOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
@@ -208,20 +208,15 @@ class ProjectionWriter:
 # ---- catching up with the log -------------------------------------------------------------------
 
 
-async def log_heads(store: MongoEventStore, chat_ids: Iterable[str] | None = None) -> dict[str, int]:
-    """Each chat's last seq in the log (one aggregate; the (chat_id, seq) index serves it on MongoDB)."""
-    pipeline: list[dict[str, Any]] = []
-    if chat_ids is not None:
-        pipeline.append({"$match": {"chat_id": {"$in": list(chat_ids)}}})
-    pipeline += [
-        {"$sort": {"chat_id": ASCENDING, "seq": DESCENDING}},
-        {"$group": {"_id": "$chat_id", "head": {"$first": "$seq"}}},
-    ]
-    heads: dict[str, int] = {}
-    async for row in await store.events.aggregate(pipeline):
-        if isinstance(row["_id"], str) and isinstance(row["head"], int):
-            heads[row["_id"]] = row["head"]
-    return heads
+_LOOKUPS_AT_ONCE: Final = 16  # exact index lookups in flight while checking how far chats are behind
+
+
+async def logged_chats(store: MongoEventStore) -> list[str]:
+    """Every chat with records: `distinct` on the leading field of the `(chat_id, seq)` index.
+
+    MongoDB answers it with a DISTINCT_SCAN (one index key per chat, not one per event).
+    """
+    return [str(chat_id) for chat_id in await store.events.distinct("chat_id")]
 
 
 async def positions(
@@ -235,16 +230,30 @@ async def positions(
 async def behind(
     store: MongoEventStore, writers: Sequence[ProjectionWriter], chat_ids: Iterable[str] | None = None
 ) -> dict[str, tuple[int, int]]:
-    """Chats some projection is behind on: chat_id -> (lowest projected last_seq, log head)."""
+    """Chats some projection is behind on: chat_id -> (lowest projected last_seq, log head).
+
+    Costs O(chats), never a pass over the log: the chats are `chat_ids`, else every chat of the
+    log (`logged_chats`) or of a projection; one exact `(chat_id, seq)` lookup per chat tells
+    whether the log goes on after its lowest projected position, and only the chats where it does
+    are asked for their head.
+    """
     wanted = list(chat_ids) if chat_ids is not None else None
-    heads = await log_heads(store, wanted)
-    lowest = dict.fromkeys(heads, -1)
-    for writer in writers:
-        at = await positions(writer.collection, wanted)
-        for chat_id in heads:
-            seq = at.get(chat_id, 0)
-            lowest[chat_id] = seq if lowest[chat_id] < 0 else min(lowest[chat_id], seq)
-    return {chat_id: (lowest[chat_id], head) for chat_id, head in heads.items() if lowest[chat_id] < head}
+    projected = [await positions(writer.collection, wanted) for writer in writers]
+    if wanted is None:
+        wanted = sorted(set(await logged_chats(store)).union(*projected))
+    lowest = {chat_id: min((at.get(chat_id, 0) for at in projected), default=0) for chat_id in wanted}
+
+    async def goes_on(chat_id: str) -> bool:
+        doc = await store.events.find_one({"chat_id": chat_id, "seq": lowest[chat_id] + 1}, {"_id": 1})
+        return doc is not None
+
+    lagging: dict[str, tuple[int, int]] = {}
+    for start in range(0, len(wanted), _LOOKUPS_AT_ONCE):
+        chunk = wanted[start : start + _LOOKUPS_AT_ONCE]
+        more = [chat_id for chat_id, yes in zip(chunk, await asyncio.gather(*map(goes_on, chunk)), strict=True) if yes]
+        for chat_id, head in zip(more, await asyncio.gather(*map(store.last_seq, more)), strict=True):
+            lagging[chat_id] = (lowest[chat_id], head)
+    return lagging
 
 
 CatchUpProgress = Callable[[int, int], None]

@@ -16,8 +16,13 @@ import httpx
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
+from app.embedded import free_port
 from app.orchestration.pool import RoutingExecutor, model_calls
+from domain.store import MongoEventStore
+from projections.rebuild import rebuild
 from tests.test_openai import CompatibleServer, completion
+from tests.test_projections import append_chats, assert_same, snapshot
+from tests.test_serve import ROOT, serve, wait_ready
 
 
 class HeldServer(CompatibleServer):
@@ -201,3 +206,41 @@ async def test_a_full_node_refuses_new_runs_with_503_and_retry_after_and_records
         turn = await http.post(f"/api/chats/{chats[0]}/messages", json={"message": "again"})
         assert turn.status_code == 503 and "Retry-After" in turn.headers
         assert not any(e["type"] == "message.user" and e["data"]["content"] == "again" for e in await events_of(http, chats[0]))
+
+
+async def test_one_replica_writes_the_projections_and_another_takes_over_when_it_dies(
+    start_node: Any, mongo_uri: str, db_name: str, db: AsyncDatabase[Any], store: MongoEventStore, tmp_path: Path
+) -> None:
+    port = free_port()
+    writer = serve(
+        tmp_path, "--port", str(port), DATABASE_URI=mongo_uri, MOZAIKS_DB=db_name, MOZAIKS_LEASE_TTL_S="1.5",
+        MOZAIKS_WORKFLOWS_PATH=str(ROOT / "workflows"),
+    )
+    try:
+        await asyncio.to_thread(wait_ready, port, writer, 60)
+        lease = await db["projection_leases"].find_one({"_id": "projections"})
+        assert lease is not None and lease["owner"].endswith(f":{writer.pid}")
+        standby = await start_node(lease_ttl_s=1.5)
+        runner = standby.runtime.projections
+        async with asyncio.timeout(30):
+            while runner.role != "standby":
+                await asyncio.sleep(0.05)
+        await append_chats(store, 12, seed=21, prefix="before")
+        await runner.wait_caught_up(60)  # written by the other replica
+        assert runner.applied == 0 and runner.role == "standby"
+    finally:
+        writer.kill()  # SIGKILL: the lease is left to expire
+        writer.wait(30)
+    await append_chats(store, 12, seed=22, prefix="after")
+    async with asyncio.timeout(30):
+        while runner.role != "writer":
+            await asyncio.sleep(0.05)
+    await runner.wait_caught_up(60)
+    assert runner.applied > 0
+    lease = await db["projection_leases"].find_one({"_id": "projections"})
+    assert lease is not None and lease["owner"] == standby.settings.node_id
+    live = await snapshot(db)
+    assert len(live["chat_sessions"]) == 24
+    summary = await rebuild(db, store)
+    assert summary.chats == 24
+    assert_same(live, await snapshot(db))
