@@ -142,7 +142,7 @@ class LiveHub:
         await self._ready.wait()
         async with self._listen(chat_id, on_overflow) as subscriber:
             last = after
-            async for item in follow(self.store.read, chat_id, after, subscriber.records(), mark_replay=True):
+            async for item in follow(self.store.read_ahead, chat_id, after, subscriber.records(), mark_replay=True):
                 if isinstance(item, Record):
                     last = item.seq
                 yield item

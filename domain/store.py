@@ -7,6 +7,8 @@ record's `_id` is fixed before the first try.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime
@@ -179,6 +181,35 @@ class MongoEventStore:
         """The chat's records with seq > `after`, in seq order, at most `limit` of them."""
         async for record in self.find(chat_id=chat_id, after=after, limit=limit):
             yield record
+
+    async def read_ahead(self, chat_id: str, after: int = 0, batch: int = 1000) -> AsyncIterator[Record]:
+        """Like `read`, for long reads (a reconnect's replay): the log is read in batches of `batch`,
+        the next one fetched while the caller works through the current one."""
+        cursor = self.events.find(
+            {"chat_id": str(chat_id), "seq": {"$gt": int(after)}}, sort=[("seq", ASCENDING)], batch_size=batch
+        )
+        batches: asyncio.Queue[list[dict[str, Any]] | Exception] = asyncio.Queue(maxsize=1)
+
+        async def fetch() -> None:
+            try:
+                while docs := await cursor.to_list(batch):
+                    await batches.put(docs)
+                await batches.put([])
+            except Exception as exc:  # noqa: BLE001 - handed to the reader, raised where it reads
+                await batches.put(exc)
+
+        fetching = asyncio.create_task(fetch())
+        try:
+            while docs := await batches.get():
+                if isinstance(docs, Exception):
+                    raise docs
+                for doc in docs:
+                    yield to_record(doc)
+        finally:
+            fetching.cancel()
+            with contextlib.suppress(BaseException):
+                await fetching
+            await cursor.close()
 
     async def find(
         self,

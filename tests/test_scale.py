@@ -18,6 +18,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from app.embedded import free_port
 from app.orchestration.pool import RoutingExecutor, model_calls
+from domain.events import MessageAgent, Pending, StreamRef
 from domain.store import MongoEventStore
 from projections.rebuild import rebuild
 from tests.test_openai import CompatibleServer, completion
@@ -244,3 +245,26 @@ async def test_one_replica_writes_the_projections_and_another_takes_over_when_it
     summary = await rebuild(db, store)
     assert summary.chats == 24
     assert_same(live, await snapshot(db))
+
+
+async def test_store_read_ahead_returns_the_log_in_order_across_batches(store: MongoEventStore) -> None:
+    ref = StreamRef(chat_id="long", app_id="a", user_id="u", workflow="W")
+    await store.append(ref, [Pending(event=MessageAgent(content=f"m{i}"), agent="A") for i in range(2500)], 0)
+    records = [r async for r in store.read_ahead("long", after=7, batch=300)]
+    assert [r.seq for r in records] == list(range(8, 2501))
+    assert records[0].data["content"] == "m7"
+    early = store.read_ahead("long", batch=100)
+    assert [(await anext(early)).seq for _ in range(3)] == [1, 2, 3]
+    await early.aclose()  # a reader that stops early leaves no fetch behind
+
+
+async def test_sockets_are_not_compressed_per_client(start_node: Any, store: MongoEventStore) -> None:
+    """Every client of a chat gets the same bytes: per-connection deflate would redo the work per client."""
+    from websockets.asyncio.client import connect
+
+    node = await start_node()
+    await store.append(StreamRef(chat_id="plain", app_id="local", user_id="local", workflow="Analyzer"),
+                       [Pending(event=MessageAgent(content="hi"), agent="Analyst")], 0)
+    async with connect(f"{node.ws_url}/ws/chats/plain?after=0") as ws:  # the client offers permessage-deflate
+        assert ws.response is not None and "Sec-WebSocket-Extensions" not in ws.response.headers
+        assert json.loads(await ws.recv())["seq"] == 1

@@ -90,6 +90,7 @@ async def replay_measure(node: Node, store: MongoEventStore, count: int) -> tupl
     items = [Pending(event=MessageAgent(content=f"m{i} " + "lorem ipsum " * 8), agent="Analyst") for i in range(count)]
     for i in range(0, count, 500):
         await store.append(stream(chat_id), items[i : i + 500], i)
+    await node.runtime.projections.wait_caught_up(600)  # measure the replay, not the node digesting the appends
     start = time.perf_counter()
     docs = [doc async for doc in store.events.find({"chat_id": chat_id}, sort=[("seq", 1)])]
     raw = time.perf_counter() - start
