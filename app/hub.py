@@ -74,7 +74,6 @@ class LiveHub:
         self._subscribers: dict[str, set[_Subscriber]] = {}
         self._ready = asyncio.Event()
         self._token: Mapping[str, Any] | None = None
-        self.delivered = 0
 
     @property
     def subscriber_count(self) -> int:
@@ -116,7 +115,6 @@ class LiveHub:
         EVENTS_SEEN.labels(record.type).inc()
         for subscriber in self._subscribers.get(record.chat_id, ()):
             subscriber.offer(record)
-            self.delivered += 1
 
     @contextlib.asynccontextmanager
     async def _listen(self, chat_id: str, on_overflow: Callable[[], None] | None) -> AsyncIterator[_Subscriber]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
-    from app.server import Runtime
+    from projections.runner import ProjectionRunner
 
 EVENTS_SEEN = Counter("mozaiks_events_appended_total", "Events appended to the log (seen on the change stream)", ["type"])
 WS_CLIENTS = Gauge("mozaiks_ws_clients", "WebSocket clients connected to this process")
@@ -23,18 +24,19 @@ _LLM_QUEUED = Gauge("mozaiks_llm_calls_queued", "Model calls waiting for a slot 
 _ACTIVE_RUNS = Gauge("mozaiks_active_runs", "Runs going on this process (bounded by MOZAIKS_MAX_ACTIVE_RUNS)")
 
 
-class Observability:
-    """Binds the gauges that are read at scrape time to one process's runtime."""
+def watch_projection_lag(projections: Callable[[], ProjectionRunner | None]) -> None:
+    """Read projection lag from the process's projection runner (once it runs) at every scrape."""
 
-    def bind(self, runtime: Runtime) -> None:
-        """Read projection lag, model calls and active runs from the runtime at every scrape."""
+    def lag(key: str) -> float:
+        runner = projections()
+        return float(runner.lag().get(key, 0) or 0) if runner is not None else 0.0
 
-        def lag(key: str) -> float:
-            runner = runtime.projections
-            return float(runner.lag().get(key, 0) or 0) if runner is not None else 0.0
+    _PROJECTION_LAG_EVENTS.set_function(lambda: lag("events_behind"))
+    _PROJECTION_LAG_SECONDS.set_function(lambda: lag("seconds_behind"))
 
-        _PROJECTION_LAG_EVENTS.set_function(lambda: lag("events_behind"))
-        _PROJECTION_LAG_SECONDS.set_function(lambda: lag("seconds_behind"))
-        _LLM_IN_FLIGHT.set_function(lambda: float(runtime.executor.in_flight) if runtime.executor else 0.0)
-        _LLM_QUEUED.set_function(lambda: float(runtime.executor.queued) if runtime.executor else 0.0)
-        _ACTIVE_RUNS.set_function(lambda: float(len(runtime.supervisor.tasks)) if runtime.supervisor else 0.0)
+
+def watch_runs(in_flight: Callable[[], int], queued: Callable[[], int], active: Callable[[], int]) -> None:
+    """Read model calls in flight and queued, and active runs, from the process at every scrape."""
+    _LLM_IN_FLIGHT.set_function(lambda: float(in_flight()))
+    _LLM_QUEUED.set_function(lambda: float(queued()))
+    _ACTIVE_RUNS.set_function(lambda: float(active()))

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any, Final, Protocol
 
 import msgspec
 from pymongo import ASCENDING, DESCENDING, IndexModel, WriteConcern
+from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure
@@ -29,6 +31,10 @@ DUPLICATE_KEY: Final = 11000
 # ChangeStreamFatalError, and the older "resume point no longer in the oplog".
 HISTORY_LOST_CODES: Final = frozenset({286, 280, 136})
 _HEAD_CACHE_SIZE: Final = 10_000
+_INSERTED_CACHE_SIZE: Final = 10_000
+SCAN_BATCH: Final = 2000  # log records per cursor batch of a scan
+_LOOKUPS_AT_ONCE: Final = 16  # exact index lookups in flight while finding where chats end
+_INSERTS: Final = [{"$match": {"operationType": "insert"}}]  # change-stream pipeline: new records
 
 
 class Verification(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,6 +55,25 @@ class Change(msgspec.Struct, frozen=True):
     token: Mapping[str, Any]
 
 
+class Appends:
+    """A change stream over appends, opened at one moment: its resume token and the chats appended since."""
+
+    def __init__(self, stream: AsyncChangeStream[Any]) -> None:
+        self._stream = stream
+
+    @property
+    def token(self) -> Mapping[str, Any] | None:
+        """A resume token for the log's end when the stream was opened (or at the last change read)."""
+        return self._stream.resume_token
+
+    async def chats(self) -> set[str]:
+        """The chats that got records since the stream opened, as far as it has seen (PyMongoError if it broke)."""
+        chats: set[str] = set()
+        while (change := await self._stream.try_next()) is not None:
+            chats.add(str(change["fullDocument"]["chat_id"]))
+        return chats
+
+
 class EventStore(Protocol):
     """The contract every event store backend keeps."""
 
@@ -64,7 +89,37 @@ class EventStore(Protocol):
 
     def subscribe(self, chat_id: str, after: int = 0) -> AsyncIterator[Record]: ...
 
-    def tail(self, resume_after: Mapping[str, Any] | None = None) -> AsyncIterator[Change]: ...
+    def find(
+        self,
+        chat_id: str | None = None,
+        *,
+        after: int = 0,
+        limit: int | None = None,
+        types: Sequence[str] | None = None,
+        agent: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        app_id: str | None = None,
+        user_id: str | None = None,
+        visible: bool | None = None,
+        newest_first: bool = False,
+    ) -> AsyncIterator[Record]: ...
+
+    def tail(
+        self, resume_after: Mapping[str, Any] | None = None, on_open: Callable[[], None] | None = None
+    ) -> AsyncIterator[Change]: ...
+
+    async def count(self, chat_id: str | None = None) -> int: ...
+
+    async def chats(self) -> list[str]: ...
+
+    async def heads_after(self, positions: Mapping[str, int]) -> dict[str, int]: ...
+
+    def scan(
+        self, chat_id: str | None = None, *, positions: Sequence[tuple[str, int]] | None = None
+    ) -> AsyncGenerator[Record | CorruptRecord, None]: ...
+
+    def appends(self, *, max_await_time_ms: int | None = None) -> AbstractAsyncContextManager[Appends]: ...
 
 
 class MongoEventStore:
@@ -78,6 +133,8 @@ class MongoEventStore:
         )
         # chat_id -> (seq, hash) of the last record this process appended or read at the head.
         self._heads: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        # _id -> Record of inserts seen on change streams: every tail of this process shares one decode.
+        self._inserted: OrderedDict[Any, Record] = OrderedDict()
 
     async def ensure_indexes(self) -> None:
         """Create the indexes the log relies on (idempotent; never drops anything)."""
@@ -188,28 +245,9 @@ class MongoEventStore:
         cursor = self.events.find(
             {"chat_id": str(chat_id), "seq": {"$gt": int(after)}}, sort=[("seq", ASCENDING)], batch_size=batch
         )
-        batches: asyncio.Queue[list[dict[str, Any]] | Exception] = asyncio.Queue(maxsize=1)
-
-        async def fetch() -> None:
-            try:
-                while docs := await cursor.to_list(batch):
-                    await batches.put(docs)
-                await batches.put([])
-            except Exception as exc:  # noqa: BLE001 - handed to the reader, raised where it reads
-                await batches.put(exc)
-
-        fetching = asyncio.create_task(fetch())
-        try:
-            while docs := await batches.get():
-                if isinstance(docs, Exception):
-                    raise docs
-                for doc in docs:
-                    yield to_record(doc)
-        finally:
-            fetching.cancel()
-            with contextlib.suppress(BaseException):
-                await fetching
-            await cursor.close()
+        async for docs in _prefetched(cursor, batch, ahead=1):
+            for doc in docs:
+                yield to_record(doc)
 
     async def find(
         self,
@@ -292,7 +330,7 @@ class MongoEventStore:
 
             async def live() -> AsyncIterator[Record]:
                 async for change in stream:
-                    yield to_record(change["fullDocument"])
+                    yield self._decode_insert(change["fullDocument"])
 
             async for record in follow(self.read, chat_id, after, live()):
                 yield record
@@ -312,7 +350,7 @@ class MongoEventStore:
                     on_open()
                 async for change in stream:
                     try:
-                        record = to_record(change["fullDocument"])
+                        record = self._decode_insert(change["fullDocument"])
                     except CorruptRecord:
                         continue  # a bad record is reported by every read of its chat; the tail goes on
                     yield Change(record, change["_id"])
@@ -320,6 +358,116 @@ class MongoEventStore:
             if exc.code in HISTORY_LOST_CODES or (resume_after is not None and "resume" in str(exc).lower()):
                 raise HistoryLost(f"change stream cannot resume: {exc}") from exc
             raise
+
+    def _decode_insert(self, document: Mapping[str, Any]) -> Record:
+        """The record of an insert seen on a change stream, decoded once per process.
+
+        Safe to share: an insert event carries the document as inserted, and no event is ever
+        updated. Reads of the collection itself always decode what is stored now (audit, verify).
+        """
+        key = document.get("_id")
+        record = self._inserted.get(key)
+        if record is None:
+            record = to_record(document)
+            self._inserted[key] = record
+            if len(self._inserted) > _INSERTED_CACHE_SIZE:
+                self._inserted.popitem(last=False)
+        return record
+
+    # ---- whole-log reads (projections: catch-up, rebuild, status) ------------------------------
+
+    async def count(self, chat_id: str | None = None) -> int:
+        """How many records the log holds: estimated for the whole log, exact for one chat."""
+        if chat_id is None:
+            return int(await self.events.estimated_document_count())
+        return int(await self.events.count_documents({"chat_id": str(chat_id)}))
+
+    async def chats(self) -> list[str]:
+        """Every chat with records: `distinct` on the leading field of the `(chat_id, seq)` index
+        (MongoDB answers it with a DISTINCT_SCAN: one index key per chat, not one per event)."""
+        return [str(chat_id) for chat_id in await self.events.distinct("chat_id")]
+
+    async def heads_after(self, positions: Mapping[str, int]) -> dict[str, int]:
+        """The last seq of each chat whose log goes on after its position (chat_id -> seq).
+
+        O(chats), never a pass over the log: one exact `(chat_id, seq)` index lookup per chat, and
+        the head is asked for only where the log goes on.
+        """
+        chats = list(positions)
+        heads: dict[str, int] = {}
+
+        async def goes_on(chat_id: str) -> bool:
+            doc = await self.events.find_one({"chat_id": str(chat_id), "seq": int(positions[chat_id]) + 1}, {"_id": 1})
+            return doc is not None
+
+        for start in range(0, len(chats), _LOOKUPS_AT_ONCE):
+            chunk = chats[start : start + _LOOKUPS_AT_ONCE]
+            found = await asyncio.gather(*map(goes_on, chunk))
+            more = [chat_id for chat_id, yes in zip(chunk, found, strict=True) if yes]
+            heads.update(zip(more, await asyncio.gather(*map(self.last_seq, more)), strict=True))
+        return heads
+
+    async def scan(
+        self, chat_id: str | None = None, *, positions: Sequence[tuple[str, int]] | None = None
+    ) -> AsyncGenerator[Record | CorruptRecord, None]:
+        """The log (or one chat, or each chat of `positions` after its seq) in (chat_id, seq) order.
+
+        A record that cannot be decoded comes as its CorruptRecord (naming chat and seq), so a
+        caller can stop that chat and go on with the others. The next batch is already requested
+        while this one is used: the server scans while this process folds.
+        """
+        query: dict[str, Any] = {}
+        if positions is not None:
+            query = {"$or": [{"chat_id": str(c), "seq": {"$gt": int(at)}} for c, at in positions]}
+        elif chat_id is not None:
+            query = {"chat_id": str(chat_id)}
+        cursor = self.events.find(query, sort=[("chat_id", ASCENDING), ("seq", ASCENDING)], batch_size=SCAN_BATCH)
+        async for batch in _prefetched(cursor, SCAN_BATCH, ahead=4):
+            for doc in batch:
+                try:
+                    item: Record | CorruptRecord = to_record(doc)
+                except CorruptRecord as exc:
+                    item = exc
+                yield item
+
+    @contextlib.asynccontextmanager
+    async def appends(self, *, max_await_time_ms: int | None = None) -> AsyncIterator[Appends]:
+        """A change stream over appends from now on (for a resume token, or the chats appended meanwhile)."""
+        async with await self.events.watch(_INSERTS, max_await_time_ms=max_await_time_ms) as stream:
+            yield Appends(stream)
+
+
+async def _prefetched(cursor: Any, size: int, *, ahead: int) -> AsyncIterator[list[dict[str, Any]]]:
+    """The cursor's documents in batches of `size`; up to `ahead` batches are requested while the
+    caller works on the current one (the server reads while this process decodes). Closes the cursor."""
+    batches: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue(maxsize=ahead)
+
+    async def read() -> None:
+        while batch := await cursor.to_list(size):
+            await batches.put(batch)
+        await batches.put([])
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            getter = asyncio.ensure_future(batches.get())
+            await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                reader.result()  # the reader failed: raise its error
+            batch = getter.result()
+            if not batch:
+                return
+            yield batch
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await cursor.close()
+
+
+def _conforms(store: MongoEventStore) -> EventStore:
+    # mypy checks here that the class keeps the contract.
+    return store
 
 
 ReadAfter = Callable[[str, int], AsyncIterator[Record]]

@@ -22,26 +22,23 @@ from pathlib import Path
 from typing import Any, Final
 
 import msgspec
-from pymongo import ASCENDING, ReplaceOne
-from pymongo.asynchronous.change_stream import AsyncChangeStream
+from pymongo import ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from domain.errors import CorruptRecord
-from domain.events import to_record
-from domain.store import MongoEventStore
+from domain.store import Appends, MongoEventStore
 from projections.metrics import ChatMetricsProjector
 from projections.prices import PriceTable
 from projections.projector import Projector, apply_record
 from projections.sessions import ChatSessionsProjector
-from projections.writer import INSERTS, ProjectionWriter, catch_up
+from projections.writer import ProjectionWriter, catch_up
 
 log = logging.getLogger(__name__)
 
 PROJECTION_NAMES: Final = (ChatSessionsProjector.name, ChatMetricsProjector.name)
 WRITE_BATCH: Final = 500  # documents per bulk replace into a projection collection
-SCAN_BATCH: Final = 2000  # log records per cursor batch
 PROGRESS_EVERY: Final = 1000  # events between progress callbacks
 
 Progress = Callable[[int, int], None]
@@ -101,12 +98,12 @@ async def rebuild(
     touched: set[str] | None = {chat_id} if chat_id is not None else None
     if chat_id is None:
         # Opened before the scan: it names every chat that gets events while the rebuild runs.
-        async with await store.events.watch(INSERTS, max_await_time_ms=50) as appended:
-            total = await store.events.estimated_document_count()
+        async with store.appends(max_await_time_ms=50) as appended:
+            total = await store.count()
             chats, events, broken = await _rebuild_all(db, store, projectors, total, progress)
             touched = await _chats_appended(appended)
     else:
-        total = await store.events.count_documents({"chat_id": chat_id})
+        total = await store.count(chat_id)
         chats, events, broken = await _rebuild_chat(db, store, projectors, chat_id, total, progress)
     writers = [ProjectionWriter(db, store, projector) for projector in projectors]
     late = await catch_up(store, writers, chat_ids=touched) if touched is None or touched else 0
@@ -123,16 +120,13 @@ async def rebuild(
     )
 
 
-async def _chats_appended(stream: AsyncChangeStream[Any]) -> set[str] | None:
+async def _chats_appended(appended: Appends) -> set[str] | None:
     """The chats the stream saw events of until now; None (meaning: check all) if it failed."""
-    chats: set[str] = set()
     try:
-        while (change := await stream.try_next()) is not None:
-            chats.add(str(change["fullDocument"]["chat_id"]))
+        return await appended.chats()
     except PyMongoError as exc:
         log.warning("rebuild: change stream lost (%s); checking every chat against the log", exc)
         return None
-    return chats
 
 
 class _Folded(msgspec.Struct):
@@ -144,30 +138,27 @@ class _Folded(msgspec.Struct):
 async def _fold_log(
     store: MongoEventStore,
     projectors: Sequence[Projector],
-    query: dict[str, Any],
+    chat_id: str | None,
     counted: Callable[[], None],
 ) -> AsyncGenerator[_Folded, None]:
-    """Each chat's folded documents, reading the log once in (chat_id, seq) order."""
+    """Each chat's folded documents, reading the log (or one chat) once in (chat_id, seq) order."""
     current: _Folded | None = None
-    scan = _prefetched(store, query)
-    async with contextlib.aclosing(scan):  # stops the prefetching task when folding stops early
-        async for raw in scan:
-            chat_id = str(raw.get("chat_id"))
-            if current is None or chat_id != current.chat_id:
+    scan = store.scan(chat_id)
+    async with contextlib.aclosing(scan):  # stops the store's prefetching when folding stops early
+        async for record in scan:
+            if current is None or record.chat_id != current.chat_id:
                 if current is not None:
                     yield current
-                current = _Folded(chat_id, [None] * len(projectors))
+                current = _Folded(record.chat_id, [None] * len(projectors))
             if current.broken_at:
                 continue
             expected = (current.docs[0]["last_seq"] if current.docs[0] is not None else 0) + 1
-            try:
-                record = to_record(raw)
-            except CorruptRecord as exc:
-                log.error("rebuild stops at chat %s: %s", chat_id, exc)
+            if isinstance(record, CorruptRecord):
+                log.error("rebuild stops at chat %s: %s", record.chat_id, record)
                 current.broken_at = expected
                 continue
             if record.seq != expected:
-                log.error("rebuild stops at chat %s: seq %d is missing from the log", chat_id, expected)
+                log.error("rebuild stops at chat %s: seq %d is missing from the log", record.chat_id, expected)
                 current.broken_at = expected
                 continue
             event = record.event
@@ -176,38 +167,6 @@ async def _fold_log(
             counted()
     if current is not None:
         yield current
-
-
-async def _prefetched(store: MongoEventStore, query: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-    """The log in (chat_id, seq) order, the next batch already requested while this one is folded."""
-    cursor = store.events.find(
-        query, sort=[("chat_id", ASCENDING), ("seq", ASCENDING)], batch_size=SCAN_BATCH
-    )
-    batches: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue(maxsize=4)
-
-    async def read() -> None:
-        # The server scans (its own process) while this process folds: the two overlap.
-        while batch := await cursor.to_list(SCAN_BATCH):
-            await batches.put(batch)
-        await batches.put([])
-
-    reader = asyncio.create_task(read())
-    try:
-        while True:
-            getter = asyncio.ensure_future(batches.get())
-            await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                reader.result()  # the reader failed: raise its error
-            batch = getter.result()
-            if not batch:
-                return
-            for doc in batch:
-                yield doc
-    finally:
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
-        await cursor.close()
 
 
 class _Counter:
@@ -257,7 +216,7 @@ async def _rebuild_all(
             )
         )
 
-    folding = _fold_log(store, projectors, {}, counter)
+    folding = _fold_log(store, projectors, None, counter)
     try:
         async for folded in folding:
             if folded.broken_at:
@@ -301,7 +260,7 @@ async def _rebuild_chat(
     progress: Progress | None,
 ) -> tuple[int, int, dict[str, int]]:
     counter = _Counter(total, progress)
-    chats = [folded async for folded in _fold_log(store, projectors, {"chat_id": chat_id}, counter)]
+    chats = [folded async for folded in _fold_log(store, projectors, chat_id, counter)]
     folded = chats[0] if chats else None
     counter.finish()
     for index, projector in enumerate(projectors):

@@ -37,7 +37,7 @@ from projections.metrics import ChatMetricsProjector
 from projections.prices import PriceTable, WatchedPrices
 from projections.projector import Projector
 from projections.sessions import ChatSessionsProjector
-from projections.writer import INSERTS, ProjectionWriter, behind, catch_up
+from projections.writer import ProjectionWriter, behind, catch_up
 
 log = logging.getLogger(__name__)
 
@@ -350,8 +350,8 @@ class ProjectionRunner:
 
     async def _token_now(self) -> Mapping[str, Any] | None:
         """A resume token for the stream's current end, taken before catch-up reads the log."""
-        async with await self.store.events.watch(INSERTS) as stream:
-            return stream.resume_token
+        async with self.store.appends() as appended:
+            return appended.token
 
     async def _read(self, token: Mapping[str, Any] | None) -> None:
         changes = self.store.tail(resume_after=token)

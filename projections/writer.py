@@ -15,13 +15,13 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
-from pymongo import ASCENDING, InsertOne, UpdateOne
+from pymongo import InsertOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from domain.errors import CorruptRecord
-from domain.events import Record, to_record
+from domain.events import Record
 from domain.store import DUPLICATE_KEY, MongoEventStore
 from projections.projector import Projector, fold
 from projections.update import ProjectionError, Update
@@ -32,7 +32,6 @@ MAX_ATTEMPTS: Final = 50
 CATCH_UP_EVENTS: Final = 5_000  # events read from the log per catch-up round
 CATCH_UP_CHATS: Final = 500
 
-INSERTS: Final = [{"$match": {"operationType": "insert"}}]  # change-stream pipeline: new records
 _ABSENT: Final[dict[str, Any]] = {}  # cache marker: the chat has no document (yet)
 
 
@@ -69,10 +68,6 @@ class ProjectionWriter:
         """Create the projector's indexes (idempotent)."""
         if self.projector.indexes:
             await self.collection.create_indexes(list(self.projector.indexes))
-
-    def forget(self) -> None:
-        """Drop every cached state (e.g. after the collection was swapped by a rebuild)."""
-        self._cache.clear()
 
     async def apply(self, by_chat: Mapping[str, Sequence[Record]]) -> int:
         """Apply each chat's records (any order, repeats allowed); returns how many were newly applied.
@@ -208,17 +203,6 @@ class ProjectionWriter:
 # ---- catching up with the log -------------------------------------------------------------------
 
 
-_LOOKUPS_AT_ONCE: Final = 16  # exact index lookups in flight while checking how far chats are behind
-
-
-async def logged_chats(store: MongoEventStore) -> list[str]:
-    """Every chat with records: `distinct` on the leading field of the `(chat_id, seq)` index.
-
-    MongoDB answers it with a DISTINCT_SCAN (one index key per chat, not one per event).
-    """
-    return [str(chat_id) for chat_id in await store.events.distinct("chat_id")]
-
-
 async def positions(
     collection: AsyncCollection[Any], chat_ids: Iterable[str] | None = None
 ) -> dict[str, int]:
@@ -233,27 +217,16 @@ async def behind(
     """Chats some projection is behind on: chat_id -> (lowest projected last_seq, log head).
 
     Costs O(chats), never a pass over the log: the chats are `chat_ids`, else every chat of the
-    log (`logged_chats`) or of a projection; one exact `(chat_id, seq)` lookup per chat tells
-    whether the log goes on after its lowest projected position, and only the chats where it does
-    are asked for their head.
+    log (`store.chats()`) or of a projection, and `store.heads_after` looks each one up at its
+    lowest projected position.
     """
     wanted = list(chat_ids) if chat_ids is not None else None
     projected = [await positions(writer.collection, wanted) for writer in writers]
     if wanted is None:
-        wanted = sorted(set(await logged_chats(store)).union(*projected))
+        wanted = sorted(set(await store.chats()).union(*projected))
     lowest = {chat_id: min((at.get(chat_id, 0) for at in projected), default=0) for chat_id in wanted}
-
-    async def goes_on(chat_id: str) -> bool:
-        doc = await store.events.find_one({"chat_id": chat_id, "seq": lowest[chat_id] + 1}, {"_id": 1})
-        return doc is not None
-
-    lagging: dict[str, tuple[int, int]] = {}
-    for start in range(0, len(wanted), _LOOKUPS_AT_ONCE):
-        chunk = wanted[start : start + _LOOKUPS_AT_ONCE]
-        more = [chat_id for chat_id, yes in zip(chunk, await asyncio.gather(*map(goes_on, chunk)), strict=True) if yes]
-        for chat_id, head in zip(more, await asyncio.gather(*map(store.last_seq, more)), strict=True):
-            lagging[chat_id] = (lowest[chat_id], head)
-    return lagging
+    heads = await store.heads_after(lowest)
+    return {chat_id: (lowest[chat_id], head) for chat_id, head in heads.items()}
 
 
 CatchUpProgress = Callable[[int, int], None]
@@ -300,18 +273,14 @@ async def _read_chunks(
 
 async def _read_after(store: MongoEventStore, group: list[tuple[str, int]]) -> Chunk:
     """The group's records after each chat's position; a chat stops before a corrupt record (`broken`)."""
-    query = {"$or": [{"chat_id": chat_id, "seq": {"$gt": at}} for chat_id, at in group]}
     chunk: dict[str, list[Record]] = {}
     broken: dict[str, int] = {}
-    async for doc in store.events.find(query, sort=[("chat_id", ASCENDING), ("seq", ASCENDING)]):
-        chat_id = str(doc.get("chat_id"))
-        if chat_id in broken:
+    async for item in store.scan(positions=group):
+        if item.chat_id in broken:
             continue
-        try:
-            record = to_record(doc)
-        except CorruptRecord as exc:
-            log.error("catch-up stops at chat %s: %s", chat_id, exc)
-            broken[chat_id] = int(doc.get("seq", 0) or 0)
+        if isinstance(item, CorruptRecord):
+            log.error("catch-up stops at chat %s: %s", item.chat_id, item)
+            broken[item.chat_id] = item.seq if isinstance(item.seq, int) else 0
             continue
-        chunk.setdefault(chat_id, []).append(record)
+        chunk.setdefault(item.chat_id, []).append(item)
     return chunk, broken

@@ -31,7 +31,7 @@ class Node:
         import uvicorn
 
         from app.embedded import free_port
-        from app.server import create_app
+        from app.http.server import create_app
 
         self.settings = settings
         self.port = free_port()
@@ -59,7 +59,8 @@ class Node:
 
     @property
     def runtime(self) -> Any:
-        return self.app.state.runtime
+        """The app's state: its services (`store`, `hub`, `supervisor`, …) as the lifespans built them."""
+        return self.app.state
 
     async def start(self) -> Node:
         self.task = asyncio.create_task(self.server.serve())

@@ -12,8 +12,17 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from app.auth import issue_token
-from domain.events import MessageAgent, Pending, RunStarted, StreamRef
+from app.http.auth import issue_token
+from app.runs.supervisor import RunActive
+from domain.events import (
+    ChatCreated,
+    InputRequested,
+    MessageAgent,
+    MessageUser,
+    Pending,
+    RunStarted,
+    StreamRef,
+)
 
 SECRET = "test-secret-of-at-least-thirty-two-bytes!"
 
@@ -91,6 +100,39 @@ async def test_auditors_read_every_chat_of_their_app_only(secured: Any) -> None:
         assert (await http.post(f"/api/chats/{in_p['chat_id']}/stop", headers=auditor)).status_code == 403
 
 
+async def test_an_auditor_cannot_stop_or_steer_a_chat_over_the_websocket(secured: Any, store: Any) -> None:
+    # A run waiting for input, per its log: each of these frames would change the chat if allowed.
+    stream = StreamRef(chat_id="steer", app_id="P", user_id="x", workflow="Assistant")
+    await store.append(
+        stream,
+        [
+            Pending(event=ChatCreated()),
+            Pending(event=MessageUser(content="bees")),
+            Pending(event=RunStarted(pattern="Default", max_turns=12), run_id="r1"),
+            Pending(event=InputRequested(request_id="q1", prompt="more?"), run_id="r1"),
+        ],
+        0,
+    )
+    token = issue_token(SECRET, "audit", "P", ["auditor"])
+    frames = [
+        {"type": "chat.stop"},
+        {"type": "user.message", "text": "exit"},
+        {"type": "input.response", "request_id": "q1", "text": "exit"},
+    ]
+    async with connect(f"{secured.ws_url}/ws/chats/steer?after=0", subprotocols=[f"bearer.{token}"]) as ws:
+        async with asyncio.timeout(30):
+            while json.loads(await ws.recv())["type"] != "replay.done":
+                pass  # the auditor may read the chat
+            for frame in frames:
+                await ws.send(json.dumps(frame))
+                reply = json.loads(await ws.recv())
+                while reply["type"] == "heartbeat":
+                    reply = json.loads(await ws.recv())
+                assert (reply["type"], reply.get("code")) == ("error", "forbidden"), (frame, reply)
+    # Frames are handled one at a time: after the last refusal nothing more can land.
+    assert [r.seq async for r in store.read("steer")] == [1, 2, 3, 4]
+
+
 async def test_metrics_need_the_analyst_role(secured: Any) -> None:
     async with httpx.AsyncClient(base_url=secured.url) as http:
         assert (await http.get("/metrics/perf/aggregate", headers=bearer("x"))).status_code == 403
@@ -161,7 +203,15 @@ async def test_continue_a_finished_chat_and_answer_input_over_rest(start_node: A
                 if types.count("run.started") == 2 and types[-1] in ("run.completed", "run.failed", "input.requested"):
                     break
                 await asyncio.sleep(0.1)
-        assert (await http.post(f"/api/chats/{chat_id}/stop")).status_code in (202, 409)
+        # The second run's researcher checks back too: the run waits for input, so it can be stopped.
+        assert types[-1] == "input.requested"
+        stopped = await http.post(f"/api/chats/{chat_id}/stop")
+        assert stopped.status_code == 202 and stopped.json()["recorded"] == "run.stopped"
+        assert await wait_for_terminal(http, chat_id) == "run.stopped"
+        events = (await http.get(f"/api/chats/{chat_id}/events")).json()["events"]
+        runs = [e["run_id"] for e in events if e["type"] == "run.started"]
+        assert [e["run_id"] for e in events if e["type"] == "run.stopped"] == [runs[1]] == [stopped.json()["run_id"]]
+        assert (await http.post(f"/api/chats/{chat_id}/stop")).status_code == 409
 
 
 async def test_a_run_whose_node_died_is_recorded_as_interrupted_and_can_continue(start_node: Any, store: Any, db: Any) -> None:
@@ -201,9 +251,50 @@ async def test_only_one_node_runs_a_chat(start_node: Any) -> None:
         async with asyncio.timeout(60):
             while not any(e["type"] == "input.requested" for e in (await a.get(f"/api/chats/{chat_id}/events")).json()["events"]):
                 await asyncio.sleep(0.1)
-        # A new turn on node B while A's run waits for input is refused, not run twice.
-        await b.post(f"/api/chats/{chat_id}/messages", json={"message": "exit"})
+        # A's lease is live: B's supervisor does not start a second run of the chat.
+        first = (await a.get(f"/api/chats/{chat_id}/events")).json()["events"][0]
+        stream = StreamRef(chat_id=chat_id, app_id=first["app_id"], user_id=first["user_id"], workflow=first["workflow"])
+        with pytest.raises(RunActive):
+            await node_b.runtime.supervisor.start(stream)
+        assert chat_id not in node_b.runtime.supervisor.tasks
+        # Words sent to B while A's run waits for input are that input's answer, recorded for A's run.
+        answered = await b.post(f"/api/chats/{chat_id}/messages", json={"message": "exit"})
+        assert answered.status_code == 202 and answered.json()["recorded"] == "input.received"
         assert await wait_for_terminal(a, chat_id) == "run.completed"
         assert chat_id not in node_b.runtime.supervisor.tasks
+        events = (await a.get(f"/api/chats/{chat_id}/events")).json()["events"]
+        started = [e for e in events if e["type"] == "run.started"]
+        assert len(started) == 1 and started[0]["data"]["node"] == node_a.settings.node_id
+        answer = next(e for e in events if e["type"] == "input.received")
+        assert answer["run_id"] == started[0]["run_id"] and answer["data"]["text"] == "exit"
         stopped = await b.post(f"/api/chats/{chat_id}/stop")
         assert stopped.status_code == 409
+
+
+async def test_a_live_lease_of_another_node_refuses_a_new_run_and_an_expired_one_is_taken_over(
+    start_node: Any, store: Any, db: Any
+) -> None:
+    # The log shows no run going (the other node has its lease but has not recorded run.started yet).
+    stream = StreamRef(chat_id="leased", app_id="local", user_id="local", workflow="Analyzer")
+    await store.append(stream, [Pending(event=ChatCreated()), Pending(event=MessageUser(content="count"))], 0)
+    live = datetime.now(UTC) + timedelta(minutes=5)
+    await db["chat_leases"].insert_one({"_id": "leased", "owner": "node-a", "run_id": "r-a", "expires_at": live})
+    node = await start_node()
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        refused = await http.post("/api/chats/leased/messages", json={"message": "again"})
+        assert refused.status_code == 409 and "r-a" in refused.text
+        with pytest.raises(RunActive) as active:
+            await node.runtime.supervisor.start(stream)
+        assert active.value.run_id == "r-a"
+        assert [r.type async for r in store.read("leased")] == ["chat.created", "message.user"]
+        assert await db["chat_leases"].find_one({"_id": "leased"}) == {
+            "_id": "leased", "owner": "node-a", "run_id": "r-a", "expires_at": live.replace(microsecond=live.microsecond // 1000 * 1000)
+        }  # fmt: skip
+        # Once node-a's lease has expired, this node takes it over and runs the chat.
+        await db["chat_leases"].update_one({"_id": "leased"}, {"$set": {"expires_at": datetime.now(UTC) - timedelta(seconds=1)}})
+        run_id = await node.runtime.supervisor.start(stream)
+        lease = await db["chat_leases"].find_one({"_id": "leased"})
+        assert lease is None or (lease["owner"], lease["run_id"]) == (node.settings.node_id, run_id)
+        assert await wait_for_terminal(http, "leased") == "run.completed"
+    started = [r async for r in store.read("leased") if r.type == "run.started"]
+    assert [(r.run_id, r.data["node"]) for r in started] == [(run_id, node.settings.node_id)]

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from app.orchestration import Orchestrator
+from app.runs.orchestrator import Orchestrator
+from app.runs.workflows import WorkflowManager
 from app.settings import Settings
-from app.workflows import WorkflowManager
 from domain.store import MongoEventStore
 
 # Spacing kept on purpose: the recorded arguments must be the model's exact text.

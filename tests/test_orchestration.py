@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from app.orchestration import Orchestrator
-from app.orchestration.bare import run_bare
+from app.runs.orchestrator import Orchestrator
+from app.runs.workflows import WorkflowManager
 from app.settings import Settings
-from app.workflows import WorkflowManager
 from domain.events import InputReceived, MessageUser, Pending, Record, RunStopped, StreamRef
 from domain.store import MongoEventStore
+from tests.bare import run_bare
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "workflows"
 MESSAGE = "Write about solar energy and keep notes"
@@ -274,7 +274,7 @@ async def test_a_follow_up_run_continues_the_conversation(orchestrator: Orchestr
 
 
 async def test_unknown_workflow_and_taken_chat_id_are_refused(orchestrator: Orchestrator) -> None:
-    from app.workflows import UnknownWorkflow
+    from app.runs.workflows import UnknownWorkflow
     from domain.errors import Conflict
 
     with pytest.raises(UnknownWorkflow, match="'Nope' is not loaded"):
@@ -287,7 +287,7 @@ async def test_unknown_workflow_and_taken_chat_id_are_refused(orchestrator: Orch
 def test_cli_run_prints_events_asks_for_input_and_summarises(mongo_uri: str, db_name: str, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from app.orchestration.cli import run_command
+    from app.cli.runs import run_command
 
     env = {
         "DATABASE_URI": mongo_uri, "MOZAIKS_DB": db_name, "MOZAIKS_WORKFLOWS_PATH": str(EXAMPLES),

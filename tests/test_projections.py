@@ -8,7 +8,7 @@ import json
 import math
 import random
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,12 @@ from domain.events import (
     StreamRef,
     ToolCalled,
     ToolResult,
+    seal,
 )
 from domain.store import MongoEventStore
 from projections import queries, sketch
 from projections.metrics import ChatMetricsProjector
-from projections.prices import PriceTable
+from projections.prices import PriceFile, PriceTable, PriceVersion
 from projections.projector import fold
 from projections.rebuild import rebuild
 from projections.runner import CHECKPOINTS, ProjectionRunner, default_projectors
@@ -295,6 +296,58 @@ async def test_metrics_count_per_chat_and_agent_with_cost_by_date_and_duration(
     )
 
 
+async def append_dated(store: MongoEventStore, ref: StreamRef, dated: list[tuple[datetime, Pending]]) -> None:
+    """Records stamped at the given past times, chained as the store chains them (the store stamps "now")."""
+    prev, docs = "0" * 64, []
+    for seq, (ts, pending) in enumerate(dated, start=1):
+        doc = seal(ref, pending, seq, prev, ts)
+        docs.append(doc)
+        prev = doc["hash"]
+    await store.events.insert_many(docs)
+
+
+async def test_a_call_is_priced_by_the_table_in_force_on_its_own_date_live_and_on_rebuild(
+    db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
+) -> None:
+    # Per million tokens: $1 in / $2 out from 2020, $10 in / $20 out from 2025 (and still today).
+    table = PriceTable(
+        PriceFile(
+            models={
+                "m": [
+                    PriceVersion(effective=date(2025, 1, 1), input=Decimal(10), output=Decimal(20)),
+                    PriceVersion(effective=date(2020, 1, 1), input=Decimal(1), output=Decimal(2)),
+                ]
+            }
+        )
+    )
+    runner, _ = runners(ProjectionRunner(db, store, default_projectors(table)))
+    await runner.wait_caught_up(30)
+    million = 1_000_000
+    await append_dated(
+        store,
+        stream("old"),
+        [
+            (datetime(2022, 6, 1, 12, tzinfo=UTC), p(ChatCreated())),
+            (datetime(2022, 6, 1, 12, 1, tzinfo=UTC), p(LlmCall(model="m", prompt_tokens=million), "Writer")),
+            (datetime(2019, 3, 1, tzinfo=UTC), p(LlmCall(model="m-2019", completion_tokens=million), "Writer")),
+            (datetime(2024, 12, 31, 23, 59, tzinfo=UTC), p(LlmCall(model="m", prompt_tokens=million), "Critic")),
+            (datetime(2025, 1, 1, 0, 1, tzinfo=UTC), p(LlmCall(model="m", completion_tokens=million), "Critic")),
+        ],
+    )
+    # 2022: $1; 2019 (before the first version): that first version, $2; the last day of 2024: $1; 2025: $20.
+    expected = {"cost_nanousd": 24 * 10**9, "Writer": 3 * 10**9, "Critic": 21 * 10**9}
+
+    async def costs() -> dict[str, int]:
+        doc = await db.chat_metrics.find_one({"_id": "old"})
+        assert doc is not None and doc["last_seq"] == 5
+        return {"cost_nanousd": doc["cost_nanousd"], **{a: doc["agents"][a]["cost_nanousd"] for a in ("Writer", "Critic")}}
+
+    await runner.wait_caught_up(30)
+    assert await costs() == expected
+    await rebuild(db, store, names=["metrics"], prices=table)
+    assert await costs() == expected
+
+
 # ---- exactly once -----------------------------------------------------------------------------
 
 
@@ -539,6 +592,27 @@ async def test_rebuild_of_one_chat_replaces_only_its_documents(
     assert now["chat_metrics"]["chat-2"]["turns"] == good["chat_metrics"]["chat-2"]["turns"] + 100
 
 
+async def test_rebuild_removes_documents_of_chats_the_log_does_not_have(
+    db: AsyncDatabase[Any], store: MongoEventStore
+) -> None:
+    await append_chats(store, 3, seed=17)
+    await rebuild(db, store)
+    good = await snapshot(db)
+    # Left behind by an older table, a restored backup or a test run: chats with no events at all.
+    for ghost in ("ghost-1", "ghost-2"):
+        for name in COLLECTIONS:
+            await db[name].insert_one({"_id": ghost, "chat_id": ghost, "app_id": "app", "last_seq": 9})
+    summary = await rebuild(db, store)
+    assert summary.chats == 3
+    assert await snapshot(db) == good
+    # Rebuilding one such chat removes its documents too, and touches no other chat's.
+    for name in COLLECTIONS:
+        await db[name].insert_one({"_id": "ghost-3", "chat_id": "ghost-3", "app_id": "app", "last_seq": 9})
+    summary = await rebuild(db, store, chat_id="ghost-3")
+    assert summary.chats == 0 and summary.events == 0
+    assert await snapshot(db) == good
+
+
 async def test_corrupt_record_stops_only_its_chat(
     db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
 ) -> None:
@@ -605,7 +679,7 @@ def test_rebuild_command_shows_progress_and_a_summary(mongo_uri: str, db_name: s
     from click.testing import CliRunner
     from pymongo import MongoClient
 
-    from app.projections_cli import projections_group
+    from app.cli.projections import projections_group
     from domain.events import now, seal
 
     client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)

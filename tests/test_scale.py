@@ -14,10 +14,11 @@ from typing import Any
 
 import httpx
 import pytest
+from pymongo import monitoring
 from pymongo.asynchronous.database import AsyncDatabase
 
 from app.embedded import free_port
-from app.orchestration.pool import RoutingExecutor, model_calls
+from app.runs.pool import RoutingExecutor, model_calls
 from domain.events import MessageAgent, Pending, StreamRef
 from domain.store import MongoEventStore
 from projections.rebuild import rebuild
@@ -65,17 +66,47 @@ def solo_workflows(tmp_path: Path) -> Path:
     """One agent, one model call per run (Default pattern, terminate after its turn)."""
     folder = tmp_path / "workflows" / "Solo"
     folder.mkdir(parents=True)
-    (folder / "workflow.json").write_text(json.dumps(
-        {"name": "Solo", "orchestration_pattern": "Default", "max_turns": 4, "visual_agents": ["Writer"], "entry_agent": "Writer"}
-    ))
-    (folder / "agents.json").write_text(json.dumps({"agents": [{"name": "Writer", "handoffs": {"after_work": "terminate"}}]}))
+    (folder / "workflow.json").write_text(
+        json.dumps(
+            {
+                "name": "Solo",
+                "orchestration_pattern": "Default",
+                "max_turns": 4,
+                "visual_agents": ["Writer"],
+                "entry_agent": "Writer",
+            }
+        )
+    )
+    (folder / "agents.json").write_text(
+        json.dumps({"agents": [{"name": "Writer", "handoffs": {"after_work": "terminate"}}]})
+    )
     return folder.parent
 
 
-async def open_cursors(db: AsyncDatabase[Any]) -> int:
-    """Cursors open on the server (a change stream is one), from `serverStatus`."""
-    status = await db.client.admin.command("serverStatus")
-    return int(status["metrics"]["cursor"]["open"]["total"])
+class ChangeStreamOpens(monitoring.CommandListener):
+    """Counts the change streams opened on one database: real commands, seen by PyMongo's command monitoring.
+
+    Registered globally (PyMongo has no other way into a client the app creates itself), so it
+    counts only while `on` and only on `db_name`.
+    """
+
+    def __init__(self, db_name: str) -> None:
+        self.db_name = db_name
+        self.on = True
+        self.opened = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if not self.on or event.command_name != "aggregate" or event.database_name != self.db_name:
+            return
+        pipeline = event.command.get("pipeline") or [{}]
+        if "$changeStream" in pipeline[0]:
+            self.opened += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
 
 
 async def events_of(http: httpx.AsyncClient, chat_id: str) -> list[dict[str, Any]]:
@@ -96,12 +127,18 @@ async def test_fifty_chats_have_forty_model_calls_in_flight_and_the_api_answers_
     server = HeldServer(40, lambda: loop.call_soon_threadsafe(loaded.set))
     try:
         node = await start_node(
-            openai_api_key="sk-test", openai_base_url=server.base_url, workflows_path=solo_workflows,
+            openai_api_key="sk-test",
+            openai_base_url=server.base_url,
+            workflows_path=solo_workflows,
             chat_starts_per_minute=1000,
         )
+        await node.runtime.projections.wait_caught_up(60)  # ready before the load
         async with httpx.AsyncClient(base_url=node.url, timeout=30) as http:
             started = await asyncio.gather(
-                *(http.post("/api/chats", json={"workflow": "Solo", "message": f"chat {i}"}) for i in range(50))
+                *(
+                    http.post("/api/chats", json={"workflow": "Solo", "message": f"chat {i}"})
+                    for i in range(50)
+                )
             )
             assert [r.status_code for r in started] == [201] * 50
             await asyncio.wait_for(loaded.wait(), 60)
@@ -115,7 +152,7 @@ async def test_fifty_chats_have_forty_model_calls_in_flight_and_the_api_answers_
             ready_seconds = time.perf_counter() - begin
             metrics = (await http.get("/metrics")).text
             server.release.set()
-            assert new_chat.status_code == 201 and ready.status_code == 200
+            assert new_chat.status_code == 201 and ready.status_code == 200, ready.text
             assert chat_seconds < 1.0 and ready_seconds < 1.0, (chat_seconds, ready_seconds)
             assert "mozaiks_llm_calls_in_flight" in metrics and "mozaiks_llm_calls_queued" in metrics
             runs = list(node.runtime.supervisor.tasks.values())
@@ -154,20 +191,29 @@ def test_model_calls_beyond_the_bound_wait_in_arrival_order_and_are_counted() ->
 
 
 async def test_runs_answer_input_and_obey_stop_without_a_change_stream_of_their_own(
-    start_node: Any, db: AsyncDatabase[Any]
+    start_node: Any, db_name: str
 ) -> None:
+    streams = ChangeStreamOpens(db_name)
+    monitoring.register(streams)  # before the node's client exists, so it sees the node's commands
     node = await start_node(chat_starts_per_minute=1000)
     async with httpx.AsyncClient(base_url=node.url, timeout=30) as http:
         await node.runtime.projections.wait_caught_up(60)
-        before = await open_cursors(db)
+        # A first chat runs to its end: by then every stream of the process (hub, projections) is open.
+        first = (await http.post("/api/chats", json={"workflow": "Analyzer", "message": "warm up"})).json()
+        if (warming := node.runtime.supervisor.tasks.get(first["chat_id"])) is not None:
+            await asyncio.wait_for(warming, 60)
+        assert streams.opened >= 2  # the hub's and the projection runner's: the counter sees them
+        before = streams.opened
         chats = [
-            (await http.post("/api/chats", json={"workflow": "Assistant", "message": f"bees {i}"})).json()["chat_id"]
+            (await http.post("/api/chats", json={"workflow": "Assistant", "message": f"bees {i}"})).json()[
+                "chat_id"
+            ]
             for i in range(4)
         ]
         for chat_id in chats:
             await wait_for_type(http, chat_id, "input.requested")
-        # Four runs wait for input; the process still holds only its hub's and projections' streams.
-        assert await open_cursors(db) <= before
+        # Four runs wait for input; none of them opened a change stream of its own.
+        assert streams.opened == before
         tasks = node.runtime.supervisor.tasks
         answered, stopped = tasks[chats[0]], tasks[chats[1]]
         reply = await http.post(f"/api/chats/{chats[0]}/messages", json={"message": "exit"})
@@ -177,7 +223,11 @@ async def test_runs_answer_input_and_obey_stop_without_a_change_stream_of_their_
         assert await asyncio.wait_for(stopped, 60) == "run.stopped"
         for chat_id in chats[2:]:
             await http.post(f"/api/chats/{chat_id}/stop")
-        assert set(await asyncio.wait_for(asyncio.gather(*(tasks[c] for c in chats[2:] if c in tasks)), 60)) <= {"run.stopped"}
+        assert set(
+            await asyncio.wait_for(asyncio.gather(*(tasks[c] for c in chats[2:] if c in tasks)), 60)
+        ) <= {"run.stopped"}
+        assert streams.opened == before  # answered and stopped through the hub
+    streams.on = False
 
 
 async def test_a_full_node_refuses_new_runs_with_503_and_retry_after_and_records_nothing(
@@ -186,7 +236,9 @@ async def test_a_full_node_refuses_new_runs_with_503_and_retry_after_and_records
     node = await start_node(chat_starts_per_minute=1000, max_active_runs=2)
     async with httpx.AsyncClient(base_url=node.url, timeout=30) as http:
         chats = [
-            (await http.post("/api/chats", json={"workflow": "Assistant", "message": f"bees {i}"})).json()["chat_id"]
+            (await http.post("/api/chats", json={"workflow": "Assistant", "message": f"bees {i}"})).json()[
+                "chat_id"
+            ]
             for i in range(2)
         ]
         for chat_id in chats:
@@ -194,27 +246,44 @@ async def test_a_full_node_refuses_new_runs_with_503_and_retry_after_and_records
         chats_before = await db["events"].distinct("chat_id")
         refused = await http.post("/api/chats", json={"workflow": "Assistant", "message": "one too many"})
         assert refused.status_code == 503 and refused.json()["error"] == "node_busy"
-        assert int(refused.headers["Retry-After"]) > 0 and "MOZAIKS_MAX_ACTIVE_RUNS" in refused.json()["detail"]
+        assert (
+            int(refused.headers["Retry-After"]) > 0 and "MOZAIKS_MAX_ACTIVE_RUNS" in refused.json()["detail"]
+        )
         assert await db["events"].distinct("chat_id") == chats_before  # nothing recorded for it
         # A slot frees when a run ends; then the node admits again.
         stopped = node.runtime.supervisor.tasks[chats[0]]
         await http.post(f"/api/chats/{chats[0]}/stop")
         await asyncio.wait_for(stopped, 60)
-        admitted = await http.post("/api/chats", json={"workflow": "Assistant", "message": "now there is room"})
+        admitted = await http.post(
+            "/api/chats", json={"workflow": "Assistant", "message": "now there is room"}
+        )
         assert admitted.status_code == 201
         # A new turn on a finished chat needs a slot too, and is refused without being recorded.
         await wait_for_type(http, admitted.json()["chat_id"], "input.requested")
         turn = await http.post(f"/api/chats/{chats[0]}/messages", json={"message": "again"})
         assert turn.status_code == 503 and "Retry-After" in turn.headers
-        assert not any(e["type"] == "message.user" and e["data"]["content"] == "again" for e in await events_of(http, chats[0]))
+        assert not any(
+            e["type"] == "message.user" and e["data"]["content"] == "again"
+            for e in await events_of(http, chats[0])
+        )
 
 
 async def test_one_replica_writes_the_projections_and_another_takes_over_when_it_dies(
-    start_node: Any, mongo_uri: str, db_name: str, db: AsyncDatabase[Any], store: MongoEventStore, tmp_path: Path
+    start_node: Any,
+    mongo_uri: str,
+    db_name: str,
+    db: AsyncDatabase[Any],
+    store: MongoEventStore,
+    tmp_path: Path,
 ) -> None:
     port = free_port()
     writer = serve(
-        tmp_path, "--port", str(port), DATABASE_URI=mongo_uri, MOZAIKS_DB=db_name, MOZAIKS_LEASE_TTL_S="1.5",
+        tmp_path,
+        "--port",
+        str(port),
+        DATABASE_URI=mongo_uri,
+        MOZAIKS_DB=db_name,
+        MOZAIKS_LEASE_TTL_S="1.5",
         MOZAIKS_WORKFLOWS_PATH=str(ROOT / "workflows"),
     )
     try:
@@ -263,8 +332,11 @@ async def test_sockets_are_not_compressed_per_client(start_node: Any, store: Mon
     from websockets.asyncio.client import connect
 
     node = await start_node()
-    await store.append(StreamRef(chat_id="plain", app_id="local", user_id="local", workflow="Analyzer"),
-                       [Pending(event=MessageAgent(content="hi"), agent="Analyst")], 0)
+    await store.append(
+        StreamRef(chat_id="plain", app_id="local", user_id="local", workflow="Analyzer"),
+        [Pending(event=MessageAgent(content="hi"), agent="Analyst")],
+        0,
+    )
     async with connect(f"{node.ws_url}/ws/chats/plain?after=0") as ws:  # the client offers permessage-deflate
         assert ws.response is not None and "Sec-WebSocket-Extensions" not in ws.response.headers
         assert json.loads(await ws.recv())["seq"] == 1

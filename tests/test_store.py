@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
 
 from domain.errors import Conflict, CorruptRecord, HistoryLost
-from domain.events import MessageAgent, MessageUser, Pending, StreamRef, ToolCalled, now
-from domain.store import MongoEventStore
+from domain.events import (
+    GENESIS_HASH,
+    MessageAgent,
+    MessageUser,
+    Pending,
+    Record,
+    StreamRef,
+    ToolCalled,
+    chain_hash,
+    now,
+    seal,
+)
+from domain.store import MongoEventStore, ReplayDone, follow
 
 
 def chat(chat_id: str, app_id: str = "app") -> StreamRef:
@@ -103,6 +115,35 @@ async def test_edited_record_is_reported_by_verify(store: MongoEventStore) -> No
     assert "hash" in (result.detail or "")
 
 
+async def test_record_replaced_by_a_self_consistent_forgery_is_reported_where_the_link_breaks(
+    store: MongoEventStore,
+) -> None:
+    # The forger seals new content at seq 3 with a correct prev_hash and a freshly computed hash:
+    # record 3 checks out on its own, and only record 4's link to it shows the replacement.
+    records = await store.append(chat("audit"), [said(f"m{i}") for i in range(5)], 0)
+    forgery = Pending(event=MessageAgent(content="forged"), agent="Writer", id=records[2].id)
+    forged = seal(chat("audit"), forgery, 3, records[1].hash, records[2].ts)
+    await store.events.replace_one({"_id": records[2].id}, forged)
+    result = await store.verify("audit")
+    assert not result.ok and result.broken_seq == 4 and result.checked == 3 and result.last_seq == 3
+    assert result.detail == "prev_hash does not match the previous record's hash"
+
+
+async def test_last_record_relinked_with_its_hash_recomputed_is_reported(store: MongoEventStore) -> None:
+    # The head record gets new content and a prev_hash pointing elsewhere, and its hash is recomputed
+    # over that content on top of the real predecessor's hash: only the link check can see it.
+    records = await store.append(chat("audit"), [said(f"m{i}") for i in range(3)], 0)
+    doc = await store.events.find_one({"chat_id": "audit", "seq": 3})
+    assert doc is not None
+    doc["data"]["content"] = "forged"
+    doc["prev_hash"] = GENESIS_HASH
+    doc["hash"] = chain_hash(records[1].hash, doc)
+    await store.events.replace_one({"_id": doc["_id"]}, doc)
+    result = await store.verify("audit")
+    assert not result.ok and result.broken_seq == 3 and result.checked == 2 and result.last_seq == 2
+    assert result.detail == "prev_hash does not match the previous record's hash"
+
+
 async def test_deleted_record_is_reported_by_verify(store: MongoEventStore) -> None:
     await store.append(chat("audit"), [said(f"m{i}") for i in range(4)], 0)
     await store.events.delete_one({"chat_id": "audit", "seq": 2})
@@ -143,6 +184,27 @@ async def test_subscribe_delivers_every_event_after_k_exactly_once_in_order(stor
     assert seen == list(range(5, total + 1))
 
 
+async def test_follow_fills_a_gap_when_the_live_source_jumps_ahead(store: MongoEventStore) -> None:
+    # A reopened change stream or a hub's wake-up may hand over a later record first: the records it
+    # skipped come from the log, and a record it repeats is not delivered twice.
+    await store.append(chat("jump"), [said(f"m{i}") for i in range(3)], 0)
+
+    async def live() -> AsyncIterator[Record]:
+        await store.append(chat("jump"), [said(f"n{i}") for i in range(5)], None)  # seqs 4..8
+        stored = [r async for r in store.read("jump", after=3)]
+        yield stored[0]  # 4
+        yield stored[4]  # 8: jumped over 5, 6, 7
+        yield stored[2]  # 6 again
+        more = await store.append(chat("jump"), [said("late"), said("last")], None)  # seqs 9, 10
+        yield more[1]  # 10: jumped over 9
+
+    got = [item async for item in follow(store.read, "jump", 0, live(), mark_replay=True)]
+    assert got[3] == ReplayDone(3)
+    records = [item for item in got if isinstance(item, Record)]
+    assert [r.seq for r in records] == list(range(1, 11))
+    assert records == [r async for r in store.read("jump")]
+
+
 async def test_find_filters_by_type_agent_and_time(store: MongoEventStore) -> None:
     start = now()
     await store.append(chat("f1"), [Pending(event=MessageUser(content="q"))], 0)
@@ -163,9 +225,10 @@ async def test_find_filters_by_type_agent_and_time(store: MongoEventStore) -> No
 
 
 async def test_tail_sees_new_records_of_all_chats_and_resumes_after_a_token(store: MongoEventStore) -> None:
-    tail = store.tail()
+    opened = asyncio.Event()
+    tail = store.tail(on_open=opened.set)
     first_pending = asyncio.ensure_future(anext(tail))
-    await asyncio.sleep(0.3)  # let the change stream open before appending
+    await asyncio.wait_for(opened.wait(), 10)  # the change stream listens: nothing appended now is missed
     await store.append(chat("t1"), [said("one")], 0)
     first = await asyncio.wait_for(first_pending, 10)
     await store.append(chat("t2"), [said("two")], 0)

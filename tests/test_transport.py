@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import socket
 from typing import Any
 
 import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.uri import parse_uri
 
-from app.observability import WS_CLOSED
+from app.observability import WS_CLIENTS, WS_CLOSED
 from domain.events import MessageAgent, Pending, StreamRef
 from domain.store import MongoEventStore
 
@@ -201,13 +205,14 @@ async def test_answering_heartbeats_keeps_the_socket_open(store, start_node) -> 
 async def test_slow_client_is_closed_with_a_resume_hint_and_others_are_unaffected(store, start_node) -> None:
     node = await start_node(ws_queue_max=50, ws_heartbeat_s=30.0)
     await seed_chat(store, "slow", 1)
-    # The slow client: a raw socket that completes the handshake and then never reads.
+    # The slow client: a raw socket that completes the handshake and then stops reading, its WebSocket
+    # side kept by the websockets library's sans-I/O protocol so it can read frames later.
+    protocol = ClientProtocol(parse_uri(f"{node.ws_url}/ws/chats/slow?after=0"), max_size=None)
+    protocol.send_request(protocol.connect())
     reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
-    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    writer.write(
-        b"GET /ws/chats/slow?after=0 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
+    # A small receive buffer (far below the 24 MB the run sends) fills soon, yet drains fast later.
+    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 18)
+    writer.write(b"".join(protocol.data_to_send()))
     await writer.drain()
     reader._transport.pause_reading()  # type: ignore[attr-defined]  # stop reading: the kernel buffer fills
     fast = await connect(f"{node.ws_url}/ws/chats/slow?after=0")
@@ -223,17 +228,49 @@ async def test_slow_client_is_closed_with_a_resume_hint_and_others_are_unaffecte
                 await store.append(stream_of("slow"), batch, None)
                 await asyncio.sleep(0.03)  # a steady run, not one burst
 
-        fast_frames, _ = await asyncio.gather(frames_until(fast, last, timeout=90), produce())
+        async def read_once_let_go() -> list[int]:
+            # The moment the server gives up on it, the slow client reads on: what reached it, then the
+            # close frame (which waits behind that backlog for a few seconds only).
+            async with asyncio.timeout(90):
+                while WS_CLOSED.labels("4408")._value.get() == slow_closes_before:
+                    await asyncio.sleep(0.01)
+            reader._transport.resume_reading()  # type: ignore[attr-defined]
+            received: list[int] = []
+            async with asyncio.timeout(30):
+                while protocol.close_rcvd is None:
+                    data = await reader.read(1 << 16)
+                    if not data:
+                        break
+                    protocol.receive_data(data)
+                    for item in protocol.events_received():
+                        if isinstance(item, Frame) and item.opcode is Opcode.TEXT:
+                            frame = json.loads(item.data)
+                            if frame["type"] == "event":
+                                received.append(frame["seq"])
+            return received
+
+        fast_frames, received, _ = await asyncio.gather(
+            frames_until(fast, last, timeout=90), read_once_let_go(), produce()
+        )
         assert seqs(fast_frames) == list(range(1, last + 1))
-        # The server let go of the slow client (closed as too slow, with the seq to resume from in the
-        # close reason) and no longer follows the chat for it: its backlog is not buffered.
+        assert WS_CLOSED.labels("4408")._value.get() == slow_closes_before + 1
+        # The server no longer follows the chat for the slow client: its backlog is not buffered.
         async with asyncio.timeout(30):
             while node.runtime.hub.subscriber_count != 1:
                 await asyncio.sleep(0.05)
-        assert WS_CLOSED.labels("4408")._value.get() == slow_closes_before + 1
+        assert protocol.close_rcvd is not None and protocol.close_rcvd.code == 4408
+        hint = re.fullmatch(r"too slow; resume from seq (\d+)", protocol.close_rcvd.reason)
+        assert hint is not None, protocol.close_rcvd.reason
+        resume = int(hint.group(1))
+        # It has every event up to the hint (perhaps a few more, sent before the close), and no more
+        # than the chat had; resuming from the hint gives the rest with no gap.
+        assert 1 <= resume < last and received[:resume] == list(range(1, resume + 1))
+        assert received == list(range(1, len(received) + 1)) and len(received) <= last
     finally:
         writer.close()
         await fast.close()
+    async with connect(f"{node.ws_url}/ws/chats/slow?after={resume}") as again:
+        assert seqs(await frames_until(again, last)) == list(range(resume + 1, last + 1))
 
 
 async def test_bad_frames_get_error_frames_and_the_socket_stays_open(store, start_node) -> None:
@@ -280,14 +317,17 @@ async def test_unknown_chat_and_bad_after_close_with_their_codes(store, start_no
 
 async def test_disconnect_never_stops_a_run_and_chat_stop_does(start_node) -> None:
     node = await start_node()
+    clients_before = WS_CLIENTS._value.get()
     async with httpx.AsyncClient(base_url=node.url) as http:
         chat_id = (await http.post("/api/chats", json={"workflow": "Assistant", "message": "Find bees"})).json()["chat_id"]
         async with connect(f"{node.ws_url}/ws/chats/{chat_id}?after=0") as ws:
             async with asyncio.timeout(60):
                 while json.loads(await ws.recv()).get("event", {}).get("type") != "input.requested":
                     pass
-        # Gone: the run still waits for its input, alive.
-        await asyncio.sleep(0.2)
+        # Gone (the server has let the socket go): the run still waits for its input, alive.
+        async with asyncio.timeout(30):
+            while WS_CLIENTS._value.get() != clients_before:
+                await asyncio.sleep(0.02)
         assert chat_id in node.runtime.supervisor.tasks
         async with connect(f"{node.ws_url}/ws/chats/{chat_id}?after=0") as ws:
             await ws.send(json.dumps({"type": "chat.stop"}))

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from app.orchestration.cli import validate_command
-from app.workflows import WorkflowManager
+from app.cli.runs import validate_command
+from app.runs.workflows import WorkflowManager
 from tools import files
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "workflows"

@@ -24,11 +24,11 @@ from pymongo import AsyncMongoClient
 
 from app.embedded import EmbeddedMongo
 from app.logging import configure_logging
-from app.orchestration import Orchestrator
-from app.orchestration.bare import run_bare
+from app.runs.orchestrator import Orchestrator
+from app.runs.workflows import WorkflowManager
 from app.settings import Settings
-from app.workflows import WorkflowManager
 from domain.store import MongoEventStore
+from tests.bare import run_bare
 
 TURNS = 20
 MESSAGE = "Analyse: The quick brown fox jumps over the lazy dog. It was not amused."

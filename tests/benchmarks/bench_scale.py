@@ -60,10 +60,17 @@ def model_server(port: int, latency: float, in_flight: Any, peak: Any, ready: An
 def trio_workflow(root: Path) -> Path:
     folder = root / "workflows" / "Trio"
     folder.mkdir(parents=True)
-    (folder / "workflow.json").write_text(json.dumps({
-        "name": "Trio", "orchestration_pattern": "RoundRobin", "max_turns": len(AGENTS),
-        "visual_agents": list(AGENTS), "entry_agent": AGENTS[0],
-    }))
+    (folder / "workflow.json").write_text(
+        json.dumps(
+            {
+                "name": "Trio",
+                "orchestration_pattern": "RoundRobin",
+                "max_turns": len(AGENTS),
+                "visual_agents": list(AGENTS),
+                "entry_agent": AGENTS[0],
+            }
+        )
+    )
     (folder / "agents.json").write_text(json.dumps({"agents": [{"name": name} for name in AGENTS]}))
     return folder.parent
 
@@ -85,7 +92,9 @@ def p99(samples: list[float]) -> float:
     return ordered[max(int(len(ordered) * 0.99) - 1, 0)]
 
 
-async def probe(http: httpx.AsyncClient, chat_id: str, until: asyncio.Event, samples: list[float], rss: list[float]) -> None:
+async def probe(
+    http: httpx.AsyncClient, chat_id: str, until: asyncio.Event, samples: list[float], rss: list[float]
+) -> None:
     """Time `GET /health/ready` and `GET /api/chats/{id}` every 50 ms until `until` is set."""
     while not until.is_set():
         for path in ("/health/ready", f"/api/chats/{chat_id}"):
@@ -126,9 +135,13 @@ async def bench(uri: str, sizes: list[int], latency: float) -> None:
     db_name = f"bench_scale_{os.getpid()}"
     with tempfile.TemporaryDirectory() as folder:
         settings = Settings(
-            database_uri=uri, db_name=db_name, workflows_path=trio_workflow(Path(folder)),
-            openai_api_key="sk-bench", openai_base_url=f"http://127.0.0.1:{port}/v1",
-            chat_starts_per_minute=1_000_000, max_active_runs=max(sizes) + 1,
+            database_uri=uri,
+            db_name=db_name,
+            workflows_path=trio_workflow(Path(folder)),
+            openai_api_key="sk-bench",
+            openai_base_url=f"http://127.0.0.1:{port}/v1",
+            chat_starts_per_minute=1_000_000,
+            max_active_runs=max(sizes) + 1,
         )
         assert await asyncio.to_thread(ready.wait, 60)
         node = await Node(settings).start()
@@ -137,7 +150,9 @@ async def bench(uri: str, sizes: list[int], latency: float) -> None:
             async with httpx.AsyncClient(base_url=node.url, timeout=600, limits=limits) as http:
                 await node.runtime.projections.wait_caught_up(60)
                 await load(node, http, 1)  # warm-up: imports, first connections
-                probe_chat = (await http.post("/api/chats", json={"workflow": "Trio", "message": "probe"})).json()["chat_id"]
+                probe_chat = (
+                    await http.post("/api/chats", json={"workflow": "Trio", "message": "probe"})
+                ).json()["chat_id"]
                 await asyncio.gather(*node.runtime.supervisor.tasks.values())
                 idle: list[float] = []
                 stop = asyncio.Event()
@@ -145,11 +160,17 @@ async def bench(uri: str, sizes: list[int], latency: float) -> None:
                 await asyncio.sleep(3)
                 stop.set()
                 await prober
-                print(f"model latency {latency:g} s, 3 model calls per chat (RoundRobin of 3 agents), "
-                      f"MOZAIKS_MAX_CONCURRENT_LLM_CALLS={settings.max_concurrent_llm_calls}")
-                print(f"idle API: p50 {statistics.median(idle):.1f} ms, p99 {p99(idle):.1f} ms ({len(idle)} probes)")
-                print(f"{'chats':>6} {'wall s':>8} {'÷ one':>6} {'peak in flight':>15} {'API p99 ms':>11} "
-                      f"{'÷ idle':>7} {'RSS MB/run':>11} {'CPU ms/event':>13}")
+                print(
+                    f"model latency {latency:g} s, 3 model calls per chat (RoundRobin of 3 agents), "
+                    f"MOZAIKS_MAX_CONCURRENT_LLM_CALLS={settings.max_concurrent_llm_calls}"
+                )
+                print(
+                    f"idle API: p50 {statistics.median(idle):.1f} ms, p99 {p99(idle):.1f} ms ({len(idle)} probes)"
+                )
+                print(
+                    f"{'chats':>6} {'wall s':>8} {'÷ one':>6} {'peak in flight':>15} {'API p99 ms':>11} "
+                    f"{'÷ idle':>7} {'RSS MB/run':>11} {'CPU ms/event':>13}"
+                )
                 one: float | None = None
                 for size in sizes:
                     peak.value = 0
@@ -164,8 +185,11 @@ async def bench(uri: str, sizes: list[int], latency: float) -> None:
                     cpu = cpu_s() - cpu_before
                     one = one or wall
                     per_run = (max(rss, default=rss_before) - rss_before) / size
-                    print(f"{size:>6} {wall:>8.2f} {wall / one:>6.2f} {peak.value:>15} {p99(samples):>11.1f} "
-                          f"{p99(samples) / p99(idle):>7.2f} {per_run:>11.2f} {cpu * 1000 / events:>13.2f}", flush=True)
+                    print(
+                        f"{size:>6} {wall:>8.2f} {wall / one:>6.2f} {peak.value:>15} {p99(samples):>11.1f} "
+                        f"{p99(samples) / p99(idle):>7.2f} {per_run:>11.2f} {cpu * 1000 / events:>13.2f}",
+                        flush=True,
+                    )
         finally:
             await node.stop()
             server.kill()

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from playwright.async_api import Browser
 
-from app.auth import issue_token
+from app.http.auth import issue_token
 from tests.browser.conftest import ChatUI, Runtime, new_chatui, records_of, start_runtime, stop_runtime
 
 SECRET = "browser-test-secret-with-enough-length-for-hs256"

@@ -1,4 +1,5 @@
 // REST client of the runtime: bearer token handling and errors a user can read.
+// It reads only fields that /schema documents (errors: `{error, detail}`).
 
 const TOKEN_KEY = "mozaiks.token";
 
@@ -54,7 +55,7 @@ export function takeTokenFromFragment() {
 
 function errorMessage(status, body) {
   if (body && typeof body === "object") {
-    const text = body.message || body.detail || body.error;
+    const text = body.detail || body.error;
     if (typeof text === "string" && text) return text;
   }
   if (typeof body === "string" && body.trim()) return body.trim().slice(0, 300);
@@ -96,19 +97,10 @@ export async function request(method, path, body) {
   return payload;
 }
 
-/** A list out of a payload that is either a list or an object holding one under a known key. */
-export function listOf(payload, ...keys) {
-  if (Array.isArray(payload)) return payload;
-  for (const key of keys) {
-    if (payload && Array.isArray(payload[key])) return payload[key];
-  }
-  return [];
-}
-
 export const api = {
   info: () => request("GET", "/api/info"),
-  workflows: async () => listOf(await request("GET", "/api/workflows"), "workflows", "items"),
-  chats: async () => listOf(await request("GET", "/api/chats"), "chats", "items"),
+  workflows: async () => (await request("GET", "/api/workflows")).workflows,
+  chats: async () => (await request("GET", "/api/chats")).chats,
   startChat: (workflow, message, context) =>
     request("POST", "/api/chats", { workflow, message, context }),
   sendMessage: (chatId, text) =>

@@ -1,26 +1,26 @@
 // ChatUI controller: wires REST, the chat stream, the conversation view and the page chrome.
 
 import { api, ApiError, getToken, onUnauthorized, request, setToken, takeTokenFromFragment } from "./api.js";
+import { refreshChats, renderChatList } from "./chatlist.js";
+import { ACTIVE_STATUSES } from "./codes.js";
 import { forgetAllHistory, forgetHistory, loadHistory, saveHistory } from "./history.js";
-import { renderMetrics } from "./metrics.js";
-import { ChatView, el, timeEl } from "./render.js";
+import {
+  $,
+  announce,
+  askForToken,
+  DEFAULT_HEARTBEAT_S,
+  preference,
+  reportFailure,
+  showError,
+  state,
+  STATUS_LABELS,
+  ui,
+} from "./page.js";
+import { ChatView, el } from "./render.js";
 import { ChatStream } from "./stream.js";
+import { loadMetrics, refreshMetricsAfterRun } from "./summary.js";
+import { agentInfo, loadWorkflows, renderWorkflowInfo, startChat } from "./workflows.js";
 
-const $ = (id) => document.getElementById(id);
-const DEFAULT_HEARTBEAT_S = 15;
-// Statuses from the stream ("awaiting-input") and from the chat_sessions projection ("waiting_input").
-const RUNNING = new Set(["running", "awaiting-input", "waiting_input", "created"]);
-const STATUS_LABELS = {
-  unknown: "—",
-  running: "Running",
-  "awaiting-input": "Waiting for you",
-  waiting_input: "Waiting for you",
-  completed: "Completed",
-  failed: "Failed",
-  stopped: "Stopped",
-  created: "Created",
-  interrupted: "Interrupted",
-};
 const CONNECTION_LABELS = {
   idle: "No chat open",
   connecting: "Connecting…",
@@ -29,91 +29,6 @@ const CONNECTION_LABELS = {
   reconnecting: "Reconnecting…",
   closed: "Disconnected",
 };
-
-const state = {
-  info: { heartbeat_s: DEFAULT_HEARTBEAT_S, auth: false, offline: false },
-  workflows: [],
-  chats: [],
-  chatId: null,
-  stream: null,
-  saveTimer: 0,
-  scrollPending: false,
-  stopping: false,
-  listedStatus: "unknown",
-  metricsTimers: [],
-};
-
-const ui = {
-  events: $("events"),
-  errors: $("errors"),
-  connection: $("connection"),
-  connectionLabel: document.querySelector("#connection .connection__label"),
-  announcer: $("announcer"),
-  startView: $("start-view"),
-  chatView: $("chat-view"),
-  startForm: $("start-form"),
-  workflowSelect: $("workflow"),
-  workflowInfo: $("workflow-info"),
-  startMessage: $("start-message"),
-  startContext: $("start-context"),
-  startButton: $("start-button"),
-  chatTitle: $("chat-title"),
-  chatMeta: $("chat-meta"),
-  chatStatus: $("chat-status"),
-  chatOffline: $("chat-offline"),
-  stopButton: $("stop-button"),
-  composer: $("composer"),
-  composerText: $("composer-text"),
-  composerButton: $("composer-button"),
-  composerHint: $("composer-hint"),
-  chatList: $("chat-list"),
-  chatListEmpty: $("chat-list-empty"),
-  summaryBody: $("summary-body"),
-  summaryToggle: $("summary-toggle"),
-  traceToggle: $("trace-toggle"),
-  navToggle: $("nav-toggle"),
-  runtimeOffline: $("runtime-offline"),
-  runtimeVersion: $("runtime-version"),
-  tokenButton: $("token-button"),
-  tokenDialog: $("token-dialog"),
-  tokenForm: $("token-form"),
-  tokenInput: $("token-input"),
-  tokenReason: $("token-reason"),
-  tokenForget: $("token-forget"),
-};
-
-/** Read (or with `value`, write) a small UI preference; storage may be disabled, which is fine. */
-function preference(key, value) {
-  try {
-    if (value === undefined) return localStorage.getItem(key);
-    localStorage.setItem(key, value);
-  } catch {
-    // Without storage the page still works; it just does not remember the choice.
-  }
-  return value ?? null;
-}
-
-// ---------------------------------------------------------------- errors and announcements
-
-/** Show an error the user can read and dismiss; the newest stays on top, at most four kept. */
-function showError(message, code = "") {
-  const text = code ? `${message} (${code})` : message;
-  const dismiss = el("button", { type: "button", class: "icon-button", "aria-label": "Dismiss error" }, "×");
-  const item = el("div", { class: "error", "data-testid": "error" }, el("p", {}, text), dismiss);
-  dismiss.addEventListener("click", () => item.remove());
-  ui.errors.prepend(item);
-  while (ui.errors.children.length > 4) ui.errors.lastElementChild.remove();
-}
-
-function reportFailure(err) {
-  if (err instanceof ApiError && err.status === 401) return; // the token dialog handles it
-  showError(err instanceof Error ? err.message : String(err));
-}
-
-function announce(text) {
-  // Replacing the text of a polite live region makes screen readers read the new message.
-  ui.announcer.textContent = text;
-}
 
 // ---------------------------------------------------------------- connection indicator
 
@@ -133,7 +48,7 @@ function setConnection(name, detail = {}) {
 
 const view = new ChatView(ui.events, {
   onStatus: (status) => {
-    if (!RUNNING.has(status)) state.stopping = false;
+    if (!ACTIVE_STATUSES.has(status)) state.stopping = false;
     renderStatus();
   },
   onOffline: () => {
@@ -167,7 +82,7 @@ function renderStatus() {
   const label = STATUS_LABELS[status] || status;
   ui.chatStatus.textContent = label;
   ui.chatStatus.dataset.status = status;
-  ui.stopButton.disabled = !RUNNING.has(status) || state.stopping;
+  ui.stopButton.disabled = !ACTIVE_STATUSES.has(status) || state.stopping;
   ui.stopButton.textContent = state.stopping ? "Stopping…" : "Stop";
   const listed = state.chats.find((c) => c.chat_id === state.chatId);
   if (listed && status !== "unknown" && listed.status !== status) {
@@ -176,7 +91,7 @@ function renderStatus() {
     renderChatList();
   }
   const workflow = ui.chatTitle.textContent;
-  document.title = `${RUNNING.has(status) ? "● " : ""}${workflow} — Mozaiks`;
+  document.title = `${ACTIVE_STATUSES.has(status) ? "● " : ""}${workflow} — Mozaiks`;
   updateComposer();
 }
 
@@ -187,7 +102,7 @@ function updateComposer() {
   if (view.pendingRequest) {
     disabled = true;
     hint = "An agent is waiting for your answer above.";
-  } else if (RUNNING.has(status)) {
+  } else if (ACTIVE_STATUSES.has(status)) {
     disabled = true;
     hint = "The agents are working. Use Stop to interrupt.";
   }
@@ -219,183 +134,6 @@ function scheduleSave() {
 function flushHistory() {
   clearTimeout(state.saveTimer);
   if (view.chatId && view.records.length) saveHistory(view.chatId, view.lastSeq, view.records);
-}
-
-// ---------------------------------------------------------------- chat list
-
-function chatTime(chat) {
-  return chat.updated_at || chat.created_at || "";
-}
-
-function relativeTime(iso) {
-  const date = new Date(iso);
-  if (Number.isNaN(date.getTime())) return "";
-  const seconds = (date.getTime() - Date.now()) / 1000;
-  const format = new Intl.RelativeTimeFormat(undefined, { numeric: "auto" });
-  const steps = [[60, "second"], [60, "minute"], [24, "hour"], [7, "day"], [4.35, "week"], [12, "month"]];
-  let value = seconds;
-  for (const [size, unit] of steps) {
-    if (Math.abs(value) < size) return format.format(Math.round(value), unit);
-    value /= size;
-  }
-  return format.format(Math.round(value), "year");
-}
-
-function renderChatList() {
-  const chats = [...state.chats].sort((a, b) => chatTime(b).localeCompare(chatTime(a)));
-  ui.chatList.replaceChildren(
-    ...chats.map((chat) => {
-      const status = chat.status || "unknown";
-      const time = el("time", { datetime: chatTime(chat), title: new Date(chatTime(chat)).toLocaleString() }, relativeTime(chatTime(chat)));
-      const count = Number.isFinite(chat.message_count) ? `${chat.message_count} msg` : "";
-      const link = el("a", {
-        href: `#chat=${encodeURIComponent(chat.chat_id)}`,
-        class: "chat-item",
-        "data-testid": "chat-item",
-        "data-chat-id": chat.chat_id,
-        "aria-current": chat.chat_id === state.chatId ? "page" : null,
-      },
-      el("span", { class: "chat-item__title" }, chat.workflow || "Chat"),
-      el("span", { class: "status-pill", "data-status": status }, STATUS_LABELS[status] || status),
-      chat.title ? el("span", { class: "chat-item__text" }, chat.title) : null,
-      el("span", { class: "chat-item__meta" }, time, count ? ` · ${count}` : ""));
-      return el("li", {}, link);
-    }),
-  );
-  ui.chatListEmpty.hidden = chats.length > 0;
-}
-
-async function refreshChats() {
-  try {
-    state.chats = await api.chats();
-    renderChatList();
-  } catch (err) {
-    reportFailure(err);
-  }
-}
-
-// ---------------------------------------------------------------- workflows and start form
-
-function renderWorkflowInfo() {
-  const workflow = state.workflows.find((w) => w.name === ui.workflowSelect.value);
-  if (!workflow) {
-    ui.workflowInfo.replaceChildren();
-    return;
-  }
-  const agents = Array.isArray(workflow.visual_agents) ? workflow.visual_agents : [];
-  ui.workflowInfo.replaceChildren(
-    el("p", { class: "workflow-info__description" }, workflow.description || "No description."),
-    el("p", { class: "workflow-info__meta" },
-      workflow.pattern ? `${workflow.pattern} pattern` : "",
-      agents.length ? `${workflow.pattern ? " · " : ""}Agents shown: ${agents.join(", ")}` : ""),
-  );
-}
-
-async function loadWorkflows() {
-  try {
-    state.workflows = await api.workflows();
-  } catch (err) {
-    reportFailure(err);
-    return;
-  }
-  const remembered = preference("mozaiks.workflow");
-  ui.workflowSelect.replaceChildren(
-    ...state.workflows.map((w) => el("option", { value: w.name, selected: w.name === remembered }, w.name)),
-  );
-  ui.startButton.disabled = state.workflows.length === 0;
-  if (!state.workflows.length) {
-    ui.workflowInfo.replaceChildren(el("p", {}, "No workflows found. Check MOZAIKS_WORKFLOWS_PATH."));
-    return;
-  }
-  renderWorkflowInfo();
-}
-
-async function startChat(event) {
-  event.preventDefault();
-  const workflow = ui.workflowSelect.value;
-  const message = ui.startMessage.value.trim();
-  if (!workflow || !message) {
-    (workflow ? ui.startMessage : ui.workflowSelect).focus();
-    return;
-  }
-  let context = {};
-  const rawContext = ui.startContext.value.trim();
-  if (rawContext) {
-    try {
-      context = JSON.parse(rawContext);
-    } catch (err) {
-      showError(`Context is not valid JSON: ${err.message}`);
-      ui.startContext.focus();
-      return;
-    }
-    if (!context || typeof context !== "object" || Array.isArray(context)) {
-      showError("Context must be a JSON object, like {\"topic\": \"pricing\"}.");
-      ui.startContext.focus();
-      return;
-    }
-  }
-  ui.startButton.disabled = true;
-  ui.startButton.textContent = "Starting…";
-  try {
-    const created = await api.startChat(workflow, message, context);
-    if (!created || !created.chat_id) throw new Error("The runtime did not return a chat_id.");
-    preference("mozaiks.workflow", workflow);
-    ui.startMessage.value = "";
-    location.hash = `chat=${encodeURIComponent(created.chat_id)}`;
-    refreshChats();
-  } catch (err) {
-    reportFailure(err);
-  } finally {
-    ui.startButton.disabled = state.workflows.length === 0;
-    ui.startButton.textContent = "Start chat";
-  }
-}
-
-/** The agents a workflow shows (null when the workflow list does not say). */
-function visibleAgents(workflowName) {
-  const workflow = state.workflows.find((w) => w.name === workflowName);
-  return Array.isArray(workflow?.visual_agents) ? new Set(workflow.visual_agents) : null;
-}
-
-/** What the workflow says about an agent, when /api/workflows lists its agents. */
-function agentInfo(workflowName, agentName) {
-  const workflow = state.workflows.find((w) => w.name === workflowName);
-  const agents = Array.isArray(workflow?.agents) ? workflow.agents : [];
-  const agent = agents.find((a) => a && (a.name === agentName || a === agentName));
-  if (!agent || typeof agent !== "object") return {};
-  const role = typeof agent.type === "string" ? agent.type : typeof agent.role === "string" ? agent.role : null;
-  return { role, description: typeof agent.description === "string" ? agent.description : null };
-}
-
-// ---------------------------------------------------------------- metrics
-
-async function loadMetrics(chatId) {
-  try {
-    const metrics = await api.metrics(chatId);
-    if (chatId === state.chatId) renderMetrics(ui.summaryBody, metrics, visibleAgents(ui.chatTitle.textContent));
-    return metrics;
-  } catch (err) {
-    if (chatId !== state.chatId) return null;
-    if (err instanceof ApiError && err.status === 404) {
-      renderMetrics(ui.summaryBody, null);
-    } else if (!(err instanceof ApiError && err.status === 401)) {
-      ui.summaryBody.replaceChildren(el("p", { class: "muted" }, `Metrics unavailable: ${err.message}`));
-    }
-    return null;
-  }
-}
-
-/** Metrics are a projection and may lag the log a little: fetch now and again shortly after. */
-function refreshMetricsAfterRun(chatId, seq) {
-  state.metricsTimers.forEach(clearTimeout);
-  const delays = [0, 1200, 4000];
-  state.metricsTimers = delays.map((delay, index) =>
-    setTimeout(async () => {
-      const metrics = await loadMetrics(chatId);
-      const caughtUp = metrics && Number.isFinite(metrics.last_seq) && metrics.last_seq >= seq;
-      if (caughtUp) state.metricsTimers.slice(index + 1).forEach(clearTimeout);
-    }, delay),
-  );
 }
 
 // ---------------------------------------------------------------- opening a chat
@@ -466,7 +204,7 @@ function openChat(chatId) {
       const listed = state.chats.find((c) => c.chat_id === chatId);
       if (listed?.status) state.listedStatus = listed.status;
       renderStatus();
-      if (replayed > 0 && !RUNNING.has(view.status) && view.status !== "unknown") {
+      if (replayed > 0 && !ACTIVE_STATUSES.has(view.status) && view.status !== "unknown") {
         // The run ended while this page was away (or before it opened the chat): fresh numbers.
         refreshMetricsAfterRun(chatId, view.lastSeq);
         refreshChats();
@@ -553,7 +291,7 @@ async function sendFromComposer(event) {
   } finally {
     updateComposer();
   }
-  if (sent && !RUNNING.has(currentStatus())) ui.composerHint.textContent = "Sent. Waiting for the agents…";
+  if (sent && !ACTIVE_STATUSES.has(currentStatus())) ui.composerHint.textContent = "Sent. Waiting for the agents…";
 }
 
 async function stopRun() {
@@ -570,16 +308,6 @@ async function stopRun() {
 }
 
 // ---------------------------------------------------------------- auth
-
-function askForToken(reason) {
-  ui.tokenReason.textContent = reason;
-  ui.tokenButton.hidden = false;
-  ui.tokenForget.hidden = !getToken();
-  if (!ui.tokenDialog.open) {
-    ui.tokenInput.value = "";
-    ui.tokenDialog.showModal();
-  }
-}
 
 function applyNewToken(token) {
   if (setToken(token)) {

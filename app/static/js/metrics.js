@@ -1,4 +1,4 @@
-// Run summary panel: renders whatever subset of `/metrics/perf/chat/{id}` the runtime returns.
+// Run summary panel: renders a chat's `/metrics/perf/chat/{id}` (the `ChatMetrics` of /schema).
 
 import { el } from "./render.js";
 
@@ -23,39 +23,27 @@ function seconds(value) {
   return `${Math.floor(value / 60)} min ${Math.round(value % 60)} s`;
 }
 
-/** Cost as money: a number (in `currency`), or an object like {usd} / {amount, currency}. */
-function money(value, defaultCurrency) {
-  let amount = value;
-  let currency = typeof defaultCurrency === "string" && defaultCurrency ? defaultCurrency : "USD";
-  if (value && typeof value === "object") {
-    amount = value.usd ?? value.amount ?? value.total;
-    currency = value.currency || currency;
-  }
+/** Cost as money in `currency` (USD unless the runtime says otherwise). */
+function money(amount, currency) {
   if (!isNumber(amount)) return null;
+  const code = typeof currency === "string" && currency ? currency : "USD";
   const digits = amount !== 0 && Math.abs(amount) < 0.01 ? 5 : 2;
   try {
-    return new Intl.NumberFormat(undefined, { style: "currency", currency, maximumFractionDigits: digits }).format(amount);
+    return new Intl.NumberFormat(undefined, { style: "currency", currency: code, maximumFractionDigits: digits }).format(amount);
   } catch {
-    return `${amount.toFixed(digits)} ${currency}`;
+    return `${amount.toFixed(digits)} ${code}`;
   }
 }
 
 function tokens(m) {
-  const total = isNumber(m.total_tokens)
-    ? m.total_tokens
-    : isNumber(m.prompt_tokens) || isNumber(m.completion_tokens)
-      ? (m.prompt_tokens || 0) + (m.completion_tokens || 0)
-      : null;
-  if (total === null) return null;
+  if (!isNumber(m.total_tokens)) return null;
   const split = isNumber(m.prompt_tokens) && isNumber(m.completion_tokens)
     ? ` (${count(m.prompt_tokens)} in · ${count(m.completion_tokens)} out)`
     : "";
-  return `${count(total)}${split}`;
+  return `${count(m.total_tokens)}${split}`;
 }
 
-function latency(llm) {
-  let l = llm && typeof llm === "object" ? llm.latency_ms : null;
-  if (!l && llm && isNumber(llm.latency_us_max)) l = { max: llm.latency_us_max / 1000 };
+function latency(l) {
   if (!l || typeof l !== "object") return null;
   const parts = [
     ["p50", l.p50],
@@ -65,33 +53,22 @@ function latency(llm) {
   return parts.length ? parts.join(" · ") : null;
 }
 
-/** Per-agent rows from `agents` as an object keyed by name or a list of {agent|name, …}. */
-function agentRows(agents) {
-  if (Array.isArray(agents)) return agents.map((a) => [a.agent ?? a.name ?? "?", a]);
-  if (agents && typeof agents === "object") return Object.entries(agents);
-  return [];
-}
-
 /**
- * Fill `container` with the run summary; `metrics` null means the runtime has none yet.
- * `visibleAgents` (a Set, when known) limits the per-agent table to agents the chat shows:
- * hidden agents count in the totals but are never named on the page.
+ * Fill `container` with the run summary (a `ChatMetrics` of `/metrics/perf/chat/{id}`); `metrics`
+ * null means the runtime has none yet. `visibleAgents` (a Set, when known) limits the per-agent table
+ * to agents the chat shows: hidden agents count in the totals but are never named on the page.
  */
 export function renderMetrics(container, metrics, visibleAgents = null) {
-  // The numbers may sit at the top level or under one of these keys, depending on the projection.
-  const nested = metrics && typeof metrics === "object"
-    ? ["metrics", "totals", "chat"].map((key) => metrics[key]).find((v) => v && typeof v === "object")
-    : null;
-  const m = metrics && typeof metrics === "object" ? { ...metrics, ...(nested || {}) } : null;
+  const m = metrics && typeof metrics === "object" ? metrics : null;
   const failures = m && isNumber(m.tool_failures) && m.tool_failures > 0 ? ` (${count(m.tool_failures)} failed)` : "";
   const rows = m
     ? [
         ["Turns", count(m.turns), "turns"],
         ["Tool calls", count(m.tool_calls) !== null ? `${count(m.tool_calls)}${failures}` : null, "tool-calls"],
         ["Tokens", tokens(m), "tokens"],
-        ["Cost", money(m.cost ?? (isNumber(m.cost_nanousd) ? m.cost_nanousd / 1e9 : null), m.currency), "cost"],
-        ["LLM calls", count(m.llm?.count ?? m.llm_calls), "llm-calls"],
-        ["LLM latency", latency(m.llm?.latency_ms ? m.llm : m), "llm-latency"],
+        ["Cost", money(m.cost, m.currency), "cost"],
+        ["LLM calls", count(m.llm?.count), "llm-calls"],
+        ["LLM latency", latency(m.llm?.latency_ms), "llm-latency"],
         ["Duration", seconds(m.duration_s), "duration"],
         ["Errors", isNumber(m.errors) && m.errors > 0 ? count(m.errors) : null, "errors"],
       ].filter(([, value]) => value !== null)
@@ -105,7 +82,7 @@ export function renderMetrics(container, metrics, visibleAgents = null) {
     list.append(el("div", { class: "metrics__row", "data-metric": key }, el("dt", {}, label), el("dd", {}, value)));
   }
   const children = [list];
-  const agents = agentRows(m.agents ?? m.per_agent).filter(([name]) => !visibleAgents || visibleAgents.has(name));
+  const agents = Object.entries(m.agents || {}).filter(([name]) => !visibleAgents || visibleAgents.has(name));
   if (agents.length) {
     const table = el("table", { class: "agent-metrics" },
       el("caption", {}, "By agent"),
@@ -113,9 +90,8 @@ export function renderMetrics(container, metrics, visibleAgents = null) {
         el("th", { scope: "col" }, "Tools"), el("th", { scope: "col" }, "Tokens"))));
     const body = el("tbody");
     for (const [name, a] of agents) {
-      const total = isNumber(a?.total_tokens) ? a.total_tokens : (a?.prompt_tokens || 0) + (a?.completion_tokens || 0);
-      body.append(el("tr", {}, el("th", { scope: "row" }, name), el("td", {}, count(a?.turns) ?? "—"),
-        el("td", {}, count(a?.tool_calls) ?? "—"), el("td", {}, count(total) ?? "—")));
+      body.append(el("tr", {}, el("th", { scope: "row" }, name), el("td", {}, count(a.turns) ?? "—"),
+        el("td", {}, count(a.tool_calls) ?? "—"), el("td", {}, count(a.total_tokens) ?? "—")));
     }
     table.append(body);
     children.push(table);

@@ -319,7 +319,7 @@ export class ChatView {
         this.root.append(node);
         const request = this.requests.get(data.request_id) || [...this.requests.values()].find((r) => !r.answered);
         if (request) this.#closeRequest(request, "Answered.", true);
-        if (this.status === "awaiting-input" && ![...this.requests.values()].some((r) => !r.answered)) {
+        if (this.status === "waiting_input" && ![...this.requests.values()].some((r) => !r.answered)) {
           this.#setStatus("running");
         }
         break;
@@ -476,7 +476,7 @@ export class ChatView {
     if (TERMINAL.has(`run.${this.status}`)) {
       this.#closeRequest(request, "The run ended before this was answered.");
     } else {
-      this.#setStatus("awaiting-input");
+      this.#setStatus("waiting_input");
       if (live) this.hooks.announce(`${name} asks for your input: ${String(data.prompt ?? "").slice(0, 200)}`);
       this.hooks.onInputRequested(textarea, live);
     }

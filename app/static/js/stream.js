@@ -1,20 +1,23 @@
 // One chat's WebSocket stream: resume from the last rendered seq, heartbeat watchdog, backoff.
 
+import { CLOSE, ERROR } from "./codes.js";
+
 const MAX_BACKOFF_MS = 10_000;
+const POLICY_VIOLATION = 1008; // the standard close code a proxy may use to refuse a socket
 // Close codes after which retrying cannot help (the page asks the user instead).
 const FATAL_CLOSE = new Map([
-  [1008, "unauthorized"],
-  [4400, "bad_request"],
-  [4401, "unauthorized"],
-  [4403, "forbidden"],
-  [4404, "not_found"],
+  [POLICY_VIOLATION, "unauthorized"],
+  [CLOSE.BAD_REQUEST, "bad_request"],
+  [CLOSE.UNAUTHORIZED, "unauthorized"],
+  [CLOSE.FORBIDDEN, "forbidden"],
+  [CLOSE.UNKNOWN_CHAT, "not_found"],
 ]);
 const FATAL_ERROR_CODES = new Map([
-  ["unauthorized", "unauthorized"],
-  ["forbidden", "forbidden"],
-  ["not_found", "not_found"],
-  ["unknown_chat", "not_found"],
-  ["bad_request", "bad_request"],
+  [ERROR.UNAUTHORIZED, "unauthorized"],
+  [ERROR.FORBIDDEN, "forbidden"],
+  [ERROR.NOT_FOUND, "not_found"],
+  [ERROR.UNKNOWN_CHAT, "not_found"],
+  [ERROR.BAD_REQUEST, "bad_request"],
 ]);
 // Offered first so the server can answer with it instead of echoing the token back.
 const PROTOCOL = "mozaiks.v1";
@@ -175,7 +178,7 @@ export class ChatStream {
     const ms = Math.max(1, this.opts.heartbeatS) * 2000;
     this.#watchdog = setTimeout(() => {
       if (generation !== this.#generation) return;
-      this.#lost(4000, `no frame for ${ms / 1000} s`);
+      this.#lost(CLOSE.HEARTBEAT, `no frame for ${ms / 1000} s`);
     }, ms);
   }
 
@@ -187,7 +190,7 @@ export class ChatStream {
     if (ws) {
       ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
       try {
-        ws.close(4000, reason.slice(0, 100));
+        ws.close(CLOSE.HEARTBEAT, reason.slice(0, 100));
       } catch {
         // Closing a socket that never opened can throw; it is discarded either way.
       }

@@ -58,8 +58,9 @@ def token_from(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    for protocol in connection.scope.get("subprotocols") or ():
-        if protocol.startswith(SUBPROTOCOL_PREFIX):
+    protocols = connection.scope.get("subprotocols") or ()
+    for protocol in protocols if isinstance(protocols, (list, tuple)) else ():
+        if isinstance(protocol, str) and protocol.startswith(SUBPROTOCOL_PREFIX):
             return protocol[len(SUBPROTOCOL_PREFIX) :]
     return None
 

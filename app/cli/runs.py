@@ -1,8 +1,4 @@
-"""CLI commands of the orchestration: `run WORKFLOW "message"` and `workflows validate [PATH]`.
-
-The lead wires `run_command` and `workflows_group` into the `mozaiks` click group; standalone:
-`python -m app.orchestration.cli run Generator "Write about bees"`.
-"""
+"""`mozaiks run WORKFLOW "message"` and `mozaiks workflows validate [PATH]` (registered in `app.cli`)."""
 
 from __future__ import annotations
 
@@ -13,9 +9,9 @@ from pathlib import Path
 import click
 
 from app.database import open_store
-from app.orchestration.orchestrator import Orchestrator
+from app.runs.orchestrator import Orchestrator
+from app.runs.workflows import WorkflowManager
 from app.settings import Settings
-from app.workflows import WorkflowManager
 from domain.events import InputReceived, Pending, Record, StreamRef
 from domain.store import MongoEventStore
 
@@ -131,15 +127,3 @@ def describe(record: Record) -> str:
             text = json.dumps(data, sort_keys=True, default=str)
     hidden = "" if record.visible else " (hidden)"
     return f"{record.seq:>4} {record.agent or '-':<14} {record.type:<16} {text}{hidden}"
-
-
-@click.group()
-def main() -> None:
-    """Orchestration commands (standalone entry point until they join the `mozaiks` group)."""
-
-
-main.add_command(run_command)
-main.add_command(workflows_group)
-
-if __name__ == "__main__":
-    main()

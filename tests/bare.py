@@ -7,9 +7,9 @@ from typing import Any
 from autogen.agentchat import a_run_group_chat
 from autogen.agentchat.group import ContextVariables
 
-from app.orchestration.agents import build_team
-from app.orchestration.clients import Ledger, ScriptedBackend
-from app.workflows import Workflow
+from app.runs.agents import build_team
+from app.runs.clients import Ledger, ScriptedBackend
+from app.runs.workflows import Workflow
 
 
 async def run_bare(

@@ -20,7 +20,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from app.observability import RUN_OUTCOMES
-from app.orchestration import Orchestrator
+from app.runs.orchestrator import Orchestrator
 from app.settings import Settings
 from app.tasks import cancel_requested
 from domain.errors import MozaiksError, UnknownChat

@@ -26,12 +26,9 @@ from autogen.agentchat.group.targets.transition_target import TransitionTarget
 from autogen.agentchat.groupchat import GroupChat
 from autogen.oai.client import PlaceHolderClient
 
-from app.orchestration.clients import CLIENT_CLASS_NAME, MozaiksModelClient
-from app.workflows import GROUP_MANAGER, Tool, Workflow
+from app.runs.clients import CLIENT_CLASS_NAME, MozaiksModelClient
+from app.runs.workflows import GROUP_MANAGER, Tool, Workflow
 from domain.manifest import AgentSpec
-
-# The human stand-in used when a workflow has no agent of type "user" (AG2's own default name).
-TEMP_USER: str = "_User"
 
 
 class Team:
@@ -67,10 +64,10 @@ def keep_client_registered(agent: ConversableAgent, client_cls: type[MozaiksMode
     def reregister(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         client = agent.client
         if client is not None and any(isinstance(c, PlaceHolderClient) for c in client._clients):
-            agent.register_model_client(client_cls)
+            agent.register_model_client(client_cls)  # type: ignore[arg-type]  # AG2 types the class as an instance
         return messages
 
-    agent.register_model_client(client_cls)
+    agent.register_model_client(client_cls)  # type: ignore[arg-type]  # AG2 types the class as an instance
     agent.register_hook("process_all_messages_before_reply", reregister)
 
 
@@ -135,7 +132,7 @@ class _AutoPattern(AutoPattern):
         chats = [groupchat] + [t["config"] for t in manager._reply_func_list if isinstance(t["config"], GroupChat)]
         for chat in chats:
             chat.select_speaker_auto_llm_config = self._selector_config
-            chat.select_speaker_auto_model_client_cls = self._client_cls
+            chat.select_speaker_auto_model_client_cls = self._client_cls  # type: ignore[assignment]  # as above
         return components
 
 

@@ -18,26 +18,29 @@ import structlog
 from litestar import WebSocket, websocket
 from litestar.exceptions import NotAuthorizedException, WebSocketDisconnect
 
-from app.auth import LOCAL_USER, SUBPROTOCOL_PREFIX, Principal, principal_from_token, token_from
-from app.hub import Overflowed
+from app.http import codes
+from app.http.auth import LOCAL_USER, SUBPROTOCOL_PREFIX, Principal, principal_from_token, token_from
+from app.http.codes import (
+    CLOSE_BAD_REQUEST,
+    CLOSE_FORBIDDEN,
+    CLOSE_HEARTBEAT,
+    CLOSE_SLOW,
+    CLOSE_TOO_BIG,
+    CLOSE_UNAUTHORIZED,
+    CLOSE_UNKNOWN_CHAT,
+)
+from app.http.errors import error_code
+from app.hub import LiveHub, Overflowed
 from app.observability import REPLAY_SIZE, WS_CLIENTS, WS_CLOSED
-from app.runtime import Runtime
-from app.supervisor import NoActiveRun, NodeBusy, RunActive
+from app.runs.supervisor import RunSupervisor
+from app.settings import Settings
 from domain.errors import MozaiksError
 from domain.events import Record, now
-from domain.store import ReplayDone
+from domain.store import MongoEventStore, ReplayDone
 
 log = structlog.get_logger("mozaiks.transport")
 
 PROTOCOL: Final = "mozaiks.v1"
-# Close codes (4000-4999 are the application's own).
-CLOSE_TOO_BIG: Final = 1009
-CLOSE_HEARTBEAT: Final = 4000
-CLOSE_BAD_REQUEST: Final = 4400
-CLOSE_UNAUTHORIZED: Final = 4401
-CLOSE_FORBIDDEN: Final = 4403
-CLOSE_UNKNOWN_CHAT: Final = 4404
-CLOSE_SLOW: Final = 4408
 CLOSE_WAIT_S: Final = 5.0
 
 
@@ -125,9 +128,20 @@ class _Closed(Exception):
 class ChatConnection:
     """One client's socket on one chat: sender, receiver and heartbeat tasks sharing one send lock."""
 
-    def __init__(self, socket: WebSocket[Any, Any, Any], runtime: Runtime, principal: Principal, chat: Record) -> None:
+    def __init__(
+        self,
+        socket: WebSocket[Any, Any, Any],
+        *,
+        hub: LiveHub,
+        supervisor: RunSupervisor,
+        settings: Settings,
+        principal: Principal,
+        chat: Record,
+    ) -> None:
         self.socket = socket
-        self.runtime = runtime
+        self.hub = hub
+        self.supervisor = supervisor
+        self.settings = settings
         self.principal = principal
         self.chat = chat
         self.send_lock = asyncio.Lock()
@@ -155,17 +169,16 @@ class ChatConnection:
     async def send_live(self, payload: str) -> None:
         """Send, but treat a client that takes longer than two heartbeats to take a frame as too slow."""
         try:
-            async with asyncio.timeout(2 * self.runtime.settings.ws_heartbeat_s):  # a timer, not a task per frame
+            async with asyncio.timeout(2 * self.settings.ws_heartbeat_s):  # a timer, not a task per frame
                 await self.send(payload)
         except TimeoutError:
             raise Overflowed(self.last_sent) from None
 
     async def stream(self, after: int) -> None:
-        assert self.runtime.hub is not None
         replayed = 0
         self.last_sent = after
         try:
-            async for item in self.runtime.hub.subscribe(self.chat.chat_id, after, on_overflow=self.overflow.set):
+            async for item in self.hub.subscribe(self.chat.chat_id, after, on_overflow=self.overflow.set):
                 if isinstance(item, ReplayDone):
                     REPLAY_SIZE.observe(replayed)
                     await self.send(frame_text(ReplayDoneFrame(last_seq=item.last_seq)))
@@ -180,7 +193,7 @@ class ChatConnection:
             raise _Closed(CLOSE_SLOW, f"too slow; resume from seq {self.last_sent}") from None
 
     async def receive(self) -> None:
-        limit = self.runtime.settings.max_frame_bytes
+        limit = self.settings.max_frame_bytes
         while True:
             raw = await self.socket.receive_data(mode="text")
             self.last_heard = time.monotonic()
@@ -189,18 +202,17 @@ class ChatConnection:
             try:
                 frame = _decode_client(raw)
             except msgspec.DecodeError as exc:
-                await self.send(frame_text(ErrorFrame(code="bad_frame", message=f"{exc}")))
+                await self.send(frame_text(ErrorFrame(code=codes.BAD_FRAME, message=f"{exc}")))
                 continue
             await self.handle(frame)
 
     async def handle(self, frame: ClientFrame) -> None:
-        supervisor = self.runtime.supervisor
-        assert supervisor is not None
+        supervisor = self.supervisor
         chat_id = self.chat.chat_id
         if isinstance(frame, Pong):
             return
         if not self.principal.can_control_chat(self.chat.user_id, self.chat.app_id):
-            await self.send(frame_text(ErrorFrame(code="forbidden", message="only the chat's own user may do that")))
+            await self.send(frame_text(ErrorFrame(code=codes.FORBIDDEN, message="only the chat's own user may do that")))
             return
         try:
             match frame:
@@ -210,13 +222,11 @@ class ChatConnection:
                     await supervisor.send_message(chat_id, text, request_id=request_id)
                 case ChatStop():
                     await supervisor.stop(chat_id, by=self.principal.user_id)
-        except (RunActive, NoActiveRun, NodeBusy) as exc:
-            await self.send(frame_text(ErrorFrame(code=type(exc).__name__, message=str(exc))))
         except MozaiksError as exc:
-            await self.send(frame_text(ErrorFrame(code="error", message=str(exc))))
+            await self.send(frame_text(ErrorFrame(code=error_code(exc), message=str(exc))))
 
     async def heartbeat(self) -> None:
-        interval = self.runtime.settings.ws_heartbeat_s
+        interval = self.settings.ws_heartbeat_s
         while True:
             await asyncio.sleep(interval)
             if time.monotonic() - self.last_heard > 2 * interval:
@@ -224,8 +234,8 @@ class ChatConnection:
             await self.send(frame_text(HeartbeatFrame(ts=now().isoformat().replace("+00:00", "Z"))))
 
 
-def _principal(socket: WebSocket[Any, Any, Any], runtime: Runtime) -> Principal:
-    secret = runtime.settings.auth_secret
+def _principal(socket: WebSocket[Any, Any, Any], settings: Settings) -> Principal:
+    secret = settings.auth_secret
     if secret is None:
         return LOCAL_USER
     token = token_from(socket)
@@ -250,7 +260,14 @@ async def _refuse(socket: WebSocket[Any, Any, Any], code: int, error: str, messa
 
 
 @websocket("/ws/chats/{chat_id:str}")
-async def chat_socket(socket: WebSocket[Any, Any, Any], chat_id: str, runtime: Runtime) -> None:
+async def chat_socket(
+    socket: WebSocket[Any, Any, Any],
+    chat_id: str,
+    store: MongoEventStore,
+    hub: LiveHub,
+    supervisor: RunSupervisor,
+    settings: Settings,
+) -> None:
     """Stream a chat: replay after `after`, `replay.done`, then live events; accept client frames."""
     await socket.accept(subprotocols=_chosen_subprotocol(socket))
     raw_after = socket.query_params.get("after", "0")
@@ -259,22 +276,23 @@ async def chat_socket(socket: WebSocket[Any, Any, Any], chat_id: str, runtime: R
         if after < 0:
             raise ValueError
     except ValueError:
-        await _refuse(socket, CLOSE_BAD_REQUEST, "bad_request", f"after={raw_after!r} must be a whole number >= 0")
+        await _refuse(socket, CLOSE_BAD_REQUEST, codes.BAD_REQUEST, f"after={raw_after!r} must be a whole number >= 0")
         return
     try:
-        principal = _principal(socket, runtime)
+        principal = _principal(socket, settings)
     except NotAuthorizedException as exc:
-        await _refuse(socket, CLOSE_UNAUTHORIZED, "unauthorized", str(exc.detail))
+        await _refuse(socket, CLOSE_UNAUTHORIZED, codes.UNAUTHORIZED, str(exc.detail))
         return
-    assert runtime.store is not None
-    first = await anext(runtime.store.read(chat_id, limit=1), None)
+    first = await anext(store.read(chat_id, limit=1), None)
     if first is None:
-        await _refuse(socket, CLOSE_UNKNOWN_CHAT, "unknown_chat", f"chat {chat_id} does not exist")
+        await _refuse(socket, CLOSE_UNKNOWN_CHAT, codes.UNKNOWN_CHAT, f"chat {chat_id} does not exist")
         return
     if not principal.can_read_chat(first.user_id, first.app_id):
-        await _refuse(socket, CLOSE_FORBIDDEN, "forbidden", f"you may not read chat {chat_id}")
+        await _refuse(socket, CLOSE_FORBIDDEN, codes.FORBIDDEN, f"you may not read chat {chat_id}")
         return
-    connection = ChatConnection(socket, runtime, principal, first)
+    connection = ChatConnection(
+        socket, hub=hub, supervisor=supervisor, settings=settings, principal=principal, chat=first
+    )
     WS_CLIENTS.inc()
     try:
         await connection.serve(after)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
+from typing import NoReturn
 
 import click
 import msgspec
 
+from app.cli.projections import projections_group
+from app.cli.runs import run_command, workflows_group
 from app.embedded import EmbeddedMongo, EmbeddedServerError
 from app.logging import configure_logging
-from app.orchestration.cli import run_command, workflows_group
-from app.projections_cli import projections_group
 from app.settings import Settings, SettingsError
 
 
@@ -28,7 +29,7 @@ def _is_loopback(host: str) -> bool:
             return False
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Print one line a user can act on and exit non-zero."""
     click.echo(f"mozaiks: error: {message}", err=True)
     sys.exit(2)
@@ -48,7 +49,7 @@ def serve(host: str, port: int) -> None:
     """Run the HTTP/WebSocket service (embedded MongoDB when DATABASE_URI is not set)."""
     import uvicorn
 
-    from app.server import create_app
+    from app.http.server import create_app
 
     try:
         settings = Settings.from_env()
@@ -99,12 +100,11 @@ def serve(host: str, port: int) -> None:
 @click.option("--ttl", default=3600, show_default=True, help="seconds until it expires")
 def token(user_id: str, app_id: str, roles: tuple[str, ...], ttl: int) -> None:
     """Print a bearer token signed with MOZAIKS_AUTH_SECRET."""
-    from app.auth import issue_token
+    from app.http.auth import issue_token
 
     secret = Settings.from_env().auth_secret
     if secret is None:
         fail("MOZAIKS_AUTH_SECRET is not set")
-    assert secret is not None
     click.echo(issue_token(secret, user_id, app_id, list(roles), ttl))
 
 

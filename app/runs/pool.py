@@ -53,7 +53,9 @@ class RoutingExecutor(ThreadPoolExecutor):
     """
 
     def __init__(self, max_model_calls: int, runtime_threads: int | None = None) -> None:
-        super().__init__(max_workers=runtime_threads or min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="runtime")
+        super().__init__(
+            max_workers=runtime_threads or min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="runtime"
+        )
         self.max_model_calls = max_model_calls
         self.model_pool = ThreadPoolExecutor(max_workers=max_model_calls, thread_name_prefix="model-call")
         self._lock = threading.Lock()
@@ -97,7 +99,9 @@ _installed: dict[asyncio.AbstractEventLoop, _Installed] = {}
 
 
 @contextlib.contextmanager
-def routed_default_executor(loop: asyncio.AbstractEventLoop, max_model_calls: int) -> Iterator[RoutingExecutor]:
+def routed_default_executor(
+    loop: asyncio.AbstractEventLoop, max_model_calls: int
+) -> Iterator[RoutingExecutor]:
     """Make a RoutingExecutor the loop's default executor while any user of it (a node's app) runs.
 
     Nodes sharing one loop (tests run two replicas in one process) share the first one's executor;
@@ -107,7 +111,9 @@ def routed_default_executor(loop: asyncio.AbstractEventLoop, max_model_calls: in
     installed = _installed.get(loop)
     if installed is None:
         previous = getattr(loop, "_default_executor", None)
-        installed = _Installed(RoutingExecutor(max_model_calls), previous if isinstance(previous, ThreadPoolExecutor) else None)
+        installed = _Installed(
+            RoutingExecutor(max_model_calls), previous if isinstance(previous, ThreadPoolExecutor) else None
+        )
         loop.set_default_executor(installed.executor)
         _installed[loop] = installed
     installed.users += 1

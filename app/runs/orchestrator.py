@@ -21,12 +21,12 @@ from autogen.agentchat import a_run_group_chat
 from autogen.agentchat.group import ContextVariables
 from autogen.io.base import IOStream
 
-from app.orchestration.agents import ContextNote, Team, build_team
-from app.orchestration.clients import Backend, Ledger, LlmCallNote, OpenAIBackend, ScriptedBackend
-from app.orchestration.pool import model_calls
-from app.orchestration.recorder import RunMapper
+from app.runs.agents import ContextNote, Team, build_team
+from app.runs.clients import Backend, Ledger, LlmCallNote, OpenAIBackend, ScriptedBackend
+from app.runs.pool import model_calls
+from app.runs.recorder import RunMapper
+from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
-from app.workflows import Workflow, WorkflowManager
 from domain.errors import Conflict, UnknownChat
 from domain.events import (
     ChatCreated,
@@ -380,7 +380,8 @@ class _RunSession:
             future.set_result(self.unclaimed.popleft().text)
         stopping = asyncio.create_task(self.stop.wait())
         try:
-            await asyncio.wait({future, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            waiters: list[asyncio.Future[Any]] = [future, stopping]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopping.cancel()
             self.open_requests.pop(request_id, None)

@@ -1,8 +1,4 @@
-"""CLI commands of the projections: `projections rebuild [--name N] [--chat ID]` and `projections status`.
-
-The lead wires `projections_group` into the `mozaiks` click group; standalone:
-`python -m app.projections_cli rebuild --name metrics`.
-"""
+"""`mozaiks projections rebuild [--name N] [--chat ID]` and `mozaiks projections status` (registered in `app.cli`)."""
 
 from __future__ import annotations
 
@@ -170,7 +166,3 @@ def status_command() -> None:
     except (MozaiksError, SettingsError) as exc:
         click.echo(f"mozaiks: error: {exc}", err=True)
         sys.exit(2)
-
-
-if __name__ == "__main__":
-    projections_group()

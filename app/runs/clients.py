@@ -59,7 +59,8 @@ class OpenAIBackend:
     def complete(self, agent: str, params: dict[str, Any]) -> ChatCompletion:
         """One chat completion (non-streaming) with the parameters the API knows."""
         kwargs = {k: v for k, v in params.items() if k in _OPENAI_KEYS and v is not None}
-        return self.client.chat.completions.create(**kwargs)
+        completion: ChatCompletion = self.client.chat.completions.create(**kwargs)
+        return completion
 
 
 class ScriptedBackend:
@@ -129,14 +130,10 @@ class Ledger:
 
     def __init__(self, backend: Backend, report: Callable[[LlmCallNote], None] | None = None) -> None:
         self.backend = backend
-        self.notes: list[LlmCallNote] = []
         self._report = report
-        self._lock = threading.Lock()
 
     def record(self, note: LlmCallNote) -> None:
-        """Keep the note and hand it to the run's reporter (from any thread)."""
-        with self._lock:
-            self.notes.append(note)
+        """Hand the note to the run's reporter (from any thread)."""
         if self._report is not None:
             self._report(note)
 

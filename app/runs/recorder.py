@@ -16,8 +16,8 @@ from autogen.agentchat.group.targets.transition_target import TransitionTarget
 from autogen.code_utils import content_str
 from pydantic import BaseModel
 
-from app.orchestration.agents import ContextNote
-from app.orchestration.clients import LlmCallNote
+from app.runs.agents import ContextNote
+from app.runs.clients import LlmCallNote
 from domain.events import (
     Ag2Event,
     AnyEvent,

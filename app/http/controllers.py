@@ -1,0 +1,332 @@
+"""REST controllers: workflows, chats, audit events, hash-chain verification, metrics, health.
+
+Services arrive as typed handler parameters (see `app.http.server.DEPENDENCIES`); every response is a
+Struct of `app.http.views`; every error is raised and rendered by `app.http.errors` in one shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, MediaType, Request, Response, get, post
+from litestar.exceptions import NotFoundException, PermissionDeniedException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
+from litestar.response import Stream
+from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_503_SERVICE_UNAVAILABLE
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pymongo.asynchronous.database import AsyncDatabase
+
+from app.http import views
+from app.http.auth import Principal, require_role
+from app.http.errors import error_responses
+from app.runs.orchestrator import Orchestrator
+from app.runs.supervisor import RunSupervisor
+from app.runs.workflows import WorkflowManager
+from app.settings import Settings
+from domain.errors import UnknownChat
+from domain.events import EVENT_TYPES, Record
+from domain.store import MongoEventStore, Verification
+from projections import queries
+from projections.runner import ProjectionRunner
+
+VERSION = "0.1.0"
+_json = msgspec.json.Encoder()
+
+
+class StartChat(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of `POST /api/chats`."""
+
+    workflow: str
+    message: str
+    context: dict[str, Any] = {}
+
+
+class SendMessage(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of `POST /api/chats/{id}/messages`: a new turn, or the answer to an open input request."""
+
+    message: str
+    request_id: str | None = None
+
+
+async def owned_chat(store: MongoEventStore, principal: Principal, chat_id: str, *, control: bool = False) -> Record:
+    """The chat's first record, if the caller may read (or, with `control`, continue/stop) the chat.
+
+    Raises UnknownChat (404) when there is no such chat, PermissionDeniedException (403) when it is
+    someone else's.
+    """
+    first = await anext(store.read(chat_id, limit=1), None)
+    if first is None:
+        raise UnknownChat(chat_id)
+    if not principal.can_read_chat(first.user_id, first.app_id):
+        raise PermissionDeniedException(f"chat {chat_id} is not yours to read")
+    if control and not principal.can_control_chat(first.user_id, first.app_id):
+        raise PermissionDeniedException(f"only the chat's own user may change chat {chat_id}")
+    return first
+
+
+@get("/api/info", media_type=MediaType.JSON, responses=error_responses(), security=[{}])
+async def info(settings: Settings) -> views.Info:
+    """What a client needs to know before it connects: auth, heartbeat interval, offline mode."""
+    return views.Info(
+        version=VERSION,
+        auth=not settings.local_mode,
+        heartbeat_s=settings.ws_heartbeat_s,
+        offline=settings.offline,
+        node=settings.node_id,
+    )
+
+
+class WorkflowController(Controller):
+    """The workflows this runtime can run."""
+
+    path = "/api/workflows"
+
+    @get(responses=error_responses(401))
+    async def list_workflows(self, workflows: WorkflowManager) -> views.WorkflowList:
+        """Loaded workflows (and the problems of any that failed to load)."""
+        items = []
+        for name in workflows.names():
+            workflow = workflows.get(name)
+            items.append(
+                views.WorkflowView(
+                    name=workflow.name,
+                    description=workflow.manifest.description,
+                    pattern=workflow.pattern,
+                    max_turns=workflow.max_turns,
+                    entry_agent=workflow.manifest.entry_agent,
+                    visual_agents=sorted(workflow.visual_agents),
+                    agents=[views.AgentView(name=a.name, type=a.type) for a in workflow.agents],
+                )
+            )
+        return views.WorkflowList(workflows=items, errors=[str(e) for e in workflows.errors])
+
+
+class ChatController(Controller):
+    """Chats: start, list, read, continue, stop, audit and verify."""
+
+    path = "/api/chats"
+
+    @post(responses=error_responses(400, 401, 404, 409, 413, 429, 503))
+    async def start_chat(
+        self,
+        request: Request[Principal, Any, Any],
+        data: StartChat,
+        orchestrator: Orchestrator,
+        supervisor: RunSupervisor,
+    ) -> views.ChatStarted:
+        """Start a chat on a workflow with a first message; the run goes on in the background."""
+        principal = request.user
+        with supervisor.admission():  # a full node refuses (503) before recording anything
+            stream = await orchestrator.create_chat(
+                workflow=data.workflow,
+                user_id=principal.user_id,
+                app_id=principal.app_id,
+                message=data.message,
+                context=data.context,
+            )
+            run_id = await supervisor.start(stream, admitted=True)
+        return views.ChatStarted(chat_id=stream.chat_id, run_id=run_id, workflow=stream.workflow)
+
+    @get(responses=error_responses(400, 401))
+    async def list_chats(
+        self,
+        request: Request[Principal, Any, Any],
+        db: AsyncDatabase[Any],
+        offset: Annotated[int, Parameter(ge=0)] = 0,
+        limit: Annotated[int, Parameter(ge=1, le=500)] = 50,
+    ) -> views.ChatList:
+        """The caller's chats, newest first (an auditor sees every chat of its app)."""
+        principal = request.user
+        user = None if "auditor" in principal.roles else principal.user_id
+        items = await queries.list_sessions(db, app_id=principal.app_id, user_id=user, offset=offset, limit=limit)
+        return views.ChatList(chats=[_summary(doc) for doc in items], offset=offset, limit=limit)
+
+    @get("/{chat_id:str}", responses=error_responses(401, 403, 404))
+    async def get_chat(
+        self, request: Request[Principal, Any, Any], chat_id: str, store: MongoEventStore, db: AsyncDatabase[Any]
+    ) -> views.ChatSession:
+        """The chat's session document (messages and status), projected from its log."""
+        await owned_chat(store, request.user, chat_id)
+        visible_only = "auditor" not in request.user.roles
+        session = await queries.get_session(db, chat_id, visible_only=visible_only)
+        if session is None:
+            raise NotFoundException(f"chat {chat_id} is not projected yet; retry shortly")
+        return msgspec.convert(session, views.ChatSession)
+
+    @post("/{chat_id:str}/messages", status_code=HTTP_202_ACCEPTED, responses=error_responses(400, 401, 403, 404, 409, 413, 503))
+    async def send_message(
+        self,
+        request: Request[Principal, Any, Any],
+        chat_id: str,
+        data: SendMessage,
+        store: MongoEventStore,
+        supervisor: RunSupervisor,
+    ) -> views.MessageAccepted:
+        """Answer the chat's open input request, or continue a finished chat with a new turn."""
+        await owned_chat(store, request.user, chat_id, control=True)
+        recorded = await supervisor.send_message(chat_id, data.message, request_id=data.request_id)
+        return views.MessageAccepted(chat_id=chat_id, recorded=recorded)
+
+    @post("/{chat_id:str}/stop", status_code=HTTP_202_ACCEPTED, responses=error_responses(401, 403, 404, 409))
+    async def stop_chat(
+        self, request: Request[Principal, Any, Any], chat_id: str, store: MongoEventStore, supervisor: RunSupervisor
+    ) -> views.StopAccepted:
+        """Stop the chat's run (recorded as `run.stopped`)."""
+        await owned_chat(store, request.user, chat_id, control=True)
+        run_id = await supervisor.stop(chat_id, by=request.user.user_id)
+        return views.StopAccepted(chat_id=chat_id, run_id=run_id, recorded="run.stopped")
+
+    @get("/{chat_id:str}/events", responses=error_responses(400, 401, 403, 404))
+    async def events(
+        self,
+        request: Request[Principal, Any, Any],
+        chat_id: str,
+        store: MongoEventStore,
+        after: Annotated[int, Parameter(ge=0)] = 0,
+        limit: Annotated[int | None, Parameter(ge=1, le=100_000)] = None,
+        event_type: Annotated[list[str] | None, Parameter(query="type")] = None,
+        agent: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        fmt: Annotated[str | None, Parameter(query="format", pattern="^(json|ndjson)$")] = None,
+    ) -> Response[views.ChatEvents]:
+        """The chat's record history, filtered; NDJSON streamed when asked for.
+
+        Auditors get every record (hidden agents' too); the chat's user gets what the ChatUI may
+        show (visible records). Ask for NDJSON (one `AuditRecord` per line) with
+        `Accept: application/x-ndjson` or `?format=ndjson`.
+        """
+        await owned_chat(store, request.user, chat_id)
+        visible = None if "auditor" in request.user.roles else True
+        unknown = sorted(set(event_type or ()) - EVENT_TYPES)
+        if unknown:
+            raise ValidationException(
+                f"unknown event type(s) {unknown}; known: {sorted(EVENT_TYPES)}",
+                extra=[{"key": "type", "source": "query", "message": f"unknown event type(s) {unknown}"}],
+            )
+        records = store.find(
+            chat_id, after=after, limit=limit, types=event_type, agent=agent, since=since, until=until, visible=visible
+        )
+        if fmt == "ndjson" or "application/x-ndjson" in request.headers.get("accept", ""):
+
+            async def lines() -> AsyncIterator[bytes]:
+                async for record in records:
+                    yield _json.encode(views.audit_record(record)) + b"\n"
+
+            # A Stream is a Response; its body is documented by the JSON one's items.
+            return Stream(lines(), media_type="application/x-ndjson")  # type: ignore[return-value]
+        items = [views.audit_record(record) async for record in records]
+        return Response(views.ChatEvents(chat_id=chat_id, events=items), media_type=MediaType.JSON)
+
+    @get("/{chat_id:str}/verify", responses=error_responses(401, 403, 404))
+    async def verify(self, request: Request[Principal, Any, Any], chat_id: str, store: MongoEventStore) -> Verification:
+        """Recompute the chat's hash chain: `ok`, how many records were checked, the first broken seq."""
+        await owned_chat(store, request.user, chat_id)
+        return await store.verify(chat_id)
+
+
+def _summary(doc: dict[str, Any]) -> views.ChatSummary:
+    messages = doc.get("messages") or []
+    first = next((m for m in messages if m.get("role") == "user"), None)
+    return views.ChatSummary(
+        chat_id=doc["chat_id"],
+        workflow=doc.get("workflow", ""),
+        status=doc.get("status", "created"),
+        created_at=doc.get("created_at"),
+        updated_at=doc.get("updated_at"),
+        message_count=int(doc.get("message_count") or 0),
+        user_id=doc.get("user_id", ""),
+        app_id=doc.get("app_id", ""),
+        title=(first or {}).get("content", "")[:120],
+    )
+
+
+class MetricsController(Controller):
+    """Performance metrics projected from `llm.call` and the other records (analysts; owners for their chat)."""
+
+    path = "/metrics/perf"
+
+    @get("/aggregate", responses=error_responses(401, 403))
+    async def aggregate(self, request: Request[Principal, Any, Any], db: AsyncDatabase[Any]) -> queries.AggregateMetrics:
+        """Totals and merged latency percentiles across the app's chats."""
+        principal = require_role(request, "analyst")
+        return msgspec.convert(await queries.aggregate_metrics(db, app_id=principal.app_id), queries.AggregateMetrics)
+
+    @get("/chats", responses=error_responses(400, 401, 403))
+    async def chats(
+        self,
+        request: Request[Principal, Any, Any],
+        db: AsyncDatabase[Any],
+        sort: Annotated[str, Parameter(pattern="^(cost|tokens|time)$")] = "time",
+        order: Annotated[str, Parameter(pattern="^(asc|desc)$")] = "desc",
+        offset: Annotated[int, Parameter(ge=0)] = 0,
+        limit: Annotated[int, Parameter(ge=1, le=500)] = 50,
+    ) -> queries.ChatMetricsPage:
+        """Per-chat metrics, paged and sortable by cost, tokens or time."""
+        principal = require_role(request, "analyst")
+        page = await queries.list_chat_metrics(
+            db, app_id=principal.app_id, sort=sort, descending=order == "desc", offset=offset, limit=limit
+        )
+        return msgspec.convert(page, queries.ChatMetricsPage)
+
+    @get("/chat/{chat_id:str}", responses=error_responses(401, 403, 404))
+    async def chat(
+        self, request: Request[Principal, Any, Any], chat_id: str, store: MongoEventStore, db: AsyncDatabase[Any]
+    ) -> queries.ChatMetrics:
+        """One chat's metrics, per chat and per agent."""
+        principal: Principal = request.user
+        first = None
+        if "analyst" not in principal.roles:
+            first = await owned_chat(store, principal, chat_id)
+        metrics = await queries.chat_metrics(db, chat_id)
+        if metrics is None or (first is None and metrics.get("app_id") not in (None, principal.app_id)):
+            raise NotFoundException(f"no metrics for chat {chat_id} (yet)")
+        return msgspec.convert(metrics, queries.ChatMetrics)
+
+
+def _ready_503() -> dict[int, ResponseSpec]:
+    return {
+        HTTP_503_SERVICE_UNAVAILABLE: ResponseSpec(
+            data_container=views.Readiness, description="Not ready: MongoDB does not answer, or the projections lag"
+        )
+    }
+
+
+class HealthController(Controller):
+    """Liveness and readiness probes."""
+
+    path = "/health"
+    security = ({},)  # open: no token needed
+
+    @get("/live", responses=error_responses())
+    async def live(self) -> views.Live:
+        """The process answers."""
+        return views.Live(status="live")
+
+    @get("/ready", responses={**error_responses(), **_ready_503()})
+    async def ready(self, db: AsyncDatabase[Any], projections: ProjectionRunner) -> Response[views.Readiness]:
+        """Ready when MongoDB answers and the projection runner has caught up with the log."""
+        try:
+            await db.command("ping")
+            mongo = "ok"
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready; say which
+            mongo = f"error: {exc}"
+        caught_up = "caught_up" if projections.caught_up else "catching_up"
+        ok = mongo == "ok" and caught_up == "caught_up"
+        readiness = views.Readiness(
+            status="ready" if ok else "not_ready",
+            mongo=mongo,
+            projections=caught_up,
+            lag=msgspec.convert(projections.lag(), views.ProjectionLag),
+        )
+        return Response(readiness, status_code=200 if ok else HTTP_503_SERVICE_UNAVAILABLE)
+
+
+@get("/metrics", media_type=CONTENT_TYPE_LATEST, responses=error_responses(401))
+async def prometheus_metrics() -> str:
+    """The process's Prometheus metrics, in Prometheus's text exposition format."""
+    return generate_latest(REGISTRY).decode()

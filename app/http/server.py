@@ -1,0 +1,269 @@
+"""The Litestar application: `create_app()` wires settings, lifespans, auth, controllers and the ChatUI.
+
+Each resource is its own lifespan, entered in order and shut down in reverse: the executor that
+keeps model calls apart from the runtime's own I/O, the database (and embedded server), the live
+hub, the projection runner, the run supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+from litestar import Litestar, MediaType, Request, get
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
+from litestar.middleware.rate_limit import RateLimitConfig
+from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.prometheus import PrometheusConfig
+from litestar.response import File
+from litestar.static_files import create_static_files_router
+from pymongo.asynchronous.database import AsyncDatabase
+
+from app.database import open_database
+from app.http.auth import BearerAuthMiddleware, token_from
+from app.http.controllers import (
+    ChatController,
+    HealthController,
+    MetricsController,
+    WorkflowController,
+    info,
+    prometheus_metrics,
+)
+from app.http.errors import EXCEPTION_HANDLERS
+from app.http.transport import chat_socket
+from app.hub import LiveHub
+from app.observability import watch_projection_lag, watch_runs
+from app.runs.orchestrator import Orchestrator
+from app.runs.pool import routed_default_executor
+from app.runs.supervisor import RunSupervisor
+from app.runs.workflows import WorkflowManager
+from app.settings import Settings
+from domain.store import MongoEventStore
+from projections.runner import ProjectionRunner
+
+STATIC = Path(__file__).parents[1] / "static"
+SHUTDOWN_WAIT_S = 5.0
+log = structlog.get_logger("mozaiks.server")
+
+
+@contextlib.asynccontextmanager
+async def executor_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """Model calls get threads of their own (MOZAIKS_MAX_CONCURRENT_LLM_CALLS); see app.runs.pool."""
+    settings: Settings = app.state.settings
+    with routed_default_executor(asyncio.get_running_loop(), settings.max_concurrent_llm_calls) as executor:
+        app.state.executor = executor
+        try:
+            yield
+        finally:
+            app.state.executor = None
+
+
+@contextlib.asynccontextmanager
+async def database_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """Open the database (starting the embedded server when no DATABASE_URI is set) and the event store."""
+    settings: Settings = app.state.settings
+    async with open_database(settings) as db:
+        store = MongoEventStore(db)
+        await store.ensure_indexes()
+        app.state.db, app.state.store = db, store
+        log.info("database.ready", db=settings.db_name, embedded=settings.database_uri is None)
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _background(name: str, coro: Any) -> AsyncIterator[asyncio.Task[Any]]:
+    task = asyncio.create_task(coro, name=name)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        # Shutdown must finish even if a task is slow to honour its cancellation.
+        done, _ = await asyncio.wait({task}, timeout=SHUTDOWN_WAIT_S)
+        if not done:
+            log.warning("shutdown.task_still_running", task=name, waited_s=SHUTDOWN_WAIT_S)
+        elif not task.cancelled() and task.exception() is not None:
+            log.warning("shutdown.task_failed", task=name, error=repr(task.exception()))
+
+
+@contextlib.asynccontextmanager
+async def hub_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """One change stream per process, fanned out to WebSocket clients."""
+    hub = app.state.hub = LiveHub(app.state.store, app.state.settings.ws_queue_max)
+    async with _background("live-hub", hub.run()):
+        await asyncio.wait_for(hub.wait_ready(), 30)
+        yield
+
+
+@contextlib.asynccontextmanager
+async def projections_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """Keep chat_sessions and chat_metrics up to date from the log (on the replica holding the lease)."""
+    settings: Settings = app.state.settings
+    # One writer across replicas (the holder of the projection lease); the others stand by.
+    runner = ProjectionRunner.for_settings(
+        app.state.db, app.state.store, settings.prices_path, owner=settings.node_id, lease_ttl_s=settings.lease_ttl_s
+    )
+    app.state.projections = runner
+    async with _background("projection-runner", runner.run()):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def supervisor_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """Runs in the background, each guarded by a lease; expired leases recovered as interrupted runs."""
+    state = app.state
+    # Runs learn about input answers and stops from the process's one change stream (the hub).
+    orchestrator = state.orchestrator = Orchestrator(state.store, state.workflows, state.settings, follow=state.hub.records)
+    supervisor = state.supervisor = RunSupervisor(state.db, state.store, orchestrator, state.settings)
+    async with _background("lease-watch", supervisor.watch_leases()):
+        try:
+            yield
+        finally:
+            await supervisor.shutdown()
+
+
+# ---- services, injected into handlers by parameter name and type ---------------------------------
+# Each is built once per process by its lifespan (above) and kept on the app's state.
+
+
+def _settings(state: State) -> Settings:
+    settings: Settings = state.settings
+    return settings
+
+
+def _workflows(state: State) -> WorkflowManager:
+    workflows: WorkflowManager = state.workflows
+    return workflows
+
+
+def _db(state: State) -> AsyncDatabase[Any]:
+    db: AsyncDatabase[Any] = state.db
+    return db
+
+
+def _store(state: State) -> MongoEventStore:
+    store: MongoEventStore = state.store
+    return store
+
+
+def _hub(state: State) -> LiveHub:
+    hub: LiveHub = state.hub
+    return hub
+
+
+def _projections(state: State) -> ProjectionRunner:
+    projections: ProjectionRunner = state.projections
+    return projections
+
+
+def _orchestrator(state: State) -> Orchestrator:
+    orchestrator: Orchestrator = state.orchestrator
+    return orchestrator
+
+
+def _supervisor(state: State) -> RunSupervisor:
+    supervisor: RunSupervisor = state.supervisor
+    return supervisor
+
+
+DEPENDENCIES: Final = {
+    name: Provide(provider, sync_to_thread=False)
+    for name, provider in {
+        "settings": _settings,
+        "workflows": _workflows,
+        "db": _db,
+        "store": _store,
+        "hub": _hub,
+        "projections": _projections,
+        "orchestrator": _orchestrator,
+        "supervisor": _supervisor,
+    }.items()
+}
+
+
+def _rate_limit_identity(request: Request[Any, Any, Any]) -> str:
+    # Rate limits count per user: the bearer token (one per user) or, in local mode, the address.
+    token = token_from(request)
+    return f"token:{hash(token)}" if token else f"addr:{request.client.host if request.client else '?'}"
+
+
+def _is_chat_start(request: Request[Any, Any, Any]) -> bool:
+    return request.method == "POST" and request.url.path.rstrip("/") == "/api/chats"
+
+
+@get("/", include_in_schema=False, media_type=MediaType.HTML)
+async def chat_ui() -> File:
+    """The ChatUI page."""
+    return File(STATIC / "index.html", content_disposition_type="inline", media_type=MediaType.HTML)
+
+
+def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[[], Any]] = ()) -> Litestar:
+    """Build the application for `settings` (default: from the environment).
+
+    `on_shutdown` hooks run after every lifespan has closed (the CLI stops its embedded server there).
+    """
+    settings = settings or Settings.from_env()
+    prometheus = PrometheusConfig(app_name="mozaiks", prefix="mozaiks", group_path=True, exclude=["/metrics"])
+    rate_limit = RateLimitConfig(
+        rate_limit=("minute", settings.chat_starts_per_minute),
+        identifier_for_request=_rate_limit_identity,
+        check_throttle_handler=_is_chat_start,
+    )
+    app = Litestar(
+        route_handlers=[
+            chat_ui,
+            info,
+            WorkflowController,
+            ChatController,
+            MetricsController,
+            HealthController,
+            prometheus_metrics,
+            chat_socket,
+            create_static_files_router(path="/static", directories=[STATIC]),
+        ],
+        lifespan=[executor_lifespan, database_lifespan, hub_lifespan, projections_lifespan, supervisor_lifespan],
+        dependencies=DEPENDENCIES,
+        middleware=[
+            DefineMiddleware(
+                BearerAuthMiddleware, exclude=["^/$", "^/static", "^/health", "^/schema", "^/api/info$", "^/ws/"]
+            ),
+            rate_limit.middleware,
+            prometheus.middleware,
+        ],
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=OpenAPIConfig(
+            title="Mozaiks AI Runtime",
+            version="0.1.0",
+            path="/schema",
+            # Without MOZAIKS_AUTH_SECRET (local mode) no token is needed; with it, every route but the open ones.
+            components=Components(
+                security_schemes={
+                    "bearer": SecurityScheme(
+                        type="http", scheme="bearer", bearer_format="JWT", description="HS256, signed with MOZAIKS_AUTH_SECRET"
+                    )
+                }
+            ),
+            security=[{"bearer": []}],
+        ),
+        request_max_body_size=settings.max_body_bytes,
+        on_shutdown=list(on_shutdown),
+        logging_config=None,  # logs go through app.logging's structlog setup, not Litestar's own
+    )
+    app.state.settings = settings
+    app.state.workflows = WorkflowManager(settings.workflows_path)
+    watch_projection_lag(lambda: app.state.get("projections"))
+    state = app.state
+    watch_runs(
+        in_flight=lambda: state.executor.in_flight if state.get("executor") else 0,
+        queued=lambda: state.executor.queued if state.get("executor") else 0,
+        active=lambda: len(state.supervisor.tasks) if state.get("supervisor") else 0,
+    )
+    return app
+
+

@@ -1,0 +1,37 @@
+// Generated from app/http/codes.py by `codes.javascript()`; tests/test_contract.py keeps them equal.
+
+/** WebSocket close codes the server uses. */
+export const CLOSE = Object.freeze({
+  TOO_BIG: 1009,
+  HEARTBEAT: 4000,
+  BAD_REQUEST: 4400,
+  UNAUTHORIZED: 4401,
+  FORBIDDEN: 4403,
+  UNKNOWN_CHAT: 4404,
+  SLOW: 4408,
+});
+
+/** Error codes of REST error bodies (`error`) and WebSocket error frames (`code`). */
+export const ERROR = Object.freeze({
+  BAD_REQUEST: "bad_request",
+  UNAUTHORIZED: "unauthorized",
+  FORBIDDEN: "forbidden",
+  NOT_FOUND: "not_found",
+  UNKNOWN_CHAT: "unknown_chat",
+  UNKNOWN_WORKFLOW: "unknown_workflow",
+  METHOD_NOT_ALLOWED: "method_not_allowed",
+  CONFLICT: "conflict",
+  RUN_ACTIVE: "run_active",
+  NO_ACTIVE_RUN: "no_active_run",
+  TOO_LARGE: "too_large",
+  RATE_LIMITED: "rate_limited",
+  CORRUPT_RECORD: "corrupt_record",
+  INTERNAL: "internal_error",
+  NOT_READY: "not_ready",
+  NODE_BUSY: "node_busy",
+  BAD_FRAME: "bad_frame",
+  ERROR: "error",
+});
+
+/** Statuses of a chat with a run going (or about to start): it may be stopped. */
+export const ACTIVE_STATUSES = new Set(["created", "running", "waiting_input"]);
