@@ -11,7 +11,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from app.embedded import EmbeddedMongo
 from app.settings import Settings
-from domain.store import MongoEventStore
+from domain.store import MongoEventStore, RetryPolicy
 
 
 @contextlib.asynccontextmanager
@@ -31,6 +31,6 @@ async def open_database(settings: Settings) -> AsyncIterator[AsyncDatabase[Any]]
 async def open_store(settings: Settings) -> AsyncIterator[MongoEventStore]:
     """The configured event store, indexes in place."""
     async with open_database(settings) as db:
-        store = MongoEventStore(db)
+        store = MongoEventStore(db, RetryPolicy(budget_s=settings.db_retry_s))
         await store.ensure_indexes()
         yield store

@@ -3,6 +3,10 @@
 Each subscriber gets a bounded queue. A subscriber that falls behind by more than the bound is
 marked overflowed and its queue is closed: the WebSocket layer then closes that client with a
 "resume from seq" hint, and nothing is buffered without limit.
+
+`LiveHub.client_view` is what a chat's client is shown (WebSocket, and any later transport): the
+visible records only, and in the replay no `message.delta` of a message that has finished (its
+`message.agent` carries the whole text).
 """
 
 from __future__ import annotations
@@ -128,6 +132,27 @@ class LiveHub:
                 subs.discard(subscriber)
                 if not subs:
                     del self._subscribers[chat_id]
+
+    async def client_view(
+        self, chat_id: str, after: int = 0, on_overflow: Callable[[], None] | None = None
+    ) -> AsyncIterator[Record | ReplayDone]:
+        """`subscribe` as a client sees it: visible records only, and finished messages' deltas left out of the replay.
+
+        A delta is skipped in the replay when its message's `message.agent` has seq > `after` (the
+        final record then brings the whole text); deltas of a message still streaming (or one that
+        never finished) are replayed, then the live ones follow, so a client resuming mid-message
+        has the text so far and every later piece exactly once. A live delta is never skipped.
+        Skipped and hidden records are never sent, so the client's cursor (the last seq it received)
+        may stay below `ReplayDone.last_seq`; resuming from it re-reads and skips them again.
+        """
+        finished = await self.store.completed_messages(chat_id, after)
+        replaying = True
+        async for item in self.subscribe(chat_id, after, on_overflow):
+            if isinstance(item, ReplayDone):
+                replaying = False
+            elif not item.visible or (replaying and item.type == "message.delta" and item.data.get("message_id") in finished):
+                continue
+            yield item
 
     async def subscribe(
         self, chat_id: str, after: int = 0, on_overflow: Callable[[], None] | None = None

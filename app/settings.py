@@ -33,6 +33,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 1024 * 1024
     chat_starts_per_minute: int = 30
     lease_ttl_s: float = 30.0
+    # Streaming: text chunks of a message are coalesced into one `message.delta` per window.
+    stream_flush_ms: float = 50.0
+    # Offline fixtures stream word by word, this far apart (0 = as fast as possible; env default 20).
+    offline_chunk_ms: float = 0.0
+    # Faults (README "Reliability"): database retry budget; model call tries, backoff and timeout.
+    db_retry_s: float = 30.0
+    llm_attempts: int = 4
+    llm_backoff_s: float = 1.0
+    llm_backoff_max_s: float = 30.0
+    llm_timeout_s: float = 120.0
     max_concurrent_llm_calls: int = 256
     max_active_runs: int = 500
     node_id: str = msgspec.field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
@@ -56,7 +66,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             value = env.get(name, "").strip()
             return value or None
 
-        def number(name: str, default: float) -> float:
+        def number(name: str, default: float, *, zero: bool = False) -> float:
             raw = text(name)
             if raw is None:
                 return default
@@ -64,8 +74,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 value = float(raw)
             except ValueError:
                 raise SettingsError(f"{name}={raw!r} is not a number") from None
-            if value <= 0:
-                raise SettingsError(f"{name}={raw!r} must be positive")
+            if value < 0 or (value == 0 and not zero):
+                raise SettingsError(f"{name}={raw!r} must be {'zero or ' if zero else ''}positive")
             return value
 
         database_uri = text("DATABASE_URI")
@@ -91,6 +101,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ws_queue_max=int(number("MOZAIKS_WS_QUEUE_MAX", 1000)),
             chat_starts_per_minute=int(number("MOZAIKS_CHAT_STARTS_PER_MINUTE", 30)),
             lease_ttl_s=number("MOZAIKS_LEASE_TTL_S", 30.0),
+            stream_flush_ms=number("MOZAIKS_STREAM_FLUSH_MS", 50.0, zero=True),
+            offline_chunk_ms=number("MOZAIKS_OFFLINE_CHUNK_MS", 20.0, zero=True),
+            db_retry_s=number("MOZAIKS_DB_RETRY_S", 30.0),
+            llm_attempts=int(number("MOZAIKS_LLM_ATTEMPTS", 4)),
+            llm_backoff_s=number("MOZAIKS_LLM_BACKOFF_S", 1.0),
+            llm_backoff_max_s=number("MOZAIKS_LLM_BACKOFF_MAX_S", 30.0),
+            llm_timeout_s=number("MOZAIKS_LLM_TIMEOUT_S", 120.0),
             max_concurrent_llm_calls=int(number("MOZAIKS_MAX_CONCURRENT_LLM_CALLS", 256)),
             max_active_runs=int(number("MOZAIKS_MAX_ACTIVE_RUNS", 500)),
         )

@@ -51,3 +51,16 @@ class ManifestError(MozaiksError):
         self.detail = detail
         where = f"{file} at {path}" if path else file
         super().__init__(f"workflow {workflow!r}: {where}: {detail}")
+
+
+class StorageUnavailable(MozaiksError):
+    """The database kept failing with transient errors until the retry budget was spent."""
+
+    def __init__(self, what: str, tries: int, waited_s: float, cause: BaseException) -> None:
+        self.what = what
+        self.tries = tries
+        self.cause = cause
+        super().__init__(
+            f"{what}: the database failed {tries} tries over {waited_s:.1f} s; "
+            f"last error {type(cause).__name__}: {cause}"
+        )

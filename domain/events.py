@@ -42,6 +42,17 @@ class MessageAgent(Event, tag="message.agent", frozen=True, kw_only=True):
     content: str
     role: str = "assistant"
     recipient: str | None = None
+    # The streamed message this completes: its `message.delta` records concatenate to `content`.
+    message_id: str = ""
+
+
+class MessageDelta(Event, tag="message.delta", frozen=True, kw_only=True):
+    """A piece of an agent's message as the model streamed it (coalesced over the flush window)."""
+
+    message_id: str
+    # 0, 1, 2, ... per message, in log order.
+    index: int
+    text: str
 
 
 class ToolCalled(Event, tag="tool.called", frozen=True, kw_only=True):
@@ -87,6 +98,13 @@ class LlmCall(Event, tag="llm.call", frozen=True, kw_only=True):
     finish_reason: str | None = None
     offline: bool = False
     error: str | None = None
+    # Streaming: call start -> first streamed token, and first -> last token (None: nothing streamed).
+    ttft_ms: float | None = None
+    stream_ms: float | None = None
+    # "ok", or what went wrong with this try: "http_429", "http_503", "timeout", "connection", "error".
+    status: str = "ok"
+    # Which try of the call this was (1 = first); failed tries are recorded too, each as its own llm.call.
+    attempt: int = 1
 
 
 class ContextUpdated(Event, tag="context.updated", frozen=True, kw_only=True):
@@ -99,6 +117,9 @@ class RunCompleted(Event, tag="run.completed", frozen=True, kw_only=True):
 
 class RunFailed(Event, tag="run.failed", frozen=True, kw_only=True):
     error: str
+    # Why: "interrupted" (its node died or shut down), "storage" (database errors past the retry
+    # budget), "model" (LLM errors past the retry budget), "tool", "setup" (the workflow could not
+    # be built); "error" for anything else (a bug). A user's stop is `run.stopped`, never this.
     reason: str = "error"
 
 
@@ -115,6 +136,7 @@ AnyEvent = (
     | RunStarted
     | MessageUser
     | MessageAgent
+    | MessageDelta
     | ToolCalled
     | ToolResult
     | Handoff

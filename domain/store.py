@@ -9,21 +9,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 from pymongo import ASCENDING, DESCENDING, IndexModel, WriteConcern
 from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, OperationFailure
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    OperationFailure,
+    PyMongoError,
+    WriteConcernError,
+)
 
-from domain.errors import Conflict, CorruptRecord, HistoryLost
-from domain.events import GENESIS_HASH, Pending, Record, StreamRef, chain_hash, now, seal, to_record
+from domain.errors import Conflict, CorruptRecord, HistoryLost, StorageUnavailable
+from domain.events import (
+    GENESIS_HASH,
+    TERMINAL_TYPES,
+    Pending,
+    Record,
+    StreamRef,
+    chain_hash,
+    now,
+    seal,
+    to_record,
+)
 
 EVENTS: Final = "events"
 DUPLICATE_KEY: Final = 11000
@@ -35,6 +52,74 @@ _INSERTED_CACHE_SIZE: Final = 10_000
 SCAN_BATCH: Final = 2000  # log records per cursor batch of a scan
 _LOOKUPS_AT_ONCE: Final = 16  # exact index lookups in flight while finding where chats end
 _INSERTS: Final = [{"$match": {"operationType": "insert"}}]  # change-stream pipeline: new records
+# Server codes that mean "the same request may succeed in a moment": host unreachable/not found,
+# network timeout, shutdown in progress, max time expired, primary stepped down, exceeded time
+# limit, socket exception, write concern failed, not primary (the 10107 family), interrupted
+# (at shutdown, generally, due to a replica-set state change).
+TRANSIENT_CODES: Final = frozenset(
+    {6, 7, 64, 89, 91, 134, 189, 262, 9001, 10058, 10107, 11600, 11601, 11602, 13435, 13436}
+)
+T = TypeVar("T")
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """How long the store keeps re-sending an operation that failed with a transient error.
+
+    Waits `first_delay_s`, doubling up to `max_delay_s`, until `budget_s` has passed since the first
+    try; then the operation fails with StorageUnavailable naming the last error.
+    """
+
+    budget_s: float = 30.0
+    first_delay_s: float = 0.05
+    max_delay_s: float = 2.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether re-sending the operation that raised `exc` may succeed (and is safe for our appends).
+
+    Network errors, not-primary / shutdown / interrupted codes, the `RetryableWriteError` label and
+    write-concern errors (the write applied but was not confirmed: re-sending meets our own `_id`).
+    """
+    if isinstance(exc, ConnectionFailure | WriteConcernError):
+        return True
+    if isinstance(exc, BulkWriteError):
+        details = exc.details or {}
+        return bool(details.get("writeConcernErrors")) and not details.get("writeErrors")
+    if isinstance(exc, PyMongoError) and exc.has_error_label("RetryableWriteError"):
+        return True
+    return isinstance(exc, OperationFailure) and exc.code in TRANSIENT_CODES
+
+
+class Backoff:
+    """One operation's retry state under a RetryPolicy: `await backoff.wait(exc)` between tries."""
+
+    def __init__(self, policy: RetryPolicy, what: str) -> None:
+        self.policy = policy
+        self.what = what
+        self.tries = 0
+        self.started = time.monotonic()
+        self.delay = policy.first_delay_s
+
+    async def wait(self, exc: PyMongoError) -> None:
+        """Sleep before the next try; re-raise a permanent error, StorageUnavailable when spent."""
+        self.tries += 1
+        waited = time.monotonic() - self.started
+        if not is_transient(exc):
+            raise exc
+        if waited + self.delay > self.policy.budget_s:
+            raise StorageUnavailable(self.what, self.tries, waited, exc) from exc
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, self.policy.max_delay_s)
+
+
+async def with_retries(policy: RetryPolicy, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+    """Run `operation`, re-running it after transient database errors as `policy` allows."""
+    backoff = Backoff(policy, what)
+    while True:
+        try:
+            return await operation()
+        except PyMongoError as exc:
+            await backoff.wait(exc)
 
 
 class Verification(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,8 +210,9 @@ class EventStore(Protocol):
 class MongoEventStore:
     """EventStore on a MongoDB (or MongoDB-wire) database, using PyMongo's async API."""
 
-    def __init__(self, db: AsyncDatabase[Any]) -> None:
+    def __init__(self, db: AsyncDatabase[Any], retry: RetryPolicy | None = None) -> None:
         self.db = db
+        self.retry = retry or RetryPolicy()
         # Durable writes: majority-acknowledged and journaled before an append returns.
         self.events: AsyncCollection[Any] = db.get_collection(
             EVENTS, write_concern=WriteConcern(w="majority", j=True)
@@ -158,35 +244,88 @@ class MongoEventStore:
         the current end of the log, retrying on conflicts. Re-sending a batch whose reply was lost
         (same Pending ids) returns the stored records instead of duplicating them.
         """
-        if expected_seq is None:
+        chat_id = stream.chat_id
+
+        async def attempt() -> list[Record]:
+            if expected_seq is not None:
+                return await self._append_at(stream, events, expected_seq)
             while True:
                 try:
-                    return await self._append_at(stream, events, await self.last_seq(stream.chat_id))
+                    return await self._append_at(stream, events, await self.last_seq(chat_id))
                 except Conflict:
-                    self._heads.pop(stream.chat_id, None)
-        return await self._append_at(stream, events, expected_seq)
+                    self._heads.pop(chat_id, None)
+
+        async def once_more() -> list[Record]:
+            # After a transient error the cached head may be stale (a reply lost, a batch half in).
+            self._heads.pop(chat_id, None)
+            return await attempt()
+
+        backoff = Backoff(self.retry, f"append to chat {chat_id}")
+        try:
+            return await attempt()
+        except PyMongoError as exc:
+            await backoff.wait(exc)
+        while True:
+            try:
+                return await once_more()
+            except PyMongoError as exc:
+                await backoff.wait(exc)
 
     async def _append_at(self, stream: StreamRef, events: Sequence[Pending], expected_seq: int) -> list[Record]:
         chat_id = stream.chat_id
         landed: list[Record] = []
+        head_seq = expected_seq
+        head_hash = await self._hash_at(chat_id, head_seq)
         while len(landed) < len(events):
-            head_seq = landed[-1].seq if landed else expected_seq
-            head_hash = landed[-1].hash if landed else await self._hash_at(chat_id, head_seq)
             docs = self._seal_batch(stream, events[len(landed) :], head_seq, head_hash)
             try:
                 await self.events.insert_many(docs, ordered=True)
             except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors") or []
+                if not errors or errors[0].get("code") != DUPLICATE_KEY:
+                    raise  # a write-concern error (all applied, unconfirmed) is retried by `append`
                 inserted = int(exc.details.get("nInserted", 0))
                 landed.extend(to_record(doc) for doc in docs[:inserted])
-                errors = exc.details.get("writeErrors") or [{}]
-                if errors[0].get("code") != DUPLICATE_KEY:
-                    raise
-                landed.append(await self._own_or_conflict(docs[inserted]))
+                if inserted:
+                    head_seq, head_hash = docs[inserted - 1]["seq"], docs[inserted - 1]["hash"]
+                own = await self._own_prefix(docs[inserted:])
+                landed.extend(own)
+                if own[-1].seq > head_seq:
+                    head_seq, head_hash = own[-1].seq, own[-1].hash
                 continue
             landed.extend(to_record(doc) for doc in docs)
+            head_seq, head_hash = docs[-1]["seq"], docs[-1]["hash"]
         if landed:
-            self._remember_head(chat_id, landed[-1].seq, landed[-1].hash)
+            self._remember_head(chat_id, head_seq, head_hash)
         return landed
+
+    async def finish_run(self, stream: StreamRef, run_id: str, events: Sequence[Pending]) -> Record:
+        """Append `events`, ending with the run's terminal event, unless the run already has one.
+
+        Returns the run's terminal record: the one just appended, or the one already in the log
+        (then `events` are not appended, so a terminal record is always its run's last record).
+        Checked and appended at the log's end with the optimistic guard, so two nodes finishing the
+        same run record one terminal between them. Re-sending after a lost reply is idempotent.
+        """
+        chat_id = stream.chat_id
+
+        async def attempt() -> Record:
+            # The end of the log first, then the check: a terminal appended after this read makes
+            # the append below conflict; one appended before it is found by the check.
+            self._heads.pop(chat_id, None)
+            last = await self.last_seq(chat_id)
+            stored = await self.events.find_one(
+                {"chat_id": chat_id, "run_id": run_id, "type": {"$in": sorted(TERMINAL_TYPES)}}
+            )
+            if stored is not None:
+                return to_record(stored)
+            return (await self._append_at(stream, events, last))[-1]
+
+        while True:
+            try:
+                return await with_retries(self.retry, f"record the end of run {run_id}", attempt)
+            except Conflict:
+                continue  # someone appended meanwhile: look again for a terminal record, then retry
 
     @staticmethod
     def _seal_batch(
@@ -201,13 +340,24 @@ class MongoEventStore:
             prev = doc["hash"]
         return docs
 
-    async def _own_or_conflict(self, doc: Mapping[str, Any]) -> Record:
-        """After a duplicate key: the stored record if it is this very event (an earlier try landed)."""
-        stored = await self.events.find_one({"_id": doc["_id"]})
-        if stored is None or stored.get("chat_id") != doc["chat_id"]:
-            self._heads.pop(doc["chat_id"], None)
-            raise Conflict(doc["chat_id"], doc["seq"])
-        return to_record(stored)
+    async def _own_prefix(self, docs: Sequence[Mapping[str, Any]]) -> list[Record]:
+        """After a duplicate key: the stored records of `docs` that an earlier try already landed.
+
+        An ordered insert lands a prefix, so these are the leading docs whose `_id` is stored (for
+        this chat). None of them stored means another writer took the seq: Conflict.
+        """
+        ids = [doc["_id"] for doc in docs]
+        stored = {d["_id"]: d async for d in self.events.find({"_id": {"$in": ids}})}
+        own: list[Record] = []
+        for doc in docs:
+            found = stored.get(doc["_id"])
+            if found is None or found.get("chat_id") != doc["chat_id"]:
+                break
+            own.append(to_record(found))
+        if not own:
+            self._heads.pop(docs[0]["chat_id"], None)
+            raise Conflict(docs[0]["chat_id"], docs[0]["seq"])
+        return own
 
     async def _hash_at(self, chat_id: str, seq: int) -> str:
         if seq == 0:
@@ -235,9 +385,24 @@ class MongoEventStore:
         return int(doc["seq"]) if doc else 0
 
     async def read(self, chat_id: str, after: int = 0, limit: int | None = None) -> AsyncIterator[Record]:
-        """The chat's records with seq > `after`, in seq order, at most `limit` of them."""
-        async for record in self.find(chat_id=chat_id, after=after, limit=limit):
-            yield record
+        """The chat's records with seq > `after`, in seq order, at most `limit` of them.
+
+        A transient database error mid-read resumes after the last record yielded (RetryPolicy).
+        """
+        backoff: Backoff | None = None
+        while True:
+            try:
+                async for record in self.find(chat_id=chat_id, after=after, limit=limit):
+                    yield record
+                    after = record.seq
+                    if limit is not None:
+                        limit -= 1
+                        if limit == 0:
+                            return
+                return
+            except PyMongoError as exc:
+                backoff = backoff or Backoff(self.retry, f"read chat {chat_id}")
+                await backoff.wait(exc)
 
     async def read_ahead(self, chat_id: str, after: int = 0, batch: int = 1000) -> AsyncIterator[Record]:
         """Like `read`, for long reads (a reconnect's replay): the log is read in batches of `batch`,
@@ -296,6 +461,16 @@ class MongoEventStore:
             cursor = cursor.limit(int(limit))
         async for doc in cursor:
             yield to_record(doc)
+
+    async def completed_messages(self, chat_id: str, after: int = 0) -> set[str]:
+        """The `message_id`s of the chat's `message.agent` records with seq > `after` (streamed messages that finished)."""
+        query = {"chat_id": str(chat_id), "seq": {"$gt": int(after)}, "type": "message.agent"}
+        found: set[str] = set()
+        async for doc in self.events.find(query, {"data.message_id": 1}):
+            message_id = (doc.get("data") or {}).get("message_id")
+            if message_id:
+                found.add(str(message_id))
+        return found
 
     async def verify(self, chat_id: str) -> Verification:
         """Recompute the chat's hash chain from the stored documents; report the first broken seq."""

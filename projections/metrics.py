@@ -7,7 +7,8 @@ Stored document (integers only, so `$inc` sums are exact and batch-independent):
      "prompt_tokens", "completion_tokens", "total_tokens", "cost_nanousd",
      "runs", "run_duration_ms", "run": null | {"id", "started_ms"},
      "llm": {"count", "failures", "offline", "unpriced", "latency_us_sum", "latency_us_max",
-             "buckets": {bucket key: count}},
+             "buckets": {bucket key: count}, "ttft_buckets": {bucket key: count},
+             "streamed", "stream_us_sum", "stream_tokens"},
      "agents": {field_key(agent): {"turns", "tool_calls", "tool_failures", "prompt_tokens",
                 "completion_tokens", "total_tokens", "cost_nanousd", "llm": {... as above}}}}
 
@@ -15,6 +16,9 @@ Tokens, cost and latency come from `llm.call` records only (AG2's own summaries 
 `turns` counts `message.agent`; `errors` = failed runs + failed tool calls. `run_duration_ms` sums
 run.started → terminal event of each finished run. Offline (scripted) calls cost 0; their tokens
 count. A call whose model has no price is counted in `llm.unpriced` and costs 0.
+Streaming: `ttft_buckets` is the histogram of time to first token; `streamed`, `stream_us_sum` and
+`stream_tokens` count the calls whose tokens streamed over a measurable time (first → last token),
+that time and their completion tokens, so output tokens/s = stream_tokens / stream time.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ def empty_llm() -> dict[str, Any]:
         "latency_us_sum": 0,
         "latency_us_max": 0,
         "buckets": {},
+        "ttft_buckets": {},
+        "streamed": 0,
+        "stream_us_sum": 0,
+        "stream_tokens": 0,
     }
 
 
@@ -177,3 +185,10 @@ class ChatMetricsProjector(Projector):
         change.max["llm.latency_us_max"] = latency_us
         if record.agent is not None:
             change.max[f"agents.{field_key(record.agent)}.llm.latency_us_max"] = latency_us
+        if call.ttft_ms is not None and math.isfinite(call.ttft_ms):
+            count(f"llm.ttft_buckets.{bucket_key(call.ttft_ms)}")
+        stream_us = round(call.stream_ms * 1000) if call.stream_ms is not None and math.isfinite(call.stream_ms) else 0
+        if stream_us > 0 and call.error is None:
+            count("llm.streamed")
+            count("llm.stream_us_sum", stream_us)
+            count("llm.stream_tokens", call.completion_tokens)

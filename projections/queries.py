@@ -40,6 +40,10 @@ _COUNTERS: Final = (
     "total_tokens",
 )
 _LLM_COUNTERS: Final = ("count", "failures", "offline", "unpriced")
+# Summed as they are; `streamed`, `stream_us_sum` and `stream_tokens` give output tokens/s.
+_LLM_SUMS: Final = ("latency_us_sum", "streamed", "stream_us_sum", "stream_tokens")
+# The histograms of an `llm` block (merged across chats by adding bucket counts).
+_HISTOGRAMS: Final = ("buckets", "ttft_buckets")
 
 
 class Latency(msgspec.Struct, kw_only=True):
@@ -51,14 +55,24 @@ class Latency(msgspec.Struct, kw_only=True):
     sum: float
 
 
+class Ttft(msgspec.Struct, kw_only=True):
+    """Time to first streamed token in ms; null when no call streamed."""
+
+    p50: float | None = None
+    p95: float | None = None
+
+
 class LlmStats(msgspec.Struct, kw_only=True):
-    """LLM calls: how many, how many failed, ran offline, had no price; their latency."""
+    """LLM calls: how many, how many failed, ran offline, had no price; their latency; streaming speed."""
 
     count: int
     failures: int
     offline: int
     unpriced: int
     latency_ms: Latency
+    ttft_ms: Ttft = msgspec.field(default_factory=Ttft)
+    # Completion tokens per second of streaming (first → last token) over the calls that streamed.
+    output_tokens_per_s: float | None = None
 
 
 class AgentMetrics(msgspec.Struct, kw_only=True):
@@ -121,8 +135,8 @@ class ChatMetricsPage(msgspec.Struct, kw_only=True):
 # ---- metrics ----------------------------------------------------------------------------------
 
 
-def _latency(llm: Mapping[str, Any], buckets: Mapping[str, int] | None = None) -> Latency:
-    histogram = llm.get("buckets") or {} if buckets is None else buckets
+def _latency(llm: Mapping[str, Any]) -> Latency:
+    histogram = llm.get("buckets") or {}
     return Latency(
         p50=sketch.quantile(histogram, 0.50),
         p95=sketch.quantile(histogram, 0.95),
@@ -131,19 +145,26 @@ def _latency(llm: Mapping[str, Any], buckets: Mapping[str, int] | None = None) -
     )
 
 
-def _llm(llm: Mapping[str, Any] | None, buckets: Mapping[str, int] | None = None) -> LlmStats:
+def _llm(llm: Mapping[str, Any] | None) -> LlmStats:
     llm = llm or {}
     counts = {key: int(llm.get(key) or 0) for key in _LLM_COUNTERS}
-    return LlmStats(**counts, latency_ms=_latency(llm, buckets))
+    ttft = llm.get("ttft_buckets") or {}
+    stream_us = int(llm.get("stream_us_sum") or 0)
+    return LlmStats(
+        **counts,
+        latency_ms=_latency(llm),
+        ttft_ms=Ttft(p50=sketch.quantile(ttft, 0.50), p95=sketch.quantile(ttft, 0.95)),
+        output_tokens_per_s=round(int(llm.get("stream_tokens") or 0) * 1e6 / stream_us, 3) if stream_us > 0 else None,
+    )
 
 
-def _agent(doc: Mapping[str, Any], buckets: Mapping[str, int] | None = None) -> AgentMetrics:
+def _agent(doc: Mapping[str, Any]) -> AgentMetrics:
     cost = int(doc.get("cost_nanousd") or 0)
     return AgentMetrics(
         **{key: int(doc.get(key) or 0) for key in _COUNTERS},
         cost=cost / 1e9,
         cost_nanousd=cost,
-        llm=_llm(doc.get("llm"), buckets),
+        llm=_llm(doc.get("llm")),
     )
 
 
@@ -231,7 +252,7 @@ async def aggregate_metrics(
         key: {"$sum": f"${key}"}
         for key in (*_COUNTERS, "cost_nanousd", "runs", "run_duration_ms", "run_failures", "errors")
     }
-    llm_sums = {f"llm_{key}": {"$sum": f"$llm.{key}"} for key in (*_LLM_COUNTERS, "latency_us_sum")}
+    llm_sums = {f"llm_{key}": {"$sum": f"$llm.{key}"} for key in (*_LLM_COUNTERS, *_LLM_SUMS)}
     totals_pipeline: list[dict[str, Any]] = [
         match,
         {
@@ -244,14 +265,17 @@ async def aggregate_metrics(
             }
         },
     ]
-    buckets_pipeline: list[dict[str, Any]] = [
-        match,
-        {"$project": {"b": {"$objectToArray": "$llm.buckets"}}},
-        {"$unwind": "$b"},
-        {"$group": {"_id": "$b.k", "n": {"$sum": "$b.v"}}},
-    ]
+
+    def histogram_pipeline(name: str) -> list[dict[str, Any]]:
+        return [
+            match,
+            {"$project": {"b": {"$objectToArray": f"$llm.{name}"}}},
+            {"$unwind": "$b"},
+            {"$group": {"_id": "$b.k", "n": {"$sum": "$b.v"}}},
+        ]
+
     agent_sums = {key: {"$sum": f"$a.v.{key}"} for key in (*_COUNTERS, "cost_nanousd")}
-    agent_llm = {f"llm_{key}": {"$sum": f"$a.v.llm.{key}"} for key in (*_LLM_COUNTERS, "latency_us_sum")}
+    agent_llm = {f"llm_{key}": {"$sum": f"$a.v.llm.{key}"} for key in (*_LLM_COUNTERS, *_LLM_SUMS)}
     agents_pipeline: list[dict[str, Any]] = [
         match,
         {"$project": {"a": {"$objectToArray": "$agents"}}},
@@ -265,31 +289,38 @@ async def aggregate_metrics(
             }
         },
     ]
-    agent_buckets_pipeline: list[dict[str, Any]] = [
-        match,
-        {"$project": {"a": {"$objectToArray": "$agents"}}},
-        {"$unwind": "$a"},
-        {"$project": {"agent": "$a.k", "b": {"$objectToArray": "$a.v.llm.buckets"}}},
-        {"$unwind": "$b"},
-        {"$group": {"_id": {"agent": "$agent", "k": "$b.k"}, "n": {"$sum": "$b.v"}}},
-    ]
+
+    def agent_histogram_pipeline(name: str) -> list[dict[str, Any]]:
+        return [
+            match,
+            {"$project": {"a": {"$objectToArray": "$agents"}}},
+            {"$unwind": "$a"},
+            {"$project": {"agent": "$a.k", "b": {"$objectToArray": f"$a.v.llm.{name}"}}},
+            {"$unwind": "$b"},
+            {"$group": {"_id": {"agent": "$agent", "k": "$b.k"}, "n": {"$sum": "$b.v"}}},
+        ]
 
     async def rows(pipeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [row async for row in await collection.aggregate(pipeline)]
 
-    totals_rows, bucket_rows, agent_rows, agent_bucket_rows = await asyncio.gather(
-        rows(totals_pipeline), rows(buckets_pipeline), rows(agents_pipeline), rows(agent_buckets_pipeline)
+    totals_rows, agent_rows, *histogram_rows = await asyncio.gather(
+        rows(totals_pipeline),
+        rows(agents_pipeline),
+        *(rows(histogram_pipeline(name)) for name in _HISTOGRAMS),
+        *(rows(agent_histogram_pipeline(name)) for name in _HISTOGRAMS),
     )
-    totals = totals_rows[0] if totals_rows else {}
-    buckets = {str(row["_id"]): int(row["n"]) for row in bucket_rows}
-    per_agent_buckets: dict[str, dict[str, int]] = {}
-    for row in agent_bucket_rows:
-        per_agent_buckets.setdefault(row["_id"]["agent"], {})[str(row["_id"]["k"])] = int(row["n"])
-    agents = {
-        name_of_key(row["_id"]): _agent(_unflatten(row), per_agent_buckets.get(row["_id"], {}))
-        for row in agent_rows
-    }
-    overall = _agent(_unflatten(totals), buckets)
+    totals = _unflatten(totals_rows[0] if totals_rows else {})
+    per_agent = {row["_id"]: _unflatten(row) for row in agent_rows}
+    for name, overall_rows, agent_bucket_rows in zip(
+        _HISTOGRAMS, histogram_rows[: len(_HISTOGRAMS)], histogram_rows[len(_HISTOGRAMS) :], strict=True
+    ):
+        totals["llm"][name] = {str(row["_id"]): int(row["n"]) for row in overall_rows}
+        for row in agent_bucket_rows:
+            agent_llm_doc = per_agent.get(row["_id"]["agent"], {}).get("llm")
+            if agent_llm_doc is not None:
+                agent_llm_doc.setdefault(name, {})[str(row["_id"]["k"])] = int(row["n"])
+    agents = {name_of_key(key): _agent(doc) for key, doc in per_agent.items()}
+    overall = _agent(totals)
     view = AggregateMetrics(
         **{field: getattr(overall, field) for field in AgentMetrics.__struct_fields__},
         chats=int(totals.get("chats") or 0),

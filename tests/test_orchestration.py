@@ -90,7 +90,10 @@ async def test_example_workflow_runs_end_to_end_with_every_event_recorded(
     inputs = types.count("input.received")
     assert len(own) == len(OWN_PREFIX) + report.runtime_events + inputs
     assert len(records) == report.ag2_events + report.runtime_events + len(OWN_PREFIX) + inputs
-    assert {r.type for r in own} <= {*OWN_PREFIX, "llm.call", "context.updated", "input.received", "run.completed"}
+    assert {r.type for r in own} <= {
+        *OWN_PREFIX, "llm.call", "context.updated", "input.received", "run.completed", "message.delta", "message.agent"
+    }
+    assert report.deltas == types.count("message.delta") > 0
     assert all(r.run_id == report.run_id for r in records[2:] if r.type != "input.received")
 
     if name != "Brainstorm":  # Random picks differ between runs; the others are deterministic
@@ -297,7 +300,9 @@ def test_cli_run_prints_events_asks_for_input_and_summarises(mongo_uri: str, db_
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("offline mode")
-    assert any("Researcher" in line and "message.agent" in line and "I saved notes/research.md" in line for line in lines)
+    # Agent text streams onto the line of its first delta; the final message points back at it.
+    assert any("Researcher" in line and "message.delta" in line and "I saved notes/research.md" in line for line in lines)
+    assert any("Researcher" in line and "message.agent" in line and "streamed above" in line for line in lines)
     assert any("input.received" in line and "Add honey" in line for line in lines)
     assert "run.completed" in lines[-2]
     summary = lines[-1]

@@ -81,6 +81,8 @@ def synthetic_chat(rng: random.Random, runs: int) -> list[list[Pending]]:
                             latency_ms=latency,
                             offline=offline,
                             error="timeout" if rng.random() < 0.05 else None,
+                            ttft_ms=latency * rng.random() if rng.random() < 0.8 else None,
+                            stream_ms=latency * rng.random() / 2 if rng.random() < 0.7 else None,
                         ),
                         agent,
                         run_id,
@@ -237,12 +239,14 @@ async def test_metrics_count_per_chat_and_agent_with_cost_by_date_and_duration(
     await store.append(ref, [p(RunStarted(pattern="Auto", max_turns=5), run_id="r1")], None)
     calls = [
         p(
-            LlmCall(model="gpt-4o-mini", prompt_tokens=1000, completion_tokens=200, latency_ms=120.0),
+            LlmCall(model="gpt-4o-mini", prompt_tokens=1000, completion_tokens=200, latency_ms=120.0,
+                    ttft_ms=20.0, stream_ms=100.0),
             "Writer",
             "r1",
         ),
         p(
-            LlmCall(model="gpt-4o", prompt_tokens=100, completion_tokens=10, latency_ms=80.0, error="x"),
+            LlmCall(model="gpt-4o", prompt_tokens=100, completion_tokens=10, latency_ms=80.0, error="x",
+                    ttft_ms=60.0, stream_ms=10.0),
             "Critic",
             "r1",
         ),
@@ -251,7 +255,8 @@ async def test_metrics_count_per_chat_and_agent_with_cost_by_date_and_duration(
             "Writer",
             "r1",
         ),
-        p(LlmCall(model="mystery", prompt_tokens=5, completion_tokens=5, latency_ms=10.0), "Writer", "r1"),
+        p(LlmCall(model="mystery", prompt_tokens=5, completion_tokens=5, latency_ms=10.0, ttft_ms=4.0, stream_ms=5.0),
+          "Writer", "r1"),
     ]
     tools = [
         p(ToolCalled(tool="t", call_id="1", arguments="{}"), "Writer", "r1"),
@@ -289,6 +294,17 @@ async def test_metrics_count_per_chat_and_agent_with_cost_by_date_and_duration(
     )
     assert writer["cost_nanousd"] == writer_cost and critic["cost_nanousd"] == critic_cost
     assert writer["llm"]["count"] == 3 and critic["llm"]["latency_ms"]["p95"] == pytest.approx(80.0, rel=0.01)
+    # Streaming: TTFT of every call that streamed (failed ones too); speed of the successful ones.
+    assert view["llm"]["ttft_ms"]["p50"] == pytest.approx(20.0, rel=0.01)
+    # DDSketch's rank q·(n−1) over the three TTFTs 4, 20, 60 ms: p95 is the 1.9th, i.e. 20 ms.
+    assert view["llm"]["ttft_ms"]["p95"] == pytest.approx(20.0, rel=0.01)
+    assert view["llm"]["output_tokens_per_s"] == pytest.approx((200 + 5) / 0.105)
+    assert writer["llm"]["output_tokens_per_s"] == pytest.approx(205 / 0.105)
+    assert critic["llm"]["output_tokens_per_s"] is None and critic["llm"]["ttft_ms"]["p50"] == pytest.approx(60.0, rel=0.01)
+    aggregate = await queries.aggregate_metrics(db)
+    assert aggregate["llm"]["ttft_ms"] == view["llm"]["ttft_ms"]
+    assert aggregate["llm"]["output_tokens_per_s"] == view["llm"]["output_tokens_per_s"]
+    assert aggregate["agents"]["Critic"]["llm"]["ttft_ms"] == critic["llm"]["ttft_ms"]
     # gpt-4o's price changed on 2024-10-02: the date of the call decides which applies.
     assert table.cost_nanousd("gpt-4o", 1_000_000, 0, day.replace(year=2024, month=6)) == 5 * 10**9
     assert (

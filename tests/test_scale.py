@@ -22,13 +22,13 @@ from app.runs.pool import RoutingExecutor, model_calls
 from domain.events import MessageAgent, Pending, StreamRef
 from domain.store import MongoEventStore
 from projections.rebuild import rebuild
-from tests.test_openai import CompatibleServer, completion
+from tests.llm_server import StreamingModel, text_reply
 from tests.test_projections import append_chats, assert_same, snapshot
 from tests.test_serve import ROOT, serve, wait_ready
 
 
-class HeldServer(CompatibleServer):
-    """An OpenAI-compatible chat completions server that holds every request until released.
+class HeldServer:
+    """An OpenAI-compatible model server that holds every request until released.
 
     It counts the requests it holds (`in_flight`, `peak`) and calls `on_load` once `load` of them
     are held at the same moment.
@@ -39,12 +39,18 @@ class HeldServer(CompatibleServer):
         self.on_load = on_load
         self.in_flight = 0
         self.peak = 0
-        self.served = 0
         self.release = threading.Event()
         self._lock = threading.Lock()
-        super().__init__([completion({"content": "Done."}, "stop", 10, 2)])
+        self.model = StreamingModel([text_reply("Done.", 1)], before_chunk=self._hold)
+        self.base_url = self.model.base_url
 
-    def before_reply(self) -> None:
+    @property
+    def served(self) -> int:
+        return len(self.model.requests)
+
+    def _hold(self, _reply: int, index: int) -> None:
+        if index != 0:
+            return
         with self._lock:
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
@@ -54,11 +60,10 @@ class HeldServer(CompatibleServer):
         self.release.wait(120)
         with self._lock:
             self.in_flight -= 1
-            self.served += 1
 
     def close(self) -> None:
         self.release.set()
-        super().close()
+        self.model.close()
 
 
 @pytest.fixture

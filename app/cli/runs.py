@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from app.database import open_store
-from app.runs.orchestrator import Orchestrator
+from app.runs.orchestrator import Orchestrator, RunNotRecorded
 from app.runs.workflows import WorkflowManager
 from app.settings import Settings
 from domain.events import InputReceived, Pending, Record, StreamRef
@@ -68,7 +68,12 @@ async def _run(settings: Settings, workflow: str, message: str, user_id: str, ap
         stream = await orchestrator.create_chat(workflow=workflow, user_id=user_id, app_id=app_id, message=message)
         printer = asyncio.create_task(_print_events(store, stream, all_events))
         try:
-            outcome = await orchestrator.run(stream)
+            try:
+                outcome = await orchestrator.run(stream)
+            except RunNotRecorded as exc:  # the database came back too late: record the run's end now
+                click.echo(f"recording the run's end after a database outage ({exc.cause})", err=True)
+                run_id = exc.pendings[-1].run_id or ""
+                outcome = (await store.finish_run(stream, run_id, exc.pendings)).type
             # Let the printer reach the terminal record before stopping it.
             await asyncio.wait_for(printer, timeout=10)
         finally:
@@ -85,15 +90,47 @@ async def _run(settings: Settings, workflow: str, message: str, user_id: str, ap
 
 
 async def _print_events(store: MongoEventStore, stream: StreamRef, all_events: bool) -> None:
+    printer = StreamPrinter()
     async for record in store.subscribe(stream.chat_id):
         if all_events or record.visible:
-            click.echo(describe(record))
+            printer.show(record)
         if record.type == "input.requested":
             text = await asyncio.to_thread(click.prompt, "you", default="", show_default=False)
             received = Pending(event=InputReceived(request_id=record.data["request_id"], text=text))
             await store.append(stream, [received], expected_seq=None)
         if record.type in ("run.completed", "run.failed", "run.stopped"):
             return
+
+
+class StreamPrinter:
+    """Prints records one per line; a streamed message's text as it arrives, on the line of its first delta."""
+
+    def __init__(self) -> None:
+        self.open: str | None = None  # message_id of the line being written
+        self.streamed: dict[str, int] = {}  # message_id -> characters printed
+
+    def show(self, record: Record) -> None:
+        if record.type == "message.delta":
+            message_id, text = record.data["message_id"], record.data["text"]
+            if self.open != message_id:
+                self.end_line()
+                prefix = f"{record.seq:>4} {record.agent or '-':<14} {'message.delta':<16} "
+                click.echo(prefix + ("... " if message_id in self.streamed else ""), nl=False)
+                self.open = message_id
+            click.echo(text, nl=False)
+            self.streamed[message_id] = self.streamed.get(message_id, 0) + len(text)
+            return
+        self.end_line()
+        streamed = self.streamed.pop(record.data.get("message_id", ""), None) if record.type == "message.agent" else None
+        if streamed is not None:
+            click.echo(f"{record.seq:>4} {record.agent or '-':<14} {'message.agent':<16} (streamed above: {streamed} characters)")
+        else:
+            click.echo(describe(record))
+
+    def end_line(self) -> None:
+        if self.open is not None:
+            click.echo("")
+            self.open = None
 
 
 def describe(record: Record) -> str:

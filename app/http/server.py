@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import structlog
 from litestar import Litestar, MediaType, Request, get
-from litestar.datastructures import State
+from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
@@ -24,6 +24,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusConfig
 from litestar.response import File
 from litestar.static_files import create_static_files_router
+from litestar.types import Message, Scope
 from pymongo.asynchronous.database import AsyncDatabase
 
 from app.database import open_database
@@ -45,11 +46,22 @@ from app.runs.pool import routed_default_executor
 from app.runs.supervisor import RunSupervisor
 from app.runs.workflows import WorkflowManager
 from app.settings import Settings
-from domain.store import MongoEventStore
+from domain.store import MongoEventStore, RetryPolicy
 from projections.runner import ProjectionRunner
 
 STATIC = Path(__file__).parents[1] / "static"
 SHUTDOWN_WAIT_S = 5.0
+# Sent on every HTTP response: the ChatUI page's own policy (its <meta> tag) plus what only a
+# header can say (frame-ancestors: no framing at all), no MIME sniffing, and no Referer.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
+    ("content-security-policy", CONTENT_SECURITY_POLICY),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+)
 log = structlog.get_logger("mozaiks.server")
 
 
@@ -70,7 +82,7 @@ async def database_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Open the database (starting the embedded server when no DATABASE_URI is set) and the event store."""
     settings: Settings = app.state.settings
     async with open_database(settings) as db:
-        store = MongoEventStore(db)
+        store = MongoEventStore(db, RetryPolicy(budget_s=settings.db_retry_s))
         await store.ensure_indexes()
         app.state.db, app.state.store = db, store
         log.info("database.ready", db=settings.db_name, embedded=settings.database_uri is None)
@@ -126,6 +138,14 @@ async def supervisor_lifespan(app: Litestar) -> AsyncIterator[None]:
             yield
         finally:
             await supervisor.shutdown()
+
+
+async def security_headers(message: Message, scope: Scope) -> None:
+    """Litestar `before_send` hook: the security headers on every HTTP response, errors included."""
+    if message["type"] == "http.response.start":
+        headers = MutableScopeHeaders.from_message(message)
+        for name, value in SECURITY_HEADERS:
+            headers[name] = value
 
 
 # ---- services, injected into handlers by parameter name and type ---------------------------------
@@ -253,6 +273,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
         ),
         request_max_body_size=settings.max_body_bytes,
         on_shutdown=list(on_shutdown),
+        before_send=[security_headers],
         logging_config=None,  # logs go through app.logging's structlog setup, not Litestar's own
     )
     app.state.settings = settings

@@ -178,16 +178,15 @@ class ChatConnection:
         replayed = 0
         self.last_sent = after
         try:
-            async for item in self.hub.subscribe(self.chat.chat_id, after, on_overflow=self.overflow.set):
+            async for item in self.hub.client_view(self.chat.chat_id, after, on_overflow=self.overflow.set):
                 if isinstance(item, ReplayDone):
                     REPLAY_SIZE.observe(replayed)
                     await self.send(frame_text(ReplayDoneFrame(last_seq=item.last_seq)))
                     replayed = -1
                     continue
-                if item.visible:
-                    await self.send_live(event_frame(item))
-                    if replayed >= 0:
-                        replayed += 1
+                await self.send_live(event_frame(item))
+                if replayed >= 0:
+                    replayed += 1
                 self.last_sent = item.seq
         except Overflowed:
             raise _Closed(CLOSE_SLOW, f"too slow; resume from seq {self.last_sent}") from None

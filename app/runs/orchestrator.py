@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, Final
 
 import msgspec
@@ -20,14 +22,26 @@ import structlog
 from autogen.agentchat import a_run_group_chat
 from autogen.agentchat.group import ContextVariables
 from autogen.io.base import IOStream
+from pymongo.errors import PyMongoError
 
+import tools
 from app.runs.agents import ContextNote, Team, build_team
-from app.runs.clients import Backend, Ledger, LlmCallNote, OpenAIBackend, ScriptedBackend
+from app.runs.clients import (
+    Backend,
+    Ledger,
+    LlmCallNote,
+    ModelRetryPolicy,
+    ModelUnavailable,
+    OpenAIBackend,
+    ScriptedBackend,
+    TextChunk,
+)
 from app.runs.pool import model_calls
 from app.runs.recorder import RunMapper
 from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
-from domain.errors import Conflict, UnknownChat
+from app.tasks import cancel_requested
+from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownChat
 from domain.events import (
     ChatCreated,
     InputReceived,
@@ -37,6 +51,7 @@ from domain.events import (
     RunCompleted,
     RunFailed,
     RunStarted,
+    RunStopped,
     StreamRef,
     new_id,
 )
@@ -45,6 +60,8 @@ from domain.store import MongoEventStore
 log = structlog.get_logger("mozaiks.orchestration")
 
 _MAX_BATCH: Final = 256
+# Frames from here are the workflows' tools: an error raised there fails a run with reason "tool".
+_TOOLS_DIR: Final = str(Path(tools.__file__).resolve().parent) + os.sep
 _REPORTS_KEPT: Final = 100
 
 # A chat's records after a seq, stored then live (the hub's `records`, or `store.subscribe`).
@@ -63,11 +80,48 @@ class RunReport(msgspec.Struct, kw_only=True):
     # uuid of every AG2 event seen, in the order it was seen.
     ag2_uuids: list[str] = []
     runtime_events: int = 0
+    # `message.delta` records of the run (streamed text, coalesced over the flush window).
+    deltas: int = 0
     llm_calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     # The scripted client's own totals (offline runs): calls, prompt and completion tokens.
     scripted: tuple[int, int, int] | None = None
+
+
+class RunNotRecorded(MozaiksError):
+    """The database refused a run's records past the retry budget; `pendings` end with its terminal.
+
+    The run itself is over. Whoever holds its lease keeps re-sending `pendings` (idempotent by id)
+    until they land, so nothing AG2 produced is lost and the run still gets its one terminal record.
+    """
+
+    def __init__(self, pendings: list[Pending], cause: BaseException) -> None:
+        self.pendings = pendings
+        self.cause = cause
+        super().__init__(f"run records not stored: {cause}")
+
+
+def failure_reason(error: BaseException) -> str:
+    """`run.failed.reason` for an error that ended a run: storage, model, tool, else error.
+
+    Looks through the exception's causes (AG2 and the executor wrap what a model client raised).
+    """
+    seen: BaseException | None = error
+    for _ in range(32):  # a cause chain can loop
+        if seen is None:
+            break
+        if isinstance(seen, StorageUnavailable | PyMongoError):
+            return "storage"
+        if isinstance(seen, ModelUnavailable):
+            return "model"
+        tb = seen.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.startswith(_TOOLS_DIR):
+                return "tool"
+            tb = tb.tb_next
+        seen = seen.__cause__ or seen.__context__
+    return "error"
 
 
 class _Done(msgspec.Struct):
@@ -87,7 +141,20 @@ class Orchestrator:
         self.settings = settings
         self.follow: Follow = follow or store.subscribe
         self.reports: OrderedDict[str, RunReport] = OrderedDict()
+        self.sessions: dict[str, _RunSession] = {}
         self._openai: OpenAIBackend | None = None
+
+    def request_stop(self, run_id: str, by: str | None) -> bool:
+        """Stop a run going on in this process; False when it is not running here.
+
+        The run cancels AG2, records the events AG2 had produced, then `run.stopped` as its last record.
+        """
+        session = self.sessions.get(run_id)
+        if session is None:
+            return False
+        session.stop_by = by
+        session.stop.set()
+        return True
 
     @property
     def last_report(self) -> RunReport | None:
@@ -151,9 +218,11 @@ class Orchestrator:
                 continue  # a user message landed in between: read again so the run sees it
         report = RunReport(run_id=run_id, chat_id=stream.chat_id, workflow=workflow.name, offline=self.settings.offline)
         session = _RunSession(self, stream, workflow, history, record, report)
+        self.sessions[run_id] = session
         try:
             outcome = await session.drive()
         finally:
+            self.sessions.pop(run_id, None)
             self.reports[run_id] = report
             while len(self.reports) > _REPORTS_KEPT:
                 self.reports.popitem(last=False)
@@ -170,10 +239,71 @@ class Orchestrator:
             for record in history:
                 if record.type == "llm.call" and record.agent:
                     start[record.agent] = start.get(record.agent, 0) + 1
-            return ScriptedBackend(workflow.fixtures, start)
+            return ScriptedBackend(workflow.fixtures, start, chunk_s=self.settings.offline_chunk_ms / 1000)
         if self._openai is None:
-            self._openai = OpenAIBackend(api_key=self.settings.openai_api_key, base_url=self.settings.openai_base_url)
+            self._openai = OpenAIBackend(
+                api_key=self.settings.openai_api_key,
+                base_url=self.settings.openai_base_url,
+                timeout_s=self.settings.llm_timeout_s,
+            )
         return self._openai
+
+
+class Relay:
+    """Carries a run's streamed text and runtime notes from AG2's worker threads into its event stream, in order.
+
+    Text waits for the flush window, which starts at the first chunk not yet handed over: the
+    loop is woken once per window, not once per chunk (each wake-up from a worker thread is a
+    syscall that gives the GIL away; per chunk, that made reading a fast stream 10x slower). A note
+    (an LLM call, a context update) is handed over at once, with all text before it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, window_s: float) -> None:
+        self.loop = loop
+        self.loop_thread = threading.get_ident()
+        self.window_s = window_s
+        self.lock = threading.Lock()
+        self.items: list[Any] = []
+        self.timer = False
+        self.iostream: Any = None
+
+    def send(self, item: Any, *, wait: bool) -> None:
+        """Queue `item`; `wait`: it may wait for the flush window (text), else it goes at once."""
+        iostream = IOStream.get_default()  # the run's stream, as AG2 set it for this call
+        with self.lock:
+            self.items.append(item)
+            self.iostream = iostream
+            later = wait and not self.timer
+            self.timer = self.timer or later
+        if not wait:
+            self.call(self.drain)
+        elif later:
+            self.call(lambda: self.loop.call_later(self.window_s, self.drain))
+
+    def call(self, callback: Any) -> None:
+        if threading.get_ident() == self.loop_thread:
+            callback()
+        else:
+            self.loop.call_soon_threadsafe(callback)
+
+    def drain(self) -> None:
+        """Hand everything queued to the run's event stream (consecutive text of a message joined)."""
+        with self.lock:
+            items, self.items, self.timer, iostream = self.items, [], False, self.iostream
+        for item in merged(items):
+            iostream.send(item)
+
+
+def merged(items: list[Any]) -> list[Any]:
+    """Consecutive text chunks of one message joined into one (their text in order); other items kept."""
+    out: list[Any] = []
+    for item in items:
+        last = out[-1] if out else None
+        if isinstance(item, TextChunk) and isinstance(last, TextChunk) and last.message_id == item.message_id:
+            out[-1] = TextChunk(agent=item.agent, message_id=item.message_id, text=last.text + item.text)
+        else:
+            out.append(item)
+    return out
 
 
 def conversation(history: list[Record], user_name: str | None) -> str | list[dict[str, Any]]:
@@ -236,31 +366,62 @@ class _RunSession:
         self.open_requests: OrderedDict[str, asyncio.Future[str]] = OrderedDict()
         self.unclaimed: deque[InputReceived] = deque()
         self.summary: str | None = None
+        self.relay: Relay | None = None
+        # Who asked this process to stop the run; `stop_logged` when a run.stopped is already in the log;
+        # `ended_by_other`: the terminal type another node recorded for this run (it gave the run up).
+        self.stop_by: str | None = None
+        self.stop_logged = False
+        self.ended_by_other: str | None = None
 
     async def append(self, pendings: list[Pending]) -> None:
-        if pendings:
+        """Record a burst of the run's events; past the retry budget the run ends as failed (storage)."""
+        if not pendings:
+            return
+        try:
             await self.o.store.append(self.stream, pendings, expected_seq=None)
+        except StorageUnavailable as exc:
+            failed = self.terminal(RunFailed(error=str(exc), reason="storage"))
+            raise RunNotRecorded([*pendings, failed], exc) from exc
+
+    async def finish(self, pendings: list[Pending]) -> str:
+        """Record the run's last burst ending with its terminal event; returns the terminal type.
+
+        If the run already has a terminal record (another node gave it up for interrupted), that one
+        stands and is returned. Past the retry budget, the lease holder keeps trying (RunNotRecorded).
+        """
+        try:
+            record = await self.o.store.finish_run(self.stream, self.run_id, pendings)
+        except StorageUnavailable as exc:
+            raise RunNotRecorded(pendings, exc) from exc
+        if record.id != pendings[-1].id:
+            log.warning("run.already_ended", chat_id=self.stream.chat_id, run_id=self.run_id, ended=record.type,
+                        not_recorded=len(pendings))
+        return record.type
 
     async def drive(self) -> str:
-        loop = asyncio.get_running_loop()
-        loop_thread = threading.get_ident()
+        group_agents = {a.name for a in self.workflow.agents if a.type != "user"}
+        relay = self.relay = Relay(asyncio.get_running_loop(), self.o.settings.stream_flush_ms / 1000)
 
         def emit(note: Any) -> None:
-            # The runtime's own notes join the run's AG2 stream, so they are recorded in order.
-            # LLM calls happen in AG2's worker threads: hand the note over to the loop's thread.
-            iostream = IOStream.get_default()
-            if threading.get_ident() == loop_thread:
-                iostream.send(note)
-            else:
-                loop.call_soon_threadsafe(iostream.send, note)
+            # The runtime's own notes join the run's AG2 stream at once, after any text before them.
+            relay.send(note, wait=False)
+
+        def stream_text(chunk: TextChunk) -> None:
+            # Only the group's agents speak messages; a speaker selector's text is not one.
+            if chunk.agent in group_agents:
+                relay.send(chunk, wait=True)
 
         backend = self.o.backend(self.workflow, self.history)
-        ledger = Ledger(backend, report=emit)
+        settings = self.o.settings
+        policy = ModelRetryPolicy(
+            attempts=settings.llm_attempts, first_delay_s=settings.llm_backoff_s, max_delay_s=settings.llm_backoff_max_s
+        )
+        ledger = Ledger(backend, report=emit, text=stream_text, policy=policy)
         context = ContextVariables(data=initial_context(self.workflow, self.history))
         user_agent = next((a.name for a in self.workflow.agents if a.type == "user"), None)
         mapper = RunMapper(
             run_id=self.run_id,
-            group_agents={a.name for a in self.workflow.agents if a.type != "user"},
+            group_agents=group_agents,
             visual_agents=self.workflow.visual_agents,
             user_agent=user_agent or "_User",
         )
@@ -279,11 +440,11 @@ class _RunSession:
                     )
             except Exception as exc:
                 log.exception("run.setup_failed", chat_id=self.stream.chat_id, run_id=self.run_id)
-                await self.append([self.terminal(RunFailed(error=f"{type(exc).__name__}: {exc}", reason="setup"))])
-                return "run.failed"
+                return await self.finish([self.terminal(RunFailed(error=f"{type(exc).__name__}: {exc}", reason="setup"))])
             pump = asyncio.create_task(self.pump(response), name=f"pump-{self.run_id}")
             return await self.record(mapper, response, backend)
         finally:
+            ledger.closed.set()
             for task in (pump, watcher, getattr(response, "_task_ref", None)):
                 if task is not None and not task.done():
                     task.cancel()
@@ -292,7 +453,7 @@ class _RunSession:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
 
-    def terminal(self, event: RunCompleted | RunFailed) -> Pending:
+    def terminal(self, event: RunCompleted | RunFailed | RunStopped) -> Pending:
         self.report.runtime_events += 1
         return Pending(event=event, run_id=self.run_id)
 
@@ -306,7 +467,12 @@ class _RunSession:
             self.queue.put_nowait(_Done(exc))
 
     async def record(self, mapper: RunMapper, response: Any, backend: Backend) -> str:
-        """The recorder loop: append each burst of events as one batch, answer input, finish the run."""
+        """The recorder loop: append each burst of events as one batch, answer input, finish the run.
+
+        Streamed text arrives once per flush window (see `Relay`) and is appended as one
+        `message.delta` per message; any other event flushes the text before it first, so a
+        message's deltas always precede its `message.agent`.
+        """
         stopping = asyncio.create_task(self.stop.wait())
         try:
             while True:
@@ -319,12 +485,11 @@ class _RunSession:
                 while len(batch) < _MAX_BATCH and not self.queue.empty():
                     batch.append(self.queue.get_nowait())
                 pendings, request, done = self.map_batch(mapper, batch)
+                # Text reaches the recorder once per flush window (the relay held it): record it now.
+                pendings.extend(self.deltas(mapper.flush()))
                 if done is not None:
-                    outcome = self.finish(done, backend)
-                    pendings.append(outcome)
+                    return await self.finish([*pendings, self.outcome(done, backend)])
                 await self.append(pendings)
-                if done is not None:
-                    return "run.completed" if done.error is None else "run.failed"
                 if request is not None:
                     answer = await self.answer(request)
                     if answer is None:
@@ -333,11 +498,22 @@ class _RunSession:
         finally:
             stopping.cancel()
 
+    def deltas(self, pendings: list[Pending]) -> list[Pending]:
+        """Counts `message.delta` Pendings (runtime records of their own) in the report."""
+        self.report.deltas += len(pendings)
+        self.report.runtime_events += len(pendings)
+        return pendings
+
     def map_batch(self, mapper: RunMapper, batch: list[Any]) -> tuple[list[Pending], Any, _Done | None]:
         pendings: list[Pending] = []
         request: Any = None
         done: _Done | None = None
         for item in batch:
+            if isinstance(item, TextChunk):
+                pendings.extend(self.deltas(mapper.map_chunk(item)))
+                continue
+            # Whatever else happens is recorded after the text streamed before it.
+            pendings.extend(self.deltas(mapper.flush()))
             if isinstance(item, _Done):
                 done = item
             elif isinstance(item, ContextNote):
@@ -351,8 +527,10 @@ class _RunSession:
                 self.report.completion_tokens += item.call.completion_tokens
             else:
                 # Anything else on AG2's stream is an AG2 event (wrapped: `.type` + `.content`).
-                pending = mapper.map_event(item)
-                pendings.append(pending)
+                mapped = mapper.map_event(item)
+                pendings.extend(mapped)
+                pending = mapped[-1]
+                self.report.runtime_events += len(mapped) - 1
                 self.report.ag2_events += 1
                 self.report.ag2_uuids.append(str(getattr(getattr(item, "content", item), "uuid", "")))
                 if pending.event.__struct_config__.tag == "input.requested":
@@ -363,14 +541,14 @@ class _RunSession:
                     self.summary = item.content.summary
         return pendings, request, done
 
-    def finish(self, done: _Done, backend: Backend) -> Pending:
+    def outcome(self, done: _Done, backend: Backend) -> Pending:
         if isinstance(backend, ScriptedBackend):
             self.report.scripted = (backend.calls, backend.prompt_tokens, backend.completion_tokens)
         if done.error is None:
             return self.terminal(RunCompleted(summary=self.summary))
         error = done.error
         log.warning("run.failed", chat_id=self.stream.chat_id, run_id=self.run_id, error=str(error))
-        return self.terminal(RunFailed(error=f"{type(error).__name__}: {error}"))
+        return self.terminal(RunFailed(error=f"{type(error).__name__}: {error}", reason=failure_reason(error)))
 
     async def answer(self, request: Any) -> str | None:
         """Wait for the `input.received` answering `request` (None when the run is stopped first)."""
@@ -388,29 +566,55 @@ class _RunSession:
         return future.result() if future.done() else None
 
     async def watch(self) -> None:
-        """Follow the chat's log for answers to input requests and for this run's stop."""
-        async for record in self.o.follow(self.stream.chat_id, self.started.seq):
-            if record.type == "input.received":
-                received = record.event
-                assert isinstance(received, InputReceived)
-                future = self.open_requests.get(received.request_id or "")
-                if future is None and received.request_id is None and self.open_requests:
-                    future = next(iter(self.open_requests.values()))
-                if future is not None and not future.done():
-                    future.set_result(received.text)
-                elif received.request_id is None:
-                    self.unclaimed.append(received)
-            elif record.type == "run.stopped" and record.run_id in (self.run_id, None):
-                self.stop.set()
-                return
+        """Follow the chat's log for answers to input requests and for this run's stop.
+
+        A database outage ends a change stream: follow again from the last record seen.
+        """
+        after = self.started.seq
+        while True:
+            try:
+                async for record in self.o.follow(self.stream.chat_id, after):
+                    after = record.seq
+                    if self.observe(record):
+                        return
+            except PyMongoError as exc:
+                if cancel_requested():
+                    raise asyncio.CancelledError from exc
+                log.warning("run.watch_interrupted", chat_id=self.stream.chat_id, error=str(exc))
+                await asyncio.sleep(0.5)
+
+    def observe(self, record: Record) -> bool:
+        """Act on one record of the chat's log; True when the run is to stop."""
+        if record.type == "input.received":
+            received = record.event
+            assert isinstance(received, InputReceived)
+            future = self.open_requests.get(received.request_id or "")
+            if future is None and received.request_id is None and self.open_requests:
+                future = next(iter(self.open_requests.values()))
+            if future is not None and not future.done():
+                future.set_result(received.text)
+            elif received.request_id is None:
+                self.unclaimed.append(received)
+        elif record.type == "run.stopped" and record.run_id in (self.run_id, None):
+            self.stop_logged = True  # recorded by someone else (an older node, a tool): obey it
+            self.stop.set()
+            return True
+        elif record.type in ("run.completed", "run.failed") and record.run_id == self.run_id:
+            # Another node gave this run up (its lease had expired): record nothing more after it.
+            self.ended_by_other = record.type
+            self.stop.set()
+            return True
+        return False
 
     async def stopped(self, mapper: RunMapper, response: Any) -> str:
-        """Cancel AG2, record the events it had already produced, and report the stop."""
+        """Cancel AG2, record the events it had already produced, then `run.stopped` as the run's last record."""
         task = getattr(response, "_task_ref", None)  # a_run_group_chat's task: the only handle to cancel AG2
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.relay is not None:
+            self.relay.drain()  # text still waiting for its window is what the model said: keep it
         leftovers: list[Any] = []
         while not self.queue.empty():
             leftovers.append(self.queue.get_nowait())
@@ -418,6 +622,13 @@ class _RunSession:
         while not source.empty():
             leftovers.append(source.get_nowait())
         pendings, _, _ = self.map_batch(mapper, leftovers)
-        await self.append(pendings)
+        pendings += self.deltas(mapper.flush())
+        if self.ended_by_other is not None:
+            log.warning("run.ended_elsewhere", chat_id=self.stream.chat_id, run_id=self.run_id,
+                        ended=self.ended_by_other, not_recorded=len(pendings))
+            return self.ended_by_other
         log.info("run.stopped", chat_id=self.stream.chat_id, run_id=self.run_id)
-        return "run.stopped"
+        if self.stop_logged:
+            await self.append(pendings)
+            return "run.stopped"
+        return await self.finish([*pendings, self.terminal(RunStopped(by=self.stop_by))])

@@ -17,7 +17,7 @@ from autogen.code_utils import content_str
 from pydantic import BaseModel
 
 from app.runs.agents import ContextNote
-from app.runs.clients import LlmCallNote
+from app.runs.clients import LlmCallNote, TextChunk
 from domain.events import (
     Ag2Event,
     AnyEvent,
@@ -25,10 +25,12 @@ from domain.events import (
     Handoff,
     InputRequested,
     MessageAgent,
+    MessageDelta,
     Pending,
     SpeakerSelected,
     ToolCalled,
     ToolResult,
+    new_id,
 )
 
 _HANDOFF_KINDS: Final = {
@@ -65,11 +67,30 @@ def ag2_json(event: BaseModel) -> str:
     return event.model_dump_json(fallback=live_object, serialize_as_any=True)
 
 
+class OpenMessage:
+    """A message being streamed: its text so far, and the part not yet in a `message.delta`."""
+
+    def __init__(self, agent: str, message_id: str) -> None:
+        self.agent = agent
+        self.message_id = message_id
+        self.text: list[str] = []
+        self.unflushed: list[str] = []
+        self.deltas = 0
+
+
 class RunMapper:
-    """Maps one run's AG2 events (and the runtime's LLM notes) to Pendings.
+    """Maps one run's AG2 events (and the runtime's LLM notes and streamed text) to Pendings.
 
     Agents of the workflow speak `message.agent`; the human's words are already in the log as
     `message.user`/`input.received`, so AG2's echo of them is kept as `ag2.event`.
+
+    Streaming: text chunks of an agent's model call collect in an `OpenMessage`; `flush()` turns
+    what collected into one `message.delta` per message. The agent's next `text` event completes
+    the message: its `message.agent` carries the message id and, as content, exactly the streamed
+    text (the deltas concatenate to it by construction; AG2's own event stays whole in `ag2`). A
+    tool-calling reply that also streamed text completes it the same way. A message that never gets
+    its `message.agent` (run stopped, failed or killed, or a retried call's abandoned attempt) is
+    incomplete: its deltas stay in the log, nothing else marks it.
     """
 
     def __init__(
@@ -86,6 +107,46 @@ class RunMapper:
         self.user_agent = user_agent
         # call_id -> (agent, arguments exactly as the model wrote them), from the tool_call events.
         self.calls: dict[str, tuple[str, str]] = {}
+        # agent -> the message its model call is streaming (group agents only).
+        self.open: dict[str, OpenMessage] = {}
+
+    @property
+    def unflushed(self) -> bool:
+        """Whether streamed text is waiting for its `message.delta`."""
+        return any(message.unflushed for message in self.open.values())
+
+    def map_chunk(self, chunk: TextChunk) -> list[Pending]:
+        """Collect a chunk; returns the last delta of an abandoned attempt when a new one starts."""
+        out: list[Pending] = []
+        message = self.open.get(chunk.agent)
+        if message is None or message.message_id != chunk.message_id:
+            if message is not None:
+                out = self._flush(message)  # a retried call: the earlier attempt stays incomplete
+            message = self.open[chunk.agent] = OpenMessage(chunk.agent, chunk.message_id)
+        message.text.append(chunk.text)
+        message.unflushed.append(chunk.text)
+        return out
+
+    def flush(self) -> list[Pending]:
+        """One `message.delta` per message with text not yet recorded."""
+        return [pending for message in self.open.values() for pending in self._flush(message)]
+
+    def _flush(self, message: OpenMessage) -> list[Pending]:
+        if not message.unflushed:
+            return []
+        text = "".join(message.unflushed)
+        message.unflushed.clear()
+        delta = MessageDelta(message_id=message.message_id, index=message.deltas, text=text)
+        message.deltas += 1
+        return [self.pending(delta, message.agent, None)]
+
+    def complete(self, agent: str, content: str, recipient: str | None, raw: str | None) -> Pending:
+        """The `message.agent` of an agent's reply: the streamed message's id and text when it streamed."""
+        message = self.open.pop(agent, None)
+        if message is None:
+            return self.pending(MessageAgent(content=content, recipient=recipient, message_id=new_id()), agent, raw)
+        text = "".join(message.text)
+        return self.pending(MessageAgent(content=text, recipient=recipient, message_id=message.message_id), agent, raw)
 
     def visible(self, agent: str | None, typed: bool) -> bool:
         """Typed events show when their agent is visual (or none); raw `ag2.event`s never show."""
@@ -101,18 +162,27 @@ class RunMapper:
         """The runtime's own `llm.call` record."""
         return self.pending(note.call, note.agent, None)
 
-    def map_event(self, event: Any) -> Pending:
+    def map_event(self, event: Any) -> list[Pending]:
+        """The Pendings of one AG2 event: exactly one, after the `message.agent` of text it streamed."""
+        kind = str(getattr(event, "type", type(event).__name__))
+        sender = getattr(getattr(event, "content", event), "sender", None)
+        streamed = self.open.get(sender) if isinstance(sender, str) else None
+        if kind == "tool_call" and streamed is not None:
+            # A tool-calling reply that also said something: that text is a message of its own.
+            recipient = getattr(event.content, "recipient", None)
+            said = [self.complete(streamed.agent, "", recipient, None)] if streamed.text else []
+            self.open.pop(streamed.agent, None)
+            return [*said, self.map_one(event)]
+        return [self.map_one(event)]
+
+    def map_one(self, event: Any) -> Pending:
         """Exactly one Pending for one AG2 event."""
         raw = ag2_json(event) if isinstance(event, BaseModel) else json.dumps({"type": type(event).__name__, "repr": repr(event)})
         kind = str(getattr(event, "type", type(event).__name__))
         c: Any = getattr(event, "content", event)
         match kind:
             case "text" if c.sender in self.group_agents:
-                return self.pending(
-                    MessageAgent(content=content_str(c.content) if c.content is not None else "", recipient=c.recipient),
-                    c.sender,
-                    raw,
-                )
+                return self.complete(c.sender, content_str(c.content) if c.content is not None else "", c.recipient, raw)
             case "tool_call":
                 for call in c.tool_calls:
                     if call.id:

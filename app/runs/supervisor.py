@@ -1,9 +1,12 @@
 """Run supervisor: each chat's run is a background task owned by one node through a lease.
 
-A run is independent of any socket: a disconnect never stops it; `stop` does, by recording
-`run.stopped` in the log, which the running node (whichever it is) sees and obeys. The lease
-document (`chat_leases`: owner, run id, expiry) is renewed while the run goes on; when a node
-dies its leases expire, and any node then records the run as `run.failed` (reason `interrupted`).
+A run is independent of any socket: a disconnect never stops it; `stop` does: the node running
+it (told directly, or through a `stop` mark on the lease that it polls) cancels AG2, records what
+AG2 had produced, then `run.stopped` as the run's last record. The lease document (`chat_leases`:
+owner, run id, expiry) is renewed while the run goes on, and until its end is recorded: a node that
+cannot record a run's end keeps the lease and keeps trying. Every `run.started` gets exactly one
+terminal record: when a node dies its leases expire, and a sweep on every node records any run
+with neither a live lease nor a terminal record as `run.failed` (reason `interrupted`).
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from app.observability import RUN_OUTCOMES
-from app.runs.orchestrator import Orchestrator
+from app.runs.orchestrator import Orchestrator, RunNotRecorded, failure_reason
 from app.settings import Settings
 from app.tasks import cancel_requested
-from domain.errors import MozaiksError, UnknownChat
+from domain.errors import MozaiksError, StorageUnavailable, UnknownChat
 from domain.events import (
     TERMINAL_TYPES,
     InputReceived,
@@ -34,11 +37,19 @@ from domain.events import (
     StreamRef,
     new_id,
 )
-from domain.store import MongoEventStore
+from domain.store import MongoEventStore, with_retries
 
 log = structlog.get_logger("mozaiks.supervisor")
 
 LEASES = "chat_leases"
+SESSIONS = "chat_sessions"  # the projection's collection: where the sweep looks for runs to check
+# How often a node looks for stop marks on the leases of the runs it holds.
+STOP_POLL_S = 0.2
+# How long `stop` waits for the running node to record the run's end before answering anyway.
+STOP_WAIT_S = 10.0
+# The sweep looks at chats the projection shows as running (a full read of chat_sessions) only on
+# every Nth round; a message to a wedged chat repairs it at once anyway (send_message).
+SESSIONS_SWEEP_EVERY = 10
 # Retry-After of a refused run: runs that take minutes free a slot every few seconds on a busy node.
 BUSY_RETRY_AFTER_S = 5
 _STATE_TYPES = ["chat.created", "run.started", *sorted(TERMINAL_TYPES), "input.requested", "input.received"]
@@ -120,16 +131,21 @@ class RunSupervisor:
         self.node = settings.node_id
         self.tasks: dict[str, asyncio.Task[str]] = {}
         self._admitting = 0
+        self._sweeps = 0
 
     def _expiry(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self.settings.lease_ttl_s)
 
-    async def _acquire(self, chat_id: str, run_id: str) -> bool:
+    async def _acquire(self, chat_id: str, run_id: str, ended: str | None = None) -> bool:
+        """Take the chat's lease if it is free, expired, or held for the run `ended` (already over)."""
         now = datetime.now(UTC)
+        free: dict[str, Any] = {"expires_at": {"$lt": now}}
+        if ended is not None:
+            free = {"$or": [free, {"run_id": ended}]}
         try:
             await self.leases.find_one_and_update(
-                {"_id": chat_id, "expires_at": {"$lt": now}},
-                {"$set": {"owner": self.node, "run_id": run_id, "expires_at": self._expiry()}},
+                {"_id": chat_id, **free},
+                {"$set": {"owner": self.node, "run_id": run_id, "expires_at": self._expiry()}, "$unset": {"stop": ""}},
                 upsert=True,
             )
         except DuplicateKeyError:
@@ -137,8 +153,12 @@ class RunSupervisor:
         return True
 
     async def _release(self, chat_id: str, run_id: str) -> None:
-        with contextlib.suppress(PyMongoError):
+        async def delete() -> None:
             await self.leases.delete_one({"_id": chat_id, "owner": self.node, "run_id": run_id})
+
+        # Left behind, the lease only delays the chat's next run until it expires or is seen as over.
+        with contextlib.suppress(PyMongoError, StorageUnavailable):
+            await with_retries(self.store.retry, f"release the lease of chat {chat_id}", delete)
 
     def _check_capacity(self) -> None:
         active = len(self.tasks) + self._admitting
@@ -159,16 +179,17 @@ class RunSupervisor:
         finally:
             self._admitting -= 1
 
-    async def start(self, stream: StreamRef, *, admitted: bool = False) -> str:
+    async def start(self, stream: StreamRef, ended: str | None = None, *, admitted: bool = False) -> str:
         """Start a run of the chat in the background on this node; returns its run id.
 
+        `ended`: the run id of a lease known to be over (its terminal record is in the log).
         Raises NodeBusy when the node runs MOZAIKS_MAX_ACTIVE_RUNS already (unless `admitted`
         inside `admission()`), RunActive when the chat has a run.
         """
         if not admitted:
             self._check_capacity()
         run_id = new_id()
-        if not await self._acquire(stream.chat_id, run_id):
+        if not await self._acquire(stream.chat_id, run_id, ended):
             lease = await self.leases.find_one({"_id": stream.chat_id}) or {}
             raise RunActive(stream.chat_id, str(lease.get("run_id")))
         task = asyncio.create_task(self._run(stream, run_id), name=f"run:{stream.chat_id}")
@@ -180,21 +201,39 @@ class RunSupervisor:
         outcome = "run.failed"
         try:
             with structlog.contextvars.bound_contextvars(chat_id=stream.chat_id, run_id=run_id):
-                outcome = await self.orchestrator.run(stream, run_id=run_id)
-        except asyncio.CancelledError:
-            outcome = "run.failed"
-            raise
-        except Exception as exc:  # a bug outside AG2's own handling: record it rather than lose it
-            log.exception("run.crashed", chat_id=stream.chat_id)
-            await self.store.append(
-                stream, [Pending(event=RunFailed(error=f"{type(exc).__name__}: {exc}"), run_id=run_id)], None
-            )
+                try:
+                    outcome = await self.orchestrator.run(stream, run_id=run_id)
+                except RunNotRecorded as exc:
+                    log.warning("run.end_not_recorded", error=str(exc.cause))
+                    outcome = await self._settle(stream, run_id, exc.pendings)
+                except Exception as exc:  # a bug outside AG2's own handling: record it rather than lose it
+                    log.exception("run.crashed", chat_id=stream.chat_id)
+                    failed = RunFailed(error=f"{type(exc).__name__}: {exc}", reason=failure_reason(exc))
+                    outcome = await self._settle(stream, run_id, [Pending(event=failed, run_id=run_id)])
         finally:
             renew.cancel()
             self.tasks.pop(stream.chat_id, None)
             RUN_OUTCOMES.labels(outcome).inc()
             await asyncio.shield(self._release(stream.chat_id, run_id))
         return outcome
+
+    async def _settle(self, stream: StreamRef, run_id: str, pendings: list[Pending]) -> str:
+        """Record the run's end (`pendings` end with its terminal event), trying until it is stored.
+
+        Runs while the lease is still renewed, so no other node gives the run up meanwhile. Returns
+        the type of the run's terminal record ("run.failed" if the run never got to `run.started`).
+        """
+        delay = self.store.retry.first_delay_s
+        while True:
+            try:
+                started = [r async for r in self.store.find(stream.chat_id, types=["run.started"]) if r.run_id == run_id]
+                if not started:
+                    return "run.failed"
+                return (await self.store.finish_run(stream, run_id, pendings)).type
+            except (PyMongoError, StorageUnavailable) as exc:
+                log.warning("run.end_not_recorded", chat_id=stream.chat_id, run_id=run_id, error=str(exc), retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max(self.settings.lease_ttl_s / 3, 0.1))
 
     async def _renew(self, chat_id: str, run_id: str) -> None:
         while True:
@@ -205,37 +244,97 @@ class RunSupervisor:
                     {"$set": {"expires_at": self._expiry()}},
                 )
 
+    async def _lease_of_live_run(self, chat_id: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The chat's lease if it is live and its run is not over (a run starting counts as live).
+
+        Second: the run id of a lease that is still there but whose run has ended (free to take).
+        """
+        lease = await self.leases.find_one({"_id": chat_id})
+        if lease is None or lease["expires_at"] <= datetime.now(UTC):
+            return None, None
+        run_id = str(lease.get("run_id"))
+        if await self._ended(chat_id, run_id):
+            return None, run_id
+        return dict(lease), None
+
+    async def _ended(self, chat_id: str, run_id: str) -> bool:
+        async for record in self.store.find(chat_id, types=sorted(TERMINAL_TYPES)):
+            if record.run_id == run_id:
+                return True
+        return False
+
+    async def _interrupt(self, stream: StreamRef, run_id: str, why: str) -> bool:
+        """Record `run.failed` (interrupted) for a run nobody runs; False if it already had an end."""
+        failed = Pending(event=RunFailed(error=why, reason="interrupted"), run_id=run_id)
+        record = await self.store.finish_run(stream, run_id, [failed])
+        return record.id == failed.id
+
     async def send_message(self, chat_id: str, text: str, *, request_id: str | None = None) -> str:
         """A user's words to a chat: the answer to its open input request, or a new turn that starts a run.
 
-        Returns the type recorded (`input.received` or `message.user`); raises RunActive when a run
-        is going and is not waiting for input.
+        Returns the type recorded (`input.received` or `message.user`); raises RunActive when a live
+        run is going and is not waiting for input. A run the log calls active but that has no live
+        lease (its node died) is recorded as interrupted first, so a chat never stays wedged.
         """
         state = await chat_state(self.store, chat_id)
+        lease, ended = await self._lease_of_live_run(chat_id)
         if state.active_run is not None:
-            if state.open_request is None and request_id is None:
-                raise RunActive(chat_id, state.active_run)
-            answer = InputReceived(request_id=request_id or state.open_request, text=text)
-            await self.store.append(state.stream, [Pending(event=answer, run_id=state.active_run)], None)
-            return "input.received"
-        lease = await self.leases.find_one({"_id": chat_id})
-        if lease is not None and lease["expires_at"] > datetime.now(UTC):
+            if lease is not None:
+                if state.open_request is None and request_id is None:
+                    raise RunActive(chat_id, state.active_run)
+                answer = InputReceived(request_id=request_id or state.open_request, text=text)
+                await self.store.append(state.stream, [Pending(event=answer, run_id=state.active_run)], None)
+                return "input.received"
+            await self._interrupt(state.stream, state.active_run, "the run's node stopped holding its lease")
+        elif lease is not None:
             raise RunActive(chat_id, str(lease.get("run_id")))
         with self.admission():
             await self.store.append(state.stream, [Pending(event=MessageUser(content=text))], None)
-            await self.start(state.stream, admitted=True)
+            await self.start(state.stream, ended=ended, admitted=True)
         return "message.user"
 
     async def stop(self, chat_id: str, by: str | None) -> str:
-        """Record `run.stopped` for the chat's active run; the node running it cancels AG2 when it sees it."""
+        """Stop the chat's active run: the node running it records `run.stopped` as the run's last record.
+
+        Returns the run id once the run's end is in the log (or after STOP_WAIT_S if its node is slow
+        to get there). A run with no live lease is recorded as stopped here and now.
+        """
         state = await chat_state(self.store, chat_id)
         if state.active_run is None:
             raise NoActiveRun(chat_id)
-        await self.store.append(state.stream, [Pending(event=RunStopped(by=by), run_id=state.active_run)], None)
-        return state.active_run
+        run_id = state.active_run
+        if self.orchestrator.request_stop(run_id, by):
+            task = self.tasks.get(chat_id)
+            if task is not None:
+                await asyncio.wait({task}, timeout=STOP_WAIT_S)  # waits for the run to end; never cancels it
+            return run_id
+        asked = await self.leases.update_one(
+            {"_id": chat_id, "run_id": run_id, "expires_at": {"$gt": datetime.now(UTC)}},
+            {"$set": {"stop": {"by": by}}},
+        )
+        if asked.matched_count == 0:
+            await self.store.finish_run(state.stream, run_id, [Pending(event=RunStopped(by=by), run_id=run_id)])
+            return run_id
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_WAIT_S):
+                while not await self._ended(chat_id, run_id):  # the running node polls its leases' marks
+                    await asyncio.sleep(STOP_POLL_S / 2)
+        return run_id
 
-    async def recover_expired(self) -> int:
-        """Record runs whose lease expired (their node died) as `run.failed` (interrupted); returns how many."""
+    async def obey_stops(self) -> None:
+        """Pass stop marks found on the leases of this node's runs to the runs."""
+        if not self.tasks:
+            return
+        async for lease in self.leases.find({"_id": {"$in": list(self.tasks)}, "owner": self.node, "stop": {"$exists": True}}):
+            self.orchestrator.request_stop(str(lease["run_id"]), (lease.get("stop") or {}).get("by"))
+
+    async def recover_expired(self, sessions: bool = True) -> int:
+        """The sweep: record runs with neither a live lease nor a terminal record as interrupted.
+
+        Expired leases (their node died) are taken over atomically, so one node records each; runs
+        the `chat_sessions` projection shows as going but that hold no lease are checked as well
+        (a node that lost its lease without recording the run's end). Returns how many it recorded.
+        """
         recovered = 0
         now = datetime.now(UTC)
         async for lease in self.leases.find({"expires_at": {"$lt": now}}):
@@ -246,33 +345,48 @@ class RunSupervisor:
             )
             if taken is None:
                 continue
-            try:
+            with contextlib.suppress(UnknownChat):
                 state = await chat_state(self.store, lease["_id"])
                 if state.active_run is not None:
-                    failed = RunFailed(error=f"node {lease['owner']} stopped while running", reason="interrupted")
-                    await self.store.append(state.stream, [Pending(event=failed, run_id=state.active_run)], None)
-                    recovered += 1
-            except UnknownChat:
-                pass
-            finally:
-                await self.leases.delete_one({"_id": lease["_id"], "owner": self.node})
+                    why = f"node {lease['owner']} stopped while running"
+                    recovered += await self._interrupt(state.stream, state.active_run, why)
+            # Only once the run's end is recorded: a failure above leaves the lease to expire and be retried.
+            await self.leases.delete_one({"_id": lease["_id"], "owner": self.node})
+        if not sessions:
+            return recovered
+        going = self.store.db[SESSIONS].find({"status": {"$in": ["running", "waiting_input"]}}, {"_id": 1})
+        async for session in going:
+            chat_id = str(session["_id"])
+            if chat_id in self.tasks or await self.leases.find_one({"_id": chat_id}) is not None:
+                continue
+            with contextlib.suppress(UnknownChat):
+                state = await chat_state(self.store, chat_id)
+                if state.active_run is not None and (await self._lease_of_live_run(chat_id))[0] is None:
+                    recovered += await self._interrupt(state.stream, state.active_run, "the run lost its lease")
         return recovered
 
     async def watch_leases(self) -> None:
-        """Recover expired leases now and then, for as long as the process runs."""
+        """For as long as the process runs: obey stop marks, and sweep for interrupted runs now and then."""
+        sweep_every = max(self.settings.lease_ttl_s / 2, 0.2)
+        next_sweep = 0.0
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                count = await self.recover_expired()
-                if count:
-                    log.warning("runs.interrupted", count=count)
-            except PyMongoError as exc:
+                await self.obey_stops()
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + sweep_every
+                    count = await self.recover_expired(sessions=self._sweeps % SESSIONS_SWEEP_EVERY == 0)
+                    self._sweeps += 1
+                    if count:
+                        log.warning("runs.interrupted", count=count)
+            except (PyMongoError, StorageUnavailable) as exc:
                 # The driver may turn a cancellation into its own error: a pending cancel still wins.
                 if cancel_requested():
                     raise asyncio.CancelledError from exc
                 log.warning("leases.check_failed", error=str(exc))
             if cancel_requested():  # a cancellation the driver absorbed still ends the loop
                 raise asyncio.CancelledError
-            await asyncio.sleep(max(self.settings.lease_ttl_s / 2, 0.2))
+            await asyncio.sleep(min(STOP_POLL_S, sweep_every))
 
     async def shutdown(self) -> None:
         """Cancel this node's runs, recording each as interrupted, and release their leases."""
@@ -285,5 +399,4 @@ class RunSupervisor:
             with contextlib.suppress(Exception):
                 state = await chat_state(self.store, chat_id)
                 if state.active_run is not None:
-                    failed = RunFailed(error="the node shut down during the run", reason="interrupted")
-                    await self.store.append(state.stream, [Pending(event=failed, run_id=state.active_run)], None)
+                    await self._interrupt(state.stream, state.active_run, "the node shut down during the run")

@@ -40,18 +40,19 @@ AGENTS = ("Planner", "Writer", "Editor")
 
 def model_server(port: int, latency: float, in_flight: Any, peak: Any, ready: Any) -> None:
     """Another process: an OpenAI-compatible server that answers every call after `latency` seconds."""
-    from tests.test_openai import CompatibleServer, completion
+    from tests.llm_server import StreamingModel, text_reply
 
-    class Slow(CompatibleServer):
-        def before_reply(self) -> None:
-            with in_flight.get_lock():
-                in_flight.value += 1
-                peak.value = max(peak.value, in_flight.value)
-            time.sleep(latency)
-            with in_flight.get_lock():
-                in_flight.value -= 1
+    def slow(_reply: int, index: int) -> None:
+        if index != 0:
+            return
+        with in_flight.get_lock():
+            in_flight.value += 1
+            peak.value = max(peak.value, in_flight.value)
+        time.sleep(latency)
+        with in_flight.get_lock():
+            in_flight.value -= 1
 
-    Slow([completion({"content": "Noted; over to the next one."}, "stop", 60, 8)], port=port)
+    StreamingModel([text_reply("Noted; over to the next one.", 1)], before_chunk=slow, port=port)
     ready.set()
     while True:
         time.sleep(3600)

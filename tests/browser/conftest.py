@@ -9,6 +9,7 @@ downloads a browser here. Screenshots go to `test-artifacts/screenshots/`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -79,7 +80,8 @@ class Runtime:
         return sorted(records, key=lambda r: r["seq"])
 
     async def visible_events(self, chat_id: str) -> list[dict[str, Any]]:
-        return [r for r in await self.events(chat_id) if r.get("visible", True)]
+        """The visible records the page shows as events: a message's deltas build its card, not events of their own."""
+        return [r for r in await self.events(chat_id) if r.get("visible", True) and r["type"] != "message.delta"]
 
     async def wait_for_log(self, chat_id: str, predicate: Any, timeout: float = 20) -> list[dict[str, Any]]:
         """Poll the log until `predicate(records)` holds; fail with the log's tail otherwise."""
@@ -113,7 +115,8 @@ def start_runtime(root: Path, extra_env: dict[str, str] | None = None) -> Runtim
     workflows = root / "workflows"
     if not workflows.exists():
         shutil.copytree(REPO / "workflows", workflows)
-        shutil.copytree(HERE / "workflows" / "Xss", workflows / "Xss")
+        for extra in (HERE / "workflows").iterdir():  # the browser tests' own workflows (Xss, Story)
+            shutil.copytree(extra, workflows / extra.name)
     env = {
         k: v
         for k, v in os.environ.items()
@@ -346,15 +349,22 @@ async def new_chatui(browser: Browser, runtime: Runtime, viewport: dict[str, int
     return ui
 
 
-@pytest.fixture
-async def chatui(browser: Browser, runtime: Runtime) -> AsyncIterator[ChatUI]:
-    """The ChatUI on the shared runtime; fails the test on an uncaught page error or any dialog."""
+@contextlib.asynccontextmanager
+async def open_chatui(browser: Browser, runtime: Runtime) -> AsyncIterator[ChatUI]:
+    """A ChatUI on `runtime`, closed afterwards; fails on an uncaught page error or any dialog."""
     ui = await new_chatui(browser, runtime)
     try:
         yield ui
     finally:
         await ui.context.close()
     assert not ui.problems, ui.problems
+
+
+@pytest.fixture
+async def chatui(browser: Browser, runtime: Runtime) -> AsyncIterator[ChatUI]:
+    """The ChatUI on the shared runtime; fails the test on an uncaught page error or any dialog."""
+    async with open_chatui(browser, runtime) as ui:
+        yield ui
 
 
 def records_of(records: list[dict[str, Any]], type_: str) -> list[dict[str, Any]]:

@@ -133,7 +133,7 @@ function scheduleSave() {
 
 function flushHistory() {
   clearTimeout(state.saveTimer);
-  if (view.chatId && view.records.length) saveHistory(view.chatId, view.lastSeq, view.records);
+  if (view.chatId && view.records.length) saveHistory(view.chatId, view.lastSeq, view.storableRecords());
 }
 
 // ---------------------------------------------------------------- opening a chat

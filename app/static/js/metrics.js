@@ -53,6 +53,18 @@ function latency(l) {
   return parts.length ? parts.join(" · ") : null;
 }
 
+/** Time to first token (p50 · p95) of the calls that streamed. */
+function ttft(t) {
+  if (!t || typeof t !== "object") return null;
+  const parts = [["p50", t.p50], ["p95", t.p95]].filter(([, v]) => isNumber(v)).map(([name, v]) => `${name} ${milliseconds(v)}`);
+  return parts.length ? parts.join(" · ") : null;
+}
+
+function rate(value) {
+  if (!isNumber(value)) return null;
+  return `${value >= 100 ? integer.format(value) : value.toFixed(1)} tokens/s`;
+}
+
 /**
  * Fill `container` with the run summary (a `ChatMetrics` of `/metrics/perf/chat/{id}`); `metrics`
  * null means the runtime has none yet. `visibleAgents` (a Set, when known) limits the per-agent table
@@ -69,6 +81,8 @@ export function renderMetrics(container, metrics, visibleAgents = null) {
         ["Cost", money(m.cost, m.currency), "cost"],
         ["LLM calls", count(m.llm?.count), "llm-calls"],
         ["LLM latency", latency(m.llm?.latency_ms), "llm-latency"],
+        ["First token", ttft(m.llm?.ttft_ms), "ttft"],
+        ["Output speed", rate(m.llm?.output_tokens_per_s), "output-speed"],
         ["Duration", seconds(m.duration_s), "duration"],
         ["Errors", isNumber(m.errors) && m.errors > 0 ? count(m.errors) : null, "errors"],
       ].filter(([, value]) => value !== null)

@@ -145,6 +145,15 @@ export class ChatView {
     this.reset(null);
   }
 
+  /**
+   * The records worth keeping for a reload: the deltas of a finished message are left out (its
+   * `message.agent` holds the whole text), those of a message still streaming stay.
+   */
+  storableRecords() {
+    const finished = new Set(this.records.filter((r) => r.type === "message.agent").map((r) => r.data?.message_id));
+    return this.records.filter((r) => r.type !== "message.delta" || !finished.has(r.data?.message_id));
+  }
+
   reset(chatId) {
     this.chatId = chatId;
     this.lastSpeaker = null;
@@ -156,6 +165,8 @@ export class ChatView {
     this.turn = null;
     this.calls = new Map();
     this.requests = new Map();
+    // message_id -> a message being streamed: {agent, body, text, frame}.
+    this.streams = new Map();
     this.status = "unknown";
     this.offline = false;
     this.root.replaceChildren();
@@ -233,7 +244,8 @@ export class ChatView {
     const data = record.data || {};
     const agent = record.agent || null;
     // A turn card stays open across its agent's tool calls, own speaker re-selection and trace events.
-    const keepsTurn = TRACE.has(record.type) || ["tool.called", "tool.result", "message.agent"].includes(record.type)
+    const keepsTurn = TRACE.has(record.type)
+      || ["tool.called", "tool.result", "message.agent", "message.delta"].includes(record.type)
       || (record.type === "speaker.selected" && data.speaker === this.turn?.agent);
     if (!keepsTurn) this.turn = null;
     switch (record.type) {
@@ -270,9 +282,20 @@ export class ChatView {
         if (this.status !== "running") this.#setStatus("running");
         break;
       }
+      case "message.delta":
+        this.#delta(record, data, agent);
+        break;
       case "message.agent": {
         const name = agent || "Agent";
         const content = String(data.content ?? "");
+        const streamed = data.message_id ? this.streams.get(data.message_id) : null;
+        if (streamed) {
+          this.#finishStream(streamed, record, content);
+          this.lastAgent = agent;
+          this.lastContent = content;
+          if (live) this.hooks.announce(`${name}: ${content.slice(0, 200)}`);
+          break;
+        }
         // The text goes into the agent's open turn when that turn so far only called tools, above
         // the folded tools: the message reads first, what the agent did to get there sits under it.
         const turn = this.turn && this.turn.agent === agent && !this.turn.body ? this.turn : this.#openTurn(agent, record, data);
@@ -377,7 +400,75 @@ export class ChatView {
     this.turn.trace.append(node);
   }
 
+  /**
+   * A piece of a streamed message: the agent's card grows in place (one Markdown render per frame).
+   * The body is no `event` element yet: it becomes the `message.agent` event when that arrives.
+   */
+  #delta(record, data, agent) {
+    const id = String(data.message_id ?? "");
+    let stream = this.streams.get(id);
+    if (!stream) {
+      // The agent starts another message: an earlier one still open was abandoned (a retried call).
+      for (const other of [...this.streams.values()]) {
+        if (other.agent === agent) this.#abandon(other, "Incomplete: the model's reply was cut off and asked again.");
+      }
+      const turn = this.turn && this.turn.agent === agent && !this.turn.body ? this.turn : this.#openTurn(agent, record, data);
+      const body = el("div", {
+        class: "msg__body md is-streaming",
+        "data-testid": "stream",
+        "data-message-id": id,
+        "data-agent": agent || null,
+        "aria-busy": "true",
+      });
+      turn.node.insertBefore(body, turn.tools);
+      turn.node.classList.remove("msg--tools-only");
+      turn.body = body;
+      stream = { id, agent, body, text: "", frame: 0 };
+      this.streams.set(id, stream);
+    }
+    stream.text += String(data.text ?? "");
+    stream.body.dataset.length = String(stream.text.length);
+    if (!stream.frame) {
+      stream.frame = requestAnimationFrame(() => {
+        stream.frame = 0;
+        if (this.streams.get(stream.id) === stream) stream.body.replaceChildren(renderMarkdown(stream.text));
+      });
+    }
+  }
+
+  /** The streamed message is complete: its body becomes the `message.agent` event, with the final text. */
+  #finishStream(stream, record, content) {
+    cancelAnimationFrame(stream.frame);
+    this.streams.delete(stream.id);
+    const body = stream.body;
+    body.classList.remove("is-streaming");
+    body.removeAttribute("aria-busy");
+    body.removeAttribute("data-length");
+    body.setAttribute("data-testid", "event");
+    body.setAttribute("data-seq", record.seq);
+    body.setAttribute("data-type", record.type);
+    if (content.trim()) body.replaceChildren(renderMarkdown(content));
+    else {
+      body.replaceChildren();
+      body.classList.add("msg__body--empty");
+    }
+  }
+
+  /** A streamed message that will never be finished: keep its text, say so. */
+  #abandon(stream, note = "Incomplete: the run ended before this message was finished.") {
+    cancelAnimationFrame(stream.frame);
+    this.streams.delete(stream.id);
+    const body = stream.body;
+    body.classList.remove("is-streaming");
+    body.classList.add("msg__body--incomplete");
+    body.removeAttribute("aria-busy");
+    body.setAttribute("data-incomplete", "true");
+    body.replaceChildren(renderMarkdown(stream.text));
+    body.append(el("p", { class: "msg__incomplete", "data-testid": "incomplete" }, note));
+  }
+
   #terminal(status, record, live, announcement) {
+    for (const stream of [...this.streams.values()]) this.#abandon(stream);
     this.#setStatus(status);
     if (live) this.hooks.announce(announcement);
     this.hooks.onTerminal(record, live);

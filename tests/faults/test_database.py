@@ -1,0 +1,161 @@
+"""Database faults against a real wire server: fail points, slow replies, a killed and restarted server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+
+from domain.store import MongoEventStore
+from tests.faults.checks import (
+    assert_chat_sound,
+    drive_to_end,
+    records_of,
+    run_end,
+    wait_for,
+    waiting_for_input,
+)
+from tests.faults.report import Report, Result
+from tests.faults.server import COUNTER, FaultServer
+
+# Each armed after the run asked for input, skipping the insert of the answer: the run's own appends fail.
+FAIL_POINTS = {
+    "insert: closeConnection x2": {"closeConnection": True},
+    "insert: writeConcernError x2": {"writeConcernError": {"code": 64, "errmsg": "waiting for replication timed out"}},
+    "insert: errorCode 11600 + RetryableWriteError x2": {"errorCode": 11600, "errorLabels": ["RetryableWriteError"]},
+}
+
+
+async def start_chat(http: httpx.AsyncClient, store: MongoEventStore) -> str:
+    """A chat whose run is waiting for the user's input (mid-run)."""
+    created = await http.post("/api/chats", json={"workflow": "Assistant", "message": "Find bees"})
+    assert created.status_code == 201, created.text
+    chat_id = str(created.json()["chat_id"])
+    await wait_for(store, chat_id, waiting_for_input)
+    return chat_id
+
+
+def faults(server: FaultServer) -> int:
+    seen = server.faults_seen("insert")
+    return seen["failed"] + seen["write_concern"]
+
+
+@pytest.mark.parametrize("name", list(FAIL_POINTS))
+async def test_transient_insert_errors_mid_run_are_retried_and_the_run_completes(
+    name: str, fault_server: FaultServer, fault_store: MongoEventStore, fault_node: Any, report: Report
+) -> None:
+    node = await fault_node("a")
+    async with httpx.AsyncClient(base_url=node.url, timeout=60) as http:
+        chat_id = await start_chat(http, fault_store)
+        before = faults(fault_server)
+        data = {"failCommands": ["insert"], "appName": "mz-a", **FAIL_POINTS[name]}
+        with fault_server.failing(data, {"skip": 1, "times": 2}):
+            answered = await http.post(f"/api/chats/{chat_id}/messages", json={"message": "yes, go on"})
+            assert answered.status_code == 202
+            assert await drive_to_end(http, fault_store, chat_id) == "run.completed"
+        injected = faults(fault_server) - before
+        assert injected == 2, "both armed faults reached the runtime"
+        sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
+    report.add(Result(name=name, faults_injected=injected, events_checked=sound.events, runs=sound.runs,
+                      events_lost=sound.lost, events_duplicated=sound.duplicated))
+
+
+async def test_retry_budget_spent_fails_the_run_for_storage_once_the_database_takes_the_record(
+    fault_server: FaultServer, fault_store: MongoEventStore, fault_node: Any, report: Report
+) -> None:
+    name = "insert: closeConnection until the retry budget is spent"
+    node = await fault_node("a", db_retry_s=1.0, lease_ttl_s=1.5)
+    other = await fault_node("b")
+    leases = fault_store.db["chat_leases"]
+    async with httpx.AsyncClient(base_url=node.url, timeout=60) as http, httpx.AsyncClient(base_url=other.url) as http_b:
+        chat_id = await start_chat(http, fault_store)
+        before = faults(fault_server)
+        held = await leases.find_one({"_id": chat_id})
+        assert held is not None and held["owner"] == "fault-node-a"
+        data = {"failCommands": ["insert"], "appName": "mz-a", "closeConnection": True}
+        with fault_server.failing(data, "alwaysOn"):
+            # The answer goes in through node B; node A's run then cannot record anything.
+            answered = await http_b.post(f"/api/chats/{chat_id}/messages", json={"message": "yes, go on"})
+            assert answered.status_code == 202, answered.text
+            async with asyncio.timeout(60):
+                # Past the budget, node A keeps the lease and renews it while it keeps trying.
+                while True:
+                    lease = await leases.find_one({"_id": chat_id})
+                    assert lease is not None and lease["owner"] == "fault-node-a" and lease["run_id"] == held["run_id"]
+                    if faults(fault_server) - before >= 8 and lease["expires_at"] > held["expires_at"]:
+                        break
+                    await asyncio.sleep(0.1)
+            assert run_end(await records_of(fault_store, chat_id)) is None
+            busy = await http_b.post(f"/api/chats/{chat_id}/messages", json={"message": "hello?"})
+            assert busy.status_code == 409  # a live run (its node is still trying) is behind the answer
+        records = await wait_for(fault_store, chat_id, lambda rs: run_end(rs) is not None)
+        injected = faults(fault_server) - before
+        failed = records[-1]
+        assert failed.type == "run.failed" and failed.data["reason"] == "storage", failed
+        assert "closed" in failed.data["error"] or "AutoReconnect" in failed.data["error"]
+        # The batch that could not be recorded went in before the run's end.
+        assert records[-2].run_id == failed.run_id and records[-2].type != "input.received"
+        sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
+    report.add(Result(name=name, faults_injected=injected, events_checked=sound.events, runs=sound.runs,
+                      events_lost=sound.lost, events_duplicated=sound.duplicated, detail={"retry budget s": 1.0}))
+
+
+async def test_slow_inserts_finds_and_change_stream_get_mores_delay_but_lose_nothing(
+    fault_server: FaultServer, fault_store: MongoEventStore, fault_node: Any, report: Report
+) -> None:
+    name = "blockConnection: insert, find, getMore"
+    node = await fault_node("a")
+    COUNTER.slow_ms = 350
+    async with httpx.AsyncClient(base_url=node.url, timeout=60) as http:
+        chat_id = await start_chat(http, fault_store)
+        seen: list[int] = []
+        async with connect(f"{node.ws_url}/ws/chats/{chat_id}?after=0") as ws:
+            before = fault_server.faults_seen()["slow"]
+            data = {"failCommands": ["insert", "find", "getMore"], "appName": "mz-a",
+                    "blockConnection": True, "blockTimeMS": 400}
+            with fault_server.failing(data, {"times": 8}):
+                answered = await http.post(f"/api/chats/{chat_id}/messages", json={"message": "yes, go on"})
+                assert answered.status_code == 202
+                assert await drive_to_end(http, fault_store, chat_id) == "run.completed"
+            visible = [r.seq for r in await records_of(fault_store, chat_id) if r.visible]
+            async with asyncio.timeout(60):
+                while not seen or seen[-1] < visible[-1]:
+                    frame = json.loads(await ws.recv())
+                    if frame["type"] == "event":
+                        seen.append(frame["seq"])
+        assert seen == visible
+        injected = fault_server.faults_seen()["slow"] - before
+        assert injected >= 3
+        sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
+    report.add(Result(name=name, faults_injected=injected, events_checked=sound.events, runs=sound.runs,
+                      events_lost=sound.lost, events_duplicated=sound.duplicated, detail={"block ms": 400}))
+
+
+async def test_database_killed_and_restarted_mid_run(
+    fault_server: FaultServer, fault_store: MongoEventStore, fault_node: Any, report: Report
+) -> None:
+    name = "database kill -9 and restart"
+    node = await fault_node("a")
+    async with httpx.AsyncClient(base_url=node.url, timeout=90) as http:
+        chat_id = await start_chat(http, fault_store)
+        stored = len(await records_of(fault_store, chat_id))
+        before = fault_server.faults_seen()["failed"]
+        fault_server.kill9()
+        # Answer while the database is down: the node waits for it (and re-sends) until it is back.
+        answering = asyncio.create_task(http.post(f"/api/chats/{chat_id}/messages", json={"message": "yes, go on"}))
+        async with asyncio.timeout(60):  # the node's change streams have met the outage
+            while fault_server.faults_seen()["failed"] == before:
+                await asyncio.sleep(0.05)
+        await asyncio.to_thread(fault_server.restart)
+        assert (await answering).status_code == 202
+        assert await drive_to_end(http, fault_store, chat_id) == "run.completed"
+        records = await records_of(fault_store, chat_id)
+        assert len(records) > stored
+        injected = fault_server.faults_seen()["failed"] - before
+        sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
+    report.add(Result(name=name, faults_injected=1, events_checked=sound.events, runs=sound.runs,
+                      events_lost=sound.lost, events_duplicated=sound.duplicated, detail={"failed commands during the outage": injected}))

@@ -1,0 +1,109 @@
+"""Every run.started gets exactly one terminal record, and it is the run's last; no chat stays wedged."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+
+from domain.events import MessageUser, Pending, RunCompleted, RunFailed, RunStarted, StreamRef
+from domain.store import MongoEventStore
+from tests.faults.checks import check_log, drive_to_end, records_of, run_end, wait_for, waiting_for_input
+
+
+def stream(chat_id: str, workflow: str = "Analyzer") -> StreamRef:
+    return StreamRef(chat_id=chat_id, app_id="local", user_id="local", workflow=workflow)
+
+
+async def orphan(store: MongoEventStore, chat_id: str, run_id: str) -> None:
+    """A chat whose run started and then lost its node and its lease, with no terminal record."""
+    await store.append(stream(chat_id), [Pending(event=MessageUser(content="hi"))], 0)
+    await store.append(stream(chat_id), [Pending(event=RunStarted(pattern="RoundRobin", max_turns=8), run_id=run_id)], 1)
+
+
+async def test_finish_run_records_one_terminal_even_when_two_writers_race(store: MongoEventStore) -> None:
+    await orphan(store, "race", "r1")
+    finishes = [
+        store.finish_run(stream("race"), "r1", [Pending(event=RunFailed(error=f"writer {n}", reason="interrupted"), run_id="r1")])
+        for n in range(4)
+    ]
+    ends = await asyncio.gather(*finishes)
+    assert len({end.id for end in ends}) == 1
+    again = await store.finish_run(stream("race"), "r1", [Pending(event=RunCompleted(), run_id="r1")])
+    assert again.id == ends[0].id and again.type == "run.failed"
+    records = await records_of(store, "race")
+    assert [r.type for r in records] == ["message.user", "run.started", "run.failed"]
+    check_log(records)
+
+
+async def test_a_run_with_no_lease_and_no_end_never_blocks_the_chat(start_node: Any, store: MongoEventStore) -> None:
+    await orphan(store, "wedged", "r-lost")
+    node = await start_node()
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        sent = await http.post("/api/chats/wedged/messages", json={"message": "still there?"})
+        assert sent.status_code == 202 and sent.json()["recorded"] == "message.user", sent.text
+        assert await drive_to_end(http, store, "wedged", runs=2) == "run.completed"
+    records = await records_of(store, "wedged")
+    lost = next(r for r in records if r.run_id == "r-lost" and r.type == "run.failed")
+    assert lost.data["reason"] == "interrupted"
+    check_log(records)
+
+
+async def test_the_sweep_records_a_run_that_lost_its_lease(start_node: Any, store: MongoEventStore) -> None:
+    await start_node(lease_ttl_s=0.6)  # its projections see the run as going; its sweep finds no lease
+    await orphan(store, "swept", "r-gone")
+    records = await wait_for(store, "swept", lambda rs: run_end(rs) is not None, timeout=60)
+    assert records[-1].type == "run.failed" and records[-1].data["reason"] == "interrupted"
+    check_log(records)
+
+
+async def test_two_nodes_sweeping_one_expired_lease_record_one_interruption(
+    start_node: Any, store: MongoEventStore, db: Any
+) -> None:
+    await orphan(store, "twice", "r-dead")
+    await db["chat_leases"].insert_one(
+        {"_id": "twice", "owner": "dead", "run_id": "r-dead", "expires_at": datetime.now(UTC) - timedelta(seconds=1)}
+    )
+    await asyncio.gather(start_node(lease_ttl_s=0.4), start_node(lease_ttl_s=0.4))
+    records = await wait_for(store, "twice", lambda rs: run_end(rs) is not None)
+    async with asyncio.timeout(30):
+        while await db["chat_leases"].count_documents({}):
+            await asyncio.sleep(0.05)
+    records = await records_of(store, "twice")
+    assert [r.type for r in records].count("run.failed") == 1
+    check_log(records)
+
+
+async def test_a_stop_sent_to_another_node_is_recorded_by_the_running_node_as_the_runs_last_record(
+    start_node: Any, store: MongoEventStore
+) -> None:
+    node_a = await start_node()
+    node_b = await start_node()
+    async with httpx.AsyncClient(base_url=node_a.url) as a, httpx.AsyncClient(base_url=node_b.url) as b:
+        chat_id = (await a.post("/api/chats", json={"workflow": "Assistant", "message": "bees"})).json()["chat_id"]
+        await wait_for(store, chat_id, waiting_for_input)
+        stopped = await b.post(f"/api/chats/{chat_id}/stop")
+        assert stopped.status_code == 202
+        records = await wait_for(store, chat_id, lambda rs: run_end(rs) is not None)
+        async with asyncio.timeout(30):
+            while chat_id in node_a.runtime.supervisor.tasks:
+                await asyncio.sleep(0.05)
+    records = await records_of(store, chat_id)
+    assert records[-1].type == "run.stopped" and records[-1].data["by"] == "local"
+    started = next(r for r in records if r.type == "run.started")
+    assert started.data["node"] == node_a.settings.node_id
+    check_log(records)
+
+
+async def test_stopping_a_run_whose_node_is_gone_records_the_stop_at_once(
+    start_node: Any, store: MongoEventStore
+) -> None:
+    await orphan(store, "gone", "r-gone")
+    node = await start_node()
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        assert (await http.post("/api/chats/gone/stop")).status_code == 202
+    records = await records_of(store, "gone")
+    assert records[-1].type == "run.stopped" and records[-1].run_id == "r-gone"
+    check_log(records)
