@@ -165,9 +165,26 @@ class LiveHub:
         await self._ready.wait()
         async with self._listen(chat_id, on_overflow) as subscriber:
             last = after
-            async for item in follow(self.store.read, chat_id, after, subscriber.records(), mark_replay=True):
+            async for item in follow(self.store.read_ahead, chat_id, after, subscriber.records(), mark_replay=True):
                 if isinstance(item, Record):
                     last = item.seq
                 yield item
             if subscriber.overflowed:
                 raise Overflowed(last)
+
+    async def records(self, chat_id: str, after: int = 0) -> AsyncIterator[Record]:
+        """The chat's records after `after`, stored then live, for consumers inside the process (run control).
+
+        Rides the process's one change stream; a consumer that falls more than the queue bound
+        behind carries on from the log where it was, so it never sees a gap or a duplicate.
+        """
+        last = after
+        while True:
+            try:
+                async for item in self.subscribe(chat_id, last):
+                    if isinstance(item, Record):
+                        last = item.seq
+                        yield item
+                return
+            except Overflowed as exc:
+                last = exc.last_seq

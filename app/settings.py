@@ -48,6 +48,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     anchor_interval_s: float = 60.0
     # HMAC key of the tail anchors; None: derived from auth_secret, or a key file in data_dir.
     anchor_key: str | None = None
+    max_concurrent_llm_calls: int = 256
+    max_active_runs: int = 500
     node_id: str = msgspec.field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
 
     @property
@@ -124,4 +126,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             cors_origins=origins(text("MOZAIKS_CORS_ORIGINS")),
             anchor_interval_s=number("MOZAIKS_ANCHOR_INTERVAL_S", 60.0),
             anchor_key=text("MOZAIKS_ANCHOR_KEY"),
+            max_concurrent_llm_calls=int(number("MOZAIKS_MAX_CONCURRENT_LLM_CALLS", 256)),
+            max_active_runs=int(number("MOZAIKS_MAX_ACTIVE_RUNS", 500)),
         )

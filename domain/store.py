@@ -52,6 +52,7 @@ HISTORY_LOST_CODES: Final = frozenset({286, 280, 136})
 _HEAD_CACHE_SIZE: Final = 10_000
 _INSERTED_CACHE_SIZE: Final = 10_000
 SCAN_BATCH: Final = 2000  # log records per cursor batch of a scan
+_LOOKUPS_AT_ONCE: Final = 16  # exact index lookups in flight while finding where chats end
 _INSERTS: Final = [{"$match": {"operationType": "insert"}}]  # change-stream pipeline: new records
 # Server codes that mean "the same request may succeed in a moment": host unreachable/not found,
 # network timeout, shutdown in progress, max time expired, primary stepped down, exceeded time
@@ -186,7 +187,9 @@ class EventStore(Protocol):
 
     async def count(self, chat_id: str | None = None) -> int: ...
 
-    async def heads(self, chat_ids: Iterable[str] | None = None) -> dict[str, int]: ...
+    async def chats(self) -> list[str]: ...
+
+    async def heads_after(self, positions: Mapping[str, int]) -> dict[str, int]: ...
 
     def scan(
         self, chat_id: str | None = None, *, positions: Sequence[tuple[str, int]] | None = None
@@ -393,6 +396,16 @@ class MongoEventStore:
                 backoff = backoff or Backoff(self.retry, f"read chat {chat_id}")
                 await backoff.wait(exc)
 
+    async def read_ahead(self, chat_id: str, after: int = 0, batch: int = 1000) -> AsyncIterator[Record]:
+        """Like `read`, for long reads (a reconnect's replay): the log is read in batches of `batch`,
+        the next one fetched while the caller works through the current one."""
+        cursor = self.events.find(
+            {"chat_id": str(chat_id), "seq": {"$gt": int(after)}}, sort=[("seq", ASCENDING)], batch_size=batch
+        )
+        async for docs in _prefetched(cursor, batch, ahead=1):
+            for doc in docs:
+                yield to_record(doc)
+
     async def find(
         self,
         chat_id: str | None = None,
@@ -543,19 +556,29 @@ class MongoEventStore:
             return int(await self.events.estimated_document_count())
         return int(await self.events.count_documents({"chat_id": str(chat_id)}))
 
-    async def heads(self, chat_ids: Iterable[str] | None = None) -> dict[str, int]:
-        """Each chat's last seq (one aggregate; the (chat_id, seq) index serves it on MongoDB)."""
-        pipeline: list[dict[str, Any]] = []
-        if chat_ids is not None:
-            pipeline.append({"$match": {"chat_id": {"$in": [str(c) for c in chat_ids]}}})
-        pipeline += [
-            {"$sort": {"chat_id": ASCENDING, "seq": DESCENDING}},
-            {"$group": {"_id": "$chat_id", "head": {"$first": "$seq"}}},
-        ]
+    async def chats(self) -> list[str]:
+        """Every chat with records: `distinct` on the leading field of the `(chat_id, seq)` index
+        (MongoDB answers it with a DISTINCT_SCAN: one index key per chat, not one per event)."""
+        return [str(chat_id) for chat_id in await self.events.distinct("chat_id")]
+
+    async def heads_after(self, positions: Mapping[str, int]) -> dict[str, int]:
+        """The last seq of each chat whose log goes on after its position (chat_id -> seq).
+
+        O(chats), never a pass over the log: one exact `(chat_id, seq)` index lookup per chat, and
+        the head is asked for only where the log goes on.
+        """
+        chats = list(positions)
         heads: dict[str, int] = {}
-        async for row in await self.events.aggregate(pipeline):
-            if isinstance(row["_id"], str) and isinstance(row["head"], int):
-                heads[row["_id"]] = row["head"]
+
+        async def goes_on(chat_id: str) -> bool:
+            doc = await self.events.find_one({"chat_id": str(chat_id), "seq": int(positions[chat_id]) + 1}, {"_id": 1})
+            return doc is not None
+
+        for start in range(0, len(chats), _LOOKUPS_AT_ONCE):
+            chunk = chats[start : start + _LOOKUPS_AT_ONCE]
+            found = await asyncio.gather(*map(goes_on, chunk))
+            more = [chat_id for chat_id, yes in zip(chunk, found, strict=True) if yes]
+            heads.update(zip(more, await asyncio.gather(*map(self.last_seq, more)), strict=True))
         return heads
 
     async def scan(
@@ -573,40 +596,47 @@ class MongoEventStore:
         elif chat_id is not None:
             query = {"chat_id": str(chat_id)}
         cursor = self.events.find(query, sort=[("chat_id", ASCENDING), ("seq", ASCENDING)], batch_size=SCAN_BATCH)
-        batches: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue(maxsize=4)
-
-        async def read() -> None:
-            while batch := await cursor.to_list(SCAN_BATCH):
-                await batches.put(batch)
-            await batches.put([])
-
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                getter = asyncio.ensure_future(batches.get())
-                await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    reader.result()  # the reader failed: raise its error
-                batch = getter.result()
-                if not batch:
-                    return
-                for doc in batch:
-                    try:
-                        item: Record | CorruptRecord = to_record(doc)
-                    except CorruptRecord as exc:
-                        item = exc
-                    yield item
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-            await cursor.close()
+        async for batch in _prefetched(cursor, SCAN_BATCH, ahead=4):
+            for doc in batch:
+                try:
+                    item: Record | CorruptRecord = to_record(doc)
+                except CorruptRecord as exc:
+                    item = exc
+                yield item
 
     @contextlib.asynccontextmanager
     async def appends(self, *, max_await_time_ms: int | None = None) -> AsyncIterator[Appends]:
         """A change stream over appends from now on (for a resume token, or the chats appended meanwhile)."""
         async with await self.events.watch(_INSERTS, max_await_time_ms=max_await_time_ms) as stream:
             yield Appends(stream)
+
+
+async def _prefetched(cursor: Any, size: int, *, ahead: int) -> AsyncIterator[list[dict[str, Any]]]:
+    """The cursor's documents in batches of `size`; up to `ahead` batches are requested while the
+    caller works on the current one (the server reads while this process decodes). Closes the cursor."""
+    batches: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue(maxsize=ahead)
+
+    async def read() -> None:
+        while batch := await cursor.to_list(size):
+            await batches.put(batch)
+        await batches.put([])
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            getter = asyncio.ensure_future(batches.get())
+            await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                reader.result()  # the reader failed: raise its error
+            batch = getter.result()
+            if not batch:
+                return
+            yield batch
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await cursor.close()
 
 
 def _conforms(store: MongoEventStore) -> EventStore:

@@ -5,6 +5,13 @@ then catch up from the log for every chat some projection is behind on, then app
 batches. The checkpoint (`projection_checkpoints`) is written after the batch's views, so a crash
 in between re-delivers events the `last_seq` guard then ignores. When the token has expired
 (`HistoryLost`), the runner catches up from the log and reopens the stream at "now".
+
+Across replicas one runner writes: with a `WriterLease` (a document in `projection_leases` with an
+owner and an expiry, renewed every third of its TTL, like a run's lease), the replica holding it
+writes and the others stand by, trying to take it over; when the writer dies its lease expires and
+a standby takes over within the TTL, catching up from the checkpoint and the log. Two writers for a
+moment (a writer that lost its lease and has not noticed yet) are harmless: every update is
+guarded by `last_seq`, so the effect of an event still happens once.
 """
 
 from __future__ import annotations
@@ -15,13 +22,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from domain.errors import HistoryLost
 from domain.events import Record
@@ -37,11 +44,75 @@ from projections.writer import ProjectionWriter, behind, catch_up
 log = logging.getLogger(__name__)
 
 CHECKPOINTS: Final = "projection_checkpoints"
+LEASES: Final = "projection_leases"
 
 
 def default_projectors(prices: PriceTable | WatchedPrices | None = None) -> list[Projector]:
     """chat_sessions, metrics and metrics_buckets (costed with `prices`, else the shipped table), chain_heads."""
     return [ChatSessionsProjector(), ChatMetricsProjector(prices), MetricsBucketsProjector(prices), ChainHeadsProjector()]
+
+
+class WriterLease:
+    """The right to write the projections: one document per runner name with an owner and an expiry."""
+
+    def __init__(self, db: AsyncDatabase[Any], name: str, owner: str, ttl_s: float) -> None:
+        self.collection: AsyncCollection[Any] = db.get_collection(LEASES)
+        self.name = name
+        self.owner = owner
+        self.ttl_s = ttl_s
+        self._held_until = 0.0
+
+    def _expiry(self) -> datetime:
+        return datetime.now(UTC) + timedelta(seconds=self.ttl_s)
+
+    async def acquire(self) -> bool:
+        """Take the lease if it is free or expired; True when this owner holds it now."""
+        started = time.monotonic()
+        try:
+            await self.collection.find_one_and_update(
+                {"_id": self.name, "expires_at": {"$lt": datetime.now(UTC)}},
+                {"$set": {"owner": self.owner, "expires_at": self._expiry()}},
+                upsert=True,
+            )
+        except DuplicateKeyError:
+            return False
+        self._held_until = started + self.ttl_s
+        return True
+
+    async def renew(self) -> bool:
+        """Push the expiry on; False when someone else took the lease over."""
+        started = time.monotonic()
+        result = await self.collection.update_one(
+            {"_id": self.name, "owner": self.owner}, {"$set": {"expires_at": self._expiry()}}
+        )
+        if result.matched_count != 1:
+            return False
+        self._held_until = started + self.ttl_s
+        return True
+
+    async def hold(self) -> None:
+        """Renew every third of the TTL; return when the lease is lost (or cannot be renewed before it expires)."""
+        while True:
+            await asyncio.sleep(self.ttl_s / 3)
+            try:
+                if not await self.renew():
+                    return
+            except PyMongoError as exc:
+                _raise_if_cancelling(exc)
+                log.warning("projection lease renewal failed: %s", exc)
+                if time.monotonic() >= self._held_until:
+                    return
+
+    async def release(self) -> None:
+        """Give the lease up (a standby takes over at its next try instead of after the TTL)."""
+        await self.collection.delete_one({"_id": self.name, "owner": self.owner})
+
+
+def _raise_if_cancelling(cause: BaseException | None = None) -> None:
+    # PyMongo can absorb a cancellation mid-operation; a pending one still ends the loop.
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from cause
 
 
 Hook = Callable[[], Awaitable[None]]
@@ -62,6 +133,7 @@ class ProjectionRunner:
         buffer_max: int = 20_000,
         checkpoint_every_s: float = 1.0,
         retry_after_s: float = 1.0,
+        lease: WriterLease | None = None,
     ) -> None:
         self.db = db
         self.store = store
@@ -89,13 +161,26 @@ class ProjectionRunner:
         self._last_checkpoint = 0.0
         self._checkpointing: asyncio.Task[None] | None = None
         self._crash: BaseException | None = None
+        # Without a lease this runner always writes; with one it writes only while it holds it.
+        self.lease = lease
+        self.role = "writer" if lease is None else "starting"
 
     @classmethod
     def for_settings(
-        cls, db: AsyncDatabase[Any], store: MongoEventStore, prices_path: Path | None = None
+        cls,
+        db: AsyncDatabase[Any],
+        store: MongoEventStore,
+        prices_path: Path | None = None,
+        *,
+        owner: str | None = None,
+        lease_ttl_s: float = 30.0,
     ) -> ProjectionRunner:
-        """The runtime's runner: both projections, prices from `prices_path` (re-read when it changes)."""
-        return cls(db, store, default_projectors(WatchedPrices(prices_path)))
+        """The runtime's runner: both projections, prices from `prices_path` (re-read when it changes).
+
+        With `owner` (the replica's node id) it writes only while it holds the writer lease.
+        """
+        lease = WriterLease(db, "projections", owner, lease_ttl_s) if owner else None
+        return cls(db, store, default_projectors(WatchedPrices(prices_path)), lease=lease)
 
     # ---- observing ----------------------------------------------------------------------------
 
@@ -104,9 +189,11 @@ class ProjectionRunner:
         """Ready: the catch-up from the log at start (or after a lost stream) has finished.
 
         The live backlog after that (events received, not yet applied) is in `lag()`; readiness does
-        not flap with it under load.
+        not flap with it under load. A standby replica counts as caught up: another one writes.
         """
-        return self._initial.is_set() and not self._recovering
+        if self.role == "standby":
+            return True
+        return self.role == "writer" and self._initial.is_set() and not self._recovering
 
     def lag(self) -> dict[str, Any]:
         """How far the projections are behind: events received or known but not applied, and their age."""
@@ -127,6 +214,7 @@ class ProjectionRunner:
             "applied": self.applied,
             "caught_up": self.caught_up,
             "stuck_chats": len({chat for writer in self.writers for chat in writer.stuck}),
+            "role": self.role,
         }
 
     async def wait_caught_up(self, timeout: float | None = None) -> None:
@@ -136,7 +224,8 @@ class ProjectionRunner:
         on a corrupt record count as caught up at the record before it.
         """
         async with asyncio.timeout(timeout):
-            await self._wait_or_crash(self._initial)
+            if self.role == "writer":
+                await self._wait_or_crash(self._initial)
             chats: list[str] | None = None
             while True:
                 self._progress.clear()
@@ -146,7 +235,12 @@ class ProjectionRunner:
                         await asyncio.shield(self._checkpointing)
                     return
                 chats = list(lagging)
-                await self._wait_or_crash(self._progress)
+                if self.role == "writer":
+                    await self._wait_or_crash(self._progress)
+                else:  # another replica writes (or this one is about to): look again shortly
+                    if self._crash is not None:
+                        raise RuntimeError("the projection runner stopped") from self._crash
+                    await asyncio.sleep(0.1)
 
     def _unstuck(self, lagging: Mapping[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
         stuck = {chat for writer in self.writers for chat in writer.stuck}
@@ -161,17 +255,16 @@ class ProjectionRunner:
     # ---- running ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Project until cancelled; raises only on an error a retry cannot fix."""
+        """Project until cancelled (standing by while another replica holds the lease); raises only on
+        an error a retry cannot fix."""
         try:
             for writer in self.writers:
                 await writer.ensure_indexes()
-            token = await self._load_checkpoint()
+            if self.lease is None:
+                await self._write()
             while True:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # PyMongo can absorb a cancellation mid-operation; a pending one still ends the runner.
-                    raise asyncio.CancelledError
-                token = await self._session(token)
+                await self._stand_by()
+                await self._write_while_held()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -179,6 +272,49 @@ class ProjectionRunner:
             self._initial.set()  # wake whoever waits for progress: they re-raise the crash
             self._progress.set()
             raise
+        finally:
+            if self.lease is not None and self.role == "writer":
+                with contextlib.suppress(PyMongoError):
+                    await asyncio.shield(self.lease.release())
+
+    async def _write(self) -> None:
+        token = await self._load_checkpoint()
+        while True:
+            _raise_if_cancelling()
+            token = await self._session(token)
+
+    async def _stand_by(self) -> None:
+        """Try to take the writer lease until this replica holds it."""
+        assert self.lease is not None
+        while True:
+            _raise_if_cancelling()
+            try:
+                if await self.lease.acquire():
+                    return
+            except PyMongoError as exc:
+                _raise_if_cancelling(exc)
+                log.warning("projection lease check failed: %s", exc)
+            if self.role != "standby":
+                log.info("projections: standing by (%s holds the writer lease)", self.lease.name)
+            self.role = "standby"
+            await asyncio.sleep(self.lease.ttl_s / 3)
+
+    async def _write_while_held(self) -> None:
+        assert self.lease is not None
+        log.info("projections: %s writes", self.lease.owner)
+        self.role = "writer"
+        writing = asyncio.create_task(self._write(), name=f"{self.name}-writer")
+        holding = asyncio.create_task(self.lease.hold(), name=f"{self.name}-lease")
+        try:
+            done, _ = await asyncio.wait({writing, holding}, return_when=asyncio.FIRST_COMPLETED)
+            if writing in done:
+                writing.result()  # raises what ended the writer
+            log.warning("projections: %s lost the writer lease; standing by", self.lease.owner)
+            self.role = "standby"
+        finally:
+            for task in (writing, holding):
+                task.cancel()
+            await asyncio.gather(writing, holding, return_exceptions=True)
 
     async def _session(self, token: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
         """Open the stream, catch up, apply until the stream fails; returns the token to reopen at."""

@@ -214,16 +214,19 @@ async def positions(
 async def behind(
     store: MongoEventStore, writers: Sequence[ProjectionWriter], chat_ids: Iterable[str] | None = None
 ) -> dict[str, tuple[int, int]]:
-    """Chats some projection is behind on: chat_id -> (lowest projected last_seq, log head)."""
+    """Chats some projection is behind on: chat_id -> (lowest projected last_seq, log head).
+
+    Costs O(chats), never a pass over the log: the chats are `chat_ids`, else every chat of the
+    log (`store.chats()`) or of a projection, and `store.heads_after` looks each one up at its
+    lowest projected position.
+    """
     wanted = list(chat_ids) if chat_ids is not None else None
-    heads = await store.heads(wanted)
-    lowest = dict.fromkeys(heads, -1)
-    for writer in writers:
-        at = await positions(writer.collection, wanted)
-        for chat_id in heads:
-            seq = at.get(chat_id, 0)
-            lowest[chat_id] = seq if lowest[chat_id] < 0 else min(lowest[chat_id], seq)
-    return {chat_id: (lowest[chat_id], head) for chat_id, head in heads.items() if lowest[chat_id] < head}
+    projected = [await positions(writer.collection, wanted) for writer in writers]
+    if wanted is None:
+        wanted = sorted(set(await store.chats()).union(*projected))
+    lowest = {chat_id: min((at.get(chat_id, 0) for at in projected), default=0) for chat_id in wanted}
+    heads = await store.heads_after(lowest)
+    return {chat_id: (lowest[chat_id], head) for chat_id, head in heads.items()}
 
 
 CatchUpProgress = Callable[[int, int], None]

@@ -79,6 +79,7 @@ class StreamingModel:
         *,
         before_chunk: Callable[[int, int], None] | None = None,
         on_chunk: Callable[[int, int], None] | None = None,
+        port: int = 0,
     ) -> None:
         self.replies = replies
         self.before_chunk = before_chunk
@@ -132,8 +133,11 @@ class StreamingModel:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 512  # hundreds of clients may connect at once (benchmarks)
+            daemon_threads = True
+
+        self.httpd = Server(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 

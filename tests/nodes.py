@@ -42,6 +42,7 @@ class Node:
             port=self.port,
             ws_max_size=settings.max_frame_bytes,
             ws_ping_interval=None,
+            ws_per_message_deflate=False,  # as `mozaiks serve` runs
             log_config=None,
             lifespan="on",
         )

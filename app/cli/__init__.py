@@ -83,6 +83,9 @@ def serve(host: str, port: int) -> None:
             port=port,
             ws_max_size=settings.max_frame_bytes,
             ws_ping_interval=None,  # the runtime's own heartbeat frames keep sockets alive
+            # Compression is per connection (its own deflate state): a frame shared by every client
+            # of a chat would be compressed once per client. Frames are small JSON; send them as is.
+            ws_per_message_deflate=False,
             log_config=None,
             lifespan="on",
         )

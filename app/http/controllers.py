@@ -131,7 +131,7 @@ class ChatController(Controller):
 
     path = "/api/chats"
 
-    @post(responses=error_responses(400, 401, 404, 409, 413, 429))
+    @post(responses=error_responses(400, 401, 404, 409, 413, 429, 503))
     async def start_chat(
         self,
         request: Request[Principal, Any, Any],
@@ -141,14 +141,15 @@ class ChatController(Controller):
     ) -> views.ChatStarted:
         """Start a chat on a workflow with a first message; the run goes on in the background."""
         principal = request.user
-        stream = await orchestrator.create_chat(
-            workflow=data.workflow,
-            user_id=principal.user_id,
-            app_id=principal.app_id,
-            message=data.message,
-            context=data.context,
-        )
-        run_id = await supervisor.start(stream)
+        with supervisor.admission():  # a full node refuses (503) before recording anything
+            stream = await orchestrator.create_chat(
+                workflow=data.workflow,
+                user_id=principal.user_id,
+                app_id=principal.app_id,
+                message=data.message,
+                context=data.context,
+            )
+            run_id = await supervisor.start(stream, admitted=True)
         return views.ChatStarted(chat_id=stream.chat_id, run_id=run_id, workflow=stream.workflow)
 
     @get(responses=error_responses(400, 401))
@@ -177,7 +178,7 @@ class ChatController(Controller):
             raise NotFoundException(f"chat {chat_id} is not projected yet; retry shortly")
         return msgspec.convert(session, views.ChatSession)
 
-    @post("/{chat_id:str}/messages", status_code=HTTP_202_ACCEPTED, responses=error_responses(400, 401, 403, 404, 409, 413))
+    @post("/{chat_id:str}/messages", status_code=HTTP_202_ACCEPTED, responses=error_responses(400, 401, 403, 404, 409, 413, 503))
     async def send_message(
         self,
         request: Request[Principal, Any, Any],

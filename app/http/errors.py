@@ -18,7 +18,7 @@ from litestar.openapi.spec import Example
 from litestar.types import ExceptionHandlersMap
 
 from app.http import codes
-from app.runs.supervisor import NoActiveRun, RunActive
+from app.runs.supervisor import NoActiveRun, NodeBusy, RunActive
 from app.runs.workflows import UnknownWorkflow
 from domain.errors import Conflict, CorruptRecord, UnknownChat
 
@@ -61,6 +61,7 @@ _DOMAIN: Final[Mapping[type[Exception], tuple[int, str]]] = {
     Conflict: (409, codes.CONFLICT),
     RunActive: (409, codes.RUN_ACTIVE),
     NoActiveRun: (409, codes.NO_ACTIVE_RUN),
+    NodeBusy: (503, codes.NODE_BUSY),
     CorruptRecord: (500, codes.CORRUPT_RECORD),
 }
 
@@ -120,7 +121,8 @@ def _domain_error(request: Request[Any, Any, Any], exc: Exception) -> Response[E
     status, code = next(pair for kind, pair in _DOMAIN.items() if isinstance(exc, kind))
     if status >= 500:
         log.error("request.failed", method=request.method, path=request.url.path, error=repr(exc))
-    return _response(status, ErrorBody(error=code, detail=str(exc)))
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, NodeBusy) else None
+    return _response(status, ErrorBody(error=code, detail=str(exc)), headers)
 
 
 def _refused(request: Request[Any, Any, Any], exc: Refused) -> Response[ErrorBody]:
@@ -148,7 +150,7 @@ _DESCRIPTIONS: Final[Mapping[int, str]] = {
     413: "The body is too large",
     429: "Too many chat starts; RateLimit-Reset says when to retry",
     500: "A stored record cannot be read, or a bug",
-    503: "Not ready",
+    503: "Not ready, or the node runs MOZAIKS_MAX_ACTIVE_RUNS runs (`node_busy`; Retry-After says when to retry)",
 }
 
 

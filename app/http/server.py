@@ -1,7 +1,8 @@
 """The Litestar application: `create_app()` wires settings, lifespans, auth, controllers and the ChatUI.
 
-Each resource is its own lifespan, entered in order and shut down in reverse: the database (and
-embedded server), the live hub, the projection runner, the run supervisor.
+Each resource is its own lifespan, entered in order and shut down in reverse: the executor that
+keeps model calls apart from the runtime's own I/O, the database (and embedded server), the live
+hub, the projection runner, the run supervisor.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ from app.http.controllers import (
 from app.http.errors import EXCEPTION_HANDLERS
 from app.http.transport import chat_socket
 from app.hub import LiveHub
-from app.observability import watch_projection_lag
+from app.observability import watch_projection_lag, watch_runs
 from app.runs.orchestrator import Orchestrator
+from app.runs.pool import routed_default_executor
 from app.runs.supervisor import RunSupervisor
 from app.runs.workflows import WorkflowManager
 from app.settings import Settings
@@ -67,6 +69,18 @@ SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
     ("referrer-policy", "no-referrer"),
 )
 log = structlog.get_logger("mozaiks.server")
+
+
+@contextlib.asynccontextmanager
+async def executor_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """Model calls get threads of their own (MOZAIKS_MAX_CONCURRENT_LLM_CALLS); see app.runs.pool."""
+    settings: Settings = app.state.settings
+    with routed_default_executor(asyncio.get_running_loop(), settings.max_concurrent_llm_calls) as executor:
+        app.state.executor = executor
+        try:
+            yield
+        finally:
+            app.state.executor = None
 
 
 @contextlib.asynccontextmanager
@@ -107,8 +121,12 @@ async def hub_lifespan(app: Litestar) -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def projections_lifespan(app: Litestar) -> AsyncIterator[None]:
-    """Keep chat_sessions and chat_metrics up to date from the log."""
-    runner = ProjectionRunner.for_settings(app.state.db, app.state.store, app.state.settings.prices_path)
+    """Keep chat_sessions and chat_metrics up to date from the log (on the replica holding the lease)."""
+    settings: Settings = app.state.settings
+    # One writer across replicas (the holder of the projection lease); the others stand by.
+    runner = ProjectionRunner.for_settings(
+        app.state.db, app.state.store, settings.prices_path, owner=settings.node_id, lease_ttl_s=settings.lease_ttl_s
+    )
     app.state.projections = runner
     async with _background("projection-runner", runner.run()):
         yield
@@ -129,7 +147,8 @@ async def anchors_lifespan(app: Litestar) -> AsyncIterator[None]:
 async def supervisor_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Runs in the background, each guarded by a lease; expired leases recovered as interrupted runs."""
     state = app.state
-    orchestrator = state.orchestrator = Orchestrator(state.store, state.workflows, state.settings)
+    # Runs learn about input answers and stops from the process's one change stream (the hub).
+    orchestrator = state.orchestrator = Orchestrator(state.store, state.workflows, state.settings, follow=state.hub.records)
     supervisor = state.supervisor = RunSupervisor(state.db, state.store, orchestrator, state.settings)
     async with _background("lease-watch", supervisor.watch_leases()):
         try:
@@ -256,7 +275,14 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             run_agent,
             create_static_files_router(path="/static", directories=[STATIC]),
         ],
-        lifespan=[database_lifespan, hub_lifespan, projections_lifespan, anchors_lifespan, supervisor_lifespan],
+        lifespan=[
+            executor_lifespan,
+            database_lifespan,
+            hub_lifespan,
+            projections_lifespan,
+            anchors_lifespan,
+            supervisor_lifespan,
+        ],
         dependencies=DEPENDENCIES,
         middleware=[
             DefineMiddleware(
@@ -290,6 +316,12 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
     app.state.settings = settings
     app.state.workflows = WorkflowManager(settings.workflows_path)
     watch_projection_lag(lambda: app.state.get("projections"))
+    state = app.state
+    watch_runs(
+        in_flight=lambda: state.executor.in_flight if state.get("executor") else 0,
+        queued=lambda: state.executor.queued if state.get("executor") else 0,
+        active=lambda: len(state.supervisor.tasks) if state.get("supervisor") else 0,
+    )
     return app
 
 

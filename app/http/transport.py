@@ -169,7 +169,8 @@ class ChatConnection:
     async def send_live(self, payload: str) -> None:
         """Send, but treat a client that takes longer than two heartbeats to take a frame as too slow."""
         try:
-            await asyncio.wait_for(self.send(payload), 2 * self.settings.ws_heartbeat_s)
+            async with asyncio.timeout(2 * self.settings.ws_heartbeat_s):  # a timer, not a task per frame
+                await self.send(payload)
         except TimeoutError:
             raise Overflowed(self.last_sent) from None
 

@@ -166,6 +166,7 @@ class ProjectionLag(View, frozen=True, kw_only=True):
     applied: int
     caught_up: bool
     stuck_chats: int
+    role: str = "writer"  # "writer": this replica holds the projection lease; "standby": another one writes
 
 
 class Readiness(View, frozen=True, kw_only=True):

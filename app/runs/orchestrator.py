@@ -1,8 +1,9 @@
 """The Orchestrator: creates chats and runs workflows on AG2, recording every event in the log first.
 
 Control goes through the log, so it works from any node: while a run is going, it follows the
-chat's log (`store.subscribe`) for `input.received` (answers AG2's pending input request) and for a
-`run.stopped` of its run appended by someone else (cancels the AG2 run).
+chat's log for `input.received` (answers AG2's pending input request) and for a `run.stopped` of
+its run appended by someone else (cancels the AG2 run). In the server it follows through the
+process's hub (one change stream for every run); alone (the CLI) through `store.subscribe`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import os
 import threading
 from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -34,6 +36,7 @@ from app.runs.clients import (
     ScriptedBackend,
     TextChunk,
 )
+from app.runs.pool import model_calls
 from app.runs.recorder import RunMapper
 from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
@@ -60,6 +63,9 @@ _MAX_BATCH: Final = 256
 # Frames from here are the workflows' tools: an error raised there fails a run with reason "tool".
 _TOOLS_DIR: Final = str(Path(tools.__file__).resolve().parent) + os.sep
 _REPORTS_KEPT: Final = 100
+
+# A chat's records after a seq, stored then live (the hub's `records`, or `store.subscribe`).
+Follow = Callable[[str, int], AsyncIterator[Record]]
 
 
 class RunReport(msgspec.Struct, kw_only=True):
@@ -127,10 +133,13 @@ class _Done(msgspec.Struct):
 class Orchestrator:
     """Creates chats and runs workflows; the API the run supervisor, REST layer and CLI call."""
 
-    def __init__(self, store: MongoEventStore, workflows: WorkflowManager, settings: Settings) -> None:
+    def __init__(
+        self, store: MongoEventStore, workflows: WorkflowManager, settings: Settings, *, follow: Follow | None = None
+    ) -> None:
         self.store = store
         self.workflows = workflows
         self.settings = settings
+        self.follow: Follow = follow or store.subscribe
         self.reports: OrderedDict[str, RunReport] = OrderedDict()
         self.sessions: dict[str, _RunSession] = {}
         self._openai: OpenAIBackend | None = None
@@ -426,9 +435,10 @@ class _RunSession:
                     self.workflow, client_cls=ledger.client_class(), context=context,
                     default_model=self.o.settings.openai_model, emit=emit,
                 )
-                response = await a_run_group_chat(
-                    team.pattern, conversation(self.history, user_agent), max_rounds=self.workflow.max_turns
-                )
+                with model_calls():  # AG2's run task inherits the mark: its executor work is model calls
+                    response = await a_run_group_chat(
+                        team.pattern, conversation(self.history, user_agent), max_rounds=self.workflow.max_turns
+                    )
             except Exception as exc:
                 log.exception("run.setup_failed", chat_id=self.stream.chat_id, run_id=self.run_id)
                 return await self.finish([self.terminal(RunFailed(error=f"{type(exc).__name__}: {exc}", reason="setup"))])
@@ -564,7 +574,7 @@ class _RunSession:
         after = self.started.seq
         while True:
             try:
-                async for record in self.o.store.subscribe(self.stream.chat_id, after=after):
+                async for record in self.o.follow(self.stream.chat_id, after):
                     after = record.seq
                     if self.observe(record):
                         return

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -50,6 +51,8 @@ STOP_WAIT_S = 10.0
 # The sweep looks at chats the projection shows as running (a full read of chat_sessions) only on
 # every Nth round; a message to a wedged chat repairs it at once anyway (send_message).
 SESSIONS_SWEEP_EVERY = 10
+# Retry-After of a refused run: runs that take minutes free a slot every few seconds on a busy node.
+BUSY_RETRY_AFTER_S = 5
 _STATE_TYPES = ["chat.created", "run.started", *sorted(TERMINAL_TYPES), "input.requested", "input.received"]
 
 
@@ -60,6 +63,14 @@ class RunActive(MozaiksError):
         self.chat_id = chat_id
         self.run_id = run_id
         super().__init__(f"chat {chat_id} has a run in progress ({run_id}); wait for it or stop it first")
+
+
+class NodeBusy(MozaiksError):
+    """This node already runs MOZAIKS_MAX_ACTIVE_RUNS runs: retry after `retry_after_s` (any replica will do)."""
+
+    def __init__(self, active: int, retry_after_s: int) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(f"this node runs {active} runs, its limit (MOZAIKS_MAX_ACTIVE_RUNS); retry in {retry_after_s} s")
 
 
 class NoActiveRun(MozaiksError):
@@ -120,6 +131,7 @@ class RunSupervisor:
         self.leases = db[LEASES]
         self.node = settings.node_id
         self.tasks: dict[str, asyncio.Task[str]] = {}
+        self._admitting = 0
         self._sweeps = 0
 
     def _expiry(self) -> datetime:
@@ -149,11 +161,34 @@ class RunSupervisor:
         with contextlib.suppress(PyMongoError, StorageUnavailable):
             await with_retries(self.store.retry, f"release the lease of chat {chat_id}", delete)
 
-    async def start(self, stream: StreamRef, ended: str | None = None) -> str:
+    def _check_capacity(self) -> None:
+        active = len(self.tasks) + self._admitting
+        if active >= self.settings.max_active_runs:
+            raise NodeBusy(active, BUSY_RETRY_AFTER_S)
+
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        """Hold one of the node's run slots for the block (NodeBusy when none is free).
+
+        Taken before anything is recorded, so a refused chat or turn leaves no trace in the log;
+        call `start(..., admitted=True)` inside the block.
+        """
+        self._check_capacity()
+        self._admitting += 1
+        try:
+            yield
+        finally:
+            self._admitting -= 1
+
+    async def start(self, stream: StreamRef, ended: str | None = None, *, admitted: bool = False) -> str:
         """Start a run of the chat in the background on this node; returns its run id.
 
         `ended`: the run id of a lease known to be over (its terminal record is in the log).
+        Raises NodeBusy when the node runs MOZAIKS_MAX_ACTIVE_RUNS already (unless `admitted`
+        inside `admission()`), RunActive when the chat has a run.
         """
+        if not admitted:
+            self._check_capacity()
         run_id = new_id()
         if not await self._acquire(stream.chat_id, run_id, ended):
             lease = await self.leases.find_one({"_id": stream.chat_id}) or {}
@@ -260,9 +295,10 @@ class RunSupervisor:
             await self._interrupt(state.stream, state.active_run, "the run's node stopped holding its lease")
         elif lease is not None:
             raise RunActive(chat_id, str(lease.get("run_id")))
-        turn = MessageUser(content=text, message_id=message_id)
-        [record] = await self.store.append(state.stream, [Pending(event=turn)], None)
-        await self.start(state.stream, ended=ended)
+        with self.admission():
+            turn = MessageUser(content=text, message_id=message_id)
+            [record] = await self.store.append(state.stream, [Pending(event=turn)], None)
+            await self.start(state.stream, ended=ended, admitted=True)
         return record
 
     async def stop(self, chat_id: str, by: str | None) -> str:

@@ -31,6 +31,7 @@ export const ERROR = Object.freeze({
   UNKNOWN_INTERRUPT: "unknown_interrupt",
   WRONG_WORKFLOW: "wrong_workflow",
   INTERRUPT_PENDING: "interrupt_pending",
+  NODE_BUSY: "node_busy",
   BAD_FRAME: "bad_frame",
   ERROR: "error",
 });

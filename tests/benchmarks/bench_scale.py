@@ -1,0 +1,215 @@
+"""Benchmark: many concurrent chats on one node against a model with a fixed latency.
+
+    nice .venv/bin/python tests/benchmarks/bench_scale.py [--sizes 1,50,200,500] [--latency 1.0]
+
+An OpenAI-compatible server answering every call after `--latency` seconds runs in ANOTHER process
+and counts the calls it holds at once; the runtime node (uvicorn, in this process) calls it over
+real HTTP through the real `openai` SDK. Each chat runs a three-agent RoundRobin workflow (three
+model calls in a row). For each size N, N chats are started together through `POST /api/chats`
+and the benchmark waits for every run to end. Printed per N: wall time ÷ one chat's wall time,
+peak model calls in flight (at the model server), API p99 during the load ÷ idle (`GET
+/health/ready` and `GET /api/chats/{id}` probed every 50 ms), RSS per active run, CPU ms of this
+process per recorded event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import httpx
+from pymongo import AsyncMongoClient
+
+from app.settings import Settings
+from tests.nodes import Node, benchmark_mongo_uri
+
+AGENTS = ("Planner", "Writer", "Editor")
+
+
+def model_server(port: int, latency: float, in_flight: Any, peak: Any, ready: Any) -> None:
+    """Another process: an OpenAI-compatible server that answers every call after `latency` seconds."""
+    from tests.llm_server import StreamingModel, text_reply
+
+    def slow(_reply: int, index: int) -> None:
+        if index != 0:
+            return
+        with in_flight.get_lock():
+            in_flight.value += 1
+            peak.value = max(peak.value, in_flight.value)
+        time.sleep(latency)
+        with in_flight.get_lock():
+            in_flight.value -= 1
+
+    StreamingModel([text_reply("Noted; over to the next one.", 1)], before_chunk=slow, port=port)
+    ready.set()
+    while True:
+        time.sleep(3600)
+
+
+def trio_workflow(root: Path) -> Path:
+    folder = root / "workflows" / "Trio"
+    folder.mkdir(parents=True)
+    (folder / "workflow.json").write_text(
+        json.dumps(
+            {
+                "name": "Trio",
+                "orchestration_pattern": "RoundRobin",
+                "max_turns": len(AGENTS),
+                "visual_agents": list(AGENTS),
+                "entry_agent": AGENTS[0],
+            }
+        )
+    )
+    (folder / "agents.json").write_text(json.dumps({"agents": [{"name": name} for name in AGENTS]}))
+    return folder.parent
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def p99(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[max(int(len(ordered) * 0.99) - 1, 0)]
+
+
+async def probe(
+    http: httpx.AsyncClient, chat_id: str, until: asyncio.Event, samples: list[float], rss: list[float]
+) -> None:
+    """Time `GET /health/ready` and `GET /api/chats/{id}` every 50 ms until `until` is set."""
+    while not until.is_set():
+        for path in ("/health/ready", f"/api/chats/{chat_id}"):
+            begin = time.perf_counter()
+            await http.get(path)
+            samples.append((time.perf_counter() - begin) * 1000)
+        rss.append(rss_mb())
+        try:
+            await asyncio.wait_for(until.wait(), 0.05)
+        except TimeoutError:
+            pass
+
+
+async def load(node: Node, http: httpx.AsyncClient, size: int) -> tuple[float, int]:
+    """Start `size` chats together; return the wall time until every run ended, and the records recorded."""
+    begin = time.perf_counter()
+    started = await asyncio.gather(
+        *(http.post("/api/chats", json={"workflow": "Trio", "message": f"topic {i}"}) for i in range(size))
+    )
+    assert all(r.status_code == 201 for r in started), [r.text for r in started if r.status_code != 201][:1]
+    runs = list(node.runtime.supervisor.tasks.values())
+    outcomes = await asyncio.gather(*runs)
+    wall = time.perf_counter() - begin
+    assert set(outcomes) == {"run.completed"}, outcomes
+    chats = [r.json()["chat_id"] for r in started]
+    events = await node.runtime.store.events.count_documents({"chat_id": {"$in": chats}})
+    return wall, events
+
+
+async def bench(uri: str, sizes: list[int], latency: float) -> None:
+    from app.embedded import free_port
+
+    context = multiprocessing.get_context("spawn")
+    in_flight, peak, ready = context.Value("i", 0), context.Value("i", 0), context.Event()
+    port = free_port()
+    server = context.Process(target=model_server, args=(port, latency, in_flight, peak, ready), daemon=True)
+    server.start()
+    db_name = f"bench_scale_{os.getpid()}"
+    with tempfile.TemporaryDirectory() as folder:
+        settings = Settings(
+            database_uri=uri,
+            db_name=db_name,
+            workflows_path=trio_workflow(Path(folder)),
+            openai_api_key="sk-bench",
+            openai_base_url=f"http://127.0.0.1:{port}/v1",
+            chat_starts_per_minute=1_000_000,
+            max_active_runs=max(sizes) + 1,
+        )
+        assert await asyncio.to_thread(ready.wait, 60)
+        node = await Node(settings).start()
+        try:
+            limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+            async with httpx.AsyncClient(base_url=node.url, timeout=600, limits=limits) as http:
+                await node.runtime.projections.wait_caught_up(60)
+                await load(node, http, 1)  # warm-up: imports, first connections
+                probe_chat = (
+                    await http.post("/api/chats", json={"workflow": "Trio", "message": "probe"})
+                ).json()["chat_id"]
+                await asyncio.gather(*node.runtime.supervisor.tasks.values())
+                idle: list[float] = []
+                stop = asyncio.Event()
+                prober = asyncio.create_task(probe(http, probe_chat, stop, idle, []))
+                await asyncio.sleep(3)
+                stop.set()
+                await prober
+                print(
+                    f"model latency {latency:g} s, 3 model calls per chat (RoundRobin of 3 agents), "
+                    f"MOZAIKS_MAX_CONCURRENT_LLM_CALLS={settings.max_concurrent_llm_calls}"
+                )
+                print(
+                    f"idle API: p50 {statistics.median(idle):.1f} ms, p99 {p99(idle):.1f} ms ({len(idle)} probes)"
+                )
+                print(
+                    f"{'chats':>6} {'wall s':>8} {'÷ one':>6} {'peak in flight':>15} {'API p99 ms':>11} "
+                    f"{'÷ idle':>7} {'RSS MB/run':>11} {'CPU ms/event':>13}"
+                )
+                one: float | None = None
+                for size in sizes:
+                    peak.value = 0
+                    samples: list[float] = []
+                    rss: list[float] = []
+                    rss_before, cpu_before = rss_mb(), cpu_s()
+                    stop = asyncio.Event()
+                    prober = asyncio.create_task(probe(http, probe_chat, stop, samples, rss))
+                    wall, events = await load(node, http, size)
+                    stop.set()
+                    await prober
+                    cpu = cpu_s() - cpu_before
+                    one = one or wall
+                    per_run = (max(rss, default=rss_before) - rss_before) / size
+                    print(
+                        f"{size:>6} {wall:>8.2f} {wall / one:>6.2f} {peak.value:>15} {p99(samples):>11.1f} "
+                        f"{p99(samples) / p99(idle):>7.2f} {per_run:>11.2f} {cpu * 1000 / events:>13.2f}",
+                        flush=True,
+                    )
+        finally:
+            await node.stop()
+            server.kill()
+            client: AsyncMongoClient[Any] = AsyncMongoClient(uri)
+            await client.drop_database(db_name)
+            await client.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,50,200,500", help="comma-separated numbers of concurrent chats")
+    parser.add_argument("--latency", type=float, default=1.0, help="model latency in seconds")
+    args = parser.parse_args()
+    from app.logging import configure_logging
+
+    configure_logging("WARNING")
+    with benchmark_mongo_uri() as uri:
+        asyncio.run(bench(uri, [int(n) for n in args.sizes.split(",")], args.latency))
+
+
+if __name__ == "__main__":
+    main()
