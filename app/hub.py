@@ -121,7 +121,9 @@ class LiveHub:
             subscriber.offer(record)
 
     @contextlib.asynccontextmanager
-    async def _listen(self, chat_id: str, on_overflow: Callable[[], None] | None) -> AsyncIterator[_Subscriber]:
+    async def _listen(
+        self, chat_id: str, on_overflow: Callable[[], None] | None
+    ) -> AsyncIterator[_Subscriber]:
         subscriber = _Subscriber(chat_id, self.queue_bound, self.store, on_overflow)
         self._subscribers.setdefault(chat_id, set()).add(subscriber)
         try:
@@ -150,7 +152,9 @@ class LiveHub:
         async for item in self.subscribe(chat_id, after, on_overflow):
             if isinstance(item, ReplayDone):
                 replaying = False
-            elif not item.visible or (replaying and item.type == "message.delta" and item.data.get("message_id") in finished):
+            elif not item.visible or (
+                replaying and item.type == "message.delta" and item.data.get("message_id") in finished
+            ):
                 continue
             yield item
 
@@ -165,7 +169,9 @@ class LiveHub:
         await self._ready.wait()
         async with self._listen(chat_id, on_overflow) as subscriber:
             last = after
-            async for item in follow(self.store.read_ahead, chat_id, after, subscriber.records(), mark_replay=True):
+            async for item in follow(
+                self.store.read_ahead, chat_id, after, subscriber.records(), mark_replay=True
+            ):
                 if isinstance(item, Record):
                     last = item.seq
                 yield item

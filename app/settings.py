@@ -87,7 +87,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             found = tuple(origin.strip().rstrip("/") for origin in (raw or "").split(",") if origin.strip())
             for origin in found:
                 parsed = urlparse(origin)
-                if origin != "*" and (parsed.scheme not in {"http", "https"} or not parsed.netloc or parsed.path):
+                if origin != "*" and (
+                    parsed.scheme not in {"http", "https"} or not parsed.netloc or parsed.path
+                ):
                     raise SettingsError(
                         f"MOZAIKS_CORS_ORIGINS: {origin!r} is not an origin like https://app.example.com (or *)"
                     )

@@ -153,9 +153,7 @@ AnyEvent = (
     | Ag2Event
 )
 
-EVENT_TYPES: Final[frozenset[str]] = frozenset(
-    str(cls.__struct_config__.tag) for cls in AnyEvent.__args__
-)
+EVENT_TYPES: Final[frozenset[str]] = frozenset(str(cls.__struct_config__.tag) for cls in AnyEvent.__args__)
 TERMINAL_TYPES: Final = frozenset({"run.completed", "run.failed", "run.stopped"})
 
 

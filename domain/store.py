@@ -263,7 +263,9 @@ class MongoEventStore:
             except PyMongoError as exc:
                 await backoff.wait(exc)
 
-    async def _append_at(self, stream: StreamRef, events: Sequence[Pending], expected_seq: int) -> list[Record]:
+    async def _append_at(
+        self, stream: StreamRef, events: Sequence[Pending], expected_seq: int
+    ) -> list[Record]:
         chat_id = stream.chat_id
         landed: list[Record] = []
         head_seq = expected_seq
@@ -465,7 +467,12 @@ class MongoEventStore:
         return found
 
     def audit(
-        self, f: AuditFilter, *, after: Position | None = None, limit: int | None = None, batch_size: int = 1000
+        self,
+        f: AuditFilter,
+        *,
+        after: Position | None = None,
+        limit: int | None = None,
+        batch_size: int = 1000,
     ) -> AsyncIterator[dict[str, Any]]:
         """The app-wide audit read (`domain.audit`): stored documents matching `f` after `after`, in order."""
         return find_records(self.events, f, after=after, limit=limit, batch_size=batch_size)
@@ -571,7 +578,9 @@ class MongoEventStore:
         heads: dict[str, int] = {}
 
         async def goes_on(chat_id: str) -> bool:
-            doc = await self.events.find_one({"chat_id": str(chat_id), "seq": int(positions[chat_id]) + 1}, {"_id": 1})
+            doc = await self.events.find_one(
+                {"chat_id": str(chat_id), "seq": int(positions[chat_id]) + 1}, {"_id": 1}
+            )
             return doc is not None
 
         for start in range(0, len(chats), _LOOKUPS_AT_ONCE):
@@ -595,7 +604,9 @@ class MongoEventStore:
             query = {"$or": [{"chat_id": str(c), "seq": {"$gt": int(at)}} for c, at in positions]}
         elif chat_id is not None:
             query = {"chat_id": str(chat_id)}
-        cursor = self.events.find(query, sort=[("chat_id", ASCENDING), ("seq", ASCENDING)], batch_size=SCAN_BATCH)
+        cursor = self.events.find(
+            query, sort=[("chat_id", ASCENDING), ("seq", ASCENDING)], batch_size=SCAN_BATCH
+        )
         async for batch in _prefetched(cursor, SCAN_BATCH, ahead=4):
             for doc in batch:
                 try:

@@ -200,7 +200,11 @@ class ChatMetricsProjector(PricedProjector):
             change.max[f"agents.{field_key(record.agent)}.llm.latency_us_max"] = latency
         if call.ttft_ms is not None and math.isfinite(call.ttft_ms):
             count(f"llm.ttft_buckets.{bucket_key(call.ttft_ms)}")
-        stream_us = round(call.stream_ms * 1000) if call.stream_ms is not None and math.isfinite(call.stream_ms) else 0
+        stream_us = (
+            round(call.stream_ms * 1000)
+            if call.stream_ms is not None and math.isfinite(call.stream_ms)
+            else 0
+        )
         if stream_us > 0 and call.error is None:
             count("llm.streamed")
             count("llm.stream_us_sum", stream_us)

@@ -154,7 +154,9 @@ def _llm(llm: Mapping[str, Any] | None) -> LlmStats:
         **counts,
         latency_ms=_latency(llm),
         ttft_ms=Ttft(p50=sketch.quantile(ttft, 0.50), p95=sketch.quantile(ttft, 0.95)),
-        output_tokens_per_s=round(int(llm.get("stream_tokens") or 0) * 1e6 / stream_us, 3) if stream_us > 0 else None,
+        output_tokens_per_s=round(int(llm.get("stream_tokens") or 0) * 1e6 / stream_us, 3)
+        if stream_us > 0
+        else None,
     )
 
 

@@ -167,7 +167,9 @@ async def _fold_log(
                 current.broken_at = expected
                 continue
             if record.seq != expected:
-                log.error("rebuild stops at chat %s: seq %d is missing from the log", record.chat_id, expected)
+                log.error(
+                    "rebuild stops at chat %s: seq %d is missing from the log", record.chat_id, expected
+                )
                 current.broken_at = expected
                 continue
             event = record.event
@@ -219,7 +221,9 @@ async def _rebuild_all(
         batches, buffers = buffers, [[] for _ in projectors]
         writing = asyncio.gather(
             *(
-                target.bulk_write([ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs], ordered=False)
+                target.bulk_write(
+                    [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs], ordered=False
+                )
                 for target, docs in zip(targets, batches, strict=True)
                 if docs
             )

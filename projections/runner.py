@@ -49,7 +49,12 @@ LEASES: Final = "projection_leases"
 
 def default_projectors(prices: PriceTable | WatchedPrices | None = None) -> list[Projector]:
     """chat_sessions, metrics and metrics_buckets (costed with `prices`, else the shipped table), chain_heads."""
-    return [ChatSessionsProjector(), ChatMetricsProjector(prices), MetricsBucketsProjector(prices), ChainHeadsProjector()]
+    return [
+        ChatSessionsProjector(),
+        ChatMetricsProjector(prices),
+        MetricsBucketsProjector(prices),
+        ChainHeadsProjector(),
+    ]
 
 
 class WriterLease:

@@ -22,7 +22,9 @@ async def run_bare(
     backend = ScriptedBackend(workflow.fixtures)
     ledger = Ledger(backend)
     context = ContextVariables(data=dict(workflow.context))
-    team = build_team(workflow, client_cls=ledger.client_class(), context=context, default_model=default_model)
+    team = build_team(
+        workflow, client_cls=ledger.client_class(), context=context, default_model=default_model
+    )
     response = await a_run_group_chat(team.pattern, message, max_rounds=workflow.max_turns)
     replies = list(answers or [])
     events: list[Any] = []

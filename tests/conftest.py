@@ -40,8 +40,7 @@ def _mongo_container() -> Iterator[str]:
     with container:
         host, port = container.get_container_host_ip(), container.get_exposed_port(27017)
         container.exec(
-            "mongosh --quiet --eval "
-            "\"rs.initiate({_id:'rs0',members:[{_id:0,host:'localhost:27017'}]})\""
+            "mongosh --quiet --eval \"rs.initiate({_id:'rs0',members:[{_id:0,host:'localhost:27017'}]})\""
         )
         yield f"mongodb://test:test@{host}:{port}/?directConnection=true&authSource=admin"
 
@@ -66,7 +65,9 @@ async def mongo_client(mongo_uri: str, db_name: str) -> AsyncIterator[AsyncMongo
     try:
         yield client
     finally:
-        with contextlib.suppress(Exception):  # a server shared by many runs (scripts/mutation) keeps no leftovers
+        with contextlib.suppress(
+            Exception
+        ):  # a server shared by many runs (scripts/mutation) keeps no leftovers
             await client.drop_database(db_name)
         await client.close()
 

@@ -99,7 +99,11 @@ def body(thread: str, *messages: tuple[str, str], run: str = "r", **extra: Any) 
 
 
 async def run(
-    http: httpx.AsyncClient, workflow: str, payload: dict[str, Any], *, last_event_id: str | None = None,
+    http: httpx.AsyncClient,
+    workflow: str,
+    payload: dict[str, Any],
+    *,
+    last_event_id: str | None = None,
     limit: int | None = None,
 ) -> list[Sse]:
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
@@ -155,10 +159,14 @@ def texts(events: list[Sse]) -> list[tuple[str | None, str, str]]:
     return [tuple(started[m]) for m in order]  # type: ignore[misc]
 
 
-async def test_a_new_thread_starts_a_chat_and_streams_its_visible_log(start_node, store: MongoEventStore) -> None:
+async def test_a_new_thread_starts_a_chat_and_streams_its_visible_log(
+    start_node, store: MongoEventStore
+) -> None:
     node = await start_node()
     async with httpx.AsyncClient(base_url=node.url) as http:
-        events = await run(http, "Analyzer", body("t-new", ("m1", "Count these words"), state={"topic": "bees"}))
+        events = await run(
+            http, "Analyzer", body("t-new", ("m1", "Count these words"), state={"topic": "bees"})
+        )
     assert_well_formed(events)
     assert types(events)[:2] == ["RUN_STARTED", "STATE_SNAPSHOT"]
     assert "MESSAGES_SNAPSHOT" not in types(events)  # a new chat: the client already holds its message
@@ -169,7 +177,9 @@ async def test_a_new_thread_starts_a_chat_and_streams_its_visible_log(start_node
     assert [r.type for r in log[:2]] == ["chat.created", "message.user"]
     assert log[1].data["message_id"] == "m1" and log[0].data["context"]["topic"] == "bees"
     visible = [r for r in log if r.visible]
-    assert texts(events) == [(r.agent, "assistant", r.data["content"]) for r in visible if r.type == "message.agent"]
+    assert texts(events) == [
+        (r.agent, "assistant", r.data["content"]) for r in visible if r.type == "message.agent"
+    ]
     assert {e.event["stepName"] for e in events if e.type == "STEP_STARTED"} == {"Analyst", "Summarizer"}
     assert "Collector" not in json.dumps([e.event for e in events])  # hidden agent: recorded, never sent
     calls = [e.event["toolCallId"] for e in events if e.type == "TOOL_CALL_START"]
@@ -202,7 +212,10 @@ async def test_a_known_thread_continues_the_chat_and_a_repeated_request_records_
     assert texts(second)[0] == (None, "user", "And these")
     assert next(e.event["messageId"] for e in second if e.type == "TEXT_MESSAGE_START") == "m2"
     assert second[-1].type == "RUN_FINISHED"
-    assert [r.data.get("message_id") async for r in store.find("t-two", types=["message.user"])] == ["m1", "m2"]
+    assert [r.data.get("message_id") async for r in store.find("t-two", types=["message.user"])] == [
+        "m1",
+        "m2",
+    ]
     assert again == second  # the same run again, from the log
     assert [r.id async for r in store.read("t-two")] == log_before
 
@@ -220,10 +233,13 @@ async def test_an_input_request_ends_the_run_with_an_interrupt_that_resume_answe
         asked = [r async for r in store.find("t-ask", types=["input.requested"])]
         assert interrupt["id"] == asked[-1].data["request_id"] and interrupt["reason"] == "input_required"
         unknown = await http.post(
-            "/ag-ui/Assistant", json=body("t-ask", ("m1", "Find bees"), resume=[{"interruptId": "nope", "status": "resolved"}])
+            "/ag-ui/Assistant",
+            json=body("t-ask", ("m1", "Find bees"), resume=[{"interruptId": "nope", "status": "resolved"}]),
         )
         assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_interrupt"
-        not_an_answer = await http.post("/ag-ui/Assistant", json=body("t-ask", ("m1", "Find bees"), ("m2", "hello?")))
+        not_an_answer = await http.post(
+            "/ag-ui/Assistant", json=body("t-ask", ("m1", "Find bees"), ("m2", "hello?"))
+        )
         assert not_an_answer.status_code == 409 and not_an_answer.json()["error"] == "interrupt_pending"
         assert interrupt["id"] in not_an_answer.json()["detail"]
         answers = iter(["yes, go on", "exit", "exit", "exit"])
@@ -231,15 +247,23 @@ async def test_an_input_request_ends_the_run_with_an_interrupt_that_resume_answe
         while runs[-1][-1].event.get("outcome", {}).get("type") == "interrupt":
             [pending] = runs[-1][-1].event["outcome"]["interrupts"]
             resume = [{"interruptId": pending["id"], "status": "resolved", "payload": next(answers)}]
-            runs.append(await run(http, "Assistant", body("t-ask", ("m1", "Find bees"), run=f"r{len(runs)}", resume=resume)))
+            runs.append(
+                await run(
+                    http, "Assistant", body("t-ask", ("m1", "Find bees"), run=f"r{len(runs)}", resume=resume)
+                )
+            )
             assert_well_formed(runs[-1])
             assert types(runs[-1])[:3] == ["RUN_STARTED", "STATE_SNAPSHOT", "MESSAGES_SNAPSHOT"]
     assert runs[-1][-1].event["outcome"] == {"type": "success"}
     async with httpx.AsyncClient(base_url=node.url) as http:
-        asking = await run(http, "Assistant", body("t-ask", ("m1", "Find bees"), ("m9", "More bees"), run="again"))
+        asking = await run(
+            http, "Assistant", body("t-ask", ("m1", "Find bees"), ("m9", "More bees"), run="again")
+        )
         [pending] = asking[-1].event["outcome"]["interrupts"]
         cancel = [{"interruptId": pending["id"], "status": "cancelled"}]
-        cancelled = await run(http, "Assistant", body("t-ask", ("m1", "Find bees"), ("m9", "More bees"), resume=cancel))
+        cancelled = await run(
+            http, "Assistant", body("t-ask", ("m1", "Find bees"), ("m9", "More bees"), resume=cancel)
+        )
     assert_well_formed(cancelled)
     assert cancelled[-1].event["outcome"] == {"type": "cancelled"}
     assert [r.type async for r in store.find("t-ask", types=["run.stopped"])] == ["run.stopped"]
@@ -273,7 +297,9 @@ async def test_reconnecting_with_last_event_id_mid_run_ends_with_the_same_events
     # The run below is written by the test, standing in for a node that holds the chat's live lease
     # (without one, the nodes' sweep would rightly record the run as interrupted).
     expires = datetime.now(UTC) + timedelta(hours=1)
-    await db["chat_leases"].insert_one({"_id": "t-re", "owner": "elsewhere", "run_id": "run1", "expires_at": expires})
+    await db["chat_leases"].insert_one(
+        {"_id": "t-re", "owner": "elsewhere", "run_id": "run1", "expires_at": expires}
+    )
     node = await start_node()
     chat = stream_of("t-re")
     await store.append(
@@ -288,31 +314,54 @@ async def test_reconnecting_with_last_event_id_mid_run_ends_with_the_same_events
     )
     other_node = await start_node()  # any node serves any thread's stream
     payload = body("t-re", ("m1", "go"))
-    async with httpx.AsyncClient(base_url=node.url) as http, httpx.AsyncClient(base_url=other_node.url) as other:
+    async with (
+        httpx.AsyncClient(base_url=node.url) as http,
+        httpx.AsyncClient(base_url=other_node.url) as other,
+    ):
         unbroken = asyncio.create_task(run(http, "Analyzer", payload))
-        pieces = [await run(http, "Analyzer", payload, limit=6)]  # disconnects in the middle of a record's events
+        pieces = [
+            await run(http, "Analyzer", payload, limit=6)
+        ]  # disconnects in the middle of a record's events
         assert "." in pieces[0][-1].id
         await store.append(chat, a_turn_of("Summarizer", 2), None)  # the run goes on while the client is away
         pieces.append(await run(other, "Analyzer", payload, last_event_id=pieces[-1][-1].id, limit=12))
-        await store.append(chat, [*a_turn_of("Analyst", 3), Pending(event=RunCompleted(summary="done"))], None)
+        await store.append(
+            chat, [*a_turn_of("Analyst", 3), Pending(event=RunCompleted(summary="done"))], None
+        )
         pieces.append(await run(http, "Analyzer", payload, last_event_id=pieces[-1][-1].id))
         whole = await unbroken
     joined = [e for piece in pieces for e in piece]
     assert joined == whole
     assert_well_formed(whole)
     assert whole[-1].event["result"] == "done"
-    assert [t for _, _, t in texts(whole)] == [f"{a} {v} {n}" for a, n in (("Analyst", 1), ("Summarizer", 2), ("Analyst", 3)) for v in ("says", "adds")]
-    assert [e.event["stepName"] for e in whole if e.type == "STEP_STARTED"] == ["Analyst", "Summarizer", "Analyst"]
+    assert [t for _, _, t in texts(whole)] == [
+        f"{a} {v} {n}"
+        for a, n in (("Analyst", 1), ("Summarizer", 2), ("Analyst", 3))
+        for v in ("says", "adds")
+    ]
+    assert [e.event["stepName"] for e in whole if e.type == "STEP_STARTED"] == [
+        "Analyst",
+        "Summarizer",
+        "Analyst",
+    ]
     customs = [e.event["name"] for e in whole if e.type == "CUSTOM"]
     assert customs == ["speaker.selected", "handoff"] * 3
-    assert {"op": "add", "path": "/a~1b", "value": [2]} in [op for e in whole if e.type == "STATE_DELTA" for op in e.event["delta"]]
+    assert {"op": "add", "path": "/a~1b", "value": [2]} in [
+        op for e in whole if e.type == "STATE_DELTA" for op in e.event["delta"]
+    ]
 
 
 @pytest.mark.parametrize(
     ("terminal", "last"),
     [
-        (RunFailed(error="model unreachable", reason="model"), {"type": "RUN_ERROR", "message": "model unreachable", "code": "model"}),
-        (RunStopped(by="local"), {"type": "RUN_FINISHED", "threadId": "t-end", "runId": "r", "outcome": {"type": "cancelled"}}),
+        (
+            RunFailed(error="model unreachable", reason="model"),
+            {"type": "RUN_ERROR", "message": "model unreachable", "code": "model"},
+        ),
+        (
+            RunStopped(by="local"),
+            {"type": "RUN_FINISHED", "threadId": "t-end", "runId": "r", "outcome": {"type": "cancelled"}},
+        ),
     ],
 )
 async def test_a_failed_run_is_a_run_error_and_a_stopped_one_is_cancelled(
@@ -338,8 +387,20 @@ async def test_a_failed_run_is_a_run_error_and_a_stopped_one_is_cancelled(
 
 def record(seq: int, type_: str, data: dict[str, Any], agent: str | None = "Analyst") -> Record:
     return Record(
-        id=f"id{seq}", chat_id="c", seq=seq, type=type_, ts=datetime(2026, 1, 1, tzinfo=UTC), app_id="a",
-        user_id="u", workflow="Analyzer", run_id="run", agent=agent, visible=True, data=data, prev_hash="", hash="",
+        id=f"id{seq}",
+        chat_id="c",
+        seq=seq,
+        type=type_,
+        ts=datetime(2026, 1, 1, tzinfo=UTC),
+        app_id="a",
+        user_id="u",
+        workflow="Analyzer",
+        run_id="run",
+        agent=agent,
+        visible=True,
+        data=data,
+        prev_hash="",
+        hash="",
     )
 
 
@@ -347,10 +408,14 @@ def test_streamed_deltas_become_content_events_and_the_final_message_only_closes
     translator = RunTranslator("c", "r")
     events = translator.start([record(1, "message.user", {"content": "hi", "message_id": "u1"}, agent=None)])
     for seq, text in ((2, "Hel"), (3, "lo "), (4, "world")):
-        events += translator.translate(record(seq, "message.delta", {"message_id": "m", "index": seq - 2, "text": text}))
+        events += translator.translate(
+            record(seq, "message.delta", {"message_id": "m", "index": seq - 2, "text": text})
+        )
     events += translator.translate(record(5, "message.agent", {"content": "Hello world", "message_id": "m"}))
     events += translator.translate(record(6, "message.agent", {"content": "not streamed"}))
-    events += translator.translate(record(7, "message.delta", {"message_id": "m2", "index": 0, "text": "cut sh"}))
+    events += translator.translate(
+        record(7, "message.delta", {"message_id": "m2", "index": 0, "text": "cut sh"})
+    )
     events += translator.translate(record(8, "run.stopped", {"by": "u"}, agent=None))
     wire = [validated(e.model_dump_json(by_alias=True)) for e in events]
     assert [e["type"] for e in wire] == [
@@ -360,12 +425,20 @@ def test_streamed_deltas_become_content_events_and_the_final_message_only_closes
         "TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT",
         "TEXT_MESSAGE_END", "STEP_FINISHED", "RUN_FINISHED",
     ]  # fmt: skip
-    assert [e["delta"] for e in wire if e["type"] == "TEXT_MESSAGE_CONTENT"] == ["Hel", "lo ", "world", "not streamed", "cut sh"]
+    assert [e["delta"] for e in wire if e["type"] == "TEXT_MESSAGE_CONTENT"] == [
+        "Hel",
+        "lo ",
+        "world",
+        "not streamed",
+        "cut sh",
+    ]
     assert wire[7]["messageId"] == "m" and wire[8]["messageId"] == "id6" and wire[-3]["messageId"] == "m2"
     assert translator.translate(record(9, "message.agent", {"content": "after the end"})) == []
 
 
-async def test_errors_have_one_shape_and_users_reach_only_their_own_threads(start_node, store: MongoEventStore) -> None:
+async def test_errors_have_one_shape_and_users_reach_only_their_own_threads(
+    start_node, store: MongoEventStore
+) -> None:
     secret = "s" * 32
     node = await start_node(auth_secret=secret)
     alice = {"Authorization": f"Bearer {issue_token(secret, 'alice', 'app1', ['user'])}"}
@@ -374,18 +447,48 @@ async def test_errors_have_one_shape_and_users_reach_only_their_own_threads(star
         anonymous = await http.post("/ag-ui/Analyzer", json=body("t-auth", ("m1", "hi")))
         assert anonymous.status_code == 401, anonymous.text
         assert anonymous.json()["error"] == "unauthorized"
-        async with http.stream("POST", "/ag-ui/Analyzer", json=body("t-auth", ("m1", "hi")), headers=alice) as response:
+        async with http.stream(
+            "POST", "/ag-ui/Analyzer", json=body("t-auth", ("m1", "hi")), headers=alice
+        ) as response:
             assert response.status_code == 200
             assert (await read_sse(response))[-1].type == "RUN_FINISHED"
         refusals = {
-            "bob on alice's thread": (await http.post("/ag-ui/Analyzer", json=body("t-auth", ("m2", "mine?")), headers=bob), 403, "forbidden"),
-            "other workflow": (await http.post("/ag-ui/Generator", json=body("t-auth", ("m3", "x")), headers=alice), 409, "wrong_workflow"),
-            "unknown workflow": (await http.post("/ag-ui/Nope", json=body("t-x", ("m1", "x")), headers=alice), 404, "unknown_workflow"),
-            "no user message": (await http.post("/ag-ui/Analyzer", json=body("t-y"), headers=alice), 400, "bad_request"),
-            "not RunAgentInput": (await http.post("/ag-ui/Analyzer", json={"threadId": 3}, headers=alice), 400, "bad_request"),
-            "not JSON": (await http.post("/ag-ui/Analyzer", content=b"{nope", headers=alice), 400, "bad_request"),
+            "bob on alice's thread": (
+                await http.post("/ag-ui/Analyzer", json=body("t-auth", ("m2", "mine?")), headers=bob),
+                403,
+                "forbidden",
+            ),
+            "other workflow": (
+                await http.post("/ag-ui/Generator", json=body("t-auth", ("m3", "x")), headers=alice),
+                409,
+                "wrong_workflow",
+            ),
+            "unknown workflow": (
+                await http.post("/ag-ui/Nope", json=body("t-x", ("m1", "x")), headers=alice),
+                404,
+                "unknown_workflow",
+            ),
+            "no user message": (
+                await http.post("/ag-ui/Analyzer", json=body("t-y"), headers=alice),
+                400,
+                "bad_request",
+            ),
+            "not RunAgentInput": (
+                await http.post("/ag-ui/Analyzer", json={"threadId": 3}, headers=alice),
+                400,
+                "bad_request",
+            ),
+            "not JSON": (
+                await http.post("/ag-ui/Analyzer", content=b"{nope", headers=alice),
+                400,
+                "bad_request",
+            ),
             "bad Last-Event-ID": (
-                await http.post("/ag-ui/Analyzer", json=body("t-auth", ("m1", "hi")), headers={**alice, "Last-Event-ID": "x"}),
+                await http.post(
+                    "/ag-ui/Analyzer",
+                    json=body("t-auth", ("m1", "hi")),
+                    headers={**alice, "Last-Event-ID": "x"},
+                ),
                 400,
                 "bad_request",
             ),
@@ -413,7 +516,9 @@ async def test_cors_is_closed_by_default_and_opened_by_the_allow_list(start_node
             assert allowed.status_code in (200, 204), path
             assert allowed.headers["access-control-allow-origin"] == "http://app.example"
             assert "POST" in allowed.headers["access-control-allow-methods"]
-            other = await http.options(opened.url + path, headers={**preflight, "Origin": "http://evil.example"})
+            other = await http.options(
+                opened.url + path, headers={**preflight, "Origin": "http://evil.example"}
+            )
             assert other.headers.get("access-control-allow-origin") is None
             shut = await http.options(closed.url + path, headers=preflight)
             assert shut.headers.get("access-control-allow-origin") is None

@@ -64,7 +64,9 @@ def client_view(messages: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
                 if m.get("content"):
                     flat.append(("assistant", m["id"], m.get("name"), m["content"]))
                 for call in m.get("toolCalls") or ():
-                    flat.append(("call", m["id"], call["id"], call["function"]["name"], call["function"]["arguments"]))
+                    flat.append(
+                        ("call", m["id"], call["id"], call["function"]["name"], call["function"]["arguments"])
+                    )
             case "tool":
                 flat.append(("result", m["id"], m["toolCallId"], m["content"]))
     return flat
@@ -96,10 +98,16 @@ def run_client(served: Runtime, workflow: str, thread: str, turns: list[dict[str
     }
     assert NODE is not None
     done = subprocess.run(
-        [NODE, str(HERE / "run.mjs"), json.dumps(config)], cwd=HERE, capture_output=True, text=True, timeout=240,
+        [NODE, str(HERE / "run.mjs"), json.dumps(config)],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=240,
         env={**os.environ, "SUPPRESS_TRANSFORMATION_WARNINGS": "true"},
     )
-    assert done.returncode == 0, f"the AG-UI client rejected the stream:\n{done.stderr[-4000:]}\n{served.log_tail()}"
+    assert done.returncode == 0, (
+        f"the AG-UI client rejected the stream:\n{done.stderr[-4000:]}\n{served.log_tail()}"
+    )
     output: dict[str, Any] = json.loads(done.stdout)
     return output
 

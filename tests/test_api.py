@@ -31,11 +31,15 @@ def bearer(user: str, app: str = "P", roles: tuple[str, ...] = ("user",)) -> dic
     return {"Authorization": f"Bearer {issue_token(SECRET, user, app, list(roles))}"}
 
 
-async def wait_for_terminal(http: httpx.AsyncClient, chat_id: str, headers: dict[str, str] | None = None) -> str:
+async def wait_for_terminal(
+    http: httpx.AsyncClient, chat_id: str, headers: dict[str, str] | None = None
+) -> str:
     async with asyncio.timeout(60):
         while True:
             events = (await http.get(f"/api/chats/{chat_id}/events", headers=headers)).json()["events"]
-            terminal = [e["type"] for e in events if e["type"] in ("run.completed", "run.failed", "run.stopped")]
+            terminal = [
+                e["type"] for e in events if e["type"] in ("run.completed", "run.failed", "run.stopped")
+            ]
             if terminal:
                 return terminal[-1]
             await asyncio.sleep(0.1)
@@ -73,27 +77,41 @@ async def test_users_see_only_their_own_chats(secured: Any) -> None:
         events = (await http.get(f"/api/chats/{chat_id}/events", headers=x)).json()["events"]
         assert "let me in" not in json.dumps(events)
     token_y = issue_token(SECRET, "y", "P", ["user"])
-    async with connect(f"{secured.ws_url}/ws/chats/{chat_id}?after=0", subprotocols=[f"bearer.{token_y}"]) as ws:
+    async with connect(
+        f"{secured.ws_url}/ws/chats/{chat_id}?after=0", subprotocols=[f"bearer.{token_y}"]
+    ) as ws:
         assert json.loads(await ws.recv())["code"] == "forbidden"
         with pytest.raises(ConnectionClosed) as closed:
             await ws.recv()
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
     token_x = issue_token(SECRET, "x", "P", ["user"])
-    async with connect(f"{secured.ws_url}/ws/chats/{chat_id}?after=0", subprotocols=[f"bearer.{token_x}"]) as ws:
+    async with connect(
+        f"{secured.ws_url}/ws/chats/{chat_id}?after=0", subprotocols=[f"bearer.{token_x}"]
+    ) as ws:
         assert ws.subprotocol == f"bearer.{token_x}"
         assert json.loads(await ws.recv())["type"] == "event"
 
 
 async def test_auditors_read_every_chat_of_their_app_only(secured: Any) -> None:
     async with httpx.AsyncClient(base_url=secured.url) as http:
-        in_p = (await http.post("/api/chats", json={"workflow": "Analyzer", "message": "p"}, headers=bearer("x", "P"))).json()
-        in_q = (await http.post("/api/chats", json={"workflow": "Analyzer", "message": "q"}, headers=bearer("z", "Q"))).json()
+        in_p = (
+            await http.post(
+                "/api/chats", json={"workflow": "Analyzer", "message": "p"}, headers=bearer("x", "P")
+            )
+        ).json()
+        in_q = (
+            await http.post(
+                "/api/chats", json={"workflow": "Analyzer", "message": "q"}, headers=bearer("z", "Q")
+            )
+        ).json()
         auditor = bearer("audit", "P", ("auditor",))
         await wait_for_terminal(http, in_p["chat_id"], auditor)
         events = (await http.get(f"/api/chats/{in_p['chat_id']}/events", headers=auditor)).json()["events"]
         assert events[0]["type"] == "chat.created" and all("hash" in e for e in events)
         assert any(not e["visible"] for e in events), "auditors see hidden agents' records too"
-        own = (await http.get(f"/api/chats/{in_p['chat_id']}/events", headers=bearer("x", "P"))).json()["events"]
+        own = (await http.get(f"/api/chats/{in_p['chat_id']}/events", headers=bearer("x", "P"))).json()[
+            "events"
+        ]
         assert own and all(e["visible"] for e in own), "a user sees what the ChatUI may show, no hidden agent"
         assert "Collector" not in {e["agent"] for e in own}
         assert (await http.get(f"/api/chats/{in_q['chat_id']}/events", headers=auditor)).status_code == 403
@@ -131,7 +149,11 @@ async def test_an_auditor_cannot_stop_or_steer_a_chat_over_the_websocket(secured
                 reply = json.loads(await ws.recv())
                 while reply["type"] == "heartbeat":
                     reply = json.loads(await ws.recv())
-                assert reply == {"type": "error", "code": "forbidden", "message": "only the chat's own user may do that"}
+                assert reply == {
+                    "type": "error",
+                    "code": "forbidden",
+                    "message": "only the chat's own user may do that",
+                }
     # Frames are handled one at a time: after the last refusal nothing more can land.
     assert [r.seq async for r in store.read("steer")] == [1, 2, 3, 4]
 
@@ -140,13 +162,22 @@ async def test_metrics_need_the_analyst_role(secured: Any) -> None:
     async with httpx.AsyncClient(base_url=secured.url) as http:
         assert (await http.get("/metrics/perf/aggregate", headers=bearer("x"))).status_code == 403
         assert (await http.get("/metrics/perf/chats", headers=bearer("x"))).status_code == 403
-        assert (await http.get("/metrics/perf/aggregate", headers=bearer("a", roles=("analyst",)))).status_code == 200
+        assert (
+            await http.get("/metrics/perf/aggregate", headers=bearer("a", roles=("analyst",)))
+        ).status_code == 200
         missing = await http.get("/api/chats")
         assert missing.status_code == 401
-        assert missing.json()["detail"] == "missing bearer token (Authorization header or bearer.<token> subprotocol)"
-        assert (await http.get("/api/chats", headers={"Authorization": "Bearer not.a.token"})).status_code == 401
+        assert (
+            missing.json()["detail"]
+            == "missing bearer token (Authorization header or bearer.<token> subprotocol)"
+        )
+        assert (
+            await http.get("/api/chats", headers={"Authorization": "Bearer not.a.token"})
+        ).status_code == 401
         forged = issue_token("another-secret-of-at-least-thirty-two-b", "x", "P", ["user"])
-        assert (await http.get("/api/chats", headers={"Authorization": f"Bearer {forged}"})).status_code == 401
+        assert (
+            await http.get("/api/chats", headers={"Authorization": f"Bearer {forged}"})
+        ).status_code == 401
 
 
 async def test_bad_input_gets_clear_errors_and_the_server_keeps_serving(start_node: Any, store: Any) -> None:
@@ -164,7 +195,10 @@ async def test_bad_input_gets_clear_errors_and_the_server_keeps_serving(start_no
         typo = await http.post("/api/chats", json={"workflow": "Analyzer", "mesage": "hi"})
         assert typo.status_code == 400
         missing = await http.get("/api/chats/missing/events")
-        assert missing.status_code == 404 and missing.json() == {"error": "unknown_chat", "detail": "chat missing does not exist"}
+        assert missing.status_code == 404 and missing.json() == {
+            "error": "unknown_chat",
+            "detail": "chat missing does not exist",
+        }
         bad_type = await http.get("/api/chats/c/events", params={"type": "message.nope"})
         assert bad_type.status_code == 400 and "message.nope" in bad_type.text
         assert (await http.get("/api/chats/c/events", params={"after": "-1"})).status_code == 400
@@ -191,7 +225,9 @@ async def test_bad_input_gets_clear_errors_and_the_server_keeps_serving(start_no
 async def test_continue_a_finished_chat_and_answer_input_over_rest(start_node: Any) -> None:
     node = await start_node()
     async with httpx.AsyncClient(base_url=node.url) as http:
-        chat_id = (await http.post("/api/chats", json={"workflow": "Assistant", "message": "bees"})).json()["chat_id"]
+        chat_id = (await http.post("/api/chats", json={"workflow": "Assistant", "message": "bees"})).json()[
+            "chat_id"
+        ]
         async with asyncio.timeout(60):
             while True:
                 events = (await http.get(f"/api/chats/{chat_id}/events")).json()["events"]
@@ -206,7 +242,11 @@ async def test_continue_a_finished_chat_and_answer_input_over_rest(start_node: A
         async with asyncio.timeout(60):
             while True:
                 types = [e["type"] for e in (await http.get(f"/api/chats/{chat_id}/events")).json()["events"]]
-                if types.count("run.started") == 2 and types[-1] in ("run.completed", "run.failed", "input.requested"):
+                if types.count("run.started") == 2 and types[-1] in (
+                    "run.completed",
+                    "run.failed",
+                    "input.requested",
+                ):
                     break
                 await asyncio.sleep(0.1)
         # The second run's researcher checks back too: the run waits for input, so it can be stopped.
@@ -216,16 +256,29 @@ async def test_continue_a_finished_chat_and_answer_input_over_rest(start_node: A
         assert await wait_for_terminal(http, chat_id) == "run.stopped"
         events = (await http.get(f"/api/chats/{chat_id}/events")).json()["events"]
         runs = [e["run_id"] for e in events if e["type"] == "run.started"]
-        assert [e["run_id"] for e in events if e["type"] == "run.stopped"] == [runs[1]] == [stopped.json()["run_id"]]
+        assert (
+            [e["run_id"] for e in events if e["type"] == "run.stopped"]
+            == [runs[1]]
+            == [stopped.json()["run_id"]]
+        )
         assert (await http.post(f"/api/chats/{chat_id}/stop")).status_code == 409
 
 
-async def test_a_run_whose_node_died_is_recorded_as_interrupted_and_can_continue(start_node: Any, store: Any, db: Any) -> None:
+async def test_a_run_whose_node_died_is_recorded_as_interrupted_and_can_continue(
+    start_node: Any, store: Any, db: Any
+) -> None:
     stream = StreamRef(chat_id="orphan", app_id="local", user_id="local", workflow="Analyzer")
-    await store.append(stream, [Pending(event=RunStarted(pattern="RoundRobin", max_turns=8), run_id="r-dead")], 0)
+    await store.append(
+        stream, [Pending(event=RunStarted(pattern="RoundRobin", max_turns=8), run_id="r-dead")], 0
+    )
     # The dead node's lease, already expired.
     await db["chat_leases"].insert_one(
-        {"_id": "orphan", "owner": "dead-node", "run_id": "r-dead", "expires_at": datetime.now(UTC) - timedelta(seconds=1)}
+        {
+            "_id": "orphan",
+            "owner": "dead-node",
+            "run_id": "r-dead",
+            "expires_at": datetime.now(UTC) - timedelta(seconds=1),
+        }
     )
     node = await start_node(lease_ttl_s=0.6)
     async with asyncio.timeout(30):
@@ -235,7 +288,9 @@ async def test_a_run_whose_node_died_is_recorded_as_interrupted_and_can_continue
                 break
             await asyncio.sleep(0.05)
     failed = [r async for r in store.read("orphan")][-1]
-    assert failed.type == "run.failed" and failed.data["reason"] == "interrupted" and failed.run_id == "r-dead"
+    assert (
+        failed.type == "run.failed" and failed.data["reason"] == "interrupted" and failed.run_id == "r-dead"
+    )
     assert await db["chat_leases"].count_documents({}) == 0
     async with httpx.AsyncClient(base_url=node.url) as http:
         resumed = await http.post("/api/chats/orphan/messages", json={"message": "go on"})
@@ -253,13 +308,20 @@ async def test_only_one_node_runs_a_chat(start_node: Any) -> None:
     node_a = await start_node()
     node_b = await start_node()
     async with httpx.AsyncClient(base_url=node_a.url) as a, httpx.AsyncClient(base_url=node_b.url) as b:
-        chat_id = (await a.post("/api/chats", json={"workflow": "Assistant", "message": "bees"})).json()["chat_id"]
+        chat_id = (await a.post("/api/chats", json={"workflow": "Assistant", "message": "bees"})).json()[
+            "chat_id"
+        ]
         async with asyncio.timeout(60):
-            while not any(e["type"] == "input.requested" for e in (await a.get(f"/api/chats/{chat_id}/events")).json()["events"]):
+            while not any(
+                e["type"] == "input.requested"
+                for e in (await a.get(f"/api/chats/{chat_id}/events")).json()["events"]
+            ):
                 await asyncio.sleep(0.1)
         # A's lease is live: B's supervisor does not start a second run of the chat.
         first = (await a.get(f"/api/chats/{chat_id}/events")).json()["events"][0]
-        stream = StreamRef(chat_id=chat_id, app_id=first["app_id"], user_id=first["user_id"], workflow=first["workflow"])
+        stream = StreamRef(
+            chat_id=chat_id, app_id=first["app_id"], user_id=first["user_id"], workflow=first["workflow"]
+        )
         with pytest.raises(RunActive):
             await node_b.runtime.supervisor.start(stream)
         assert chat_id not in node_b.runtime.supervisor.tasks
@@ -284,7 +346,9 @@ async def test_a_live_lease_of_another_node_refuses_a_new_run_and_an_expired_one
     stream = StreamRef(chat_id="leased", app_id="local", user_id="local", workflow="Analyzer")
     await store.append(stream, [Pending(event=ChatCreated()), Pending(event=MessageUser(content="count"))], 0)
     live = datetime.now(UTC) + timedelta(minutes=5)
-    await db["chat_leases"].insert_one({"_id": "leased", "owner": "node-a", "run_id": "r-a", "expires_at": live})
+    await db["chat_leases"].insert_one(
+        {"_id": "leased", "owner": "node-a", "run_id": "r-a", "expires_at": live}
+    )
     node = await start_node()
     async with httpx.AsyncClient(base_url=node.url) as http:
         refused = await http.post("/api/chats/leased/messages", json={"message": "again"})
@@ -297,7 +361,9 @@ async def test_a_live_lease_of_another_node_refuses_a_new_run_and_an_expired_one
             "_id": "leased", "owner": "node-a", "run_id": "r-a", "expires_at": live.replace(microsecond=live.microsecond // 1000 * 1000)
         }  # fmt: skip
         # Once node-a's lease has expired, this node takes it over and runs the chat.
-        await db["chat_leases"].update_one({"_id": "leased"}, {"$set": {"expires_at": datetime.now(UTC) - timedelta(seconds=1)}})
+        await db["chat_leases"].update_one(
+            {"_id": "leased"}, {"$set": {"expires_at": datetime.now(UTC) - timedelta(seconds=1)}}
+        )
         run_id = await node.runtime.supervisor.start(stream)
         lease = await db["chat_leases"].find_one({"_id": "leased"})
         assert lease is None or (lease["owner"], lease["run_id"]) == (node.settings.node_id, run_id)

@@ -14,7 +14,9 @@ from app.http.auth import LOCAL_USER, Principal, issue_token, principal_from_tok
 SECRET = "test-secret-of-at-least-thirty-two-bytes!"
 
 
-def connection(headers: dict[str, str] | None = None, subprotocols: list[str] | None = None, user: Any = None) -> Any:
+def connection(
+    headers: dict[str, str] | None = None, subprotocols: list[str] | None = None, user: Any = None
+) -> Any:
     scope: dict[str, Any] = {
         "type": "websocket" if subprotocols is not None else "http",
         "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
@@ -32,7 +34,11 @@ def test_an_issued_token_is_hs256_with_top_level_claims_and_a_lifetime() -> None
     token = issue_token(SECRET, "ann", "shop", ["user", "analyst"], ttl_s=120)
     assert jwt.get_unverified_header(token)["alg"] == "HS256"
     claims = jwt.decode(token, SECRET, algorithms=["HS256"])
-    assert {k: claims[k] for k in ("sub", "app_id", "roles")} == {"sub": "ann", "app_id": "shop", "roles": ["user", "analyst"]}
+    assert {k: claims[k] for k in ("sub", "app_id", "roles")} == {
+        "sub": "ann",
+        "app_id": "shop",
+        "roles": ["user", "analyst"],
+    }
     assert claims["exp"] - claims["iat"] == 120
     one_hour = jwt.decode(issue_token(SECRET, "ann", "shop", ["user"]), SECRET, algorithms=["HS256"])
     assert one_hour["exp"] - one_hour["iat"] == 3600  # the default lifetime
@@ -58,7 +64,9 @@ def test_an_expired_token_is_refused() -> None:
         ({"sub": "ann", "app_id": "shop", "roles": ["root"]}, "invalid token: roles must be a list of"),
     ],
 )
-def test_a_token_missing_or_mangling_a_claim_is_refused_naming_it(claims: dict[str, Any], problem: str) -> None:
+def test_a_token_missing_or_mangling_a_claim_is_refused_naming_it(
+    claims: dict[str, Any], problem: str
+) -> None:
     with pytest.raises(NotAuthorizedException) as refused:
         principal_from_token(signed(claims), SECRET)
     assert refused.value.detail.startswith(problem)
@@ -66,7 +74,9 @@ def test_a_token_missing_or_mangling_a_claim_is_refused_naming_it(claims: dict[s
 
 def test_a_token_signed_otherwise_is_refused() -> None:
     with pytest.raises(NotAuthorizedException, match="invalid token: Signature verification failed"):
-        principal_from_token(signed({"sub": "ann", "app_id": "shop"}, "another-secret-of-at-least-32-bytes!!"), SECRET)
+        principal_from_token(
+            signed({"sub": "ann", "app_id": "shop"}, "another-secret-of-at-least-32-bytes!!"), SECRET
+        )
     with pytest.raises(NotAuthorizedException, match="invalid token: The specified alg value is not allowed"):
         principal_from_token(signed({"sub": "ann", "app_id": "shop"}, SECRET * 2, "HS512"), SECRET)
 
@@ -99,7 +109,11 @@ def test_who_may_read_and_who_may_control_a_chat() -> None:
     assert auditor.can_read_chat("bob", "shop") and not auditor.can_control_chat("bob", "shop")
     assert not auditor.can_read_chat("bob", "other")
     assert auditor.can_read_chat("aud", "shop") and auditor.can_control_chat("aud", "shop")
-    assert LOCAL_USER.can_control_chat("local", "local") and LOCAL_USER.roles == {"user", "auditor", "analyst"}
+    assert LOCAL_USER.can_control_chat("local", "local") and LOCAL_USER.roles == {
+        "user",
+        "auditor",
+        "analyst",
+    }
 
 
 def test_require_role_names_the_role_it_needs() -> None:

@@ -87,21 +87,37 @@ async def test_every_error_has_one_shape_litestars_own_included(start_node: Any,
             (await http.get("/api/chats"), 401, "unauthorized"),
             (await http.get("/api/chats", headers={"Authorization": "Bearer nope"}), 401, "unauthorized"),
             (await http.get("/api/chats", params={"limit": "0"}, headers=user), 400, "bad_request"),
-            (await http.post("/api/chats", json={"workflow": "Analyzer", "mesage": "x"}, headers=user), 400, "bad_request"),
+            (
+                await http.post("/api/chats", json={"workflow": "Analyzer", "mesage": "x"}, headers=user),
+                400,
+                "bad_request",
+            ),
             (await http.get("/metrics/perf/aggregate", headers=user), 403, "forbidden"),
             (await http.get("/api/chats/theirs/events", headers=user), 403, "forbidden"),
             (await http.get("/api/chats/none/events", headers=user), 404, "unknown_chat"),
             (await http.get("/api/nothing-here", headers=user), 404, "not_found"),
-            (await http.post("/api/chats", json={"workflow": "Nope", "message": "x"}, headers=user), 404, "unknown_workflow"),
+            (
+                await http.post("/api/chats", json={"workflow": "Nope", "message": "x"}, headers=user),
+                404,
+                "unknown_workflow",
+            ),
             (await http.delete("/api/chats", headers=user), 405, "method_not_allowed"),
-            (await http.post("/api/chats", json={"workflow": "Analyzer", "message": "x" * 5000}, headers=user), 413, "too_large"),
+            (
+                await http.post(
+                    "/api/chats", json={"workflow": "Analyzer", "message": "x" * 5000}, headers=user
+                ),
+                413,
+                "too_large",
+            ),
             (await http.post("/api/chats/theirs/stop", headers=user), 403, "forbidden"),
         ]
         for response, status, code in cases:
             assert response.status_code == status, (response.request.url, response.text)
             assert _is_error_shape(response.json(), code), (response.request.url, response.text)
         bad_limit = (await http.get("/api/chats", params={"limit": "0"}, headers=user)).json()
-        assert [f["name"] for f in bad_limit["fields"]] == ["limit"] and bad_limit["fields"][0]["source"] == "query"
+        assert [f["name"] for f in bad_limit["fields"]] == ["limit"] and bad_limit["fields"][0][
+            "source"
+        ] == "query"
         typo = cases[3][0].json()
         assert typo["fields"] and "mesage" in str(typo["fields"]), typo
         # The rate limit counted the refused starts above; the next start is refused with its own code.
@@ -213,7 +229,9 @@ def test_readme_rest_table_matches_the_schema() -> None:
             fields = re.findall(r"[a-z_]+", token[1:-1]) if token.startswith("{") else [token]
             for field in fields:
                 if re.fullmatch(r"[a-z_]+", field):
-                    assert field in known, f"README names `{field}` for {endpoints.strip()}, which /schema does not"
+                    assert field in known, (
+                        f"README names `{field}` for {endpoints.strip()}, which /schema does not"
+                    )
 
 
 def test_rest_and_the_websocket_name_an_error_with_the_same_code() -> None:

@@ -26,17 +26,24 @@ TOOL_ARGUMENTS = '{"text":  "one two three"}'
 def solo_workflows(tmp_path: Path) -> Path:
     """One agent with one tool, handing over to nobody (Default pattern)."""
     return solo_workflow(
-        tmp_path, tool="text_statistics:tools.text_stats:text_statistics",
+        tmp_path,
+        tool="text_statistics:tools.text_stats:text_statistics",
         prompt="You are the Writer. Count words with text_statistics.",
     )
 
 
 @pytest.fixture
 def server() -> Iterator[StreamingModel]:
-    compatible = StreamingModel([
-        Reply(tool_calls=[ToolCall("call_1", "text_statistics", TOOL_ARGUMENTS)], prompt_tokens=31, completion_tokens=9),
-        Reply(chunks=["Three", " words", "."], prompt_tokens=57, completion_tokens=4),
-    ])
+    compatible = StreamingModel(
+        [
+            Reply(
+                tool_calls=[ToolCall("call_1", "text_statistics", TOOL_ARGUMENTS)],
+                prompt_tokens=31,
+                completion_tokens=9,
+            ),
+            Reply(chunks=["Three", " words", "."], prompt_tokens=57, completion_tokens=4),
+        ]
+    )
     yield compatible
     compatible.close()
 
@@ -44,31 +51,53 @@ def server() -> Iterator[StreamingModel]:
 async def test_openai_sdk_path_records_calls_tools_and_usage(
     store: MongoEventStore, solo_workflows: Path, server: StreamingModel
 ) -> None:
-    settings = Settings(openai_api_key="sk-test", openai_base_url=server.base_url, openai_model="test-model", workflows_path=solo_workflows)
+    settings = Settings(
+        openai_api_key="sk-test",
+        openai_base_url=server.base_url,
+        openai_model="test-model",
+        workflows_path=solo_workflows,
+    )
     assert not settings.offline
     orchestrator = Orchestrator(store, WorkflowManager(solo_workflows), settings)
-    stream = await orchestrator.create_chat(workflow="Solo", user_id="u", app_id="a", message="Count: one two three")
+    stream = await orchestrator.create_chat(
+        workflow="Solo", user_id="u", app_id="a", message="Count: one two three"
+    )
     assert await orchestrator.run(stream) == "run.completed"
     records = [r async for r in store.read(stream.chat_id)]
 
     started = next(r for r in records if r.type == "run.started")
     assert started.data["offline"] is False and started.data["model"] == "test-model"
     calls = [r for r in records if r.type == "llm.call"]
-    assert [(c.agent, c.data["model"], c.data["prompt_tokens"], c.data["completion_tokens"], c.data["finish_reason"], c.data["offline"])
-            for c in calls] == [
+    assert [
+        (
+            c.agent,
+            c.data["model"],
+            c.data["prompt_tokens"],
+            c.data["completion_tokens"],
+            c.data["finish_reason"],
+            c.data["offline"],
+        )
+        for c in calls
+    ] == [
         ("Writer", "compat-model-2024", 31, 9, "tool_calls", False),
         ("Writer", "compat-model-2024", 57, 4, "stop", False),
     ]
     assert all(c.data["latency_ms"] > 0 for c in calls)
     called = next(r for r in records if r.type == "tool.called")
-    assert (called.data["tool"], called.data["call_id"], called.data["arguments"]) == ("text_statistics", "call_1", TOOL_ARGUMENTS)
+    assert (called.data["tool"], called.data["call_id"], called.data["arguments"]) == (
+        "text_statistics",
+        "call_1",
+        TOOL_ARGUMENTS,
+    )
     result = next(r for r in records if r.type == "tool.result")
     assert json.loads(result.data["content"])["words"] == 3 and not result.data["is_error"]
     message = next(r for r in records if r.type == "message.agent")
     assert message.data["content"] == "Three words."
     # The streamed text is in the log too, ahead of the message it makes up.
     deltas = [r for r in records if r.type == "message.delta"]
-    assert deltas and all(d.data["message_id"] == message.data["message_id"] and d.seq < message.seq for d in deltas)
+    assert deltas and all(
+        d.data["message_id"] == message.data["message_id"] and d.seq < message.seq for d in deltas
+    )
     assert "".join(d.data["text"] for d in deltas) == "Three words."
     assert all(c.data["ttft_ms"] is not None and c.data["ttft_ms"] <= c.data["latency_ms"] for c in calls)
 
@@ -80,7 +109,10 @@ async def test_openai_sdk_path_records_calls_tools_and_usage(
     assert body["model"] == "test-model" and body["temperature"] == 0.2
     assert [t["function"]["name"] for t in body["tools"]] == ["text_statistics"]
     assert not {"model_client_cls", "mozaiks_agent", "api_type"} & set(body)
-    assert body["messages"][0] == {"role": "system", "content": "You are the Writer. Count words with text_statistics."}
+    assert body["messages"][0] == {
+        "role": "system",
+        "content": "You are the Writer. Count words with text_statistics.",
+    }
     second = server.requests[1]["messages"]
     assert any(m.get("role") == "tool" and m.get("tool_call_id") == "call_1" for m in second)
 
@@ -90,7 +122,9 @@ async def test_a_failing_endpoint_fails_the_run_with_the_error_recorded(
 ) -> None:
     broken = StreamingModel([Reply(status=500, error="model overloaded")])
     try:
-        settings = Settings(openai_api_key="sk-test", openai_base_url=broken.base_url, workflows_path=solo_workflows)
+        settings = Settings(
+            openai_api_key="sk-test", openai_base_url=broken.base_url, workflows_path=solo_workflows
+        )
         orchestrator = Orchestrator(store, WorkflowManager(solo_workflows), settings)
         stream = await orchestrator.create_chat(workflow="Solo", user_id="u", app_id="a", message="hi")
         assert await orchestrator.run(stream) == "run.failed"

@@ -44,7 +44,9 @@ async def records_of(store: MongoEventStore, chat_id: str) -> list[Record]:
 class Answerer:
     """Answers each `input.requested` of a chat by appending `input.received` to the log (as the API would)."""
 
-    def __init__(self, store: MongoEventStore, stream: StreamRef, answers: list[str], *, with_id: bool = True):
+    def __init__(
+        self, store: MongoEventStore, stream: StreamRef, answers: list[str], *, with_id: bool = True
+    ):
         self.answers = list(answers)
         self.given: list[str] = []
         self.task = asyncio.create_task(self._answer(store, stream, with_id))
@@ -55,7 +57,11 @@ class Answerer:
                 text = self.answers.pop(0)
                 self.given.append(text)
                 request_id = record.data["request_id"] if with_id else None
-                await store.append(stream, [Pending(event=InputReceived(request_id=request_id, text=text))], expected_seq=None)
+                await store.append(
+                    stream,
+                    [Pending(event=InputReceived(request_id=request_id, text=text))],
+                    expected_seq=None,
+                )
 
     def close(self) -> None:
         self.task.cancel()
@@ -91,14 +97,22 @@ async def test_example_workflow_runs_end_to_end_with_every_event_recorded(
     assert len(own) == len(OWN_PREFIX) + report.runtime_events + inputs
     assert len(records) == report.ag2_events + report.runtime_events + len(OWN_PREFIX) + inputs
     assert {r.type for r in own} <= {
-        *OWN_PREFIX, "llm.call", "context.updated", "input.received", "run.completed", "message.delta", "message.agent"
+        *OWN_PREFIX,
+        "llm.call",
+        "context.updated",
+        "input.received",
+        "run.completed",
+        "message.delta",
+        "message.agent",
     }
     assert report.deltas == types.count("message.delta") > 0
     assert all(r.run_id == report.run_id for r in records[2:] if r.type != "input.received")
 
     if name != "Brainstorm":  # Random picks differ between runs; the others are deterministic
         # Counted independently: the same workflow on bare AG2 (no recording) yields as many events.
-        bare_events, bare_backend = await run_bare(orchestrator.workflows.get(name), MESSAGE, answers=ANSWERS.get(name))
+        bare_events, bare_backend = await run_bare(
+            orchestrator.workflows.get(name), MESSAGE, answers=ANSWERS.get(name)
+        )
         assert len(from_ag2) == len(bare_events)
         assert [json.loads(r.ag2)["type"] for r in from_ag2] == [e.type for e in bare_events]  # type: ignore[arg-type]
         assert types.count("llm.call") == bare_backend.calls
@@ -124,7 +138,9 @@ def speakers(records: list[Record]) -> list[str]:
     return order
 
 
-async def run_workflow(orchestrator: Orchestrator, store: MongoEventStore, name: str, answers: list[str] | None = None) -> list[Record]:
+async def run_workflow(
+    orchestrator: Orchestrator, store: MongoEventStore, name: str, answers: list[str] | None = None
+) -> list[Record]:
     stream = await orchestrator.create_chat(workflow=name, user_id="u", app_id="a", message=MESSAGE)
     answerer = Answerer(store, stream, answers or [])
     try:
@@ -134,7 +150,9 @@ async def run_workflow(orchestrator: Orchestrator, store: MongoEventStore, name:
     return await records_of(store, stream.chat_id)
 
 
-async def test_round_robin_gives_the_floor_in_agent_order(orchestrator: Orchestrator, store: MongoEventStore) -> None:
+async def test_round_robin_gives_the_floor_in_agent_order(
+    orchestrator: Orchestrator, store: MongoEventStore
+) -> None:
     records = await run_workflow(orchestrator, store, "Analyzer")
     order = speakers(records)
     cycle = ["Collector", "Analyst", "Summarizer"]
@@ -143,10 +161,16 @@ async def test_round_robin_gives_the_floor_in_agent_order(orchestrator: Orchestr
     assert handoffs[:2] == [("Collector", "Analyst"), ("Analyst", "Summarizer")]
 
 
-async def test_default_pattern_follows_the_llm_handoff(orchestrator: Orchestrator, store: MongoEventStore) -> None:
+async def test_default_pattern_follows_the_llm_handoff(
+    orchestrator: Orchestrator, store: MongoEventStore
+) -> None:
     records = await run_workflow(orchestrator, store, "Assistant", ["exit"])
     handoff = next(r for r in records if r.type == "handoff")
-    assert (handoff.data["source"], handoff.data["target"], handoff.data["kind"]) == ("Concierge", "Researcher", "llm_condition")
+    assert (handoff.data["source"], handoff.data["target"], handoff.data["kind"]) == (
+        "Concierge",
+        "Researcher",
+        "llm_condition",
+    )
     assert speakers(records)[:3] == ["Concierge", "Researcher", "user"]
     # The handoff event held live AG2 objects; its JSON was written by the recorder itself.
     raw = json.loads(handoff.ag2)  # type: ignore[arg-type]
@@ -155,21 +179,29 @@ async def test_default_pattern_follows_the_llm_handoff(orchestrator: Orchestrato
     assert raw["content"]["transition_target"]["agent_name"] == "Researcher"
 
 
-async def test_random_pattern_picks_other_agents_of_the_set(orchestrator: Orchestrator, store: MongoEventStore) -> None:
+async def test_random_pattern_picks_other_agents_of_the_set(
+    orchestrator: Orchestrator, store: MongoEventStore
+) -> None:
     records = await run_workflow(orchestrator, store, "Brainstorm")
     order = [r.data["speaker"] for r in records if r.type == "speaker.selected"]
     assert order[0] == "Ideator" and len(order) >= 4
     assert set(order) <= {"Ideator", "Critic", "Optimist"}
-    assert all(a != b for a, b in itertools.pairwise(order))  # a random after-work never picks the speaker itself
+    assert all(
+        a != b for a, b in itertools.pairwise(order)
+    )  # a random after-work never picks the speaker itself
     assert {r.data["target"] for r in records if r.type == "handoff"} == {"random"}
 
 
-async def test_auto_pattern_lets_the_group_manager_choose(orchestrator: Orchestrator, store: MongoEventStore) -> None:
+async def test_auto_pattern_lets_the_group_manager_choose(
+    orchestrator: Orchestrator, store: MongoEventStore
+) -> None:
     records = await run_workflow(orchestrator, store, "Generator")
     assert speakers(records) == ["Orchestrator", "Generator", "Reviewer"]
     # Each choice after the entry agent was made by the manager's own LLM call, just before it.
     for speaker in ("Generator", "Reviewer"):
-        index = next(i for i, r in enumerate(records) if r.type == "speaker.selected" and r.data["speaker"] == speaker)
+        index = next(
+            i for i, r in enumerate(records) if r.type == "speaker.selected" and r.data["speaker"] == speaker
+        )
         calls = [r for r in records[:index] if r.type == "llm.call"]
         assert calls[-1].agent == "chat_manager"
 
@@ -194,7 +226,12 @@ async def test_a_tool_missing_from_tools_json_is_never_callable(
     shutil.copytree(EXAMPLES / "Analyzer", folder / "Analyzer")
     # The model asks for write_file: a real function of tools/, but not in this workflow's tools.json.
     (folder / "Analyzer" / "fixtures" / "Collector.json").write_text(
-        json.dumps([{"tool_calls": [{"name": "write_file", "arguments": {"path": "pwned.txt", "content": "x"}}]}, {"content": "ok"}])
+        json.dumps(
+            [
+                {"tool_calls": [{"name": "write_file", "arguments": {"path": "pwned.txt", "content": "x"}}]},
+                {"content": "ok"},
+            ]
+        )
     )
     orchestrator = Orchestrator(store, WorkflowManager(folder), Settings(workflows_path=folder))
     records = await run_workflow(orchestrator, store, "Analyzer")
@@ -218,7 +255,9 @@ async def test_llm_call_totals_equal_the_scripted_clients_own_count(
     assert sum(r.data["completion_tokens"] for r in calls) == completion
     assert all(r.data["offline"] for r in calls)
     # AG2's own summary misses the group manager's speaker-selection calls; ours does not.
-    completion_event = json.loads(next(r.ag2 for r in records if r.ag2 and '"type":"run_completion"' in r.ag2))
+    completion_event = json.loads(
+        next(r.ag2 for r in records if r.ag2 and '"type":"run_completion"' in r.ag2)
+    )
     ag2_prompt = sum(
         usage["prompt_tokens"]
         for key, usage in completion_event["content"]["cost"]["usage_including_cached_inference"].items()
@@ -227,7 +266,9 @@ async def test_llm_call_totals_equal_the_scripted_clients_own_count(
     assert ag2_prompt < prompt
 
 
-async def test_human_input_is_answered_through_the_log(orchestrator: Orchestrator, store: MongoEventStore) -> None:
+async def test_human_input_is_answered_through_the_log(
+    orchestrator: Orchestrator, store: MongoEventStore
+) -> None:
     stream = await orchestrator.create_chat(workflow="Assistant", user_id="u", app_id="a", message=MESSAGE)
     # The second answer carries no request id: it answers whatever request is open.
     answerer = Answerer(store, stream, ["Please add honey facts", "exit"], with_id=False)
@@ -247,14 +288,18 @@ async def test_human_input_is_answered_through_the_log(orchestrator: Orchestrato
     assert json.loads(echo.ag2)["content"]["content"] == "Please add honey facts"  # type: ignore[arg-type]
 
 
-async def test_a_run_stopped_in_the_log_cancels_the_run(orchestrator: Orchestrator, store: MongoEventStore) -> None:
+async def test_a_run_stopped_in_the_log_cancels_the_run(
+    orchestrator: Orchestrator, store: MongoEventStore
+) -> None:
     stream = await orchestrator.create_chat(workflow="Assistant", user_id="u", app_id="a", message=MESSAGE)
     run_id = "run-to-stop"
 
     async def stop_when_asked() -> None:
         async for record in store.subscribe(stream.chat_id):
             if record.type == "input.requested":
-                await store.append(stream, [Pending(event=RunStopped(by="u"), run_id=run_id)], expected_seq=None)
+                await store.append(
+                    stream, [Pending(event=RunStopped(by="u"), run_id=run_id)], expected_seq=None
+                )
                 return
 
     stopper = asyncio.create_task(stop_when_asked())
@@ -266,8 +311,12 @@ async def test_a_run_stopped_in_the_log_cancels_the_run(orchestrator: Orchestrat
     assert [r.seq for r in records] == list(range(1, len(records) + 1))
 
 
-async def test_a_follow_up_run_continues_the_conversation(orchestrator: Orchestrator, store: MongoEventStore) -> None:
-    stream = await orchestrator.create_chat(workflow="Brainstorm", user_id="u", app_id="a", message="Ideas for our school")
+async def test_a_follow_up_run_continues_the_conversation(
+    orchestrator: Orchestrator, store: MongoEventStore
+) -> None:
+    stream = await orchestrator.create_chat(
+        workflow="Brainstorm", user_id="u", app_id="a", message="Ideas for our school"
+    )
     assert await orchestrator.run(stream) == "run.completed"
     await store.append(stream, [Pending(event=MessageUser(content="More please"))], expected_seq=None)
     assert await orchestrator.run(stream) == "run.completed"
@@ -282,28 +331,49 @@ async def test_unknown_workflow_and_taken_chat_id_are_refused(orchestrator: Orch
 
     with pytest.raises(UnknownWorkflow, match="'Nope' is not loaded"):
         await orchestrator.create_chat(workflow="Nope", user_id="u", app_id="a", message="hi")
-    await orchestrator.create_chat(workflow="Analyzer", user_id="u", app_id="a", message="hi", chat_id="fixed")
+    await orchestrator.create_chat(
+        workflow="Analyzer", user_id="u", app_id="a", message="hi", chat_id="fixed"
+    )
     with pytest.raises(Conflict):
-        await orchestrator.create_chat(workflow="Analyzer", user_id="u", app_id="a", message="hi", chat_id="fixed")
+        await orchestrator.create_chat(
+            workflow="Analyzer", user_id="u", app_id="a", message="hi", chat_id="fixed"
+        )
 
 
-def test_cli_run_prints_events_asks_for_input_and_summarises(mongo_uri: str, db_name: str, tmp_path: Path) -> None:
+def test_cli_run_prints_events_asks_for_input_and_summarises(
+    mongo_uri: str, db_name: str, tmp_path: Path
+) -> None:
     from click.testing import CliRunner
 
     from app.cli.runs import run_command
 
     env = {
-        "DATABASE_URI": mongo_uri, "MOZAIKS_DB": db_name, "MOZAIKS_WORKFLOWS_PATH": str(EXAMPLES),
-        "MOZAIKS_WORKSPACE": str(tmp_path / "ws"), "OPENAI_API_KEY": "", "OPENAI_BASE_URL": "",
+        "DATABASE_URI": mongo_uri,
+        "MOZAIKS_DB": db_name,
+        "MOZAIKS_WORKFLOWS_PATH": str(EXAMPLES),
+        "MOZAIKS_WORKSPACE": str(tmp_path / "ws"),
+        "OPENAI_API_KEY": "",
+        "OPENAI_BASE_URL": "",
     }
-    result = CliRunner().invoke(run_command, ["Assistant", "Take notes about bees"], input="Add honey\nexit\n", env=env)
+    result = CliRunner().invoke(
+        run_command, ["Assistant", "Take notes about bees"], input="Add honey\nexit\n", env=env
+    )
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("offline mode")
     # Agent text streams onto the line of its first delta; the final message points back at it.
-    assert any("Researcher" in line and "message.delta" in line and "I saved notes/research.md" in line for line in lines)
-    assert any("Researcher" in line and "message.agent" in line and "streamed above" in line for line in lines)
+    assert any(
+        "Researcher" in line and "message.delta" in line and "I saved notes/research.md" in line
+        for line in lines
+    )
+    assert any(
+        "Researcher" in line and "message.agent" in line and "streamed above" in line for line in lines
+    )
     assert any("input.received" in line and "Add honey" in line for line in lines)
     assert "run.completed" in lines[-2]
     summary = lines[-1]
-    assert summary.startswith("chat ") and "· run.completed · 4 LLM calls ·" in summary and summary.endswith("offline")
+    assert (
+        summary.startswith("chat ")
+        and "· run.completed · 4 LLM calls ·" in summary
+        and summary.endswith("offline")
+    )

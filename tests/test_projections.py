@@ -239,14 +239,27 @@ async def test_metrics_count_per_chat_and_agent_with_cost_by_date_and_duration(
     await store.append(ref, [p(RunStarted(pattern="Auto", max_turns=5), run_id="r1")], None)
     calls = [
         p(
-            LlmCall(model="gpt-4o-mini", prompt_tokens=1000, completion_tokens=200, latency_ms=120.0,
-                    ttft_ms=20.0, stream_ms=100.0),
+            LlmCall(
+                model="gpt-4o-mini",
+                prompt_tokens=1000,
+                completion_tokens=200,
+                latency_ms=120.0,
+                ttft_ms=20.0,
+                stream_ms=100.0,
+            ),
             "Writer",
             "r1",
         ),
         p(
-            LlmCall(model="gpt-4o", prompt_tokens=100, completion_tokens=10, latency_ms=80.0, error="x",
-                    ttft_ms=60.0, stream_ms=10.0),
+            LlmCall(
+                model="gpt-4o",
+                prompt_tokens=100,
+                completion_tokens=10,
+                latency_ms=80.0,
+                error="x",
+                ttft_ms=60.0,
+                stream_ms=10.0,
+            ),
             "Critic",
             "r1",
         ),
@@ -255,8 +268,18 @@ async def test_metrics_count_per_chat_and_agent_with_cost_by_date_and_duration(
             "Writer",
             "r1",
         ),
-        p(LlmCall(model="mystery", prompt_tokens=5, completion_tokens=5, latency_ms=10.0, ttft_ms=4.0, stream_ms=5.0),
-          "Writer", "r1"),
+        p(
+            LlmCall(
+                model="mystery",
+                prompt_tokens=5,
+                completion_tokens=5,
+                latency_ms=10.0,
+                ttft_ms=4.0,
+                stream_ms=5.0,
+            ),
+            "Writer",
+            "r1",
+        ),
     ]
     tools = [
         p(ToolCalled(tool="t", call_id="1", arguments="{}"), "Writer", "r1"),
@@ -300,7 +323,9 @@ async def test_metrics_count_per_chat_and_agent_with_cost_by_date_and_duration(
     assert view["llm"]["ttft_ms"]["p95"] == pytest.approx(20.0, rel=0.01)
     assert view["llm"]["output_tokens_per_s"] == pytest.approx((200 + 5) / 0.105)
     assert writer["llm"]["output_tokens_per_s"] == pytest.approx(205 / 0.105)
-    assert critic["llm"]["output_tokens_per_s"] is None and critic["llm"]["ttft_ms"]["p50"] == pytest.approx(60.0, rel=0.01)
+    assert critic["llm"]["output_tokens_per_s"] is None and critic["llm"]["ttft_ms"]["p50"] == pytest.approx(
+        60.0, rel=0.01
+    )
     aggregate = await queries.aggregate_metrics(db)
     assert aggregate["llm"]["ttft_ms"] == view["llm"]["ttft_ms"]
     assert aggregate["llm"]["output_tokens_per_s"] == view["llm"]["output_tokens_per_s"]
@@ -345,9 +370,18 @@ async def test_a_call_is_priced_by_the_table_in_force_on_its_own_date_live_and_o
         [
             (datetime(2022, 6, 1, 12, tzinfo=UTC), p(ChatCreated())),
             (datetime(2022, 6, 1, 12, 1, tzinfo=UTC), p(LlmCall(model="m", prompt_tokens=million), "Writer")),
-            (datetime(2019, 3, 1, tzinfo=UTC), p(LlmCall(model="m-2019", completion_tokens=million), "Writer")),
-            (datetime(2024, 12, 31, 23, 59, tzinfo=UTC), p(LlmCall(model="m", prompt_tokens=million), "Critic")),
-            (datetime(2025, 1, 1, 0, 1, tzinfo=UTC), p(LlmCall(model="m", completion_tokens=million), "Critic")),
+            (
+                datetime(2019, 3, 1, tzinfo=UTC),
+                p(LlmCall(model="m-2019", completion_tokens=million), "Writer"),
+            ),
+            (
+                datetime(2024, 12, 31, 23, 59, tzinfo=UTC),
+                p(LlmCall(model="m", prompt_tokens=million), "Critic"),
+            ),
+            (
+                datetime(2025, 1, 1, 0, 1, tzinfo=UTC),
+                p(LlmCall(model="m", completion_tokens=million), "Critic"),
+            ),
         ],
     )
     # 2022: $1; 2019 (before the first version): that first version, $2; the last day of 2024: $1; 2025: $20.
@@ -356,7 +390,10 @@ async def test_a_call_is_priced_by_the_table_in_force_on_its_own_date_live_and_o
     async def costs() -> dict[str, int]:
         doc = await db.chat_metrics.find_one({"_id": "old"})
         assert doc is not None and doc["last_seq"] == 5
-        return {"cost_nanousd": doc["cost_nanousd"], **{a: doc["agents"][a]["cost_nanousd"] for a in ("Writer", "Critic")}}
+        return {
+            "cost_nanousd": doc["cost_nanousd"],
+            **{a: doc["agents"][a]["cost_nanousd"] for a in ("Writer", "Critic")},
+        }
 
     await runner.wait_caught_up(30)
     assert await costs() == expected
@@ -758,7 +795,9 @@ async def test_a_huge_chat_keeps_its_session_document_bounded_and_the_runner_goi
     small = StreamRef(chat_id="small", app_id="a", user_id="u", workflow="W")
     text = "x" * 40_000
     for start in range(0, 800, 100):
-        await store.append(big, [Pending(event=MessageAgent(content=text), agent="A") for _ in range(100)], start)
+        await store.append(
+            big, [Pending(event=MessageAgent(content=text), agent="A") for _ in range(100)], start
+        )
     await store.append(small, [Pending(event=MessageAgent(content="hi"), agent="A")], 0)
     runner = ProjectionRunner(db, store)
     task = asyncio.create_task(runner.run())

@@ -32,8 +32,12 @@ BIN = Path(sys.executable).parent
 
 
 def test_ruff_is_clean() -> None:
-    result = subprocess.run([BIN / "ruff", "check", "app", "domain", "projections", "tools", "tests"], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [BIN / "ruff", "check", "app", "domain", "projections", "tools", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout
 
 
@@ -48,7 +52,9 @@ def test_ruff_format_is_clean() -> None:
 
 
 def test_mypy_strict_is_clean_on_domain_projections_and_app() -> None:
-    result = subprocess.run([BIN / "mypy", "domain", "projections", "app"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [BIN / "mypy", "domain", "projections", "app"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout
 
 
@@ -70,7 +76,10 @@ def _app_imports() -> dict[str, set[str]]:
             elif isinstance(node, ast.Import):
                 found.update(alias.name for alias in node.names)
         imports[module] = found
-    return {module: {name for name in found if name in imports and name != module} for module, found in imports.items()}
+    return {
+        module: {name for name in found if name in imports and name != module}
+        for module, found in imports.items()
+    }
 
 
 def _layer(module: str) -> int:
@@ -87,7 +96,7 @@ def test_app_imports_point_down_and_never_in_a_circle() -> None:
 
     def visit(module: str, path: tuple[str, ...]) -> None:
         if module in path:
-            raise AssertionError(f"import cycle: {' -> '.join((*path[path.index(module):], module))}")
+            raise AssertionError(f"import cycle: {' -> '.join((*path[path.index(module) :], module))}")
         if module in done:
             return
         for dependency in sorted(graph[module]):
@@ -106,7 +115,11 @@ json_values = st.recursive(
 )
 frame_like = st.fixed_dictionaries(
     {"type": st.sampled_from(["user.message", "input.response", "chat.stop", "pong", "x"])},
-    optional={"text": json_values | st.text(max_size=8), "request_id": json_values | st.text(max_size=8), "extra": json_values},
+    optional={
+        "text": json_values | st.text(max_size=8),
+        "request_id": json_values | st.text(max_size=8),
+        "extra": json_values,
+    },
 )
 
 # What each client frame may carry: field -> (allowed JSON types, required).
@@ -135,7 +148,11 @@ def well_formed_frame(raw: bytes) -> bool:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.one_of(st.binary(max_size=64), json_values.map(msgspec.json.encode), frame_like.map(msgspec.json.encode)))
+@given(
+    st.one_of(
+        st.binary(max_size=64), json_values.map(msgspec.json.encode), frame_like.map(msgspec.json.encode)
+    )
+)
 def test_client_frame_decoder_accepts_exactly_the_well_formed_frames(raw: bytes) -> None:
     if well_formed_frame(raw):
         decoded = msgspec.to_builtins(_decode_client(raw))

@@ -20,13 +20,19 @@ def stream(chat_id: str, workflow: str = "Analyzer") -> StreamRef:
 async def orphan(store: MongoEventStore, chat_id: str, run_id: str) -> None:
     """A chat whose run started and then lost its node and its lease, with no terminal record."""
     await store.append(stream(chat_id), [Pending(event=MessageUser(content="hi"))], 0)
-    await store.append(stream(chat_id), [Pending(event=RunStarted(pattern="RoundRobin", max_turns=8), run_id=run_id)], 1)
+    await store.append(
+        stream(chat_id), [Pending(event=RunStarted(pattern="RoundRobin", max_turns=8), run_id=run_id)], 1
+    )
 
 
 async def test_finish_run_records_one_terminal_even_when_two_writers_race(store: MongoEventStore) -> None:
     await orphan(store, "race", "r1")
     finishes = [
-        store.finish_run(stream("race"), "r1", [Pending(event=RunFailed(error=f"writer {n}", reason="interrupted"), run_id="r1")])
+        store.finish_run(
+            stream("race"),
+            "r1",
+            [Pending(event=RunFailed(error=f"writer {n}", reason="interrupted"), run_id="r1")],
+        )
         for n in range(4)
     ]
     ends = await asyncio.gather(*finishes)
@@ -38,7 +44,9 @@ async def test_finish_run_records_one_terminal_even_when_two_writers_race(store:
     check_log(records)
 
 
-async def test_a_run_with_no_lease_and_no_end_never_blocks_the_chat(start_node: Any, store: MongoEventStore) -> None:
+async def test_a_run_with_no_lease_and_no_end_never_blocks_the_chat(
+    start_node: Any, store: MongoEventStore
+) -> None:
     await orphan(store, "wedged", "r-lost")
     node = await start_node()
     async with httpx.AsyncClient(base_url=node.url) as http:
@@ -64,7 +72,12 @@ async def test_two_nodes_sweeping_one_expired_lease_record_one_interruption(
 ) -> None:
     await orphan(store, "twice", "r-dead")
     await db["chat_leases"].insert_one(
-        {"_id": "twice", "owner": "dead", "run_id": "r-dead", "expires_at": datetime.now(UTC) - timedelta(seconds=1)}
+        {
+            "_id": "twice",
+            "owner": "dead",
+            "run_id": "r-dead",
+            "expires_at": datetime.now(UTC) - timedelta(seconds=1),
+        }
     )
     await asyncio.gather(start_node(lease_ttl_s=0.4), start_node(lease_ttl_s=0.4))
     records = await wait_for(store, "twice", lambda rs: run_end(rs) is not None)
@@ -82,7 +95,9 @@ async def test_a_stop_sent_to_another_node_is_recorded_by_the_running_node_as_th
     node_a = await start_node()
     node_b = await start_node()
     async with httpx.AsyncClient(base_url=node_a.url) as a, httpx.AsyncClient(base_url=node_b.url) as b:
-        chat_id = (await a.post("/api/chats", json={"workflow": "Assistant", "message": "bees"})).json()["chat_id"]
+        chat_id = (await a.post("/api/chats", json={"workflow": "Assistant", "message": "bees"})).json()[
+            "chat_id"
+        ]
         await wait_for(store, chat_id, waiting_for_input)
         stopped = await b.post(f"/api/chats/{chat_id}/stop")
         assert stopped.status_code == 202

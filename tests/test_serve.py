@@ -47,7 +47,9 @@ def alive(pid: int) -> bool:
 
 
 def serve(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen[bytes]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "DATABASE_URI", "MOZAIKS_"))}
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "DATABASE_URI", "MOZAIKS_"))
+    }
     environment.update({"MOZAIKS_DATA_DIR": str(tmp_path / ".mozaiks"), **env})
     return subprocess.Popen(
         [str(MOZAIKS), "serve", *args],
@@ -62,7 +64,9 @@ def wait_ready(port: int, process: subprocess.Popen[bytes], within_s: float) -> 
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"serve exited: {process.stderr.read().decode()[-2000:] if process.stderr else ''}")
+            raise AssertionError(
+                f"serve exited: {process.stderr.read().decode()[-2000:] if process.stderr else ''}"
+            )
         try:
             response = httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=2)
             if response.status_code == 200:
@@ -141,4 +145,6 @@ def test_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
         process = serve(tmp_path, "--port", str(port))
         _, err = process.communicate(timeout=60)
     assert process.returncode == 2
-    assert err.decode().strip().splitlines()[-1].startswith(f"mozaiks: error: cannot listen on 127.0.0.1:{port}")
+    assert (
+        err.decode().strip().splitlines()[-1].startswith(f"mozaiks: error: cannot listen on 127.0.0.1:{port}")
+    )

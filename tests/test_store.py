@@ -111,7 +111,12 @@ async def test_edited_record_is_reported_by_verify(store: MongoEventStore) -> No
     await store.append(chat("audit"), [said(f"m{i}") for i in range(5)], 0)
     await store.events.update_one({"chat_id": "audit", "seq": 3}, {"$set": {"data.content": "forged"}})
     assert await store.verify("audit") == Verification(
-        chat_id="audit", ok=False, checked=2, last_seq=2, broken_seq=3, detail="hash does not match the record's content"
+        chat_id="audit",
+        ok=False,
+        checked=2,
+        last_seq=2,
+        broken_seq=3,
+        detail="hash does not match the record's content",
     )
 
 
@@ -218,7 +223,11 @@ async def test_find_filters_by_type_agent_and_time(store: MongoEventStore) -> No
     await store.append(chat("f1"), [Pending(event=MessageUser(content="q"))], 0)
     await store.append(
         chat("f1"),
-        [said("a", "Writer"), said("b", "Critic"), Pending(event=ToolCalled(tool="t", call_id="1", arguments="{}"), agent="Writer")],
+        [
+            said("a", "Writer"),
+            said("b", "Critic"),
+            Pending(event=ToolCalled(tool="t", call_id="1", arguments="{}"), agent="Writer"),
+        ],
         1,
     )
     await store.append(chat("f2", app_id="other"), [said("z", "Writer")], 0)

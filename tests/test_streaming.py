@@ -324,7 +324,9 @@ async def test_a_stream_cut_off_mid_answer_fails_the_run_and_keeps_what_was_said
     assert max(d.seq for d in deltas) < call.seq
 
 
-async def test_a_stream_cut_off_mid_answer_is_retried_as_a_new_message(store: MongoEventStore, solo: Path) -> None:
+async def test_a_stream_cut_off_mid_answer_is_retried_as_a_new_message(
+    store: MongoEventStore, solo: Path
+) -> None:
     cut = text_reply("Half of an answer that never gets to its end", 10, cut_after=3)
     whole = text_reply("A whole answer this time", 5)
     model = StreamingModel([cut, whole])
@@ -339,7 +341,9 @@ async def test_a_stream_cut_off_mid_answer_is_retried_as_a_new_message(store: Mo
     assert [(c.data["status"], c.data["attempt"]) for c in calls[:2]] == [("connection", 1), ("ok", 2)]
     [message] = [r for r in records if r.type == "message.agent"]
     assert message.data["content"] == "".join(whole.chunks)
-    first_try = [r for r in records if r.type == "message.delta" and r.data["message_id"] != message.data["message_id"]]
+    first_try = [
+        r for r in records if r.type == "message.delta" and r.data["message_id"] != message.data["message_id"]
+    ]
     # The cut try keeps what it said, as a message of its own that never finishes.
     assert "".join(d.data["text"] for d in first_try) == "".join(cut.chunks[:4])
     assert_messages_are_their_deltas(records)

@@ -33,7 +33,11 @@ def stream_of(chat_id: str) -> StreamRef:
 async def seed_chat(store: MongoEventStore, chat_id: str, count: int, hidden_every: int = 0) -> None:
     """A chat whose log holds `count` agent messages (every `hidden_every`-th one hidden)."""
     pendings = [
-        Pending(event=MessageAgent(content=f"m{i}"), agent="Analyst", visible=not (hidden_every and i % hidden_every == 0))
+        Pending(
+            event=MessageAgent(content=f"m{i}"),
+            agent="Analyst",
+            visible=not (hidden_every and i % hidden_every == 0),
+        )
         for i in range(1, count + 1)
     ]
     await store.append(stream_of(chat_id), pendings, None)
@@ -71,18 +75,24 @@ async def test_replay_then_replay_done_then_live_without_gap_or_duplicate(store,
     assert seqs(replay) == visible_after_10
     assert seqs(live) == [31, 32, 33, 34, 35]
     event = live[0]["event"]
-    assert event["type"] == "message.agent" and event["data"]["content"] == "m1" and event["agent"] == "Analyst"
+    assert (
+        event["type"] == "message.agent" and event["data"]["content"] == "m1" and event["agent"] == "Analyst"
+    )
     assert "hash" not in event and "ag2" not in event
 
 
-async def test_reconnecting_at_twenty_random_points_of_a_running_chat_sees_every_event_once(store, start_node) -> None:
+async def test_reconnecting_at_twenty_random_points_of_a_running_chat_sees_every_event_once(
+    store, start_node
+) -> None:
     node = await start_node()
     total = 400
     await seed_chat(store, "run", 1)
 
     async def producer() -> None:
         for _ in range(total - 1):
-            await store.append(stream_of("run"), [Pending(event=MessageAgent(content="x"), agent="Analyst")], None)
+            await store.append(
+                stream_of("run"), [Pending(event=MessageAgent(content="x"), agent="Analyst")], None
+            )
             await asyncio.sleep(0.002)
 
     producing = asyncio.create_task(producer())
@@ -106,7 +116,9 @@ async def test_reconnecting_at_twenty_random_points_of_a_running_chat_sees_every
 async def test_a_real_run_streams_to_a_client_that_connects_before_it_starts(start_node) -> None:
     node = await start_node()
     async with httpx.AsyncClient(base_url=node.url) as http:
-        started = (await http.post("/api/chats", json={"workflow": "Analyzer", "message": "Count words"})).json()
+        started = (
+            await http.post("/api/chats", json={"workflow": "Analyzer", "message": "Count words"})
+        ).json()
         chat_id = started["chat_id"]
         async with connect(f"{node.ws_url}/ws/chats/{chat_id}?after=0") as ws:
             got: list[dict[str, Any]] = []
@@ -134,16 +146,20 @@ async def test_two_hundred_clients_on_one_chat_receive_the_identical_sequence(st
     expected = [s for s in range(1, 51) if s <= 5 or (s - 5) % 7 != 0]
     for frames in results:
         assert seqs(frames) == expected
-    assert len({json.dumps(f, sort_keys=True) for frames in results for f in frames if f["type"] == "event"}) == len(
-        expected
-    )
+    assert len(
+        {json.dumps(f, sort_keys=True) for frames in results for f in frames if f["type"] == "event"}
+    ) == len(expected)
 
 
-async def test_a_client_on_node_b_sees_node_a_live_and_a_reconnect_to_a_misses_nothing(store, start_node) -> None:
+async def test_a_client_on_node_b_sees_node_a_live_and_a_reconnect_to_a_misses_nothing(
+    store, start_node
+) -> None:
     node_a = await start_node()
     node_b = await start_node()
     async with httpx.AsyncClient(base_url=node_a.url) as http:
-        chat_id = (await http.post("/api/chats", json={"workflow": "Assistant", "message": "Find bees"})).json()["chat_id"]
+        chat_id = (
+            await http.post("/api/chats", json={"workflow": "Assistant", "message": "Find bees"})
+        ).json()["chat_id"]
     ws_b = await connect(f"{node_b.ws_url}/ws/chats/{chat_id}?after=0")
     seen: list[dict[str, Any]] = []
     async with asyncio.timeout(60):
@@ -161,7 +177,9 @@ async def test_a_client_on_node_b_sees_node_a_live_and_a_reconnect_to_a_misses_n
     # Answer on node A; the run there goes on to completion; reconnect to A from the last seq seen on B.
     request_id = seen[-1]["event"]["data"]["request_id"]
     async with connect(f"{node_a.ws_url}/ws/chats/{chat_id}?after={seen[-1]['seq']}") as ws_a:
-        await ws_a.send(json.dumps({"type": "input.response", "request_id": request_id, "text": "yes, go on"}))
+        await ws_a.send(
+            json.dumps({"type": "input.response", "request_id": request_id, "text": "yes, go on"})
+        )
         async with asyncio.timeout(60):
             while seen[-1]["event"]["type"] not in ("run.completed", "run.failed"):
                 frame = json.loads(await ws_a.recv())
@@ -280,7 +298,13 @@ async def test_bad_frames_get_error_frames_and_the_socket_stays_open(store, star
     async with connect(f"{node.ws_url}/ws/chats/bad?after=0") as ws:
         await frames_until(ws, 1)
         assert json.loads(await ws.recv())["type"] == "replay.done"
-        for bad in ["not json", '{"type": "no.such"}', '{"type": "user.message"}', '{"type":"pong","x":1}', "[]"]:
+        for bad in [
+            "not json",
+            '{"type": "no.such"}',
+            '{"type": "user.message"}',
+            '{"type":"pong","x":1}',
+            "[]",
+        ]:
             await ws.send(bad)
             frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
             assert frame["type"] == "error" and frame["code"] == "bad_frame", bad
@@ -305,7 +329,9 @@ async def test_oversized_frame_closes_with_1009(store, start_node) -> None:
     ("path", "code"),
     [("/ws/chats/nope?after=0", 4404), ("/ws/chats/c?after=-1", 4400), ("/ws/chats/c?after=abc", 4400)],
 )
-async def test_unknown_chat_and_bad_after_close_with_their_codes(store, start_node, path: str, code: int) -> None:
+async def test_unknown_chat_and_bad_after_close_with_their_codes(
+    store, start_node, path: str, code: int
+) -> None:
     node = await start_node()
     await seed_chat(store, "c", 1)
     async with connect(f"{node.ws_url}{path}") as ws:
@@ -320,7 +346,9 @@ async def test_disconnect_never_stops_a_run_and_chat_stop_does(start_node) -> No
     node = await start_node()
     clients_before = WS_CLIENTS._value.get()
     async with httpx.AsyncClient(base_url=node.url) as http:
-        chat_id = (await http.post("/api/chats", json={"workflow": "Assistant", "message": "Find bees"})).json()["chat_id"]
+        chat_id = (
+            await http.post("/api/chats", json={"workflow": "Assistant", "message": "Find bees"})
+        ).json()["chat_id"]
         async with connect(f"{node.ws_url}/ws/chats/{chat_id}?after=0") as ws:
             async with asyncio.timeout(60):
                 while json.loads(await ws.recv()).get("event", {}).get("type") != "input.requested":
@@ -358,7 +386,9 @@ async def test_control_frames_act_on_the_socket_s_own_chat_only(store, db, start
             ],
             0,
         )
-        await db["chat_leases"].insert_one({"_id": chat_id, "owner": "elsewhere", "run_id": run_id, "expires_at": expires})
+        await db["chat_leases"].insert_one(
+            {"_id": chat_id, "owner": "elsewhere", "run_id": run_id, "expires_at": expires}
+        )
     node = await start_node()
 
     async def reply(ws: ClientConnection) -> dict[str, Any]:
@@ -379,7 +409,11 @@ async def test_control_frames_act_on_the_socket_s_own_chat_only(store, db, start
             await ws.send(json.dumps({"type": "chat.stop"}))
             while await stop_mark("b-mine") is None:
                 await asyncio.sleep(0.05)
-    assert (answered["seq"], answered["event"]["type"], answered["event"]["data"]["text"]) == (3, "input.received", "yes")
+    assert (answered["seq"], answered["event"]["type"], answered["event"]["data"]["text"]) == (
+        3,
+        "input.received",
+        "yes",
+    )
     assert busy == {
         "type": "error",
         "code": "run_active",

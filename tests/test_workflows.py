@@ -64,7 +64,11 @@ BROKEN: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "tool_function_not_found": (
         lambda d: _edit_json(
-            d, "tools.json", lambda t: {"tools": [{"name": "text_statistics", "function": "tools.text_stats:nope"}, t["tools"][1]]}
+            d,
+            "tools.json",
+            lambda t: {
+                "tools": [{"name": "text_statistics", "function": "tools.text_stats:nope"}, t["tools"][1]]
+            },
         ),
         "workflow 'Broken': tools.json at $.tools[0].function: tool not found: tools.text_stats has no function 'nope'",
     ),
@@ -73,7 +77,11 @@ BROKEN: dict[str, tuple[Callable[[Path], None], str]] = {
         "workflow 'Broken': agents.json at $.agents[0].tools[1]: tool not found: 'shell' is not declared in tools.json",
     ),
     "tool_outside_tools_package": (
-        lambda d: _edit_json(d, "tools.json", lambda t: {"tools": [t["tools"][0], {"name": "reference_lookup", "function": "os:system"}]}),
+        lambda d: _edit_json(
+            d,
+            "tools.json",
+            lambda t: {"tools": [t["tools"][0], {"name": "reference_lookup", "function": "os:system"}]},
+        ),
         "workflow 'Broken': tools.json at $.tools[1].function: 'os:system' must be 'tools.<module>:<function>'",
     ),
     "wrong_type": (
@@ -100,7 +108,9 @@ def workflows_dir(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
-def test_broken_manifest_gives_its_precise_error_and_the_others_still_load(workflows_dir: Path, case: str) -> None:
+def test_broken_manifest_gives_its_precise_error_and_the_others_still_load(
+    workflows_dir: Path, case: str
+) -> None:
     breaks, message = BROKEN[case]
     breaks(workflows_dir / "Broken")
     manager = WorkflowManager(workflows_dir)

@@ -71,9 +71,13 @@ def serve(host: str, port: int) -> None:
             settings = msgspec.structs.replace(settings, database_uri=embedded.start())
         except EmbeddedServerError as exc:
             fail(str(exc))
-        click.echo(f"mozaiks: embedded MongoDB on 127.0.0.1:{embedded.port}, data in {settings.data_dir / 'data'}")
+        click.echo(
+            f"mozaiks: embedded MongoDB on 127.0.0.1:{embedded.port}, data in {settings.data_dir / 'data'}"
+        )
     try:
-        click.echo(f"mozaiks: serving on http://{host}:{port}/ ({'offline fixtures' if settings.offline else 'OpenAI'})")
+        click.echo(
+            f"mozaiks: serving on http://{host}:{port}/ ({'offline fixtures' if settings.offline else 'OpenAI'})"
+        )
         # Stopped from the app's shutdown too: uvicorn re-raises SIGTERM after a graceful shutdown,
         # which would skip the `finally` below.
         on_shutdown = [embedded.stop] if embedded is not None else []  # called without arguments
@@ -97,7 +101,9 @@ def serve(host: str, port: int) -> None:
 @main.command()
 @click.option("--user", "user_id", required=True, help="the token's sub (user id)")
 @click.option("--app", "app_id", required=True, help="the token's app_id")
-@click.option("--role", "roles", multiple=True, default=["user"], show_default=True, help="user, auditor or analyst")
+@click.option(
+    "--role", "roles", multiple=True, default=["user"], show_default=True, help="user, auditor or analyst"
+)
 @click.option("--ttl", default=3600, show_default=True, help="seconds until it expires")
 def token(user_id: str, app_id: str, roles: tuple[str, ...], ttl: int) -> None:
     """Print a bearer token signed with MOZAIKS_AUTH_SECRET."""

@@ -46,26 +46,37 @@ workflows_group.add_command(validate_command)
 @click.argument("message")
 @click.option("--user-id", default="local", show_default=True, help="user_id recorded on the chat")
 @click.option("--app-id", default="local", show_default=True, help="app_id recorded on the chat")
-@click.option("--all-events/--visible-only", default=True, show_default=True, help="also print hidden agents' events")
+@click.option(
+    "--all-events/--visible-only", default=True, show_default=True, help="also print hidden agents' events"
+)
 def run_command(workflow: str, message: str, user_id: str, app_id: str, all_events: bool) -> None:
     """Run WORKFLOW on MESSAGE in the terminal, printing events as they are recorded."""
     settings = Settings.from_env()
     raise SystemExit(asyncio.run(_run(settings, workflow, message, user_id, app_id, all_events)))
 
 
-async def _run(settings: Settings, workflow: str, message: str, user_id: str, app_id: str, all_events: bool) -> int:
+async def _run(
+    settings: Settings, workflow: str, message: str, user_id: str, app_id: str, all_events: bool
+) -> int:
     manager = WorkflowManager(settings.workflows_path)
     if workflow not in manager.workflows:
         for error in manager.errors:
             if error.workflow == workflow:
                 click.echo(f"error: {error}", err=True)
-        click.echo(f"workflow {workflow!r} is not available (loaded: {', '.join(manager.names()) or 'none'})", err=True)
+        click.echo(
+            f"workflow {workflow!r} is not available (loaded: {', '.join(manager.names()) or 'none'})",
+            err=True,
+        )
         return 2
     async with open_store(settings) as store:
         orchestrator = Orchestrator(store, manager, settings)
         if settings.offline:
-            click.echo("offline mode: agents play their scripted fixtures (no OPENAI_API_KEY / OPENAI_BASE_URL)")
-        stream = await orchestrator.create_chat(workflow=workflow, user_id=user_id, app_id=app_id, message=message)
+            click.echo(
+                "offline mode: agents play their scripted fixtures (no OPENAI_API_KEY / OPENAI_BASE_URL)"
+            )
+        stream = await orchestrator.create_chat(
+            workflow=workflow, user_id=user_id, app_id=app_id, message=message
+        )
         printer = asyncio.create_task(_print_events(store, stream, all_events))
         try:
             try:
@@ -121,9 +132,15 @@ class StreamPrinter:
             self.streamed[message_id] = self.streamed.get(message_id, 0) + len(text)
             return
         self.end_line()
-        streamed = self.streamed.pop(record.data.get("message_id", ""), None) if record.type == "message.agent" else None
+        streamed = (
+            self.streamed.pop(record.data.get("message_id", ""), None)
+            if record.type == "message.agent"
+            else None
+        )
         if streamed is not None:
-            click.echo(f"{record.seq:>4} {record.agent or '-':<14} {'message.agent':<16} (streamed above: {streamed} characters)")
+            click.echo(
+                f"{record.seq:>4} {record.agent or '-':<14} {'message.agent':<16} (streamed above: {streamed} characters)"
+            )
         else:
             click.echo(describe(record))
 

@@ -124,9 +124,13 @@ def messages_of(records: Iterable[Record]) -> list[Message]:
             case "message.user":
                 messages.append(UserMessage(id=_message_id(record), content=data["content"]))
             case "message.agent":
-                messages.append(AssistantMessage(id=_message_id(record), content=data["content"], name=record.agent))
+                messages.append(
+                    AssistantMessage(id=_message_id(record), content=data["content"], name=record.agent)
+                )
             case "tool.called":
-                call = ToolCall(id=_call_id(record), function=FunctionCall(name=data["tool"], arguments=data["arguments"]))
+                call = ToolCall(
+                    id=_call_id(record), function=FunctionCall(name=data["tool"], arguments=data["arguments"])
+                )
                 messages.append(AssistantMessage(id=record.id, tool_calls=[call]))
             case "tool.result":
                 result = ToolMessage(id=record.id, content=data["content"], tool_call_id=_call_id(record))
@@ -135,7 +139,8 @@ def messages_of(records: Iterable[Record]) -> list[Message]:
                     (
                         i + 1
                         for i, m in enumerate(messages)
-                        if isinstance(m, AssistantMessage) and any(c.id == result.tool_call_id for c in m.tool_calls or ())
+                        if isinstance(m, AssistantMessage)
+                        and any(c.id == result.tool_call_id for c in m.tool_calls or ())
                     ),
                     len(messages),
                 )
@@ -173,12 +178,17 @@ class RunTranslator:
         turn, earlier = history[-1], history[:-1]
         at = _ms(turn)
         events: list[BaseEvent] = [
-            RunStartedEvent(thread_id=self.thread_id, run_id=self.run_id, protocol_version=PROTOCOL_VERSION, timestamp=at),
+            RunStartedEvent(
+                thread_id=self.thread_id, run_id=self.run_id, protocol_version=PROTOCOL_VERSION, timestamp=at
+            ),
             StateSnapshotEvent(snapshot=state_at(history), timestamp=at),
         ]
         if any(r.type in _TURN_TYPES for r in earlier):
             if turn.type == "message.user":
-                events += [MessagesSnapshotEvent(messages=messages_of(earlier), timestamp=at), *self.text(turn)]
+                events += [
+                    MessagesSnapshotEvent(messages=messages_of(earlier), timestamp=at),
+                    *self.text(turn),
+                ]
             else:
                 events.append(MessagesSnapshotEvent(messages=messages_of(history), timestamp=at))
         return events
@@ -190,7 +200,11 @@ class RunTranslator:
             return []
         events = translation(self, record)
         if events and record.agent is not None and record.agent != self.step and record.type not in _ENDS:
-            events = [*self._close_step(record), StepStartedEvent(step_name=record.agent, timestamp=_ms(record)), *events]
+            events = [
+                *self._close_step(record),
+                StepStartedEvent(step_name=record.agent, timestamp=_ms(record)),
+                *events,
+            ]
             self.step = record.agent
         return events
 
@@ -202,7 +216,9 @@ class RunTranslator:
 
     def _close_all(self, record: Record) -> list[BaseEvent]:
         """Close what is open (streamed messages, the step) before the run ends."""
-        ends: list[BaseEvent] = [TextMessageEndEvent(message_id=m, timestamp=_ms(record)) for m in self.streamed]
+        ends: list[BaseEvent] = [
+            TextMessageEndEvent(message_id=m, timestamp=_ms(record)) for m in self.streamed
+        ]
         self.streamed.clear()
         self.finished = True
         return [*ends, *self._close_step(record)]
@@ -214,12 +230,16 @@ class RunTranslator:
         sent = self.streamed.pop(message_id, None)
         if sent is None:  # not streamed: the whole text in one CONTENT
             role: Literal["user", "assistant"] = "user" if record.type == "message.user" else "assistant"
-            events: list[BaseEvent] = [TextMessageStartEvent(message_id=message_id, role=role, name=record.agent, timestamp=at)]
+            events: list[BaseEvent] = [
+                TextMessageStartEvent(message_id=message_id, role=role, name=record.agent, timestamp=at)
+            ]
             if content:
                 events.append(TextMessageContentEvent(message_id=message_id, delta=content, timestamp=at))
             return [*events, TextMessageEndEvent(message_id=message_id, timestamp=at)]
         rest = content[len(sent) :] if content.startswith(sent) else ""
-        tail: list[BaseEvent] = [TextMessageContentEvent(message_id=message_id, delta=rest, timestamp=at)] if rest else []
+        tail: list[BaseEvent] = (
+            [TextMessageContentEvent(message_id=message_id, delta=rest, timestamp=at)] if rest else []
+        )
         return [*tail, TextMessageEndEvent(message_id=message_id, timestamp=at)]
 
     def delta(self, record: Record) -> list[BaseEvent]:
@@ -228,7 +248,11 @@ class RunTranslator:
         events: list[BaseEvent] = []
         if message_id not in self.streamed:
             self.streamed[message_id] = ""
-            events.append(TextMessageStartEvent(message_id=message_id, role="assistant", name=record.agent, timestamp=at))
+            events.append(
+                TextMessageStartEvent(
+                    message_id=message_id, role="assistant", name=record.agent, timestamp=at
+                )
+            )
         self.streamed[message_id] += text
         return [*events, TextMessageContentEvent(message_id=message_id, delta=text, timestamp=at)]
 
@@ -236,7 +260,12 @@ class RunTranslator:
         call_id, at = _call_id(record), _ms(record)
         arguments = str(record.data.get("arguments") or "")
         events: list[BaseEvent] = [
-            ToolCallStartEvent(tool_call_id=call_id, tool_call_name=record.data["tool"], parent_message_id=record.id, timestamp=at)
+            ToolCallStartEvent(
+                tool_call_id=call_id,
+                tool_call_name=record.data["tool"],
+                parent_message_id=record.id,
+                timestamp=at,
+            )
         ]
         if arguments:
             events.append(ToolCallArgsEvent(tool_call_id=call_id, delta=arguments, timestamp=at))
@@ -270,7 +299,9 @@ class RunTranslator:
             response_schema=ANSWER_SCHEMA,
         )
         outcome = RunFinishedInterruptOutcome(interrupts=[question])
-        finish = RunFinishedEvent(thread_id=self.thread_id, run_id=self.run_id, outcome=outcome, timestamp=_ms(record))
+        finish = RunFinishedEvent(
+            thread_id=self.thread_id, run_id=self.run_id, outcome=outcome, timestamp=_ms(record)
+        )
         return [*self._close_all(record), finish]
 
     def completed(self, record: Record) -> list[BaseEvent]:
@@ -285,12 +316,16 @@ class RunTranslator:
 
     def stopped(self, record: Record) -> list[BaseEvent]:
         outcome = RunFinishedCancelledOutcome()
-        finish = RunFinishedEvent(thread_id=self.thread_id, run_id=self.run_id, outcome=outcome, timestamp=_ms(record))
+        finish = RunFinishedEvent(
+            thread_id=self.thread_id, run_id=self.run_id, outcome=outcome, timestamp=_ms(record)
+        )
         return [*self._close_all(record), finish]
 
     def failed(self, record: Record) -> list[BaseEvent]:
         error = RunErrorEvent(
-            message=str(record.data.get("error", "the run failed")), code=record.data.get("reason"), timestamp=_ms(record)
+            message=str(record.data.get("error", "the run failed")),
+            code=record.data.get("reason"),
+            timestamp=_ms(record),
         )
         return [*self._close_all(record), error]
 
@@ -414,9 +449,15 @@ def _new_turn(run: RunAgentInput) -> tuple[str, str]:
         if isinstance(message, UserMessage):
             text = _text_of(message.content)
             if not text.strip():
-                raise Refused(400, codes.BAD_REQUEST, f"messages: the last user message ({message.id}) has no text")
+                raise Refused(
+                    400, codes.BAD_REQUEST, f"messages: the last user message ({message.id}) has no text"
+                )
             return message.id, text
-    raise Refused(400, codes.BAD_REQUEST, "messages: no user message to run (or send resume entries to answer an interrupt)")
+    raise Refused(
+        400,
+        codes.BAD_REQUEST,
+        "messages: no user message to run (or send resume entries to answer an interrupt)",
+    )
 
 
 def _answer_text(entry: ResumeEntry) -> str:
@@ -437,14 +478,20 @@ async def _first(store: MongoEventStore, chat_id: str, type_: str, field: str, v
 
 
 async def _resume(
-    store: MongoEventStore, supervisor: RunSupervisor, principal: Principal, chat_id: str, entries: list[ResumeEntry]
+    store: MongoEventStore,
+    supervisor: RunSupervisor,
+    principal: Principal,
+    chat_id: str,
+    entries: list[ResumeEntry],
 ) -> int:
     """Answer the interrupt the entries address; the run restarts from its `input.requested`."""
     state = await chat_state(store, chat_id)
     entry = next((e for e in entries if e.interrupt_id == state.open_request), entries[0])
     asked = await _first(store, chat_id, "input.requested", "request_id", entry.interrupt_id)
     if asked is None:
-        raise Refused(404, codes.UNKNOWN_INTERRUPT, f"resume: chat {chat_id} has no interrupt {entry.interrupt_id!r}")
+        raise Refused(
+            404, codes.UNKNOWN_INTERRUPT, f"resume: chat {chat_id} has no interrupt {entry.interrupt_id!r}"
+        )
     if state.open_request == entry.interrupt_id:
         if entry.status == "cancelled":
             with contextlib.suppress(NoActiveRun):
@@ -470,7 +517,9 @@ async def begin(
         if run.resume:
             raise Refused(404, codes.UNKNOWN_CHAT, f"resume: chat {chat_id} does not exist")
         if run.state is not None and not isinstance(run.state, dict):
-            raise Refused(400, codes.BAD_REQUEST, "state: a new chat's state must be an object (its context variables)")
+            raise Refused(
+                400, codes.BAD_REQUEST, "state: a new chat's state must be an object (its context variables)"
+            )
         message_id, text = _new_turn(run)
         try:
             stream = await orchestrator.create_chat(
@@ -490,7 +539,11 @@ async def begin(
         return turn.seq
     await owned_chat(store, principal, chat_id, control=True)
     if first.workflow != workflow:
-        raise Refused(409, codes.WRONG_WORKFLOW, f"thread {chat_id} is a chat of workflow {first.workflow}, not {workflow}")
+        raise Refused(
+            409,
+            codes.WRONG_WORKFLOW,
+            f"thread {chat_id} is a chat of workflow {first.workflow}, not {workflow}",
+        )
     if run.resume:
         return await _resume(store, supervisor, principal, chat_id, run.resume)
     message_id, text = _new_turn(run)
@@ -499,7 +552,11 @@ async def begin(
         return repeated.seq
     waiting = (await chat_state(store, chat_id)).open_request
     if waiting is not None:  # AG-UI answers an interrupt with `resume`, never with a new message
-        raise Refused(409, codes.INTERRUPT_PENDING, f"thread {chat_id} waits for an answer to interrupt {waiting}: send it in resume")
+        raise Refused(
+            409,
+            codes.INTERRUPT_PENDING,
+            f"thread {chat_id} waits for an answer to interrupt {waiting}: send it in resume",
+        )
     record = await supervisor.post_message(chat_id, text, message_id=message_id)
     return record.seq
 
@@ -543,11 +600,15 @@ async def run_agent(
         try:
             after = _position(last_event)
         except ValueError:
-            raise Refused(400, codes.BAD_REQUEST, f"Last-Event-ID {last_event!r} is not an id this endpoint sent") from None
+            raise Refused(
+                400, codes.BAD_REQUEST, f"Last-Event-ID {last_event!r} is not an id this endpoint sent"
+            ) from None
     start = await begin(store, orchestrator, supervisor, request.user, workflow, run)
     if after[0] and after[0] < start:
         raise Refused(
-            400, codes.BAD_REQUEST, f"Last-Event-ID {last_event!r} lies before this run (it starts at seq {start})"
+            400,
+            codes.BAD_REQUEST,
+            f"Last-Event-ID {last_event!r} lies before this run (it starts at seq {start})",
         )
     translator = RunTranslator(run.thread_id, run.run_id)
     return Stream(

@@ -89,13 +89,17 @@ def principal_from_token(encoded: str, secret: str) -> Principal:
 class BearerAuthMiddleware(AbstractAuthenticationMiddleware):
     """Attach the caller's Principal to every request and WebSocket (local user in local mode)."""
 
-    async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
+    async def authenticate_request(
+        self, connection: ASGIConnection[Any, Any, Any, Any]
+    ) -> AuthenticationResult:
         settings: Settings = connection.app.state.settings
         if settings.auth_secret is None:
             return AuthenticationResult(user=LOCAL_USER, auth=None)
         encoded = token_from(connection)
         if encoded is None:
-            raise NotAuthorizedException("missing bearer token (Authorization header or bearer.<token> subprotocol)")
+            raise NotAuthorizedException(
+                "missing bearer token (Authorization header or bearer.<token> subprotocol)"
+            )
         return AuthenticationResult(user=principal_from_token(encoded, settings.auth_secret), auth=encoded)
 
 

@@ -57,8 +57,12 @@ ACTIVE_STATUSES: Final = ("created", "running", "waiting_input")
 
 def javascript() -> str:
     """These codes as the ChatUI's ES module `app/static/js/codes.js` (a test keeps the file equal to this)."""
-    closes = {name.removeprefix("CLOSE_"): value for name, value in globals().items() if name.startswith("CLOSE_")}
-    errors = {name: value for name, value in globals().items() if isinstance(value, str) and value in ERROR_CODES}
+    closes = {
+        name.removeprefix("CLOSE_"): value for name, value in globals().items() if name.startswith("CLOSE_")
+    }
+    errors = {
+        name: value for name, value in globals().items() if isinstance(value, str) and value in ERROR_CODES
+    }
     lines = [
         "// Generated from app/http/codes.py by `codes.javascript()`; tests/test_contract.py keeps them equal.",
         "",
@@ -73,7 +77,9 @@ def javascript() -> str:
         "});",
         "",
         "/** Statuses of a chat with a run going (or about to start): it may be stopped. */",
-        f"export const ACTIVE_STATUSES = new Set([{', '.join(f'{s!r}' for s in ACTIVE_STATUSES)}]);".replace("'", '"'),
+        f"export const ACTIVE_STATUSES = new Set([{', '.join(f'{s!r}' for s in ACTIVE_STATUSES)}]);".replace(
+            "'", '"'
+        ),
         "",
     ]
     return "\n".join(lines)

@@ -54,7 +54,9 @@ class SendMessage(msgspec.Struct, forbid_unknown_fields=True):
     request_id: str | None = None
 
 
-async def owned_chat(store: MongoEventStore, principal: Principal, chat_id: str, *, control: bool = False) -> Record:
+async def owned_chat(
+    store: MongoEventStore, principal: Principal, chat_id: str, *, control: bool = False
+) -> Record:
     """The chat's first record, if the caller may read (or, with `control`, continue/stop) the chat.
 
     Raises UnknownChat (404) when there is no such chat, PermissionDeniedException (403) when it is
@@ -70,7 +72,9 @@ async def owned_chat(store: MongoEventStore, principal: Principal, chat_id: str,
     return first
 
 
-async def verify_chat(store: MongoEventStore, book: AnchorBook, principal: Principal, chat_id: str) -> Verification:
+async def verify_chat(
+    store: MongoEventStore, book: AnchorBook, principal: Principal, chat_id: str
+) -> Verification:
     """The chat's hash chain, and its log against its latest tail anchor.
 
     An auditor asking about a chat that is gone from the log but was anchored in their app gets
@@ -163,12 +167,18 @@ class ChatController(Controller):
         """The caller's chats, newest first (an auditor sees every chat of its app)."""
         principal = request.user
         user = None if "auditor" in principal.roles else principal.user_id
-        items = await queries.list_sessions(db, app_id=principal.app_id, user_id=user, offset=offset, limit=limit)
+        items = await queries.list_sessions(
+            db, app_id=principal.app_id, user_id=user, offset=offset, limit=limit
+        )
         return views.ChatList(chats=[_summary(doc) for doc in items], offset=offset, limit=limit)
 
     @get("/{chat_id:str}", responses=error_responses(401, 403, 404))
     async def get_chat(
-        self, request: Request[Principal, Any, Any], chat_id: str, store: MongoEventStore, db: AsyncDatabase[Any]
+        self,
+        request: Request[Principal, Any, Any],
+        chat_id: str,
+        store: MongoEventStore,
+        db: AsyncDatabase[Any],
     ) -> views.ChatSession:
         """The chat's session document (messages and status), projected from its log."""
         await owned_chat(store, request.user, chat_id)
@@ -178,7 +188,11 @@ class ChatController(Controller):
             raise NotFoundException(f"chat {chat_id} is not projected yet; retry shortly")
         return msgspec.convert(session, views.ChatSession)
 
-    @post("/{chat_id:str}/messages", status_code=HTTP_202_ACCEPTED, responses=error_responses(400, 401, 403, 404, 409, 413, 503))
+    @post(
+        "/{chat_id:str}/messages",
+        status_code=HTTP_202_ACCEPTED,
+        responses=error_responses(400, 401, 403, 404, 409, 413, 503),
+    )
     async def send_message(
         self,
         request: Request[Principal, Any, Any],
@@ -194,7 +208,11 @@ class ChatController(Controller):
 
     @post("/{chat_id:str}/stop", status_code=HTTP_202_ACCEPTED, responses=error_responses(401, 403, 404, 409))
     async def stop_chat(
-        self, request: Request[Principal, Any, Any], chat_id: str, store: MongoEventStore, supervisor: RunSupervisor
+        self,
+        request: Request[Principal, Any, Any],
+        chat_id: str,
+        store: MongoEventStore,
+        supervisor: RunSupervisor,
     ) -> views.StopAccepted:
         """Stop the chat's run (recorded as `run.stopped`)."""
         await owned_chat(store, request.user, chat_id, control=True)
@@ -230,7 +248,14 @@ class ChatController(Controller):
                 extra=[{"key": "type", "source": "query", "message": f"unknown event type(s) {unknown}"}],
             )
         records = store.find(
-            chat_id, after=after, limit=limit, types=event_type, agent=agent, since=since, until=until, visible=visible
+            chat_id,
+            after=after,
+            limit=limit,
+            types=event_type,
+            agent=agent,
+            since=since,
+            until=until,
+            visible=visible,
         )
         if fmt == "ndjson" or "application/x-ndjson" in request.headers.get("accept", ""):
 
@@ -273,10 +298,14 @@ class MetricsController(Controller):
     path = "/metrics/perf"
 
     @get("/aggregate", responses=error_responses(401, 403))
-    async def aggregate(self, request: Request[Principal, Any, Any], db: AsyncDatabase[Any]) -> queries.AggregateMetrics:
+    async def aggregate(
+        self, request: Request[Principal, Any, Any], db: AsyncDatabase[Any]
+    ) -> queries.AggregateMetrics:
         """Totals and merged latency percentiles across the app's chats."""
         principal = require_role(request, "analyst")
-        return msgspec.convert(await queries.aggregate_metrics(db, app_id=principal.app_id), queries.AggregateMetrics)
+        return msgspec.convert(
+            await queries.aggregate_metrics(db, app_id=principal.app_id), queries.AggregateMetrics
+        )
 
     @get("/chats", responses=error_responses(400, 401, 403))
     async def chats(
@@ -297,7 +326,11 @@ class MetricsController(Controller):
 
     @get("/chat/{chat_id:str}", responses=error_responses(401, 403, 404))
     async def chat(
-        self, request: Request[Principal, Any, Any], chat_id: str, store: MongoEventStore, db: AsyncDatabase[Any]
+        self,
+        request: Request[Principal, Any, Any],
+        chat_id: str,
+        store: MongoEventStore,
+        db: AsyncDatabase[Any],
     ) -> queries.ChatMetrics:
         """One chat's metrics, per chat and per agent."""
         principal: Principal = request.user
@@ -313,7 +346,8 @@ class MetricsController(Controller):
 def _ready_503() -> dict[int, ResponseSpec]:
     return {
         HTTP_503_SERVICE_UNAVAILABLE: ResponseSpec(
-            data_container=views.Readiness, description="Not ready: MongoDB does not answer, or the projections lag"
+            data_container=views.Readiness,
+            description="Not ready: MongoDB does not answer, or the projections lag",
         )
     }
 

@@ -114,7 +114,9 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
     if status >= 500:
         log.error("request.failed", method=request.method, path=request.url.path, error=repr(exc))
     fields = _fields(exc.extra) if status == 400 else None
-    return _response(status, ErrorBody(error=error_code(exc), detail=str(exc.detail), fields=fields), exc.headers)
+    return _response(
+        status, ErrorBody(error=error_code(exc), detail=str(exc.detail), fields=fields), exc.headers
+    )
 
 
 def _domain_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
@@ -131,7 +133,9 @@ def _refused(request: Request[Any, Any, Any], exc: Refused) -> Response[ErrorBod
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     log.error("request.crashed", method=request.method, path=request.url.path, exc_info=exc)
-    return _response(500, ErrorBody(error=codes.INTERNAL, detail="internal server error; the server log has the details"))
+    return _response(
+        500, ErrorBody(error=codes.INTERNAL, detail="internal server error; the server log has the details")
+    )
 
 
 EXCEPTION_HANDLERS: Final[ExceptionHandlersMap] = {

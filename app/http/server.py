@@ -125,7 +125,11 @@ async def projections_lifespan(app: Litestar) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     # One writer across replicas (the holder of the projection lease); the others stand by.
     runner = ProjectionRunner.for_settings(
-        app.state.db, app.state.store, settings.prices_path, owner=settings.node_id, lease_ttl_s=settings.lease_ttl_s
+        app.state.db,
+        app.state.store,
+        settings.prices_path,
+        owner=settings.node_id,
+        lease_ttl_s=settings.lease_ttl_s,
     )
     app.state.projections = runner
     async with _background("projection-runner", runner.run()):
@@ -148,7 +152,9 @@ async def supervisor_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Runs in the background, each guarded by a lease; expired leases recovered as interrupted runs."""
     state = app.state
     # Runs learn about input answers and stops from the process's one change stream (the hub).
-    orchestrator = state.orchestrator = Orchestrator(state.store, state.workflows, state.settings, follow=state.hub.records)
+    orchestrator = state.orchestrator = Orchestrator(
+        state.store, state.workflows, state.settings, follow=state.hub.records
+    )
     supervisor = state.supervisor = RunSupervisor(state.db, state.store, orchestrator, state.settings)
     async with _background("lease-watch", supervisor.watch_leases()):
         try:
@@ -286,7 +292,8 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
         dependencies=DEPENDENCIES,
         middleware=[
             DefineMiddleware(
-                BearerAuthMiddleware, exclude=["^/$", "^/static", "^/health", "^/schema", "^/api/info$", "^/ws/"]
+                BearerAuthMiddleware,
+                exclude=["^/$", "^/static", "^/health", "^/schema", "^/api/info$", "^/ws/"],
             ),
             rate_limit.middleware,
             prometheus.middleware,
@@ -302,7 +309,10 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             components=Components(
                 security_schemes={
                     "bearer": SecurityScheme(
-                        type="http", scheme="bearer", bearer_format="JWT", description="HS256, signed with MOZAIKS_AUTH_SECRET"
+                        type="http",
+                        scheme="bearer",
+                        bearer_format="JWT",
+                        description="HS256, signed with MOZAIKS_AUTH_SECRET",
                     )
                 }
             ),
@@ -323,5 +333,3 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
         active=lambda: len(state.supervisor.tasks) if state.get("supervisor") else 0,
     )
     return app
-
-

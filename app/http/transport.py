@@ -211,7 +211,9 @@ class ChatConnection:
         if isinstance(frame, Pong):
             return
         if not self.principal.can_control_chat(self.chat.user_id, self.chat.app_id):
-            await self.send(frame_text(ErrorFrame(code=codes.FORBIDDEN, message="only the chat's own user may do that")))
+            await self.send(
+                frame_text(ErrorFrame(code=codes.FORBIDDEN, message="only the chat's own user may do that"))
+            )
             return
         try:
             match frame:
@@ -239,7 +241,9 @@ def _principal(socket: WebSocket[Any, Any, Any], settings: Settings) -> Principa
         return LOCAL_USER
     token = token_from(socket)
     if token is None:
-        raise NotAuthorizedException("missing bearer token (bearer.<token> subprotocol or Authorization header)")
+        raise NotAuthorizedException(
+            "missing bearer token (bearer.<token> subprotocol or Authorization header)"
+        )
     return principal_from_token(token, secret)
 
 
@@ -275,7 +279,9 @@ async def chat_socket(
         if after < 0:
             raise ValueError
     except ValueError:
-        await _refuse(socket, CLOSE_BAD_REQUEST, codes.BAD_REQUEST, f"after={raw_after!r} must be a whole number >= 0")
+        await _refuse(
+            socket, CLOSE_BAD_REQUEST, codes.BAD_REQUEST, f"after={raw_after!r} must be a whole number >= 0"
+        )
         return
     try:
         principal = _principal(socket, settings)

@@ -34,7 +34,9 @@ from domain.manifest import AgentSpec
 class Team:
     """The AG2 objects of one run: agents by name, the user agent (if any) and the pattern."""
 
-    def __init__(self, agents: dict[str, ConversableAgent], user: ConversableAgent | None, pattern: Pattern) -> None:
+    def __init__(
+        self, agents: dict[str, ConversableAgent], user: ConversableAgent | None, pattern: Pattern
+    ) -> None:
         self.agents = agents
         self.user = user
         self.pattern = pattern
@@ -42,7 +44,11 @@ class Team:
 
 def llm_entry(spec: AgentSpec | None, default_model: str, agent: str) -> dict[str, Any]:
     """The AG2 config entry of an agent: the runtime's client, tagged with the agent's name."""
-    entry: dict[str, Any] = {"model": default_model, "model_client_cls": CLIENT_CLASS_NAME, "mozaiks_agent": agent}
+    entry: dict[str, Any] = {
+        "model": default_model,
+        "model_client_cls": CLIENT_CLASS_NAME,
+        "mozaiks_agent": agent,
+    }
     if spec is not None and spec.llm_config is not None:
         settings = spec.llm_config
         entry["model"] = settings.model or default_model
@@ -121,7 +127,9 @@ class _AutoPattern(AutoPattern):
     GroupChat as reply config, so both copies get the settings.
     """
 
-    def __init__(self, *args: Any, selector_config: dict[str, Any], client_cls: type[MozaiksModelClient], **kwargs: Any):
+    def __init__(
+        self, *args: Any, selector_config: dict[str, Any], client_cls: type[MozaiksModelClient], **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
         self._selector_config = selector_config
         self._client_cls = client_cls
@@ -129,7 +137,9 @@ class _AutoPattern(AutoPattern):
     def prepare_group_chat(self, max_rounds: int, messages: list[dict[str, Any]] | str) -> Any:
         components = super().prepare_group_chat(max_rounds=max_rounds, messages=messages)
         groupchat, manager = components[7], components[8]
-        chats = [groupchat] + [t["config"] for t in manager._reply_func_list if isinstance(t["config"], GroupChat)]
+        chats = [groupchat] + [
+            t["config"] for t in manager._reply_func_list if isinstance(t["config"], GroupChat)
+        ]
         for chat in chats:
             chat.select_speaker_auto_llm_config = self._selector_config
             chat.select_speaker_auto_model_client_cls = self._client_cls  # type: ignore[assignment]  # as above
@@ -192,7 +202,9 @@ def build_team(
         agent = agents[spec.name]
         for condition in spec.handoffs.llm_conditions:
             agent.handoffs.add_llm_condition(
-                OnCondition(target=target(condition.target), condition=StringLLMCondition(prompt=condition.condition))
+                OnCondition(
+                    target=target(condition.target), condition=StringLLMCondition(prompt=condition.condition)
+                )
             )
         if spec.handoffs.after_work is not None:
             agent.handoffs.set_after_work(target(spec.handoffs.after_work))
@@ -210,7 +222,9 @@ def build_team(
         case "Default":
             pattern = DefaultPattern(**common)
         case "Auto":
-            pattern = _AutoPattern(**common, selector_config={"config_list": [manager_entry]}, client_cls=client_cls)
+            pattern = _AutoPattern(
+                **common, selector_config={"config_list": [manager_entry]}, client_cls=client_cls
+            )
         case "RoundRobin":
             pattern = RoundRobinPattern(**common)
         case "Random":

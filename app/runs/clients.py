@@ -36,8 +36,24 @@ CLIENT_CLASS_NAME: Final = "MozaiksModelClient"
 # Keys of an AG2 config entry that belong to us, not to the chat completions API.
 _OWN_KEYS: Final = frozenset({"model_client_cls", "mozaiks_agent", "stream", "api_type"})
 _OPENAI_KEYS: Final = frozenset(
-    {"model", "messages", "tools", "tool_choice", "temperature", "max_tokens", "top_p", "parallel_tool_calls",
-     "response_format", "stop", "seed", "n", "presence_penalty", "frequency_penalty", "user", "max_completion_tokens"}
+    {
+        "model",
+        "messages",
+        "tools",
+        "tool_choice",
+        "temperature",
+        "max_tokens",
+        "top_p",
+        "parallel_tool_calls",
+        "response_format",
+        "stop",
+        "seed",
+        "n",
+        "presence_penalty",
+        "frequency_penalty",
+        "user",
+        "max_completion_tokens",
+    }
 )
 
 
@@ -166,7 +182,9 @@ class Backend(Protocol):
 
     offline: bool
 
-    def complete(self, agent: str, params: dict[str, Any], stream: TextStream | None = None) -> ChatCompletion: ...
+    def complete(
+        self, agent: str, params: dict[str, Any], stream: TextStream | None = None
+    ) -> ChatCompletion: ...
 
 
 class OpenAIBackend:
@@ -177,9 +195,13 @@ class OpenAIBackend:
     def __init__(self, *, api_key: str | None, base_url: str | None, timeout_s: float = 120.0) -> None:
         # Compatible servers often need no key, but the SDK insists on one.
         # The SDK's own retries are off: ModelRetryPolicy retries, and records every try.
-        self.client = OpenAI(api_key=api_key or "not-needed", base_url=base_url, timeout=timeout_s, max_retries=0)
+        self.client = OpenAI(
+            api_key=api_key or "not-needed", base_url=base_url, timeout=timeout_s, max_retries=0
+        )
 
-    def complete(self, agent: str, params: dict[str, Any], stream: TextStream | None = None) -> ChatCompletion:
+    def complete(
+        self, agent: str, params: dict[str, Any], stream: TextStream | None = None
+    ) -> ChatCompletion:
         """One streamed chat completion with the parameters the API knows, assembled whole.
 
         The reply text goes to `stream` chunk by chunk; the chunks (text, tool calls and their
@@ -221,13 +243,18 @@ class Assembly:
     def add(self, chunk: ChatCompletionChunk) -> None:
         """Take one chunk in."""
         if not self.head:
-            self.head = {"id": chunk.id, "created": chunk.created, "model": chunk.model,
-                         "system_fingerprint": chunk.system_fingerprint}
+            self.head = {
+                "id": chunk.id,
+                "created": chunk.created,
+                "model": chunk.model,
+                "system_fingerprint": chunk.system_fingerprint,
+            }
         if chunk.usage is not None:
             self.usage = chunk.usage.model_dump()
         for choice in chunk.choices:
             state = self.choices.setdefault(
-                choice.index, {"role": "assistant", "content": [], "refusal": [], "tool_calls": {}, "finish_reason": None}
+                choice.index,
+                {"role": "assistant", "content": [], "refusal": [], "tool_calls": {}, "finish_reason": None},
             )
             delta = choice.delta
             if delta.role:
@@ -238,7 +265,9 @@ class Assembly:
                 state["refusal"].append(delta.refusal)
             for call in delta.tool_calls or []:
                 # As the SDK's own accumulator does: string fields arrive in pieces and are joined.
-                held = state["tool_calls"].setdefault(call.index, {"id": "", "type": "function", "name": "", "arguments": ""})
+                held = state["tool_calls"].setdefault(
+                    call.index, {"id": "", "type": "function", "name": "", "arguments": ""}
+                )
                 held["id"] += call.id or ""
                 held["type"] = call.type or held["type"]
                 if call.function is not None:
@@ -261,7 +290,11 @@ class Assembly:
                 message["refusal"] = "".join(state["refusal"])
             if state["tool_calls"]:
                 message["tool_calls"] = [
-                    {"id": held["id"], "type": held["type"], "function": {"name": held["name"], "arguments": held["arguments"]}}
+                    {
+                        "id": held["id"],
+                        "type": held["type"],
+                        "function": {"name": held["name"], "arguments": held["arguments"]},
+                    }
                     for _, held in sorted(state["tool_calls"].items())
                 ]
             choices.append({"index": index, "message": message, "finish_reason": state["finish_reason"]})
@@ -299,24 +332,37 @@ class ScriptedBackend:
         self.calls = 0
         self._lock = threading.Lock()
 
-    def complete(self, agent: str, params: dict[str, Any], stream: TextStream | None = None) -> ChatCompletion:
+    def complete(
+        self, agent: str, params: dict[str, Any], stream: TextStream | None = None
+    ) -> ChatCompletion:
         """The agent's next scripted reply, streamed word by word, as an OpenAI ChatCompletion."""
         with self._lock:
             index = self.cursor.get(agent, 0)
             self.cursor[agent] = index + 1
             script = self.fixtures.get(agent)
-            step = script[index % len(script)] if script else ScriptedReply(content=f"[offline] {agent} has no scripted reply")
+            step = (
+                script[index % len(script)]
+                if script
+                else ScriptedReply(content=f"[offline] {agent} has no scripted reply")
+            )
             message: dict[str, Any] = {"role": "assistant", "content": step.content}
             if step.tool_calls:
                 message["tool_calls"] = [
                     {
                         "id": f"call_{agent}_{index}_{j}",
                         "type": "function",
-                        "function": {"name": call.name, "arguments": json.dumps(call.arguments, sort_keys=True)},
+                        "function": {
+                            "name": call.name,
+                            "arguments": json.dumps(call.arguments, sort_keys=True),
+                        },
                     }
                     for j, call in enumerate(step.tool_calls)
                 ]
-            prompt = step.prompt_tokens if step.prompt_tokens is not None else _estimate(params.get("messages", []))
+            prompt = (
+                step.prompt_tokens
+                if step.prompt_tokens is not None
+                else _estimate(params.get("messages", []))
+            )
             completion = (
                 step.completion_tokens
                 if step.completion_tokens is not None
@@ -338,9 +384,17 @@ class ScriptedBackend:
                 "created": 0,
                 "model": str(params.get("model") or "offline"),
                 "choices": [
-                    {"index": 0, "message": message, "finish_reason": "tool_calls" if step.tool_calls else "stop"}
+                    {
+                        "index": 0,
+                        "message": message,
+                        "finish_reason": "tool_calls" if step.tool_calls else "stop",
+                    }
                 ],
-                "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                },
             }
         )
 
@@ -384,9 +438,14 @@ class Ledger:
                 status, retryable = fault_status(exc)
                 ttft, streamed = stream.timing(started)
                 call = LlmCall(
-                    model=model, latency_ms=_ms(started), offline=backend.offline,
-                    error=f"{type(exc).__name__}: {exc}", status=status, attempt=attempt,
-                    ttft_ms=ttft, stream_ms=streamed,
+                    model=model,
+                    latency_ms=_ms(started),
+                    offline=backend.offline,
+                    error=f"{type(exc).__name__}: {exc}",
+                    status=status,
+                    attempt=attempt,
+                    ttft_ms=ttft,
+                    stream_ms=streamed,
                 )
                 self.record(LlmCallNote(agent=agent, call=call))
                 if not retryable or attempt >= self.policy.attempts:
@@ -427,7 +486,13 @@ class Ledger:
 class MozaiksModelClient:
     """AG2 ModelClient that forwards to the run's backend and records every call in its ledger."""
 
-    RESPONSE_USAGE_KEYS: ClassVar[list[str]] = ["prompt_tokens", "completion_tokens", "total_tokens", "cost", "model"]
+    RESPONSE_USAGE_KEYS: ClassVar[list[str]] = [
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cost",
+        "model",
+    ]
     ledger: ClassVar[Ledger]
 
     def __init__(self, config: dict[str, Any], **_: Any) -> None:
@@ -443,7 +508,9 @@ class MozaiksModelClient:
     def message_retrieval(self, response: ChatCompletion) -> list[Any]:
         """Text replies as strings, tool-calling replies as the message object (what AG2 expects)."""
         return [
-            choice.message if choice.message.tool_calls or choice.message.function_call else (choice.message.content or "")
+            choice.message
+            if choice.message.tool_calls or choice.message.function_call
+            else (choice.message.content or "")
             for choice in response.choices
         ]
 
@@ -458,8 +525,11 @@ class MozaiksModelClient:
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
         return {
-            "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "cost": 0.0, "model": response.model,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "cost": 0.0,
+            "model": response.model,
         }
 
 

@@ -134,7 +134,12 @@ class Orchestrator:
     """Creates chats and runs workflows; the API the run supervisor, REST layer and CLI call."""
 
     def __init__(
-        self, store: MongoEventStore, workflows: WorkflowManager, settings: Settings, *, follow: Follow | None = None
+        self,
+        store: MongoEventStore,
+        workflows: WorkflowManager,
+        settings: Settings,
+        *,
+        follow: Follow | None = None,
     ) -> None:
         self.store = store
         self.workflows = workflows
@@ -179,7 +184,13 @@ class Orchestrator:
         """
         loaded = self.workflows.get(workflow)
         stream = StreamRef(chat_id=chat_id or new_id(), app_id=app_id, user_id=user_id, workflow=loaded.name)
-        events = [Pending(event=ChatCreated(context={**loaded.context, **(context or {})}, offline=self.settings.offline))]
+        events = [
+            Pending(
+                event=ChatCreated(
+                    context={**loaded.context, **(context or {})}, offline=self.settings.offline
+                )
+            )
+        ]
         if message is not None:
             events.append(Pending(event=MessageUser(content=message, message_id=message_id)))
         await self.store.append(stream, events, expected_seq=0)
@@ -217,7 +228,9 @@ class Orchestrator:
                 if attempt == 4:
                     raise
                 continue  # a user message landed in between: read again so the run sees it
-        report = RunReport(run_id=run_id, chat_id=stream.chat_id, workflow=workflow.name, offline=self.settings.offline)
+        report = RunReport(
+            run_id=run_id, chat_id=stream.chat_id, workflow=workflow.name, offline=self.settings.offline
+        )
         session = _RunSession(self, stream, workflow, history, record, report)
         self.sessions[run_id] = session
         try:
@@ -228,8 +241,15 @@ class Orchestrator:
             while len(self.reports) > _REPORTS_KEPT:
                 self.reports.popitem(last=False)
         report.outcome = outcome
-        log.info("run.finished", chat_id=stream.chat_id, run_id=run_id, outcome=outcome, offline=report.offline,
-                 ag2_events=report.ag2_events, llm_calls=report.llm_calls)
+        log.info(
+            "run.finished",
+            chat_id=stream.chat_id,
+            run_id=run_id,
+            outcome=outcome,
+            offline=report.offline,
+            ag2_events=report.ag2_events,
+            llm_calls=report.llm_calls,
+        )
         return outcome
 
     def backend(self, workflow: Workflow, history: list[Record]) -> Backend:
@@ -322,7 +342,9 @@ def conversation(history: list[Record], user_name: str | None) -> str | list[dic
             case "input.received":
                 messages.append({"role": "user", **user, "content": record.data["text"]})
             case "message.agent" if record.agent:
-                messages.append({"role": "assistant", "name": record.agent, "content": record.data["content"]})
+                messages.append(
+                    {"role": "assistant", "name": record.agent, "content": record.data["content"]}
+                )
     if len(messages) == 1:
         return str(messages[0]["content"])
     return messages
@@ -395,8 +417,13 @@ class _RunSession:
         except StorageUnavailable as exc:
             raise RunNotRecorded(pendings, exc) from exc
         if record.id != pendings[-1].id:
-            log.warning("run.already_ended", chat_id=self.stream.chat_id, run_id=self.run_id, ended=record.type,
-                        not_recorded=len(pendings))
+            log.warning(
+                "run.already_ended",
+                chat_id=self.stream.chat_id,
+                run_id=self.run_id,
+                ended=record.type,
+                not_recorded=len(pendings),
+            )
         return record.type
 
     async def drive(self) -> str:
@@ -415,7 +442,9 @@ class _RunSession:
         backend = self.o.backend(self.workflow, self.history)
         settings = self.o.settings
         policy = ModelRetryPolicy(
-            attempts=settings.llm_attempts, first_delay_s=settings.llm_backoff_s, max_delay_s=settings.llm_backoff_max_s
+            attempts=settings.llm_attempts,
+            first_delay_s=settings.llm_backoff_s,
+            max_delay_s=settings.llm_backoff_max_s,
         )
         ledger = Ledger(backend, report=emit, text=stream_text, policy=policy)
         context = ContextVariables(data=initial_context(self.workflow, self.history))
@@ -432,16 +461,23 @@ class _RunSession:
         try:
             try:
                 team: Team = build_team(
-                    self.workflow, client_cls=ledger.client_class(), context=context,
-                    default_model=self.o.settings.openai_model, emit=emit,
+                    self.workflow,
+                    client_cls=ledger.client_class(),
+                    context=context,
+                    default_model=self.o.settings.openai_model,
+                    emit=emit,
                 )
                 with model_calls():  # AG2's run task inherits the mark: its executor work is model calls
                     response = await a_run_group_chat(
-                        team.pattern, conversation(self.history, user_agent), max_rounds=self.workflow.max_turns
+                        team.pattern,
+                        conversation(self.history, user_agent),
+                        max_rounds=self.workflow.max_turns,
                     )
             except Exception as exc:
                 log.exception("run.setup_failed", chat_id=self.stream.chat_id, run_id=self.run_id)
-                return await self.finish([self.terminal(RunFailed(error=f"{type(exc).__name__}: {exc}", reason="setup"))])
+                return await self.finish(
+                    [self.terminal(RunFailed(error=f"{type(exc).__name__}: {exc}", reason="setup"))]
+                )
             pump = asyncio.create_task(self.pump(response), name=f"pump-{self.run_id}")
             return await self.record(mapper, response, backend)
         finally:
@@ -549,7 +585,9 @@ class _RunSession:
             return self.terminal(RunCompleted(summary=self.summary))
         error = done.error
         log.warning("run.failed", chat_id=self.stream.chat_id, run_id=self.run_id, error=str(error))
-        return self.terminal(RunFailed(error=f"{type(error).__name__}: {error}", reason=failure_reason(error)))
+        return self.terminal(
+            RunFailed(error=f"{type(error).__name__}: {error}", reason=failure_reason(error))
+        )
 
     async def answer(self, request: Any) -> str | None:
         """Wait for the `input.received` answering `request` (None when the run is stopped first)."""
@@ -625,8 +663,13 @@ class _RunSession:
         pendings, _, _ = self.map_batch(mapper, leftovers)
         pendings += self.deltas(mapper.flush())
         if self.ended_by_other is not None:
-            log.warning("run.ended_elsewhere", chat_id=self.stream.chat_id, run_id=self.run_id,
-                        ended=self.ended_by_other, not_recorded=len(pendings))
+            log.warning(
+                "run.ended_elsewhere",
+                chat_id=self.stream.chat_id,
+                run_id=self.run_id,
+                ended=self.ended_by_other,
+                not_recorded=len(pendings),
+            )
             return self.ended_by_other
         log.info("run.stopped", chat_id=self.stream.chat_id, run_id=self.run_id)
         if self.stop_logged:

@@ -144,9 +144,13 @@ class RunMapper:
         """The `message.agent` of an agent's reply: the streamed message's id and text when it streamed."""
         message = self.open.pop(agent, None)
         if message is None:
-            return self.pending(MessageAgent(content=content, recipient=recipient, message_id=new_id()), agent, raw)
+            return self.pending(
+                MessageAgent(content=content, recipient=recipient, message_id=new_id()), agent, raw
+            )
         text = "".join(message.text)
-        return self.pending(MessageAgent(content=text, recipient=recipient, message_id=message.message_id), agent, raw)
+        return self.pending(
+            MessageAgent(content=text, recipient=recipient, message_id=message.message_id), agent, raw
+        )
 
     def visible(self, agent: str | None, typed: bool) -> bool:
         """Typed events show when their agent is visual (or none); raw `ag2.event`s never show."""
@@ -156,7 +160,9 @@ class RunMapper:
 
     def pending(self, event: AnyEvent, agent: str | None, ag2: str | None, *, typed: bool = True) -> Pending:
         """A Pending of this run."""
-        return Pending(event=event, agent=agent, visible=self.visible(agent, typed), run_id=self.run_id, ag2=ag2)
+        return Pending(
+            event=event, agent=agent, visible=self.visible(agent, typed), run_id=self.run_id, ag2=ag2
+        )
 
     def map_note(self, note: LlmCallNote) -> Pending:
         """The runtime's own `llm.call` record."""
@@ -177,12 +183,18 @@ class RunMapper:
 
     def map_one(self, event: Any) -> Pending:
         """Exactly one Pending for one AG2 event."""
-        raw = ag2_json(event) if isinstance(event, BaseModel) else json.dumps({"type": type(event).__name__, "repr": repr(event)})
+        raw = (
+            ag2_json(event)
+            if isinstance(event, BaseModel)
+            else json.dumps({"type": type(event).__name__, "repr": repr(event)})
+        )
         kind = str(getattr(event, "type", type(event).__name__))
         c: Any = getattr(event, "content", event)
         match kind:
             case "text" if c.sender in self.group_agents:
-                return self.complete(c.sender, content_str(c.content) if c.content is not None else "", c.recipient, raw)
+                return self.complete(
+                    c.sender, content_str(c.content) if c.content is not None else "", c.recipient, raw
+                )
             case "tool_call":
                 for call in c.tool_calls:
                     if call.id:
@@ -190,11 +202,15 @@ class RunMapper:
                 return self.pending(Ag2Event(name=kind), c.sender, raw, typed=False)
             case "execute_function":
                 agent, arguments = self.calls.get(c.call_id or "", (c.recipient, json.dumps(c.arguments)))
-                return self.pending(ToolCalled(tool=c.func_name, call_id=c.call_id or "", arguments=arguments), agent, raw)
+                return self.pending(
+                    ToolCalled(tool=c.func_name, call_id=c.call_id or "", arguments=arguments), agent, raw
+                )
             case "executed_function":
                 agent = self.calls.get(c.call_id or "", (c.recipient, ""))[0]
                 result = ToolResult(
-                    tool=c.func_name, call_id=c.call_id or "", content=content_str(c.content) if isinstance(c.content, (str, list)) else str(c.content),
+                    tool=c.func_name,
+                    call_id=c.call_id or "",
+                    content=content_str(c.content) if isinstance(c.content, (str, list)) else str(c.content),
                     is_error=not c.is_exec_success,
                 )
                 return self.pending(result, agent, raw)
@@ -210,10 +226,16 @@ class RunMapper:
                     name, reason = "random", f"random choice among {', '.join(target.agent_names)}"
                 else:
                     name, reason = getattr(target, "agent_name", None) or target.display_name(), str(target)
-                return self.pending(Handoff(source=source, target=name, kind=_HANDOFF_KINDS[kind], reason=reason), source, raw)
+                return self.pending(
+                    Handoff(source=source, target=name, kind=_HANDOFF_KINDS[kind], reason=reason), source, raw
+                )
             case _:
                 agent = getattr(c, "sender", None)
-                agent = agent if isinstance(agent, str) and (agent in self.group_agents or agent == self.user_agent) else None
+                agent = (
+                    agent
+                    if isinstance(agent, str) and (agent in self.group_agents or agent == self.user_agent)
+                    else None
+                )
                 return self.pending(Ag2Event(name=kind), agent, raw, typed=False)
 
     def map_context(self, note: ContextNote) -> Pending:

@@ -70,7 +70,9 @@ class NodeBusy(MozaiksError):
 
     def __init__(self, active: int, retry_after_s: int) -> None:
         self.retry_after_s = retry_after_s
-        super().__init__(f"this node runs {active} runs, its limit (MOZAIKS_MAX_ACTIVE_RUNS); retry in {retry_after_s} s")
+        super().__init__(
+            f"this node runs {active} runs, its limit (MOZAIKS_MAX_ACTIVE_RUNS); retry in {retry_after_s} s"
+        )
 
 
 class NoActiveRun(MozaiksError):
@@ -146,7 +148,10 @@ class RunSupervisor:
         try:
             await self.leases.find_one_and_update(
                 {"_id": chat_id, **free},
-                {"$set": {"owner": self.node, "run_id": run_id, "expires_at": self._expiry()}, "$unset": {"stop": ""}},
+                {
+                    "$set": {"owner": self.node, "run_id": run_id, "expires_at": self._expiry()},
+                    "$unset": {"stop": ""},
+                },
                 upsert=True,
             )
         except DuplicateKeyError:
@@ -227,12 +232,22 @@ class RunSupervisor:
         delay = self.store.retry.first_delay_s
         while True:
             try:
-                started = [r async for r in self.store.find(stream.chat_id, types=["run.started"]) if r.run_id == run_id]
+                started = [
+                    r
+                    async for r in self.store.find(stream.chat_id, types=["run.started"])
+                    if r.run_id == run_id
+                ]
                 if not started:
                     return "run.failed"
                 return (await self.store.finish_run(stream, run_id, pendings)).type
             except (PyMongoError, StorageUnavailable) as exc:
-                log.warning("run.end_not_recorded", chat_id=stream.chat_id, run_id=run_id, error=str(exc), retry_in_s=delay)
+                log.warning(
+                    "run.end_not_recorded",
+                    chat_id=stream.chat_id,
+                    run_id=run_id,
+                    error=str(exc),
+                    retry_in_s=delay,
+                )
             await asyncio.sleep(delay)
             delay = min(delay * 2, max(self.settings.lease_ttl_s / 3, 0.1))
 
@@ -290,7 +305,9 @@ class RunSupervisor:
                 if state.open_request is None and request_id is None:
                     raise RunActive(chat_id, state.active_run)
                 answer = InputReceived(request_id=request_id or state.open_request, text=text)
-                [record] = await self.store.append(state.stream, [Pending(event=answer, run_id=state.active_run)], None)
+                [record] = await self.store.append(
+                    state.stream, [Pending(event=answer, run_id=state.active_run)], None
+                )
                 return record
             await self._interrupt(state.stream, state.active_run, "the run's node stopped holding its lease")
         elif lease is not None:
@@ -321,7 +338,9 @@ class RunSupervisor:
             {"$set": {"stop": {"by": by}}},
         )
         if asked.matched_count == 0:
-            await self.store.finish_run(state.stream, run_id, [Pending(event=RunStopped(by=by), run_id=run_id)])
+            await self.store.finish_run(
+                state.stream, run_id, [Pending(event=RunStopped(by=by), run_id=run_id)]
+            )
             return run_id
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_WAIT_S):
@@ -333,7 +352,9 @@ class RunSupervisor:
         """Pass stop marks found on the leases of this node's runs to the runs."""
         if not self.tasks:
             return
-        async for lease in self.leases.find({"_id": {"$in": list(self.tasks)}, "owner": self.node, "stop": {"$exists": True}}):
+        async for lease in self.leases.find(
+            {"_id": {"$in": list(self.tasks)}, "owner": self.node, "stop": {"$exists": True}}
+        ):
             self.orchestrator.request_stop(str(lease["run_id"]), (lease.get("stop") or {}).get("by"))
 
     async def recover_expired(self, sessions: bool = True) -> int:
@@ -370,7 +391,9 @@ class RunSupervisor:
             with contextlib.suppress(UnknownChat):
                 state = await chat_state(self.store, chat_id)
                 if state.active_run is not None and (await self._lease_of_live_run(chat_id))[0] is None:
-                    recovered += await self._interrupt(state.stream, state.active_run, "the run lost its lease")
+                    recovered += await self._interrupt(
+                        state.stream, state.active_run, "the run lost its lease"
+                    )
         return recovered
 
     async def watch_leases(self) -> None:

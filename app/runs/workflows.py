@@ -108,7 +108,9 @@ class WorkflowManager:
         workflows: dict[str, Workflow] = {}
         errors: list[ManifestError] = []
         if not self.path.is_dir():
-            errors.append(ManifestError(self.path.name or str(self.path), str(self.path), "", "is not a directory"))
+            errors.append(
+                ManifestError(self.path.name or str(self.path), str(self.path), "", "is not a directory")
+            )
         else:
             for manifest in sorted(self.path.glob(f"*/{WORKFLOW_FILE}")):
                 workflow, problems = load_workflow(manifest.parent)
@@ -155,7 +157,9 @@ def load_workflow(folder: Path) -> tuple[Workflow | None, list[ManifestError]]:
 
     if manifest is not None and manifest.name != name:
         problems.append(
-            ManifestError(name, WORKFLOW_FILE, "$.name", f"name {manifest.name!r} differs from its folder {name!r}")
+            ManifestError(
+                name, WORKFLOW_FILE, "$.name", f"name {manifest.name!r} differs from its folder {name!r}"
+            )
         )
 
     tools = _resolve_tools(name, tools_manifest, problems)
@@ -187,7 +191,9 @@ def _resolve_tools(name: str, manifest: ToolsManifest, problems: list[ManifestEr
     for i, spec in enumerate(manifest.tools):
         where = f"$.tools[{i}]"
         if spec.name in tools:
-            problems.append(ManifestError(name, TOOLS_FILE, f"{where}.name", f"tool {spec.name!r} is declared twice"))
+            problems.append(
+                ManifestError(name, TOOLS_FILE, f"{where}.name", f"tool {spec.name!r} is declared twice")
+            )
             continue
         function = _import_tool(name, spec, f"{where}.function", problems)
         if function is not None:
@@ -200,7 +206,11 @@ def _import_tool(
 ) -> Callable[..., Any] | None:
     module_name, _, attr = spec.function.partition(":")
     # Workflows are data: they may only name functions of the runtime's own `tools` package.
-    if not (module_name == "tools" or module_name.startswith("tools.")) or not attr or not attr.isidentifier():
+    if (
+        not (module_name == "tools" or module_name.startswith("tools."))
+        or not attr
+        or not attr.isidentifier()
+    ):
         problems.append(
             ManifestError(name, TOOLS_FILE, where, f"{spec.function!r} must be 'tools.<module>:<function>'")
         )
@@ -208,11 +218,15 @@ def _import_tool(
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        problems.append(ManifestError(name, TOOLS_FILE, where, f"tool not found: cannot import {module_name}: {exc}"))
+        problems.append(
+            ManifestError(name, TOOLS_FILE, where, f"tool not found: cannot import {module_name}: {exc}")
+        )
         return None
     function = getattr(module, attr, None)
     if not callable(function):
-        problems.append(ManifestError(name, TOOLS_FILE, where, f"tool not found: {module_name} has no function {attr!r}"))
+        problems.append(
+            ManifestError(name, TOOLS_FILE, where, f"tool not found: {module_name} has no function {attr!r}")
+        )
         return None
     return function  # type: ignore[no-any-return]
 
@@ -224,7 +238,12 @@ def _context_defaults(
     for i, variable in enumerate(manifest.variables):
         if variable.name in defaults:
             problems.append(
-                ManifestError(name, CONTEXT_FILE, f"$.variables[{i}].name", f"variable {variable.name!r} is declared twice")
+                ManifestError(
+                    name,
+                    CONTEXT_FILE,
+                    f"$.variables[{i}].name",
+                    f"variable {variable.name!r} is declared twice",
+                )
             )
         defaults[variable.name] = variable.default
     return defaults
@@ -243,19 +262,37 @@ def _check_agents(
     for i, agent in enumerate(agents):
         where = f"$.agents[{i}]"
         if names.index(agent.name) != i:
-            problems.append(ManifestError(name, AGENTS_FILE, f"{where}.name", f"agent {agent.name!r} is declared twice"))
+            problems.append(
+                ManifestError(name, AGENTS_FILE, f"{where}.name", f"agent {agent.name!r} is declared twice")
+            )
         if agent.name == GROUP_MANAGER:
-            problems.append(ManifestError(name, AGENTS_FILE, f"{where}.name", f"{GROUP_MANAGER!r} is reserved for AG2's group manager"))
+            problems.append(
+                ManifestError(
+                    name,
+                    AGENTS_FILE,
+                    f"{where}.name",
+                    f"{GROUP_MANAGER!r} is reserved for AG2's group manager",
+                )
+            )
         if agent.type == "user":
             if users.index(agent.name) > 0:
-                problems.append(ManifestError(name, AGENTS_FILE, f"{where}.type", "only one agent may be of type 'user'"))
+                problems.append(
+                    ManifestError(name, AGENTS_FILE, f"{where}.type", "only one agent may be of type 'user'")
+                )
             if agent.human_input_mode != "ALWAYS":
                 problems.append(
-                    ManifestError(name, AGENTS_FILE, f"{where}.human_input_mode", "a 'user' agent must use 'ALWAYS'")
+                    ManifestError(
+                        name, AGENTS_FILE, f"{where}.human_input_mode", "a 'user' agent must use 'ALWAYS'"
+                    )
                 )
             if agent.tools or agent.llm_config or agent.system_message_file:
                 problems.append(
-                    ManifestError(name, AGENTS_FILE, where, "a 'user' agent stands for the human: no tools, llm_config or prompt")
+                    ManifestError(
+                        name,
+                        AGENTS_FILE,
+                        where,
+                        "a 'user' agent stands for the human: no tools, llm_config or prompt",
+                    )
                 )
         if agent.system_message_file is not None:
             prompt = _read_prompt(root, agent.system_message_file)
@@ -266,14 +303,21 @@ def _check_agents(
         for j, tool in enumerate(agent.tools):
             if tool not in declared_tools:
                 problems.append(
-                    ManifestError(name, AGENTS_FILE, f"{where}.tools[{j}]", f"tool not found: {tool!r} is not declared in {TOOLS_FILE}")
+                    ManifestError(
+                        name,
+                        AGENTS_FILE,
+                        f"{where}.tools[{j}]",
+                        f"tool not found: {tool!r} is not declared in {TOOLS_FILE}",
+                    )
                 )
         targets = group | AFTER_WORK_KEYWORDS - {"stay"}
         for j, condition in enumerate(agent.handoffs.llm_conditions):
             if condition.target not in targets:
                 problems.append(
                     ManifestError(
-                        name, AGENTS_FILE, f"{where}.handoffs.llm_conditions[{j}].target",
+                        name,
+                        AGENTS_FILE,
+                        f"{where}.handoffs.llm_conditions[{j}].target",
                         f"unknown agent {condition.target!r} (agents: {', '.join(sorted(group))}; or terminate, user, group_manager)",
                     )
                 )
@@ -281,12 +325,18 @@ def _check_agents(
         if after is not None and after not in group | AFTER_WORK_KEYWORDS:
             problems.append(
                 ManifestError(
-                    name, AGENTS_FILE, f"{where}.handoffs.after_work",
+                    name,
+                    AGENTS_FILE,
+                    f"{where}.handoffs.after_work",
                     f"unknown agent {after!r} (agents: {', '.join(sorted(group))}; or terminate, user, group_manager, stay)",
                 )
             )
         if ("user" in {after} | {c.target for c in agent.handoffs.llm_conditions}) and not users:
-            problems.append(ManifestError(name, AGENTS_FILE, f"{where}.handoffs", "hands off to 'user' but no agent has type 'user'"))
+            problems.append(
+                ManifestError(
+                    name, AGENTS_FILE, f"{where}.handoffs", "hands off to 'user' but no agent has type 'user'"
+                )
+            )
     return prompts
 
 
@@ -311,14 +361,21 @@ def _check_workflow_refs(
     if manifest.entry_agent not in group:
         problems.append(
             ManifestError(
-                name, WORKFLOW_FILE, "$.entry_agent",
+                name,
+                WORKFLOW_FILE,
+                "$.entry_agent",
                 f"unknown agent {manifest.entry_agent!r} (agents: {', '.join(group)})",
             )
         )
     for i, visual in enumerate(manifest.visual_agents):
         if visual not in everyone:
             problems.append(
-                ManifestError(name, WORKFLOW_FILE, f"$.visual_agents[{i}]", f"unknown agent {visual!r} (agents: {', '.join(sorted(everyone))})")
+                ManifestError(
+                    name,
+                    WORKFLOW_FILE,
+                    f"$.visual_agents[{i}]",
+                    f"unknown agent {visual!r} (agents: {', '.join(sorted(everyone))})",
+                )
             )
     if len(group) < 1:
         problems.append(ManifestError(name, AGENTS_FILE, "$.agents", "at least one non-user agent is needed"))
@@ -333,7 +390,12 @@ def _load_fixtures(
         file = f"{FIXTURES_DIR}/{path.name}"
         if path.stem not in scripted:
             problems.append(
-                ManifestError(name, file, "", f"fixture for unknown agent {path.stem!r} (agents: {', '.join(sorted(scripted))})")
+                ManifestError(
+                    name,
+                    file,
+                    "",
+                    f"fixture for unknown agent {path.stem!r} (agents: {', '.join(sorted(scripted))})",
+                )
             )
             continue
         try:

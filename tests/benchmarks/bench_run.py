@@ -56,7 +56,9 @@ async def main(repeat: int) -> None:
 
         async def recorded() -> tuple[float, int]:
             started = time.perf_counter()
-            stream = await orchestrator.create_chat(workflow="Analyzer", user_id="bench", app_id="bench", message=MESSAGE)
+            stream = await orchestrator.create_chat(
+                workflow="Analyzer", user_id="bench", app_id="bench", message=MESSAGE
+            )
             outcome = await orchestrator.run(stream)
             elapsed = time.perf_counter() - started
             assert outcome == "run.completed", outcome
@@ -71,7 +73,9 @@ async def main(repeat: int) -> None:
     runtime_s = statistics.median(t for t, _ in runtime_runs)
     ag2_events = bare_runs[0][1]
     records = runtime_runs[0][1]
-    print(f"workflow: Analyzer, RoundRobin, max_turns={TURNS}, offline scripted client, {repeat} runs each (median)")
+    print(
+        f"workflow: Analyzer, RoundRobin, max_turns={TURNS}, offline scripted client, {repeat} runs each (median)"
+    )
     print(f"bare AG2 : {bare_s * 1000:8.1f} ms  ({ag2_events} AG2 events, nothing recorded)")
     print(f"runtime  : {runtime_s * 1000:8.1f} ms  ({records} records appended durably, hash-chained)")
     print(f"ratio    : {runtime_s / bare_s:8.2f}x wall time")

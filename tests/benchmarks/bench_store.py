@@ -27,7 +27,10 @@ from tests.nodes import benchmark_mongo_uri
 
 
 def pendings(n: int) -> list[Pending]:
-    return [Pending(event=MessageAgent(content=f"message {i} " + "lorem ipsum " * 8), agent="Writer") for i in range(n)]
+    return [
+        Pending(event=MessageAgent(content=f"message {i} " + "lorem ipsum " * 8), agent="Writer")
+        for i in range(n)
+    ]
 
 
 def raw_docs(chat_id: str, items: list[Pending]) -> list[dict[str, Any]]:

@@ -81,7 +81,9 @@ class Runtime:
 
     async def visible_events(self, chat_id: str) -> list[dict[str, Any]]:
         """The visible records the page shows as events: a message's deltas build its card, not events of their own."""
-        return [r for r in await self.events(chat_id) if r.get("visible", True) and r["type"] != "message.delta"]
+        return [
+            r for r in await self.events(chat_id) if r.get("visible", True) and r["type"] != "message.delta"
+        ]
 
     async def wait_for_log(self, chat_id: str, predicate: Any, timeout: float = 20) -> list[dict[str, Any]]:
         """Poll the log until `predicate(records)` holds; fail with the log's tail otherwise."""

@@ -25,7 +25,9 @@ def test_every_response_carries_the_page_policy_plus_frame_ancestors(runtime: ob
         assert response.headers["referrer-policy"] == "no-referrer", path
 
 
-async def test_the_page_works_under_the_headers_and_blocks_framing_and_injected_scripts(chatui: ChatUI) -> None:
+async def test_the_page_works_under_the_headers_and_blocks_framing_and_injected_scripts(
+    chatui: ChatUI,
+) -> None:
     page = chatui.page
     response = await page.goto(f"{chatui.runtime.base_url}/")
     assert response is not None and response.headers["content-security-policy"] == CONTENT_SECURITY_POLICY

@@ -60,7 +60,9 @@ async def drive_to_end(
     async with asyncio.timeout(timeout):
         while True:
             records = await wait_for(
-                store, chat_id, lambda rs: runs_in(rs) >= runs and (waiting_for_input(rs) or run_end(rs) is not None)
+                store,
+                chat_id,
+                lambda rs: runs_in(rs) >= runs and (waiting_for_input(rs) or run_end(rs) is not None),
             )
             ended = run_end(records)
             if ended is not None:
@@ -100,12 +102,18 @@ def check_log(records: list[Record]) -> tuple[int, int]:
     for run_id in runs:
         own = [r for r in records if r.run_id == run_id]
         terminals = [r.type for r in own if r.type in TERMINAL_TYPES]
-        assert len(terminals) == 1, f"run {run_id} has terminal records {terminals}: {[(r.seq, r.type, r.run_id) for r in records]}"
-        assert own[-1].type in TERMINAL_TYPES, f"run {run_id}: {own[-1].type} recorded after its terminal record"
+        assert len(terminals) == 1, (
+            f"run {run_id} has terminal records {terminals}: {[(r.seq, r.type, r.run_id) for r in records]}"
+        )
+        assert own[-1].type in TERMINAL_TYPES, (
+            f"run {run_id}: {own[-1].type} recorded after its terminal record"
+        )
     return len(runs), sum(n - 1 for n in uuids.values())
 
 
-async def assert_projections_equal_rebuild(store: MongoEventStore, chat_id: str, records: list[Record]) -> None:
+async def assert_projections_equal_rebuild(
+    store: MongoEventStore, chat_id: str, records: list[Record]
+) -> None:
     """The live chat_sessions/chat_metrics documents equal the chat's log folded from scratch."""
     db = store.db
     for projector in default_projectors():
@@ -134,7 +142,10 @@ def lost_events(records: list[Record], reports: Mapping[str, RunReport] | None) 
 
 
 async def assert_chat_sound(
-    http: httpx.AsyncClient, store: MongoEventStore, chat_id: str, reports: Mapping[str, RunReport] | None = None
+    http: httpx.AsyncClient,
+    store: MongoEventStore,
+    chat_id: str,
+    reports: Mapping[str, RunReport] | None = None,
 ) -> Soundness:
     """Every fault scenario's end: sound log and projections, and the chat goes on with a new message.
 
@@ -170,7 +181,9 @@ def assert_client_saw_the_log(seen: list[int], records: list[Record]) -> None:
     got = set(seen)
     assert got <= {r.seq for r in visible}, "the client got a record the log does not show it"
     missed = [r for r in visible if r.seq not in got]
-    assert all(r.type == "message.delta" for r in missed), f"never reached the client: {[(r.seq, r.type) for r in missed]}"
+    assert all(r.type == "message.delta" for r in missed), (
+        f"never reached the client: {[(r.seq, r.type) for r in missed]}"
+    )
     final = {str(r.data.get("message_id")): r.seq for r in visible if r.type == "message.agent"}
     deltas: dict[str, list[int]] = {}
     for r in visible:
@@ -179,4 +192,6 @@ def assert_client_saw_the_log(seen: list[int], records: list[Record]) -> None:
     for message_id, seqs in deltas.items():
         arrived = [seq for seq in seqs if seq in got]
         assert arrived in ([], seqs), f"message {message_id}: only deltas {arrived} of {seqs} arrived"
-        assert arrived or final.get(message_id) in got, f"message {message_id}: neither its deltas nor its text arrived"
+        assert arrived or final.get(message_id) in got, (
+            f"message {message_id}: neither its deltas nor its text arrived"
+        )

@@ -16,13 +16,20 @@ REPLY = {
     "object": "chat.completion",
     "created": 1_700_000_000,
     "model": "fault-model",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Bees are fine."}, "finish_reason": "stop"}],
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Bees are fine."}, "finish_reason": "stop"}
+    ],
     "usage": {"prompt_tokens": 20, "completion_tokens": 4, "total_tokens": 24},
 }
 
 
 # The same reply as server-sent `chat.completion.chunk` events, for a streaming request.
-_CHUNK_HEAD = {"id": "chatcmpl-ok", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": "fault-model"}
+_CHUNK_HEAD = {
+    "id": "chatcmpl-ok",
+    "object": "chat.completion.chunk",
+    "created": 1_700_000_000,
+    "model": "fault-model",
+}
 CHUNKS = [
     {**_CHUNK_HEAD, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Bees are fine."}}]},
     {**_CHUNK_HEAD, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
@@ -50,16 +57,23 @@ class FaultyModel:
             protocol_version = "HTTP/1.1"
 
             def do_POST(self) -> None:
-                streamed = bool(json.loads(self.rfile.read(int(self.headers["Content-Length"]))).get("stream"))
+                streamed = bool(
+                    json.loads(self.rfile.read(int(self.headers["Content-Length"]))).get("stream")
+                )
                 with model._lock:
                     behaviour = model.plan.pop(0) if model.plan else model.after
                     model.served.append(behaviour)
                 if behaviour == "reset":
                     # Headers and half a body, then a TCP reset: a connection dropped mid-response.
                     if streamed:
-                        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n" + sse(CHUNKS[0])[:30])
+                        self.wfile.write(
+                            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                            + sse(CHUNKS[0])[:30]
+                        )
                     else:
-                        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n{\"id\":")
+                        self.wfile.write(
+                            b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n{"id":'
+                        )
                     self.wfile.flush()
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.connection.close()
@@ -75,7 +89,10 @@ class FaultyModel:
                         extra = {"Retry-After": "1"}
                 data, media = json.dumps(body).encode(), "application/json"
                 if streamed and status == 200:
-                    data, media = b"".join(sse(chunk) for chunk in CHUNKS) + b"data: [DONE]\n\n", "text/event-stream"
+                    data, media = (
+                        b"".join(sse(chunk) for chunk in CHUNKS) + b"data: [DONE]\n\n",
+                        "text/event-stream",
+                    )
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", media)
@@ -114,12 +131,29 @@ def solo_workflow(root: Path) -> Path:
     folder = root / "workflows" / "Solo"
     (folder / "prompts").mkdir(parents=True)
     (folder / "prompts" / "writer.md").write_text("You are the Writer. Answer in one sentence.")
-    (folder / "workflow.json").write_text(json.dumps(
-        {"name": "Solo", "orchestration_pattern": "Default", "max_turns": 4, "visual_agents": ["Writer"],
-         "entry_agent": "Writer"}
-    ))
-    (folder / "agents.json").write_text(json.dumps({"agents": [{
-        "name": "Writer", "system_message_file": "prompts/writer.md", "handoffs": {"after_work": "terminate"},
-    }]}))
+    (folder / "workflow.json").write_text(
+        json.dumps(
+            {
+                "name": "Solo",
+                "orchestration_pattern": "Default",
+                "max_turns": 4,
+                "visual_agents": ["Writer"],
+                "entry_agent": "Writer",
+            }
+        )
+    )
+    (folder / "agents.json").write_text(
+        json.dumps(
+            {
+                "agents": [
+                    {
+                        "name": "Writer",
+                        "system_message_file": "prompts/writer.md",
+                        "handoffs": {"after_work": "terminate"},
+                    }
+                ]
+            }
+        )
+    )
     (folder / "tools.json").write_text(json.dumps({"tools": []}))
     return folder.parent

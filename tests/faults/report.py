@@ -112,7 +112,9 @@ class Report:
         if not self.results:
             return
         ARTIFACTS.mkdir(exist_ok=True)
-        (ARTIFACTS / "reliability.json").write_bytes(msgspec.json.format(msgspec.json.encode(list(self.results.values()))))
+        (ARTIFACTS / "reliability.json").write_bytes(
+            msgspec.json.format(msgspec.json.encode(list(self.results.values())))
+        )
         (ARTIFACTS / "RELIABILITY.md").write_text(render(list(self.results.values())))
 
 
@@ -160,7 +162,10 @@ def scenario_names(markdown: str) -> list[str]:
 def main() -> int:
     produced = ARTIFACTS / "RELIABILITY.md"
     if not produced.exists():
-        print("no test-artifacts/RELIABILITY.md: run the fault tests first (pytest tests/faults)", file=sys.stderr)
+        print(
+            "no test-artifacts/RELIABILITY.md: run the fault tests first (pytest tests/faults)",
+            file=sys.stderr,
+        )
         return 2
     data = json.loads((ARTIFACTS / "reliability.json").read_text())
     missing = [name for name in SCENARIOS if name not in {d["name"] for d in data}]

@@ -52,8 +52,14 @@ class FaultCounter(monitoring.CommandListener):
         """Counts on the server at `port`, of `commands` only when given."""
         with self._lock:
             out: dict[str, int] = {}
-            for name, table in (("failed", self.failures), ("write_concern", self.wc_errors), ("slow", self.slow_replies)):
-                out[name] = sum(n for (p, c), n in table.items() if p == port and (commands is None or c in commands))
+            for name, table in (
+                ("failed", self.failures),
+                ("write_concern", self.wc_errors),
+                ("slow", self.slow_replies),
+            ):
+                out[name] = sum(
+                    n for (p, c), n in table.items() if p == port and (commands is None or c in commands)
+                )
             return out
 
 

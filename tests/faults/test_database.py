@@ -26,8 +26,13 @@ from tests.faults.server import COUNTER, FaultServer
 # Each armed after the run asked for input, skipping the insert of the answer: the run's own appends fail.
 FAIL_POINTS = {
     "insert: closeConnection x2": {"closeConnection": True},
-    "insert: writeConcernError x2": {"writeConcernError": {"code": 64, "errmsg": "waiting for replication timed out"}},
-    "insert: errorCode 11600 + RetryableWriteError x2": {"errorCode": 11600, "errorLabels": ["RetryableWriteError"]},
+    "insert: writeConcernError x2": {
+        "writeConcernError": {"code": 64, "errmsg": "waiting for replication timed out"}
+    },
+    "insert: errorCode 11600 + RetryableWriteError x2": {
+        "errorCode": 11600,
+        "errorLabels": ["RetryableWriteError"],
+    },
 }
 
 
@@ -61,8 +66,16 @@ async def test_transient_insert_errors_mid_run_are_retried_and_the_run_completes
         injected = faults(fault_server) - before
         assert injected == 2, "both armed faults reached the runtime"
         sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
-    report.add(Result(name=name, faults_injected=injected, events_checked=sound.events, runs=sound.runs,
-                      events_lost=sound.lost, events_duplicated=sound.duplicated))
+    report.add(
+        Result(
+            name=name,
+            faults_injected=injected,
+            events_checked=sound.events,
+            runs=sound.runs,
+            events_lost=sound.lost,
+            events_duplicated=sound.duplicated,
+        )
+    )
 
 
 async def test_retry_budget_spent_fails_the_run_for_storage_once_the_database_takes_the_record(
@@ -72,7 +85,10 @@ async def test_retry_budget_spent_fails_the_run_for_storage_once_the_database_ta
     node = await fault_node("a", db_retry_s=1.0, lease_ttl_s=1.5)
     other = await fault_node("b")
     leases = fault_store.db["chat_leases"]
-    async with httpx.AsyncClient(base_url=node.url, timeout=60) as http, httpx.AsyncClient(base_url=other.url) as http_b:
+    async with (
+        httpx.AsyncClient(base_url=node.url, timeout=60) as http,
+        httpx.AsyncClient(base_url=other.url) as http_b,
+    ):
         chat_id = await start_chat(http, fault_store)
         before = faults(fault_server)
         held = await leases.find_one({"_id": chat_id})
@@ -86,7 +102,11 @@ async def test_retry_budget_spent_fails_the_run_for_storage_once_the_database_ta
                 # Past the budget, node A keeps the lease and renews it while it keeps trying.
                 while True:
                     lease = await leases.find_one({"_id": chat_id})
-                    assert lease is not None and lease["owner"] == "fault-node-a" and lease["run_id"] == held["run_id"]
+                    assert (
+                        lease is not None
+                        and lease["owner"] == "fault-node-a"
+                        and lease["run_id"] == held["run_id"]
+                    )
                     if faults(fault_server) - before >= 8 and lease["expires_at"] > held["expires_at"]:
                         break
                     await asyncio.sleep(0.1)
@@ -101,8 +121,17 @@ async def test_retry_budget_spent_fails_the_run_for_storage_once_the_database_ta
         # The batch that could not be recorded went in before the run's end.
         assert records[-2].run_id == failed.run_id and records[-2].type != "input.received"
         sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
-    report.add(Result(name=name, faults_injected=injected, events_checked=sound.events, runs=sound.runs,
-                      events_lost=sound.lost, events_duplicated=sound.duplicated, detail={"retry budget s": 1.0}))
+    report.add(
+        Result(
+            name=name,
+            faults_injected=injected,
+            events_checked=sound.events,
+            runs=sound.runs,
+            events_lost=sound.lost,
+            events_duplicated=sound.duplicated,
+            detail={"retry budget s": 1.0},
+        )
+    )
 
 
 async def test_slow_inserts_finds_and_change_stream_get_mores_delay_but_lose_nothing(
@@ -116,8 +145,12 @@ async def test_slow_inserts_finds_and_change_stream_get_mores_delay_but_lose_not
         seen: list[int] = []
         async with connect(f"{node.ws_url}/ws/chats/{chat_id}?after=0") as ws:
             before = fault_server.faults_seen()["slow"]
-            data = {"failCommands": ["insert", "find", "getMore"], "appName": "mz-a",
-                    "blockConnection": True, "blockTimeMS": 400}
+            data = {
+                "failCommands": ["insert", "find", "getMore"],
+                "appName": "mz-a",
+                "blockConnection": True,
+                "blockTimeMS": 400,
+            }
             with fault_server.failing(data, {"times": 8}):
                 answered = await http.post(f"/api/chats/{chat_id}/messages", json={"message": "yes, go on"})
                 assert answered.status_code == 202
@@ -132,8 +165,17 @@ async def test_slow_inserts_finds_and_change_stream_get_mores_delay_but_lose_not
         injected = fault_server.faults_seen()["slow"] - before
         assert injected >= 3
         sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
-    report.add(Result(name=name, faults_injected=injected, events_checked=sound.events, runs=sound.runs,
-                      events_lost=sound.lost, events_duplicated=sound.duplicated, detail={"block ms": 400}))
+    report.add(
+        Result(
+            name=name,
+            faults_injected=injected,
+            events_checked=sound.events,
+            runs=sound.runs,
+            events_lost=sound.lost,
+            events_duplicated=sound.duplicated,
+            detail={"block ms": 400},
+        )
+    )
 
 
 async def test_database_killed_and_restarted_mid_run(
@@ -147,7 +189,9 @@ async def test_database_killed_and_restarted_mid_run(
         before = fault_server.faults_seen()["failed"]
         fault_server.kill9()
         # Answer while the database is down: the node waits for it (and re-sends) until it is back.
-        answering = asyncio.create_task(http.post(f"/api/chats/{chat_id}/messages", json={"message": "yes, go on"}))
+        answering = asyncio.create_task(
+            http.post(f"/api/chats/{chat_id}/messages", json={"message": "yes, go on"})
+        )
         async with asyncio.timeout(60):  # the node's change streams have met the outage
             while fault_server.faults_seen()["failed"] == before:
                 await asyncio.sleep(0.05)
@@ -158,5 +202,14 @@ async def test_database_killed_and_restarted_mid_run(
         assert len(records) > stored
         injected = fault_server.faults_seen()["failed"] - before
         sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
-    report.add(Result(name=name, faults_injected=1, events_checked=sound.events, runs=sound.runs,
-                      events_lost=sound.lost, events_duplicated=sound.duplicated, detail={"failed commands during the outage": injected}))
+    report.add(
+        Result(
+            name=name,
+            faults_injected=1,
+            events_checked=sound.events,
+            runs=sound.runs,
+            events_lost=sound.lost,
+            events_duplicated=sound.duplicated,
+            detail={"failed commands during the outage": injected},
+        )
+    )

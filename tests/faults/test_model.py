@@ -15,8 +15,13 @@ from tests.faults.report import Report, Result
 
 async def start(fault_node: Any, model: FaultyModel, tmp_path: Path, **settings: Any) -> Any:
     return await fault_node(
-        "m", openai_base_url=model.base_url, openai_api_key="sk-test", workflows_path=solo_workflow(tmp_path),
-        llm_backoff_s=0.05, llm_timeout_s=1.0, **settings,
+        "m",
+        openai_base_url=model.base_url,
+        openai_api_key="sk-test",
+        workflows_path=solo_workflow(tmp_path),
+        llm_backoff_s=0.05,
+        llm_timeout_s=1.0,
+        **settings,
     )
 
 
@@ -38,7 +43,11 @@ async def test_429_500_stall_and_reset_are_retried_and_each_try_is_an_llm_call(
             assert await drive_to_end(http, fault_store, chat_id) == "run.completed"
             calls = [r.data for r in await records_of(fault_store, chat_id) if r.type == "llm.call"]
             assert [(c["status"], c["attempt"]) for c in calls] == [
-                ("http_429", 1), ("http_500", 2), ("timeout", 3), ("connection", 4), ("ok", 5)
+                ("http_429", 1),
+                ("http_500", 2),
+                ("timeout", 3),
+                ("connection", 4),
+                ("ok", 5),
             ]
             assert all(c["error"] for c in calls[:4]) and calls[4]["error"] is None
             sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
@@ -46,8 +55,17 @@ async def test_429_500_stall_and_reset_are_retried_and_each_try_is_an_llm_call(
         assert injected == 4
     finally:
         model.close()
-    report.add(Result(name=name, faults_injected=injected, events_checked=sound.events, runs=sound.runs,
-                      events_lost=sound.lost, events_duplicated=sound.duplicated, detail={"tries recorded": len(calls)}))
+    report.add(
+        Result(
+            name=name,
+            faults_injected=injected,
+            events_checked=sound.events,
+            runs=sound.runs,
+            events_lost=sound.lost,
+            events_duplicated=sound.duplicated,
+            detail={"tries recorded": len(calls)},
+        )
+    )
 
 
 async def test_a_spent_retry_budget_fails_the_run_with_reason_model(
@@ -62,7 +80,11 @@ async def test_a_spent_retry_budget_fails_the_run_with_reason_model(
             assert await drive_to_end(http, fault_store, chat_id) == "run.failed"
             records = await records_of(fault_store, chat_id)
             calls = [r.data for r in records if r.type == "llm.call"]
-            assert [(c["status"], c["attempt"]) for c in calls] == [("http_503", 1), ("http_503", 2), ("http_503", 3)]
+            assert [(c["status"], c["attempt"]) for c in calls] == [
+                ("http_503", 1),
+                ("http_503", 2),
+                ("http_503", 3),
+            ]
             failed = records[-1]
             assert failed.type == "run.failed" and failed.data["reason"] == "model"
             assert "after 3 tries (http_503)" in failed.data["error"]
@@ -71,5 +93,14 @@ async def test_a_spent_retry_budget_fails_the_run_with_reason_model(
             sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
     finally:
         model.close()
-    report.add(Result(name=name, faults_injected=injected, events_checked=sound.events, runs=sound.runs,
-                      events_lost=sound.lost, events_duplicated=sound.duplicated, detail={"tries": 3}))
+    report.add(
+        Result(
+            name=name,
+            faults_injected=injected,
+            events_checked=sound.events,
+            runs=sound.runs,
+            events_lost=sound.lost,
+            events_duplicated=sound.duplicated,
+            detail={"tries": 3},
+        )
+    )

@@ -26,12 +26,18 @@ from tests.faults.server import FaultServer
 from tests.test_serve import serve, wait_ready
 
 
-def start_serve(folder: Path, server: FaultServer, store: MongoEventStore, name: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_serve(
+    folder: Path, server: FaultServer, store: MongoEventStore, name: str
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     folder.mkdir()
     process = serve(
-        folder, "--port", str(port),
-        DATABASE_URI=server.uri_for(f"mz-{name}"), MOZAIKS_DB=store.db.name, MOZAIKS_LEASE_TTL_S="2",
+        folder,
+        "--port",
+        str(port),
+        DATABASE_URI=server.uri_for(f"mz-{name}"),
+        MOZAIKS_DB=store.db.name,
+        MOZAIKS_LEASE_TTL_S="2",
     )
     wait_ready(port, process, within_s=60)
     return process, f"127.0.0.1:{port}"
@@ -63,7 +69,11 @@ async def test_kill_9_of_the_serve_process_running_a_chat(
                             break
         records = await records_of(fault_store, chat_id)
         failed = records[-1]
-        assert failed.type == "run.failed" and failed.data["reason"] == "interrupted" and run_end(records) == "run.failed"
+        assert (
+            failed.type == "run.failed"
+            and failed.data["reason"] == "interrupted"
+            and run_end(records) == "run.failed"
+        )
         assert_client_saw_the_log(seen, records)
         async with httpx.AsyncClient(base_url=f"http://{second_addr}", timeout=60) as http_b:
             sound = await assert_chat_sound(http_b, fault_store, chat_id)
@@ -74,5 +84,14 @@ async def test_kill_9_of_the_serve_process_running_a_chat(
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 await asyncio.to_thread(process.wait, 30)
-    report.add(Result(name=name, faults_injected=1, events_checked=sound.events, runs=sound.runs,
-                      events_lost=sound.lost, events_duplicated=sound.duplicated, detail={"lease TTL s": 2}))
+    report.add(
+        Result(
+            name=name,
+            faults_injected=1,
+            events_checked=sound.events,
+            runs=sound.runs,
+            events_lost=sound.lost,
+            events_duplicated=sound.duplicated,
+            detail={"lease TTL s": 2},
+        )
+    )
