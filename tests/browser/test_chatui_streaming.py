@@ -43,7 +43,13 @@ def model(gate: Gate) -> Iterator[StreamingModel]:
 def streaming_runtime(tmp_path_factory: pytest.TempPathFactory, model: StreamingModel) -> Iterator[Runtime]:
     server = start_runtime(
         tmp_path_factory.mktemp("streaming"),
-        {"OPENAI_BASE_URL": model.base_url, "OPENAI_API_KEY": "sk-test", "MOZAIKS_STREAM_FLUSH_MS": "0"},
+        # One try per model call: the cut-off answer must end the run, not be retried (retries: tests/faults/).
+        {
+            "OPENAI_BASE_URL": model.base_url,
+            "OPENAI_API_KEY": "sk-test",
+            "MOZAIKS_STREAM_FLUSH_MS": "0",
+            "MOZAIKS_LLM_ATTEMPTS": "1",
+        },
     )
     try:
         yield server
