@@ -26,7 +26,6 @@ from litestar.plugins.prometheus import PrometheusConfig
 from litestar.response import File
 from litestar.static_files import create_static_files_router
 from litestar.types import Message, Scope
-from pymongo.asynchronous.database import AsyncDatabase
 
 from app.database import open_database
 from app.http.agui import run_agent
@@ -175,64 +174,29 @@ async def security_headers(message: Message, scope: Scope) -> None:
 # Each is built once per process by its lifespan (above) and kept on the app's state.
 
 
-def _settings(state: State) -> Settings:
-    settings: Settings = state.settings
-    return settings
+def _from_state(name: str) -> Provide:
+    """The dependency that hands a handler the service its lifespan keeps on the app's state as `name`."""
+
+    def provide(state: State) -> Any:
+        return state[name]
+
+    return Provide(provide, sync_to_thread=False)
 
 
-def _workflows(state: State) -> WorkflowManager:
-    workflows: WorkflowManager = state.workflows
-    return workflows
-
-
-def _db(state: State) -> AsyncDatabase[Any]:
-    db: AsyncDatabase[Any] = state.db
-    return db
-
-
-def _store(state: State) -> MongoEventStore:
-    store: MongoEventStore = state.store
-    return store
-
-
-def _hub(state: State) -> LiveHub:
-    hub: LiveHub = state.hub
-    return hub
-
-
-def _projections(state: State) -> ProjectionRunner:
-    projections: ProjectionRunner = state.projections
-    return projections
-
-
-def _anchors(state: State) -> AnchorBook:
-    anchors: AnchorBook = state.anchors
-    return anchors
-
-
-def _orchestrator(state: State) -> Orchestrator:
-    orchestrator: Orchestrator = state.orchestrator
-    return orchestrator
-
-
-def _supervisor(state: State) -> RunSupervisor:
-    supervisor: RunSupervisor = state.supervisor
-    return supervisor
-
-
+# A handler declares a service by parameter name; its annotation says the type it gets.
 DEPENDENCIES: Final = {
-    name: Provide(provider, sync_to_thread=False)
-    for name, provider in {
-        "settings": _settings,
-        "workflows": _workflows,
-        "db": _db,
-        "store": _store,
-        "hub": _hub,
-        "projections": _projections,
-        "anchors": _anchors,
-        "orchestrator": _orchestrator,
-        "supervisor": _supervisor,
-    }.items()
+    name: _from_state(name)
+    for name in (
+        "settings",
+        "workflows",
+        "db",
+        "store",
+        "hub",
+        "projections",
+        "anchors",
+        "orchestrator",
+        "supervisor",
+    )
 }
 
 
