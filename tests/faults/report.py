@@ -12,9 +12,12 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
+
+if TYPE_CHECKING:
+    from tests.faults.checks import Soundness
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -107,6 +110,22 @@ class Report:
     def add(self, result: Result) -> None:
         assert result.name in SCENARIOS, f"undeclared scenario {result.name!r}"
         self.results[result.name] = result
+
+    def record(
+        self, name: str, injected: int, sound: Soundness, detail: dict[str, Any] | None = None
+    ) -> None:
+        """Add a scenario's result: the faults it injected and what `assert_chat_sound` checked."""
+        self.add(
+            Result(
+                name=name,
+                faults_injected=injected,
+                events_checked=sound.events,
+                runs=sound.runs,
+                events_lost=sound.lost,
+                events_duplicated=sound.duplicated,
+                detail=detail or {},
+            )
+        )
 
     def write(self) -> None:
         if not self.results:

@@ -20,7 +20,7 @@ from tests.faults.checks import (
     wait_for,
     waiting_for_input,
 )
-from tests.faults.report import Report, Result
+from tests.faults.report import Report
 from tests.faults.server import COUNTER, FaultServer
 
 # Each armed after the run asked for input, skipping the insert of the answer: the run's own appends fail.
@@ -66,16 +66,7 @@ async def test_transient_insert_errors_mid_run_are_retried_and_the_run_completes
         injected = faults(fault_server) - before
         assert injected == 2, "both armed faults reached the runtime"
         sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
-    report.add(
-        Result(
-            name=name,
-            faults_injected=injected,
-            events_checked=sound.events,
-            runs=sound.runs,
-            events_lost=sound.lost,
-            events_duplicated=sound.duplicated,
-        )
-    )
+    report.record(name, injected, sound)
 
 
 async def test_retry_budget_spent_fails_the_run_for_storage_once_the_database_takes_the_record(
@@ -121,17 +112,7 @@ async def test_retry_budget_spent_fails_the_run_for_storage_once_the_database_ta
         # The batch that could not be recorded went in before the run's end.
         assert records[-2].run_id == failed.run_id and records[-2].type != "input.received"
         sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
-    report.add(
-        Result(
-            name=name,
-            faults_injected=injected,
-            events_checked=sound.events,
-            runs=sound.runs,
-            events_lost=sound.lost,
-            events_duplicated=sound.duplicated,
-            detail={"retry budget s": 1.0},
-        )
-    )
+    report.record(name, injected, sound, {"retry budget s": 1.0})
 
 
 async def test_slow_inserts_finds_and_change_stream_get_mores_delay_but_lose_nothing(
@@ -165,17 +146,7 @@ async def test_slow_inserts_finds_and_change_stream_get_mores_delay_but_lose_not
         injected = fault_server.faults_seen()["slow"] - before
         assert injected >= 3
         sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
-    report.add(
-        Result(
-            name=name,
-            faults_injected=injected,
-            events_checked=sound.events,
-            runs=sound.runs,
-            events_lost=sound.lost,
-            events_duplicated=sound.duplicated,
-            detail={"block ms": 400},
-        )
-    )
+    report.record(name, injected, sound, {"block ms": 400})
 
 
 async def test_database_killed_and_restarted_mid_run(
@@ -202,14 +173,4 @@ async def test_database_killed_and_restarted_mid_run(
         assert len(records) > stored
         injected = fault_server.faults_seen()["failed"] - before
         sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
-    report.add(
-        Result(
-            name=name,
-            faults_injected=1,
-            events_checked=sound.events,
-            runs=sound.runs,
-            events_lost=sound.lost,
-            events_duplicated=sound.duplicated,
-            detail={"failed commands during the outage": injected},
-        )
-    )
+    report.record(name, 1, sound, {"failed commands during the outage": injected})

@@ -10,7 +10,7 @@ import httpx
 from domain.store import MongoEventStore
 from tests.faults.checks import assert_chat_sound, drive_to_end, records_of
 from tests.faults.model_server import FaultyModel, solo_workflow
-from tests.faults.report import Report, Result
+from tests.faults.report import Report
 
 
 async def start(fault_node: Any, model: FaultyModel, tmp_path: Path, **settings: Any) -> Any:
@@ -55,17 +55,7 @@ async def test_429_500_stall_and_reset_are_retried_and_each_try_is_an_llm_call(
         assert injected == 4
     finally:
         model.close()
-    report.add(
-        Result(
-            name=name,
-            faults_injected=injected,
-            events_checked=sound.events,
-            runs=sound.runs,
-            events_lost=sound.lost,
-            events_duplicated=sound.duplicated,
-            detail={"tries recorded": len(calls)},
-        )
-    )
+    report.record(name, injected, sound, {"tries recorded": len(calls)})
 
 
 async def test_a_spent_retry_budget_fails_the_run_with_reason_model(
@@ -93,14 +83,4 @@ async def test_a_spent_retry_budget_fails_the_run_with_reason_model(
             sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
     finally:
         model.close()
-    report.add(
-        Result(
-            name=name,
-            faults_injected=injected,
-            events_checked=sound.events,
-            runs=sound.runs,
-            events_lost=sound.lost,
-            events_duplicated=sound.duplicated,
-            detail={"tries": 3},
-        )
-    )
+    report.record(name, injected, sound, {"tries": 3})

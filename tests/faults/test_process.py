@@ -21,7 +21,7 @@ from tests.faults.checks import (
     wait_for,
     waiting_for_input,
 )
-from tests.faults.report import Report, Result
+from tests.faults.report import Report
 from tests.faults.server import FaultServer
 from tests.test_serve import serve, wait_ready
 
@@ -84,14 +84,4 @@ async def test_kill_9_of_the_serve_process_running_a_chat(
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 await asyncio.to_thread(process.wait, 30)
-    report.add(
-        Result(
-            name=name,
-            faults_injected=1,
-            events_checked=sound.events,
-            runs=sound.runs,
-            events_lost=sound.lost,
-            events_duplicated=sound.duplicated,
-            detail={"lease TTL s": 2},
-        )
-    )
+    report.record(name, 1, sound, {"lease TTL s": 2})
