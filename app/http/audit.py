@@ -18,12 +18,13 @@ from litestar.params import Parameter
 from litestar.response import Stream
 
 from app.http.auth import Principal
+from app.http.controllers import check_event_types, wants_ndjson
 from app.http.errors import error_responses
 from app.http.views import AuditRecord, View, audit_record
 from app.settings import Settings
 from domain.anchors import derive_key
 from domain.audit import AuditFilter, BadCursor, Position
-from domain.events import EVENT_TYPES, to_record
+from domain.events import to_record
 from domain.store import MongoEventStore
 
 KEY_FILE: Final = "anchor.key"
@@ -105,9 +106,7 @@ class AuditController(Controller):
         NDJSON (`Accept: application/x-ndjson` or `?format=ndjson`): every matching record after
         `cursor` (at most `limit`), streamed.
         """
-        unknown = sorted(set(event_type or ()) - EVENT_TYPES)
-        if unknown:
-            raise ValidationException(f"unknown event type(s) {unknown}; known: {sorted(EVENT_TYPES)}")
+        check_event_types(event_type)
         try:
             after = Position.decode(cursor) if cursor else None
         except BadCursor as exc:
@@ -125,7 +124,7 @@ class AuditController(Controller):
                 until=until,
             ),
         )
-        if fmt == "ndjson" or "application/x-ndjson" in request.headers.get("accept", ""):
+        if wants_ndjson(request, fmt):
             records = store.audit(wanted, after=after, limit=limit)
 
             async def lines() -> AsyncIterator[bytes]:

@@ -93,6 +93,21 @@ async def verify_chat(
     return judge(check, anchor, book.key)
 
 
+def check_event_types(types: list[str] | None) -> None:
+    """Refuse (400, field `type`) event types the log has no tag for."""
+    unknown = sorted(set(types or ()) - EVENT_TYPES)
+    if unknown:
+        raise ValidationException(
+            f"unknown event type(s) {unknown}; known: {sorted(EVENT_TYPES)}",
+            extra=[{"key": "type", "source": "query", "message": f"unknown event type(s) {unknown}"}],
+        )
+
+
+def wants_ndjson(request: Request[Any, Any, Any], fmt: str | None) -> bool:
+    """Whether the client asked for NDJSON (`?format=ndjson` or `Accept: application/x-ndjson`)."""
+    return fmt == "ndjson" or "application/x-ndjson" in request.headers.get("accept", "")
+
+
 @get("/api/info", media_type=MediaType.JSON, responses=error_responses(), security=[{}])
 async def info(settings: Settings) -> views.Info:
     """What a client needs to know before it connects: auth, heartbeat interval, offline mode."""
@@ -241,12 +256,7 @@ class ChatController(Controller):
         """
         await owned_chat(store, request.user, chat_id)
         visible = None if "auditor" in request.user.roles else True
-        unknown = sorted(set(event_type or ()) - EVENT_TYPES)
-        if unknown:
-            raise ValidationException(
-                f"unknown event type(s) {unknown}; known: {sorted(EVENT_TYPES)}",
-                extra=[{"key": "type", "source": "query", "message": f"unknown event type(s) {unknown}"}],
-            )
+        check_event_types(event_type)
         records = store.find(
             chat_id,
             after=after,
@@ -257,7 +267,7 @@ class ChatController(Controller):
             until=until,
             visible=visible,
         )
-        if fmt == "ndjson" or "application/x-ndjson" in request.headers.get("accept", ""):
+        if wants_ndjson(request, fmt):
 
             async def lines() -> AsyncIterator[bytes]:
                 async for record in records:
