@@ -94,7 +94,10 @@ class EmbeddedMongo:
         return f"mongodb://{self.host}:{self.port}/?retryWrites=false&directConnection=true"
 
     def start(self) -> str:
-        """Start the server and wait until it answers `ping`; returns its URI."""
+        """Start the server and wait until it answers `ping`; returns its URI.
+
+        Call it from a thread that outlives the server: the server gets SIGTERM when that thread ends.
+        """
         storage = str(self.storage)
         if storage != ":memory:":
             try:
@@ -180,7 +183,9 @@ class EmbeddedMongo:
         self.stop()
 
     async def __aenter__(self) -> EmbeddedMongo:
-        await asyncio.to_thread(self.start)
+        # Started on the loop's own thread, never a worker's: the child dies with the *thread* that
+        # started it (PR_SET_PDEATHSIG), and executor threads come and go (the model pool's do).
+        self.start()
         return self
 
     async def __aexit__(

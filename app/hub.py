@@ -20,7 +20,7 @@ import structlog
 from pymongo.errors import PyMongoError
 
 from app.observability import EVENTS_SEEN
-from app.tasks import cancel_requested
+from domain.cancellation import raise_if_cancelling
 from domain.errors import HistoryLost
 from domain.events import Record
 from domain.store import MongoEventStore, ReplayDone, follow
@@ -87,8 +87,7 @@ class LiveHub:
     async def run(self) -> None:
         """Tail the change stream forever, reopening it after a break (subscribers then re-check the log)."""
         while True:
-            if cancel_requested():  # a cancellation the driver absorbed still ends the loop
-                raise asyncio.CancelledError
+            raise_if_cancelling()
             try:
                 async for change in self.store.tail(resume_after=self._token, on_open=self._opened):
                     self._dispatch(change.record)
@@ -99,8 +98,7 @@ class LiveHub:
                 log.warning("hub.history_lost", detail="reopening the change stream from now")
                 self._token = None
             except PyMongoError as exc:  # keep serving; the stream reopens shortly
-                if cancel_requested():  # the driver may turn a cancellation into its own error
-                    raise asyncio.CancelledError from exc
+                raise_if_cancelling(exc)
                 log.warning("hub.stream_error", error=str(exc))
                 await asyncio.sleep(0.5)
 

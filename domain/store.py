@@ -31,6 +31,7 @@ from pymongo.errors import (
 
 from domain.anchors import AnchorBook
 from domain.audit import AUDIT_INDEXES, AuditFilter, LogVerification, Position, find_records, verify_log
+from domain.cancellation import raise_if_cancelling
 from domain.chain import ChainCheck, Verification
 from domain.errors import Conflict, CorruptRecord, HistoryLost, StorageUnavailable
 from domain.events import (
@@ -104,6 +105,7 @@ class Backoff:
 
     async def wait(self, exc: PyMongoError) -> None:
         """Sleep before the next try; re-raise a permanent error, StorageUnavailable when spent."""
+        raise_if_cancelling(exc)
         self.tries += 1
         waited = time.monotonic() - self.started
         if not is_transient(exc):

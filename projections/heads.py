@@ -23,6 +23,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from domain.anchors import AnchorBook, Head
+from domain.cancellation import raise_if_cancelling
 from domain.events import EVENT_TYPES, TERMINAL_TYPES, AnyEvent, Record
 from projections.projector import Projector
 from projections.update import Update
@@ -115,4 +116,5 @@ class AnchorWriter:
             try:
                 await self.anchor_changed()
             except PyMongoError as exc:
+                raise_if_cancelling(exc)
                 log.warning("anchoring failed, retrying in %.0f s: %s", self.interval_s, exc)

@@ -30,6 +30,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
+from domain.cancellation import raise_if_cancelling
 from domain.errors import HistoryLost
 from domain.events import Record
 from domain.store import Change, MongoEventStore
@@ -103,7 +104,7 @@ class WriterLease:
                 if not await self.renew():
                     return
             except PyMongoError as exc:
-                _raise_if_cancelling(exc)
+                raise_if_cancelling(exc)
                 log.warning("projection lease renewal failed: %s", exc)
                 if time.monotonic() >= self._held_until:
                     return
@@ -111,13 +112,6 @@ class WriterLease:
     async def release(self) -> None:
         """Give the lease up (a standby takes over at its next try instead of after the TTL)."""
         await self.collection.delete_one({"_id": self.name, "owner": self.owner})
-
-
-def _raise_if_cancelling(cause: BaseException | None = None) -> None:
-    # PyMongo can absorb a cancellation mid-operation; a pending one still ends the loop.
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError from cause
 
 
 Hook = Callable[[], Awaitable[None]]
@@ -285,19 +279,19 @@ class ProjectionRunner:
     async def _write(self) -> None:
         token = await self._load_checkpoint()
         while True:
-            _raise_if_cancelling()
+            raise_if_cancelling()
             token = await self._session(token)
 
     async def _stand_by(self) -> None:
         """Try to take the writer lease until this replica holds it."""
         assert self.lease is not None
         while True:
-            _raise_if_cancelling()
+            raise_if_cancelling()
             try:
                 if await self.lease.acquire():
                     return
             except PyMongoError as exc:
-                _raise_if_cancelling(exc)
+                raise_if_cancelling(exc)
                 log.warning("projection lease check failed: %s", exc)
             if self.role != "standby":
                 log.info("projections: standing by (%s holds the writer lease)", self.lease.name)

@@ -40,7 +40,7 @@ from app.runs.pool import model_calls
 from app.runs.recorder import RunMapper
 from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
-from app.tasks import cancel_requested
+from domain.cancellation import raise_if_cancelling
 from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownChat
 from domain.events import (
     ChatCreated,
@@ -617,8 +617,7 @@ class _RunSession:
                     if self.observe(record):
                         return
             except PyMongoError as exc:
-                if cancel_requested():
-                    raise asyncio.CancelledError from exc
+                raise_if_cancelling(exc)
                 log.warning("run.watch_interrupted", chat_id=self.stream.chat_id, error=str(exc))
                 await asyncio.sleep(0.5)
 

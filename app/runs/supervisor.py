@@ -25,7 +25,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from app.observability import RUN_OUTCOMES
 from app.runs.orchestrator import Orchestrator, RunNotRecorded, failure_reason
 from app.settings import Settings
-from app.tasks import cancel_requested
+from domain.cancellation import raise_if_cancelling
 from domain.errors import MozaiksError, StorageUnavailable, UnknownChat
 from domain.events import (
     TERMINAL_TYPES,
@@ -241,6 +241,7 @@ class RunSupervisor:
                     return "run.failed"
                 return (await self.store.finish_run(stream, run_id, pendings)).type
             except (PyMongoError, StorageUnavailable) as exc:
+                raise_if_cancelling(exc)
                 log.warning(
                     "run.end_not_recorded",
                     chat_id=stream.chat_id,
@@ -254,11 +255,13 @@ class RunSupervisor:
     async def _renew(self, chat_id: str, run_id: str) -> None:
         while True:
             await asyncio.sleep(self.settings.lease_ttl_s / 3)
-            with contextlib.suppress(PyMongoError):
+            try:
                 await self.leases.update_one(
                     {"_id": chat_id, "owner": self.node, "run_id": run_id},
                     {"$set": {"expires_at": self._expiry()}},
                 )
+            except PyMongoError as exc:  # the next renewal tries again
+                raise_if_cancelling(exc)
 
     async def _lease_of_live_run(self, chat_id: str) -> tuple[dict[str, Any] | None, str | None]:
         """The chat's lease if it is live and its run is not over (a run starting counts as live).
@@ -411,12 +414,9 @@ class RunSupervisor:
                     if count:
                         log.warning("runs.interrupted", count=count)
             except (PyMongoError, StorageUnavailable) as exc:
-                # The driver may turn a cancellation into its own error: a pending cancel still wins.
-                if cancel_requested():
-                    raise asyncio.CancelledError from exc
+                raise_if_cancelling(exc)
                 log.warning("leases.check_failed", error=str(exc))
-            if cancel_requested():  # a cancellation the driver absorbed still ends the loop
-                raise asyncio.CancelledError
+            raise_if_cancelling()
             await asyncio.sleep(min(STOP_POLL_S, sweep_every))
 
     async def shutdown(self) -> None:
