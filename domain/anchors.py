@@ -202,13 +202,13 @@ class AnchorBook:
 
     async def latest(self, chat_id: str) -> Anchor | None:
         """The chat's most recent anchor (signature not checked here: see `judge`), or None."""
-        doc = await self.anchors.find_one({"chat_id": str(chat_id)}, sort=[("n", DESCENDING)], hint="chat_n")
+        doc = await self.anchors.find_one({"chat_id": str(chat_id)}, sort=[("n", DESCENDING)])
         return _anchor(doc) if doc is not None else None
 
     def documents(self, app_id: str | None = None) -> Any:
         """A cursor over the anchors (of one app), by app and number."""
         query: dict[str, Any] = {} if app_id is None else {"app_id": str(app_id)}
-        return self.anchors.find(query, sort=[("app_id", ASCENDING), ("n", ASCENDING)], hint="app_n")
+        return self.anchors.find(query, sort=[("app_id", ASCENDING), ("n", ASCENDING)])
 
     async def scan(self, app_id: str | None = None) -> AnchorScan:
         """Check every anchor (of one app): signature, numbering and chaining; the latest per chat."""

@@ -2,9 +2,12 @@
 
 Order: by `(ts, chat_id, seq)`, which is time order and, within a chat, seq order (a chat's
 records are sealed in seq order, so their `ts` never decreases). Filtering by one chat or one run
-reads that chat in seq order instead (the same order for a single chat). Every plan names the
-index it reads (`hint`), an index whose keys end with the sort keys, so the server streams the
-range in index order and never scans the collection.
+reads that chat in seq order instead (the same order for a single chat). Every plan's equality
+filters are the prefix of an index whose keys end with the sort keys (`AUDIT_INDEXES`), so the
+server reads an index range in order and never scans the collection. Plans leave the choice of
+index to the server: a `hint` makes SecantusDB walk the whole hinted index (every document of the
+collection, per query), and MongoDB picks the prefix index itself. Only a plan that reads every
+chat of every app names one (`chat_seq`), so that MongoDB walks it in order instead of sorting.
 
 The cursor is the `(ts, chat_id, seq)` of the last record returned, a key no two records share:
 a page after it repeats nothing, and every record stored before paging began is returned exactly
@@ -15,8 +18,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import heapq
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NamedTuple
 
@@ -26,6 +30,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 
 from domain.anchors import Anchor, AnchorBook, AnchorScan, judge
 from domain.chain import ChainCheck, Verification
+from domain.cursors import prefetched
 from domain.errors import MozaiksError
 
 TIME_ORDER: Final = [("ts", ASCENDING), ("chat_id", ASCENDING), ("seq", ASCENDING)]
@@ -45,13 +50,6 @@ AUDIT_INDEXES: Final = (
     _time_index("app_user_time", "app_id", "user_id"),
     _time_index("app_workflow_time", "app_id", "workflow"),
     IndexModel([("run_id", ASCENDING), *CHAT_ORDER], name="run_chat_seq"),
-)
-# Which index serves a time-ordered query, by the first filter present (most selective first).
-_TIME_INDEX_BY_FILTER: Final = (
-    ("types", "app_type_time"),
-    ("agent", "app_agent_time"),
-    ("user_id", "app_user_time"),
-    ("workflow", "app_workflow_time"),
 )
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -126,18 +124,27 @@ def _ms(ts: datetime) -> int:
 
 
 class Plan(NamedTuple):
-    """One server query: filter, sort, and the index it must use."""
+    """One ordered read: index ranges read one after another, each in `sort` order, and all in it.
 
-    query: dict[str, Any]
+    Each query holds only what an index serves: the equalities of its prefix and a range on the
+    next key. A filter field outside that prefix would make SecantusDB scan the collection (and a
+    `hint` makes it walk the whole hinted index), so the other conditions are `checks` on each
+    document read. A page after a cursor is "everything after this key", which as one filter needs
+    an `$or`, no index range: it is read as the rest of the cursor's chat at its instant, the later
+    chats at that instant, then every later instant.
+    """
+
+    queries: list[dict[str, Any]]
     sort: list[tuple[str, int]]
-    hint: str
+    hint: str | None = None  # the index to walk (only a read of every app's log names one)
+    checks: Callable[[Mapping[str, Any]], bool] | None = None
 
 
 def plans(f: AuditFilter, after: Position | None = None) -> list[Plan]:
-    """The queries that answer `f` after `after`: one, or one per type when several are asked for.
+    """The reads that answer `f` after `after`: one, or one per type when several are asked for.
 
     Several types in one time-ordered query would make the server merge index ranges or sort in
-    memory; separate queries, merged here, stream each range in index order.
+    memory; separate reads, merged here, stream each range in index order.
     """
     time_ordered = f.chat_id is None and f.run_id is None and f.app_id is not None
     if time_ordered and len(f.types) > 1:
@@ -146,50 +153,93 @@ def plans(f: AuditFilter, after: Position | None = None) -> list[Plan]:
 
 
 def _plan(f: AuditFilter, after: Position | None, time_ordered: bool) -> Plan:
-    query: dict[str, Any] = {}
-    for field in ("app_id", "agent", "workflow", "user_id", "chat_id", "run_id"):
-        value = getattr(f, field)
-        if value is not None:
-            query[field] = str(value)  # always a plain value, never a query operator
-    if len(f.types) == 1:
-        query["type"] = str(f.types[0])
-    elif f.types:
-        query["type"] = {"$in": [str(t) for t in f.types]}
+    wanted: dict[str, frozenset[Any]] = {
+        field: frozenset([str(value)])  # always a plain value, never a query operator
+        for field in ("app_id", "agent", "workflow", "user_id", "chat_id", "run_id")
+        if (value := getattr(f, field)) is not None
+    }
+    if f.types:
+        wanted["type"] = frozenset(str(t) for t in f.types)
     if f.visible is not None:
-        query["visible"] = bool(f.visible)
+        wanted["visible"] = frozenset([bool(f.visible)])
+    since = _aware(f.since) if f.since is not None else None
+    until = _aware(f.until) if f.until is not None else None
     window: dict[str, datetime] = {}
-    if f.since is not None:
-        window["$gte"] = _aware(f.since)
-    if f.until is not None:
-        window["$lt"] = _aware(f.until)
+    if since is not None:
+        window["$gte"] = since
+    if until is not None:
+        window["$lt"] = until
     if time_ordered:
+        # (app_id, one of type/agent/user_id/workflow, ts, chat_id, seq): AUDIT_INDEXES.
+        second = next((field for field in ("type", "agent", "user_id", "workflow") if field in wanted), None)
+        prefix = _equalities(wanted, ("app_id", second) if second else ("app_id",))
+        rest = _checks(wanted, prefix)
+        if after is None:
+            return Plan([{**prefix, "ts": window} if window else prefix], list(TIME_ORDER), None, rest)
+        later: dict[str, datetime] = (
+            {"$gt": after.ts} if since is None or after.ts >= since else {"$gte": since}
+        )
+        if until is not None:
+            later["$lt"] = until
+        ranges = [{**prefix, "ts": later}]
+        if (since is None or after.ts >= since) and (until is None or after.ts < until):
+            ranges[:0] = [
+                {**prefix, "ts": after.ts, "chat_id": after.chat_id, "seq": {"$gt": after.seq}},
+                {**prefix, "ts": after.ts, "chat_id": {"$gt": after.chat_id}},
+            ]
+        return Plan(ranges, list(TIME_ORDER), None, rest)
+    if f.chat_id is None and f.run_id is None:
+        # Every app's log, in chat order: the whole (chat_id, seq) index, walked in order and filtered.
+        query: dict[str, Any] = {
+            field: next(iter(values)) if len(values) == 1 else {"$in": sorted(values)}
+            for field, values in wanted.items()
+        }
+        if window:
+            query["ts"] = window
         if after is not None:
-            since = window.get("$gte")
-            window["$gte"] = after.ts if since is None or after.ts > since else since
             query["$or"] = [
-                {"ts": {"$gt": after.ts}},
                 {"chat_id": {"$gt": after.chat_id}},
                 {"chat_id": after.chat_id, "seq": {"$gt": after.seq}},
             ]
-        if window:
-            query["ts"] = window
-        hint = next((index for field, index in _TIME_INDEX_BY_FILTER if getattr(f, field)), "app_time")
-        return Plan(query, list(TIME_ORDER), hint)
-    if window:
-        query["ts"] = window
-    if after is not None:
-        if f.chat_id is not None:
-            # One chat: the page goes on after the cursor's seq, or is empty past that chat.
-            query["seq"] = {
-                "$gt": after.seq
-                if after.chat_id == f.chat_id
-                else (0 if after.chat_id < f.chat_id else 2**62)
-            }
-        else:
-            query["chat_id"] = {"$gte": after.chat_id}
-            query["$or"] = [{"chat_id": {"$gt": after.chat_id}}, {"seq": {"$gt": after.seq}}]
-    hint = "run_chat_seq" if f.run_id is not None and f.chat_id is None else CHAT_INDEX
-    return Plan(query, list(CHAT_ORDER), hint)
+        return Plan([query], list(CHAT_ORDER), CHAT_INDEX)
+    # One chat (chat_seq) or one run (run_chat_seq), in seq order.
+    prefix = _equalities(wanted, ("chat_id",) if f.chat_id is not None else ("run_id",))
+    rest = _checks(wanted, prefix, since, until)
+    if after is None:
+        return Plan([prefix], list(CHAT_ORDER), None, rest)
+    if f.chat_id is not None:
+        # One chat: the page goes on after the cursor's seq, or is empty past that chat.
+        seq = after.seq if after.chat_id == f.chat_id else (0 if after.chat_id < f.chat_id else 2**62)
+        return Plan([{**prefix, "seq": {"$gt": seq}}], list(CHAT_ORDER), None, rest)
+    ranges = [
+        {**prefix, "chat_id": after.chat_id, "seq": {"$gt": after.seq}},
+        {**prefix, "chat_id": {"$gt": after.chat_id}},
+    ]
+    return Plan(ranges, list(CHAT_ORDER), None, rest)
+
+
+def _equalities(wanted: Mapping[str, frozenset[Any]], fields: Sequence[str]) -> dict[str, Any]:
+    return {field: next(iter(wanted[field])) for field in fields}
+
+
+def _checks(
+    wanted: Mapping[str, frozenset[Any]],
+    served: Mapping[str, Any],
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Callable[[Mapping[str, Any]], bool] | None:
+    """What the index range does not serve, checked on each document; None when nothing is left."""
+    left = [(field, values) for field, values in wanted.items() if field not in served]
+    if not left and since is None and until is None:
+        return None
+
+    def keep(doc: Mapping[str, Any]) -> bool:
+        if any(doc.get(field) not in values for field, values in left):
+            return False
+        ts = _aware(doc["ts"])
+        return (since is None or ts >= since) and (until is None or ts < until)
+
+    return keep
 
 
 def _sort_key(doc: Mapping[str, Any]) -> tuple[datetime, str, int]:
@@ -206,39 +256,55 @@ async def find_records(
     batch_size: int = 1000,
 ) -> AsyncIterator[dict[str, Any]]:
     """The stored documents matching `f` after `after`, in order, at most `limit`; streamed in batches."""
-    queries = plans(f, after)
-    cursors = [
-        events.find(plan.query, sort=plan.sort, hint=plan.hint, batch_size=batch_size, limit=limit or 0)
-        for plan in queries
-    ]
+    reads = [_read(events, plan, limit, batch_size) for plan in plans(f, after)]
+    merged = reads[0] if len(reads) == 1 else _merge(reads)
+    count = 0
     try:
-        if len(cursors) == 1:
-            async for doc in cursors[0]:
-                yield doc
-            return
-        count = 0
-        async for doc in _merge(cursors):
+        async for doc in merged:
             yield doc
             count += 1
             if limit is not None and count >= limit:
                 return
     finally:
-        for cursor in cursors:
-            await cursor.close()
+        for read in reads:
+            await read.aclose()
 
 
-async def _merge(cursors: Sequence[Any]) -> AsyncIterator[dict[str, Any]]:
-    """Merge cursors that are each in TIME_ORDER into one sequence in TIME_ORDER."""
+async def _read(
+    events: AsyncCollection[Any], plan: Plan, limit: int | None, batch_size: int
+) -> AsyncGenerator[dict[str, Any]]:
+    """The plan's ranges, one cursor after another (at most `limit` documents in all)."""
+    left = limit
+    for query in plan.queries:
+        if left == 0:
+            return
+        # With checks made here, the server cannot count the documents that will be kept.
+        server_limit = (left or 0) if plan.checks is None else 0
+        cursor = events.find(query, sort=plan.sort, hint=plan.hint, batch_size=batch_size, limit=server_limit)
+        async with contextlib.aclosing(prefetched(cursor, batch_size, ahead=1)) as batches:
+            async for docs in batches:
+                for doc in docs:
+                    if plan.checks is not None and not plan.checks(doc):
+                        continue
+                    yield doc
+                    if left is not None:
+                        left -= 1
+                        if left == 0:
+                            return
+
+
+async def _merge(reads: Sequence[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[dict[str, Any]]:
+    """Merge reads that are each in TIME_ORDER into one sequence in TIME_ORDER."""
     heap: list[tuple[tuple[datetime, str, int], int, dict[str, Any]]] = []
-    for index, cursor in enumerate(cursors):
-        first = await anext(cursor, None)
+    for index, read in enumerate(reads):
+        first = await anext(read, None)
         if first is not None:
             heap.append((_sort_key(first), index, first))
     heapq.heapify(heap)
     while heap:
         _, index, doc = heap[0]
         yield doc
-        following = await anext(cursors[index], None)
+        following = await anext(reads[index], None)
         if following is None:
             heapq.heappop(heap)
         else:

@@ -33,6 +33,7 @@ from domain.anchors import AnchorBook
 from domain.audit import AUDIT_INDEXES, AuditFilter, LogVerification, Position, find_records, verify_log
 from domain.cancellation import raise_if_cancelling
 from domain.chain import ChainCheck, Verification
+from domain.cursors import prefetched
 from domain.errors import Conflict, CorruptRecord, HistoryLost, StorageUnavailable
 from domain.events import (
     GENESIS_HASH,
@@ -406,7 +407,7 @@ class MongoEventStore:
         cursor = self.events.find(
             {"chat_id": str(chat_id), "seq": {"$gt": int(after)}}, sort=[("seq", ASCENDING)], batch_size=batch
         )
-        async for docs in _prefetched(cursor, batch, ahead=1):
+        async for docs in prefetched(cursor, batch, ahead=1):
             for doc in docs:
                 yield to_record(doc)
 
@@ -609,7 +610,7 @@ class MongoEventStore:
         cursor = self.events.find(
             query, sort=[("chat_id", ASCENDING), ("seq", ASCENDING)], batch_size=SCAN_BATCH
         )
-        async for batch in _prefetched(cursor, SCAN_BATCH, ahead=4):
+        async for batch in prefetched(cursor, SCAN_BATCH, ahead=4):
             for doc in batch:
                 try:
                     item: Record | CorruptRecord = to_record(doc)
@@ -622,34 +623,6 @@ class MongoEventStore:
         """A change stream over appends from now on (for a resume token, or the chats appended meanwhile)."""
         async with await self.events.watch(_INSERTS, max_await_time_ms=max_await_time_ms) as stream:
             yield Appends(stream)
-
-
-async def _prefetched(cursor: Any, size: int, *, ahead: int) -> AsyncIterator[list[dict[str, Any]]]:
-    """The cursor's documents in batches of `size`; up to `ahead` batches are requested while the
-    caller works on the current one (the server reads while this process decodes). Closes the cursor."""
-    batches: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue(maxsize=ahead)
-
-    async def read() -> None:
-        while batch := await cursor.to_list(size):
-            await batches.put(batch)
-        await batches.put([])
-
-    reader = asyncio.create_task(read())
-    try:
-        while True:
-            getter = asyncio.ensure_future(batches.get())
-            await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                reader.result()  # the reader failed: raise its error
-            batch = getter.result()
-            if not batch:
-                return
-            yield batch
-    finally:
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
-        await cursor.close()
 
 
 def _conforms(store: MongoEventStore) -> EventStore:

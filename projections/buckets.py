@@ -204,7 +204,7 @@ async def series(
     ]
     sums: dict[tuple[int, tuple[str | None, ...]], _Sum] = {}
     collection = db[MetricsBucketsProjector.collection]
-    async for row in await collection.aggregate(pipeline, hint="app_hours"):
+    async for row in await collection.aggregate(pipeline):
         hour = int(str(row["hour"])[1:])
         if not first <= hour <= last:
             continue

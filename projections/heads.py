@@ -80,7 +80,7 @@ class AnchorWriter:
         written = 0
         while True:
             docs = await self.heads.find(
-                {"dirty": True}, {"app_id": 1, "last_seq": 1, "hash": 1}, hint="dirty", limit=READ_BATCH
+                {"dirty": True}, {"app_id": 1, "last_seq": 1, "hash": 1}, limit=READ_BATCH
             ).to_list()
             heads = [
                 Head(

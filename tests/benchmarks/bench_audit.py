@@ -9,8 +9,9 @@ Writes chats of two apps (sealed, chained records, as the store writes them), th
 - filtered query: `type=llm.call` the same way;
 - export: `mozaiks audit export --app P` (NDJSON to a sink, every chain checked as it streams past)
   vs the same raw find; the verification alone in records/s (`mozaiks audit verify --app P`).
-The raw baseline is also run with the audit query's sort and index, which separates what the
-server's sorted index scan costs from what the runtime adds.
+The raw baseline is also run with the audit query's sort, which separates what the server's sorted
+index scan costs from what the runtime adds. Each figure is the median of 5 rounds, the runs of a
+comparison interleaved in every round.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import io
 import os
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -61,12 +63,24 @@ def chat_docs(k: int, per_chat: int) -> list[dict[str, Any]]:
     return docs
 
 
-async def timed(label: str, fn: Callable[[], Awaitable[int]]) -> tuple[float, int]:
-    start = time.perf_counter()
-    count = await fn()
-    elapsed = time.perf_counter() - start
-    print(f"  {label:<52} {elapsed * 1000:9.1f} ms  {count / elapsed:10,.0f} records/s")
-    return elapsed, count
+ROUNDS = 5
+
+
+async def timed(runs: dict[str, Callable[[], Awaitable[int]]]) -> list[tuple[float, int]]:
+    """Each run's median time over ROUNDS rounds, the runs interleaved in every round (noise hits all)."""
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    counts: dict[str, int] = {}
+    for _ in range(ROUNDS):
+        for label, fn in runs.items():
+            start = time.perf_counter()
+            counts[label] = await fn()
+            times[label].append(time.perf_counter() - start)
+    out = []
+    for label in runs:
+        elapsed = statistics.median(times[label])
+        print(f"  {label:<52} {elapsed * 1000:9.1f} ms  {counts[label] / elapsed:10,.0f} records/s (median)")
+        out.append((elapsed, counts[label]))
+    return out
 
 
 async def bench(uri: str, chats: int, per_chat: int) -> None:
@@ -107,10 +121,14 @@ async def bench(uri: str, chats: int, per_chat: int) -> None:
         ),
     ):
         print(f"query: {label}")
-        raw_t, raw_n = await timed("raw find (documents only)", lambda q=query: raw(q))  # type: ignore[misc]
         plan = plans(f)[0]
-        same_t, _ = await timed("raw find, same sort and index", lambda q=query, p=plan: raw(q, p))  # type: ignore[misc]
-        audit_t, audit_n = await timed("find_records + NDJSON encoding", lambda f=f: audited(f))  # type: ignore[misc]
+        (raw_t, raw_n), (same_t, _), (audit_t, audit_n) = await timed(
+            {
+                "raw find (documents only)": lambda q=query: raw(q),  # type: ignore[misc]
+                "raw find, same sort": lambda q=query, p=plan: raw(q, p),  # type: ignore[misc]
+                "find_records + NDJSON encoding": lambda f=f: audited(f),  # type: ignore[misc]
+            }
+        )
         assert raw_n == audit_n, (raw_n, audit_n)
         print(
             f"  ratio audit/raw: {audit_t / raw_t:.2f}x (vs the same sorted index scan: {audit_t / same_t:.2f}x)"
@@ -126,8 +144,12 @@ async def bench(uri: str, chats: int, per_chat: int) -> None:
         assert code == 0, quiet.file.getvalue()  # type: ignore[attr-defined]
         return sink.getvalue().count(b"\n")
 
-    raw_t, _ = await timed("raw find (documents only)", lambda: raw({"app_id": "P"}))
-    export_t, _ = await timed("audit export (with verification)", export)
+    (raw_t, _), (export_t, _) = await timed(
+        {
+            "raw find (documents only)": lambda: raw({"app_id": "P"}),
+            "audit export (with verification)": export,
+        }
+    )
     print(f"  ratio export/raw: {export_t / raw_t:.2f}x")
 
     print("verify: mozaiks audit verify --app P")
@@ -137,7 +159,7 @@ async def bench(uri: str, chats: int, per_chat: int) -> None:
         assert result.ok
         return result.records
 
-    await timed("verify_log (hash chains + anchors)", verify)
+    await timed({"verify_log (hash chains + anchors)": verify})
     await client.drop_database(name)
     await client.close()
 
