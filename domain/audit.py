@@ -173,7 +173,7 @@ def _plan(f: AuditFilter, after: Position | None, time_ordered: bool) -> Plan:
         # (app_id, one of type/agent/user_id/workflow, ts, chat_id, seq): AUDIT_INDEXES.
         second = next((field for field in ("type", "agent", "user_id", "workflow") if field in wanted), None)
         prefix = _equalities(wanted, ("app_id", second) if second else ("app_id",))
-        rest = _checks(wanted, prefix)
+        rest = document_check(wanted, prefix)
         if after is None:
             return Plan([{**prefix, "ts": window} if window else prefix], list(TIME_ORDER), None, rest)
         later: dict[str, datetime] = (
@@ -204,7 +204,7 @@ def _plan(f: AuditFilter, after: Position | None, time_ordered: bool) -> Plan:
         return Plan([query], list(CHAT_ORDER), CHAT_INDEX)
     # One chat (chat_seq) or one run (run_chat_seq), in seq order.
     prefix = _equalities(wanted, ("chat_id",) if f.chat_id is not None else ("run_id",))
-    rest = _checks(wanted, prefix, since, until)
+    rest = document_check(wanted, prefix, since, until)
     if after is None:
         return Plan([prefix], list(CHAT_ORDER), None, rest)
     if f.chat_id is not None:
@@ -222,16 +222,19 @@ def _equalities(wanted: Mapping[str, frozenset[Any]], fields: Sequence[str]) -> 
     return {field: next(iter(wanted[field])) for field in fields}
 
 
-def _checks(
+def document_check(
     wanted: Mapping[str, frozenset[Any]],
     served: Mapping[str, Any],
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> Callable[[Mapping[str, Any]], bool] | None:
-    """What the index range does not serve, checked on each document; None when nothing is left."""
+    """What an index range does not serve (`wanted` values of fields not in `served`, the time
+    window), as a check of one stored document; None when nothing is left to check."""
     left = [(field, values) for field, values in wanted.items() if field not in served]
     if not left and since is None and until is None:
         return None
+    since = _aware(since) if since is not None else None
+    until = _aware(until) if until is not None else None
 
     def keep(doc: Mapping[str, Any]) -> bool:
         if any(doc.get(field) not in values for field, values in left):

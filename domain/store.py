@@ -30,7 +30,15 @@ from pymongo.errors import (
 )
 
 from domain.anchors import AnchorBook
-from domain.audit import AUDIT_INDEXES, AuditFilter, LogVerification, Position, find_records, verify_log
+from domain.audit import (
+    AUDIT_INDEXES,
+    AuditFilter,
+    LogVerification,
+    Position,
+    document_check,
+    find_records,
+    verify_log,
+)
 from domain.cancellation import raise_if_cancelling
 from domain.chain import ChainCheck, Verification
 from domain.cursors import prefetched
@@ -428,42 +436,63 @@ class MongoEventStore:
     ) -> AsyncIterator[Record]:
         """Audit read: records matching every given filter, by chat and seq (reversed if `newest_first`).
 
-        Filter values are matched as plain values (never as query operators).
+        Filter values are matched as plain values (never as query operators). With `chat_id`, the
+        server reads the chat's `(chat_id, seq)` range and the other filters are checked on each
+        record here (`domain.audit`: a filter field outside an index's prefix makes SecantusDB scan
+        the whole collection).
         """
-        query: dict[str, Any] = {}
+        wanted: dict[str, frozenset[Any]] = {}
+        if types:
+            wanted["type"] = frozenset(str(t) for t in types)
+        for field, value in (("agent", agent), ("app_id", app_id), ("user_id", user_id)):
+            if value is not None:
+                wanted[field] = frozenset([str(value)])
+        if visible is not None:
+            wanted["visible"] = frozenset([bool(visible)])
+        query: dict[str, Any]
         if chat_id is not None:
-            query["chat_id"] = str(chat_id)
+            query = {"chat_id": str(chat_id)}
             if after:
                 query["seq"] = {"$gt": int(after)}
-        if types:
-            query["type"] = {"$in": [str(t) for t in types]}
-        if agent is not None:
-            query["agent"] = str(agent)
-        if app_id is not None:
-            query["app_id"] = str(app_id)
-        if user_id is not None:
-            query["user_id"] = str(user_id)
-        if visible is not None:
-            query["visible"] = bool(visible)
-        if since is not None or until is not None:
-            window: dict[str, datetime] = {}
-            if since is not None:
-                window["$gte"] = since
-            if until is not None:
-                window["$lt"] = until
-            query["ts"] = window
+            check = document_check(wanted, query, since, until)
+        else:
+            query = {
+                field: next(iter(values)) if field != "type" else {"$in": sorted(values)}
+                for field, values in wanted.items()
+            }
+            if since is not None or until is not None:
+                window: dict[str, datetime] = {}
+                if since is not None:
+                    window["$gte"] = since
+                if until is not None:
+                    window["$lt"] = until
+                query["ts"] = window
+            check = None
         order = DESCENDING if newest_first else ASCENDING
         cursor = self.events.find(query, sort=[("chat_id", order), ("seq", order)])
-        if limit is not None:
+        if limit is not None and check is None:
             cursor = cursor.limit(int(limit))
-        async for doc in cursor:
-            yield to_record(doc)
+        left = limit or None  # 0: no limit, as the driver reads it
+        try:
+            async for doc in cursor:
+                if check is not None and not check(doc):
+                    continue
+                yield to_record(doc)
+                if left is not None:
+                    left -= 1
+                    if left <= 0:
+                        return
+        finally:
+            await cursor.close()
 
     async def completed_messages(self, chat_id: str, after: int = 0) -> set[str]:
         """The `message_id`s of the chat's `message.agent` records with seq > `after` (streamed messages that finished)."""
-        query = {"chat_id": str(chat_id), "seq": {"$gt": int(after)}, "type": "message.agent"}
+        # The chat's range only: a `type` in the query would make SecantusDB scan the collection.
+        query = {"chat_id": str(chat_id), "seq": {"$gt": int(after)}}
         found: set[str] = set()
-        async for doc in self.events.find(query, {"data.message_id": 1}):
+        async for doc in self.events.find(query, {"type": 1, "data.message_id": 1}):
+            if doc.get("type") != "message.agent":
+                continue
             message_id = (doc.get("data") or {}).get("message_id")
             if message_id:
                 found.add(str(message_id))
