@@ -377,6 +377,16 @@ class MongoEventStore:
 
     async def last_seq(self, chat_id: str) -> int:
         """The seq of the chat's last record, 0 when the chat has none."""
+        cached = self._heads.get(chat_id)
+        if cached is not None:
+            # From the last head this process saw on: a server that sorts before it limits (the
+            # embedded one) then reads a record or two, not the whole chat. None there: the log
+            # was cut below that head, and the whole chat is asked.
+            doc = await self.events.find_one(
+                {"chat_id": chat_id, "seq": {"$gte": cached[0]}}, {"seq": 1}, sort=[("seq", DESCENDING)]
+            )
+            if doc is not None:
+                return int(doc["seq"])
         doc = await self.events.find_one({"chat_id": chat_id}, {"seq": 1}, sort=[("seq", DESCENDING)])
         return int(doc["seq"]) if doc else 0
 
