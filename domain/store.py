@@ -60,6 +60,7 @@ DUPLICATE_KEY: Final = 11000
 # ChangeStreamFatalError, and the older "resume point no longer in the oplog".
 HISTORY_LOST_CODES: Final = frozenset({286, 280, 136})
 _HEAD_CACHE_SIZE: Final = 10_000
+_HEAD_FIELDS: Final = {"seq": 1, "hash": 1}  # what `last_seq` reads of a chat's last record
 _INSERTED_CACHE_SIZE: Final = 10_000
 SCAN_BATCH: Final = 2000  # log records per cursor batch of a scan
 _LOOKUPS_AT_ONCE: Final = 16  # exact index lookups in flight while finding where chats end
@@ -385,9 +386,24 @@ class MongoEventStore:
     # ---- read ---------------------------------------------------------------------------------
 
     async def last_seq(self, chat_id: str) -> int:
-        """The seq of the chat's last record, 0 when the chat has none."""
-        doc = await self.events.find_one({"chat_id": chat_id}, {"seq": 1}, sort=[("seq", DESCENDING)])
-        return int(doc["seq"]) if doc else 0
+        """The seq of the chat's last record, 0 when the chat has none; remembers that head."""
+        head: dict[str, Any] | None = None
+        cached = self._heads.get(chat_id)
+        if cached is not None:
+            # From the last head this process saw on: a server that sorts before it limits (the
+            # embedded one) then reads a record or two, not the whole chat. None there: the log
+            # was cut below that head, and the whole chat is asked.
+            head = await self.events.find_one(
+                {"chat_id": chat_id, "seq": {"$gte": cached[0]}}, _HEAD_FIELDS, sort=[("seq", DESCENDING)]
+            )
+        if head is None:
+            head = await self.events.find_one({"chat_id": chat_id}, _HEAD_FIELDS, sort=[("seq", DESCENDING)])
+        if head is None:
+            return 0
+        seq = int(head["seq"])
+        if isinstance(head.get("hash"), str):
+            self._remember_head(chat_id, seq, head["hash"])  # an append at the end needs no second read
+        return seq
 
     async def read(self, chat_id: str, after: int = 0, limit: int | None = None) -> AsyncIterator[Record]:
         """The chat's records with seq > `after`, in seq order, at most `limit` of them.

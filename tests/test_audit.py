@@ -31,6 +31,7 @@ from domain.events import (
     ToolResult,
 )
 from domain.store import MongoEventStore
+from tests.cli import invoke
 
 SECRET = "audit-test-secret-of-at-least-thirty-two-bytes"
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def ref(i: int) -> StreamRef:
     )
 
 
-async def write_chats(store: MongoEventStore, count: int = 30) -> None:
+async def write_chats(store: MongoEventStore, count: int) -> None:
     for i in range(count):
         for burst in chat_events(i):
             await store.append(ref(i), burst, None)
@@ -157,7 +158,7 @@ async def secured(start_node: Any) -> Any:
 async def test_each_filter_returns_exactly_the_matching_records_of_the_callers_app(
     secured: Any, store: MongoEventStore, db: AsyncDatabase[Any]
 ) -> None:
-    await write_chats(store)
+    await write_chats(store, 12)
     stored = [doc async for doc in db["events"].find({})]
     times = sorted(doc["ts"] for doc in stored)
     middle, late = times[len(times) // 3], times[2 * len(times) // 3]
@@ -308,7 +309,15 @@ async def test_every_documented_filter_is_served_by_an_index(
 # ---- tail anchors -------------------------------------------------------------------------------
 
 
+def audit(*args: str, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """`mozaiks audit ARGS` run in this process (see tests.cli.invoke)."""
+    from app.cli.audit import audit_group
+
+    return invoke(audit_group, *args, env=env)
+
+
 def mozaiks(*args: str, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """`mozaiks ARGS` as its own process, through the command's entry point."""
     return subprocess.run(
         [sys.executable, "-c", "from app.cli import main; main()", *args],
         cwd=ROOT,
@@ -340,12 +349,14 @@ async def test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported(
     # Every chat ends with run.completed: the writer anchors it without waiting for its interval.
     await wait_anchored(db, chats, store)
     env = {"DATABASE_URI": mongo_uri, "MOZAIKS_DB": db_name, "MOZAIKS_AUTH_SECRET": SECRET}
+    # The first command runs as its own process through the entry point; the rest run the same
+    # command group in this process (no interpreter start-up and imports each time).
     clean = mozaiks("audit", "verify", env=env)
     assert clean.returncode == 0, clean.stderr
     assert "every chain intact" in " ".join(clean.stderr.split())
 
     kept_apart = tmp_path / "anchors.ndjson"
-    kept_apart.write_text(mozaiks("audit", "anchors", "export", "--app", "P", env=env).stdout)
+    kept_apart.write_text(audit("anchors", "export", "--app", "P", env=env).stdout)
 
     truncated, deleted, edited, unanchored = "chat-00", "chat-02", "chat-04", "chat-06"  # all of app P
     head = await store.last_seq(truncated)
@@ -376,7 +387,7 @@ async def test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported(
         # The chat's user gets a 404 for a deleted chat: only auditors learn of anchors.
         assert (await http.get(f"/api/chats/{deleted}/verify", headers=bearer("u2", "P"))).status_code == 404
 
-    broken = mozaiks("audit", "verify", "--app", "P", env=env)
+    broken = audit("verify", "--app", "P", env=env)
     assert broken.returncode == 1
     out = " ".join(broken.stderr.split())
     assert re.search(rf"{truncated} │ {head - 2} │ {head} │", out), out
@@ -384,17 +395,17 @@ async def test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported(
     assert f"P#{anchor['n']}" in out and "signature does not match" in out
     assert "chat-01" not in out  # app Q is not part of this check
     assert unanchored not in out  # without its anchors, the database alone cannot tell
-    checked = mozaiks("audit", "verify", "--app", "P", "--anchors", str(kept_apart), env=env)
+    checked = audit("verify", "--app", "P", "--anchors", str(kept_apart), env=env)
     against = " ".join(checked.stderr.split())
     assert checked.returncode == 1 and re.search(rf"{unanchored} │ \d+ │ \d+ │ the log ends", against), (
         against
     )
     assert all(f"{anchor_id} " in against or f"{anchor_id} of" in against for anchor_id in removed), against
     assert "not in the database" in against
-    other = mozaiks("audit", "verify", "--app", "Q", env=env)
+    other = audit("verify", "--app", "Q", env=env)
     assert other.returncode == 0, other.stderr
 
-    export = mozaiks("audit", "export", "--app", "P", "--type", "llm.call", env=env)
+    export = audit("export", "--app", "P", "--type", "llm.call", env=env)
     lines = [json.loads(line) for line in export.stdout.splitlines()]
     assert (
         lines
@@ -404,13 +415,13 @@ async def test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported(
     told = " ".join(export.stderr.split())
     assert export.returncode == 1 and truncated in told and "verification FAILED (the exported chats" in told
     # A whole app's export checks the chains as the records stream past: the same findings.
-    whole = mozaiks("audit", "export", "--app", "P", env=env)
+    whole = audit("export", "--app", "P", env=env)
     told = " ".join(whole.stderr.split())
     assert whole.returncode == 1 and re.search(rf"{truncated} │ {head - 2} │ {head} │", told), told
     assert deleted in told and "deleted" in told and "signature does not match" in told
     assert len(whole.stdout.splitlines()) == await db["events"].count_documents({"app_id": "P"})
-    intact_app = mozaiks("audit", "export", "--app", "Q", env=env)
+    intact_app = audit("export", "--app", "Q", env=env)
     assert intact_app.returncode == 0 and "every chain intact" in " ".join(intact_app.stderr.split())
-    anchors = mozaiks("audit", "anchors", "export", "--app", "Q", env=env)
+    anchors = audit("anchors", "export", "--app", "Q", env=env)
     exported = [json.loads(line) for line in anchors.stdout.splitlines()]
     assert exported and all(a["app_id"] == "Q" for a in exported) and "sig" in exported[0]

@@ -440,9 +440,9 @@ async def test_log_of_many_chats_with_runner_restart_and_duplicates_equals_a_cle
 ) -> None:
     runner, task = runners()
     await runner.wait_caught_up(30)
-    await append_chats(store, 25, seed=3, prefix="a", app_ids=("app1", "app2"))
+    await append_chats(store, 12, seed=3, prefix="a", app_ids=("app1", "app2"))
     await stop(task)  # midway: whatever was applied is applied; the rest waits in the log
-    await append_chats(store, 25, seed=4, prefix="b")
+    await append_chats(store, 12, seed=4, prefix="b")
     # Meanwhile another process re-delivers a shuffled slice of the log with repeats.
     extra = [r async for r in store.find()][::3]
     random.Random(5).shuffle(extra)
@@ -453,13 +453,13 @@ async def test_log_of_many_chats_with_runner_restart_and_duplicates_equals_a_cle
             by_chat.setdefault(record.chat_id, []).append(record)
         await asyncio.gather(*(writer.apply(by_chat) for writer in rival))
     restarted, _ = runners()
-    await append_chats(store, 10, seed=6, prefix="c")
+    await append_chats(store, 6, seed=6, prefix="c")
     await restarted.wait_caught_up(60)
     assert restarted.caught_up and restarted.lag()["events_behind"] == 0
     live = await snapshot(db)
-    assert len(live["chat_metrics"]) == 60
+    assert len(live["chat_metrics"]) == 30
     summary = await rebuild(db, store)
-    assert summary.events == await store.events.count_documents({}) and summary.chats == 60
+    assert summary.events == await store.events.count_documents({}) and summary.chats == 30
     assert_same(live, await snapshot(db))
 
 
@@ -569,7 +569,7 @@ async def test_percentiles_after_rebuild_equal_live_and_aggregate_p95_matches_ra
     db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
 ) -> None:
     runner, _ = runners()
-    await append_chats(store, 30, seed=11, app_ids=("app1", "app2"))
+    await append_chats(store, 12, seed=11, app_ids=("app1", "app2"))  # 171 LLM calls
     await runner.wait_caught_up(60)
     live_aggregate = await queries.aggregate_metrics(db)
     live_pages = await queries.list_chat_metrics(db, sort="cost", limit=500)
@@ -604,7 +604,7 @@ async def test_rebuild_while_the_runner_is_live_converges_to_the_log(
     db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
 ) -> None:
     runner, _ = runners()
-    await append_chats(store, 20, seed=12)
+    await append_chats(store, 10, seed=12)
     await runner.wait_caught_up(60)
     rebuilt = asyncio.Event()
 
@@ -612,7 +612,7 @@ async def test_rebuild_while_the_runner_is_live_converges_to_the_log(
         # Appends before, during and after the swap; some chats get nothing after it.
         rng = random.Random(13)
         for i in range(60):
-            chat_id = f"chat-{rng.randrange(20)}" if i % 3 else f"new-{i}"
+            chat_id = f"chat-{rng.randrange(10)}" if i % 3 else f"new-{i}"
             await store.append(stream(chat_id), [p(MessageAgent(content=f"late {i}"), "Writer", "x")], None)
             if i == 40:
                 await rebuilt.wait()
@@ -741,7 +741,7 @@ def test_rebuild_command_shows_progress_and_a_summary(mongo_uri: str, db_name: s
         for name in database.list_collection_names():
             database[name].delete_many({})
         docs, prev = [], "0" * 64
-        for seq in range(1, 2501):
+        for seq in range(1, 1201):
             event = MessageUser(content="q") if seq == 1 else MessageAgent(content=f"m{seq}")
             doc = seal(stream("cli"), p(event, None if seq == 1 else "Writer"), seq, prev, now())
             docs.append(doc)
@@ -751,12 +751,12 @@ def test_rebuild_command_shows_progress_and_a_summary(mongo_uri: str, db_name: s
         result = CliRunner().invoke(projections_group, ["rebuild", "--name", "metrics"], env=env)
         assert result.exit_code == 0, result.output
         assert "events/s" in result.output and "Rebuild finished" in result.output
-        assert "2,500" in result.output and "metrics" in result.output
-        assert database.chat_metrics.find_one({"_id": "cli"})["turns"] == 2499  # type: ignore[index]
+        assert "1,200" in result.output and "metrics" in result.output
+        assert database.chat_metrics.find_one({"_id": "cli"})["turns"] == 1199  # type: ignore[index]
         assert database.chat_sessions.count_documents({}) == 0
         result = CliRunner().invoke(projections_group, ["rebuild", "--chat", "cli"], env=env)
         assert result.exit_code == 0, result.output
-        assert database.chat_sessions.find_one({"_id": "cli"})["message_count"] == 2500  # type: ignore[index]
+        assert database.chat_sessions.find_one({"_id": "cli"})["message_count"] == 1200  # type: ignore[index]
         status = CliRunner().invoke(projections_group, ["status"], env=env)
         assert status.exit_code == 0 and "chat_metrics" in status.output, status.output
         wrong = CliRunner().invoke(projections_group, ["rebuild", "--name", "nope"], env=env)
