@@ -123,7 +123,10 @@ async def test_a_failing_endpoint_fails_the_run_with_the_error_recorded(
     broken = StreamingModel([Reply(status=500, error="model overloaded")])
     try:
         settings = Settings(
-            openai_api_key="sk-test", openai_base_url=broken.base_url, workflows_path=solo_workflows
+            openai_api_key="sk-test",
+            openai_base_url=broken.base_url,
+            workflows_path=solo_workflows,
+            llm_backoff_s=0.05,  # every try is still made; only the waits between them are short
         )
         orchestrator = Orchestrator(store, WorkflowManager(solo_workflows), settings)
         stream = await orchestrator.create_chat(workflow="Solo", user_id="u", app_id="a", message="hi")

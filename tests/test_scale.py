@@ -300,13 +300,13 @@ async def test_one_replica_writes_the_projections_and_another_takes_over_when_it
         async with asyncio.timeout(30):
             while runner.role != "standby":
                 await asyncio.sleep(0.05)
-        await append_chats(store, 12, seed=21, prefix="before")
+        await append_chats(store, 6, seed=21, prefix="before")
         await runner.wait_caught_up(60)  # written by the other replica
         assert runner.applied == 0 and runner.role == "standby"
     finally:
         writer.kill()  # SIGKILL: the lease is left to expire
         writer.wait(30)
-    await append_chats(store, 12, seed=22, prefix="after")
+    await append_chats(store, 6, seed=22, prefix="after")
     async with asyncio.timeout(30):
         while runner.role != "writer":
             await asyncio.sleep(0.05)
@@ -315,9 +315,9 @@ async def test_one_replica_writes_the_projections_and_another_takes_over_when_it
     lease = await db["projection_leases"].find_one({"_id": "projections"})
     assert lease is not None and lease["owner"] == standby.settings.node_id
     live = await snapshot(db)
-    assert len(live["chat_sessions"]) == 24
+    assert len(live["chat_sessions"]) == 12
     summary = await rebuild(db, store)
-    assert summary.chats == 24
+    assert summary.chats == 12
     assert_same(live, await snapshot(db))
 
 

@@ -89,10 +89,18 @@ async def test_reconnecting_at_twenty_random_points_of_a_running_chat_sees_every
     await seed_chat(store, "run", 1)
 
     async def producer() -> None:
-        for _ in range(total - 1):
+        # Batches of 1 to 8 records, as a run's recorder commits them: fewer round trips, and a
+        # reconnect point may fall inside a batch as well as between two.
+        sizes = random.Random(4)
+        written = 1
+        while written < total:
+            size = min(sizes.randint(1, 8), total - written)
             await store.append(
-                stream_of("run"), [Pending(event=MessageAgent(content="x"), agent="Analyst")], None
+                stream_of("run"),
+                [Pending(event=MessageAgent(content="x"), agent="Analyst") for _ in range(size)],
+                None,
             )
+            written += size
             await asyncio.sleep(0.002)
 
     producing = asyncio.create_task(producer())
@@ -239,11 +247,19 @@ async def test_slow_client_is_closed_with_a_resume_hint_and_others_are_unaffecte
     batches, per_batch = 60, 20
     last = 1 + batches * per_batch
     try:
-        big = "x" * 20_000
+        big, small = "x" * 20_000, "x" * 200
+
+        def slow_closed() -> bool:
+            return bool(WS_CLOSED.labels("4408")._value.get() > slow_closes_before)
 
         async def produce() -> None:
             for _ in range(batches):
-                batch = [Pending(event=MessageAgent(content=big), agent="Analyst") for _ in range(per_batch)]
+                # Big messages until the slow client is let go (they fill its buffers), small ones
+                # after it: the rest of the run only has to reach the fast client, whole and in order.
+                content = small if slow_closed() else big
+                batch = [
+                    Pending(event=MessageAgent(content=content), agent="Analyst") for _ in range(per_batch)
+                ]
                 await store.append(stream_of("slow"), batch, None)
                 await asyncio.sleep(0.03)  # a steady run, not one burst
 
@@ -251,7 +267,7 @@ async def test_slow_client_is_closed_with_a_resume_hint_and_others_are_unaffecte
             # The moment the server gives up on it, the slow client reads on: what reached it, then the
             # close frame (which waits behind that backlog for a few seconds only).
             async with asyncio.timeout(90):
-                while WS_CLOSED.labels("4408")._value.get() == slow_closes_before:
+                while not slow_closed():
                     await asyncio.sleep(0.01)
             reader._transport.resume_reading()  # type: ignore[attr-defined]
             received: list[int] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import socket
 import sys
@@ -10,9 +11,6 @@ from typing import NoReturn
 import click
 import msgspec
 
-from app.cli.audit import audit_group, metrics_group
-from app.cli.projections import projections_group
-from app.cli.runs import run_command, workflows_group
 from app.embedded import EmbeddedMongo, EmbeddedServerError
 from app.logging import configure_logging
 from app.settings import Settings, SettingsError
@@ -36,7 +34,33 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-@click.group()
+# The commands defined in other modules, imported only when named: they pull in AG2 (seconds of
+# imports), which `mozaiks serve`'s one-line start-up errors and `mozaiks token` do without.
+_ELSEWHERE = {
+    "run": "app.cli.runs:run_command",
+    "workflows": "app.cli.runs:workflows_group",
+    "projections": "app.cli.projections:projections_group",
+    "audit": "app.cli.audit:audit_group",
+    "metrics": "app.cli.audit:metrics_group",
+}
+
+
+class _Commands(click.Group):
+    """The command group, importing the commands of `_ELSEWHERE` when they are named."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_ELSEWHERE})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in _ELSEWHERE:
+            return super().get_command(ctx, cmd_name)
+        module, name = _ELSEWHERE[cmd_name].split(":")
+        command = getattr(importlib.import_module(module), name)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=_Commands)
 @click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR")
 def main(log_level: str) -> None:
     """Mozaiks AI runtime: event-sourced AG2 workflows with a live ChatUI."""
@@ -48,10 +72,6 @@ def main(log_level: str) -> None:
 @click.option("--port", default=8000, show_default=True, type=int, help="port to bind")
 def serve(host: str, port: int) -> None:
     """Run the HTTP/WebSocket service (embedded MongoDB when DATABASE_URI is not set)."""
-    import uvicorn
-
-    from app.http.server import create_app
-
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
@@ -75,6 +95,10 @@ def serve(host: str, port: int) -> None:
             f"mozaiks: embedded MongoDB on 127.0.0.1:{embedded.port}, data in {settings.data_dir / 'data'}"
         )
     try:
+        import uvicorn  # imported once the one-line start-up errors above are behind us
+
+        from app.http.server import create_app
+
         click.echo(
             f"mozaiks: serving on http://{host}:{port}/ ({'offline fixtures' if settings.offline else 'OpenAI'})"
         )
@@ -113,10 +137,3 @@ def token(user_id: str, app_id: str, roles: tuple[str, ...], ttl: int) -> None:
     if secret is None:
         fail("MOZAIKS_AUTH_SECRET is not set")
     click.echo(issue_token(secret, user_id, app_id, list(roles), ttl))
-
-
-main.add_command(run_command)
-main.add_command(workflows_group)
-main.add_command(projections_group)
-main.add_command(audit_group)
-main.add_command(metrics_group)

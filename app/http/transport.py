@@ -222,7 +222,9 @@ class ChatConnection:
                 case InputResponse(request_id=request_id, text=text):
                     await supervisor.send_message(chat_id, text, request_id=request_id)
                 case ChatStop():
-                    await supervisor.stop(chat_id, by=self.principal.user_id)
+                    # The socket streams the run's end itself; waiting for it here would stop this loop
+                    # reading (pongs too) and keep a closed client's connection open for up to STOP_WAIT_S.
+                    await supervisor.stop(chat_id, by=self.principal.user_id, wait=False)
         except MozaiksError as exc:
             await self.send(frame_text(ErrorFrame(code=error_code(exc), message=str(exc))))
 

@@ -321,11 +321,12 @@ class RunSupervisor:
             await self.start(state.stream, ended=ended, admitted=True)
         return record
 
-    async def stop(self, chat_id: str, by: str | None) -> str:
+    async def stop(self, chat_id: str, by: str | None, *, wait: bool = True) -> str:
         """Stop the chat's active run: the node running it records `run.stopped` as the run's last record.
 
         Returns the run id once the run's end is in the log (or after STOP_WAIT_S if its node is slow
-        to get there). A run with no live lease is recorded as stopped here and now.
+        to get there), or, with `wait=False`, as soon as the run is asked to stop. A run with no live
+        lease is recorded as stopped here and now.
         """
         state = await chat_state(self.store, chat_id)
         if state.active_run is None:
@@ -333,7 +334,7 @@ class RunSupervisor:
         run_id = state.active_run
         if self.orchestrator.request_stop(run_id, by):
             task = self.tasks.get(chat_id)
-            if task is not None:
+            if task is not None and wait:
                 await asyncio.wait({task}, timeout=STOP_WAIT_S)  # waits for the run to end; never cancels it
             return run_id
         asked = await self.leases.update_one(
@@ -344,6 +345,8 @@ class RunSupervisor:
             await self.store.finish_run(
                 state.stream, run_id, [Pending(event=RunStopped(by=by), run_id=run_id)]
             )
+            return run_id
+        if not wait:
             return run_id
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_WAIT_S):

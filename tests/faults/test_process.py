@@ -47,8 +47,10 @@ async def test_kill_9_of_the_serve_process_running_a_chat(
     fault_server: FaultServer, fault_store: MongoEventStore, report: Report, tmp_path: Path
 ) -> None:
     name = "serve process kill -9"
-    first, first_addr = await asyncio.to_thread(start_serve, tmp_path / "a", fault_server, fault_store, "a")
-    second, second_addr = await asyncio.to_thread(start_serve, tmp_path / "b", fault_server, fault_store, "b")
+    (first, first_addr), (second, second_addr) = await asyncio.gather(  # both start up at once
+        asyncio.to_thread(start_serve, tmp_path / "a", fault_server, fault_store, "a"),
+        asyncio.to_thread(start_serve, tmp_path / "b", fault_server, fault_store, "b"),
+    )
     try:
         async with httpx.AsyncClient(base_url=f"http://{first_addr}", timeout=60) as http_a:
             created = await http_a.post("/api/chats", json={"workflow": "Assistant", "message": "Find bees"})
