@@ -163,6 +163,9 @@ class ProjectionRunner:
         # Without a lease this runner always writes; with one it writes only while it holds it.
         self.lease = lease
         self.role = "writer" if lease is None else "starting"
+        self._role_known = asyncio.Event()  # set once the lease said whether this replica writes
+        if lease is None:
+            self._role_known.set()
 
     @classmethod
     def for_settings(
@@ -223,6 +226,7 @@ class ProjectionRunner:
         on a corrupt record count as caught up at the record before it.
         """
         async with asyncio.timeout(timeout):
+            await self._wait_or_crash(self._role_known)  # a replica still starting may be the writer
             if self.role == "writer":
                 await self._wait_or_crash(self._initial)
             chats: list[str] | None = None
@@ -268,8 +272,8 @@ class ProjectionRunner:
             raise
         except BaseException as exc:
             self._crash = exc
-            self._initial.set()  # wake whoever waits for progress: they re-raise the crash
-            self._progress.set()
+            for event in (self._role_known, self._initial, self._progress):
+                event.set()  # wake whoever waits: they re-raise the crash
             raise
         finally:
             if self.lease is not None and self.role == "writer":
@@ -296,12 +300,14 @@ class ProjectionRunner:
             if self.role != "standby":
                 log.info("projections: standing by (%s holds the writer lease)", self.lease.name)
             self.role = "standby"
+            self._role_known.set()
             await asyncio.sleep(self.lease.ttl_s / 3)
 
     async def _write_while_held(self) -> None:
         assert self.lease is not None
         log.info("projections: %s writes", self.lease.owner)
         self.role = "writer"
+        self._role_known.set()
         writing = asyncio.create_task(self._write(), name=f"{self.name}-writer")
         holding = asyncio.create_task(self.lease.hold(), name=f"{self.name}-lease")
         try:

@@ -18,7 +18,7 @@ from litestar.params import Parameter
 from litestar.response import Stream
 
 from app.http.auth import Principal
-from app.http.controllers import check_event_types, wants_ndjson
+from app.http.controllers import NdjsonOperation, check_event_types, wants_ndjson
 from app.http.errors import error_responses
 from app.http.views import AuditRecord, View, audit_record
 from app.settings import Settings
@@ -83,7 +83,7 @@ class AuditController(Controller):
 
     path = "/api/events"
 
-    @get(responses=error_responses(401, 403))
+    @get(responses=error_responses(401, 403), operation_class=NdjsonOperation)
     async def events(
         self,
         request: Request[Principal, Any, Any],

@@ -7,6 +7,7 @@ Struct of `app.http.views`; every error is raised and rendered by `app.http.erro
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ import msgspec
 from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.exceptions import NotFoundException, PermissionDeniedException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, Reference
 from litestar.params import Parameter
 from litestar.response import Stream
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_503_SERVICE_UNAVAILABLE
@@ -106,6 +108,18 @@ def check_event_types(types: list[str] | None) -> None:
 def wants_ndjson(request: Request[Any, Any, Any], fmt: str | None) -> bool:
     """Whether the client asked for NDJSON (`?format=ndjson` or `Accept: application/x-ndjson`)."""
     return fmt == "ndjson" or "application/x-ndjson" in request.headers.get("accept", "")
+
+
+@dataclass
+class NdjsonOperation(Operation):
+    """The schema of a route that also answers NDJSON (`wants_ndjson`): its 200 lists both media
+    types, the NDJSON one as lines of `AuditRecord` documents."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if isinstance(ok, OpenAPIResponse) and ok.content is not None:
+            line = Reference(ref="#/components/schemas/AuditRecord")
+            ok.content["application/x-ndjson"] = OpenAPIMediaType(schema=line)
 
 
 @get("/api/info", media_type=MediaType.JSON, responses=error_responses(), security=[{}])
@@ -234,7 +248,11 @@ class ChatController(Controller):
         run_id = await supervisor.stop(chat_id, by=request.user.user_id)
         return views.StopAccepted(chat_id=chat_id, run_id=run_id, recorded="run.stopped")
 
-    @get("/{chat_id:str}/events", responses=error_responses(400, 401, 403, 404))
+    @get(
+        "/{chat_id:str}/events",
+        responses=error_responses(400, 401, 403, 404),
+        operation_class=NdjsonOperation,
+    )
     async def events(
         self,
         request: Request[Principal, Any, Any],
