@@ -18,6 +18,7 @@ async def prefetched(cursor: Any, size: int, *, ahead: int) -> AsyncGenerator[li
         await batches.put([])
 
     reader = asyncio.create_task(read())
+    getter: asyncio.Future[list[dict[str, Any]]] | None = None
     try:
         while True:
             getter = asyncio.ensure_future(batches.get())
@@ -30,6 +31,8 @@ async def prefetched(cursor: Any, size: int, *, ahead: int) -> AsyncGenerator[li
                 return
             yield batch
     finally:
+        if getter is not None:
+            getter.cancel()  # closed or cancelled mid-wait: no get left pending
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
         await cursor.close()

@@ -511,6 +511,7 @@ class _RunSession:
         message's deltas always precede its `message.agent`.
         """
         stopping = asyncio.create_task(self.stop.wait())
+        getting: asyncio.Task[Any] | None = None
         try:
             while True:
                 getting = asyncio.create_task(self.queue.get())
@@ -534,6 +535,8 @@ class _RunSession:
                     await request.content.respond(answer)
         finally:
             stopping.cancel()
+            if getting is not None:
+                getting.cancel()  # this task cancelled mid-wait: no get left pending behind it
 
     def deltas(self, pendings: list[Pending]) -> list[Pending]:
         """Counts `message.delta` Pendings (runtime records of their own) in the report."""
