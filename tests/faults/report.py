@@ -67,7 +67,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             name="database kill -9 and restart",
             injects="SIGKILL of the database process while a run waits for input; the answer is sent during the "
-            "outage; restart on the same port and data folder once the node's commands have failed",
+            "outage; restart on the same port and data folder once the node has met the outage (a failed "
+            "command, or its client's monitor marking the server unreachable)",
             expects="the answer is recorded once the database is back, the run completes; nothing lost or doubled",
         ),
         Scenario(
