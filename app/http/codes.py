@@ -31,13 +31,14 @@ UNKNOWN_INTERRUPT: Final = "unknown_interrupt"  # 404 (AG-UI): a resume entry na
 WRONG_WORKFLOW: Final = "wrong_workflow"  # 409 (AG-UI): the thread is a chat of another workflow
 INTERRUPT_PENDING: Final = "interrupt_pending"  # 409 (AG-UI): answer the open interrupt with `resume` first
 NODE_BUSY: Final = "node_busy"  # 503: the node runs MOZAIKS_MAX_ACTIVE_RUNS runs; see Retry-After
+STORAGE_UNAVAILABLE: Final = "storage_unavailable"  # 503: the database does not answer; see Retry-After
 BAD_FRAME: Final = "bad_frame"  # socket only: a client frame that does not decode
 ERROR: Final = "error"  # any other refusal
 
 ERROR_CODES: Final = (
     BAD_REQUEST, UNAUTHORIZED, FORBIDDEN, NOT_FOUND, UNKNOWN_CHAT, UNKNOWN_WORKFLOW, METHOD_NOT_ALLOWED,
     CONFLICT, RUN_ACTIVE, NO_ACTIVE_RUN, TOO_LARGE, RATE_LIMITED, CORRUPT_RECORD, INTERNAL, NOT_READY,
-    UNKNOWN_INTERRUPT, WRONG_WORKFLOW, INTERRUPT_PENDING, NODE_BUSY, BAD_FRAME, ERROR,
+    UNKNOWN_INTERRUPT, WRONG_WORKFLOW, INTERRUPT_PENDING, NODE_BUSY, STORAGE_UNAVAILABLE, BAD_FRAME, ERROR,
 )  # fmt: skip
 
 # ---- WebSocket close codes (4000-4999 are the application's own)

@@ -16,11 +16,12 @@ from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
 from litestar.types import ExceptionHandlersMap
+from pymongo.errors import ConnectionFailure
 
 from app.http import codes
 from app.runs.supervisor import NoActiveRun, NodeBusy, RunActive
 from app.runs.workflows import UnknownWorkflow
-from domain.errors import Conflict, CorruptRecord, UnknownChat
+from domain.errors import Conflict, CorruptRecord, StorageUnavailable, UnknownChat
 
 log = structlog.get_logger("mozaiks.http")
 
@@ -63,7 +64,11 @@ _DOMAIN: Final[Mapping[type[Exception], tuple[int, str]]] = {
     NoActiveRun: (409, codes.NO_ACTIVE_RUN),
     NodeBusy: (503, codes.NODE_BUSY),
     CorruptRecord: (500, codes.CORRUPT_RECORD),
+    # The database does not answer: past the store's retry budget, or a read that found no server.
+    StorageUnavailable: (503, codes.STORAGE_UNAVAILABLE),
+    ConnectionFailure: (503, codes.STORAGE_UNAVAILABLE),
 }
+STORAGE_RETRY_AFTER_S: Final = 5
 
 
 class Refused(Exception):
@@ -123,7 +128,11 @@ def _domain_error(request: Request[Any, Any, Any], exc: Exception) -> Response[E
     status, code = next(pair for kind, pair in _DOMAIN.items() if isinstance(exc, kind))
     if status >= 500:
         log.error("request.failed", method=request.method, path=request.url.path, error=repr(exc))
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, NodeBusy) else None
+    headers: dict[str, str] | None = None
+    if isinstance(exc, NodeBusy):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    elif code == codes.STORAGE_UNAVAILABLE:
+        headers = {"Retry-After": str(STORAGE_RETRY_AFTER_S)}
     return _response(status, ErrorBody(error=code, detail=str(exc)), headers)
 
 
@@ -154,12 +163,13 @@ _DESCRIPTIONS: Final[Mapping[int, str]] = {
     413: "The body is too large",
     429: "Too many chat starts; RateLimit-Reset says when to retry",
     500: "A stored record cannot be read, or a bug",
-    503: "Not ready, or the node runs MOZAIKS_MAX_ACTIVE_RUNS runs (`node_busy`; Retry-After says when to retry)",
+    503: "The node runs MOZAIKS_MAX_ACTIVE_RUNS runs (`node_busy`), or the database does not answer "
+    "(`storage_unavailable`); Retry-After says when to retry",
 }
 
 
 def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
-    """OpenAPI entries for the errors a route answers with (400 and 500 always): all of them one `ErrorBody` shape."""
+    """OpenAPI entries for the errors a route answers with (400, 500 and 503 always): all one `ErrorBody` shape."""
     return {
         status: ResponseSpec(
             data_container=ErrorBody,
@@ -167,5 +177,5 @@ def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
             examples=[Example(value={"error": _CODE_BY_STATUS.get(status, codes.ERROR), "detail": "…"})],
             generate_examples=False,
         )
-        for status in sorted({400, *statuses, 500})
+        for status in sorted({400, *statuses, 500, 503})
     }

@@ -186,3 +186,27 @@ async def test_database_killed_and_restarted_mid_run(
         injected = fault_server.faults_seen()["failed"] - before
         sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
     report.record(name, 1, sound, {"failed commands during the outage": injected})
+
+
+async def test_a_read_while_the_database_is_down_is_a_503_that_says_so_and_reads_again_after(
+    fault_server: FaultServer, fault_store: MongoEventStore, fault_node: Any
+) -> None:
+    # A short server selection timeout and retry budget, so that the read gives up within the test's patience.
+    uri = fault_server.uri_for("mz-a") + "&serverSelectionTimeoutMS=1500"
+    node = await fault_node("a", database_uri=uri, db_retry_s=1.0)
+    async with httpx.AsyncClient(base_url=node.url, timeout=60) as http:
+        chat_id = await start_chat(http, fault_store)
+        fault_server.kill9()
+        try:
+            down = await http.get(f"/api/chats/{chat_id}/events")
+        finally:
+            # On this thread (blocking the loop for a moment): the server dies with the thread that starts it.
+            fault_server.restart()
+        assert down.status_code == 503, down.text
+        assert down.json()["error"] == "storage_unavailable" and down.headers["Retry-After"] == "5"
+        async with asyncio.timeout(60):  # the node's client finds the server again
+            while (back := await http.get(f"/api/chats/{chat_id}/events")).status_code != 200:
+                await asyncio.sleep(0.2)
+        assert [e["seq"] for e in back.json()["events"]] == [
+            r.seq for r in await records_of(fault_store, chat_id)
+        ]

@@ -32,6 +32,7 @@ export const ERROR = Object.freeze({
   WRONG_WORKFLOW: "wrong_workflow",
   INTERRUPT_PENDING: "interrupt_pending",
   NODE_BUSY: "node_busy",
+  STORAGE_UNAVAILABLE: "storage_unavailable",
   BAD_FRAME: "bad_frame",
   ERROR: "error",
 });
