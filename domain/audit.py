@@ -152,9 +152,10 @@ def plans(f: AuditFilter, after: Position | None = None) -> list[Plan]:
     return [_plan(f, after, time_ordered)]
 
 
-def _plan(f: AuditFilter, after: Position | None, time_ordered: bool) -> Plan:
+def conditions(f: AuditFilter) -> dict[str, frozenset[Any]]:
+    """`f`'s equality filters: each field with the values it may take (plain values, never operators)."""
     wanted: dict[str, frozenset[Any]] = {
-        field: frozenset([str(value)])  # always a plain value, never a query operator
+        field: frozenset([str(value)])
         for field in ("app_id", "agent", "workflow", "user_id", "chat_id", "run_id")
         if (value := getattr(f, field)) is not None
     }
@@ -162,13 +163,37 @@ def _plan(f: AuditFilter, after: Position | None, time_ordered: bool) -> Plan:
         wanted["type"] = frozenset(str(t) for t in f.types)
     if f.visible is not None:
         wanted["visible"] = frozenset([bool(f.visible)])
-    since = _aware(f.since) if f.since is not None else None
-    until = _aware(f.until) if f.until is not None else None
+    return wanted
+
+
+def whole_query(
+    wanted: Mapping[str, frozenset[Any]], since: datetime | None, until: datetime | None
+) -> dict[str, Any]:
+    """Every condition and the time window as one server query (for a read that walks an index whole)."""
+    query: dict[str, Any] = {
+        field: next(iter(values)) if len(values) == 1 else {"$in": sorted(values)}
+        for field, values in wanted.items()
+    }
+    window = _window(since, until)
+    if window:
+        query["ts"] = window
+    return query
+
+
+def _window(since: datetime | None, until: datetime | None) -> dict[str, datetime]:
     window: dict[str, datetime] = {}
     if since is not None:
-        window["$gte"] = since
+        window["$gte"] = _aware(since)
     if until is not None:
-        window["$lt"] = until
+        window["$lt"] = _aware(until)
+    return window
+
+
+def _plan(f: AuditFilter, after: Position | None, time_ordered: bool) -> Plan:
+    wanted = conditions(f)
+    since = _aware(f.since) if f.since is not None else None
+    until = _aware(f.until) if f.until is not None else None
+    window = _window(since, until)
     if time_ordered:
         # (app_id, one of type/agent/user_id/workflow, ts, chat_id, seq): AUDIT_INDEXES.
         second = next((field for field in ("type", "agent", "user_id", "workflow") if field in wanted), None)
@@ -190,12 +215,7 @@ def _plan(f: AuditFilter, after: Position | None, time_ordered: bool) -> Plan:
         return Plan(ranges, list(TIME_ORDER), None, rest)
     if f.chat_id is None and f.run_id is None:
         # Every app's log, in chat order: the whole (chat_id, seq) index, walked in order and filtered.
-        query: dict[str, Any] = {
-            field: next(iter(values)) if len(values) == 1 else {"$in": sorted(values)}
-            for field, values in wanted.items()
-        }
-        if window:
-            query["ts"] = window
+        query = whole_query(wanted, since, until)
         if after is not None:
             query["$or"] = [
                 {"chat_id": {"$gt": after.chat_id}},

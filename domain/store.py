@@ -35,9 +35,11 @@ from domain.audit import (
     AuditFilter,
     LogVerification,
     Position,
+    conditions,
     document_check,
     find_records,
     verify_log,
+    whole_query,
 )
 from domain.cancellation import raise_if_cancelling
 from domain.chain import ChainCheck, Verification
@@ -457,14 +459,11 @@ class MongoEventStore:
         record here (`domain.audit`: a filter field outside an index's prefix makes SecantusDB scan
         the whole collection).
         """
-        wanted: dict[str, frozenset[Any]] = {}
-        if types:
-            wanted["type"] = frozenset(str(t) for t in types)
-        for field, value in (("agent", agent), ("app_id", app_id), ("user_id", user_id)):
-            if value is not None:
-                wanted[field] = frozenset([str(value)])
-        if visible is not None:
-            wanted["visible"] = frozenset([bool(visible)])
+        wanted = conditions(
+            AuditFilter(
+                types=tuple(types or ()), agent=agent, app_id=app_id, user_id=user_id, visible=visible
+            )
+        )
         query: dict[str, Any]
         if chat_id is not None:
             query = {"chat_id": str(chat_id)}
@@ -472,18 +471,7 @@ class MongoEventStore:
                 query["seq"] = {"$gt": int(after)}
             check = document_check(wanted, query, since, until)
         else:
-            query = {
-                field: next(iter(values)) if field != "type" else {"$in": sorted(values)}
-                for field, values in wanted.items()
-            }
-            if since is not None or until is not None:
-                window: dict[str, datetime] = {}
-                if since is not None:
-                    window["$gte"] = since
-                if until is not None:
-                    window["$lt"] = until
-                query["ts"] = window
-            check = None
+            query, check = whole_query(wanted, since, until), None
         order = DESCENDING if newest_first else ASCENDING
         cursor = self.events.find(query, sort=[("chat_id", order), ("seq", order)])
         if limit is not None and check is None:
