@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Final
 
@@ -15,10 +14,9 @@ import msgspec
 from litestar import Controller, MediaType, Request, Response, get
 from litestar.exceptions import PermissionDeniedException, ValidationException
 from litestar.params import Parameter
-from litestar.response import Stream
 
 from app.http.auth import Principal
-from app.http.controllers import NdjsonOperation, check_event_types, wants_ndjson
+from app.http.controllers import NdjsonOperation, check_event_types, ndjson, wants_ndjson
 from app.http.errors import error_responses
 from app.http.views import AuditRecord, View, audit_record
 from app.settings import Settings
@@ -125,14 +123,7 @@ class AuditController(Controller):
             ),
         )
         if wants_ndjson(request, fmt):
-            records = store.audit(wanted, after=after, limit=limit)
-
-            async def lines() -> AsyncIterator[bytes]:
-                async for doc in records:
-                    yield _line(doc)
-
-            # A Stream is a Response; its lines are documented by the JSON page's items.
-            return Stream(lines(), media_type="application/x-ndjson")  # type: ignore[return-value]
+            return ndjson(store.audit(wanted, after=after, limit=limit), _line)  # type: ignore[return-value]
         if limit is not None and limit > PAGE_MAX:
             raise ValidationException(
                 f"limit {limit} is above {PAGE_MAX} for JSON pages; ask for NDJSON to stream more"

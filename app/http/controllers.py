@@ -6,10 +6,10 @@ Struct of `app.http.views`; every error is raised and rendered by `app.http.erro
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from litestar import Controller, MediaType, Request, Response, get, post
@@ -36,6 +36,8 @@ from domain.events import EVENT_TYPES, Record
 from domain.store import MongoEventStore
 from projections import queries
 from projections.runner import ProjectionRunner
+
+T = TypeVar("T")
 
 VERSION = "0.1.0"
 _json = msgspec.json.Encoder()
@@ -108,6 +110,17 @@ def check_event_types(types: list[str] | None) -> None:
 def wants_ndjson(request: Request[Any, Any, Any], fmt: str | None) -> bool:
     """Whether the client asked for NDJSON (`?format=ndjson` or `Accept: application/x-ndjson`)."""
     return fmt == "ndjson" or "application/x-ndjson" in request.headers.get("accept", "")
+
+
+def ndjson(items: AsyncIterator[T], line: Callable[[T], bytes]) -> Stream:
+    """A streamed NDJSON answer, one `line(item)` per item (a Stream is a Response: the route's JSON
+    schema documents its items; `NdjsonOperation` adds the media type)."""
+
+    async def lines() -> AsyncIterator[bytes]:
+        async for item in items:
+            yield line(item)
+
+    return Stream(lines(), media_type="application/x-ndjson")
 
 
 @dataclass
@@ -286,13 +299,7 @@ class ChatController(Controller):
             visible=visible,
         )
         if wants_ndjson(request, fmt):
-
-            async def lines() -> AsyncIterator[bytes]:
-                async for record in records:
-                    yield _json.encode(views.audit_record(record)) + b"\n"
-
-            # A Stream is a Response; its body is documented by the JSON one's items.
-            return Stream(lines(), media_type="application/x-ndjson")  # type: ignore[return-value]
+            return ndjson(records, lambda record: _json.encode(views.audit_record(record)) + b"\n")  # type: ignore[return-value]
         items = [views.audit_record(record) async for record in records]
         return Response(views.ChatEvents(chat_id=chat_id, events=items), media_type=MediaType.JSON)
 
