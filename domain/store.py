@@ -256,8 +256,13 @@ class MongoEventStore:
             if expected_seq is not None:
                 return await self._append_at(stream, events, expected_seq)
             while True:
+                # The head this process appended last, without asking: a run's recorder is its
+                # chat's usual writer. If another writer went on meanwhile, the (chat_id, seq)
+                # key refuses the insert (Conflict), and the log's end is read.
+                cached = self._heads.get(chat_id)
                 try:
-                    return await self._append_at(stream, events, await self.last_seq(chat_id))
+                    head = cached[0] if cached is not None else await self.last_seq(chat_id)
+                    return await self._append_at(stream, events, head)
                 except Conflict:
                     self._heads.pop(chat_id, None)
 

@@ -42,6 +42,10 @@ class Reply:
     error: str | None = None
     # Close the connection right after this text chunk, as a dying server would (no finish reason).
     cut_after: int | None = None
+    # After the text chunks, an SSE event `{"error": {...}}` with this message, as OpenAI sends mid-stream.
+    stream_error: str | None = None
+    # Answer a streaming request with one plain JSON completion (a server that ignores `stream`).
+    ignores_stream: bool = False
 
     @property
     def content(self) -> str | None:
@@ -103,7 +107,7 @@ class StreamingModel:
                     self._json(404, {"error": {"message": f"no route {self.path}"}})
                 elif reply.error is not None:
                     self._json(reply.status, {"error": {"message": reply.error, "type": "server_error"}})
-                elif body.get("stream"):
+                elif body.get("stream") and not reply.ignores_stream:
                     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
                     self._stream(number, reply, include_usage)
                 else:
@@ -169,6 +173,9 @@ class StreamingModel:
                 self.on_chunk(number, index)
             if reply.cut_after == index:
                 return
+        if reply.stream_error is not None:
+            yield json.dumps({"error": {"message": reply.stream_error, "type": "server_error"}}).encode()
+            return
         for j, call in enumerate(reply.tool_calls):
             yield chunk(
                 {

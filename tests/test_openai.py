@@ -7,11 +7,15 @@ arguments split over several chunks, usage in the last chunk.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import openai
 import pytest
+from httpx_sse import SSEError
 
+from app.runs.clients import OpenAIBackend, TextStream, fault_status
 from app.runs.orchestrator import Orchestrator
 from app.runs.workflows import WorkflowManager
 from app.settings import Settings
@@ -138,3 +142,68 @@ async def test_a_failing_endpoint_fails_the_run_with_the_error_recorded(
     assert call.data["error"].startswith("InternalServerError") and "model overloaded" in call.data["error"]
     assert records[-1].type == "run.failed" and "model overloaded" in records[-1].data["error"]
     assert [r.seq for r in records] == list(range(1, len(records) + 1))
+
+
+# ---- the streamed response, read as server-sent events ----------------------------------------------
+
+MESSAGES: list[Any] = [{"role": "user", "content": "Count the words of: one two three"}]
+
+
+@pytest.fixture
+def backend_of() -> Iterator[Callable[[Reply], OpenAIBackend]]:
+    """An OpenAIBackend against a server playing the given reply (servers closed after the test)."""
+    servers: list[StreamingModel] = []
+
+    def make(reply: Reply) -> OpenAIBackend:
+        servers.append(StreamingModel([reply]))
+        return OpenAIBackend(api_key=None, base_url=servers[-1].base_url)
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def test_a_streamed_reply_assembles_into_the_completion_the_sdk_reads_unstreamed(
+    backend_of: Callable[[Reply], OpenAIBackend],
+) -> None:
+    reply = Reply(
+        chunks=["Three", " words", "."],
+        tool_calls=[ToolCall("call_1", "text_statistics", TOOL_ARGUMENTS)],
+        prompt_tokens=57,
+        completion_tokens=4,
+    )
+    backend = backend_of(reply)
+    pieces: list[str] = []
+    streamed = backend.complete(
+        "Writer", {"model": "m", "messages": MESSAGES}, TextStream("Writer", lambda c: pieces.append(c.text))
+    )
+    whole = backend.client.chat.completions.create(model="m", messages=MESSAGES)  # the same reply, unstreamed
+
+    assert pieces == ["Three", " words", "."]
+    assert streamed.id == "chatcmpl-0" and whole.id == "chatcmpl-1"  # the server numbers its replies
+    assert streamed.model_dump(exclude={"id"}) == whole.model_dump(exclude={"id"})
+    assert streamed.choices[0].message.tool_calls[0].function.arguments == TOOL_ARGUMENTS  # type: ignore[index,union-attr]
+
+
+def test_an_error_event_in_the_stream_raises_the_servers_message_as_the_sdk_does(
+    backend_of: Callable[[Reply], OpenAIBackend],
+) -> None:
+    backend = backend_of(Reply(chunks=["Half an answer"], stream_error="the model is overloaded"))
+    pieces: list[str] = []
+    with pytest.raises(openai.APIError, match="the model is overloaded") as raised:
+        backend.complete(
+            "Writer",
+            {"model": "m", "messages": MESSAGES},
+            TextStream("Writer", lambda c: pieces.append(c.text)),
+        )
+    assert pieces == ["Half an answer"]  # what came before the error was streamed (and is recorded)
+    assert raised.value.body == {"message": "the model is overloaded", "type": "server_error"}
+    assert fault_status(raised.value) == ("error", False)
+
+
+def test_a_server_answering_a_stream_request_with_plain_json_is_refused_naming_what_it_sent(
+    backend_of: Callable[[Reply], OpenAIBackend],
+) -> None:
+    backend = backend_of(Reply(chunks=["Whole"], ignores_stream=True))
+    with pytest.raises(SSEError, match=r"text/event-stream.*application/json"):
+        backend.complete("Writer", {"model": "m", "messages": MESSAGES})
