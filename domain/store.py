@@ -43,6 +43,7 @@ from domain.audit import (
 )
 from domain.cancellation import raise_if_cancelling
 from domain.chain import ChainCheck, Verification
+from domain.commit import GroupCommit
 from domain.cursors import prefetched
 from domain.errors import Conflict, CorruptRecord, HistoryLost, StorageUnavailable
 from domain.events import (
@@ -222,6 +223,8 @@ class MongoEventStore:
         self.events: AsyncCollection[Any] = db.get_collection(
             EVENTS, write_concern=WriteConcern(w="majority", j=True)
         )
+        # Appends of all chats, grouped into one insert while one is in flight (domain/commit.py).
+        self.commit = GroupCommit(self.events)
         # chat_id -> (seq, hash) of the last record this process appended or read at the head.
         self._heads: OrderedDict[str, tuple[int, str]] = OrderedDict()
         # _id -> Record of inserts seen on change streams: every tail of this process shares one decode.
@@ -292,7 +295,7 @@ class MongoEventStore:
         while len(landed) < len(events):
             docs = self._seal_batch(stream, events[len(landed) :], head_seq, head_hash)
             try:
-                await self.events.insert_many(docs, ordered=True)
+                await self.commit.insert(docs)
             except BulkWriteError as exc:
                 errors = exc.details.get("writeErrors") or []
                 if not errors or errors[0].get("code") != DUPLICATE_KEY:

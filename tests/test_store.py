@@ -88,6 +88,31 @@ async def test_thousand_concurrent_appends_across_fifty_chats_stay_gapless(store
     assert await store.events.count_documents({}) == 1000
 
 
+async def test_appends_of_many_chats_share_inserts_and_a_conflict_in_one_holds_up_no_other(
+    store: MongoEventStore,
+) -> None:
+    chats = [f"g{i}" for i in range(8)]
+    for chat_id in chats:  # this store now knows each chat's head
+        await store.append(chat(chat_id), [said("first")], 0)
+    # Another writer goes on in one chat: this store's head for it is stale, its next batch conflicts.
+    await MongoEventStore(store.db).append(chat("g3"), [said("elsewhere")], None)
+    sent = store.commit.inserts
+
+    batches = [[said(f"{chat_id}-a"), said(f"{chat_id}-b")] for chat_id in chats]
+    stored = await asyncio.gather(
+        *(store.append(chat(c), b, None) for c, b in zip(chats, batches, strict=True))
+    )
+
+    # One insert for all eight, one for those after the conflict, one for the conflicting batch re-sent
+    # at the log's end: not one per chat.
+    assert store.commit.inserts - sent <= 3
+    for chat_id, batch, records in zip(chats, batches, stored, strict=True):
+        assert [r.id for r in records] == [p.id for p in batch]
+        texts = [r.event.content async for r in store.read(chat_id)]  # type: ignore[union-attr]
+        assert texts == ["first", *(["elsewhere"] if chat_id == "g3" else []), f"{chat_id}-a", f"{chat_id}-b"]
+        assert (await store.verify(chat_id)).ok
+
+
 async def test_resending_a_batch_after_a_lost_reply_does_not_duplicate(store: MongoEventStore) -> None:
     batch = [said("x"), said("y")]
     first = await store.append(chat("idem"), batch, 0)

@@ -89,6 +89,34 @@ async def bench(uri: str, events: int, read_count: int) -> None:
     store_t = await timed("store.append (20 per call)", store_batches)
     print(f"  ratio store/raw: {store_t / raw_t:.2f}x  ({events / store_t:,.0f} events/s)")
 
+    chats = 50
+    print(
+        f"append {events} events from {chats} chats at once, one per call (each chat's appender waits for its last)"
+    )
+
+    async def store_concurrent() -> None:
+        async def chat(k: int) -> None:
+            stream = StreamRef(chat_id=f"many-{k}", app_id="bench", user_id="u", workflow="W")
+            for seq, p in enumerate(pendings(events // chats)):
+                await store.append(stream, [p], seq)
+
+        await asyncio.gather(*map(chat, range(chats)))
+
+    async def raw_concurrent() -> None:
+        async def chat(k: int) -> None:
+            for doc in raw_docs(f"many-{k}", pendings(events // chats)):
+                await raw.insert_one(doc)
+
+        await asyncio.gather(*map(chat, range(chats)))
+
+    inserts = store.commit.inserts
+    raw_t = await timed(f"raw insert_one, {chats} at once", raw_concurrent)
+    store_t = await timed(f"store.append, {chats} at once (group commit)", store_concurrent)
+    print(
+        f"  ratio store/raw: {store_t / raw_t:.2f}x  ({events / store_t:,.0f} events/s,"
+        f" {events / (store.commit.inserts - inserts):.1f} records per insert)"
+    )
+
     print(f"read {read_count} events of one chat")
     read_ref = StreamRef(chat_id="read", app_id="bench", user_id="u", workflow="W")
     items = pendings(read_count)
