@@ -327,8 +327,8 @@ class MongoEventStore:
 
         async def attempt() -> Record:
             # The end of the log first, then the check: a terminal appended after this read makes
-            # the append below conflict; one appended before it is found by the check.
-            self._heads.pop(chat_id, None)
+            # the append below conflict; one appended before it is found by the check. (`last_seq`
+            # reads the log from the head this process knows on: the true end, read cheaply.)
             last = await self.last_seq(chat_id)
             stored = await self.events.find_one(
                 {"chat_id": chat_id, "run_id": run_id, "type": {"$in": sorted(TERMINAL_TYPES)}}
