@@ -193,11 +193,20 @@ class OpenAIBackend:
 
     offline = False
 
-    def __init__(self, *, api_key: str | None, base_url: str | None, timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, *, api_key: str | None, base_url: str | None, timeout_s: float = 120.0, max_calls: int = 256
+    ) -> None:
         # Compatible servers often need no key, but the SDK insists on one.
         # The SDK's own retries are off: ModelRetryPolicy retries, and records every try.
+        # A connection kept open for each call that may be in flight (MOZAIKS_MAX_CONCURRENT_LLM_CALLS):
+        # with the SDK's default of 100, 200 concurrent chats opened and closed a connection per call.
+        limits = httpx.Limits(max_connections=max(1000, max_calls), max_keepalive_connections=max_calls)
         self.client = OpenAI(
-            api_key=api_key or "not-needed", base_url=base_url, timeout=timeout_s, max_retries=0
+            api_key=api_key or "not-needed",
+            base_url=base_url,
+            timeout=timeout_s,
+            max_retries=0,
+            http_client=openai.DefaultHttpxClient(limits=limits),
         )
 
     def complete(

@@ -266,6 +266,7 @@ class Orchestrator:
                 api_key=self.settings.openai_api_key,
                 base_url=self.settings.openai_base_url,
                 timeout_s=self.settings.llm_timeout_s,
+                max_calls=self.settings.max_concurrent_llm_calls,
             )
         return self._openai
 
