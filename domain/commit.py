@@ -28,6 +28,8 @@ from typing import Any, Final
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError
 
+from domain.cancellation import raise_if_cancelling
+
 MAX_DOCS: Final = 1_000  # records per insert: a big backlog goes in a few inserts, not one huge one
 
 
@@ -60,10 +62,19 @@ class GroupCommit:
         await done
 
     async def _send_all(self) -> None:
-        while self._waiting:
-            group = self._take()
-            if group:
-                await self._send(group)
+        group: list[_Batch] = []
+        try:
+            while self._waiting:
+                raise_if_cancelling()
+                group = self._take()
+                if group:
+                    await self._send(group)
+        except BaseException as exc:
+            # Whatever ends the sender ends every batch it has not settled: no caller waits forever.
+            for batch in [*group, *self._waiting]:
+                _fail(batch, exc)
+            self._waiting.clear()
+            raise
 
     def _take(self) -> list[_Batch]:
         """The next insert's batches, in arrival order: at most one per chat (a chat's next batch
@@ -97,13 +108,10 @@ class GroupCommit:
             self._settle(group, exc, ordered)
         except BaseException as exc:
             for batch in group:
-                if not batch.done.done():
-                    if isinstance(exc, asyncio.CancelledError):
-                        batch.done.cancel()
-                    else:
-                        batch.done.set_exception(exc)
+                _fail(batch, exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            raise_if_cancelling(exc)  # PyMongo may have turned this task's cancellation into its error
         else:
             for batch in group:
                 if not batch.done.done():
@@ -115,10 +123,9 @@ class GroupCommit:
         errors = {int(error["index"]): error for error in exc.details.get("writeErrors") or []}
         if not errors:  # e.g. a write-concern error: everything may be stored, nothing confirmed
             for batch in group:
-                if not batch.done.done():
-                    batch.done.set_exception(exc)
+                _fail(batch, exc)
             return
-        stop = min(errors) if ordered else len(group) + sum(len(b.docs) for b in group)
+        stop = min(errors) if ordered else sum(len(b.docs) for b in group)
         start = 0
         untried: list[_Batch] = []
         for batch in group:
@@ -130,10 +137,21 @@ class GroupCommit:
                 pass
             elif failed:
                 error = {**errors[failed[0]], "index": failed[0] - start}
-                batch.done.set_exception(
-                    BulkWriteError({**exc.details, "nInserted": failed[0] - start, "writeErrors": [error]})
+                _fail(
+                    batch,
+                    BulkWriteError({**exc.details, "nInserted": failed[0] - start, "writeErrors": [error]}),
                 )
             else:
                 batch.done.set_result(None)
             start = end
         self._waiting.extendleft(reversed(untried))  # first in the next insert, in their order
+
+
+def _fail(batch: _Batch, exc: BaseException) -> None:
+    """End a batch's wait with `exc` (a cancellation cancels it), unless it has ended already."""
+    if batch.done.done():
+        return
+    if isinstance(exc, asyncio.CancelledError):
+        batch.done.cancel()
+    else:
+        batch.done.set_exception(exc)

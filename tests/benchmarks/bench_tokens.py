@@ -44,7 +44,7 @@ from domain.store import MongoEventStore
 from tests.llm_server import Reply, StreamingModel, solo_workflow
 from tests.nodes import Node, benchmark_mongo_uri
 
-FLUSH_MS = 50.0
+FLUSH_MS = 50.0  # the default window; `--flush-ms` sets another
 # Per delta frame: the record's `ts` (append time) -> received, in ms (clients' process only).
 SPLIT: list[float] = []
 
@@ -258,7 +258,9 @@ def main() -> None:
     parser.add_argument(
         "--pace-ms", type=float, default=0.0, help="server pause between chunks (0: zero latency)"
     )
+    parser.add_argument("--flush-ms", type=float, default=FLUSH_MS, help="MOZAIKS_STREAM_FLUSH_MS")
     args = parser.parse_args()
+    globals()["FLUSH_MS"] = args.flush_ms
     from app.logging import configure_logging
 
     configure_logging("WARNING")
