@@ -38,7 +38,7 @@ class Target:
 # The one list to update when a module moves (see the layout map of issue 12) or a test file is split.
 TARGETS: list[Target] = [
     Target("store", "domain/store.py", ["tests/test_store.py"]),
-    Target("events", "domain/events.py", ["tests/test_store.py", "tests/test_quality.py::test_client_frame_decoder_accepts_exactly_the_well_formed_frames", "tests/test_quality.py::test_stored_record_decoder_refuses_anything_malformed_naming_chat_and_seq", "tests/test_quality.py::test_a_sealed_record_decodes_and_any_broken_field_of_it_is_refused"]),
+    Target("events", "domain/events.py", ["tests/test_store.py", "tests/test_api.py", "tests/test_quality.py::test_client_frame_decoder_accepts_exactly_the_well_formed_frames", "tests/test_quality.py::test_stored_record_decoder_refuses_anything_malformed_naming_chat_and_seq", "tests/test_quality.py::test_a_sealed_record_decodes_and_any_broken_field_of_it_is_refused"]),
     Target("writer", "projections/writer.py", ["tests/test_projections.py"]),
     Target("rebuild", "projections/rebuild.py", ["tests/test_projections.py"]),
     Target("auth", "app/http/auth.py", ["tests/test_auth.py", "tests/test_api.py"]),
@@ -57,13 +57,15 @@ TARGETS: list[Target] = [
     Target(
         "leases",
         "app/runs/supervisor.py",
-        ["tests/test_api.py"],
+        ["tests/test_run_ends.py", "tests/test_api.py"],
         [
             "xǁRunSupervisorǁ_acquire",
             "xǁRunSupervisorǁ_release",
             "xǁRunSupervisorǁ_renew",
             "xǁRunSupervisorǁstart",
-            "xǁRunSupervisorǁsend_message",
+            "xǁRunSupervisorǁ_lease_of_live_run",
+            "xǁRunSupervisorǁpost_message",
+            "xǁRunSupervisorǁobey_stops",
             "xǁRunSupervisorǁrecover_expired",
         ],
     ),

@@ -41,6 +41,9 @@ async def test_append_assigns_gapless_seq_and_chains_hashes(store: MongoEventSto
     assert records == first + more
     assert records[1].prev_hash == records[0].hash and records[2].prev_hash == records[1].hash
     assert records[2].event == MessageAgent(content="b")
+    # The tag is the envelope's `type` only; `data` holds exactly the event's fields.
+    assert records[2].type == "message.agent"
+    assert records[2].data == {"content": "b", "role": "assistant", "recipient": None, "message_id": ""}
     assert await store.last_seq("c1") == 3
     assert await store.verify("c1") == Verification(chat_id="c1", ok=True, checked=3, last_seq=3)
 
