@@ -20,6 +20,7 @@ from domain.events import (
     MessageAgent,
     MessageUser,
     Pending,
+    RunCompleted,
     RunStarted,
     StreamRef,
 )
@@ -334,7 +335,11 @@ async def test_only_one_node_runs_a_chat(start_node: Any) -> None:
         started = [e for e in events if e["type"] == "run.started"]
         assert len(started) == 1 and started[0]["data"]["node"] == node_a.settings.node_id
         answer = next(e for e in events if e["type"] == "input.received")
-        assert answer["run_id"] == started[0]["run_id"] and answer["data"]["text"] == "exit"
+        asked = next(e for e in events if e["type"] == "input.requested")
+        assert answer["run_id"] == started[0]["run_id"] and answer["data"] == {
+            "request_id": asked["data"]["request_id"],
+            "text": "exit",
+        }
         stopped = await b.post(f"/api/chats/{chat_id}/stop")
         assert stopped.status_code == 409
 
@@ -370,3 +375,44 @@ async def test_a_live_lease_of_another_node_refuses_a_new_run_and_an_expired_one
         assert await wait_for_terminal(http, "leased") == "run.completed"
     started = [r async for r in store.read("leased") if r.type == "run.started"]
     assert [(r.run_id, r.data["node"]) for r in started] == [(run_id, node.settings.node_id)]
+
+
+async def test_words_to_a_busy_run_are_refused_naming_it_and_words_to_another_chat_stay_there(
+    start_node: Any, store: Any, db: Any
+) -> None:
+    # "busy": another node's run is live and is not waiting for input. "idle": its run is over.
+    busy = StreamRef(chat_id="busy", app_id="local", user_id="local", workflow="Analyzer")
+    idle = StreamRef(chat_id="idle", app_id="local", user_id="local", workflow="Analyzer")
+    run = RunStarted(pattern="RoundRobin", max_turns=8)
+    await store.append(
+        busy, [Pending(event=MessageUser(content="count")), Pending(event=run, run_id="r-b")], 0
+    )
+    await store.append(
+        idle,
+        [
+            Pending(event=MessageUser(content="count")),
+            Pending(event=run, run_id="r-i"),
+            Pending(event=RunCompleted(), run_id="r-i"),
+        ],
+        0,
+    )
+    live = datetime.now(UTC) + timedelta(minutes=5)
+    await db["chat_leases"].insert_one(
+        {"_id": "busy", "owner": "node-a", "run_id": "r-b", "expires_at": live}
+    )
+    node = await start_node()
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        refused = await http.post("/api/chats/busy/messages", json={"message": "more"})
+        assert refused.status_code == 409 and refused.json() == {
+            "error": "run_active",
+            "detail": "chat busy has a run in progress (r-b); wait for it or stop it first",
+        }
+        sent = await http.post("/api/chats/idle/messages", json={"message": "again"})
+        assert sent.status_code == 202 and sent.json()["recorded"] == "message.user"
+        assert await wait_for_terminal(http, "idle") == "run.completed"
+    assert [r.type async for r in store.read("busy")] == ["message.user", "run.started"]
+    idle_log = [r async for r in store.read("idle")]
+    assert [r.type for r in idle_log][:5] == [
+        "message.user", "run.started", "run.completed", "message.user", "run.started"
+    ]  # fmt: skip
+    assert idle_log[3].data["content"] == "again"
