@@ -357,7 +357,10 @@ async def test_a_live_lease_of_another_node_refuses_a_new_run_and_an_expired_one
     node = await start_node()
     async with httpx.AsyncClient(base_url=node.url) as http:
         refused = await http.post("/api/chats/leased/messages", json={"message": "again"})
-        assert refused.status_code == 409 and "r-a" in refused.text
+        assert refused.status_code == 409 and refused.json() == {
+            "error": "run_active",
+            "detail": "chat leased has a run in progress (r-a); wait for it or stop it first",
+        }
         with pytest.raises(RunActive) as active:
             await node.runtime.supervisor.start(stream)
         assert active.value.run_id == "r-a"
@@ -380,39 +383,49 @@ async def test_a_live_lease_of_another_node_refuses_a_new_run_and_an_expired_one
 async def test_words_to_a_busy_run_are_refused_naming_it_and_words_to_another_chat_stay_there(
     start_node: Any, store: Any, db: Any
 ) -> None:
-    # "busy": another node's run is live and is not waiting for input. "idle": its run is over.
+    # "busy": another node's run is live and not waiting for input. "done": node-a recorded its
+    # run's end but has not released the lease yet; the lease of a run that is over is free to take.
     busy = StreamRef(chat_id="busy", app_id="local", user_id="local", workflow="Analyzer")
-    idle = StreamRef(chat_id="idle", app_id="local", user_id="local", workflow="Analyzer")
+    done = StreamRef(chat_id="done", app_id="local", user_id="local", workflow="Analyzer")
     run = RunStarted(pattern="RoundRobin", max_turns=8)
     await store.append(
         busy, [Pending(event=MessageUser(content="count")), Pending(event=run, run_id="r-b")], 0
     )
     await store.append(
-        idle,
+        done,
         [
             Pending(event=MessageUser(content="count")),
-            Pending(event=run, run_id="r-i"),
-            Pending(event=RunCompleted(), run_id="r-i"),
+            Pending(event=run, run_id="r-d"),
+            Pending(event=RunCompleted(), run_id="r-d"),
         ],
         0,
     )
     live = datetime.now(UTC) + timedelta(minutes=5)
-    await db["chat_leases"].insert_one(
-        {"_id": "busy", "owner": "node-a", "run_id": "r-b", "expires_at": live}
+    await db["chat_leases"].insert_many(
+        [
+            {"_id": "busy", "owner": "node-a", "run_id": "r-b", "expires_at": live},
+            {"_id": "done", "owner": "node-a", "run_id": "r-d", "expires_at": live},
+        ]
     )
-    node = await start_node()
+    node = await start_node(max_active_runs=1)  # the turn's own admission fills the node, not more
     async with httpx.AsyncClient(base_url=node.url) as http:
         refused = await http.post("/api/chats/busy/messages", json={"message": "more"})
         assert refused.status_code == 409 and refused.json() == {
             "error": "run_active",
             "detail": "chat busy has a run in progress (r-b); wait for it or stop it first",
         }
-        sent = await http.post("/api/chats/idle/messages", json={"message": "again"})
-        assert sent.status_code == 202 and sent.json()["recorded"] == "message.user"
-        assert await wait_for_terminal(http, "idle") == "run.completed"
+        sent = await http.post("/api/chats/done/messages", json={"message": "again"})
+        assert sent.status_code == 202 and sent.json()["recorded"] == "message.user", sent.text
+        async with asyncio.timeout(60):
+            while True:
+                types = [r.type async for r in store.read("done")]
+                if types.count("run.started") == 2 and types[-1] in ("run.completed", "run.failed"):
+                    break
+                await asyncio.sleep(0.05)
     assert [r.type async for r in store.read("busy")] == ["message.user", "run.started"]
-    idle_log = [r async for r in store.read("idle")]
-    assert [r.type for r in idle_log][:5] == [
+    log = [r async for r in store.read("done")]
+    assert [r.type for r in log][:5] == [
         "message.user", "run.started", "run.completed", "message.user", "run.started"
     ]  # fmt: skip
-    assert idle_log[3].data["content"] == "again"
+    assert log[3].data["content"] == "again" and log[-1].type == "run.completed"
+    assert log[4].data["node"] == node.settings.node_id and log[4].run_id != "r-d"
