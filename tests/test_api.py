@@ -384,9 +384,10 @@ async def test_words_to_a_busy_run_are_refused_naming_it_and_words_to_another_ch
     start_node: Any, store: Any, db: Any
 ) -> None:
     # "busy": another node's run is live and not waiting for input. "done": node-a recorded its
-    # run's end but has not released the lease yet; the lease of a run that is over is free to take.
+    # run's end (and was asked to stop it) but has not released the lease yet; the lease of a run
+    # that is over is free to take, and the stop mark is not the new run's.
     busy = StreamRef(chat_id="busy", app_id="local", user_id="local", workflow="Analyzer")
-    done = StreamRef(chat_id="done", app_id="local", user_id="local", workflow="Analyzer")
+    done = StreamRef(chat_id="done", app_id="local", user_id="local", workflow="Assistant")
     run = RunStarted(pattern="RoundRobin", max_turns=8)
     await store.append(
         busy, [Pending(event=MessageUser(content="count")), Pending(event=run, run_id="r-b")], 0
@@ -394,7 +395,7 @@ async def test_words_to_a_busy_run_are_refused_naming_it_and_words_to_another_ch
     await store.append(
         done,
         [
-            Pending(event=MessageUser(content="count")),
+            Pending(event=MessageUser(content="bees")),
             Pending(event=run, run_id="r-d"),
             Pending(event=RunCompleted(), run_id="r-d"),
         ],
@@ -404,7 +405,7 @@ async def test_words_to_a_busy_run_are_refused_naming_it_and_words_to_another_ch
     await db["chat_leases"].insert_many(
         [
             {"_id": "busy", "owner": "node-a", "run_id": "r-b", "expires_at": live},
-            {"_id": "done", "owner": "node-a", "run_id": "r-d", "expires_at": live},
+            {"_id": "done", "owner": "node-a", "run_id": "r-d", "expires_at": live, "stop": {"by": "u"}},
         ]
     )
     node = await start_node(max_active_runs=1)  # the turn's own admission fills the node, not more
@@ -414,18 +415,26 @@ async def test_words_to_a_busy_run_are_refused_naming_it_and_words_to_another_ch
             "error": "run_active",
             "detail": "chat busy has a run in progress (r-b); wait for it or stop it first",
         }
-        sent = await http.post("/api/chats/done/messages", json={"message": "again"})
+        sent = await http.post("/api/chats/done/messages", json={"message": "wasps"})
         assert sent.status_code == 202 and sent.json()["recorded"] == "message.user", sent.text
         async with asyncio.timeout(60):
-            while True:
-                types = [r.type async for r in store.read("done")]
-                if types.count("run.started") == 2 and types[-1] in ("run.completed", "run.failed"):
-                    break
+            while "input.requested" not in [r.type async for r in store.find("done", after=3)]:
+                await asyncio.sleep(0.05)
+        new_run = [r async for r in store.read("done")][4]
+        assert (new_run.type, new_run.data["node"]) == ("run.started", node.settings.node_id)
+        lease = await db["chat_leases"].find_one({"_id": "done"}, {"_id": 0, "expires_at": 0})
+        assert lease == {"owner": node.settings.node_id, "run_id": new_run.run_id}
+        answered = await http.post("/api/chats/done/messages", json={"message": "exit"})
+        assert answered.status_code == 202 and answered.json()["recorded"] == "input.received"
+        async with asyncio.timeout(60):
+            while [r.type async for r in store.read("done")][-1] != "run.completed":
+                await asyncio.sleep(0.05)
+        async with asyncio.timeout(10):  # released once the run's end is recorded
+            while await db["chat_leases"].find_one({"_id": "done"}) is not None:
                 await asyncio.sleep(0.05)
     assert [r.type async for r in store.read("busy")] == ["message.user", "run.started"]
     log = [r async for r in store.read("done")]
     assert [r.type for r in log][:5] == [
         "message.user", "run.started", "run.completed", "message.user", "run.started"
     ]  # fmt: skip
-    assert log[3].data["content"] == "again" and log[-1].type == "run.completed"
-    assert log[4].data["node"] == node.settings.node_id and log[4].run_id != "r-d"
+    assert log[3].data["content"] == "wasps" and log[4].run_id != "r-d"
