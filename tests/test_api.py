@@ -8,12 +8,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from app.http.auth import issue_token
-from app.runs.supervisor import RunActive
+from app.runs.supervisor import NodeBusy, RunActive
 from domain.events import (
     ChatCreated,
     InputRequested,
@@ -306,7 +307,7 @@ async def test_a_run_whose_node_died_is_recorded_as_interrupted_and_can_continue
 
 
 async def test_only_one_node_runs_a_chat(start_node: Any) -> None:
-    node_a = await start_node()
+    node_a = await start_node(max_active_runs=1)
     node_b = await start_node()
     async with httpx.AsyncClient(base_url=node_a.url) as a, httpx.AsyncClient(base_url=node_b.url) as b:
         chat_id = (await a.post("/api/chats", json={"workflow": "Assistant", "message": "bees"})).json()[
@@ -326,6 +327,10 @@ async def test_only_one_node_runs_a_chat(start_node: Any) -> None:
         with pytest.raises(RunActive):
             await node_b.runtime.supervisor.start(stream)
         assert chat_id not in node_b.runtime.supervisor.tasks
+        # A runs as many runs as it may (one): it starts no run of another chat either.
+        with pytest.raises(NodeBusy):
+            await node_a.runtime.supervisor.start(msgspec.structs.replace(stream, chat_id="other"))
+        assert list(node_a.runtime.supervisor.tasks) == [chat_id]
         # Words sent to B while A's run waits for input are that input's answer, recorded for A's run.
         answered = await b.post(f"/api/chats/{chat_id}/messages", json={"message": "exit"})
         assert answered.status_code == 202 and answered.json()["recorded"] == "input.received"
@@ -404,8 +409,8 @@ async def test_words_to_a_busy_run_are_refused_naming_it_and_words_to_another_ch
     live = datetime.now(UTC) + timedelta(minutes=5)
     await db["chat_leases"].insert_many(
         [
-            {"_id": "busy", "owner": "node-a", "run_id": "r-b", "expires_at": live},
             {"_id": "done", "owner": "node-a", "run_id": "r-d", "expires_at": live, "stop": {"by": "u"}},
+            {"_id": "busy", "owner": "node-a", "run_id": "r-b", "expires_at": live},
         ]
     )
     node = await start_node(max_active_runs=1)  # the turn's own admission fills the node, not more
@@ -415,6 +420,9 @@ async def test_words_to_a_busy_run_are_refused_naming_it_and_words_to_another_ch
             "error": "run_active",
             "detail": "chat busy has a run in progress (r-b); wait for it or stop it first",
         }
+        with pytest.raises(RunActive) as active:
+            await node.runtime.supervisor.start(busy)
+        assert (active.value.chat_id, active.value.run_id) == ("busy", "r-b")
         sent = await http.post("/api/chats/done/messages", json={"message": "wasps"})
         assert sent.status_code == 202 and sent.json()["recorded"] == "message.user", sent.text
         async with asyncio.timeout(60):
