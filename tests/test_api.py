@@ -25,6 +25,7 @@ from domain.events import (
     RunStarted,
     StreamRef,
 )
+from tests.faults.checks import drive_to_end
 
 SECRET = "test-secret-of-at-least-thirty-two-bytes!"
 
@@ -440,6 +441,10 @@ async def test_words_to_a_busy_run_are_refused_naming_it_and_words_to_another_ch
         async with asyncio.timeout(10):  # released once the run's end is recorded
             while await db["chat_leases"].find_one({"_id": "done"}) is not None:
                 await asyncio.sleep(0.05)
+        # With no lease of its own, the chat takes another turn (busy's lease is not its).
+        again = await http.post("/api/chats/done/messages", json={"message": "exit"})
+        assert again.status_code == 202 and again.json()["recorded"] == "message.user", again.text
+        assert await drive_to_end(http, store, "done", runs=3) == "run.completed"
     assert [r.type async for r in store.read("busy")] == ["message.user", "run.started"]
     log = [r async for r in store.read("done")]
     assert [r.type for r in log][:5] == [

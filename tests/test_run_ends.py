@@ -87,6 +87,32 @@ async def test_words_to_a_chat_whose_run_lost_its_node_record_why_that_run_ended
     check_log(records)
 
 
+async def test_a_run_outliving_its_lease_ttl_renews_the_lease_and_no_sweep_interrupts_it(
+    start_node: Any, store: MongoEventStore, db: Any
+) -> None:
+    node = await start_node(lease_ttl_s=1.2)
+    await start_node(lease_ttl_s=1.2)  # another node, sweeping for expired leases
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        created = await http.post("/api/chats", json={"workflow": "Assistant", "message": "bees"})
+        chat_id = created.json()["chat_id"]
+        await wait_for(store, chat_id, waiting_for_input)
+        first = await db["chat_leases"].find_one({"_id": chat_id})
+        assert first is not None
+        async with asyncio.timeout(30):  # until the run has outlived its first lease
+            while True:
+                lease = await db["chat_leases"].find_one({"_id": chat_id})
+                assert lease is not None and (lease["owner"], lease["run_id"]) == (
+                    first["owner"],
+                    first["run_id"],
+                )
+                if lease["expires_at"] > first["expires_at"] + timedelta(seconds=1.2):
+                    break
+                await asyncio.sleep(0.05)
+        assert waiting_for_input(await records_of(store, chat_id))
+        assert await drive_to_end(http, store, chat_id) == "run.completed"
+    check_log(await records_of(store, chat_id))
+
+
 async def test_two_nodes_sweeping_one_expired_lease_record_one_interruption(
     start_node: Any, store: MongoEventStore, db: Any
 ) -> None:
