@@ -97,6 +97,9 @@ def prepare(target: Target, fresh: bool) -> Path:
             shutil.copytree(source, work / name, ignore=ignore)
         else:
             shutil.copy2(source, work / name)
+    # mutmut maps tests to the functions they reach once, and again only for new tests: drop the map
+    # so an edited test is seen reaching what it now reaches (costs one run of the selection).
+    (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     tests = ", ".join(f'"{t}"' for t in target.tests)
     sources = ", ".join(f'"{s}"' for s in SOURCE_PATHS)
     with (work / "pyproject.toml").open("a") as config:
