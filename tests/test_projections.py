@@ -667,13 +667,23 @@ async def test_rebuild_removes_documents_of_chats_the_log_does_not_have(
 
 
 async def test_corrupt_record_stops_only_its_chat(
-    db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
+    db: AsyncDatabase[Any],
+    store: MongoEventStore,
+    runners: Callable[..., Any],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     await append_chats(store, 3, seed=15)
     await store.events.update_one({"chat_id": "chat-0", "seq": 3}, {"$set": {"type": "no.such.type"}})
     runner, _ = runners()
     await runner.wait_caught_up(60)
     assert runner.lag()["stuck_chats"] == 1
+    stops = [
+        r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "stops at" in r.getMessage()
+    ]
+    assert stops and all(
+        m.startswith("catch-up stops at chat chat-0: chat chat-0, seq 3: stored record is malformed")
+        for m in stops
+    ), stops
     sessions = await snapshot(db)
     assert sessions["chat_sessions"]["chat-0"]["last_seq"] == 2
     heads = {r.chat_id: r.seq async for r in store.find(chat_id="chat-1")} | {
