@@ -8,21 +8,24 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from app.http.auth import issue_token
-from app.runs.supervisor import RunActive
+from app.runs.supervisor import NodeBusy, RunActive
 from domain.events import (
     ChatCreated,
     InputRequested,
     MessageAgent,
     MessageUser,
     Pending,
+    RunCompleted,
     RunStarted,
     StreamRef,
 )
+from tests.faults.checks import drive_to_end
 
 SECRET = "test-secret-of-at-least-thirty-two-bytes!"
 
@@ -305,7 +308,7 @@ async def test_a_run_whose_node_died_is_recorded_as_interrupted_and_can_continue
 
 
 async def test_only_one_node_runs_a_chat(start_node: Any) -> None:
-    node_a = await start_node()
+    node_a = await start_node(max_active_runs=1)
     node_b = await start_node()
     async with httpx.AsyncClient(base_url=node_a.url) as a, httpx.AsyncClient(base_url=node_b.url) as b:
         chat_id = (await a.post("/api/chats", json={"workflow": "Assistant", "message": "bees"})).json()[
@@ -325,6 +328,10 @@ async def test_only_one_node_runs_a_chat(start_node: Any) -> None:
         with pytest.raises(RunActive):
             await node_b.runtime.supervisor.start(stream)
         assert chat_id not in node_b.runtime.supervisor.tasks
+        # A runs as many runs as it may (one): it starts no run of another chat either.
+        with pytest.raises(NodeBusy):
+            await node_a.runtime.supervisor.start(msgspec.structs.replace(stream, chat_id="other"))
+        assert list(node_a.runtime.supervisor.tasks) == [chat_id]
         # Words sent to B while A's run waits for input are that input's answer, recorded for A's run.
         answered = await b.post(f"/api/chats/{chat_id}/messages", json={"message": "exit"})
         assert answered.status_code == 202 and answered.json()["recorded"] == "input.received"
@@ -334,7 +341,11 @@ async def test_only_one_node_runs_a_chat(start_node: Any) -> None:
         started = [e for e in events if e["type"] == "run.started"]
         assert len(started) == 1 and started[0]["data"]["node"] == node_a.settings.node_id
         answer = next(e for e in events if e["type"] == "input.received")
-        assert answer["run_id"] == started[0]["run_id"] and answer["data"]["text"] == "exit"
+        asked = next(e for e in events if e["type"] == "input.requested")
+        assert answer["run_id"] == started[0]["run_id"] and answer["data"] == {
+            "request_id": asked["data"]["request_id"],
+            "text": "exit",
+        }
         stopped = await b.post(f"/api/chats/{chat_id}/stop")
         assert stopped.status_code == 409
 
@@ -352,7 +363,10 @@ async def test_a_live_lease_of_another_node_refuses_a_new_run_and_an_expired_one
     node = await start_node()
     async with httpx.AsyncClient(base_url=node.url) as http:
         refused = await http.post("/api/chats/leased/messages", json={"message": "again"})
-        assert refused.status_code == 409 and "r-a" in refused.text
+        assert refused.status_code == 409 and refused.json() == {
+            "error": "run_active",
+            "detail": "chat leased has a run in progress (r-a); wait for it or stop it first",
+        }
         with pytest.raises(RunActive) as active:
             await node.runtime.supervisor.start(stream)
         assert active.value.run_id == "r-a"
@@ -370,3 +384,70 @@ async def test_a_live_lease_of_another_node_refuses_a_new_run_and_an_expired_one
         assert await wait_for_terminal(http, "leased") == "run.completed"
     started = [r async for r in store.read("leased") if r.type == "run.started"]
     assert [(r.run_id, r.data["node"]) for r in started] == [(run_id, node.settings.node_id)]
+
+
+async def test_words_to_a_busy_run_are_refused_naming_it_and_words_to_another_chat_stay_there(
+    start_node: Any, store: Any, db: Any
+) -> None:
+    # "busy": another node's run is live and not waiting for input. "done": node-a recorded its
+    # run's end (and was asked to stop it) but has not released the lease yet; the lease of a run
+    # that is over is free to take, and the stop mark is not the new run's.
+    busy = StreamRef(chat_id="busy", app_id="local", user_id="local", workflow="Analyzer")
+    done = StreamRef(chat_id="done", app_id="local", user_id="local", workflow="Assistant")
+    run = RunStarted(pattern="RoundRobin", max_turns=8)
+    await store.append(
+        busy, [Pending(event=MessageUser(content="count")), Pending(event=run, run_id="r-b")], 0
+    )
+    await store.append(
+        done,
+        [
+            Pending(event=MessageUser(content="bees")),
+            Pending(event=run, run_id="r-d"),
+            Pending(event=RunCompleted(), run_id="r-d"),
+        ],
+        0,
+    )
+    live = datetime.now(UTC) + timedelta(minutes=5)
+    await db["chat_leases"].insert_many(
+        [
+            {"_id": "done", "owner": "node-a", "run_id": "r-d", "expires_at": live, "stop": {"by": "u"}},
+            {"_id": "busy", "owner": "node-a", "run_id": "r-b", "expires_at": live},
+        ]
+    )
+    node = await start_node(max_active_runs=1)  # the turn's own admission fills the node, not more
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        refused = await http.post("/api/chats/busy/messages", json={"message": "more"})
+        assert refused.status_code == 409 and refused.json() == {
+            "error": "run_active",
+            "detail": "chat busy has a run in progress (r-b); wait for it or stop it first",
+        }
+        with pytest.raises(RunActive) as active:
+            await node.runtime.supervisor.start(busy)
+        assert (active.value.chat_id, active.value.run_id) == ("busy", "r-b")
+        sent = await http.post("/api/chats/done/messages", json={"message": "wasps"})
+        assert sent.status_code == 202 and sent.json()["recorded"] == "message.user", sent.text
+        async with asyncio.timeout(60):
+            while "input.requested" not in [r.type async for r in store.find("done", after=3)]:
+                await asyncio.sleep(0.05)
+        new_run = [r async for r in store.read("done")][4]
+        assert (new_run.type, new_run.data["node"]) == ("run.started", node.settings.node_id)
+        lease = await db["chat_leases"].find_one({"_id": "done"}, {"_id": 0, "expires_at": 0})
+        assert lease == {"owner": node.settings.node_id, "run_id": new_run.run_id}
+        answered = await http.post("/api/chats/done/messages", json={"message": "exit"})
+        assert answered.status_code == 202 and answered.json()["recorded"] == "input.received"
+        async with asyncio.timeout(60):
+            while [r.type async for r in store.read("done")][-1] != "run.completed":
+                await asyncio.sleep(0.05)
+        async with asyncio.timeout(10):  # released once the run's end is recorded
+            while await db["chat_leases"].find_one({"_id": "done"}) is not None:
+                await asyncio.sleep(0.05)
+        # With no lease of its own, the chat takes another turn (busy's lease is not its).
+        again = await http.post("/api/chats/done/messages", json={"message": "exit"})
+        assert again.status_code == 202 and again.json()["recorded"] == "message.user", again.text
+        assert await drive_to_end(http, store, "done", runs=3) == "run.completed"
+    assert [r.type async for r in store.read("busy")] == ["message.user", "run.started"]
+    log = [r async for r in store.read("done")]
+    assert [r.type for r in log][:5] == [
+        "message.user", "run.started", "run.completed", "message.user", "run.started"
+    ]  # fmt: skip
+    assert log[3].data["content"] == "wasps" and log[4].run_id != "r-d"

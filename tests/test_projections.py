@@ -435,6 +435,28 @@ async def test_repeated_reordered_and_gapped_delivery_applies_each_event_once(
     assert sum(doc["message_count"] for doc in sessions.values()) == expected_messages
 
 
+async def test_a_gap_filled_from_the_log_stops_before_a_corrupt_or_missing_record_and_names_it(
+    db: AsyncDatabase[Any], store: MongoEventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    await append_chats(store, 3, seed=3)
+    chats = ("chat-0", "chat-1", "chat-2")
+    log = {chat: [r async for r in store.read(chat)] for chat in chats}
+    await store.events.update_one({"chat_id": "chat-0", "seq": 3}, {"$set": {"type": "no.such.type"}})
+    await store.events.delete_one({"chat_id": "chat-1", "seq": 3})
+    writer = ProjectionWriter(db, store, ChatSessionsProjector())
+    # Delivered: 1, 2, then each chat's last record; the gap is read from the log.
+    assert await writer.apply({chat: log[chat][:2] for chat in chats}) == 6
+    assert await writer.apply({chat: log[chat][-1:] for chat in chats}) == len(log["chat-2"]) - 2
+    assert writer.stuck == {"chat-0": 3, "chat-1": 3}
+    for chat, applied in (("chat-0", 2), ("chat-1", 2), ("chat-2", len(log["chat-2"]))):
+        stored = await writer.collection.find_one({"_id": chat})
+        assert stored == fold(writer.projector, None, log[chat][:applied]), chat
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"projection {writer.projector.name} stops at chat chat-0: chat chat-0, seq 3: stored record is "
+        "malformed: Invalid value 'no.such.type' - at `$.event.type`"
+    ]
+
+
 async def test_log_of_many_chats_with_runner_restart_and_duplicates_equals_a_clean_rebuild(
     db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
 ) -> None:
@@ -667,13 +689,23 @@ async def test_rebuild_removes_documents_of_chats_the_log_does_not_have(
 
 
 async def test_corrupt_record_stops_only_its_chat(
-    db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
+    db: AsyncDatabase[Any],
+    store: MongoEventStore,
+    runners: Callable[..., Any],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     await append_chats(store, 3, seed=15)
     await store.events.update_one({"chat_id": "chat-0", "seq": 3}, {"$set": {"type": "no.such.type"}})
     runner, _ = runners()
     await runner.wait_caught_up(60)
     assert runner.lag()["stuck_chats"] == 1
+    stops = [
+        r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "stops at" in r.getMessage()
+    ]
+    assert stops and all(
+        m.startswith("catch-up stops at chat chat-0: chat chat-0, seq 3: stored record is malformed")
+        for m in stops
+    ), stops
     sessions = await snapshot(db)
     assert sessions["chat_sessions"]["chat-0"]["last_seq"] == 2
     heads = {r.chat_id: r.seq async for r in store.find(chat_id="chat-1")} | {

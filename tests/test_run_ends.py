@@ -63,8 +63,57 @@ async def test_the_sweep_records_a_run_that_lost_its_lease(start_node: Any, stor
     await start_node(lease_ttl_s=0.6)  # its projections see the run as going; its sweep finds no lease
     await orphan(store, "swept", "r-gone")
     records = await wait_for(store, "swept", lambda rs: run_end(rs) is not None, timeout=60)
-    assert records[-1].type == "run.failed" and records[-1].data["reason"] == "interrupted"
+    assert records[-1].type == "run.failed"
+    assert records[-1].data == {"error": "the run lost its lease", "reason": "interrupted"}
     check_log(records)
+
+
+async def test_words_to_a_chat_whose_run_lost_its_node_record_why_that_run_ended(
+    start_node: Any, store: MongoEventStore
+) -> None:
+    # It sweeps every 300 s: once its first sweep is over, only the words can find the run.
+    node = await start_node(lease_ttl_s=600)
+    async with asyncio.timeout(30):
+        while node.runtime.supervisor._sweeps < 1:
+            await asyncio.sleep(0.05)
+    await orphan(store, "quiet", "r-quiet")
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        sent = await http.post("/api/chats/quiet/messages", json={"message": "anyone there?"})
+        assert sent.status_code == 202 and sent.json()["recorded"] == "message.user", sent.text
+        assert await drive_to_end(http, store, "quiet", runs=2) == "run.completed"
+    records = await records_of(store, "quiet")
+    lost = next(r for r in records if r.run_id == "r-quiet" and r.type == "run.failed")
+    assert lost.data == {"error": "the run's node stopped holding its lease", "reason": "interrupted"}
+    check_log(records)
+
+
+async def test_a_run_outliving_its_lease_ttl_renews_the_lease_and_no_sweep_interrupts_it(
+    start_node: Any, store: MongoEventStore, db: Any
+) -> None:
+    node = await start_node(lease_ttl_s=1.2)
+    await start_node(lease_ttl_s=1.2)  # another node, sweeping for expired leases
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        created = await http.post("/api/chats", json={"workflow": "Assistant", "message": "bees"})
+        chat_id = created.json()["chat_id"]
+        await wait_for(store, chat_id, waiting_for_input)
+        first = await db["chat_leases"].find_one({"_id": chat_id})
+        assert first is not None
+        # Until the run has outlived its first lease twice over: a sweep that took the lease over
+        # (its own node's included) would push the expiry one TTL past the takeover only, then
+        # record the run as interrupted and delete the lease.
+        async with asyncio.timeout(30):
+            while True:
+                lease = await db["chat_leases"].find_one({"_id": chat_id})
+                assert lease is not None and (lease["owner"], lease["run_id"]) == (
+                    first["owner"],
+                    first["run_id"],
+                )
+                if lease["expires_at"] > first["expires_at"] + timedelta(seconds=2.4):
+                    break
+                await asyncio.sleep(0.05)
+        assert waiting_for_input(await records_of(store, chat_id))
+        assert await drive_to_end(http, store, chat_id) == "run.completed"
+    check_log(await records_of(store, chat_id))
 
 
 async def test_two_nodes_sweeping_one_expired_lease_record_one_interruption(
@@ -86,6 +135,7 @@ async def test_two_nodes_sweeping_one_expired_lease_record_one_interruption(
             await asyncio.sleep(0.05)
     records = await records_of(store, "twice")
     assert [r.type for r in records].count("run.failed") == 1
+    assert records[-1].data == {"error": "node dead stopped while running", "reason": "interrupted"}
     check_log(records)
 
 

@@ -12,6 +12,7 @@ import pytest
 from domain.errors import Conflict, CorruptRecord, HistoryLost
 from domain.events import (
     GENESIS_HASH,
+    SCHEMA_VERSION,
     MessageAgent,
     MessageUser,
     Pending,
@@ -41,6 +42,25 @@ async def test_append_assigns_gapless_seq_and_chains_hashes(store: MongoEventSto
     assert records == first + more
     assert records[1].prev_hash == records[0].hash and records[2].prev_hash == records[1].hash
     assert records[2].event == MessageAgent(content="b")
+    # The tag is the envelope's `type` only; `data` holds exactly the event's fields.
+    assert records[2].type == "message.agent"
+    assert records[2].data == {"content": "b", "role": "assistant", "recipient": None, "message_id": ""}
+    # As clients get it: the envelope and data, without the hash chain; `ts` in UTC with a Z.
+    assert records[2].public() == {
+        "id": records[2].id,
+        "chat_id": "c1",
+        "seq": 3,
+        "type": "message.agent",
+        "ts": records[2].ts.isoformat().removesuffix("+00:00") + "Z",
+        "app_id": "app",
+        "user_id": "u1",
+        "workflow": "Generator",
+        "run_id": None,
+        "agent": "Writer",
+        "visible": True,
+        "data": records[2].data,
+        "v": SCHEMA_VERSION,
+    }
     assert await store.last_seq("c1") == 3
     assert await store.verify("c1") == Verification(chat_id="c1", ok=True, checked=3, last_seq=3)
 
