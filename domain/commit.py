@@ -139,7 +139,7 @@ class GroupCommit:
                 error = {**errors[failed[0]], "index": failed[0] - start}
                 _fail(
                     batch,
-                    BulkWriteError({**exc.details, "nInserted": failed[0] - start, "writeErrors": [error]}),
+                    BulkWriteError({"nInserted": failed[0] - start, "writeErrors": [error]}),
                 )
             else:
                 batch.done.set_result(None)

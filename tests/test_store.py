@@ -6,9 +6,12 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
+from pymongo.errors import BulkWriteError
 
+from domain.commit import GroupCommit
 from domain.errors import Conflict, CorruptRecord, HistoryLost
 from domain.events import (
     GENESIS_HASH,
@@ -131,6 +134,48 @@ async def test_appends_of_many_chats_share_inserts_and_a_conflict_in_one_holds_u
         texts = [r.event.content async for r in store.read(chat_id)]  # type: ignore[union-attr]
         assert texts == ["first", *(["elsewhere"] if chat_id == "g3" else []), f"{chat_id}-a", f"{chat_id}-b"]
         assert (await store.verify(chat_id)).ok
+
+
+async def test_a_failed_group_insert_is_settled_per_batch_as_if_each_batch_went_alone(
+    store: MongoEventStore,
+) -> None:
+    probe = store.db["group_commit_probe"]
+    await probe.create_index([("chat_id", 1), ("seq", 1)], unique=True)
+    await probe.insert_many(
+        [{"chat_id": "b", "seq": 2}, {"chat_id": "d", "seq": 1}]
+    )  # taken by another writer
+    commit = GroupCommit(probe)
+
+    def docs(chat_id: str, *seqs: int) -> list[dict[str, Any]]:
+        return [{"chat_id": chat_id, "seq": seq} for seq in seqs]
+
+    # Batches of several records go as one ordered insert: b fails at its second record, c (after it)
+    # is not tried by that insert and goes in the next one.
+    outcomes = await asyncio.gather(
+        commit.insert(docs("a", 1, 2)),
+        commit.insert(docs("b", 1, 2, 3)),
+        commit.insert(docs("c", 1)),
+        return_exceptions=True,
+    )
+    assert outcomes[0] is None and outcomes[2] is None
+    failed = outcomes[1]
+    assert isinstance(failed, BulkWriteError)
+    assert failed.details["nInserted"] == 1
+    assert [(e["index"], e["code"]) for e in failed.details["writeErrors"]] == [(1, 11000)]
+    assert commit.inserts == 2
+    # One record per batch: an unordered insert, where a conflict holds up no other batch.
+    outcomes = await asyncio.gather(
+        commit.insert(docs("d", 1)),
+        commit.insert(docs("e", 1)),
+        commit.insert(docs("f", 1)),
+        return_exceptions=True,
+    )
+    assert outcomes[1:] == [None, None]
+    assert isinstance(outcomes[0], BulkWriteError)
+    assert [(e["index"], e["code"]) for e in outcomes[0].details["writeErrors"]] == [(0, 11000)]
+    assert commit.inserts == 3
+    stored = {(d["chat_id"], d["seq"]) async for d in probe.find({}, {"_id": 0})}
+    assert stored == {("a", 1), ("a", 2), ("b", 1), ("b", 2), ("c", 1), ("d", 1), ("e", 1), ("f", 1)}
 
 
 async def test_resending_a_batch_after_a_lost_reply_does_not_duplicate(store: MongoEventStore) -> None:
