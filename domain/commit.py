@@ -125,23 +125,19 @@ class GroupCommit:
             for batch in group:
                 _fail(batch, exc)
             return
-        stop = min(errors) if ordered else sum(len(b.docs) for b in group)
+        # An ordered insert stops at its first error: the batches after that one were not tried.
+        stopped_at = min(errors) if ordered else None
         start = 0
         untried: list[_Batch] = []
         for batch in group:
             end = start + len(batch.docs)
-            failed = [i for i in range(start, min(end, stop + 1)) if i in errors]
-            if start > stop:
+            failed = next((i for i in range(start, end) if i in errors), None)
+            if stopped_at is not None and start > stopped_at:
                 untried.append(batch)
-            elif batch.done.done():
-                pass
-            elif failed:
-                error = {**errors[failed[0]], "index": failed[0] - start}
-                _fail(
-                    batch,
-                    BulkWriteError({"nInserted": failed[0] - start, "writeErrors": [error]}),
-                )
-            else:
+            elif failed is not None:
+                error = {**errors[failed], "index": failed - start}
+                _fail(batch, BulkWriteError({"nInserted": failed - start, "writeErrors": [error]}))
+            elif not batch.done.done():
                 batch.done.set_result(None)
             start = end
         self._waiting.extendleft(reversed(untried))  # first in the next insert, in their order
