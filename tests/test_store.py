@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from pymongo.errors import BulkWriteError
+from pymongo import AsyncMongoClient, MongoClient, monitoring
+from pymongo.errors import AutoReconnect, BulkWriteError, OperationFailure
 
+from app.embedded import EmbeddedMongo
 from domain.commit import GroupCommit
-from domain.errors import Conflict, CorruptRecord, HistoryLost
+from domain.errors import Conflict, CorruptRecord, HistoryLost, StorageUnavailable
 from domain.events import (
     GENESIS_HASH,
     SCHEMA_VERSION,
@@ -26,7 +28,7 @@ from domain.events import (
     now,
     seal,
 )
-from domain.store import MongoEventStore, ReplayDone, Verification, follow
+from domain.store import MongoEventStore, ReplayDone, RetryPolicy, Verification, follow
 
 
 def chat(chat_id: str, app_id: str = "app") -> StreamRef:
@@ -176,6 +178,124 @@ async def test_a_failed_group_insert_is_settled_per_batch_as_if_each_batch_went_
     assert commit.inserts == 3
     stored = {(d["chat_id"], d["seq"]) async for d in probe.find({}, {"_id": 0})}
     assert stored == {("a", 1), ("a", 2), ("b", 1), ("b", 2), ("c", 1), ("d", 1), ("e", 1), ("f", 1)}
+
+
+class InsertsInFlight(monitoring.CommandListener):
+    """Counts one collection's inserts on the wire; `on_first` runs when the first one is sent."""
+
+    def __init__(self, collection: str, on_first: Callable[[], None]) -> None:
+        self.collection = collection
+        self.on_first = on_first
+        self.requests: set[int] = set()
+        self.sent = 0
+        self.most = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "insert" and event.command.get("insert") == self.collection:
+            self.requests.add(event.request_id)
+            self.sent += 1
+            self.most = max(self.most, len(self.requests))
+            if self.sent == 1:
+                self.on_first()
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        self.requests.discard(event.request_id)
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        self.requests.discard(event.request_id)
+
+
+async def test_batches_handed_in_while_an_insert_is_in_flight_wait_and_go_together_as_the_next_insert(
+    mongo_uri: str, db_name: str
+) -> None:
+    later: list[asyncio.Task[None]] = []
+
+    def hand_in_more() -> None:  # while the first insert is on the wire
+        later.extend(asyncio.create_task(commit.insert(docs(f"late-{i}", 1))) for i in range(5))
+
+    def docs(chat_id: str, *seqs: int) -> list[dict[str, Any]]:
+        return [{"chat_id": chat_id, "seq": seq} for seq in seqs]
+
+    listener = InsertsInFlight("group_commit_flight", hand_in_more)
+    client: AsyncMongoClient[Any] = AsyncMongoClient(mongo_uri, event_listeners=[listener])
+    try:
+        collection = client[db_name]["group_commit_flight"]
+        await collection.delete_many({})
+        commit = GroupCommit(collection)
+        await commit.insert(docs("first", *range(1, 1001)))
+        await asyncio.gather(*later)
+        # One insert in flight at a time: the five went together once the first was answered.
+        assert (len(later), listener.sent, listener.most, commit.inserts) == (5, 2, 1, 2)
+        assert await collection.count_documents({}) == 1005
+    finally:
+        await client.close()
+
+
+@pytest.fixture(scope="module")
+def fault_server() -> Iterator[EmbeddedMongo]:
+    """A wire server of this module's own, with test commands: its fail points hit no other test."""
+    with EmbeddedMongo(":memory:", test_commands=True) as server:
+        yield server
+
+
+async def test_transient_errors_under_appends_are_retried_and_each_record_lands_once_a_permanent_one_is_not(
+    fault_server: EmbeddedMongo,
+) -> None:
+    control: MongoClient[Any] = MongoClient(fault_server.uri)
+    client: AsyncMongoClient[Any] = AsyncMongoClient(fault_server.uri, tz_aware=True)
+    quick = RetryPolicy(budget_s=10.0, first_delay_s=0.01, max_delay_s=0.02)
+    store = MongoEventStore(client["retries"], quick)
+
+    def failing(data: dict[str, Any], mode: Any) -> None:
+        fail = {"configureFailPoint": "failCommand", "mode": mode, "data": {"failCommands": ["insert"], **data}}
+        control.admin.command(fail)
+
+    try:
+        await store.ensure_indexes()
+        transient: dict[str, dict[str, Any]] = {
+            # applied but not confirmed: the re-sent records meet their own ids
+            "writeConcernError": {"writeConcernError": {"code": 64, "errmsg": "waiting for replication timed out"}},
+            "closeConnection": {"closeConnection": True},
+            "ExceededTimeLimit": {"errorCode": 262},
+            "NetworkTimeout": {"errorCode": 89},
+            # a code not transient by itself: the label makes it so
+            "RetryableWriteError": {"errorCode": 50, "errorLabels": ["RetryableWriteError"]},
+        }
+        for name, data in transient.items():
+            # Two chats at once: their batches share each failing insert (the group commit).
+            failing(data, {"times": 2})
+            chats = [f"{name}-1", f"{name}-2"]
+            stored = await asyncio.gather(*(store.append(chat(c), [said("a"), said("b")], 0) for c in chats))
+            for chat_id, records in zip(chats, stored, strict=True):
+                assert [r async for r in store.read(chat_id)] == records, name
+                assert [r.seq for r in records] == [1, 2], name
+                assert (await store.verify(chat_id)).ok, name
+            assert await store.events.count_documents({"chat_id": {"$in": chats}}) == 4, name
+
+        # A permanent error is raised at once, not retried, and stores nothing.
+        failing({"errorCode": 2, "errmsg": "bad value"}, {"times": 1})
+        with pytest.raises(OperationFailure) as refused:
+            await store.append(chat("permanent"), [said("x")], 0)
+        assert refused.value.code == 2
+        assert await store.last_seq("permanent") == 0
+        await store.append(chat("permanent"), [said("x")], 0)  # the fail point was used once
+
+        # A database that keeps failing: the append gives up when its budget is spent, naming what.
+        spent = MongoEventStore(client["retries"], RetryPolicy(budget_s=0.3, first_delay_s=0.05, max_delay_s=0.1))
+        failing({"closeConnection": True}, "alwaysOn")
+        try:
+            with pytest.raises(StorageUnavailable) as gave_up:
+                await spent.append(chat("down"), [said("x")], 0)
+        finally:
+            failing({}, "off")
+        assert gave_up.value.what == "append to chat down"
+        assert gave_up.value.tries >= 2  # it was retried (how often depends on reconnecting's speed)
+        assert str(gave_up.value).startswith(f"append to chat down: the database failed {gave_up.value.tries} tries")
+        assert isinstance(gave_up.value.cause, AutoReconnect)
+        assert await store.last_seq("down") == 0
+    finally:
+        control.close()
+        await client.close()
 
 
 async def test_resending_a_batch_after_a_lost_reply_does_not_duplicate(store: MongoEventStore) -> None:
