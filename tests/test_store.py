@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from pymongo import AsyncMongoClient, MongoClient, monitoring
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import AutoReconnect, BulkWriteError, OperationFailure
 
 from app.embedded import EmbeddedMongo
@@ -212,6 +213,8 @@ async def test_batches_handed_in_while_an_insert_is_in_flight_wait_and_go_togeth
 
     def hand_in_more() -> None:  # while the first insert is on the wire
         later.extend(asyncio.create_task(commit.insert(docs(f"late-{i}", 1))) for i in range(5))
+        # One caller gives up once its batch waits (the tasks above run first): it is left out.
+        asyncio.get_running_loop().call_soon(later[2].cancel)
 
     def docs(chat_id: str, *seqs: int) -> list[dict[str, Any]]:
         return [{"chat_id": chat_id, "seq": seq} for seq in seqs]
@@ -223,12 +226,43 @@ async def test_batches_handed_in_while_an_insert_is_in_flight_wait_and_go_togeth
         await collection.delete_many({})
         commit = GroupCommit(collection)
         await commit.insert(docs("first", *range(1, 1001)))
-        await asyncio.gather(*later)
-        # One insert in flight at a time: the five went together once the first was answered.
-        assert (len(later), listener.sent, listener.most, commit.inserts) == (5, 2, 1, 2)
-        assert await collection.count_documents({}) == 1005
+        outcomes = await asyncio.gather(*later, return_exceptions=True)
+        assert [type(o).__name__ for o in outcomes] == ["NoneType"] * 2 + ["CancelledError"] + [
+            "NoneType"
+        ] * 2
+        # One insert in flight at a time: the four still waiting went together once the first was answered.
+        assert (listener.sent, listener.most, commit.inserts) == (2, 1, 2)
+        assert await collection.count_documents({}) == 1004
+        assert await collection.count_documents({"chat_id": "late-2"}) == 0
+
+        # `max_docs` records per insert at most: two batches of two fill an insert of four.
+        await collection.delete_many({})
+        small = GroupCommit(collection, max_docs=4)
+        await asyncio.gather(*(small.insert(docs(chat_id, 1, 2)) for chat_id in "abc"))
+        assert small.inserts == 2
+        assert await collection.count_documents({}) == 6
     finally:
         await client.close()
+
+
+async def test_a_cancelled_group_commit_sender_ends_every_wait_and_the_next_insert_starts_a_new_one(
+    db: AsyncDatabase[Any],
+) -> None:
+    # Its loop shutting down cancels the sender: no caller may be left waiting on a batch it never sent.
+    commit = GroupCommit(db["group_commit_cancel"])
+    first = asyncio.create_task(commit.insert([{"chat_id": "x", "seq": seq} for seq in range(1, 1001)]))
+    while commit.inserts == 0:  # the first insert is on the wire
+        await asyncio.sleep(0)
+    second = asyncio.create_task(commit.insert([{"chat_id": "y", "seq": 1}]))
+    await asyncio.sleep(0)  # its batch waits for the next insert
+    sender = commit._sending
+    assert sender is not None and not sender.done()
+    sender.cancel()
+    async with asyncio.timeout(10):
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+    assert [type(o).__name__ for o in outcomes] == ["CancelledError", "CancelledError"]
+    await commit.insert([{"chat_id": "z", "seq": 1}])
+    assert await db["group_commit_cancel"].count_documents({"chat_id": {"$in": ["y", "z"]}}) == 1
 
 
 @pytest.fixture(scope="module")
@@ -247,14 +281,20 @@ async def test_transient_errors_under_appends_are_retried_and_each_record_lands_
     store = MongoEventStore(client["retries"], quick)
 
     def failing(data: dict[str, Any], mode: Any) -> None:
-        fail = {"configureFailPoint": "failCommand", "mode": mode, "data": {"failCommands": ["insert"], **data}}
+        fail = {
+            "configureFailPoint": "failCommand",
+            "mode": mode,
+            "data": {"failCommands": ["insert"], **data},
+        }
         control.admin.command(fail)
 
     try:
         await store.ensure_indexes()
         transient: dict[str, dict[str, Any]] = {
             # applied but not confirmed: the re-sent records meet their own ids
-            "writeConcernError": {"writeConcernError": {"code": 64, "errmsg": "waiting for replication timed out"}},
+            "writeConcernError": {
+                "writeConcernError": {"code": 64, "errmsg": "waiting for replication timed out"}
+            },
             "closeConnection": {"closeConnection": True},
             "ExceededTimeLimit": {"errorCode": 262},
             "NetworkTimeout": {"errorCode": 89},
@@ -281,7 +321,9 @@ async def test_transient_errors_under_appends_are_retried_and_each_record_lands_
         await store.append(chat("permanent"), [said("x")], 0)  # the fail point was used once
 
         # A database that keeps failing: the append gives up when its budget is spent, naming what.
-        spent = MongoEventStore(client["retries"], RetryPolicy(budget_s=0.3, first_delay_s=0.05, max_delay_s=0.1))
+        spent = MongoEventStore(
+            client["retries"], RetryPolicy(budget_s=0.3, first_delay_s=0.05, max_delay_s=0.1)
+        )
         failing({"closeConnection": True}, "alwaysOn")
         try:
             with pytest.raises(StorageUnavailable) as gave_up:
@@ -290,7 +332,9 @@ async def test_transient_errors_under_appends_are_retried_and_each_record_lands_
             failing({}, "off")
         assert gave_up.value.what == "append to chat down"
         assert gave_up.value.tries >= 2  # it was retried (how often depends on reconnecting's speed)
-        assert str(gave_up.value).startswith(f"append to chat down: the database failed {gave_up.value.tries} tries")
+        assert str(gave_up.value).startswith(
+            f"append to chat down: the database failed {gave_up.value.tries} tries"
+        )
         assert isinstance(gave_up.value.cause, AutoReconnect)
         assert await store.last_seq("down") == 0
     finally:

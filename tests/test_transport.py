@@ -20,6 +20,7 @@ from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
 from app.observability import WS_CLIENTS, WS_CLOSED
+from app.runs.supervisor import chat_state
 from domain.events import InputRequested, MessageAgent, Pending, RunStarted, StreamRef
 from domain.store import MongoEventStore
 
@@ -204,6 +205,32 @@ async def test_a_client_on_node_b_sees_node_a_live_and_a_reconnect_to_a_misses_n
     assert seqs(seen) == visible
     assert seen[-1]["event"]["type"] == "run.completed"
     assert seen[-1]["event"]["data"] is not None
+
+
+async def test_a_stop_sent_over_the_socket_does_not_hold_up_its_reading(store, db, start_node) -> None:
+    # The run is held by another node's live lease and will not end soon: the stop is a mark on that
+    # lease. Waiting for the run's end would leave the client's heartbeat answers unread.
+    await store.append(
+        stream_of("held"),
+        [Pending(event=RunStarted(pattern="RoundRobin", max_turns=4), run_id="rh")],
+        0,
+    )
+    expires = datetime.now(UTC) + timedelta(hours=1)
+    await db["chat_leases"].insert_one(
+        {"_id": "held", "owner": "elsewhere", "run_id": "rh", "expires_at": expires}
+    )
+    node = await start_node(ws_heartbeat_s=0.3)
+    async with connect(f"{node.ws_url}/ws/chats/held?after=1") as ws:
+        await ws.send(json.dumps({"type": "chat.stop"}))
+        beats = 0
+        async with asyncio.timeout(20):
+            while beats < 6:  # 1.8 s, three times the 0.6 s silence limit
+                frame = json.loads(await ws.recv())
+                if frame["type"] == "heartbeat":
+                    beats += 1
+                    await ws.send(json.dumps({"type": "pong"}))
+    lease = await db["chat_leases"].find_one({"_id": "held"})
+    assert lease is not None and lease["stop"] == {"by": "local"}
 
 
 async def test_silent_client_is_closed_after_two_heartbeats(store, start_node) -> None:
@@ -422,6 +449,11 @@ async def test_control_frames_act_on_the_socket_s_own_chat_only(store, db, start
 
     async with connect(f"{node.ws_url}/ws/chats/b-mine?after=2") as ws:
         async with asyncio.timeout(30):
+            # An answer naming a request that is not the open one is recorded as said, and answers nothing.
+            await ws.send(json.dumps({"type": "input.response", "request_id": "q0", "text": "too late"}))
+            stale = await reply(ws)
+            assert (stale["seq"], stale["event"]["data"]["request_id"]) == (3, "q0")
+            assert (await chat_state(store, "b-mine")).open_request == "q1"
             await ws.send(json.dumps({"type": "input.response", "request_id": "q1", "text": "yes"}))
             answered = await reply(ws)
             await ws.send(json.dumps({"type": "user.message", "text": "and more"}))
@@ -430,11 +462,12 @@ async def test_control_frames_act_on_the_socket_s_own_chat_only(store, db, start
             await ws.send(json.dumps({"type": "chat.stop"}))
             while await stop_mark("b-mine") is None:
                 await asyncio.sleep(0.05)
-    assert (answered["seq"], answered["event"]["type"], answered["event"]["data"]["text"]) == (
-        3,
+    assert answered["seq"] == 4
+    assert (answered["event"]["type"], answered["event"]["data"]) == (
         "input.received",
-        "yes",
+        {"request_id": "q1", "text": "yes"},
     )
+    assert (await chat_state(store, "b-mine")).open_request is None
     assert busy == {
         "type": "error",
         "code": "run_active",
