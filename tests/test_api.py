@@ -87,6 +87,15 @@ async def test_users_see_only_their_own_chats(secured: Any) -> None:
         with pytest.raises(ConnectionClosed) as closed:
             await ws.recv()
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+    async with connect(f"{secured.ws_url}/ws/chats/{chat_id}?after=0") as ws:  # no token at all
+        missing = "missing bearer token (bearer.<token> subprotocol or Authorization header)"
+        assert json.loads(await ws.recv()) == {"type": "error", "code": "unauthorized", "message": missing}
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+    assert closed.value.rcvd is not None and (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+        4401,
+        missing,
+    )
     token_x = issue_token(SECRET, "x", "P", ["user"])
     async with connect(
         f"{secured.ws_url}/ws/chats/{chat_id}?after=0", subprotocols=[f"bearer.{token_x}"]
