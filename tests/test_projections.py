@@ -659,12 +659,21 @@ async def test_rebuild_of_one_chat_replaces_only_its_documents(
     good = await snapshot(db)
     await db.chat_metrics.update_many({}, {"$inc": {"turns": 100}})
     await db.chat_sessions.update_one({"_id": "chat-1"}, {"$set": {"messages": []}})
-    summary = await rebuild(db, store, chat_id="chat-1")
-    assert summary.chats == 1 and summary.events == await store.events.count_documents({"chat_id": "chat-1"})
+    await db.chat_metrics.delete_one({"_id": "chat-3"})
+    progress: list[tuple[int, int]] = []
+    summary = await rebuild(db, store, chat_id="chat-1", progress=lambda d, t: progress.append((d, t)))
+    events = await store.events.count_documents({"chat_id": "chat-1"})
+    assert (summary.chats, summary.events, progress[-1]) == (1, events, (events, events))
+    # The rebuild wrote the chat's documents itself: its catch-up after the swap found nothing to apply.
+    assert summary.caught_up_after_swap == 0
     now = await snapshot(db)
     assert now["chat_sessions"] == good["chat_sessions"]
     assert now["chat_metrics"]["chat-1"] == good["chat_metrics"]["chat-1"]
     assert now["chat_metrics"]["chat-2"]["turns"] == good["chat_metrics"]["chat-2"]["turns"] + 100
+    # One projection of one chat whose document is gone: written anew, and nothing else.
+    summary = await rebuild(db, store, names=["metrics"], chat_id="chat-3")
+    assert (summary.chats, summary.caught_up_after_swap) == (1, 0)
+    assert (await snapshot(db))["chat_metrics"]["chat-3"] == good["chat_metrics"]["chat-3"]
 
 
 async def test_rebuild_removes_documents_of_chats_the_log_does_not_have(
@@ -713,6 +722,9 @@ async def test_corrupt_record_stops_only_its_chat(
     }
     assert {c: sessions["chat_metrics"][c]["last_seq"] for c in heads} == heads
     summary = await rebuild(db, store)
+    assert summary.broken_chats == {"chat-0": 3}
+    assert_same(sessions, await snapshot(db))
+    summary = await rebuild(db, store, chat_id="chat-0")
     assert summary.broken_chats == {"chat-0": 3}
     assert_same(sessions, await snapshot(db))
 
