@@ -99,10 +99,12 @@ def ref(i: int) -> StreamRef:
     )
 
 
-async def write_chats(store: MongoEventStore, count: int) -> None:
+async def write_chats(store: MongoEventStore, count: int, pause_s: float = 0.0) -> None:
+    """`count` chats, one after another; `pause_s` between appends gives each burst its own millisecond."""
     for i in range(count):
         for burst in chat_events(i):
             await store.append(ref(i), burst, None)
+            await asyncio.sleep(pause_s)
 
 
 def matches(doc: Mapping[str, Any], f: AuditFilter) -> bool:
@@ -219,6 +221,57 @@ async def test_each_filter_returns_exactly_the_matching_records_of_the_callers_a
         bad_cursor = await http.get("/api/events", params={"cursor": "not-a-cursor"}, headers=user)
         assert bad_cursor.status_code == 400 and "cursor" in bad_cursor.text
         assert (await http.get("/api/events")).status_code == 401
+
+
+async def test_store_find_returns_exactly_the_records_matching_every_filter_in_one_chat_or_all(
+    store: MongoEventStore, db: AsyncDatabase[Any]
+) -> None:
+    await write_chats(store, 6, pause_s=0.003)
+    stored = [doc async for doc in db["events"].find({})]
+    # A time window that cuts chat-03 (asked for alone below) in three.
+    times = sorted(doc["ts"] for doc in stored if doc["chat_id"] == "chat-03")
+    middle, late = times[len(times) // 3], times[2 * len(times) // 3]
+    assert times[0] < middle < late <= times[-1]
+    filters = [
+        AuditFilter(),
+        AuditFilter(types=("llm.call", "tool.called")),
+        AuditFilter(agent="Writer"),
+        AuditFilter(app_id="Q"),
+        AuditFilter(user_id="u1"),
+        AuditFilter(visible=False),
+        AuditFilter(visible=True, agent="_Hidden"),
+        AuditFilter(since=middle),
+        AuditFilter(until=late),
+        AuditFilter(since=middle, until=late, user_id="u2", types=("message.agent",)),
+    ]
+    for f in filters:
+        given = {
+            "types": f.types or None,
+            "agent": f.agent,
+            "app_id": f.app_id,
+            "user_id": f.user_id,
+            "visible": f.visible,
+            "since": f.since,
+            "until": f.until,
+        }
+        for chat_id in (None, "chat-03"):
+            expected = sorted(
+                (
+                    (d["chat_id"], d["seq"])
+                    for d in stored
+                    if matches(d, f) and chat_id in (None, d["chat_id"])
+                ),
+            )
+            found = [(r.chat_id, r.seq) async for r in store.find(chat_id, **given)]
+            assert found == expected, (f, chat_id)
+            newest_first = [(r.chat_id, r.seq) async for r in store.find(chat_id, newest_first=True, **given)]
+            assert newest_first == expected[::-1], (f, chat_id)
+            assert [(r.chat_id, r.seq) async for r in store.find(chat_id, limit=2, **given)] == expected[:2]
+            if chat_id is not None and expected:
+                after = expected[0][1]
+                later = [(r.chat_id, r.seq) async for r in store.find(chat_id, after=after, **given)]
+                assert later == expected[1:], (f, chat_id)
+    assert [r.seq async for r in store.read("chat-03", after=1, limit=2)] == [2, 3]
 
 
 async def test_paging_while_appends_continue_misses_and_repeats_nothing(

@@ -85,6 +85,16 @@ async def test_two_concurrent_appenders_one_wins_each_seq(store: MongoEventStore
     assert stored == winners[0]
 
 
+async def test_last_seq_sees_what_another_writer_appended_after_the_head_this_store_remembers(
+    store: MongoEventStore,
+) -> None:
+    await store.append(chat("moved"), [said("one")], 0)  # this store remembers head 1
+    await MongoEventStore(store.db).append(chat("moved"), [said("two"), said("three"), said("four")], 1)
+    assert await store.last_seq("moved") == 4
+    more = await store.append(chat("moved"), [said("five")], None)
+    assert [r.seq for r in more] == [5] and (await store.verify("moved")).ok
+
+
 async def test_appending_behind_the_head_is_a_conflict_not_an_overwrite(store: MongoEventStore) -> None:
     await store.append(chat("c"), [said("one"), said("two")], 0)
     with pytest.raises(Conflict):
