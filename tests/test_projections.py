@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
 
 from domain.events import (
     AnyEvent,
@@ -695,6 +696,31 @@ async def test_rebuild_removes_documents_of_chats_the_log_does_not_have(
     summary = await rebuild(db, store, chat_id="ghost-3")
     assert summary.chats == 0 and summary.events == 0
     assert await snapshot(db) == good
+
+
+async def test_a_chat_whose_first_record_is_unreadable_is_left_out_and_every_other_chat_rebuilt(
+    db: AsyncDatabase[Any], store: MongoEventStore
+) -> None:
+    await append_chats(store, 4, seed=18)
+    await rebuild(db, store)
+    good = await snapshot(db)
+    await store.events.update_one({"chat_id": "chat-1", "seq": 1}, {"$set": {"type": "no.such.type"}})
+    summary = await rebuild(db, store)
+    assert (summary.chats, summary.broken_chats) == (3, {"chat-1": 1})
+    expected = {name: {c: doc for c, doc in docs.items() if c != "chat-1"} for name, docs in good.items()}
+    assert await snapshot(db) == expected
+
+
+async def test_a_rebuild_whose_writes_fail_raises_and_does_not_report_success(
+    db: AsyncDatabase[Any], store: MongoEventStore
+) -> None:
+    await append_chats(store, 3, seed=19)  # one app: a unique app_id admits one chat's document
+    await db.chat_metrics.create_index("app_id", unique=True, name="one_chat_per_app")
+    try:
+        with pytest.raises(BulkWriteError):
+            await rebuild(db, store, names=["metrics"])
+    finally:
+        await db.chat_metrics.drop_index("one_chat_per_app")
 
 
 async def test_corrupt_record_stops_only_its_chat(
