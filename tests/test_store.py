@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pymongo import AsyncMongoClient, MongoClient, monitoring
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import AutoReconnect, BulkWriteError, OperationFailure
+from pymongo.errors import AutoReconnect, BulkWriteError, OperationFailure, WriteConcernError
 
 from app.embedded import EmbeddedMongo
 from domain.commit import GroupCommit
@@ -29,7 +29,7 @@ from domain.events import (
     now,
     seal,
 )
-from domain.store import MongoEventStore, ReplayDone, RetryPolicy, Verification, follow
+from domain.store import Backoff, MongoEventStore, ReplayDone, RetryPolicy, Verification, follow, is_transient
 
 
 def chat(chat_id: str, app_id: str = "app") -> StreamRef:
@@ -88,6 +88,7 @@ async def test_two_concurrent_appenders_one_wins_each_seq(store: MongoEventStore
 async def test_last_seq_sees_what_another_writer_appended_after_the_head_this_store_remembers(
     store: MongoEventStore,
 ) -> None:
+    await store.append(chat("longer"), [said(f"m{i}") for i in range(10)], 0)  # another chat, further on
     await store.append(chat("moved"), [said("one")], 0)  # this store remembers head 1
     await MongoEventStore(store.db).append(chat("moved"), [said("two"), said("three"), said("four")], 1)
     assert await store.last_seq("moved") == 4
@@ -350,6 +351,53 @@ async def test_transient_errors_under_appends_are_retried_and_each_record_lands_
     finally:
         control.close()
         await client.close()
+
+
+def test_which_database_errors_are_worth_sending_again() -> None:
+    wce = {"code": 64, "errmsg": "waiting for replication timed out"}
+    dup = {"index": 0, "code": 11000, "errmsg": "duplicate key"}
+    assert is_transient(AutoReconnect("connection closed"))
+    assert is_transient(WriteConcernError("not confirmed", 64, {}))
+    assert is_transient(BulkWriteError({"writeConcernErrors": [wce], "writeErrors": []}))
+    assert not is_transient(BulkWriteError({"writeConcernErrors": [wce], "writeErrors": [dup]}))
+    assert not is_transient(BulkWriteError({"writeConcernErrors": [], "writeErrors": [dup]}))
+    assert is_transient(OperationFailure("interrupted", 11600))
+    assert not is_transient(OperationFailure("bad value", 2))
+    assert is_transient(OperationFailure("retry me", 50, {"errorLabels": ["RetryableWriteError"]}))
+    assert not is_transient(ValueError("not the database's"))
+
+
+async def test_backoff_doubles_its_wait_up_to_the_cap_and_gives_up_before_a_wait_would_pass_the_budget() -> (
+    None
+):
+    backoff = Backoff(RetryPolicy(budget_s=60.0, first_delay_s=0.001, max_delay_s=0.004), "read chat c")
+    delays = []
+    for _ in range(4):
+        await backoff.wait(AutoReconnect("down"))
+        delays.append(backoff.delay)
+    assert (delays, backoff.tries) == ([0.002, 0.004, 0.004, 0.004], 4)
+    with pytest.raises(OperationFailure):  # a permanent error is raised as it is
+        await backoff.wait(OperationFailure("bad value", 2))
+    # The first wait would already pass the budget: no sleep, the operation gives up at once.
+    hopeless = Backoff(RetryPolicy(budget_s=0.5, first_delay_s=30.0), "append to chat c")
+    with pytest.raises(StorageUnavailable) as gave_up:
+        await hopeless.wait(AutoReconnect("down"))
+    assert (gave_up.value.what, gave_up.value.tries) == ("append to chat c", 1)
+    assert str(gave_up.value).startswith("append to chat c: the database failed 1 tries over 0.0 s;")
+
+
+async def test_completed_messages_are_the_chats_own_finished_agent_messages_after_a_seq(
+    store: MongoEventStore,
+) -> None:
+    def message(text: str, message_id: str) -> Pending:
+        return Pending(event=MessageAgent(content=text, message_id=message_id), agent="Writer")
+
+    await store.append(chat("streamed"), [message("a", "m1"), said("no id"), message("b", "m2")], 0)
+    await store.append(chat("streamed"), [Pending(event=MessageUser(content="q", message_id="u1"))], None)
+    await store.append(chat("other"), [message("c", "m3")], 0)
+    assert await store.completed_messages("streamed") == {"m1", "m2"}
+    assert await store.completed_messages("streamed", after=1) == {"m2"}
+    assert await store.completed_messages("streamed", after=3) == set()
 
 
 async def test_resending_a_batch_after_a_lost_reply_does_not_duplicate(store: MongoEventStore) -> None:
