@@ -201,11 +201,13 @@ class InsertsInFlight(monitoring.CommandListener):
         self.requests: set[int] = set()
         self.sent = 0
         self.most = 0
+        self.sizes: list[int] = []  # records per insert, in the order sent
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if event.command_name == "insert" and event.command.get("insert") == self.collection:
             self.requests.add(event.request_id)
             self.sent += 1
+            self.sizes.append(len(event.command["documents"]))
             self.most = max(self.most, len(self.requests))
             if self.sent == 1:
                 self.on_first()
@@ -246,12 +248,20 @@ async def test_batches_handed_in_while_an_insert_is_in_flight_wait_and_go_togeth
         assert await collection.count_documents({}) == 1004
         assert await collection.count_documents({"chat_id": "late-2"}) == 0
 
-        # `max_docs` records per insert at most: two batches of two fill an insert of four.
+        # `max_docs` records per insert at most: a batch that does not fit waits, later ones that fit go.
         await collection.delete_many({})
+        listener.sizes.clear()
         small = GroupCommit(collection, max_docs=4)
-        await asyncio.gather(*(small.insert(docs(chat_id, 1, 2)) for chat_id in "abc"))
-        assert small.inserts == 2
-        assert await collection.count_documents({}) == 6
+        await asyncio.gather(
+            small.insert(docs("a", 1, 2, 3)), small.insert(docs("b", 1, 2, 3)), small.insert(docs("c", 1))
+        )
+        assert (listener.sizes, small.inserts) == ([4, 3], 2)  # a and c, then b
+        # A chat's next batch waits for the next insert; other chats' batches still go in this one.
+        await asyncio.gather(
+            small.insert(docs("d", 1, 2)), small.insert(docs("d", 3)), small.insert(docs("e", 1))
+        )
+        assert listener.sizes[2:] == [3, 1]  # d's first batch and e, then d's next
+        assert await collection.count_documents({}) == 11
     finally:
         await client.close()
 
