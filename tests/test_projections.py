@@ -46,7 +46,7 @@ from projections.projector import fold
 from projections.rebuild import rebuild
 from projections.runner import CHECKPOINTS, ProjectionRunner, default_projectors
 from projections.sessions import ChatSessionsProjector
-from projections.writer import ProjectionWriter
+from projections.writer import ProjectionWriter, catch_up
 
 COLLECTIONS = ("chat_sessions", "chat_metrics")
 MODELS = ("gpt-4o-mini", "gpt-4o-2024-08-06", "gpt-4.1", "no-such-model")
@@ -696,6 +696,27 @@ async def test_rebuild_removes_documents_of_chats_the_log_does_not_have(
     summary = await rebuild(db, store, chat_id="ghost-3")
     assert summary.chats == 0 and summary.events == 0
     assert await snapshot(db) == good
+
+
+async def test_catch_up_reads_only_what_each_chat_is_missing_and_a_writer_counts_what_it_had_applied(
+    db: AsyncDatabase[Any], store: MongoEventStore
+) -> None:
+    await append_chats(store, 3, seed=20)
+    await rebuild(db, store)
+    await store.append(
+        stream("chat-1"), [Pending(event=MessageUser(content=f"more {i}")) for i in range(2)], None
+    )
+    writers = [ProjectionWriter(db, store, projector) for projector in default_projectors()]
+    assert await catch_up(store, writers) == 2  # chat-1's two new records, nothing of the others
+    assert await catch_up(store, writers) == 0
+    # A writer handed records it has applied already applies none of them again, and counts them.
+    records = [r async for r in store.read("chat-0")]
+    writer = ProjectionWriter(db, store, ChatSessionsProjector(), collection="sessions_again")
+    assert await writer.apply({"chat-0": records}) == len(records)
+    assert (await writer.apply({"chat-0": records}), writer.duplicates) == (0, len(records))
+    [new] = await store.append(stream("chat-0"), [Pending(event=MessageUser(content="new"))], None)
+    assert (await writer.apply({"chat-0": [*records[-2:], new]}), writer.duplicates) == (1, len(records) + 2)
+    await db.drop_collection("sessions_again")
 
 
 async def test_a_chat_whose_first_record_is_unreadable_is_left_out_and_every_other_chat_rebuilt(
