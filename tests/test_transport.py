@@ -219,12 +219,12 @@ async def test_a_stop_sent_over_the_socket_does_not_hold_up_its_reading(store, d
     await db["chat_leases"].insert_one(
         {"_id": "held", "owner": "elsewhere", "run_id": "rh", "expires_at": expires}
     )
-    node = await start_node(ws_heartbeat_s=0.3)
+    node = await start_node(ws_heartbeat_s=0.5)
     async with connect(f"{node.ws_url}/ws/chats/held?after=1") as ws:
         await ws.send(json.dumps({"type": "chat.stop"}))
         beats = 0
         async with asyncio.timeout(20):
-            while beats < 6:  # 1.8 s, three times the 0.6 s silence limit
+            while beats < 5:  # 2.5 s, well past the 1 s silence limit (the stop would wait up to 10 s)
                 frame = json.loads(await ws.recv())
                 if frame["type"] == "heartbeat":
                     beats += 1
