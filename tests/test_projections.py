@@ -7,7 +7,7 @@ import contextlib
 import json
 import math
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -43,7 +43,7 @@ from projections import queries, sketch
 from projections.metrics import ChatMetricsProjector
 from projections.prices import PriceFile, PriceTable, PriceVersion
 from projections.projector import fold
-from projections.rebuild import rebuild
+from projections.rebuild import UnknownProjection, rebuild
 from projections.runner import CHECKPOINTS, ProjectionRunner, default_projectors
 from projections.sessions import ChatSessionsProjector
 from projections.writer import ProjectionWriter, catch_up
@@ -401,6 +401,24 @@ async def test_a_call_is_priced_by_the_table_in_force_on_its_own_date_live_and_o
     await rebuild(db, store, names=["metrics"], prices=table)
     assert await costs() == expected
 
+    def bucket_costs(doc: Mapping[str, Any]) -> int:
+        return sum(
+            per_agent["cost_nanousd"]
+            for hour in doc["hours"].values()
+            for model in hour.values()
+            for per_agent in model.values()
+        )
+
+    await db.metrics_buckets.delete_many({})
+    await rebuild(db, store, names=["metrics_buckets"], prices=table)
+    buckets = await db.metrics_buckets.find_one({"_id": "old"})
+    assert buckets is not None and bucket_costs(buckets) == expected["cost_nanousd"]
+    with pytest.raises(UnknownProjection) as unknown:
+        await rebuild(db, store, names=["metrics", "nope"])
+    assert str(unknown.value) == (
+        "unknown projection(s) ['nope']; known: ['chat_sessions', 'metrics', 'metrics_buckets', 'chain_heads']"
+    )
+
 
 # ---- exactly once -----------------------------------------------------------------------------
 
@@ -707,6 +725,8 @@ async def test_catch_up_reads_only_what_each_chat_is_missing_and_a_writer_counts
         stream("chat-1"), [Pending(event=MessageUser(content=f"more {i}")) for i in range(2)], None
     )
     writers = [ProjectionWriter(db, store, projector) for projector in default_projectors()]
+    # Rebuilding another chat leaves chat-1 as it is: its catch-up covers only the chat rebuilt.
+    assert (await rebuild(db, store, chat_id="chat-0")).caught_up_after_swap == 0
     assert await catch_up(store, writers) == 2  # chat-1's two new records, nothing of the others
     assert await catch_up(store, writers) == 0
     # A writer handed records it has applied already applies none of them again, and counts them.
