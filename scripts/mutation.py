@@ -35,7 +35,8 @@ class Target:
     functions: list[str] = field(default_factory=list)
     # Seconds a test may run against a mutant (pytest-timeout), a few times its tests' longest clean
     # run: a mutant that leaves a test waiting is cut here, not at the suite's 300 s. mutmut's own
-    # limit counts CPU seconds, which a test awaiting forever does not spend.
+    # limit counts CPU seconds, which a test awaiting forever does not spend. The timeout ends the
+    # mutant's whole test process (a timer thread), which no `except` in the code under test can stop.
     timeout: int = 60
 
 
@@ -155,7 +156,7 @@ def prepare(target: Target, fresh: bool) -> Path:
             f'only_mutate = ["{target.path}"]\n'
             'also_copy = ["tools", "workflows"]\n'
             f"pytest_add_cli_args_test_selection = [{tests}]\n"
-            f'pytest_add_cli_args = ["-p", "no:cacheprovider", "--timeout", "{target.timeout}"]\n'
+            f'pytest_add_cli_args = ["-p", "no:cacheprovider", "--timeout", "{target.timeout}", "--timeout-method", "thread"]\n'
             "use_git_change_detection = false\n"
         )
     return work
