@@ -641,6 +641,31 @@ async def test_percentiles_after_rebuild_equal_live_and_aggregate_p95_matches_ra
     assert "_Hidden.Tool$er" in live_aggregate["agents"]
 
 
+async def test_a_record_appended_while_a_rebuild_scans_is_in_its_result_without_a_runner(
+    db: AsyncDatabase[Any], store: MongoEventStore
+) -> None:
+    for start in range(0, 1200, 200):  # past the 1,000 events after which progress is first reported
+        await store.append(
+            stream("big"),
+            [p(MessageAgent(content=f"m{i}"), "Writer") for i in range(start, start + 200)],
+            None,
+        )
+    late: list[asyncio.Task[Any]] = []
+
+    def on_progress(done: int, total: int) -> None:
+        if not late:  # mid-scan: a chat the scan has passed already gets its first record
+            late.append(
+                asyncio.create_task(store.append(stream("a-late"), [p(MessageUser(content="late"))], 0))
+            )
+
+    summary = await rebuild(db, store, progress=on_progress)
+    assert late and late[0].done()
+    assert (summary.chats, summary.caught_up_after_swap) == (1, 1)
+    assert set((await snapshot(db))["chat_sessions"]) == {"big", "a-late"}
+    # Nothing appended meanwhile: nothing to catch up after the swap.
+    assert (await rebuild(db, store)).caught_up_after_swap == 0
+
+
 async def test_rebuild_while_the_runner_is_live_converges_to_the_log(
     db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
 ) -> None:
