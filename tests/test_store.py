@@ -23,6 +23,7 @@ from domain.events import (
     MessageUser,
     Pending,
     Record,
+    RunCompleted,
     StreamRef,
     ToolCalled,
     chain_hash,
@@ -333,6 +334,11 @@ async def test_transient_errors_under_appends_are_retried_and_each_record_lands_
                 assert (await store.verify(chat_id)).ok, name
             assert await store.events.count_documents({"chat_id": {"$in": chats}}) == 4, name
 
+        # A run's end: the terminal record is re-sent after a dropped connection and lands once.
+        failing({"closeConnection": True}, {"times": 2})
+        ended = await store.finish_run(chat("ends"), "r1", [Pending(event=RunCompleted(), run_id="r1")])
+        assert [r async for r in store.read("ends")] == [ended]
+
         # A permanent error is raised at once, not retried, and stores nothing.
         failing({"errorCode": 2, "errmsg": "bad value"}, {"times": 1})
         with pytest.raises(OperationFailure) as refused:
@@ -352,6 +358,13 @@ async def test_transient_errors_under_appends_are_retried_and_each_record_lands_
         finally:
             failing({}, "off")
         assert gave_up.value.what == "append to chat down"
+        failing({"closeConnection": True}, "alwaysOn")
+        try:
+            with pytest.raises(StorageUnavailable) as gave_up_ending:
+                await spent.finish_run(chat("down"), "r2", [Pending(event=RunCompleted(), run_id="r2")])
+        finally:
+            failing({}, "off")
+        assert gave_up_ending.value.what == "record the end of run r2"
         assert gave_up.value.tries >= 2  # it was retried (how often depends on reconnecting's speed)
         assert str(gave_up.value).startswith(
             f"append to chat down: the database failed {gave_up.value.tries} tries"
