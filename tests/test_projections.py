@@ -142,6 +142,15 @@ async def append_bursts(store: MongoEventStore, ref: StreamRef, bursts: list[lis
         await store.append(ref, burst, None)
 
 
+async def rebuilt_chats(
+    db: AsyncDatabase[Any], store: MongoEventStore, chats: int, seed: int
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """`chats` synthetic chats, projected by a rebuild; returns the projections' snapshot."""
+    await append_chats(store, chats, seed=seed)
+    await rebuild(db, store)
+    return await snapshot(db)
+
+
 async def snapshot(db: AsyncDatabase[Any]) -> dict[str, dict[str, dict[str, Any]]]:
     return {name: {doc["_id"]: doc async for doc in db[name].find({})} for name in COLLECTIONS}
 
@@ -723,9 +732,7 @@ async def test_rebuild_of_one_chat_replaces_only_its_documents(
 async def test_rebuild_removes_documents_of_chats_the_log_does_not_have(
     db: AsyncDatabase[Any], store: MongoEventStore
 ) -> None:
-    await append_chats(store, 3, seed=17)
-    await rebuild(db, store)
-    good = await snapshot(db)
+    good = await rebuilt_chats(db, store, 3, seed=17)
     # Left behind by an older table, a restored backup or a test run: chats with no events at all.
     for ghost in ("ghost-1", "ghost-2"):
         for name in COLLECTIONS:
@@ -767,9 +774,7 @@ async def test_catch_up_reads_only_what_each_chat_is_missing_and_a_writer_counts
 async def test_a_chat_whose_first_record_is_unreadable_is_left_out_and_every_other_chat_rebuilt(
     db: AsyncDatabase[Any], store: MongoEventStore
 ) -> None:
-    await append_chats(store, 4, seed=18)
-    await rebuild(db, store)
-    good = await snapshot(db)
+    good = await rebuilt_chats(db, store, 4, seed=18)
     await store.events.update_one({"chat_id": "chat-1", "seq": 1}, {"$set": {"type": "no.such.type"}})
     summary = await rebuild(db, store)
     assert (summary.chats, summary.broken_chats) == (3, {"chat-1": 1})
