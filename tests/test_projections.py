@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -714,8 +715,14 @@ async def test_rebuild_of_one_chat_replaces_only_its_documents(
     await db.chat_sessions.update_one({"_id": "chat-1"}, {"$set": {"messages": []}})
     await db.chat_metrics.delete_one({"_id": "chat-3"})
     progress: list[tuple[int, int]] = []
+    started = time.perf_counter()
     summary = await rebuild(db, store, chat_id="chat-1", progress=lambda d, t: progress.append((d, t)))
+    took = time.perf_counter() - started
     events = await store.events.count_documents({"chat_id": "chat-1"})
+    # Its own timing: within the call's, in milliseconds, and the rate is the events over it.
+    assert summary.chat_id == "chat-1" and 0 < summary.seconds <= round(took, 3) + 0.001
+    fastest, slowest = summary.seconds - 0.0005, summary.seconds + 0.0005  # `seconds` is rounded to 1 ms
+    assert events / slowest - 0.05 <= summary.events_per_s <= events / max(fastest, 1e-9) + 0.05
     assert (summary.chats, summary.events, progress[-1]) == (1, events, (events, events))
     # The rebuild wrote the chat's documents itself: its catch-up after the swap found nothing to apply.
     assert summary.caught_up_after_swap == 0
