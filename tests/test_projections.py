@@ -766,7 +766,8 @@ async def test_catch_up_reads_only_what_each_chat_is_missing_and_a_writer_counts
     writers = [ProjectionWriter(db, store, projector) for projector in default_projectors()]
     # Rebuilding another chat leaves chat-1 as it is: its catch-up covers only the chat rebuilt.
     assert (await rebuild(db, store, chat_id="chat-0")).caught_up_after_swap == 0
-    assert await catch_up(store, writers) == 2  # chat-1's two new records, nothing of the others
+    await store.append(stream("chat-2"), [Pending(event=MessageUser(content="one more"))], None)
+    assert await catch_up(store, writers) == 3  # chat-1's two new records and chat-2's one, nothing else
     assert await catch_up(store, writers) == 0
     # A writer handed records it has applied already applies none of them again, and counts them.
     records = [r async for r in store.read("chat-0")]

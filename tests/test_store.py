@@ -93,6 +93,7 @@ async def test_last_seq_sees_what_another_writer_appended_after_the_head_this_st
     await store.append(chat("moved"), [said("one")], 0)  # this store remembers head 1
     await MongoEventStore(store.db).append(chat("moved"), [said("two"), said("three"), said("four")], 1)
     assert await store.last_seq("moved") == 4
+    assert (await store.count(), await store.count("moved"), await store.count("nowhere")) == (14, 4, 0)
     more = await store.append(chat("moved"), [said("five")], None)
     assert [r.seq for r in more] == [5] and (await store.verify("moved")).ok
 
