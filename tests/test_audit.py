@@ -132,6 +132,8 @@ async def page_all(
         response = await http.get("/api/events", params=query, headers=headers)
         assert response.status_code == 200, response.text
         page = response.json()
+        # A full page says there may be more; a short one is the last.
+        assert len(page["events"]) == limit if page["more"] else len(page["events"]) < limit, page
         records += page["events"]
         cursor = page["next"]
         if not page["more"]:
