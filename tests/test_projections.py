@@ -661,8 +661,10 @@ async def test_a_record_appended_while_a_rebuild_scans_is_in_its_result_without_
             None,
         )
     late: list[asyncio.Task[Any]] = []
+    reported: list[tuple[int, int]] = []
 
     def on_progress(done: int, total: int) -> None:
+        reported.append((done, total))
         if not late:  # mid-scan: a chat the scan has passed already gets its first record
             late.append(
                 asyncio.create_task(store.append(stream("a-late"), [p(MessageUser(content="late"))], 0))
@@ -670,6 +672,7 @@ async def test_a_record_appended_while_a_rebuild_scans_is_in_its_result_without_
 
     summary = await rebuild(db, store, progress=on_progress)
     assert late and late[0].done()
+    assert reported == [(1000, 1200), (1200, 1200)]  # every 1,000 events, and at the end
     assert (summary.chats, summary.caught_up_after_swap) == (1, 1)
     assert set((await snapshot(db))["chat_sessions"]) == {"big", "a-late"}
     # Nothing appended meanwhile: nothing to catch up after the swap.
@@ -788,6 +791,21 @@ async def test_a_chat_whose_first_record_is_unreadable_is_left_out_and_every_oth
     assert (summary.chats, summary.broken_chats) == (3, {"chat-1": 1})
     expected = {name: {c: doc for c, doc in docs.items() if c != "chat-1"} for name, docs in good.items()}
     assert await snapshot(db) == expected
+
+
+async def test_a_rebuild_stops_each_chat_at_a_gap_or_an_unreadable_last_record_and_says_where(
+    db: AsyncDatabase[Any], store: MongoEventStore
+) -> None:
+    good = await rebuilt_chats(db, store, 3, seed=21)
+    await store.events.delete_one({"chat_id": "chat-0", "seq": 3})  # a record missing mid-chat
+    last = await store.last_seq("chat-2")
+    await store.events.update_one({"chat_id": "chat-2", "seq": last}, {"$set": {"type": "no.such.type"}})
+    summary = await rebuild(db, store)
+    assert summary.broken_chats == {"chat-0": 3, "chat-2": last}
+    now = await snapshot(db)
+    assert now["chat_sessions"]["chat-0"]["last_seq"] == 2
+    assert now["chat_sessions"]["chat-2"]["last_seq"] == last - 1
+    assert now["chat_metrics"]["chat-1"] == good["chat_metrics"]["chat-1"]
 
 
 async def test_a_rebuild_whose_writes_fail_raises_and_does_not_report_success(
