@@ -794,7 +794,7 @@ async def test_a_chat_whose_first_record_is_unreadable_is_left_out_and_every_oth
 
 
 async def test_a_rebuild_stops_each_chat_at_a_gap_or_an_unreadable_last_record_and_says_where(
-    db: AsyncDatabase[Any], store: MongoEventStore
+    db: AsyncDatabase[Any], store: MongoEventStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     good = await rebuilt_chats(db, store, 3, seed=21)
     await store.events.delete_one({"chat_id": "chat-0", "seq": 3})  # a record missing mid-chat
@@ -802,6 +802,12 @@ async def test_a_rebuild_stops_each_chat_at_a_gap_or_an_unreadable_last_record_a
     await store.events.update_one({"chat_id": "chat-2", "seq": last}, {"$set": {"type": "no.such.type"}})
     summary = await rebuild(db, store)
     assert summary.broken_chats == {"chat-0": 3, "chat-2": last}
+    said = [r.getMessage() for r in caplog.records if r.name == "projections.rebuild"]
+    assert said == [
+        "rebuild stops at chat chat-0: seq 3 is missing from the log",
+        f"rebuild stops at chat chat-2: chat chat-2, seq {last}: stored record is malformed: "
+        "Invalid value 'no.such.type' - at `$.event.type`",
+    ]
     now = await snapshot(db)
     assert now["chat_sessions"]["chat-0"]["last_seq"] == 2
     assert now["chat_sessions"]["chat-2"]["last_seq"] == last - 1
