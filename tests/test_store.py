@@ -340,6 +340,15 @@ async def test_transient_errors_under_appends_are_retried_and_each_record_lands_
         ended = await store.finish_run(chat("ends"), "r1", [Pending(event=RunCompleted(), run_id="r1")])
         assert [r async for r in store.read("ends")] == [ended]
 
+        # A read that loses its connection mid-way resumes after the last record it yielded.
+        long = await store.append(chat("long"), [said(f"r{i}") for i in range(300)], 0)
+        failing({"failCommands": ["getMore"], "closeConnection": True}, {"times": 1})
+        assert [r async for r in store.read("long")] == long
+        failing({"failCommands": ["find"], "closeConnection": True}, {"times": 1})
+        assert [r.seq async for r in store.read("long", after=100, limit=5)] == [101, 102, 103, 104, 105]
+        failing({"failCommands": ["getMore"], "closeConnection": True}, {"times": 1})
+        assert [r.seq async for r in store.read("long", limit=150)] == list(range(1, 151))
+
         # A permanent error is raised at once, not retried, and stores nothing.
         failing({"errorCode": 2, "errmsg": "bad value"}, {"times": 1})
         with pytest.raises(OperationFailure) as refused:
