@@ -375,6 +375,13 @@ async def test_transient_errors_under_appends_are_retried_and_each_record_lands_
         finally:
             failing({}, "off")
         assert gave_up_ending.value.what == "record the end of run r2"
+        failing({"failCommands": ["find"], "closeConnection": True}, "alwaysOn")
+        try:
+            with pytest.raises(StorageUnavailable) as gave_up_reading:
+                [r async for r in spent.read("long")]
+        finally:
+            failing({}, "off")
+        assert gave_up_reading.value.what == "read chat long"
         assert gave_up.value.tries >= 2  # it was retried (how often depends on reconnecting's speed)
         assert str(gave_up.value).startswith(
             f"append to chat down: the database failed {gave_up.value.tries} tries"
