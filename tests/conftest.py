@@ -19,6 +19,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from app.embedded import EmbeddedMongo
 from domain.store import MongoEventStore
+from tests.faults.server import FaultServer
 from tests.nodes import Node
 
 
@@ -120,3 +121,15 @@ async def start_node(
     for node in reversed(nodes):
         with contextlib.suppress(BaseException):
             await node.stop()
+
+
+@pytest.fixture(scope="module")
+def fault_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultServer]:
+    """A durable embedded server started with --enable-test-commands, for this module's tests only."""
+    server = FaultServer(tmp_path_factory.mktemp("fault-db")).start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(Exception):
+            server.off()
+        server.stop()

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient, MongoClient, monitoring
+from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import AutoReconnect, BulkWriteError, OperationFailure, WriteConcernError
 
-from app.embedded import EmbeddedMongo
 from domain.commit import GroupCommit
 from domain.errors import Conflict, CorruptRecord, HistoryLost, StorageUnavailable
 from domain.events import (
@@ -31,6 +30,7 @@ from domain.events import (
     seal,
 )
 from domain.store import Backoff, MongoEventStore, ReplayDone, RetryPolicy, Verification, follow, is_transient
+from tests.faults.server import FaultServer
 
 
 def chat(chat_id: str, app_id: str = "app") -> StreamRef:
@@ -288,28 +288,15 @@ async def test_a_cancelled_group_commit_sender_ends_every_wait_and_the_next_inse
     assert await db["group_commit_cancel"].count_documents({"chat_id": {"$in": ["y", "z"]}}) == 1
 
 
-@pytest.fixture(scope="module")
-def fault_server() -> Iterator[EmbeddedMongo]:
-    """A wire server of this module's own, with test commands: its fail points hit no other test."""
-    with EmbeddedMongo(":memory:", test_commands=True) as server:
-        yield server
-
-
 async def test_transient_errors_under_appends_are_retried_and_each_record_lands_once_a_permanent_one_is_not(
-    fault_server: EmbeddedMongo,
+    fault_server: FaultServer,
 ) -> None:
-    control: MongoClient[Any] = MongoClient(fault_server.uri)
-    client: AsyncMongoClient[Any] = AsyncMongoClient(fault_server.uri, tz_aware=True)
+    client: AsyncMongoClient[Any] = AsyncMongoClient(fault_server.server.uri, tz_aware=True)
     quick = RetryPolicy(budget_s=10.0, first_delay_s=0.01, max_delay_s=0.02)
     store = MongoEventStore(client["retries"], quick)
 
-    def failing(data: dict[str, Any], mode: Any) -> None:
-        fail = {
-            "configureFailPoint": "failCommand",
-            "mode": mode,
-            "data": {"failCommands": ["insert"], **data},
-        }
-        control.admin.command(fail)
+    def fail_point(**data: Any) -> dict[str, Any]:  # a fail point's data: inserts, unless told
+        return {"failCommands": ["insert"], **data}
 
     try:
         await store.ensure_indexes()
@@ -326,7 +313,7 @@ async def test_transient_errors_under_appends_are_retried_and_each_record_lands_
         }
         for name, data in transient.items():
             # Two chats at once: their batches share each failing insert (the group commit).
-            failing(data, {"times": 2})
+            fault_server.arm(fail_point(**data), {"times": 2})
             chats = [f"{name}-1", f"{name}-2"]
             stored = await asyncio.gather(*(store.append(chat(c), [said("a"), said("b")], 0) for c in chats))
             for chat_id, records in zip(chats, stored, strict=True):
@@ -336,21 +323,21 @@ async def test_transient_errors_under_appends_are_retried_and_each_record_lands_
             assert await store.events.count_documents({"chat_id": {"$in": chats}}) == 4, name
 
         # A run's end: the terminal record is re-sent after a dropped connection and lands once.
-        failing({"closeConnection": True}, {"times": 2})
+        fault_server.arm(fail_point(closeConnection=True), {"times": 2})
         ended = await store.finish_run(chat("ends"), "r1", [Pending(event=RunCompleted(), run_id="r1")])
         assert [r async for r in store.read("ends")] == [ended]
 
         # A read that loses its connection mid-way resumes after the last record it yielded.
         long = await store.append(chat("long"), [said(f"r{i}") for i in range(300)], 0)
-        failing({"failCommands": ["getMore"], "closeConnection": True}, {"times": 1})
+        fault_server.arm(fail_point(failCommands=["getMore"], closeConnection=True), {"times": 1})
         assert [r async for r in store.read("long")] == long
-        failing({"failCommands": ["find"], "closeConnection": True}, {"times": 1})
+        fault_server.arm(fail_point(failCommands=["find"], closeConnection=True), {"times": 1})
         assert [r.seq async for r in store.read("long", after=100, limit=5)] == [101, 102, 103, 104, 105]
-        failing({"failCommands": ["getMore"], "closeConnection": True}, {"times": 1})
+        fault_server.arm(fail_point(failCommands=["getMore"], closeConnection=True), {"times": 1})
         assert [r.seq async for r in store.read("long", limit=150)] == list(range(1, 151))
 
         # A permanent error is raised at once, not retried, and stores nothing.
-        failing({"errorCode": 2, "errmsg": "bad value"}, {"times": 1})
+        fault_server.arm(fail_point(errorCode=2, errmsg="bad value"), {"times": 1})
         with pytest.raises(OperationFailure) as refused:
             await store.append(chat("permanent"), [said("x")], 0)
         assert refused.value.code == 2
@@ -361,26 +348,20 @@ async def test_transient_errors_under_appends_are_retried_and_each_record_lands_
         spent = MongoEventStore(
             client["retries"], RetryPolicy(budget_s=0.3, first_delay_s=0.05, max_delay_s=0.1)
         )
-        failing({"closeConnection": True}, "alwaysOn")
-        try:
-            with pytest.raises(StorageUnavailable) as gave_up:
-                await spent.append(chat("down"), [said("x")], 0)
-        finally:
-            failing({}, "off")
+        down = fail_point(closeConnection=True)
+        with fault_server.failing(down, "alwaysOn"), pytest.raises(StorageUnavailable) as gave_up:
+            await spent.append(chat("down"), [said("x")], 0)
         assert gave_up.value.what == "append to chat down"
-        failing({"closeConnection": True}, "alwaysOn")
-        try:
-            with pytest.raises(StorageUnavailable) as gave_up_ending:
-                await spent.finish_run(chat("down"), "r2", [Pending(event=RunCompleted(), run_id="r2")])
-        finally:
-            failing({}, "off")
+        ending = [Pending(event=RunCompleted(), run_id="r2")]
+        with fault_server.failing(down, "alwaysOn"), pytest.raises(StorageUnavailable) as gave_up_ending:
+            await spent.finish_run(chat("down"), "r2", ending)
         assert gave_up_ending.value.what == "record the end of run r2"
-        failing({"failCommands": ["find"], "closeConnection": True}, "alwaysOn")
-        try:
-            with pytest.raises(StorageUnavailable) as gave_up_reading:
-                [r async for r in spent.read("long")]
-        finally:
-            failing({}, "off")
+        reads_down = fail_point(failCommands=["find"], closeConnection=True)
+        with (
+            fault_server.failing(reads_down, "alwaysOn"),
+            pytest.raises(StorageUnavailable) as gave_up_reading,
+        ):
+            [r async for r in spent.read("long")]
         assert gave_up_reading.value.what == "read chat long"
         assert gave_up.value.tries >= 2  # it was retried (how often depends on reconnecting's speed)
         assert str(gave_up.value).startswith(
@@ -389,7 +370,6 @@ async def test_transient_errors_under_appends_are_retried_and_each_record_lands_
         assert isinstance(gave_up.value.cause, AutoReconnect)
         assert await store.last_seq("down") == 0
     finally:
-        control.close()
         await client.close()
 
 

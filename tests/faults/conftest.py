@@ -27,18 +27,6 @@ def report() -> Iterator[Report]:
     results.write()
 
 
-@pytest.fixture(scope="module")
-def fault_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultServer]:
-    """A durable embedded server started with --enable-test-commands, for this module's tests only."""
-    server = FaultServer(tmp_path_factory.mktemp("fault-db")).start()
-    try:
-        yield server
-    finally:
-        with contextlib.suppress(Exception):
-            server.off()
-        server.stop()
-
-
 @pytest.fixture
 async def fault_store(fault_server: FaultServer) -> AsyncIterator[MongoEventStore]:
     """The test's own database on the fault server (a fresh name), read by the test's own client."""
