@@ -651,15 +651,20 @@ async def test_percentiles_after_rebuild_equal_live_and_aggregate_p95_matches_ra
     assert "_Hidden.Tool$er" in live_aggregate["agents"]
 
 
-async def test_a_record_appended_while_a_rebuild_scans_is_in_its_result_without_a_runner(
-    db: AsyncDatabase[Any], store: MongoEventStore
-) -> None:
-    for start in range(0, 1200, 200):  # past the 1,000 events after which progress is first reported
+async def append_big_chat(store: MongoEventStore) -> None:
+    """Chat "big", 1,200 events: past the 1,000 after which a rebuild first reports progress."""
+    for start in range(0, 1200, 200):
         await store.append(
             stream("big"),
             [p(MessageAgent(content=f"m{i}"), "Writer") for i in range(start, start + 200)],
             None,
         )
+
+
+async def test_a_record_appended_while_a_rebuild_scans_is_in_its_result_without_a_runner(
+    db: AsyncDatabase[Any], store: MongoEventStore
+) -> None:
+    await append_big_chat(store)
     late: list[asyncio.Task[Any]] = []
     reported: list[tuple[int, int]] = []
 
@@ -677,6 +682,30 @@ async def test_a_record_appended_while_a_rebuild_scans_is_in_its_result_without_
     assert set((await snapshot(db))["chat_sessions"]) == {"big", "a-late"}
     # Nothing appended meanwhile: nothing to catch up after the swap.
     assert (await rebuild(db, store)).caught_up_after_swap == 0
+    # One chat's rebuild reports progress against that chat's events, not the whole log's.
+    reported.clear()
+    await rebuild(db, store, chat_id="big", progress=lambda done, total: reported.append((done, total)))
+    assert reported == [(1000, 1200), (1200, 1200)]
+
+
+async def test_a_rebuild_cancelled_mid_scan_ends_cancelled_and_writes_nothing(
+    db: AsyncDatabase[Any], store: MongoEventStore
+) -> None:
+    await append_big_chat(store)
+    await rebuild(db, store)
+    await db.chat_sessions.update_one({"_id": "big"}, {"$set": {"messages": []}})
+    before = await snapshot(db)
+
+    def cancel_at_first_progress(done: int, total: int) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # within the scan, before the first batch of documents is written
+
+    rebuilding = asyncio.create_task(rebuild(db, store, progress=cancel_at_first_progress))
+    with pytest.raises(asyncio.CancelledError):
+        await rebuilding
+    assert rebuilding.cancelled()
+    assert await snapshot(db) == before
 
 
 async def test_rebuild_while_the_runner_is_live_converges_to_the_log(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -13,6 +13,7 @@ from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import AutoReconnect, BulkWriteError, OperationFailure, WriteConcernError
 
+from domain import events
 from domain.commit import GroupCommit
 from domain.errors import Conflict, CorruptRecord, HistoryLost, StorageUnavailable
 from domain.events import (
@@ -70,6 +71,26 @@ async def test_append_assigns_gapless_seq_and_chains_hashes(store: MongoEventSto
     }
     assert await store.last_seq("c1") == 3
     assert await store.verify("c1") == Verification(chat_id="c1", ok=True, checked=3, last_seq=3)
+
+
+@pytest.mark.parametrize(
+    ("microsecond", "stamped"),
+    [(0, 0), (999, 0), (1_000, 1_000), (500_499, 500_000), (999_500, 999_000), (999_999, 999_000)],
+)
+def test_records_are_stamped_with_the_clock_cut_to_the_millisecond_bson_keeps(
+    monkeypatch: pytest.MonkeyPatch, microsecond: int, stamped: int
+) -> None:
+    # Cut, not rounded: never later than the clock (a `since` read finds it), never a millisecond early.
+    clock = datetime(2026, 12, 1, 12, 0, 0, microsecond, tzinfo=UTC)
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
+            assert tz is UTC
+            return clock
+
+    monkeypatch.setattr(events, "datetime", Clock)
+    assert now() == clock.replace(microsecond=stamped)
 
 
 async def test_two_concurrent_appenders_one_wins_each_seq(store: MongoEventStore) -> None:
