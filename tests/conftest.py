@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -121,6 +122,23 @@ async def start_node(
     for node in reversed(nodes):
         with contextlib.suppress(BaseException):
             await node.stop()
+
+
+@pytest.fixture
+def local_clock_far_from_utc() -> Iterator[None]:
+    """The host's local time 14 hours ahead of UTC, for this test's process (a POSIX zone, no tz
+    database needed): a lease or an expiry read off local time where UTC is meant is half a day off."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "XST-14"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
 
 
 @pytest.fixture(scope="module")

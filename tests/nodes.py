@@ -62,8 +62,18 @@ class Node:
         """The app's state: its services (`store`, `hub`, `supervisor`, …) as the lifespans built them."""
         return self.app.state
 
+    async def _serve(self) -> None:
+        try:
+            await self.server.serve()
+        except SystemExit as exc:
+            # uvicorn exits the process when the app's startup fails: here that would stop the test's
+            # event loop and end the whole session, so it fails the test that started the node instead.
+            raise RuntimeError(
+                f"node {self.settings.node_id} did not start (uvicorn exit {exc.code}); its error is logged above"
+            ) from exc
+
     async def start(self) -> Node:
-        self.task = asyncio.create_task(self.server.serve())
+        self.task = asyncio.create_task(self._serve())
         while not self.server.started:
             if self.task.done():
                 self.task.result()

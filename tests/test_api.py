@@ -316,6 +316,7 @@ async def test_a_run_whose_node_died_is_recorded_as_interrupted_and_can_continue
     assert types[-1] == "run.completed" and types.count("run.started") == 2
 
 
+@pytest.mark.usefixtures("local_clock_far_from_utc")  # a live lease is live in any zone
 async def test_only_one_node_runs_a_chat(start_node: Any) -> None:
     node_a = await start_node(max_active_runs=1)
     node_b = await start_node()

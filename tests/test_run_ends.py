@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 
 from domain.events import MessageUser, Pending, RunCompleted, RunFailed, RunStarted, StreamRef
 from domain.store import MongoEventStore
@@ -87,6 +88,7 @@ async def test_words_to_a_chat_whose_run_lost_its_node_record_why_that_run_ended
     check_log(records)
 
 
+@pytest.mark.usefixtures("local_clock_far_from_utc")  # a sweep reads expiry in UTC, whatever the zone
 async def test_a_run_outliving_its_lease_ttl_renews_the_lease_and_no_sweep_interrupts_it(
     start_node: Any, store: MongoEventStore, db: Any
 ) -> None:
