@@ -93,6 +93,21 @@ def test_records_are_stamped_with_the_clock_cut_to_the_millisecond_bson_keeps(
     assert now() == clock.replace(microsecond=stamped)
 
 
+async def test_a_batch_that_meets_a_record_written_around_the_store_raises_conflict_at_that_seq(
+    store: MongoEventStore,
+) -> None:
+    await store.append(chat("gap"), [said("1"), said("2"), said("3")], 0)
+    # Seq 5 written straight into the collection, with no seq 4 (a careless admin, a foreign tool).
+    await store.events.insert_one({"_id": "foreign", "chat_id": "gap", "seq": 5, "type": "message.agent"})
+    with pytest.raises(Conflict) as met:
+        await store.append(chat("gap"), [said("4"), said("5"), said("6")], 3)
+    assert (met.value.chat_id, met.value.seq) == ("gap", 5)
+    # The batch's first record landed before the foreign one, chained to the log; nothing after it.
+    stored = [d async for d in store.events.find({"chat_id": "gap"}, sort=[("seq", 1)])]
+    assert [d["seq"] for d in stored] == [1, 2, 3, 4, 5]
+    assert stored[3]["data"]["content"] == "4" and stored[3]["prev_hash"] == stored[2]["hash"]
+
+
 async def test_two_concurrent_appenders_one_wins_each_seq(store: MongoEventStore) -> None:
     outcomes = await asyncio.gather(
         store.append(chat("race"), [said("from A")], 0),
@@ -616,6 +631,30 @@ async def test_tail_with_an_unusable_token_raises_history_lost(store: MongoEvent
     with pytest.raises(HistoryLost, match=r"^change stream cannot resume: "):
         tail = store.tail(resume_after=bogus)
         await asyncio.wait_for(anext(tail), 10)
+
+
+async def test_a_tail_whose_stream_fails_for_another_reason_raises_that_error_not_history_lost(
+    fault_server: FaultServer,
+) -> None:
+    # HistoryLost sends the caller to catch up from the log; any other failure is the server's own error.
+    client: AsyncMongoClient[Any] = AsyncMongoClient(fault_server.server.uri, tz_aware=True)
+    store = MongoEventStore(client["tail_errors"])
+    try:
+        opened = asyncio.Event()
+        tail = store.tail(on_open=opened.set)
+        first = asyncio.ensure_future(anext(tail))
+        await asyncio.wait_for(opened.wait(), 10)
+        await store.append(chat("t"), [said("one")], 0)
+        token = (await asyncio.wait_for(first, 10)).token
+        await tail.aclose()
+        for resume_after in (None, token):
+            tail = store.tail(resume_after=resume_after)
+            failing = {"failCommands": ["getMore"], "errorCode": 2}
+            with fault_server.failing(failing, "alwaysOn"), pytest.raises(OperationFailure) as failed:
+                await asyncio.wait_for(anext(tail), 10)
+            assert not isinstance(failed.value, HistoryLost) and failed.value.code == 2, resume_after
+    finally:
+        await client.close()
 
 
 async def test_tail_and_subscribe_see_only_new_records_and_the_tail_outlives_a_malformed_one(
