@@ -48,7 +48,8 @@ from projections.projector import fold
 from projections.rebuild import UnknownProjection, rebuild
 from projections.runner import CHECKPOINTS, ProjectionRunner, default_projectors
 from projections.sessions import ChatSessionsProjector
-from projections.writer import ProjectionWriter, catch_up
+from projections.update import ProjectionError
+from projections.writer import MAX_ATTEMPTS, ProjectionWriter, catch_up
 from tests.faults.server import FaultServer
 
 COLLECTIONS = ("chat_sessions", "chat_metrics")
@@ -486,6 +487,27 @@ async def test_a_gap_filled_from_the_log_stops_before_a_corrupt_or_missing_recor
         f"projection {writer.projector.name} stops at chat chat-0: chat chat-0, seq 3: stored record is "
         "malformed: Invalid value 'no.such.type' - at `$.event.type`"
     ]
+
+
+async def test_writes_that_keep_failing_their_guard_raise_naming_the_projection_and_the_first_chats(
+    db: AsyncDatabase[Any], store: MongoEventStore
+) -> None:
+    await append_chats(store, 7, seed=21)  # one app: a unique app_id admits one chat's document
+    await db.chat_metrics.create_index("app_id", unique=True, name="one_chat_per_app")
+    writer = ProjectionWriter(db, store, ChatMetricsProjector(PriceTable.load(None)))
+    delivered = {chat: [r async for r in store.read(chat)] for chat in await store.chats()}
+    try:
+        with pytest.raises(ProjectionError) as failed:
+            await writer.apply(delivered)
+        written = [doc["_id"] async for doc in db.chat_metrics.find({}, {"_id": 1})]
+    finally:
+        await db.chat_metrics.drop_index("one_chat_per_app")
+    # Each retry meets the same duplicate key: six chats stay unwritten, the message names five.
+    assert len(written) == 1
+    unwritten = sorted(set(delivered) - set(written))
+    assert str(failed.value) == (
+        f"metrics: chats {unwritten[:5]} kept missing their last_seq guard after {MAX_ATTEMPTS} attempts"
+    )
 
 
 async def test_log_of_many_chats_with_runner_restart_and_duplicates_equals_a_clean_rebuild(
