@@ -136,10 +136,16 @@ async def test_last_seq_sees_what_another_writer_appended_after_the_head_this_st
 
 async def test_appending_behind_the_head_is_a_conflict_not_an_overwrite(store: MongoEventStore) -> None:
     await store.append(chat("c"), [said("one"), said("two")], 0)
-    with pytest.raises(Conflict):
+    with pytest.raises(Conflict) as stale:
         await store.append(chat("c"), [said("stale")], 1)
-    with pytest.raises(Conflict, match="log ends at 2"):
+    assert (stale.value.chat_id, stale.value.seq) == ("c", 2)
+    with pytest.raises(Conflict) as past_the_end:
         await store.append(chat("c"), [said("gap")], 5)
+    assert (past_the_end.value.chat_id, past_the_end.value.seq) == ("c", 6)
+    assert str(past_the_end.value) == (
+        "chat c: seq 6 is already taken by another writer (expected seq 5 but the log ends at 2); "
+        "re-read the log and retry"
+    )
     assert [r.event.content async for r in store.read("c")] == ["one", "two"]  # type: ignore[union-attr]
 
 
