@@ -489,6 +489,39 @@ async def test_a_gap_filled_from_the_log_stops_before_a_corrupt_or_missing_recor
     ]
 
 
+async def test_a_writer_started_mid_run_reads_the_runs_start_before_recording_its_end(
+    db: AsyncDatabase[Any], store: MongoEventStore
+) -> None:
+    prices = PriceTable.load(None)
+    await store.append(
+        stream("mid"),
+        [p(MessageUser(content="hi")), p(RunStarted(pattern="RoundRobin", max_turns=4), run_id="r1")],
+        0,
+    )
+    await store.append(stream("mid"), [p(MessageAgent(content="a"), "Writer", "r1")], 2)
+    await store.append(stream("mid"), [p(RunCompleted(), run_id="r1")], 3)
+    log = [r async for r in store.read("mid")]
+    await ProjectionWriter(db, store, ChatMetricsProjector(prices)).apply({"mid": log[:2]})
+    # A restarted runner's writer: the message needs none of the document's state, the run's end does.
+    restarted = ProjectionWriter(db, store, ChatMetricsProjector(prices))
+    assert await restarted.apply({"mid": log[2:3]}) == 1
+    assert await restarted.apply({"mid": log[3:]}) == 1
+    assert await db.chat_metrics.find_one({"_id": "mid"}) == fold(restarted.projector, None, log)
+
+
+async def test_a_chat_whose_document_a_rival_wrote_first_does_not_hold_up_the_others_in_its_write(
+    db: AsyncDatabase[Any], store: MongoEventStore
+) -> None:
+    await append_chats(store, 3, seed=22)
+    log = {chat: [r async for r in store.read(chat)] for chat in ("chat-0", "chat-1", "chat-2")}
+    await ProjectionWriter(db, store, ChatSessionsProjector()).apply({"chat-0": log["chat-0"]})
+    # This writer takes chat-0 for new too: its insert meets the rival's document, first in the write.
+    writer = ProjectionWriter(db, store, ChatSessionsProjector())
+    assert await writer.apply(log) == len(log["chat-1"]) + len(log["chat-2"])
+    for chat, records in log.items():
+        assert await db.chat_sessions.find_one({"_id": chat}) == fold(writer.projector, None, records), chat
+
+
 async def test_writes_that_keep_failing_their_guard_raise_naming_the_projection_and_the_first_chats(
     db: AsyncDatabase[Any], store: MongoEventStore
 ) -> None:
