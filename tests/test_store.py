@@ -30,7 +30,16 @@ from domain.events import (
     now,
     seal,
 )
-from domain.store import Backoff, MongoEventStore, ReplayDone, RetryPolicy, Verification, follow, is_transient
+from domain.store import (
+    EVENTS,
+    Backoff,
+    MongoEventStore,
+    ReplayDone,
+    RetryPolicy,
+    Verification,
+    follow,
+    is_transient,
+)
 from tests.faults.server import FaultServer
 
 
@@ -246,12 +255,14 @@ class InsertsInFlight(monitoring.CommandListener):
         self.sent = 0
         self.most = 0
         self.sizes: list[int] = []  # records per insert, in the order sent
+        self.write_concerns: list[Any] = []  # each insert's write concern, in the order sent
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if event.command_name == "insert" and event.command.get("insert") == self.collection:
             self.requests.add(event.request_id)
             self.sent += 1
             self.sizes.append(len(event.command["documents"]))
+            self.write_concerns.append(event.command.get("writeConcern"))
             self.most = max(self.most, len(self.requests))
             if self.sent == 1:
                 self.on_first()
@@ -261,6 +272,22 @@ class InsertsInFlight(monitoring.CommandListener):
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         self.requests.discard(event.request_id)
+
+
+async def test_appends_and_a_runs_end_are_sent_majority_acknowledged_and_journaled(
+    mongo_uri: str, db: AsyncDatabase[Any]
+) -> None:
+    # What "an acknowledged record survives a crash" rests on: one server cannot show it, the wire can.
+    listener = InsertsInFlight(EVENTS, lambda: None)
+    client: AsyncMongoClient[Any] = AsyncMongoClient(mongo_uri, event_listeners=[listener])
+    try:
+        store = MongoEventStore(client[db.name])
+        await store.append(chat("durable"), [said("one")], 0)
+        await store.append(chat("durable"), [said("two")], None)
+        await store.finish_run(chat("durable"), "r1", [Pending(event=RunCompleted(), run_id="r1")])
+        assert listener.write_concerns == [{"w": "majority", "j": True}] * 3
+    finally:
+        await client.close()
 
 
 async def test_batches_handed_in_while_an_insert_is_in_flight_wait_and_go_together_as_the_next_insert(
