@@ -42,6 +42,7 @@ from domain.events import (
 )
 from domain.store import MongoEventStore
 from projections import queries, sketch
+from projections import writer as writer_module
 from projections.metrics import ChatMetricsProjector
 from projections.prices import PriceFile, PriceTable, PriceVersion
 from projections.projector import fold
@@ -514,10 +515,11 @@ async def test_a_chat_whose_document_a_rival_wrote_first_does_not_hold_up_the_ot
 ) -> None:
     await append_chats(store, 3, seed=22)
     log = {chat: [r async for r in store.read(chat)] for chat in ("chat-0", "chat-1", "chat-2")}
-    await ProjectionWriter(db, store, ChatSessionsProjector()).apply({"chat-0": log["chat-0"]})
-    # This writer takes chat-0 for new too: its insert meets the rival's document, first in the write.
+    await ProjectionWriter(db, store, ChatSessionsProjector()).apply({"chat-0": log["chat-0"][:2]})
+    # This writer takes chat-0 for new too: its insert meets the rival's document, first in the write,
+    # and only the records the rival had not applied are applied after reading that document.
     writer = ProjectionWriter(db, store, ChatSessionsProjector())
-    assert await writer.apply(log) == len(log["chat-1"]) + len(log["chat-2"])
+    assert await writer.apply(log) == sum(map(len, log.values())) - 2
     for chat, records in log.items():
         assert await db.chat_sessions.find_one({"_id": chat}) == fold(writer.projector, None, records), chat
 
@@ -880,7 +882,7 @@ async def test_rebuild_removes_documents_of_chats_the_log_does_not_have(
 
 
 async def test_catch_up_reads_only_what_each_chat_is_missing_and_a_writer_counts_what_it_had_applied(
-    db: AsyncDatabase[Any], store: MongoEventStore
+    db: AsyncDatabase[Any], store: MongoEventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await append_chats(store, 3, seed=20)
     await rebuild(db, store)
@@ -891,7 +893,12 @@ async def test_catch_up_reads_only_what_each_chat_is_missing_and_a_writer_counts
     # Rebuilding another chat leaves chat-1 as it is: its catch-up covers only the chat rebuilt.
     assert (await rebuild(db, store, chat_id="chat-0")).caught_up_after_swap == 0
     await store.append(stream("chat-2"), [Pending(event=MessageUser(content="one more"))], None)
-    assert await catch_up(store, writers) == 3  # chat-1's two new records and chat-2's one, nothing else
+    # One chat per round here: what each round reads adds up, and so does the progress it reports.
+    monkeypatch.setattr(writer_module, "CATCH_UP_CHATS", 1)
+    reported: list[tuple[int, int]] = []
+    caught_up = await catch_up(store, writers, progress=lambda done, total: reported.append((done, total)))
+    assert caught_up == 3  # chat-1's two new records and chat-2's one, nothing else
+    assert reported == [(2, 3), (3, 3)]
     assert await catch_up(store, writers) == 0
     # A writer handed records it has applied already applies none of them again, and counts them.
     records = [r async for r in store.read("chat-0")]
