@@ -141,6 +141,48 @@ async def test_two_nodes_sweeping_one_expired_lease_record_one_interruption(
     check_log(records)
 
 
+async def test_a_sweep_records_each_lost_run_of_its_own_chat_and_counts_what_it_recorded(
+    start_node: Any, store: MongoEventStore, db: Any
+) -> None:
+    # It sweeps every 300 s: once its first sweep is over, the sweep below is the only one.
+    node = await start_node(lease_ttl_s=600)
+    async with asyncio.timeout(30):
+        while node.runtime.supervisor._sweeps < 1:
+            await asyncio.sleep(0.05)
+    expired = datetime.now(UTC) - timedelta(seconds=1)
+    for chat_id in ("dead-a", "dead-b"):  # their node died holding their leases
+        await orphan(store, chat_id, f"r-{chat_id}")
+        await db["chat_leases"].insert_one(
+            {"_id": chat_id, "owner": "dead", "run_id": f"r-{chat_id}", "expires_at": expired}
+        )
+    # An expired lease of a chat with no log (its first append never landed): removed, nothing recorded.
+    await db["chat_leases"].insert_one(
+        {"_id": "ghost", "owner": "dead", "run_id": "r-ghost", "expires_at": expired}
+    )
+    await orphan(store, "lost", "r-lost")  # its node lost the lease without recording the end
+    await orphan(store, "other", "r-other")  # ended: the log of another chat with a run
+    await store.append(stream("other"), [Pending(event=RunCompleted(), run_id="r-other")], 2)
+    async with asyncio.timeout(30):  # the sessions projection shows "lost" as going
+        while (await db["chat_sessions"].find_one({"_id": "lost", "status": "running"})) is None:
+            await asyncio.sleep(0.05)
+    assert await node.runtime.supervisor.recover_expired() == 3
+    for chat_id, error in (
+        ("dead-a", "node dead stopped while running"),
+        ("dead-b", "node dead stopped while running"),
+        ("lost", "the run lost its lease"),
+    ):
+        records = await records_of(store, chat_id)
+        assert (records[-1].type, records[-1].run_id) == ("run.failed", f"r-{chat_id}"), chat_id
+        assert records[-1].data == {"error": error, "reason": "interrupted"}, chat_id
+        check_log(records)
+    assert [r.type for r in await records_of(store, "other")] == [
+        "message.user",
+        "run.started",
+        "run.completed",
+    ]
+    assert await db["chat_leases"].count_documents({}) == 0
+
+
 async def test_a_stop_sent_to_another_node_is_recorded_by_the_running_node_as_the_runs_last_record(
     start_node: Any, store: MongoEventStore
 ) -> None:
