@@ -903,11 +903,11 @@ async def test_catch_up_reads_only_what_each_chat_is_missing_and_a_writer_counts
     # And at most CATCH_UP_EVENTS lagging events a round (two here), over chats one record behind each.
     monkeypatch.setattr(writer_module, "CATCH_UP_CHATS", 500)
     monkeypatch.setattr(writer_module, "CATCH_UP_EVENTS", 2)
-    for chat_id in ("chat-0", "chat-1", "chat-2"):
+    for chat_id in ("chat-0", "chat-1", "chat-2", "chat-3"):  # chat-3 is new
         await store.append(stream(chat_id), [Pending(event=MessageUser(content="again"))], None)
     reported.clear()
-    assert await catch_up(store, writers, progress=lambda done, total: reported.append((done, total))) == 3
-    assert reported == [(2, 3), (3, 3)]
+    assert await catch_up(store, writers, progress=lambda done, total: reported.append((done, total))) == 4
+    assert reported == [(2, 4), (4, 4)]
     # A writer handed records it has applied already applies none of them again, and counts them.
     records = [r async for r in store.read("chat-0")]
     writer = ProjectionWriter(db, store, ChatSessionsProjector(), collection="sessions_again")
