@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from domain.events import MessageUser, Pending, RunCompleted, RunFailed, RunStarted, StreamRef
+from domain.events import InputRequested, MessageUser, Pending, RunCompleted, RunFailed, RunStarted, StreamRef
 from domain.store import MongoEventStore
 from tests.faults.checks import check_log, drive_to_end, records_of, run_end, wait_for, waiting_for_input
 
@@ -160,16 +160,22 @@ async def test_a_sweep_records_each_lost_run_of_its_own_chat_and_counts_what_it_
         {"_id": "ghost", "owner": "dead", "run_id": "r-ghost", "expires_at": expired}
     )
     await orphan(store, "lost", "r-lost")  # its node lost the lease without recording the end
+    await orphan(store, "lost-waiting", "r-lost-waiting")  # the same, while it waited for input
+    await store.append(
+        stream("lost-waiting"), [Pending(event=InputRequested(request_id="q1"), run_id="r-lost-waiting")], 2
+    )
     await orphan(store, "other", "r-other")  # ended: the log of another chat with a run
     await store.append(stream("other"), [Pending(event=RunCompleted(), run_id="r-other")], 2)
-    async with asyncio.timeout(30):  # the sessions projection shows "lost" as going
-        while (await db["chat_sessions"].find_one({"_id": "lost", "status": "running"})) is None:
+    going = [{"_id": "lost", "status": "running"}, {"_id": "lost-waiting", "status": "waiting_input"}]
+    async with asyncio.timeout(30):  # the sessions projection shows both as going
+        while await db["chat_sessions"].count_documents({"$or": going}) < 2:
             await asyncio.sleep(0.05)
-    assert await node.runtime.supervisor.recover_expired() == 3
+    assert await node.runtime.supervisor.recover_expired() == 4
     for chat_id, error in (
         ("dead-a", "node dead stopped while running"),
         ("dead-b", "node dead stopped while running"),
         ("lost", "the run lost its lease"),
+        ("lost-waiting", "the run lost its lease"),
     ):
         records = await records_of(store, chat_id)
         assert (records[-1].type, records[-1].run_id) == ("run.failed", f"r-{chat_id}"), chat_id
