@@ -164,11 +164,17 @@ async def test_a_sweep_records_each_lost_run_of_its_own_chat_and_counts_what_it_
     await store.append(
         stream("lost-waiting"), [Pending(event=InputRequested(request_id="q1"), run_id="r-lost-waiting")], 2
     )
+    await orphan(store, "busy", "r-busy")  # running on a live node: its lease is live
+    live = datetime.now(UTC) + timedelta(hours=1)
+    await db["chat_leases"].insert_one(
+        {"_id": "busy", "owner": "alive", "run_id": "r-busy", "expires_at": live}
+    )
     await orphan(store, "other", "r-other")  # ended: the log of another chat with a run
     await store.append(stream("other"), [Pending(event=RunCompleted(), run_id="r-other")], 2)
     going = [{"_id": "lost", "status": "running"}, {"_id": "lost-waiting", "status": "waiting_input"}]
-    async with asyncio.timeout(30):  # the sessions projection shows both as going
-        while await db["chat_sessions"].count_documents({"$or": going}) < 2:
+    going.append({"_id": "busy", "status": "running"})
+    async with asyncio.timeout(30):  # the sessions projection shows them as going
+        while await db["chat_sessions"].count_documents({"$or": going}) < 3:
             await asyncio.sleep(0.05)
     assert await node.runtime.supervisor.recover_expired() == 4
     for chat_id, error in (
@@ -186,7 +192,8 @@ async def test_a_sweep_records_each_lost_run_of_its_own_chat_and_counts_what_it_
         "run.started",
         "run.completed",
     ]
-    assert await db["chat_leases"].count_documents({}) == 0
+    assert [r.type for r in await records_of(store, "busy")] == ["message.user", "run.started"]
+    assert [lease["_id"] async for lease in db["chat_leases"].find({})] == ["busy"]
 
 
 async def test_a_stop_sent_to_another_node_is_recorded_by_the_running_node_as_the_runs_last_record(
