@@ -141,6 +141,16 @@ def local_clock_far_from_utc() -> Iterator[None]:
         time.tzset()
 
 
+@pytest.fixture
+async def fault_db(fault_server: FaultServer) -> AsyncIterator[AsyncDatabase[Any]]:
+    """A database of its own on the module's fault server, for a test that arms its fail points."""
+    client: AsyncMongoClient[Any] = AsyncMongoClient(fault_server.server.uri, tz_aware=True)
+    try:
+        yield client[f"fault_{uuid.uuid4().hex[:8]}"]
+    finally:
+        await client.close()
+
+
 @pytest.fixture(scope="module")
 def fault_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultServer]:
     """A durable embedded server started with --enable-test-commands, for this module's tests only."""

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
@@ -750,38 +749,31 @@ async def test_a_record_appended_while_a_rebuild_scans_is_in_its_result_without_
 
 
 async def test_a_rebuild_whose_change_stream_fails_checks_every_chat_against_the_log(
-    fault_server: FaultServer, caplog: pytest.LogCaptureFixture
+    fault_server: FaultServer, fault_db: AsyncDatabase[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    client: AsyncMongoClient[Any] = AsyncMongoClient(fault_server.server.uri, tz_aware=True)
-    db = client["rebuild_stream_lost"]
-    store = MongoEventStore(db)
+    store = MongoEventStore(fault_db)
+    await store.ensure_indexes()
+    await append_big_chat(store)  # one scan batch: the scan reads no more once folding starts
+    late: list[asyncio.Task[Any]] = []
+
+    def on_progress(done: int, total: int) -> None:
+        if not late:  # mid-fold: the change stream's next read fails, and a passed chat gets a record
+            fault_server.arm({"failCommands": ["getMore"], "errorCode": 2}, "alwaysOn")
+            late.append(
+                asyncio.create_task(store.append(stream("a-late"), [p(MessageUser(content="late"))], 0))
+            )
+
     try:
-        await store.ensure_indexes()
-        await append_big_chat(store)  # one scan batch: the scan reads no more once folding starts
-        late: list[asyncio.Task[Any]] = []
-
-        def on_progress(done: int, total: int) -> None:
-            if not late:  # mid-fold: the change stream's next read fails, and a passed chat gets a record
-                fault_server.arm({"failCommands": ["getMore"], "errorCode": 2}, "alwaysOn")
-                late.append(
-                    asyncio.create_task(store.append(stream("a-late"), [p(MessageUser(content="late"))], 0))
-                )
-
-        try:
-            summary = await rebuild(db, store, progress=on_progress)
-        finally:
-            fault_server.off()
-        assert late and late[0].done()
-        lost = [r.getMessage() for r in caplog.records if r.name == "projections.rebuild"]
-        assert len(lost) == 1 and lost[0].startswith("rebuild: change stream lost (Failing command"), lost
-        assert lost[0].endswith("'code': 2, 'codeName': 'BadValue'}); checking every chat against the log"), (
-            lost
-        )
-        # Not knowing which chats got records meanwhile, it caught every chat up from the log.
-        assert summary.caught_up_after_swap == 1
-        assert set((await snapshot(db))["chat_sessions"]) == {"big", "a-late"}
+        summary = await rebuild(fault_db, store, progress=on_progress)
     finally:
-        await client.close()
+        fault_server.off()
+    assert late and late[0].done()
+    lost = [r.getMessage() for r in caplog.records if r.name == "projections.rebuild"]
+    assert len(lost) == 1 and lost[0].startswith("rebuild: change stream lost (Failing command"), lost
+    assert lost[0].endswith("'code': 2, 'codeName': 'BadValue'}); checking every chat against the log"), lost
+    # Not knowing which chats got records meanwhile, it caught every chat up from the log.
+    assert summary.caught_up_after_swap == 1
+    assert set((await snapshot(fault_db))["chat_sessions"]) == {"big", "a-late"}
 
 
 async def test_a_rebuild_cancelled_mid_scan_ends_cancelled_and_writes_nothing(

@@ -358,88 +358,82 @@ async def test_a_cancelled_group_commit_sender_ends_every_wait_and_the_next_inse
 
 
 async def test_transient_errors_under_appends_are_retried_and_each_record_lands_once_a_permanent_one_is_not(
-    fault_server: FaultServer,
+    fault_server: FaultServer, fault_db: AsyncDatabase[Any]
 ) -> None:
-    client: AsyncMongoClient[Any] = AsyncMongoClient(fault_server.server.uri, tz_aware=True)
     quick = RetryPolicy(budget_s=10.0, first_delay_s=0.01, max_delay_s=0.02)
-    store = MongoEventStore(client["retries"], quick)
+    store = MongoEventStore(fault_db, quick)
 
     def fail_point(**data: Any) -> dict[str, Any]:  # a fail point's data: inserts, unless told
         return {"failCommands": ["insert"], **data}
 
-    try:
-        await store.ensure_indexes()
-        transient: dict[str, dict[str, Any]] = {
-            # applied but not confirmed: the re-sent records meet their own ids
-            "writeConcernError": {
-                "writeConcernError": {"code": 64, "errmsg": "waiting for replication timed out"}
-            },
-            "closeConnection": {"closeConnection": True},
-            "ExceededTimeLimit": {"errorCode": 262},
-            "NetworkTimeout": {"errorCode": 89},
-            # a code not transient by itself: the label makes it so
-            "RetryableWriteError": {"errorCode": 50, "errorLabels": ["RetryableWriteError"]},
-        }
-        for name, data in transient.items():
-            # Two chats at once: their batches share each failing insert (the group commit).
-            fault_server.arm(fail_point(**data), {"times": 2})
-            chats = [f"{name}-1", f"{name}-2"]
-            stored = await asyncio.gather(*(store.append(chat(c), [said("a"), said("b")], 0) for c in chats))
-            for chat_id, records in zip(chats, stored, strict=True):
-                assert [r async for r in store.read(chat_id)] == records, name
-                assert [r.seq for r in records] == [1, 2], name
-                assert (await store.verify(chat_id)).ok, name
-            assert await store.events.count_documents({"chat_id": {"$in": chats}}) == 4, name
+    await store.ensure_indexes()
+    transient: dict[str, dict[str, Any]] = {
+        # applied but not confirmed: the re-sent records meet their own ids
+        "writeConcernError": {
+            "writeConcernError": {"code": 64, "errmsg": "waiting for replication timed out"}
+        },
+        "closeConnection": {"closeConnection": True},
+        "ExceededTimeLimit": {"errorCode": 262},
+        "NetworkTimeout": {"errorCode": 89},
+        # a code not transient by itself: the label makes it so
+        "RetryableWriteError": {"errorCode": 50, "errorLabels": ["RetryableWriteError"]},
+    }
+    for name, data in transient.items():
+        # Two chats at once: their batches share each failing insert (the group commit).
+        fault_server.arm(fail_point(**data), {"times": 2})
+        chats = [f"{name}-1", f"{name}-2"]
+        stored = await asyncio.gather(*(store.append(chat(c), [said("a"), said("b")], 0) for c in chats))
+        for chat_id, records in zip(chats, stored, strict=True):
+            assert [r async for r in store.read(chat_id)] == records, name
+            assert [r.seq for r in records] == [1, 2], name
+            assert (await store.verify(chat_id)).ok, name
+        assert await store.events.count_documents({"chat_id": {"$in": chats}}) == 4, name
 
-        # A run's end: the terminal record is re-sent after a dropped connection and lands once.
-        fault_server.arm(fail_point(closeConnection=True), {"times": 2})
-        ended = await store.finish_run(chat("ends"), "r1", [Pending(event=RunCompleted(), run_id="r1")])
-        assert [r async for r in store.read("ends")] == [ended]
+    # A run's end: the terminal record is re-sent after a dropped connection and lands once.
+    fault_server.arm(fail_point(closeConnection=True), {"times": 2})
+    ended = await store.finish_run(chat("ends"), "r1", [Pending(event=RunCompleted(), run_id="r1")])
+    assert [r async for r in store.read("ends")] == [ended]
 
-        # A read that loses its connection mid-way resumes after the last record it yielded.
-        long = await store.append(chat("long"), [said(f"r{i}") for i in range(300)], 0)
-        fault_server.arm(fail_point(failCommands=["getMore"], closeConnection=True), {"times": 1})
-        assert [r async for r in store.read("long")] == long
-        fault_server.arm(fail_point(failCommands=["find"], closeConnection=True), {"times": 1})
-        assert [r.seq async for r in store.read("long", after=100, limit=5)] == [101, 102, 103, 104, 105]
-        fault_server.arm(fail_point(failCommands=["getMore"], closeConnection=True), {"times": 1})
-        assert [r.seq async for r in store.read("long", limit=150)] == list(range(1, 151))
+    # A read that loses its connection mid-way resumes after the last record it yielded.
+    long = await store.append(chat("long"), [said(f"r{i}") for i in range(300)], 0)
+    fault_server.arm(fail_point(failCommands=["getMore"], closeConnection=True), {"times": 1})
+    assert [r async for r in store.read("long")] == long
+    fault_server.arm(fail_point(failCommands=["find"], closeConnection=True), {"times": 1})
+    assert [r.seq async for r in store.read("long", after=100, limit=5)] == [101, 102, 103, 104, 105]
+    fault_server.arm(fail_point(failCommands=["getMore"], closeConnection=True), {"times": 1})
+    assert [r.seq async for r in store.read("long", limit=150)] == list(range(1, 151))
 
-        # A permanent error is raised at once, not retried, and stores nothing.
-        fault_server.arm(fail_point(errorCode=2, errmsg="bad value"), {"times": 1})
-        with pytest.raises(OperationFailure) as refused:
-            await store.append(chat("permanent"), [said("x")], 0)
-        assert refused.value.code == 2
-        assert await store.last_seq("permanent") == 0
-        await store.append(chat("permanent"), [said("x")], 0)  # the fail point was used once
+    # A permanent error is raised at once, not retried, and stores nothing.
+    fault_server.arm(fail_point(errorCode=2, errmsg="bad value"), {"times": 1})
+    with pytest.raises(OperationFailure) as refused:
+        await store.append(chat("permanent"), [said("x")], 0)
+    assert refused.value.code == 2
+    assert await store.last_seq("permanent") == 0
+    await store.append(chat("permanent"), [said("x")], 0)  # the fail point was used once
 
-        # A database that keeps failing: the append gives up when its budget is spent, naming what.
-        spent = MongoEventStore(
-            client["retries"], RetryPolicy(budget_s=0.3, first_delay_s=0.05, max_delay_s=0.1)
-        )
-        down = fail_point(closeConnection=True)
-        with fault_server.failing(down, "alwaysOn"), pytest.raises(StorageUnavailable) as gave_up:
-            await spent.append(chat("down"), [said("x")], 0)
-        assert gave_up.value.what == "append to chat down"
-        ending = [Pending(event=RunCompleted(), run_id="r2")]
-        with fault_server.failing(down, "alwaysOn"), pytest.raises(StorageUnavailable) as gave_up_ending:
-            await spent.finish_run(chat("down"), "r2", ending)
-        assert gave_up_ending.value.what == "record the end of run r2"
-        reads_down = fail_point(failCommands=["find"], closeConnection=True)
-        with (
-            fault_server.failing(reads_down, "alwaysOn"),
-            pytest.raises(StorageUnavailable) as gave_up_reading,
-        ):
-            [r async for r in spent.read("long")]
-        assert gave_up_reading.value.what == "read chat long"
-        assert gave_up.value.tries >= 2  # it was retried (how often depends on reconnecting's speed)
-        assert str(gave_up.value).startswith(
-            f"append to chat down: the database failed {gave_up.value.tries} tries"
-        )
-        assert isinstance(gave_up.value.cause, AutoReconnect)
-        assert await store.last_seq("down") == 0
-    finally:
-        await client.close()
+    # A database that keeps failing: the append gives up when its budget is spent, naming what.
+    spent = MongoEventStore(fault_db, RetryPolicy(budget_s=0.3, first_delay_s=0.05, max_delay_s=0.1))
+    down = fail_point(closeConnection=True)
+    with fault_server.failing(down, "alwaysOn"), pytest.raises(StorageUnavailable) as gave_up:
+        await spent.append(chat("down"), [said("x")], 0)
+    assert gave_up.value.what == "append to chat down"
+    ending = [Pending(event=RunCompleted(), run_id="r2")]
+    with fault_server.failing(down, "alwaysOn"), pytest.raises(StorageUnavailable) as gave_up_ending:
+        await spent.finish_run(chat("down"), "r2", ending)
+    assert gave_up_ending.value.what == "record the end of run r2"
+    reads_down = fail_point(failCommands=["find"], closeConnection=True)
+    with (
+        fault_server.failing(reads_down, "alwaysOn"),
+        pytest.raises(StorageUnavailable) as gave_up_reading,
+    ):
+        [r async for r in spent.read("long")]
+    assert gave_up_reading.value.what == "read chat long"
+    assert gave_up.value.tries >= 2  # it was retried (how often depends on reconnecting's speed)
+    assert str(gave_up.value).startswith(
+        f"append to chat down: the database failed {gave_up.value.tries} tries"
+    )
+    assert isinstance(gave_up.value.cause, AutoReconnect)
+    assert await store.last_seq("down") == 0
 
 
 def test_which_database_errors_are_worth_sending_again() -> None:
@@ -667,27 +661,23 @@ async def test_tail_with_an_unusable_token_raises_history_lost(store: MongoEvent
 
 
 async def test_a_tail_whose_stream_fails_for_another_reason_raises_that_error_not_history_lost(
-    fault_server: FaultServer,
+    fault_server: FaultServer, fault_db: AsyncDatabase[Any]
 ) -> None:
     # HistoryLost sends the caller to catch up from the log; any other failure is the server's own error.
-    client: AsyncMongoClient[Any] = AsyncMongoClient(fault_server.server.uri, tz_aware=True)
-    store = MongoEventStore(client["tail_errors"])
-    try:
-        opened = asyncio.Event()
-        tail = store.tail(on_open=opened.set)
-        first = asyncio.ensure_future(anext(tail))
-        await asyncio.wait_for(opened.wait(), 10)
-        await store.append(chat("t"), [said("one")], 0)
-        token = (await asyncio.wait_for(first, 10)).token
-        await tail.aclose()
-        for resume_after in (None, token):
-            tail = store.tail(resume_after=resume_after)
-            failing = {"failCommands": ["getMore"], "errorCode": 2}
-            with fault_server.failing(failing, "alwaysOn"), pytest.raises(OperationFailure) as failed:
-                await asyncio.wait_for(anext(tail), 10)
-            assert not isinstance(failed.value, HistoryLost) and failed.value.code == 2, resume_after
-    finally:
-        await client.close()
+    store = MongoEventStore(fault_db)
+    opened = asyncio.Event()
+    tail = store.tail(on_open=opened.set)
+    first = asyncio.ensure_future(anext(tail))
+    await asyncio.wait_for(opened.wait(), 10)
+    await store.append(chat("t"), [said("one")], 0)
+    token = (await asyncio.wait_for(first, 10)).token
+    await tail.aclose()
+    for resume_after in (None, token):
+        tail = store.tail(resume_after=resume_after)
+        failing = {"failCommands": ["getMore"], "errorCode": 2}
+        with fault_server.failing(failing, "alwaysOn"), pytest.raises(OperationFailure) as failed:
+            await asyncio.wait_for(anext(tail), 10)
+        assert not isinstance(failed.value, HistoryLost) and failed.value.code == 2, resume_after
 
 
 async def test_tail_and_subscribe_see_only_new_records_and_the_tail_outlives_a_malformed_one(
