@@ -58,6 +58,15 @@ async def frames_until(ws: ClientConnection, last_seq: int, timeout: float = 30)
                 return got
 
 
+async def answer_heartbeats(ws: ClientConnection, beats: int, timeout: float) -> None:
+    """Read frames, answering each heartbeat with a pong, until `beats` heartbeats were answered."""
+    async with asyncio.timeout(timeout):
+        while beats:
+            if json.loads(await ws.recv())["type"] == "heartbeat":
+                beats -= 1
+                await ws.send(json.dumps({"type": "pong"}))
+
+
 def seqs(frames: list[dict[str, Any]]) -> list[int]:
     return [f["seq"] for f in frames if f["type"] == "event"]
 
@@ -222,13 +231,8 @@ async def test_a_stop_sent_over_the_socket_does_not_hold_up_its_reading(store, d
     node = await start_node(ws_heartbeat_s=0.5)
     async with connect(f"{node.ws_url}/ws/chats/held?after=1") as ws:
         await ws.send(json.dumps({"type": "chat.stop"}))
-        beats = 0
-        async with asyncio.timeout(20):
-            while beats < 5:  # 2.5 s, well past the 1 s silence limit (the stop would wait up to 10 s)
-                frame = json.loads(await ws.recv())
-                if frame["type"] == "heartbeat":
-                    beats += 1
-                    await ws.send(json.dumps({"type": "pong"}))
+        # 5 beats = 2.5 s, well past the 1 s silence limit (the stop would wait up to 10 s)
+        await answer_heartbeats(ws, 5, timeout=20)
     lease = await db["chat_leases"].find_one({"_id": "held"})
     assert lease is not None and lease["stop"] == {"by": "local"}
 
@@ -250,13 +254,7 @@ async def test_answering_heartbeats_keeps_the_socket_open(store, start_node) -> 
     node = await start_node(ws_heartbeat_s=0.5)
     await seed_chat(store, "hb2", 1)
     async with connect(f"{node.ws_url}/ws/chats/hb2?after=0") as ws:
-        beats = 0
-        async with asyncio.timeout(10):
-            while beats < 5:  # 5 beats = 2.5 s, well past the 1 s silence limit
-                frame = json.loads(await ws.recv())
-                if frame["type"] == "heartbeat":
-                    beats += 1
-                    await ws.send(json.dumps({"type": "pong"}))
+        await answer_heartbeats(ws, 5, timeout=10)  # 5 beats = 2.5 s, well past the 1 s silence limit
         await seed_chat(store, "hb2", 1)
         assert seqs(await frames_until(ws, 2)) == [2]
 
