@@ -50,6 +50,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     anchor_key: str | None = None
     max_concurrent_llm_calls: int = 256
     max_active_runs: int = 500
+    # MOZAIKS_RECORD_MODEL_IO: full (every call's exact request and response as parts), hashes, off.
+    record_model_io: str = "full"
     node_id: str = msgspec.field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
 
     @property
@@ -103,6 +105,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if enabled not in {"true", "false", "1", "0", "yes", "no"}:
             raise SettingsError(f"MOZAIKS_AI_ENABLED={enabled!r} must be true or false")
         prices = text("MOZAIKS_PRICES")
+        record_io = (text("MOZAIKS_RECORD_MODEL_IO") or "full").lower()
+        if record_io not in {"full", "hashes", "off"}:
+            raise SettingsError(f"MOZAIKS_RECORD_MODEL_IO={record_io!r} must be full, hashes or off")
         return cls(
             openai_api_key=text("OPENAI_API_KEY"),
             openai_model=text("OPENAI_MODEL") or "gpt-4o-mini",
@@ -130,4 +135,5 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             anchor_key=text("MOZAIKS_ANCHOR_KEY"),
             max_concurrent_llm_calls=int(number("MOZAIKS_MAX_CONCURRENT_LLM_CALLS", 256)),
             max_active_runs=int(number("MOZAIKS_MAX_ACTIVE_RUNS", 500)),
+            record_model_io=record_io,
         )

@@ -31,6 +31,7 @@ from app.database import open_database
 from app.http.agui import run_agent
 from app.http.analytics import SeriesController
 from app.http.audit import AuditController, anchor_key
+from app.http.model_io import ModelIoController
 from app.http.auth import BearerAuthMiddleware, token_from
 from app.http.controllers import (
     ChatController,
@@ -238,6 +239,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             ChatController,
             MetricsController,
             AuditController,
+            ModelIoController,
             SeriesController,
             HealthController,
             prometheus_metrics,

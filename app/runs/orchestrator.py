@@ -42,6 +42,7 @@ from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
 from domain.cancellation import raise_if_cancelling
 from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownChat
+from domain.model_io import PartStore
 from domain.events import (
     ChatCreated,
     InputReceived,
@@ -148,6 +149,8 @@ class Orchestrator:
         self.reports: OrderedDict[str, RunReport] = OrderedDict()
         self.sessions: dict[str, _RunSession] = {}
         self._openai: OpenAIBackend | None = None
+        # Model I/O parts (MOZAIKS_RECORD_MODEL_IO=full), stored before the llm.call that names them.
+        self.parts = PartStore(store.db, store.retry)
 
     def request_stop(self, run_id: str, by: str | None) -> bool:
         """Stop a run going on in this process; False when it is not running here.
@@ -396,12 +399,21 @@ class _RunSession:
         self.stop_by: str | None = None
         self.stop_logged = False
         self.ended_by_other: str | None = None
+        # Model I/O parts of the llm.call records not appended yet (hash -> canonical JSON).
+        self.parts: dict[str, bytes] = {}
+
+    async def store_parts(self) -> None:
+        """Store the model I/O parts of the calls about to be recorded (one insert of the new ones)."""
+        if self.parts:
+            parts, self.parts = self.parts, {}
+            await self.o.parts.put(parts)
 
     async def append(self, pendings: list[Pending]) -> None:
         """Record a burst of the run's events; past the retry budget the run ends as failed (storage)."""
         if not pendings:
             return
         try:
+            await self.store_parts()
             await self.o.store.append(self.stream, pendings, expected_seq=None)
         except StorageUnavailable as exc:
             failed = self.terminal(RunFailed(error=str(exc), reason="storage"))
@@ -414,6 +426,7 @@ class _RunSession:
         stands and is returned. Past the retry budget, the lease holder keeps trying (RunNotRecorded).
         """
         try:
+            await self.store_parts()
             record = await self.o.store.finish_run(self.stream, self.run_id, pendings)
         except StorageUnavailable as exc:
             raise RunNotRecorded(pendings, exc) from exc
@@ -447,7 +460,9 @@ class _RunSession:
             first_delay_s=settings.llm_backoff_s,
             max_delay_s=settings.llm_backoff_max_s,
         )
-        ledger = Ledger(backend, report=emit, text=stream_text, policy=policy)
+        ledger = Ledger(
+            backend, report=emit, text=stream_text, policy=policy, record_io=settings.record_model_io  # type: ignore[arg-type]
+        )
         context = ContextVariables(data=initial_context(self.workflow, self.history))
         user_agent = next((a.name for a in self.workflow.agents if a.type == "user"), None)
         mapper = RunMapper(
@@ -561,6 +576,8 @@ class _RunSession:
                 pendings.append(mapper.map_context(item))
                 self.report.runtime_events += 1
             elif isinstance(item, LlmCallNote):
+                if item.parts is not None:
+                    self.parts.update(item.parts.bodies)
                 pendings.append(mapper.map_note(item))
                 self.report.runtime_events += 1
                 self.report.llm_calls += 1

@@ -1,0 +1,75 @@
+"""`GET /api/chats/{chat_id}/calls/{seq}`: one model call's exact request and response (model I/O).
+
+The same access rules as the chat's events: the chat's user (visible records) and auditors of its app.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, get
+from litestar.exceptions import NotFoundException
+
+from app.http.auth import Principal
+from app.http.controllers import owned_chat
+from app.http.errors import error_responses
+from app.http.views import View
+from app.runs.orchestrator import Orchestrator
+from domain.model_io import read_call
+from domain.store import MongoEventStore
+
+
+class ModelCall(View, frozen=True, kw_only=True):
+    """One `llm.call` with its exact request and response, reassembled from the stored parts.
+
+    `io` says what was kept: "full" (request and response below), "hashes" (only the hashes),
+    "off" (neither). `missing` lists parts the record names that are not stored.
+    """
+
+    chat_id: str
+    seq: int
+    agent: str | None
+    model: str
+    status: str
+    io: str
+    request_parts: list[str]
+    response_part: str | None
+    request: dict[str, Any] | None
+    response: dict[str, Any] | None
+    missing: list[str] = []
+
+
+class ModelIoController(Controller):
+    """Model calls of a chat, as sent and as answered."""
+
+    path = "/api/chats"
+
+    @get("/{chat_id:str}/calls/{seq:int}", responses=error_responses(401, 403, 404))
+    async def call(
+        self,
+        request: Request[Principal, Any, Any],
+        chat_id: str,
+        seq: int,
+        store: MongoEventStore,
+        orchestrator: Orchestrator,
+    ) -> ModelCall:
+        """The `llm.call` at `seq` with the exact request the model got and the response it gave."""
+        await owned_chat(store, request.user, chat_id)
+        record = await anext(store.read(chat_id, after=seq - 1, limit=1), None) if seq >= 1 else None
+        hidden = record is not None and not record.visible and "auditor" not in request.user.roles
+        if record is None or record.type != "llm.call" or hidden:
+            raise NotFoundException(f"chat {chat_id} has no model call at seq {seq}")
+        io = await read_call(orchestrator.parts, record.data)
+        return ModelCall(
+            chat_id=chat_id,
+            seq=seq,
+            agent=record.agent,
+            model=str(record.data.get("model", "")),
+            status=str(record.data.get("status", "ok")),
+            io=io.io,
+            request_parts=list(record.data.get("request") or []),
+            response_part=record.data.get("response"),
+            request=io.request,
+            response=io.response,
+            missing=io.missing,
+        )
