@@ -15,7 +15,7 @@ import difflib
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, Final, Literal
 
 import msgspec
@@ -239,3 +239,26 @@ async def read_call(parts: PartStore, data: Mapping[str, Any]) -> CallIO:
     answer = data.get("response")
     response = found.get(answer) if answer else None
     return CallIO(io=io, request=request, response=response, missing=missing)
+
+
+async def check_calls(parts: PartStore, calls: Iterable[tuple[int, Mapping[str, Any]]]) -> tuple[int, str] | None:
+    """The first `llm.call` (seq, problem) whose stored parts are missing or do not match their hashes.
+
+    Only calls recorded "full" keep parts; "hashes" and "off" calls have nothing stored to check.
+    """
+    full = [(seq, call_hashes(data)) for seq, data in calls if data.get("io") == "full"]
+    stored = await parts.get(h for _, hashes in full for h in hashes)
+    for seq, hashes in full:
+        for hash_ in hashes:
+            body = stored.get(hash_)
+            problem = f"model I/O part {hash_[:12]}… is missing" if body is None else bad_part(hash_, body)
+            if problem is not None:
+                return seq, problem
+    return None
+
+
+async def scan_parts(parts: PartStore) -> AsyncIterator[tuple[str, bytes, str | None]]:
+    """Every stored part: (hash, canonical JSON, what is wrong with it or None)."""
+    async for doc in parts.collection.find({}, batch_size=2000):
+        hash_, body = str(doc["_id"]), str(doc.get("body", "")).encode()
+        yield hash_, body, bad_part(hash_, body)

@@ -19,8 +19,9 @@ from app.runs.orchestrator import Orchestrator
 from app.runs.workflows import WorkflowManager
 from app.settings import Settings
 from domain.events import MessageUser, Pending, StreamRef
-from domain.model_io import PARTS_COLLECTION, canonical
+from domain.model_io import PARTS_COLLECTION, call_hashes, canonical
 from domain.store import MongoEventStore
+from tests.cli import invoke
 from tests.llm_server import Reply, StreamingModel, ToolCall, solo_workflow
 
 SECRET = "test-secret-of-at-least-thirty-two-bytes!"
@@ -54,6 +55,27 @@ def model() -> Iterator[StreamingModel]:
     server.close()
 
 
+@pytest.fixture
+def env(mongo_uri: str, db_name: str, workflows: Path, model: StreamingModel) -> dict[str, str]:
+    """The CLI's environment: the test database, the workflows, the local model server."""
+    return {
+        "DATABASE_URI": mongo_uri,
+        "MOZAIKS_DB": db_name,
+        "MOZAIKS_AUTH_SECRET": SECRET,
+        "MOZAIKS_WORKFLOWS_PATH": str(workflows),
+        "OPENAI_BASE_URL": model.base_url,
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_MODEL": "test-model",
+        "MOZAIKS_LLM_ATTEMPTS": "1",
+    }
+
+
+def audit(*args: str, env: dict[str, str]) -> Any:
+    from app.cli.audit import audit_group
+
+    return invoke(audit_group, *args, env=env)
+
+
 def online(model: StreamingModel, workflows: Path, **fields: Any) -> Settings:
     return Settings(
         openai_api_key="sk-test",
@@ -76,7 +98,7 @@ async def converse(orchestrator: Orchestrator, store: MongoEventStore, questions
 
 
 async def test_every_call_is_recorded_exactly_and_stored_once(
-    store: MongoEventStore, db: Any, workflows: Path, model: StreamingModel, start_node: Any
+    store: MongoEventStore, db: Any, workflows: Path, model: StreamingModel, start_node: Any, env: dict[str, str]
 ) -> None:
     settings = online(model, workflows)
     orchestrator = Orchestrator(store, WorkflowManager(workflows), settings)
@@ -122,6 +144,19 @@ async def test_every_call_is_recorded_exactly_and_stored_once(
         assert (unknown.status_code, unknown.json()["error"]) == (404, "unknown_chat")
         verified = (await http.get(f"/api/chats/{stream.chat_id}/verify", headers=owner)).json()
         assert verified["ok"] is True
+
+        exported = audit("export", "--chat", stream.chat_id, "--with-model-io", env=env)
+        lines = [json.loads(line) for line in exported.stdout.splitlines()]
+        shipped = {line["model_io_part"]: line["body"] for line in lines if "model_io_part" in line}
+        assert exported.returncode == 0 and set(shipped) == {h for c in calls for h in call_hashes(c.data)}
+
+        # A part changed in the database is reported like a broken link, at the first call naming it.
+        tampered = calls[-1].data["response"]
+        await db[PARTS_COLLECTION].update_one({"_id": tampered}, {"$set": {"body": '{"forged":true}'}})
+        verified = (await http.get(f"/api/chats/{stream.chat_id}/verify", headers=owner)).json()
+        assert (verified["ok"], verified["broken_seq"]) == (False, last.seq)
+        assert "does not match its hash" in verified["detail"]
+        assert audit("verify", env=env).returncode == 1
 
 
 @pytest.mark.parametrize("mode", ["hashes", "off"])
