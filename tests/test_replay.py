@@ -6,6 +6,7 @@ Chats are recorded online (the real `openai` SDK against `tests/llm_server.py`),
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,3 +176,71 @@ async def test_hashes_mode_keeps_no_content_and_off_keeps_neither(
         assert calls[0].data["request"] == split_request(model.requests[0])[0]
     else:
         assert all(not c.data["request"] and c.data["response"] is None for c in calls)
+
+
+def replay_cli(*args: str, env: dict[str, str]) -> Any:
+    from app.cli import main
+
+    return invoke(main, *args, env=env)
+
+
+def conversation(records: list[Any]) -> list[tuple[str, str | None, str]]:
+    """What a replay must reproduce: messages, tool calls (with arguments) and tool results, in order."""
+    kept = {
+        "message.user": "content",
+        "message.agent": "content",
+        "tool.called": "arguments",
+        "tool.result": "content",
+        "input.received": "text",
+    }
+    return [
+        (r.type, r.agent, f"{r.data.get('tool', '')}|{r.data.get('call_id', '')}|{r.data[kept[r.type]]}")
+        for r in records
+        if r.type in kept
+    ]
+
+
+def new_chat(output: str) -> str:
+    return output.split("new chat ")[1].split()[0]
+
+
+async def test_a_recorded_replay_equals_its_original_and_a_changed_prompt_diverges(
+    store: MongoEventStore, workflows: Path, model: StreamingModel, env: dict[str, str], tmp_path: Path
+) -> None:
+    orchestrator = Orchestrator(store, WorkflowManager(workflows), online(model, workflows))
+    original = await converse(orchestrator, store, QUESTIONS[:2])
+    sent = len(model.requests)
+
+    # Recorded: no model call reaches the server, and the conversation is the original's, byte for byte.
+    done = replay_cli("replay", original.chat_id, env={**env, "OPENAI_BASE_URL": "", "OPENAI_API_KEY": ""})
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "turn 1/2: run.completed" in done.stdout and "turn 2/2: run.completed" in done.stdout
+    assert "no divergence" in done.stdout and len(model.requests) == sent
+    copy = new_chat(done.stdout)
+    first = [r async for r in store.read(original.chat_id)]
+    again = [r async for r in store.read(copy)]
+    assert conversation(again) == conversation(first)
+    assert again[0].data["replay_of"] == {"chat_id": original.chat_id, "model": "recorded"}
+    same = replay_cli("diff", original.chat_id, copy, env=env)
+    assert same.returncode == 0 and same.stdout.startswith("same: 0 of 6 turns changed"), same.stdout
+
+    # A copy of the workflow with a changed prompt: the first call diverges at its system message.
+    changed = tmp_path / "changed"
+    shutil.copytree(workflows, changed)
+    (changed / "Solo" / "prompts" / "writer.md").write_text(PROMPT + " Answer in French.")
+    live = replay_cli("replay", original.chat_id, "--workflows", str(changed), env=env)
+    assert live.returncode == 0, live.stderr + live.stdout
+    first_call = next(r for r in first if r.type == "llm.call")
+    assert f"first diverging call: seq {first_call.seq}, agent Writer, message 0 (system) differs" in live.stdout
+    assert "+You are the Writer. Count words with text_statistics. Answer in French." in live.stdout
+    assert len(model.requests) > sent  # --on-diverge live (the default) asked the model server
+    diverged = new_chat(live.stdout)
+    different = replay_cli("diff", original.chat_id, diverged, "--format", "json", env=env)
+    assert different.returncode == 1
+    body = json.loads(different.stdout)
+    assert body["same"] is False and body["summary"]["turns_changed"] >= 1
+    assert any("text" in t["changed"] or "tool_calls" in t["changed"] for t in body["turns"])
+
+    stopped = replay_cli("replay", original.chat_id, "--workflows", str(changed), "--on-diverge", "stop", env=env)
+    assert stopped.returncode == 1 and "turn 1/2: run.failed" in stopped.stdout
+    assert "agent Writer, message 0 (system) differs" in stopped.stdout
