@@ -19,7 +19,7 @@ from app.http.auth import issue_token
 from app.runs.orchestrator import Orchestrator
 from app.runs.workflows import WorkflowManager
 from app.settings import Settings
-from domain.events import MessageUser, Pending, StreamRef
+from domain.events import ChatCreated, MessageUser, Pending, StreamRef
 from domain.model_io import PARTS_COLLECTION, call_hashes, canonical
 from domain.store import MongoEventStore
 from tests.cli import invoke
@@ -244,3 +244,64 @@ async def test_a_recorded_replay_equals_its_original_and_a_changed_prompt_diverg
     stopped = replay_cli("replay", original.chat_id, "--workflows", str(changed), "--on-diverge", "stop", env=env)
     assert stopped.returncode == 1 and "turn 1/2: run.failed" in stopped.stdout
     assert "agent Writer, message 0 (system) differs" in stopped.stdout
+
+
+def said(records: list[Any]) -> list[tuple[str, str | None, str]]:
+    """The visible messages of a chat, as its user saw them."""
+    return [
+        (r.type, r.agent, r.data["content"])
+        for r in records
+        if r.visible and r.type in ("message.user", "message.agent")
+    ]
+
+
+async def test_fixtures_from_a_chat_run_offline_and_bad_input_is_refused_writing_nothing(
+    store: MongoEventStore,
+    db: Any,
+    workflows: Path,
+    model: StreamingModel,
+    env: dict[str, str],
+    tmp_path: Path,
+    start_node: Any,
+) -> None:
+    orchestrator = Orchestrator(store, WorkflowManager(workflows), online(model, workflows))
+    original = await converse(orchestrator, store, QUESTIONS[:2])
+    first = [r async for r in store.read(original.chat_id)]
+
+    copy = tmp_path / "offline"
+    shutil.copytree(workflows, copy)
+    exported = replay_cli("fixtures", "export", original.chat_id, "--to", str(copy / "Solo"), env=env)
+    assert exported.returncode == 0 and "Writer.json (4 replies)" in exported.stdout, exported.stderr
+    offline = Orchestrator(store, WorkflowManager(copy), Settings(workflows_path=copy))
+    assert offline.settings.offline
+    again = await converse(offline, store, QUESTIONS[:2])
+    assert said([r async for r in store.read(again.chat_id)]) == said(first)
+
+    # Bad input: each refusal names its code, and nothing is written.
+    other_app = StreamRef(chat_id="of-app-q", app_id="Q", user_id="u", workflow="Solo")
+    await store.append(other_app, [Pending(event=ChatCreated())], expected_seq=0)
+    broken = tmp_path / "broken"
+    shutil.copytree(workflows, broken)
+    (broken / "Solo" / "agents.json").write_text('{"agents": [{"name": "Writer", "tools": 3}]}')
+    before = await db["events"].count_documents({})
+    stranger = issue_token(SECRET, "v", "P", ["user"])
+    owner = issue_token(SECRET, "u", "P", ["user"])
+    refusals = {
+        "unknown_chat": ("replay", "no-such-chat"),
+        "forbidden": ("replay", original.chat_id, "--token", stranger),
+        "bad_request": ("replay", original.chat_id, "--workflows", str(broken)),
+    }
+    for code, args in refusals.items():
+        refused = replay_cli(*args, env=env)
+        assert refused.returncode == 2 and f"[{code}]" in refused.stderr, (code, refused.stderr)
+    across = replay_cli("diff", original.chat_id, other_app.chat_id, "--token", owner, env=env)
+    assert across.returncode == 2 and "[forbidden]" in across.stderr and "of-app-q" in across.stderr
+    assert await db["events"].count_documents({}) == before
+
+    node = await start_node(auth_secret=SECRET, workflows_path=workflows)
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        mine = {"Authorization": f"Bearer {owner}"}
+        compared = await http.get(f"/api/chats/{original.chat_id}/diff/{again.chat_id}", headers=mine)
+        assert compared.status_code == 200 and compared.json()["summary"]["turns_a"] == 6
+        refused = await http.get(f"/api/chats/{original.chat_id}/diff/{other_app.chat_id}", headers=mine)
+        assert (refused.status_code, refused.json()["error"]) == (403, "forbidden")

@@ -32,6 +32,7 @@ from app.http.agui import run_agent
 from app.http.analytics import SeriesController
 from app.http.audit import AuditController, anchor_key
 from app.http.model_io import ModelIoController
+from app.http.replay import ReplayController
 from app.http.auth import BearerAuthMiddleware, token_from
 from app.http.controllers import (
     ChatController,
@@ -240,6 +241,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             MetricsController,
             AuditController,
             ModelIoController,
+            ReplayController,
             SeriesController,
             HealthController,
             prometheus_metrics,
