@@ -33,7 +33,6 @@ _DUPLICATE_KEY: Final = 11000
 _KNOWN_KEPT: Final = 200_000
 
 
-
 def _plain(value: Any) -> Any:
     """JSON form of an object in a request that is not plain data (a pydantic model, as the SDK sends it)."""
     dump = getattr(value, "model_dump", None)
@@ -135,7 +134,9 @@ def request_diff(expected: Sequence[str], got: Sequence[str], parts: Mapping[str
         b = got[index] if index < len(got) else None
         if a == b:
             continue
-        label = labels[index] if index < 2 else _message_label(index - 2, parts.get(b or "", parts.get(a or "")))
+        label = (
+            labels[index] if index < 2 else _message_label(index - 2, parts.get(b or "", parts.get(a or "")))
+        )
         lines = difflib.unified_diff(
             _text(parts.get(a or "")) if a else [],
             _text(parts.get(b or "")) if b else [],
@@ -154,8 +155,12 @@ def _message_label(index: int, message: Any) -> str:
 
 def _text(value: Any) -> list[str]:
     """A part as lines to diff: a message's text content as is, anything else as indented JSON."""
-    if isinstance(value, dict) and isinstance(value.get("content"), str) and set(value) <= {"role", "content", "name"}:
-        return value["content"].splitlines()
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("content"), str)
+        and set(value) <= {"role", "content", "name"}
+    ):
+        return str(value["content"]).splitlines()
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False).splitlines()
 
 
@@ -168,7 +173,9 @@ class PartStore:
 
     def __init__(self, db: AsyncDatabase[Any], retry: RetryPolicy | None = None) -> None:
         # Durable like the log: a part is on disk before the record naming it is appended.
-        self.collection = db.get_collection(PARTS_COLLECTION, write_concern=WriteConcern(w="majority", j=True))
+        self.collection = db.get_collection(
+            PARTS_COLLECTION, write_concern=WriteConcern(w="majority", j=True)
+        )
         self.retry = retry or RetryPolicy()
         self.known: OrderedDict[str, None] = OrderedDict()
         self.inserts = 0
@@ -241,7 +248,9 @@ async def read_call(parts: PartStore, data: Mapping[str, Any]) -> CallIO:
     return CallIO(io=io, request=request, response=response, missing=missing)
 
 
-async def check_calls(parts: PartStore, calls: Iterable[tuple[int, Mapping[str, Any]]]) -> tuple[int, str] | None:
+async def check_calls(
+    parts: PartStore, calls: Iterable[tuple[int, Mapping[str, Any]]]
+) -> tuple[int, str] | None:
     """The first `llm.call` (seq, problem) whose stored parts are missing or do not match their hashes.
 
     Only calls recorded "full" keep parts; "hashes" and "off" calls have nothing stored to check.

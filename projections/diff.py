@@ -168,7 +168,9 @@ def as_text(result: ChatDiff) -> str:
             if name in pair.changed:
                 lines.append(f"  {name}: {getattr(pair.a, name, None)} -> {getattr(pair.b, name, None)}")
         if "tokens" in pair.changed:
-            lines.append(f"  tokens: {pair.a.tokens if pair.a else None} -> {pair.b.tokens if pair.b else None}")
+            lines.append(
+                f"  tokens: {pair.a.tokens if pair.a else None} -> {pair.b.tokens if pair.b else None}"
+            )
     s = result.summary
     lines.append(
         f"{'same' if result.same else 'DIFFERENT'}: {s.turns_changed} of {max(s.turns_a, s.turns_b)} turns changed · "

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import msgspec
 import pytest
 
 from app.http.auth import issue_token
@@ -44,9 +43,7 @@ def script() -> list[Reply]:
 
 @pytest.fixture
 def workflows(tmp_path: Path) -> Path:
-    return solo_workflow(
-        tmp_path, tool="text_statistics:tools.text_stats:text_statistics", prompt=PROMPT
-    )
+    return solo_workflow(tmp_path, tool="text_statistics:tools.text_stats:text_statistics", prompt=PROMPT)
 
 
 @pytest.fixture
@@ -99,7 +96,12 @@ async def converse(orchestrator: Orchestrator, store: MongoEventStore, questions
 
 
 async def test_every_call_is_recorded_exactly_and_stored_once(
-    store: MongoEventStore, db: Any, workflows: Path, model: StreamingModel, start_node: Any, env: dict[str, str]
+    store: MongoEventStore,
+    db: Any,
+    workflows: Path,
+    model: StreamingModel,
+    start_node: Any,
+    env: dict[str, str],
 ) -> None:
     settings = online(model, workflows)
     orchestrator = Orchestrator(store, WorkflowManager(workflows), settings)
@@ -119,7 +121,9 @@ async def test_every_call_is_recorded_exactly_and_stored_once(
     responses = {c.data["response"] for c in calls}
     stored = sum(len(p["body"].encode()) for p in parts if p["_id"] not in responses)
     naive = sum(len(json.dumps(body).encode()) for body in model.requests)
-    print(f"\nmodel I/O: {stored:,} B of request parts, distinct {distinct_bytes:,} B, naive copy {naive:,} B")
+    print(
+        f"\nmodel I/O: {stored:,} B of request parts, distinct {distinct_bytes:,} B, naive copy {naive:,} B"
+    )
     assert stored <= 1.5 * distinct_bytes
 
     node = await start_node(auth_secret=SECRET, workflows_path=workflows)
@@ -164,7 +168,9 @@ async def test_every_call_is_recorded_exactly_and_stored_once(
 async def test_hashes_mode_keeps_no_content_and_off_keeps_neither(
     mode: str, store: MongoEventStore, db: Any, workflows: Path, model: StreamingModel
 ) -> None:
-    orchestrator = Orchestrator(store, WorkflowManager(workflows), online(model, workflows, record_model_io=mode))
+    orchestrator = Orchestrator(
+        store, WorkflowManager(workflows), online(model, workflows, record_model_io=mode)
+    )
     stream = await converse(orchestrator, store, QUESTIONS[:1])
     calls = [r async for r in store.find(stream.chat_id, types=["llm.call"])]
     assert len(calls) == 2 and all(c.data["io"] == mode for c in calls)
@@ -231,7 +237,9 @@ async def test_a_recorded_replay_equals_its_original_and_a_changed_prompt_diverg
     live = replay_cli("replay", original.chat_id, "--workflows", str(changed), env=env)
     assert live.returncode == 0, live.stderr + live.stdout
     first_call = next(r for r in first if r.type == "llm.call")
-    assert f"first diverging call: seq {first_call.seq}, agent Writer, message 0 (system) differs" in live.stdout
+    assert (
+        f"first diverging call: seq {first_call.seq}, agent Writer, message 0 (system) differs" in live.stdout
+    )
     assert "+You are the Writer. Count words with text_statistics. Answer in French." in live.stdout
     assert len(model.requests) > sent  # --on-diverge live (the default) asked the model server
     diverged = new_chat(live.stdout)
@@ -241,7 +249,9 @@ async def test_a_recorded_replay_equals_its_original_and_a_changed_prompt_diverg
     assert body["same"] is False and body["summary"]["turns_changed"] >= 1
     assert any("text" in t["changed"] or "tool_calls" in t["changed"] for t in body["turns"])
 
-    stopped = replay_cli("replay", original.chat_id, "--workflows", str(changed), "--on-diverge", "stop", env=env)
+    stopped = replay_cli(
+        "replay", original.chat_id, "--workflows", str(changed), "--on-diverge", "stop", env=env
+    )
     assert stopped.returncode == 1 and "turn 1/2: run.failed" in stopped.stdout
     assert "agent Writer, message 0 (system) differs" in stopped.stdout
 

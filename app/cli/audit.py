@@ -226,7 +226,9 @@ async def _verify(
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
             if app_id is None:  # parts are shared by content across apps: checked on a whole-log verify
-                result.part_problems = [p async for _, _, p in scan_parts(PartStore(store.db)) if p is not None]
+                result.part_problems = [
+                    p async for _, _, p in scan_parts(PartStore(store.db)) if p is not None
+                ]
         report(result, console, "the log" + (f" against {anchors_file}" if anchors_file else ""))
         return 0 if result.ok else 1
 

@@ -85,14 +85,32 @@ async def readable(store: MongoEventStore, principal: Principal | None, chat_id:
 
 @click.command("replay")
 @click.argument("chat_id")
-@click.option("--workflows", "workflows_dir", type=click.Path(path_type=Path), default=None,
-              help="replay on the workflows of this folder (a changed copy); default MOZAIKS_WORKFLOWS_PATH")
-@click.option("--model", "model", type=click.Choice(["recorded", "live"]), default="recorded", show_default=True,
-              help="answer model calls from the recording, or call the configured model")
-@click.option("--on-diverge", type=click.Choice(ON_DIVERGE), default="live", show_default=True,
-              help="what a call whose request is not in the recording gets")
+@click.option(
+    "--workflows",
+    "workflows_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="replay on the workflows of this folder (a changed copy); default MOZAIKS_WORKFLOWS_PATH",
+)
+@click.option(
+    "--model",
+    "model",
+    type=click.Choice(["recorded", "live"]),
+    default="recorded",
+    show_default=True,
+    help="answer model calls from the recording, or call the configured model",
+)
+@click.option(
+    "--on-diverge",
+    type=click.Choice(ON_DIVERGE),
+    default="live",
+    show_default=True,
+    help="what a call whose request is not in the recording gets",
+)
 @_token_option
-def replay_command(chat_id: str, workflows_dir: Path | None, model: str, on_diverge: str, token: str | None) -> None:
+def replay_command(
+    chat_id: str, workflows_dir: Path | None, model: str, on_diverge: str, token: str | None
+) -> None:
     """Run chat CHAT_ID again into a new chat (`chat.created.replay_of`), turn by turn."""
 
     async def main(settings: Settings) -> int:
@@ -148,8 +166,13 @@ def fixtures_group() -> None:
 
 @fixtures_group.command("export")
 @click.argument("chat_id")
-@click.option("--to", "folder", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="the workflow folder: files go to DIR/fixtures/<Agent>.json")
+@click.option(
+    "--to",
+    "folder",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="the workflow folder: files go to DIR/fixtures/<Agent>.json",
+)
 @_token_option
 def fixtures_export_command(chat_id: str, folder: Path, token: str | None) -> None:
     """Write the offline fixtures of CHAT_ID's workflow from its recorded model calls."""
@@ -187,7 +210,9 @@ async def recorded_scripts(store: MongoEventStore, records: list[Record]) -> dic
             )
         message = io.response["choices"][0]["message"]
         calls = [
-            ScriptedToolCall(name=c["function"]["name"], arguments=json.loads(c["function"]["arguments"] or "{}"))
+            ScriptedToolCall(
+                name=c["function"]["name"], arguments=json.loads(c["function"]["arguments"] or "{}")
+            )
             for c in message.get("tool_calls") or []
         ]
         usage = io.response.get("usage") or {}

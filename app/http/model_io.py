@@ -36,7 +36,7 @@ class ModelCall(View, frozen=True, kw_only=True):
     response_part: str | None
     request: dict[str, Any] | None
     response: dict[str, Any] | None
-    missing: list[str] = []
+    missing: list[str]
 
 
 class ModelIoController(Controller):

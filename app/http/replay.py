@@ -26,7 +26,12 @@ class ReplayController(Controller):
 
     @get("/{chat_a:str}/diff/{chat_b:str}", responses=error_responses(401, 403, 404))
     async def diff(
-        self, request: Request[Principal, Any, Any], chat_a: str, chat_b: str, store: MongoEventStore, settings: Settings
+        self,
+        request: Request[Principal, Any, Any],
+        chat_a: str,
+        chat_b: str,
+        store: MongoEventStore,
+        settings: Settings,
     ) -> ChatDiff:
         """Chats `chat_a` and `chat_b` aligned turn by turn (agent, text diff, tool calls and results,
         tokens, cost, latency) with a summary; `same` is false when any turn changed."""

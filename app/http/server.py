@@ -31,8 +31,6 @@ from app.database import open_database
 from app.http.agui import run_agent
 from app.http.analytics import SeriesController
 from app.http.audit import AuditController, anchor_key
-from app.http.model_io import ModelIoController
-from app.http.replay import ReplayController
 from app.http.auth import BearerAuthMiddleware, token_from
 from app.http.controllers import (
     ChatController,
@@ -43,6 +41,8 @@ from app.http.controllers import (
     prometheus_metrics,
 )
 from app.http.errors import EXCEPTION_HANDLERS
+from app.http.model_io import ModelIoController
+from app.http.replay import ReplayController
 from app.http.transport import chat_socket
 from app.hub import LiveHub
 from app.observability import watch_projection_lag, watch_runs

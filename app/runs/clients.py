@@ -240,9 +240,7 @@ class OpenAIBackend:
         stream = stream or TextStream(agent)
         stream.begin()
         assembly = Assembly()
-        with self.client.chat.completions.with_streaming_response.create(
-            **self.request(params)
-        ) as response:
+        with self.client.chat.completions.with_streaming_response.create(**self.request(params)) as response:
             for event in EventSource(response.http_response).iter_sse():
                 if event.data.startswith("[DONE]"):
                     break

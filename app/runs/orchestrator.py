@@ -42,7 +42,6 @@ from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
 from domain.cancellation import raise_if_cancelling
 from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownChat
-from domain.model_io import PartStore
 from domain.events import (
     ChatCreated,
     InputReceived,
@@ -56,6 +55,7 @@ from domain.events import (
     StreamRef,
     new_id,
 )
+from domain.model_io import PartStore
 from domain.store import MongoEventStore
 
 log = structlog.get_logger("mozaiks.orchestration")
@@ -461,7 +461,11 @@ class _RunSession:
             max_delay_s=settings.llm_backoff_max_s,
         )
         ledger = Ledger(
-            backend, report=emit, text=stream_text, policy=policy, record_io=settings.record_model_io  # type: ignore[arg-type]
+            backend,
+            report=emit,
+            text=stream_text,
+            policy=policy,
+            record_io=settings.record_model_io,  # type: ignore[arg-type]
         )
         context = ContextVariables(data=initial_context(self.workflow, self.history))
         user_agent = next((a.name for a in self.workflow.agents if a.type == "user"), None)

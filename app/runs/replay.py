@@ -22,7 +22,7 @@ from typing import Any, Final, Literal
 import msgspec
 from openai.types.chat import ChatCompletion
 
-from app.runs.clients import Backend, OpenAIBackend, TextStream, request_body
+from app.runs.clients import Backend, TextStream, request_body
 from app.runs.orchestrator import Orchestrator
 from app.runs.workflows import Tool, Workflow, WorkflowManager
 from app.settings import Settings
@@ -59,7 +59,9 @@ class ReplayStopped(MozaiksError):
 class Divergence(msgspec.Struct, frozen=True, kw_only=True):
     """The first model call whose request is not in the recording."""
 
-    seq: int | None  # the recorded llm.call it stands for (None: the recording had no more calls of the agent)
+    seq: (
+        int | None
+    )  # the recorded llm.call it stands for (None: the recording had no more calls of the agent)
     agent: str
     what: str  # "parameters", "tools", "message 0 (system)", …
     diff: str
@@ -151,7 +153,9 @@ class RecordedBackend:
         """The request as the recording's backend sent it (so hashes compare)."""
         return request_body(params, streamed=self.streamed)
 
-    def complete(self, agent: str, params: dict[str, Any], stream: TextStream | None = None) -> ChatCompletion:
+    def complete(
+        self, agent: str, params: dict[str, Any], stream: TextStream | None = None
+    ) -> ChatCompletion:
         """The recorded answer to this exact request; else diverge per `on_diverge`."""
         hashes, bodies = split_request(self.request(params))
         with self._lock:
@@ -224,7 +228,9 @@ def recorded_tools(workflow: Workflow, history: list[Record]) -> Workflow:
 class _Replaying(Orchestrator):
     """An orchestrator whose runs take their model answers from one backend (the replay's)."""
 
-    def __init__(self, store: MongoEventStore, workflows: WorkflowManager, settings: Settings, backend: Backend) -> None:
+    def __init__(
+        self, store: MongoEventStore, workflows: WorkflowManager, settings: Settings, backend: Backend
+    ) -> None:
         super().__init__(store, workflows, settings)
         self.replay_backend = backend
 
@@ -271,7 +277,9 @@ def turns_of(history: list[Record]) -> list[Turn]:
 async def load_recording(orchestrator: Orchestrator, history: list[Record]) -> Recording:
     """The answered calls of a chat with their parts (calls recorded without content cannot be replayed)."""
     wanted = [r for r in history if r.type == "llm.call" and r.data.get("status", "ok") == "ok"]
-    hashes = [h for r in wanted if r.data.get("io") == "full" for h in (*r.data["request"], r.data["response"])]
+    hashes = [
+        h for r in wanted if r.data.get("io") == "full" for h in (*r.data["request"], r.data["response"])
+    ]
     parts = await orchestrator.parts.values(hashes)
     calls = []
     for record in wanted:
@@ -297,7 +305,10 @@ def replay_workflow(workflows: WorkflowManager, name: str) -> Workflow:
     """The workflow to replay on; ReplayRefused when the folder does not hold a valid one of that name."""
     problems = [e for e in workflows.errors if e.workflow in (name, workflows.path.name, str(workflows.path))]
     if problems or name not in workflows.workflows:
-        detail = "; ".join(str(p) for p in problems) or f"no workflow {name!r} (loaded: {', '.join(workflows.names()) or 'none'})"
+        detail = (
+            "; ".join(str(p) for p in problems)
+            or f"no workflow {name!r} (loaded: {', '.join(workflows.names()) or 'none'})"
+        )
         code = "bad_request" if problems else "unknown_workflow"
         raise ReplayRefused(code, f"cannot replay on the workflows under {workflows.path}: {detail}")
     return workflows.workflows[name]
@@ -326,9 +337,10 @@ async def replay(
     started = next((r for r in history if r.type == "run.started"), None)
     original_online = started is not None and not started.data.get("offline", False)
     model_name = (started.data.get("model") if started is not None else None) or settings.openai_model
-    if model == "live" or on_diverge == "live":
-        if settings.offline and model == "live":
-            raise ReplayRefused("bad_request", "--model live needs a model: set OPENAI_BASE_URL or OPENAI_API_KEY")
+    if settings.offline and model == "live":
+        raise ReplayRefused(
+            "bad_request", "--model live needs a model: set OPENAI_BASE_URL or OPENAI_API_KEY"
+        )
     settings = msgspec.structs.replace(settings, openai_model=model_name)
     report = ReplayReport(original=chat_id, chat_id=new_id(), model=model)
     probe = Orchestrator(store, workflows, settings)
@@ -399,12 +411,16 @@ class _Counted:
         body = getattr(self.inner, "request", None)
         return body(params) if callable(body) else request_body(params, streamed=False)
 
-    def complete(self, agent: str, params: dict[str, Any], stream: TextStream | None = None) -> ChatCompletion:
+    def complete(
+        self, agent: str, params: dict[str, Any], stream: TextStream | None = None
+    ) -> ChatCompletion:
         self.report.live += 1
         return self.inner.complete(agent, params, stream)
 
 
-async def _run_turn(orchestrator: Orchestrator, store: MongoEventStore, stream: StreamRef, answers: list[str]) -> str:
+async def _run_turn(
+    orchestrator: Orchestrator, store: MongoEventStore, stream: StreamRef, answers: list[str]
+) -> str:
     """One run of the replay, answering its input requests with the original's answers in order."""
     after = await store.last_seq(stream.chat_id)
     queue = deque(answers)
