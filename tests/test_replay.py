@@ -16,6 +16,7 @@ import pytest
 
 from app.http.auth import issue_token
 from app.runs.orchestrator import Orchestrator
+from app.runs.replay import replay, run_turn
 from app.runs.workflows import WorkflowManager
 from app.settings import Settings
 from domain.events import ChatCreated, MessageUser, Pending, StreamRef
@@ -200,7 +201,11 @@ def conversation(records: list[Any]) -> list[tuple[str, str | None, str]]:
         "input.received": "text",
     }
     return [
-        (r.type, r.agent, f"{r.data.get('tool', '')}|{r.data.get('call_id', '')}|{r.data[kept[r.type]]}")
+        (
+            r.type,
+            r.agent,
+            f"{r.data.get('tool', '')}|{r.data.get('call_id', '')}|{r.data.get('is_error', '')}|{r.data[kept[r.type]]}",
+        )
         for r in records
         if r.type in kept
     ]
@@ -315,3 +320,53 @@ async def test_fixtures_from_a_chat_run_offline_and_bad_input_is_refused_writing
         assert compared.status_code == 200 and compared.json()["summary"]["turns_a"] == 6
         refused = await http.get(f"/api/chats/{original.chat_id}/diff/{other_app.chat_id}", headers=mine)
         assert (refused.status_code, refused.json()["error"]) == (403, "forbidden")
+
+
+def replies_of(parts: dict[str, Any], calls: list[Any]) -> list[Reply]:
+    """The recorded answers of `calls`, as the local model server's scripted replies (in call order)."""
+    replies = []
+    for call in calls:
+        answer = parts[call.data["response"]]
+        message = answer["choices"][0]["message"]
+        replies.append(
+            Reply(
+                chunks=[message["content"]] if message.get("content") else [],
+                tool_calls=[
+                    ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"])
+                    for c in message.get("tool_calls") or []
+                ],
+                prompt_tokens=answer["usage"]["prompt_tokens"],
+                completion_tokens=answer["usage"]["completion_tokens"],
+            )
+        )
+    return replies
+
+
+@pytest.mark.parametrize("workflow", ["Analyzer", "Assistant", "Brainstorm", "Generator"])
+async def test_a_recorded_replay_of_each_example_workflow_equals_its_online_original(
+    workflow: str, store: MongoEventStore
+) -> None:
+    """An online chat per example workflow (the local model server answering what the fixtures script,
+    random speakers and input answers included), then its recorded replay: the same conversation."""
+    examples = Path(__file__).parent.parent / "workflows"
+    manager = WorkflowManager(examples)
+    offline = Orchestrator(store, manager, Settings(workflows_path=examples))
+    scripted = await offline.create_chat(workflow=workflow, user_id="u", app_id="P", message="bees")
+    assert await run_turn(offline, store, scripted, ["exit"]) == "run.completed"
+    calls = [r async for r in store.find(scripted.chat_id, types=["llm.call"])]
+    server = StreamingModel(
+        replies_of(await offline.parts.values(call_hashes(c.data)[-1] for c in calls), calls)
+    )
+    try:
+        online_settings = online(server, examples)
+        # The scripted chat driven live against the local model server: an online chat, recorded.
+        recorded = await replay(store, online_settings, manager, scripted.chat_id, model="live")
+        assert recorded.outcomes == ["run.completed"] and recorded.live == len(calls) == len(server.requests)
+        again = await replay(store, Settings(workflows_path=examples), manager, recorded.chat_id)
+        assert again.outcomes == ["run.completed"] and again.divergence is None
+        assert again.recorded == len(calls) and len(server.requests) == len(calls)
+    finally:
+        server.close()
+    first = [r async for r in store.read(recorded.chat_id)]
+    second = [r async for r in store.read(again.chat_id)]
+    assert conversation(second) == conversation(first) and len(conversation(first)) >= 3

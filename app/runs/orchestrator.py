@@ -255,6 +255,10 @@ class Orchestrator:
         )
         return outcome
 
+    def chooser(self, history: list[Record]) -> Callable[[list[str]], str] | None:
+        """Who makes a run's random speaker choices: AG2 (None); a replay plays the original's."""
+        return None
+
     def backend(self, workflow: Workflow, history: list[Record]) -> Backend:
         """The model backend of a run: scripted fixtures offline, else the shared OpenAI client."""
         if self.settings.offline:
@@ -486,6 +490,7 @@ class _RunSession:
                     context=context,
                     default_model=self.o.settings.openai_model,
                     emit=emit,
+                    choose=self.o.chooser(self.history),
                 )
                 with model_calls():  # AG2's run task inherits the mark: its executor work is model calls
                     response = await a_run_group_chat(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import random
 import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping
@@ -202,12 +203,18 @@ class RecordedBackend:
         return completion
 
 
+class RecordedToolError(Exception):
+    """A tool's recorded failure, raised again in a replay (AG2 reports it as the original's error text)."""
+
+
 def recorded_tools(workflow: Workflow, history: list[Record]) -> Workflow:
     """The workflow with each tool declared `"deterministic": false` answering its recorded results in order."""
-    results: dict[str, deque[str]] = defaultdict(deque)
+    results: dict[str, deque[tuple[str, bool]]] = defaultdict(deque)
     for record in history:
         if record.type == "tool.result":
-            results[str(record.data["tool"])].append(str(record.data["content"]))
+            results[str(record.data["tool"])].append(
+                (str(record.data["content"]), bool(record.data.get("is_error")))
+            )
     tools: dict[str, Tool] = {}
     for name, tool in workflow.tools.items():
         if tool.spec.deterministic:
@@ -216,10 +223,13 @@ def recorded_tools(workflow: Workflow, history: list[Record]) -> Workflow:
         queue = results[name]
 
         @functools.wraps(tool.function)
-        def recorded(*_: Any, _queue: deque[str] = queue, _name: str = name, **__: Any) -> str:
+        def recorded(*_: Any, _queue: deque[tuple[str, bool]] = queue, _name: str = name, **__: Any) -> str:
             if not _queue:
                 raise ReplayStopped(f"the recording has no more results of tool {_name}")
-            return _queue.popleft()
+            content, failed = _queue.popleft()
+            if failed:
+                raise RecordedToolError(content.removeprefix("Error: "))
+            return content
 
         tools[name] = msgspec.structs.replace(tool, function=recorded)
     return msgspec.structs.replace(workflow, tools=tools)
@@ -233,9 +243,22 @@ class _Replaying(Orchestrator):
     ) -> None:
         super().__init__(store, workflows, settings)
         self.replay_backend = backend
+        # The original run's random speaker choices, for the run about to start.
+        self.choices: deque[str] = deque()
 
     def backend(self, workflow: Workflow, history: list[Record]) -> Backend:
         return self.replay_backend
+
+    def chooser(self, history: list[Record]) -> Callable[[list[str]], str] | None:
+        choices = self.choices
+
+        def choose(candidates: list[str]) -> str:
+            # The original's choice while it is still a candidate; past the recording, any of them.
+            if choices and choices[0] in candidates:
+                return choices.popleft()
+            return random.choice(candidates)
+
+        return choose
 
 
 class _Only(WorkflowManager):
@@ -248,10 +271,11 @@ class _Only(WorkflowManager):
 
 
 class Turn(msgspec.Struct, kw_only=True):
-    """One run of the original: the user messages before it, the input answers during it."""
+    """One run of the original: the user messages before it; its input answers and random speaker choices."""
 
     messages: list[str]
     answers: list[str]
+    choices: list[str] = []
     outcome: str | None = None
 
 
@@ -260,6 +284,7 @@ def turns_of(history: list[Record]) -> list[Turn]:
     turns: list[Turn] = []
     waiting: list[str] = []
     current: Turn | None = None
+    chose = False  # a random handoff was recorded: the next speaker.selected is its choice
     for record in history:
         if record.type == "message.user":
             waiting.append(str(record.data["content"]))
@@ -269,6 +294,11 @@ def turns_of(history: list[Record]) -> list[Turn]:
             turns.append(current)
         elif record.type == "input.received" and current is not None:
             current.answers.append(str(record.data["text"]))
+        elif record.type == "handoff" and record.data.get("target") == "random":
+            chose = True
+        elif record.type == "speaker.selected" and chose and current is not None:
+            current.choices.append(str(record.data["speaker"]))
+            chose = False
         elif record.type in ("run.completed", "run.failed", "run.stopped") and current is not None:
             current.outcome = record.type
     return turns
@@ -384,7 +414,8 @@ async def replay(
         said = [Pending(event=MessageUser(content=text)) for text in turn.messages]
         if said:
             await store.append(stream, said, expected_seq=None)
-        outcome = await _run_turn(orchestrator, store, stream, turn.answers)
+        orchestrator.choices = deque(turn.choices)
+        outcome = await run_turn(orchestrator, store, stream, turn.answers)
         report.runs += 1
         report.outcomes.append(outcome)
         if progress is not None:
@@ -418,7 +449,7 @@ class _Counted:
         return self.inner.complete(agent, params, stream)
 
 
-async def _run_turn(
+async def run_turn(
     orchestrator: Orchestrator, store: MongoEventStore, stream: StreamRef, answers: list[str]
 ) -> str:
     """One run of the replay, answering its input requests with the original's answers in order."""
