@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlparse
 
 import msgspec
+
+from domain.model_io import RECORD_MODES, RecordMode
 
 
 class SettingsError(ValueError):
@@ -51,7 +54,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_concurrent_llm_calls: int = 256
     max_active_runs: int = 500
     # MOZAIKS_RECORD_MODEL_IO: full (every call's exact request and response as parts), hashes, off.
-    record_model_io: str = "full"
+    record_model_io: RecordMode = "full"
     node_id: str = msgspec.field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
 
     @property
@@ -106,7 +109,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise SettingsError(f"MOZAIKS_AI_ENABLED={enabled!r} must be true or false")
         prices = text("MOZAIKS_PRICES")
         record_io = (text("MOZAIKS_RECORD_MODEL_IO") or "full").lower()
-        if record_io not in {"full", "hashes", "off"}:
+        if record_io not in RECORD_MODES:
             raise SettingsError(f"MOZAIKS_RECORD_MODEL_IO={record_io!r} must be full, hashes or off")
         return cls(
             openai_api_key=text("OPENAI_API_KEY"),
@@ -135,5 +138,5 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             anchor_key=text("MOZAIKS_ANCHOR_KEY"),
             max_concurrent_llm_calls=int(number("MOZAIKS_MAX_CONCURRENT_LLM_CALLS", 256)),
             max_active_runs=int(number("MOZAIKS_MAX_ACTIVE_RUNS", 500)),
-            record_model_io=record_io,
+            record_model_io=cast(RecordMode, record_io),  # checked against RECORD_MODES above
         )

@@ -150,7 +150,8 @@ class _ChosenRandomPattern(RandomPattern):
     ) -> None:
         agent_list = agents + ([user_agent] if user_agent is not None else [])
         for agent in agent_list:
-            target = _ChosenAgentTarget(agents=[a for a in agent_list if a != agent])
+            # AG2's own __init__ takes `agents` (mypy's pydantic view sees only the fields).
+            target = _ChosenAgentTarget(agents=[a for a in agent_list if a != agent])  # type: ignore[call-arg]
             target._choose = self._choose
             agent.handoffs.set_after_work(target=target)
 

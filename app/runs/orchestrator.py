@@ -469,7 +469,7 @@ class _RunSession:
             report=emit,
             text=stream_text,
             policy=policy,
-            record_io=settings.record_model_io,  # type: ignore[arg-type]
+            record_io=settings.record_model_io,
         )
         context = ContextVariables(data=initial_context(self.workflow, self.history))
         user_agent = next((a.name for a in self.workflow.agents if a.type == "user"), None)
