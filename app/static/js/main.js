@@ -17,6 +17,7 @@ import {
   ui,
 } from "./page.js";
 import { ChatView, el } from "./render.js";
+import { setupCompare } from "./replay.js";
 import { ChatStream } from "./stream.js";
 import { loadMetrics, refreshMetricsAfterRun } from "./summary.js";
 import { agentInfo, loadWorkflows, renderWorkflowInfo, startChat } from "./workflows.js";
@@ -401,6 +402,7 @@ function bindEvents() {
     else route();
   });
   window.addEventListener("pagehide", flushHistory);
+  setupCompare();
   onUnauthorized(() => askForToken("The runtime answered 401: a valid token is needed."));
 }
 
