@@ -1,11 +1,11 @@
 """Benchmark: model I/O storage per call, recorded replay time, and the cost of recording model I/O.
 
-    nice .venv/bin/python tests/benchmarks/bench_replay.py [--calls 100] [--latency 1.0] [--rounds 2]
+    nice .venv/bin/python tests/benchmarks/bench_replay.py [--calls 100] [--per-run 20] [--latency 1.0] [--rounds 2]
 
 An OpenAI-compatible server in ANOTHER process answers every call after `--latency` seconds (a
 second one answers at once); the runtime (this process) calls it through the real `openai` SDK.
-The chat is one agent answering `--calls` user messages in a row (one model call each), so call k
-sends the k-1 exchanges before it again. Printed:
+The chat is `--calls` model calls: four agents taking turns (RoundRobin), `--per-run` calls a run,
+one user message before each run; call k sends everything said before it again. Printed:
 - bytes stored per call: content-addressed parts vs a naive copy of every request and response;
 - the recorded replay's wall time vs the original's (goal: under 5 % at 100 calls and 1 s latency);
 - node CPU per call with MOZAIKS_RECORD_MODEL_IO=full vs off (zero latency, rounds interleaved;
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing
 import statistics
 import sys
@@ -36,7 +37,6 @@ from app.settings import Settings
 from domain.events import MessageUser, Pending, StreamRef
 from domain.model_io import PARTS_COLLECTION, canonical
 from domain.store import MongoEventStore
-from tests.llm_server import solo_workflow
 from tests.nodes import benchmark_mongo_uri
 
 
@@ -67,15 +67,34 @@ def start_server(latency: float) -> tuple[Any, str]:
     return process, f"http://127.0.0.1:{port}/v1"
 
 
+AGENTS = ("Planner", "Writer", "Editor", "Critic")
+
+
+def relay_workflow(root: Path, per_run: int) -> Path:
+    """Four agents taking turns, `per_run` model calls a run."""
+    folder = root / "workflows" / "Relay"
+    folder.mkdir(parents=True)
+    manifest = {
+        "name": "Relay",
+        "orchestration_pattern": "RoundRobin",
+        "max_turns": per_run + 1,  # the user message is the first round
+        "visual_agents": list(AGENTS),
+        "entry_agent": AGENTS[0],
+    }
+    (folder / "workflow.json").write_text(json.dumps(manifest))
+    (folder / "agents.json").write_text(json.dumps({"agents": [{"name": name} for name in AGENTS]}))
+    return folder.parent
+
+
 async def chat(
-    store: MongoEventStore, settings: Settings, calls: int
+    store: MongoEventStore, settings: Settings, calls: int, per_run: int
 ) -> tuple[StreamRef, float, float, Orchestrator]:
-    """A chat of `calls` turns; returns it, its wall time, this process's CPU seconds and its orchestrator."""
+    """A chat of `calls` model calls; returns it, its wall time, this process's CPU seconds and its orchestrator."""
     orchestrator = Orchestrator(store, WorkflowManager(settings.workflows_path), settings)
     started, cpu = time.perf_counter(), time.process_time()
-    stream = await orchestrator.create_chat(workflow="Solo", user_id="u", app_id="bench", message="point 0")
+    stream = await orchestrator.create_chat(workflow="Relay", user_id="u", app_id="bench", message="point 0")
     await orchestrator.run(stream)
-    for n in range(1, calls):
+    for n in range(1, max(1, calls // per_run)):
         await store.append(
             stream, [Pending(event=MessageUser(content=f"point {n}: {'x' * (n % 7)}"))], expected_seq=None
         )
@@ -83,16 +102,14 @@ async def chat(
     return stream, time.perf_counter() - started, time.process_time() - cpu, orchestrator
 
 
-async def bench(uri: str, calls: int, latency: float, rounds: int) -> None:
+async def bench(uri: str, calls: int, per_run: int, latency: float, rounds: int) -> None:
     db_name = f"bench_replay_{int(time.time())}"
     client: AsyncMongoClient[Any] = AsyncMongoClient(uri, tz_aware=True)
     slow, slow_url = start_server(latency)
     fast, fast_url = start_server(0.0)
     try:
         with tempfile.TemporaryDirectory() as folder:
-            workflows = solo_workflow(
-                Path(folder), prompt="You are the Writer. Acknowledge each point briefly."
-            )
+            workflows = relay_workflow(Path(folder), per_run)
             store = MongoEventStore(client[db_name])
             await store.ensure_indexes()
             base = Settings(
@@ -102,7 +119,7 @@ async def bench(uri: str, calls: int, latency: float, rounds: int) -> None:
                 llm_attempts=1,
             )
             online = Settings(**{**_fields(base), "openai_base_url": slow_url})
-            stream, wall, _, first = await chat(store, online, calls)
+            stream, wall, _, first = await chat(store, online, calls, per_run)
             records = [r async for r in store.find(stream.chat_id, types=["llm.call"])]
             parts = [doc async for doc in client[db_name][PARTS_COLLECTION].find()]
             stored = sum(len(doc["body"].encode()) for doc in parts)
@@ -114,7 +131,7 @@ async def bench(uri: str, calls: int, latency: float, rounds: int) -> None:
             for record in records:
                 request = [values[h] for h in record.data["request"]]
                 naive += len(canonical(request)) + len(canonical(values[record.data["response"]]))
-            print(f"{len(records)} model calls, model latency {latency:g} s")
+            print(f"{len(records)} model calls ({per_run} a run), model latency {latency:g} s")
             print(
                 f"bytes per call: content-addressed {stored / len(records):,.0f} B, naive copy "
                 f"{naive / len(records):,.0f} B: ratio {stored / naive:.3f} ({len(parts)} parts, "
@@ -135,7 +152,7 @@ async def bench(uri: str, calls: int, latency: float, rounds: int) -> None:
                     settings = Settings(
                         **{**_fields(base), "openai_base_url": fast_url, "record_model_io": mode}
                     )
-                    _, _, spent, _ = await chat(store, settings, calls)
+                    _, _, spent, _ = await chat(store, settings, calls, per_run)
                     cpu[mode].append(spent * 1000 / calls)
             off, full = statistics.median(cpu["off"]), statistics.median(cpu["full"])
             print(
@@ -156,6 +173,7 @@ def _fields(settings: Settings) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=100, help="model calls in the chat")
+    parser.add_argument("--per-run", type=int, default=20, help="model calls per run (4 agents taking turns)")
     parser.add_argument("--latency", type=float, default=1.0, help="model latency in seconds")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the CPU comparison")
     args = parser.parse_args()
@@ -163,7 +181,7 @@ def main() -> None:
 
     configure_logging("WARNING")
     with benchmark_mongo_uri() as uri:
-        asyncio.run(bench(uri, args.calls, args.latency, args.rounds))
+        asyncio.run(bench(uri, args.calls, args.per_run, args.latency, args.rounds))
 
 
 if __name__ == "__main__":
