@@ -55,7 +55,8 @@ class ModelIoController(Controller):
     ) -> ModelCall:
         """The `llm.call` at `seq` with the exact request the model got and the response it gave."""
         await owned_chat(store, request.user, chat_id)
-        record = await anext(store.read(chat_id, after=seq - 1, limit=1), None) if seq >= 1 else None
+        # A seq is a positive int64: anything else names no record (and must not reach BSON).
+        record = await anext(store.read(chat_id, after=seq - 1, limit=1), None) if 1 <= seq < 2**63 else None
         hidden = record is not None and not record.visible and "auditor" not in request.user.roles
         if record is None or record.type != "llm.call" or hidden:
             raise NotFoundException(f"chat {chat_id} has no model call at seq {seq}")
