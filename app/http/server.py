@@ -41,7 +41,6 @@ from app.http.controllers import (
     prometheus_metrics,
 )
 from app.http.errors import EXCEPTION_HANDLERS
-from app.http.model_io import ModelIoController
 from app.http.replay import ReplayController
 from app.http.transport import chat_socket
 from app.hub import LiveHub
@@ -240,7 +239,6 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             ChatController,
             MetricsController,
             AuditController,
-            ModelIoController,
             ReplayController,
             SeriesController,
             HealthController,
