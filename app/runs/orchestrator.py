@@ -45,6 +45,7 @@ from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownCha
 from domain.events import (
     ChatCreated,
     InputReceived,
+    LlmCall,
     MessageUser,
     Pending,
     Record,
@@ -335,6 +336,14 @@ def merged(items: list[Any]) -> list[Any]:
     return out
 
 
+def hashes_only(pending: Pending) -> Pending:
+    """An `llm.call` whose parts could not be stored, recorded as keeping only its hashes."""
+    event = pending.event
+    if isinstance(event, LlmCall) and event.io == "full":
+        return msgspec.structs.replace(pending, event=msgspec.structs.replace(event, io="hashes"))
+    return pending
+
+
 def conversation(history: list[Record], user_name: str | None) -> str | list[dict[str, Any]]:
     """The chat so far as AG2 messages: user text, agents' messages, answers to input requests.
 
@@ -406,18 +415,28 @@ class _RunSession:
         # Model I/O parts of the llm.call records not appended yet (hash -> canonical JSON).
         self.parts: dict[str, bytes] = {}
 
-    async def store_parts(self) -> None:
-        """Store the model I/O parts of the calls about to be recorded (one insert of the new ones)."""
-        if self.parts:
-            parts, self.parts = self.parts, {}
+    async def store_parts(self, pendings: list[Pending]) -> list[Pending]:
+        """Store the model I/O parts of the calls in `pendings` (one insert of the new ones).
+
+        Past the retry budget their calls are recorded as `io: "hashes"` (what was sent is still
+        proven; the content is not claimed), and the records go on to their own retries.
+        """
+        if not self.parts:
+            return pendings
+        parts, self.parts = self.parts, {}
+        try:
             await self.o.parts.put(parts)
+        except StorageUnavailable as exc:
+            log.warning("model_io.not_stored", chat_id=self.stream.chat_id, parts=len(parts), error=str(exc))
+            return [hashes_only(pending) for pending in pendings]
+        return pendings
 
     async def append(self, pendings: list[Pending]) -> None:
         """Record a burst of the run's events; past the retry budget the run ends as failed (storage)."""
         if not pendings:
             return
+        pendings = await self.store_parts(pendings)
         try:
-            await self.store_parts()
             await self.o.store.append(self.stream, pendings, expected_seq=None)
         except StorageUnavailable as exc:
             failed = self.terminal(RunFailed(error=str(exc), reason="storage"))
@@ -429,8 +448,8 @@ class _RunSession:
         If the run already has a terminal record (another node gave it up for interrupted), that one
         stands and is returned. Past the retry budget, the lease holder keeps trying (RunNotRecorded).
         """
+        pendings = await self.store_parts(pendings)
         try:
-            await self.store_parts()
             record = await self.o.store.finish_run(self.stream, self.run_id, pendings)
         except StorageUnavailable as exc:
             raise RunNotRecorded(pendings, exc) from exc
