@@ -259,6 +259,14 @@ async def test_a_recorded_replay_equals_its_original_and_a_changed_prompt_diverg
         "replay", original.chat_id, "--workflows", str(changed), "--on-diverge", "stop", env=env
     )
     assert stopped.returncode == 1 and "turn 1/2: run.failed" in stopped.stdout
+    sent = len(model.requests)
+    nexts = replay_cli(
+        "replay", original.chat_id, "--workflows", str(changed), "--on-diverge", "recorded-next", env=env
+    )
+    assert nexts.returncode == 0 and "4 recorded, 0 live calls" in nexts.stdout, nexts.stdout
+    assert len(model.requests) == sent  # every call answered from the recording, in the agent's order
+    played = [r async for r in store.read(new_chat(nexts.stdout))]
+    assert conversation(played) == conversation(first)
     assert "agent Writer, message 0 (system) differs" in stopped.stdout
 
 
