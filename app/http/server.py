@@ -156,6 +156,23 @@ async def anchors_lifespan(app: Litestar) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
+async def telemetry_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """With OTEL_EXPORTER_OTLP_ENDPOINT: each run's trace exported once it is over (app.telemetry)."""
+    settings: Settings = app.state.settings
+    if settings.otel_traces_endpoint is None:
+        app.state.traces = None
+        yield
+        return
+    from app.telemetry import TraceExport  # the OTel SDK is imported only when traces are exported
+
+    traces = app.state.traces = TraceExport(app.state.store, settings)
+    try:
+        yield
+    finally:
+        await traces.close()
+
+
+@contextlib.asynccontextmanager
 async def supervisor_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Runs in the background, each guarded by a lease; expired leases recovered as interrupted runs."""
     state = app.state
@@ -164,6 +181,7 @@ async def supervisor_lifespan(app: Litestar) -> AsyncIterator[None]:
         state.store, state.workflows, state.settings, follow=state.hub.records
     )
     supervisor = state.supervisor = RunSupervisor(state.db, state.store, orchestrator, state.settings)
+    supervisor.on_run_end = state.traces.run_ended if state.get("traces") else None
     async with _background("lease-watch", supervisor.watch_leases()):
         try:
             yield
@@ -262,6 +280,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             hub_lifespan,
             projections_lifespan,
             anchors_lifespan,
+            telemetry_lifespan,
             supervisor_lifespan,
         ],
         dependencies=DEPENDENCIES,
