@@ -42,6 +42,7 @@ _ELSEWHERE = {
     "projections": "app.cli.projections:projections_group",
     "audit": "app.cli.audit:audit_group",
     "metrics": "app.cli.audit:metrics_group",
+    "otel": "app.cli.otel:otel_group",
 }
 
 
