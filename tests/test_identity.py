@@ -104,13 +104,8 @@ class Provider:
         )
 
     def settings(self, **overrides: Any) -> Settings:
-        return Settings(
-            oidc_issuer=self.issuer,
-            oidc_audience=AUDIENCE,
-            claim_app="azp",
-            claim_roles="realm_access.roles",
-            **overrides,
-        )
+        fields = {"oidc_audience": AUDIENCE, "claim_app": "azp", "claim_roles": "realm_access.roles"}
+        return Settings(oidc_issuer=self.issuer, **{**fields, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +180,10 @@ async def test_tokens_of_the_provider_map_to_principals_and_each_bad_one_gets_it
     analyst = Principal(user_id="ann", app_id="shop", roles=frozenset({"user", "analyst"}))
     for kid, alg in (("rsa1", "RS256"), ("ps1", "PS256"), ("ec1", "ES256")):
         assert await verifier.principal(provider.token(kid, alg)) == analyst, alg
+    # A claim is found by its whole name (namespaced, as Auth0 makes them) before dots step into objects.
+    namespaced = TokenVerifier(provider.settings(claim_roles="https://acme.example/roles"))
+    auditor = await namespaced.principal(provider.token(**{"https://acme.example/roles": "auditor admin"}))
+    assert auditor.roles == {"user", "auditor"}
     # A little clock skew is fine (MOZAIKS_OIDC_LEEWAY_S, 30 s by default).
     assert await verifier.principal(provider.token(exp=int(time.time()) - 5)) == analyst
     for case, (token, code) in bad_tokens(provider).items():

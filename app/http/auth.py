@@ -132,7 +132,10 @@ def principal_from_token(encoded: str, secret: str) -> Principal:
 
 
 def claim(claims: Mapping[str, Any], path: str) -> Any:
-    """The claim at `path`; dots step into objects (`realm_access.roles`). None when absent."""
+    """The claim named `path` (`https://acme.example/roles` too), else the one dots step into objects
+    to (`realm_access.roles`); None when absent."""
+    if path in claims:
+        return claims[path]
     value: Any = claims
     for part in path.split("."):
         if not isinstance(value, Mapping) or part not in value:
