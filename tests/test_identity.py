@@ -8,10 +8,8 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -27,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from app.embedded import free_port
 from app.http.auth import Principal, TokenRefused, TokenVerifier
 from app.settings import Settings
+from tests.nodes import QuietHandler, http_server
 from tests.test_agui import body, read_sse
 
 AUDIENCE = "mozaiks-runtime"
@@ -41,7 +40,7 @@ class Provider:
         self.fetches = 0
         provider = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 if self.path == "/.well-known/openid-configuration":
                     document: dict[str, Any] = {
@@ -54,18 +53,10 @@ class Provider:
                 else:
                     self.send_error(404)
                     return
-                payload = json.dumps(document).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                self.reply(json.dumps(document).encode(), "application/json")
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.issuer = f"http://127.0.0.1:{self.server.server_port}"
+        self.handler = Handler
+        self.issuer = ""  # once served
 
     def add(self, kid: str, key: Any, *, publish: bool = True) -> None:
         self.keys[kid] = key
@@ -115,13 +106,9 @@ def provider() -> Iterator[Provider]:
     idp.add("ps1", rsa.generate_private_key(public_exponent=65537, key_size=2048))
     idp.add("ec1", ec.generate_private_key(ec.SECP256R1()))
     idp.add("stranger", rsa.generate_private_key(public_exponent=65537, key_size=2048), publish=False)
-    thread = threading.Thread(target=idp.server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with http_server(idp.handler) as url:
+        idp.issuer = url
         yield idp
-    finally:
-        idp.server.shutdown()
-        idp.server.server_close()
 
 
 def _b64(data: bytes) -> str:

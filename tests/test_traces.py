@@ -5,9 +5,7 @@ and the records' times; no message content unless enabled; `mozaiks otel export`
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -23,6 +21,7 @@ from app.telemetry import _ns, run_spans, trace_resource
 from domain.events import Record
 from domain.store import MongoEventStore
 from tests.cli import invoke
+from tests.nodes import QuietHandler, http_server
 
 CONTENT_KEYS = {
     "gen_ai.input.messages",
@@ -47,7 +46,7 @@ class Receiver:
         self.services: set[str] = set()
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 request = ExportTraceServiceRequest()
                 request.ParseFromString(self.rfile.read(int(self.headers["content-length"])))
@@ -70,30 +69,18 @@ class Receiver:
                             }
                             for span in scope_spans.spans
                         )
-                payload = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                self.reply(ExportTraceServiceResponse().SerializeToString(), "application/x-protobuf")
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.handler = Handler
+        self.url = ""  # once served
 
 
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
     found = Receiver()
-    thread = threading.Thread(target=found.server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with http_server(found.handler) as url:
+        found.url = url
         yield found
-    finally:
-        found.server.shutdown()
-        found.server.server_close()
 
 
 def by_name(spans: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
