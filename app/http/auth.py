@@ -16,8 +16,8 @@ import json
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping
-from typing import Any, Final
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TypeVar
 
 import jwt
 import msgspec
@@ -35,6 +35,8 @@ OIDC_ALGORITHMS: Final = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", 
 _KEY_TYPE: Final = {"RS": "RSA", "PS": "RSA", "ES": "EC"}
 JWKS_TIMEOUT_S: Final = 5.0
 JWKS_LIFESPAN_S: Final = 300.0  # a fetched key set is used this long before it is fetched again
+PROVIDER_RETRY_S: Final = 5.0  # after the provider failed to answer, its tokens get 503 at once this long
+_T = TypeVar("_T")
 SUBPROTOCOL_PREFIX: Final = "bearer."
 ROLES: Final = frozenset({"user", "auditor", "analyst"})
 
@@ -189,6 +191,7 @@ class TokenVerifier:
         self._client: jwt.PyJWKClient | None = None
         self._client_lock = threading.Lock()
         self.problem: str | None = None  # why the last fetch of the keys failed (None: it did not)
+        self._retry_at = 0.0
 
     async def principal(self, encoded: str) -> Principal:
         """The caller a token names, or TokenRefused (401, code says why) / IdentityUnavailable."""
@@ -235,18 +238,31 @@ class TokenVerifier:
 
     async def _fetched_key(self, kid: str) -> jwt.PyJWK:
         try:
-            return await asyncio.to_thread(lambda: self._jwks().get_signing_key(kid))
-        except jwt.PyJWKClientConnectionError as exc:
-            raise IdentityUnavailable(self._failed(exc)) from None
+            return await self._ask_provider(lambda client: client.get_signing_key(kid))
         except jwt.PyJWKClientError as exc:
             raise TokenRefused(codes.UNKNOWN_KEY, f"invalid token: {exc}") from None
-        except jwt.PyJWTError as exc:  # a key set that does not parse
-            raise IdentityUnavailable(self._failed(exc)) from None
 
-    def _failed(self, exc: Exception) -> str:
+    async def _ask_provider(self, call: Callable[[jwt.PyJWKClient], _T]) -> _T:
+        """`call` with the JWKS client, on a runtime thread. After the provider failed to answer, fail
+        fast for PROVIDER_RETRY_S: requests must not pile up on threads behind a provider that is down."""
+        if self.problem is not None and time.monotonic() < self._retry_at:
+            raise IdentityUnavailable(self.problem)
+        try:
+            found = await asyncio.to_thread(lambda: call(self._jwks()))
+        except jwt.PyJWKClientConnectionError as exc:
+            raise self._down(exc) from None
+        except jwt.PyJWKClientError:
+            raise  # the set came, without the key asked for
+        except jwt.PyJWTError as exc:  # a key set that does not parse
+            raise self._down(exc) from None
+        self.problem = None
+        return found
+
+    def _down(self, exc: Exception) -> IdentityUnavailable:
         self.problem = f"cannot fetch the identity provider's keys: {exc}"
+        self._retry_at = time.monotonic() + PROVIDER_RETRY_S
         log.warning("identity.keys_unavailable", error=str(exc))
-        return self.problem
+        return IdentityUnavailable(self.problem)
 
     def _jwks(self) -> jwt.PyJWKClient:
         """The JWKS client (blocking: call off the loop), discovering its URL from the issuer if needed."""
@@ -278,10 +294,9 @@ class TokenVerifier:
         if not self.settings.oidc_issuer:
             return "off"
         try:
-            await asyncio.to_thread(lambda: self._jwks().get_signing_keys())
-        except jwt.PyJWTError as exc:
-            return f"error: {self._failed(exc)}"
-        self.problem = None
+            await self._ask_provider(lambda client: client.get_signing_keys())
+        except (IdentityUnavailable, jwt.PyJWKClientError) as exc:
+            return f"error: {exc}"
         return "ok"
 
 
