@@ -136,7 +136,8 @@ class RunSupervisor:
         self._admitting = 0
         self._sweeps = 0
         # Called with (chat_id, run_id) once a run of this node is over (its terminal record stored, if
-        # it could be): the live trace export (app.telemetry). Must not block.
+        # it could be), or a lost run is recorded interrupted here: the live trace export
+        # (app.telemetry). Must not block.
         self.on_run_end: Callable[[str, str], None] | None = None
 
     def _expiry(self) -> datetime:
@@ -291,6 +292,8 @@ class RunSupervisor:
         """Record `run.failed` (interrupted) for a run nobody runs; False if it already had an end."""
         failed = Pending(event=RunFailed(error=why, reason="interrupted"), run_id=run_id)
         record = await self.store.finish_run(stream, run_id, [failed])
+        if record.id == failed.id and self.on_run_end is not None:
+            self.on_run_end(stream.chat_id, run_id)  # the node that ended it exports its trace
         return record.id == failed.id
 
     async def send_message(self, chat_id: str, text: str, *, request_id: str | None = None) -> str:
