@@ -17,7 +17,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from app.cli import main
-from app.telemetry import _ns, run_spans, trace_resource
+from app.embedded import free_port
+from app.settings import Settings
+from app.telemetry import TraceExport, _ns, run_spans, trace_resource
 from domain.events import Record
 from domain.store import MongoEventStore
 from tests.cli import invoke
@@ -181,6 +183,11 @@ async def test_a_run_is_exported_as_one_genai_trace_and_a_past_export_sends_the_
     assert f"exported {len(live)} spans of 1 runs in 1 chats" in exported.stderr
     key = lambda span: span["span_id"]  # noqa: E731
     assert sorted(receiver.spans, key=key) == sorted(live, key=key)
+    # A collector that is down costs the spans, never an error in the runtime.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "1")
+    down = TraceExport(store, Settings(otel_traces_endpoint=f"http://127.0.0.1:{free_port()}/v1/traces"))
+    assert await down.export_run(chat_id, run_id) == len(live)
+    await down.close()
     unknown = invoke(main, "otel", "export", "--chat", "no-such-chat", env=env)
     assert (unknown.returncode, unknown.stderr.strip()) == (
         2,
