@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -183,6 +184,11 @@ async def test_a_run_is_exported_as_one_genai_trace_and_a_past_export_sends_the_
     assert f"exported {len(live)} spans of 1 runs in 1 chats" in exported.stderr
     key = lambda span: span["span_id"]  # noqa: E731
     assert sorted(receiver.spans, key=key) == sorted(live, key=key)
+    receiver.spans.clear()
+    since = (records[0].ts - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    assert invoke(main, "otel", "export", "--since", since, env=env).returncode == 0
+    assert sorted(receiver.spans, key=key) == sorted(live, key=key)
+
     # A collector that is down costs the spans, never an error in the runtime.
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "1")
     down = TraceExport(store, Settings(otel_traces_endpoint=f"http://127.0.0.1:{free_port()}/v1/traces"))
