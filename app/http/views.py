@@ -41,6 +41,8 @@ class WorkflowView(View, frozen=True, kw_only=True):
     entry_agent: str | None
     visual_agents: list[str]
     agents: list[AgentView]
+    # "UserDriven": a chat starts with the user's message; "AgentDriven": its run starts on creation.
+    startup_mode: str = "UserDriven"
 
 
 class WorkflowList(View, frozen=True, kw_only=True):
@@ -54,7 +56,8 @@ class ChatStarted(View, frozen=True, kw_only=True):
     """`POST /api/chats`: the new chat and the run started for it."""
 
     chat_id: str
-    run_id: str
+    # null: a UserDriven chat created without a message waits for its first message.
+    run_id: str | None
     workflow: str
 
 

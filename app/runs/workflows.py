@@ -92,6 +92,11 @@ class Workflow(msgspec.Struct, frozen=True, kw_only=True):
         """Agents whose events the ChatUI shows; the others are recorded but hidden."""
         return frozenset(self.manifest.visual_agents)
 
+    @property
+    def agent_driven(self) -> bool:
+        """Whether a chat's run starts on creation, with no user message (`startup_mode` AgentDriven)."""
+        return self.manifest.startup_mode == "AgentDriven"
+
     def agent(self, name: str) -> AgentSpec:
         """The agent spec by name (KeyError when absent)."""
         for spec in self.agents:
@@ -436,6 +441,16 @@ def _check_workflow_refs(
             )
     if len(group) < 1:
         problems.append(ManifestError(name, AGENTS_FILE, "$.agents", "at least one non-user agent is needed"))
+    if manifest.startup_mode == "AgentDriven" and not manifest.initial_message:
+        # AG2 starts a group chat from a first message: an agent-driven chat needs one it never shows.
+        problems.append(
+            ManifestError(
+                name,
+                WORKFLOW_FILE,
+                "$.initial_message",
+                "an AgentDriven workflow needs an initial_message (sent hidden as the chat's first message)",
+            )
+        )
 
 
 def _load_fixtures(

@@ -43,7 +43,9 @@ export async function startChat(event) {
   event.preventDefault();
   const workflow = ui.workflowSelect.value;
   const message = ui.startMessage.value.trim();
-  if (!workflow || !message) {
+  // An AgentDriven workflow's agent speaks first: its chat may start without a message.
+  const agentDriven = state.workflows.find((w) => w.name === workflow)?.startup_mode === "AgentDriven";
+  if (!workflow || (!message && !agentDriven)) {
     (workflow ? ui.startMessage : ui.workflowSelect).focus();
     return;
   }
@@ -66,7 +68,7 @@ export async function startChat(event) {
   ui.startButton.disabled = true;
   ui.startButton.textContent = "Starting…";
   try {
-    const created = await api.startChat(workflow, message, context);
+    const created = await api.startChat(workflow, message || undefined, context);
     if (!created || !created.chat_id) throw new Error("The runtime did not return a chat_id.");
     preference("mozaiks.workflow", workflow);
     ui.startMessage.value = "";
