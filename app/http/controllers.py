@@ -169,7 +169,16 @@ class WorkflowController(Controller):
                     entry_agent=workflow.manifest.entry_agent,
                     visual_agents=sorted(workflow.visual_agents),
                     startup_mode=workflow.manifest.startup_mode,
-                    agents=[views.AgentView(name=a.name, type=a.type) for a in workflow.agents],
+                    agents=[
+                        views.AgentView(
+                            name=a.name,
+                            type=a.type,
+                            structured_output=views.OutputView(name=output.name, schema=output.schema)
+                            if (output := workflow.outputs.get(a.name)) is not None
+                            else None,
+                        )
+                        for a in workflow.agents
+                    ],
                 )
             )
         return views.WorkflowList(workflows=items, errors=[str(e) for e in workflows.errors])

@@ -24,11 +24,19 @@ class Info(View, frozen=True, kw_only=True):
     node: str
 
 
+class OutputView(View, frozen=True, kw_only=True):
+    """An agent's structured output: its name and JSON Schema (the ChatUI titles fields from it)."""
+
+    name: str
+    schema: dict[str, Any]
+
+
 class AgentView(View, frozen=True, kw_only=True):
     """An agent of a workflow."""
 
     name: str
     type: str
+    structured_output: OutputView | None = None
 
 
 class WorkflowView(View, frozen=True, kw_only=True):
