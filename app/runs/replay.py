@@ -371,7 +371,8 @@ async def replay(
         raise ReplayRefused(
             "bad_request", "--model live needs a model: set OPENAI_BASE_URL or OPENAI_API_KEY"
         )
-    settings = msgspec.structs.replace(settings, openai_model=model_name)
+    if model == "recorded":  # requests match the recording only with the model name it sent
+        settings = msgspec.structs.replace(settings, openai_model=model_name)
     report = ReplayReport(original=chat_id, chat_id=new_id(), model=model)
     probe = Orchestrator(store, workflows, settings)
 
