@@ -26,6 +26,8 @@ export const state = {
   stopping: false,
   listedStatus: "unknown",
   metricsTimers: [],
+  // Set by the start form: the chat it opens puts focus in its message box.
+  focusComposer: false,
 };
 
 export const ui = {
@@ -51,6 +53,8 @@ export const ui = {
   composerText: $("composer-text"),
   composerButton: $("composer-button"),
   composerHint: $("composer-hint"),
+  working: $("working"),
+  workingText: $("working-text"),
   chatList: $("chat-list"),
   chatListEmpty: $("chat-list-empty"),
   summaryBody: $("summary-body"),
