@@ -123,3 +123,18 @@ async def test_a_refused_socket_is_said_in_words_and_the_page_polls_rest(browser
     finally:
         await ui.context.close()
     assert not ui.problems, ui.problems
+
+
+async def test_the_schema_page_renders_under_the_csp(browser: Browser, runtime: Runtime) -> None:
+    ui = await new_chatui(browser, runtime)
+    blocked: list[str] = []
+    ui.page.on("console", lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None)
+    try:
+        await ui.page.goto(f"{runtime.base_url}/schema")
+        await ui.page.wait_for_selector("[data-testid=operation]", timeout=15_000)
+        assert await ui.page.locator("[data-testid=operation]").count() > 10
+        assert "/api/chats" in await ui.page.inner_text("main")
+    finally:
+        await ui.context.close()
+    assert not blocked, blocked
+    assert not ui.problems, ui.problems
