@@ -13,7 +13,9 @@ from playwright.async_api import Browser
 
 from tests.browser.conftest import NARROW, TERMINAL, ChatUI, Runtime, accessibility_problems, new_chatui
 
-FOCUSED = "() => { const a = document.activeElement; return a ? (a.id || a.dataset.testid || a.tagName) : null; }"
+FOCUSED = (
+    "() => { const a = document.activeElement; return a ? (a.id || a.dataset.testid || a.tagName) : null; }"
+)
 
 
 async def tab_until(ui: ChatUI, target: str, limit: int = 30) -> list[str]:
@@ -69,7 +71,9 @@ async def test_keyboard_only_start_stop_and_skip_to_the_conversation(chatui: Cha
     await chatui.assert_matches_log(chat_id)
 
 
-async def test_home_and_analytics_pass_axe_and_analytics_fits_a_phone(browser: Browser, runtime: Runtime) -> None:
+async def test_home_and_analytics_pass_axe_and_analytics_fits_a_phone(
+    browser: Browser, runtime: Runtime
+) -> None:
     ui = await new_chatui(browser, runtime, viewport=NARROW)
     try:
         await ui.open("#new")
@@ -104,9 +108,13 @@ window.WebSocket = class RefusedSocket {
 """
 
 
-async def test_a_refused_socket_is_said_in_words_and_the_page_polls_rest(browser: Browser, runtime: Runtime) -> None:
+async def test_a_refused_socket_is_said_in_words_and_the_page_polls_rest(
+    browser: Browser, runtime: Runtime
+) -> None:
     async with httpx.AsyncClient(base_url=runtime.base_url, timeout=10) as http:
-        started = await http.post("/api/chats", json={"workflow": "Generator", "message": "Write about tides"})
+        started = await http.post(
+            "/api/chats", json={"workflow": "Generator", "message": "Write about tides"}
+        )
         assert started.status_code == 201, started.text
         chat_id = started.json()["chat_id"]
     ui = await new_chatui(browser, runtime)

@@ -17,14 +17,29 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser
 
-from tests.browser.conftest import ChatUI, Runtime, accessibility_problems, open_chatui, start_runtime, stop_runtime
+from tests.browser.conftest import (
+    ChatUI,
+    Runtime,
+    accessibility_problems,
+    open_chatui,
+    start_runtime,
+    stop_runtime,
+)
 from tests.llm_server import StreamingModel, text_reply
 
 PLAN = "Plan: ask which city, then write a short piece about it."
 QUESTION = "Which city should I write about? Tell me one, and I will write about it."
 PIECE = "Here is your piece about Paris. Anything else?"
 # Words the user must never read: AG2's prompt, its handoff kinds, hidden names, internal ids.
-JARGON = ("Replying as", "chat_manager", "after_work", "llm_condition", "Revert to User", "Next speaker", "Planner")
+JARGON = (
+    "Replying as",
+    "chat_manager",
+    "after_work",
+    "llm_condition",
+    "Revert to User",
+    "Next speaker",
+    "Planner",
+)
 
 
 class Holds:
@@ -168,7 +183,9 @@ async def test_a_run_in_plain_words_reload_retry_and_escape(
     back = StreamingModel([text_reply(PLAN, 2), text_reply(PIECE, 3)], port=port)
     try:
         await failure.locator("[data-testid=retry]").click()
-        await page.wait_for_selector(f"[data-type='message.agent'][data-agent=Writer] >> text={PIECE}", timeout=20_000)
+        await page.wait_for_selector(
+            f"[data-type='message.agent'][data-agent=Writer] >> text={PIECE}", timeout=20_000
+        )
         await ui.pending_request()
         records = await ui.runtime.events(chat_id)
         assert [r["data"]["content"] for r in records if r["type"] == "message.user"][-1] == "Paris"
