@@ -54,13 +54,13 @@ function setConnection(name, detail = {}) {
 const view = new ChatView(ui.events, {
   onStatus: (status) => {
     if (!ACTIVE_STATUSES.has(status)) state.stopping = false;
-    else showRunning();
     renderStatus();
   },
   onActivity: (text) => {
     ui.working.hidden = !text;
     ui.workingText.textContent = text || "";
   },
+  visibleAgents,
   onRetry: (text) => {
     sendText(text).then((sent) => {
       if (sent) ui.composerText.focus({ preventScroll: true });
@@ -100,6 +100,9 @@ function currentStatus() {
 
 function renderStatus() {
   const status = currentStatus();
+  const active = ACTIVE_STATUSES.has(status);
+  if (active && !state.runActive) showRunning();
+  state.runActive = active;
   const label = STATUS_LABELS[status] || status;
   ui.chatStatus.textContent = label;
   ui.chatStatus.dataset.status = status;
@@ -205,13 +208,13 @@ function openChat(chatId) {
   state.chatId = chatId;
   state.stopping = false;
   state.listedStatus = listed?.status || "unknown";
+  state.runActive = false;
   view.reset(chatId);
   ui.startView.hidden = true;
   ui.chatView.hidden = false;
   ui.chatOffline.hidden = true;
   ui.chatTitle.textContent = listed?.workflow || "Chat";
   ui.chatMeta.textContent = listed?.title ? chatHeading(listed.title) : "";
-  ui.chatMeta.title = `Chat ${chatId}`;
   ui.chatView.dataset.chatId = chatId;
   ui.working.hidden = true;
   ui.summaryBody.replaceChildren(el("p", { class: "muted" }, "Loading…"));
@@ -240,7 +243,6 @@ function openChat(chatId) {
       if (stream.state !== "live") replayed++;
       if (record.type === "chat.created" || ui.chatTitle.textContent === "Chat") {
         ui.chatTitle.textContent = record.workflow || ui.chatTitle.textContent;
-        if (!view.visibleAgents && record.workflow) view.visibleAgents = visibleAgents(record.workflow);
       }
       scheduleScroll(stick);
       scheduleSave();
@@ -300,8 +302,7 @@ function openChat(chatId) {
   });
   state.stream = stream;
   stream.start();
-  if (ACTIVE_STATUSES.has(currentStatus())) showRunning();
-  else loadMetrics(chatId);
+  if (!state.runActive) loadMetrics(chatId);
   if (state.focusComposer) {
     // Just started from the form: the user's next move is here (or in an input card once asked).
     state.focusComposer = false;

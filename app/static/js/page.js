@@ -25,6 +25,8 @@ export const state = {
   scrollPending: false,
   stopping: false,
   listedStatus: "unknown",
+  // Whether the open chat has a run going (its summary then says "Running…").
+  runActive: false,
   metricsTimers: [],
   // Set by the start form: the chat it opens puts focus in its message box.
   focusComposer: false,

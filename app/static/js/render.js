@@ -150,7 +150,8 @@ export class ChatView {
   /**
    * @param {HTMLElement} root  the <ol> the events go into
    * @param {object} hooks  onStatus(status), onOffline(), onTerminal(record, live),
-   *   announce(text), onInputResponse(requestId, text) → boolean, onInputRequested(textarea, live)
+   *   announce(text), onInputResponse(requestId, text) → boolean, onInputRequested(textarea, live),
+   *   onActivity(text|null) ("Writer is working…"), onRetry(text) → boolean, visibleAgents(workflow) → Set|null
    * Set `agentInfo(name) → {role, description}` after reset() to label agents from the workflow.
    */
   constructor(root, hooks) {
@@ -272,6 +273,8 @@ export class ChatView {
     if (!keepsTurn) this.turn = null;
     switch (record.type) {
       case "chat.created": {
+        // Which agents the chat may name: known from its workflow, live and on a reload alike.
+        if (!this.visibleAgents && record.workflow) this.visibleAgents = this.hooks.visibleAgents?.(record.workflow) || null;
         const node = this.#marker(record, `Chat started${record.workflow ? ` · ${record.workflow}` : ""}`);
         if (data.offline) node.append(el("span", { class: "badge badge--offline" }, "offline fixtures"));
         const context = data.context && Object.keys(data.context).length ? data.context : null;
