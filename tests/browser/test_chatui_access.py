@@ -30,6 +30,15 @@ async def tab_until(ui: ChatUI, target: str, limit: int = 30) -> list[str]:
     raise AssertionError(f"{target} not reached in {limit} Tabs; passed {passed}")
 
 
+async def back_to_the_top(ui: ChatUI, limit: int = 20) -> None:
+    """Shift+Tab up the page to its first Tab stop, the skip link."""
+    for _ in range(limit):
+        await ui.page.keyboard.press("Shift+Tab")
+        if await ui.page.evaluate(FOCUSED) == "skip-link":
+            return
+    raise AssertionError(f"the skip link not reached in {limit} Shift+Tabs")
+
+
 async def test_keyboard_only_start_stop_and_skip_to_the_conversation(chatui: ChatUI) -> None:
     page = chatui.page
     await chatui.open("#new")
@@ -49,7 +58,7 @@ async def test_keyboard_only_start_stop_and_skip_to_the_conversation(chatui: Cha
 
     # From the top of the page (its first Tab stop, the skip link), Stop comes right after the header:
     # before any chat of the list.
-    await page.focus("[data-testid=skip-link]")
+    await back_to_the_top(chatui)
     passed = await tab_until(chatui, "stop-button", limit=8)
     assert "chat-item" not in passed and "new-chat" not in passed, passed
     await page.keyboard.press("Enter")
@@ -59,12 +68,7 @@ async def test_keyboard_only_start_stop_and_skip_to_the_conversation(chatui: Cha
 
     # The skip link moves focus to the conversation; the route (and the chat) stay.
     url = page.url
-    await page.keyboard.press("Shift+Tab")  # back up the page to its first stop
-    for _ in range(8):
-        if await page.evaluate(FOCUSED) == "skip-link":
-            break
-        await page.keyboard.press("Shift+Tab")
-    assert await page.evaluate(FOCUSED) == "skip-link"
+    await back_to_the_top(chatui)
     await page.keyboard.press("Enter")
     assert await page.evaluate(FOCUSED) == "events"
     assert page.url == url and await chatui.current_chat() == chat_id

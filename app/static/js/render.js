@@ -414,7 +414,10 @@ export class ChatView {
         // A call that answered belongs to its agent's turn. Live, the streamed text opened that turn
         // first; replayed from storage (a finished message keeps no deltas), the call opens it, so
         // both render alike.
-        if (agent && !data.error && this.turn?.agent !== agent) this.#openTurn(agent, record, data);
+        const streaming = this.turn?.body && [...this.streams.values()].some((st) => st.body === this.turn.body);
+        if (agent && !data.error && (this.turn?.agent !== agent || (this.turn.body && !streaming))) {
+          this.#openTurn(agent, record, data);
+        }
         const tokens = `${data.prompt_tokens ?? 0} → ${data.completion_tokens ?? 0} tokens`;
         const latency = data.latency_ms !== undefined ? `${Math.round(data.latency_ms)} ms` : null;
         const parts = [`LLM call${agent ? ` by ${agent}` : ""}`, data.model, tokens, latency, data.finish_reason,
