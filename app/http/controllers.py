@@ -6,6 +6,7 @@ Struct of `app.http.views`; every error is raised and rendered by `app.http.erro
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,10 +45,11 @@ _json = msgspec.json.Encoder()
 
 
 class StartChat(msgspec.Struct, forbid_unknown_fields=True):
-    """Body of `POST /api/chats`."""
+    """Body of `POST /api/chats`: without `message`, an AgentDriven workflow's run starts at once and a
+    UserDriven chat waits for its first message."""
 
     workflow: str
-    message: str
+    message: str | None = None
     context: dict[str, Any] = {}
 
 
@@ -166,7 +168,17 @@ class WorkflowController(Controller):
                     max_turns=workflow.max_turns,
                     entry_agent=workflow.manifest.entry_agent,
                     visual_agents=sorted(workflow.visual_agents),
-                    agents=[views.AgentView(name=a.name, type=a.type) for a in workflow.agents],
+                    startup_mode=workflow.manifest.startup_mode,
+                    agents=[
+                        views.AgentView(
+                            name=a.name,
+                            type=a.type,
+                            structured_output=views.OutputView(name=output.name, schema=output.schema)
+                            if (output := workflow.outputs.get(a.name)) is not None
+                            else None,
+                        )
+                        for a in workflow.agents
+                    ],
                 )
             )
         return views.WorkflowList(workflows=items, errors=[str(e) for e in workflows.errors])
@@ -185,9 +197,15 @@ class ChatController(Controller):
         orchestrator: Orchestrator,
         supervisor: RunSupervisor,
     ) -> views.ChatStarted:
-        """Start a chat on a workflow with a first message; the run goes on in the background."""
+        """Start a chat on a workflow; its run goes on in the background.
+
+        The run starts with a first message, or at once for an AgentDriven workflow; a UserDriven chat
+        created without a message has no run (`run_id` null) until its first message arrives.
+        """
         principal = request.user
-        with supervisor.admission():  # a full node refuses (503) before recording anything
+        starts = data.message is not None or orchestrator.workflows.get(data.workflow).agent_driven
+        # A full node refuses (503) a chat that would run, before recording anything.
+        with supervisor.admission() if starts else contextlib.nullcontext():
             stream = await orchestrator.create_chat(
                 workflow=data.workflow,
                 user_id=principal.user_id,
@@ -195,7 +213,7 @@ class ChatController(Controller):
                 message=data.message,
                 context=data.context,
             )
-            run_id = await supervisor.start(stream, admitted=True)
+            run_id = await supervisor.start(stream, admitted=True) if starts else None
         return views.ChatStarted(chat_id=stream.chat_id, run_id=run_id, workflow=stream.workflow)
 
     @get(responses=error_responses(400, 401))
@@ -313,7 +331,7 @@ class ChatController(Controller):
 
 def _summary(doc: dict[str, Any]) -> views.ChatSummary:
     messages = doc.get("messages") or []
-    first = next((m for m in messages if m.get("role") == "user"), None)
+    first = next((m for m in messages if m.get("role") == "user" and m.get("visible", True)), None)
     return views.ChatSummary(
         chat_id=doc["chat_id"],
         workflow=doc.get("workflow", ""),
