@@ -20,6 +20,7 @@ const FAILURE_SENTENCES = {
   storage: "The runtime could not save the conversation, so the run stopped.",
   interrupted: "The run was interrupted: the runtime stopped or restarted while it was working.",
   setup: "The workflow could not be started: its configuration has an error.",
+  output: "An agent's replies never matched the form it has to fill in, so the run stopped.",
 };
 
 function escapeHtml(text) {
