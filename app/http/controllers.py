@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pymongo.asynchronous.database import AsyncDatabase
 
 from app.http import views
-from app.http.auth import Principal, require_role
+from app.http.auth import Principal, TokenVerifier, require_role
 from app.http.errors import error_responses
 from app.runs.orchestrator import Orchestrator
 from app.runs.supervisor import RunSupervisor
@@ -417,20 +417,25 @@ class HealthController(Controller):
         return views.Live(status="live")
 
     @get("/ready", responses={**error_responses(), **_ready_503()})
-    async def ready(self, db: AsyncDatabase[Any], projections: ProjectionRunner) -> Response[views.Readiness]:
-        """Ready when MongoDB answers and the projection runner has caught up with the log."""
+    async def ready(
+        self, db: AsyncDatabase[Any], projections: ProjectionRunner, verifier: TokenVerifier
+    ) -> Response[views.Readiness]:
+        """Ready when MongoDB answers, the projection runner has caught up with the log and, with
+        OIDC, the identity provider's keys are at hand."""
         try:
             await db.command("ping")
             mongo = "ok"
         except Exception as exc:  # noqa: BLE001 - any failure means not ready; say which
             mongo = f"error: {exc}"
         caught_up = "caught_up" if projections.caught_up else "catching_up"
-        ok = mongo == "ok" and caught_up == "caught_up"
+        identity = await verifier.ready()
+        ok = mongo == "ok" and caught_up == "caught_up" and identity in ("ok", "off")
         readiness = views.Readiness(
             status="ready" if ok else "not_ready",
             mongo=mongo,
             projections=caught_up,
             lag=msgspec.convert(projections.lag(), views.ProjectionLag),
+            identity=identity,
         )
         return Response(readiness, status_code=200 if ok else HTTP_503_SERVICE_UNAVAILABLE)
 
