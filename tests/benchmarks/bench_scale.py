@@ -9,7 +9,11 @@ model calls in a row). For each size N, N chats are started together through `PO
 and the benchmark waits for every run to end. Printed per N: wall time ÷ one chat's wall time,
 peak model calls in flight (at the model server), API p99 during the load ÷ idle (`GET
 /health/ready` and `GET /api/chats/{id}` probed every 50 ms), RSS per active run, CPU ms of this
-process per recorded event.
+process per recorded event; then per model call: the node's CPU, the database server's CPU (the
+embedded server's process; not measured on MOZAIKS_TEST_MONGO_URI), the database operations by kind
+(`serverStatus` opcounters, the benchmark's own probes included) and, in the same run, bare AG2's
+CPU on the same chats (plain AG2 agents and its own OpenAI client, nothing recorded) against the
+same model server. The machine may be shared: CPU figures are noisy, operation counts are not.
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import httpx
 from pymongo import AsyncMongoClient
 
+from app.embedded import EmbeddedMongo
 from app.settings import Settings
-from tests.nodes import Node, benchmark_mongo_uri
+from tests.nodes import Node
 
 AGENTS = ("Planner", "Writer", "Editor")
 
 
-def model_server(port: int, latency: float, in_flight: Any, peak: Any, ready: Any) -> None:
+def model_server(port: int, latency: float, in_flight: Any, peak: Any, calls: Any, ready: Any) -> None:
     """Another process: an OpenAI-compatible server that answers every call after `latency` seconds."""
     from tests.llm_server import StreamingModel, text_reply
 
@@ -47,6 +52,7 @@ def model_server(port: int, latency: float, in_flight: Any, peak: Any, ready: An
             return
         with in_flight.get_lock():
             in_flight.value += 1
+            calls.value += 1
             peak.value = max(peak.value, in_flight.value)
         time.sleep(latency)
         with in_flight.get_lock():
@@ -88,6 +94,41 @@ def cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def process_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of another process (0 when there is none to read)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+OPS = ("insert", "query", "update", "delete", "getmore", "command")
+
+
+async def opcounters(client: AsyncMongoClient[Any]) -> dict[str, int]:
+    status = await client.admin.command("serverStatus")
+    counters = status.get("opcounters", {})
+    return {kind: int(counters.get(kind, 0)) for kind in OPS}
+
+
+async def bare_ag2(base_url: str, size: int) -> None:
+    """`size` chats of the same RoundRobin trio on plain AG2 with its own OpenAI client, all at once."""
+    from autogen import ConversableAgent, LLMConfig
+    from autogen.agentchat import a_run_group_chat
+    from autogen.agentchat.group.patterns import RoundRobinPattern
+
+    config = LLMConfig({"model": "gpt-4o-mini", "api_key": "sk-bench", "base_url": base_url})
+
+    async def one(i: int) -> None:
+        agents = [ConversableAgent(name, llm_config=config, human_input_mode="NEVER") for name in AGENTS]
+        pattern = RoundRobinPattern(initial_agent=agents[0], agents=agents)
+        response = await a_run_group_chat(pattern, f"topic {i}", max_rounds=len(AGENTS))
+        async for _ in response.events:
+            pass
+
+    await asyncio.gather(*(one(i) for i in range(size)))
+
+
 def p99(samples: list[float]) -> float:
     ordered = sorted(samples)
     return ordered[max(int(len(ordered) * 0.99) - 1, 0)]
@@ -125,13 +166,17 @@ async def load(node: Node, http: httpx.AsyncClient, size: int) -> tuple[float, i
     return wall, events
 
 
-async def bench(uri: str, sizes: list[int], latency: float) -> None:
+async def bench(uri: str, server_pid: int | None, sizes: list[int], latency: float) -> None:
     from app.embedded import free_port
 
     context = multiprocessing.get_context("spawn")
-    in_flight, peak, ready = context.Value("i", 0), context.Value("i", 0), context.Event()
+    in_flight, peak, calls = context.Value("i", 0), context.Value("i", 0), context.Value("i", 0)
+    ready = context.Event()
     port = free_port()
-    server = context.Process(target=model_server, args=(port, latency, in_flight, peak, ready), daemon=True)
+    server = context.Process(
+        target=model_server, args=(port, latency, in_flight, peak, calls, ready), daemon=True
+    )
+    admin: AsyncMongoClient[Any] = AsyncMongoClient(uri)
     server.start()
     db_name = f"bench_scale_{os.getpid()}"
     with tempfile.TemporaryDirectory() as folder:
@@ -151,6 +196,7 @@ async def bench(uri: str, sizes: list[int], latency: float) -> None:
             async with httpx.AsyncClient(base_url=node.url, timeout=600, limits=limits) as http:
                 await node.runtime.projections.wait_caught_up(60)
                 await load(node, http, 1)  # warm-up: imports, first connections
+                await bare_ag2(f"http://127.0.0.1:{port}/v1", 1)
                 probe_chat = (
                     await http.post("/api/chats", json={"workflow": "Trio", "message": "probe"})
                 ).json()["chat_id"]
@@ -173,17 +219,34 @@ async def bench(uri: str, sizes: list[int], latency: float) -> None:
                     f"{'÷ idle':>7} {'RSS MB/run':>11} {'CPU ms/event':>13}"
                 )
                 one: float | None = None
+                per_call: list[str] = []
                 for size in sizes:
                     peak.value = 0
                     samples: list[float] = []
                     rss: list[float] = []
                     rss_before, cpu_before = rss_mb(), cpu_s()
+                    db_before, ops_before, calls_before = process_cpu_s(server_pid), await opcounters(admin), calls.value
                     stop = asyncio.Event()
                     prober = asyncio.create_task(probe(http, probe_chat, stop, samples, rss))
                     wall, events = await load(node, http, size)
                     stop.set()
                     await prober
+                    await node.runtime.projections.wait_caught_up(120)
                     cpu = cpu_s() - cpu_before
+                    db_cpu = process_cpu_s(server_pid) - db_before
+                    ops_after = await opcounters(admin)
+                    n_calls = max(calls.value - calls_before, 1)
+                    ops = {k: (ops_after[k] - ops_before[k]) / n_calls for k in OPS}
+                    # Bare AG2, the same chats against the same model server, right after.
+                    bare_before, bare_calls = cpu_s(), calls.value
+                    await bare_ag2(f"http://127.0.0.1:{port}/v1", size)
+                    bare_cpu = (cpu_s() - bare_before) / max(calls.value - bare_calls, 1)
+                    per_call.append(
+                        f"{size:>6} {n_calls:>6} {cpu * 1000 / n_calls:>9.1f} {db_cpu * 1000 / n_calls:>9.1f} "
+                        f"{bare_cpu * 1000:>9.1f} {cpu / n_calls / bare_cpu:>7.2f} "
+                        f"{sum(ops[k] for k in OPS if k != 'command'):>7.2f} "
+                        + " ".join(f"{ops[k]:>7.2f}" for k in OPS)
+                    )
                     one = one or wall
                     per_run = (max(rss, default=rss_before) - rss_before) / size
                     print(
@@ -191,12 +254,17 @@ async def bench(uri: str, sizes: list[int], latency: float) -> None:
                         f"{p99(samples) / p99(idle):>7.2f} {per_run:>11.2f} {cpu * 1000 / events:>13.2f}",
                         flush=True,
                     )
+                print("per model call (CPU ms; database operations; ops = all kinds but command):")
+                print(
+                    f"{'chats':>6} {'calls':>6} {'node ms':>9} {'db ms':>9} {'bare ms':>9} {'÷ bare':>7} "
+                    f"{'ops':>7} " + " ".join(f"{k:>7}" for k in OPS)
+                )
+                print("\n".join(per_call))
         finally:
             await node.stop()
             server.kill()
-            client: AsyncMongoClient[Any] = AsyncMongoClient(uri)
-            await client.drop_database(db_name)
-            await client.close()
+            await admin.drop_database(db_name)
+            await admin.close()
 
 
 def main() -> None:
@@ -207,8 +275,17 @@ def main() -> None:
     from app.logging import configure_logging
 
     configure_logging("WARNING")
-    with benchmark_mongo_uri() as uri:
-        asyncio.run(bench(uri, [int(n) for n in args.sizes.split(",")], args.latency))
+    import logging
+
+    logging.getLogger("autogen.oai.client").setLevel(logging.ERROR)  # "model not found, cost 0" per call
+    sizes = [int(n) for n in args.sizes.split(",")]
+    given = os.environ.get("MOZAIKS_TEST_MONGO_URI")
+    if given:
+        asyncio.run(bench(given, None, sizes, args.latency))
+        return
+    with tempfile.TemporaryDirectory() as folder, EmbeddedMongo(Path(folder) / "data") as server:
+        assert server.process is not None
+        asyncio.run(bench(server.uri, server.process.pid, sizes, args.latency))
 
 
 if __name__ == "__main__":
