@@ -1,5 +1,12 @@
 """Live fan-out: one change stream on `events` per process, delivered to every local subscriber.
 
+Records this process appended reach its subscribers twice over: from the store as soon as the
+database acknowledged the insert (`MongoEventStore.on_append`), then from the change stream. A
+subscriber takes each seq once: its queue drops a record at or below the highest seq it was
+offered, and `follow` fills any gap from the log (another node's record the local path overtook),
+so each seq reaches it once and in order whatever path it came by. Other nodes' records come by
+the change stream only.
+
 Each subscriber gets a bounded queue. A subscriber that falls behind by more than the bound is
 marked overflowed and its queue is closed: the WebSocket layer then closes that client with a
 "resume from seq" hint, and nothing is buffered without limit.
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -45,10 +52,15 @@ class _Subscriber:
         self.on_overflow = on_overflow
         self.queue: asyncio.Queue[Record | None] = asyncio.Queue(maxsize=bound)
         self.overflowed = False
+        self.offered = 0  # the highest seq queued: the same record by the other path is dropped
 
     def offer(self, record: Record | None) -> None:
         if self.overflowed:
             return
+        if record is not None:
+            if record.seq <= self.offered:
+                return
+            self.offered = record.seq
         try:
             self.queue.put_nowait(record)
         except asyncio.QueueFull:
@@ -78,6 +90,9 @@ class LiveHub:
         self._subscribers: dict[str, set[_Subscriber]] = {}
         self._ready = asyncio.Event()
         self._token: Mapping[str, Any] | None = None
+        # Test seam: awaited with each change before it is dispatched (a test delays the stream).
+        self.stream_delay: Callable[[Record], Awaitable[None]] | None = None
+        self.delivered_locally = 0  # records offered from this process's own appends
 
     @property
     def subscriber_count(self) -> int:
@@ -85,22 +100,29 @@ class LiveHub:
         return sum(len(subs) for subs in self._subscribers.values())
 
     async def run(self) -> None:
-        """Tail the change stream forever, reopening it after a break (subscribers then re-check the log)."""
-        while True:
-            raise_if_cancelling()
-            try:
-                async for change in self.store.tail(resume_after=self._token, on_open=self._opened):
-                    self._dispatch(change.record)
-                    self._token = change.token
-            except asyncio.CancelledError:
-                raise
-            except HistoryLost:
-                log.warning("hub.history_lost", detail="reopening the change stream from now")
-                self._token = None
-            except PyMongoError as exc:  # keep serving; the stream reopens shortly
-                raise_if_cancelling(exc)
-                log.warning("hub.stream_error", error=str(exc))
-                await asyncio.sleep(0.5)
+        """Tail the change stream forever, reopening it after a break (subscribers then re-check the log);
+        meanwhile deliver this process's own appends on their acknowledgement."""
+        stop_local = self.store.on_append(self._deliver_local)
+        try:
+            while True:
+                raise_if_cancelling()
+                try:
+                    async for change in self.store.tail(resume_after=self._token, on_open=self._opened):
+                        if self.stream_delay is not None:
+                            await self.stream_delay(change.record)
+                        self._dispatch(change.record)
+                        self._token = change.token
+                except asyncio.CancelledError:
+                    raise
+                except HistoryLost:
+                    log.warning("hub.history_lost", detail="reopening the change stream from now")
+                    self._token = None
+                except PyMongoError as exc:  # keep serving; the stream reopens shortly
+                    raise_if_cancelling(exc)
+                    log.warning("hub.stream_error", error=str(exc))
+                    await asyncio.sleep(0.5)
+        finally:
+            stop_local()
 
     def _opened(self) -> None:
         self._ready.set()
@@ -117,6 +139,16 @@ class LiveHub:
         EVENTS_SEEN.labels(record.type).inc()
         for subscriber in self._subscribers.get(record.chat_id, ()):
             subscriber.offer(record)
+
+    def _deliver_local(self, records: Sequence[Record]) -> None:
+        """Records this process appended, acknowledged by the database: to the chat's subscribers now."""
+        subscribers = self._subscribers.get(records[0].chat_id)
+        if not subscribers:
+            return
+        for record in records:
+            for subscriber in subscribers:
+                subscriber.offer(record)
+        self.delivered_locally += len(records)
 
     @contextlib.asynccontextmanager
     async def _listen(

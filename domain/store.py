@@ -229,6 +229,18 @@ class MongoEventStore:
         self._heads: OrderedDict[str, tuple[int, str]] = OrderedDict()
         # _id -> Record of inserts seen on change streams: every tail of this process shares one decode.
         self._inserted: OrderedDict[Any, Record] = OrderedDict()
+        # Called with each chat's records this process appended, once the database acknowledged them.
+        self._appended: list[Callable[[Sequence[Record]], None]] = []
+
+    def on_append(self, listener: Callable[[Sequence[Record]], None]) -> Callable[[], None]:
+        """Call `listener` with the records each append of this process stored (one chat's, in seq
+        order), as soon as the write is acknowledged; returns the function that stops it.
+
+        The live hub delivers them to its subscribers from here, without waiting for the change
+        stream to bring them back; a listener must not block (it runs in the appender's task).
+        """
+        self._appended.append(listener)
+        return lambda: self._appended.remove(listener) if listener in self._appended else None
 
     async def ensure_indexes(self) -> None:
         """Create the indexes the log relies on (idempotent; never drops anything)."""
@@ -313,6 +325,8 @@ class MongoEventStore:
             head_seq, head_hash = docs[-1]["seq"], docs[-1]["hash"]
         if landed:
             self._remember_head(chat_id, head_seq, head_hash)
+            for listener in list(self._appended):
+                listener(landed)
         return landed
 
     async def finish_run(self, stream: StreamRef, run_id: str, events: Sequence[Pending]) -> Record:

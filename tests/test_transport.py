@@ -22,7 +22,7 @@ from websockets.uri import parse_uri
 from app.observability import WS_CLIENTS, WS_CLOSED
 from app.runs.supervisor import chat_state
 from domain.events import InputRequested, MessageAgent, Pending, RunStarted, StreamRef
-from domain.store import MongoEventStore
+from domain.store import MongoEventStore, ReplayDone
 
 LOCAL = StreamRef(chat_id="", app_id="local", user_id="local", workflow="Analyzer")
 
@@ -474,3 +474,39 @@ async def test_control_frames_act_on_the_socket_s_own_chat_only(store, db, start
     assert await stop_mark("b-mine") == {"by": "local"}
     assert await stop_mark("a-other") is None
     assert [r.type async for r in store.read("a-other")] == ["run.started", "input.requested"]
+
+
+async def test_the_writing_node_delivers_on_the_acknowledgement_and_another_node_by_its_stream(
+    start_node,
+) -> None:
+    """Node A's subscriber gets A's appends while A's change stream is held back, and never twice
+    once it comes through; node B's subscriber gets them by B's change stream."""
+    node_a, node_b = await start_node(), await start_node()
+    hub_a, hub_b = node_a.runtime.hub, node_b.runtime.hub
+    gate, streamed = asyncio.Event(), []
+
+    async def held(record: Any) -> None:
+        if record.chat_id == "local-first":
+            await gate.wait()
+            streamed.append(record.seq)
+
+    hub_a.stream_delay = held
+    on_a, on_b = hub_a.subscribe("local-first"), hub_b.subscribe("local-first")
+    assert isinstance(await anext(on_a), ReplayDone) and isinstance(await anext(on_b), ReplayDone)
+    await seed_chat(node_a.runtime.store, "local-first", 2)
+    async with asyncio.timeout(30):
+        got_a = [(await anext(on_a)).seq, (await anext(on_a)).seq]
+        got_b = [(await anext(on_b)).seq, (await anext(on_b)).seq]
+    assert got_a == [1, 2] and streamed == [], "node A waited for its change stream"
+    assert got_b == [1, 2] and hub_b.delivered_locally == 0, "node B got A's records other than by its stream"
+    gate.set()
+    async with asyncio.timeout(30):
+        while streamed != [1, 2]:  # bounded: the stream delivers what it held back
+            await asyncio.sleep(0.01)
+    await seed_chat(node_a.runtime.store, "local-first", 1)
+    async with asyncio.timeout(30):
+        assert (await anext(on_a)).seq == 3, "node A delivered a record twice"
+        assert (await anext(on_b)).seq == 3
+    assert hub_a.delivered_locally >= 3
+    await on_a.aclose()
+    await on_b.aclose()
