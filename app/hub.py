@@ -84,9 +84,12 @@ class _Subscriber:
 class LiveHub:
     """Tails the log once and fans records out to per-chat subscribers of this process."""
 
-    def __init__(self, store: MongoEventStore, queue_bound: int = 1000) -> None:
+    def __init__(
+        self, store: MongoEventStore, queue_bound: int = 1000, stream_interval_s: float = 0.0
+    ) -> None:
         self.store = store
         self.queue_bound = queue_bound
+        self.stream_interval_s = stream_interval_s  # the change stream asks at most this often
         self._subscribers: dict[str, set[_Subscriber]] = {}
         self._ready = asyncio.Event()
         self._token: Mapping[str, Any] | None = None
@@ -107,7 +110,9 @@ class LiveHub:
             while True:
                 raise_if_cancelling()
                 try:
-                    async for change in self.store.tail(resume_after=self._token, on_open=self._opened):
+                    async for change in self.store.tail(
+                        resume_after=self._token, on_open=self._opened, min_interval_s=self.stream_interval_s
+                    ):
                         if self.stream_delay is not None:
                             await self.stream_delay(change.record)
                         self._dispatch(change.record)

@@ -16,6 +16,10 @@ outcome is that of its own batch inserted alone with `ordered=True`:
   that insert; `store.append` retries, and re-sent records are recognised by their `_id`.
 A caller cancelled before its batch is sent is left out; once sent, its records may land, as with
 an insert of its own.
+
+With `ordered=False` (documents independent of each other: model I/O parts), any batches go
+together in one unordered insert, and a batch's write errors are all reported to its caller (a
+`BulkWriteError` holding them, indexed from the batch's first document).
 """
 
 from __future__ import annotations
@@ -44,9 +48,12 @@ class _Batch:
 class GroupCommit:
     """One collection's inserts, grouped while an insert is in flight (see the module's text)."""
 
-    def __init__(self, collection: AsyncCollection[Any], max_docs: int = MAX_DOCS) -> None:
+    def __init__(
+        self, collection: AsyncCollection[Any], max_docs: int = MAX_DOCS, *, ordered: bool = True
+    ) -> None:
         self.collection = collection
         self.max_docs = max_docs
+        self.ordered = ordered
         self._waiting: deque[_Batch] = deque()
         self._sending: asyncio.Task[None] | None = None
         self.inserts = 0  # inserts sent (a test and the benchmarks read it)
@@ -87,7 +94,7 @@ class GroupCommit:
             batch = self._waiting.popleft()
             if batch.done.done():  # its caller was cancelled while it waited: not sent
                 continue
-            chat = batch.docs[0].get("chat_id")
+            chat = batch.docs[0].get("chat_id") if self.ordered else object()
             if chat in chats or (group and size + len(batch.docs) > self.max_docs):
                 later.append(batch)
                 continue
@@ -100,7 +107,7 @@ class GroupCommit:
     async def _send(self, group: list[_Batch]) -> None:
         docs = [doc for batch in group for doc in batch.docs]
         # One record per batch: each is independent of the others, so a conflict stops none of them.
-        ordered = any(len(batch.docs) > 1 for batch in group)
+        ordered = self.ordered and any(len(batch.docs) > 1 for batch in group)
         try:
             self.inserts += 1
             await self.collection.insert_many(docs, ordered=ordered)
@@ -131,12 +138,13 @@ class GroupCommit:
         untried: list[_Batch] = []
         for batch in group:
             end = start + len(batch.docs)
-            failed = next((i for i in range(start, end) if i in errors), None)
+            failed = [i for i in range(start, end) if i in errors]
             if stopped_at is not None and start > stopped_at:
                 untried.append(batch)
-            elif failed is not None:
-                error = {**errors[failed], "index": failed - start}
-                _fail(batch, BulkWriteError({"nInserted": failed - start, "writeErrors": [error]}))
+            elif failed:
+                own = [{**errors[i], "index": i - start} for i in failed]
+                inserted = failed[0] - start if ordered else len(batch.docs) - len(failed)
+                _fail(batch, BulkWriteError({"nInserted": inserted, "writeErrors": own}))
             elif not batch.done.done():
                 batch.done.set_result(None)
             start = end

@@ -23,6 +23,7 @@ from pymongo import WriteConcern
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
+from domain.commit import GroupCommit
 from domain.store import RetryPolicy, with_retries
 
 PARTS_COLLECTION: Final = "model_io_parts"
@@ -179,6 +180,9 @@ class PartStore:
         self.retry = retry or RetryPolicy()
         self.known: OrderedDict[str, None] = OrderedDict()
         self.inserts = 0
+        # Concurrent calls' parts go in one unordered insert while one is in flight (one database
+        # operation for many model calls under load; README "Performance").
+        self.commit = GroupCommit(self.collection, ordered=False)
 
     async def put(self, bodies: Mapping[str, bytes]) -> int:
         """Store the parts not known to be stored; returns how many were sent."""
@@ -189,7 +193,7 @@ class PartStore:
         async def insert() -> None:
             self.inserts += 1
             try:
-                await self.collection.insert_many(new, ordered=False)
+                await self.commit.insert(new)
             except BulkWriteError as exc:
                 others = [e for e in exc.details.get("writeErrors", []) if e.get("code") != _DUPLICATE_KEY]
                 if others or exc.details.get("writeConcernErrors"):

@@ -197,7 +197,11 @@ class EventStore(Protocol):
     ) -> AsyncIterator[Record]: ...
 
     def tail(
-        self, resume_after: Mapping[str, Any] | None = None, on_open: Callable[[], None] | None = None
+        self,
+        resume_after: Mapping[str, Any] | None = None,
+        on_open: Callable[[], None] | None = None,
+        *,
+        min_interval_s: float = 0.0,
     ) -> AsyncIterator[Change]: ...
 
     async def count(self, chat_id: str | None = None) -> int: ...
@@ -575,11 +579,18 @@ class MongoEventStore:
                 yield record
 
     async def tail(
-        self, resume_after: Mapping[str, Any] | None = None, on_open: Callable[[], None] | None = None
+        self,
+        resume_after: Mapping[str, Any] | None = None,
+        on_open: Callable[[], None] | None = None,
+        *,
+        min_interval_s: float = 0.0,
     ) -> AsyncIterator[Change]:
         """Every record appended from now on (or after `resume_after`), for all chats.
 
         `on_open` is called once the change stream is listening (before the first record).
+        With `min_interval_s`, the stream asks the server for more (a `getMore`) at most that often:
+        under load each ask brings a batch of records instead of one or two (measured: change-stream
+        getMores were the largest count of database operations per model call).
         Raises HistoryLost when the token is too old: the caller then catches up from the log.
         """
         pipeline = [{"$match": {"operationType": "insert"}}]
@@ -587,7 +598,17 @@ class MongoEventStore:
             async with await self.events.watch(pipeline, resume_after=resume_after) as stream:
                 if on_open is not None:
                     on_open()
-                async for change in stream:
+                fetched = 0.0  # when the last getMore (or the stream's first batch) came back
+                while True:
+                    fetch = min_interval_s > 0 and not _batch_left(stream)
+                    if fetch and (wait := fetched + min_interval_s - time.monotonic()) > 0:
+                        await asyncio.sleep(wait)
+                    try:
+                        change = await stream.next()
+                    except StopAsyncIteration:
+                        return
+                    if fetch:
+                        fetched = time.monotonic()
                     try:
                         record = self._decode_insert(change["fullDocument"])
                     except CorruptRecord:
@@ -678,6 +699,17 @@ class MongoEventStore:
         """A change stream over appends from now on (for a resume token, or the chats appended meanwhile)."""
         async with await self.events.watch(_INSERTS, max_await_time_ms=max_await_time_ms) as stream:
             yield Appends(stream)
+
+
+def _batch_left(stream: AsyncChangeStream[Any]) -> bool:
+    """Whether the change stream still holds records of its last batch (no `getMore` needed for the next).
+
+    PyMongo has no public way to ask; its cursor's `_has_next` answers (pinned PyMongo; without it,
+    every next counts as an ask and `min_interval_s` paces per record instead of per batch).
+    """
+    cursor = getattr(stream, "_cursor", None)
+    has_next = getattr(cursor, "_has_next", None)
+    return bool(has_next()) if callable(has_next) else False
 
 
 def _conforms(store: MongoEventStore) -> EventStore:

@@ -124,7 +124,10 @@ async def _background(name: str, coro: Any) -> AsyncIterator[asyncio.Task[Any]]:
 @contextlib.asynccontextmanager
 async def hub_lifespan(app: Litestar) -> AsyncIterator[None]:
     """One change stream per process, fanned out to WebSocket clients."""
-    hub = app.state.hub = LiveHub(app.state.store, app.state.settings.ws_queue_max)
+    settings: Settings = app.state.settings
+    hub = app.state.hub = LiveHub(
+        app.state.store, settings.ws_queue_max, stream_interval_s=settings.hub_stream_interval_ms / 1000
+    )
     async with _background("live-hub", hub.run()):
         await asyncio.wait_for(hub.wait_ready(), 30)
         yield
@@ -141,6 +144,7 @@ async def projections_lifespan(app: Litestar) -> AsyncIterator[None]:
         settings.prices_path,
         owner=settings.node_id,
         lease_ttl_s=settings.lease_ttl_s,
+        min_interval_s=settings.projection_interval_ms / 1000,
     )
     app.state.projections = runner
     async with _background("projection-runner", runner.run()):

@@ -4,8 +4,8 @@
 
 An OpenAI-compatible server answering every call after `--latency` seconds runs in ANOTHER process
 and counts the calls it holds at once; the runtime node (uvicorn, in this process) calls it over
-real HTTP through the real `openai` SDK. Each chat runs a three-agent RoundRobin workflow (three
-model calls in a row). For each size N, N chats are started together through `POST /api/chats`
+real HTTP through the real `openai` SDK. Each chat runs a three-agent RoundRobin workflow
+(`--turns`, default 8: seven model calls in a row). For each size N, N chats are started together through `POST /api/chats`
 and the benchmark waits for every run to end. Printed per N: wall time ÷ one chat's wall time,
 peak model calls in flight (at the model server), API p99 during the load ÷ idle (`GET
 /health/ready` and `GET /api/chats/{id}` probed every 50 ms), RSS per active run, CPU ms of this
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import json
 import multiprocessing
 import os
@@ -33,8 +35,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from collections import Counter
+
 import httpx
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, monitoring
 
 from app.embedded import EmbeddedMongo
 from app.settings import Settings
@@ -64,6 +68,9 @@ def model_server(port: int, latency: float, in_flight: Any, peak: Any, calls: An
         time.sleep(3600)
 
 
+TURNS = 8  # the user's message, then 7 model calls (`--turns`)
+
+
 def trio_workflow(root: Path) -> Path:
     folder = root / "workflows" / "Trio"
     folder.mkdir(parents=True)
@@ -72,7 +79,7 @@ def trio_workflow(root: Path) -> Path:
             {
                 "name": "Trio",
                 "orchestration_pattern": "RoundRobin",
-                "max_turns": len(AGENTS),
+                "max_turns": TURNS,
                 "visual_agents": list(AGENTS),
                 "entry_agent": AGENTS[0],
             }
@@ -105,6 +112,30 @@ def process_cpu_s(pid: int | None) -> float:
 OPS = ("insert", "query", "update", "delete", "getmore", "command")
 
 
+class CommandCounter(monitoring.CommandListener):
+    """`--attribute`: the node's commands by (name, collection), counted by a PyMongo listener."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def started(self, event: Any) -> None:
+        name = event.command_name
+        target = event.command.get(name)
+        if name == "getMore":
+            target = event.command.get("collection")
+        where = str(target) if isinstance(target, str) else "-"
+        if name == "find":  # which query: the filter's fields (and a limit)
+            shape = ",".join(sorted(event.command.get("filter", {})))
+            where += f" {{{shape}}}" + (" limit" if event.command.get("limit") else "")
+        self.counts[(name, where)] += 1
+
+    def succeeded(self, event: Any) -> None:
+        pass
+
+    def failed(self, event: Any) -> None:
+        pass
+
+
 async def opcounters(client: AsyncMongoClient[Any]) -> dict[str, int]:
     status = await client.admin.command("serverStatus")
     counters = status.get("opcounters", {})
@@ -117,16 +148,18 @@ async def bare_ag2(base_url: str, size: int) -> None:
     from autogen.agentchat import a_run_group_chat
     from autogen.agentchat.group.patterns import RoundRobinPattern
 
-    config = LLMConfig({"model": "gpt-4o-mini", "api_key": "sk-bench", "base_url": base_url})
+    # Streamed, as the node asks (the model server's latency and call count ride on the chunks).
+    config = LLMConfig({"model": "gpt-4o-mini", "api_key": "sk-bench", "base_url": base_url, "stream": True})
 
     async def one(i: int) -> None:
         agents = [ConversableAgent(name, llm_config=config, human_input_mode="NEVER") for name in AGENTS]
         pattern = RoundRobinPattern(initial_agent=agents[0], agents=agents)
-        response = await a_run_group_chat(pattern, f"topic {i}", max_rounds=len(AGENTS))
+        response = await a_run_group_chat(pattern, f"topic {i}", max_rounds=TURNS)
         async for _ in response.events:
             pass
 
-    await asyncio.gather(*(one(i) for i in range(size)))
+    with contextlib.redirect_stdout(io.StringIO()):  # AG2 prints every streamed chunk
+        await asyncio.gather(*(one(i) for i in range(size)))
 
 
 def p99(samples: list[float]) -> float:
@@ -164,6 +197,9 @@ async def load(node: Node, http: httpx.AsyncClient, size: int) -> tuple[float, i
     chats = [r.json()["chat_id"] for r in started]
     events = await node.runtime.store.events.count_documents({"chat_id": {"$in": chats}})
     return wall, events
+
+
+COUNTER: CommandCounter | None = None
 
 
 async def bench(uri: str, server_pid: int | None, sizes: list[int], latency: float) -> None:
@@ -208,7 +244,7 @@ async def bench(uri: str, server_pid: int | None, sizes: list[int], latency: flo
                 stop.set()
                 await prober
                 print(
-                    f"model latency {latency:g} s, 3 model calls per chat (RoundRobin of 3 agents), "
+                    f"model latency {latency:g} s, {TURNS} turns per chat (RoundRobin of 3 agents), "
                     f"MOZAIKS_MAX_CONCURRENT_LLM_CALLS={settings.max_concurrent_llm_calls}"
                 )
                 print(
@@ -225,18 +261,34 @@ async def bench(uri: str, server_pid: int | None, sizes: list[int], latency: flo
                     samples: list[float] = []
                     rss: list[float] = []
                     rss_before, cpu_before = rss_mb(), cpu_s()
-                    db_before, ops_before, calls_before = process_cpu_s(server_pid), await opcounters(admin), calls.value
+                    db_before, ops_before, calls_before = (
+                        process_cpu_s(server_pid),
+                        await opcounters(admin),
+                        calls.value,
+                    )
+                    applied_before = node.runtime.projections.applied
+                    if COUNTER is not None:
+                        COUNTER.counts.clear()
                     stop = asyncio.Event()
                     prober = asyncio.create_task(probe(http, probe_chat, stop, samples, rss))
                     wall, events = await load(node, http, size)
                     stop.set()
                     await prober
-                    await node.runtime.projections.wait_caught_up(120)
+                    # The projections' work for these chats counts too: wait until they applied every
+                    # record (read off the runner, not asked of the database: no operations of its own).
+                    runner = node.runtime.projections
+                    async with asyncio.timeout(120):
+                        while runner.applied < applied_before + events:
+                            await asyncio.sleep(0.05)
                     cpu = cpu_s() - cpu_before
                     db_cpu = process_cpu_s(server_pid) - db_before
                     ops_after = await opcounters(admin)
                     n_calls = max(calls.value - calls_before, 1)
                     ops = {k: (ops_after[k] - ops_before[k]) / n_calls for k in OPS}
+                    if COUNTER is not None:
+                        print(f"  {size} chats, the node's commands per model call:")
+                        for (name, target), count in COUNTER.counts.most_common(20):
+                            print(f"    {name:>16} {target:<44} {count / n_calls:7.2f}")
                     # Bare AG2, the same chats against the same model server, right after.
                     bare_before, bare_calls = cpu_s(), calls.value
                     await bare_ag2(f"http://127.0.0.1:{port}/v1", size)
@@ -268,10 +320,17 @@ async def bench(uri: str, server_pid: int | None, sizes: list[int], latency: flo
 
 
 def main() -> None:
+    global TURNS, COUNTER
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,50,200,500", help="comma-separated numbers of concurrent chats")
     parser.add_argument("--latency", type=float, default=1.0, help="model latency in seconds")
+    parser.add_argument("--turns", type=int, default=TURNS, help="turns per chat (the first is the user's)")
+    parser.add_argument("--attribute", action="store_true", help="count the node's commands by collection")
     args = parser.parse_args()
+    TURNS = args.turns
+    if args.attribute:
+        COUNTER = CommandCounter()
+        monitoring.register(COUNTER)
     from app.logging import configure_logging
 
     configure_logging("WARNING")
