@@ -576,6 +576,30 @@ async def test_log_of_many_chats_with_runner_restart_and_duplicates_equals_a_cle
     assert_same(live, await snapshot(db))
 
 
+async def test_rounds_coalesced_under_load_apply_each_record_once_with_a_rival_redelivering(
+    db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
+) -> None:
+    runner, _ = runners(ProjectionRunner(db, store, min_interval_s=0.2))
+    rounds: list[int] = []
+    runner.on_applied = lambda records, _at: rounds.append(len(records))
+    await runner.wait_caught_up(30)
+    rival = [ProjectionWriter(db, store, projector) for projector in default_projectors()]
+
+    async def redeliver() -> None:  # another runner applying what it sees, repeats included
+        by_chat: dict[str, list[Record]] = {}
+        async for record in store.find():
+            by_chat.setdefault(record.chat_id, []).append(record)
+        await asyncio.gather(*(writer.apply(by_chat) for writer in rival))
+
+    await asyncio.gather(*(append_chats(store, 6, seed=s, prefix=f"load{s}") for s in range(4)), redeliver())
+    await runner.wait_caught_up(60)
+    live = await snapshot(db)
+    assert len(live["chat_metrics"]) == 24
+    assert len(rounds) < sum(rounds) / 2, f"rounds were not coalesced: {rounds}"
+    await rebuild(db, store)
+    assert_same(live, await snapshot(db))
+
+
 async def test_cancel_between_view_update_and_checkpoint_does_not_double_count(
     db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
 ) -> None:
