@@ -146,14 +146,21 @@ class LiveHub:
             subscriber.offer(record)
 
     def _deliver_local(self, records: Sequence[Record]) -> None:
-        """Records this process appended, acknowledged by the database: to the chat's subscribers now."""
-        subscribers = self._subscribers.get(records[0].chat_id)
-        if not subscribers:
-            return
-        for record in records:
-            for subscriber in subscribers:
-                subscriber.offer(record)
-        self.delivered_locally += len(records)
+        """Records this process appended, acknowledged by the database: to the chat's subscribers now.
+
+        Runs in the appender's task: it never raises into the append (the change stream brings
+        the records anyway).
+        """
+        try:
+            subscribers = self._subscribers.get(records[0].chat_id)
+            if not subscribers:
+                return
+            for record in records:
+                for subscriber in list(subscribers):
+                    subscriber.offer(record)
+            self.delivered_locally += len(records)
+        except Exception:  # a subscriber's bug must not fail a stored append
+            log.exception("hub.local_delivery_failed", chat_id=records[0].chat_id)
 
     @contextlib.asynccontextmanager
     async def _listen(
