@@ -197,20 +197,26 @@ def latency_process(tokens: int, counts: list[int], pace_ms: float, pipe: Any) -
     model.close()
 
 
-async def bench(uri: str, tokens: int, chats: int, counts: list[int], pace_ms: float) -> None:
+async def bench(
+    uri: str, tokens: int, chats: int, counts: list[int], pace_ms: float, throughput_too: bool = True
+) -> None:
     # Wide enough for 50 model calls in flight (AG2 runs each in the loop's default executor).
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=max(counts) + 16))
     db_name = f"bench_tokens_{os.getpid()}"
     with tempfile.TemporaryDirectory() as folder:
         workflows = solo_workflow(Path(folder))
-        print(
-            f"recorded tokens/s, {chats} concurrent chats, one {tokens}-token answer each, flush window {FLUSH_MS:g} ms"
-        )
-        off, total_off, _ = await throughput(uri, db_name, workflows, chats, tokens, streaming=False)
-        on, total_on, deltas = await throughput(uri, db_name, workflows, chats, tokens, streaming=True)
-        print(f"  streaming off {off:9.0f} tokens/s  ({total_off} tokens)")
-        print(f"  streaming on  {on:9.0f} tokens/s  ({total_on} tokens, {deltas} message.delta records)")
-        print(f"  ratio on/off: {on / off:.2f}x   records per 1,000 tokens: {deltas * 1000 / total_on:.1f}")
+        if throughput_too:
+            print(
+                f"recorded tokens/s, {chats} concurrent chats, one {tokens}-token answer each, "
+                f"flush window {FLUSH_MS:g} ms"
+            )
+            off, total_off, _ = await throughput(uri, db_name, workflows, chats, tokens, streaming=False)
+            on, total_on, deltas = await throughput(uri, db_name, workflows, chats, tokens, streaming=True)
+            print(f"  streaming off {off:9.0f} tokens/s  ({total_off} tokens)")
+            print(f"  streaming on  {on:9.0f} tokens/s  ({total_on} tokens, {deltas} message.delta records)")
+            print(
+                f"  ratio on/off: {on / off:.2f}x   records per 1,000 tokens: {deltas * 1000 / total_on:.1f}"
+            )
 
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
@@ -258,6 +264,9 @@ def main() -> None:
     parser.add_argument(
         "--pace-ms", type=float, default=0.0, help="server pause between chunks (0: zero latency)"
     )
+    parser.add_argument(
+        "--latency-only", action="store_true", help="skip the tokens/s comparison (delta latency only)"
+    )
     parser.add_argument("--flush-ms", type=float, default=FLUSH_MS, help="MOZAIKS_STREAM_FLUSH_MS")
     args = parser.parse_args()
     globals()["FLUSH_MS"] = args.flush_ms
@@ -266,7 +275,14 @@ def main() -> None:
     configure_logging("WARNING")
     with benchmark_mongo_uri() as uri:
         asyncio.run(
-            bench(uri, args.tokens, args.chats, [int(n) for n in args.streams.split(",")], args.pace_ms)
+            bench(
+                uri,
+                args.tokens,
+                args.chats,
+                [int(n) for n in args.streams.split(",")],
+                args.pace_ms,
+                throughput_too=not args.latency_only,
+            )
         )
 
 
