@@ -27,6 +27,7 @@ from autogen.agentchat.groupchat import GroupChat
 from autogen.oai.client import PlaceHolderClient
 
 from app.runs.clients import CLIENT_CLASS_NAME, MozaiksModelClient
+from app.runs.ui import UiDesk, register_ui_tool
 from app.runs.workflows import GROUP_MANAGER, Tool, Workflow
 from domain.manifest import AgentSpec
 
@@ -92,6 +93,7 @@ def bind_tool(
     changed is emitted as a ContextNote right after the call (so before AG2's tool-result event).
     """
     function = tool.function
+    assert function is not None  # UI tools are registered by `register_ui_tool`
     signature = inspect.signature(function)
     if "context" not in signature.parameters:
         return function
@@ -153,6 +155,7 @@ def build_team(
     context: ContextVariables,
     default_model: str,
     emit: Callable[[Any], None] | None = None,
+    ui: UiDesk | None = None,
 ) -> Team:
     """Build the workflow's agents (tools only from tools.json), handoffs and AG2 pattern."""
     agents: dict[str, ConversableAgent] = {}
@@ -178,6 +181,11 @@ def build_team(
         keep_client_registered(agent, client_cls)
         for name in spec.tools:
             tool = workflow.tools[name]
+            if tool.spec.ui is not None:
+                if ui is not None:
+                    register_ui_tool(agent, tool, ui)
+                continue
+            assert tool.function is not None  # only a UI tool may have none
             agent.register_for_llm(name=name, description=tool.description, silent_override=True)(
                 bind_tool(tool, context, emit)
             )

@@ -38,6 +38,7 @@ from app.runs.clients import (
 )
 from app.runs.pool import model_calls
 from app.runs.recorder import RunMapper
+from app.runs.ui import UiDesk, UiNote, exchange_messages, fold_exchanges, record_outcome
 from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
 from domain.cancellation import raise_if_cancelling
@@ -53,6 +54,7 @@ from domain.events import (
     RunStarted,
     RunStopped,
     StreamRef,
+    UiExpired,
     new_id,
 )
 from domain.store import MongoEventStore
@@ -329,14 +331,23 @@ def merged(items: list[Any]) -> list[Any]:
 
 
 def conversation(history: list[Record], user_name: str | None) -> str | list[dict[str, Any]]:
-    """The chat so far as AG2 messages: user text, agents' messages, answers to input requests.
+    """The chat so far as AG2 messages: user text, agents' messages, answers to input requests, and
+    each UI tool call with its result (the user's answer), in place.
 
     User messages carry the workflow's user agent name when it has one; AG2 rejects any other
     name that is not a group agent, so without a user agent they go unnamed.
     """
     messages: list[dict[str, Any]] = []
     user = {"name": user_name} if user_name else {}
+    answered = {
+        exchange.result.id: exchange
+        for exchange in fold_exchanges(history).values()
+        if exchange.result is not None and exchange.called is not None and exchange.called.agent
+    }
     for record in history:
+        if record.id in answered:
+            messages.extend(exchange_messages(answered[record.id]))
+            continue
         match record.type:
             case "message.user":
                 messages.append({"role": "user", **user, "content": record.data["content"]})
@@ -396,6 +407,19 @@ class _RunSession:
         self.stop_by: str | None = None
         self.stop_logged = False
         self.ended_by_other: str | None = None
+        self.ui: UiDesk | None = None
+
+    async def expire_request(self, request_id: str) -> None:
+        """Record that a UI request of this run expired, unless the log has closed it already."""
+        with contextlib.suppress(MozaiksError):
+            await record_outcome(
+                self.o.store,
+                self.stream,
+                request_id,
+                UiExpired(request_id=request_id),
+                tools=self.workflow.tools,
+                live_run=self.run_id,
+            )
 
     async def append(self, pendings: list[Pending]) -> None:
         """Record a burst of the run's events; past the retry budget the run ends as failed (storage)."""
@@ -456,6 +480,7 @@ class _RunSession:
             visual_agents=self.workflow.visual_agents,
             user_agent=user_agent or "_User",
         )
+        self.ui = UiDesk(emit, self.expire_request)
         watcher = asyncio.create_task(self.watch(), name=f"watch-{self.run_id}")
         pump: asyncio.Task[None] | None = None
         response: Any = None
@@ -467,6 +492,7 @@ class _RunSession:
                     context=context,
                     default_model=self.o.settings.openai_model,
                     emit=emit,
+                    ui=self.ui,
                 )
                 with model_calls():  # AG2's run task inherits the mark: its executor work is model calls
                     response = await a_run_group_chat(
@@ -560,6 +586,9 @@ class _RunSession:
             elif isinstance(item, ContextNote):
                 pendings.append(mapper.map_context(item))
                 self.report.runtime_events += 1
+            elif isinstance(item, UiNote):
+                pendings.append(mapper.map_ui(item))
+                self.report.runtime_events += 1
             elif isinstance(item, LlmCallNote):
                 pendings.append(mapper.map_note(item))
                 self.report.runtime_events += 1
@@ -627,6 +656,8 @@ class _RunSession:
 
     def observe(self, record: Record) -> bool:
         """Act on one record of the chat's log; True when the run is to stop."""
+        if self.ui is not None:
+            self.ui.observe(record)
         if record.type == "input.received":
             received = record.event
             assert isinstance(received, InputReceived)

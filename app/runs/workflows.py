@@ -50,12 +50,13 @@ class Tool(msgspec.Struct, frozen=True, kw_only=True):
     """A tool of tools.json resolved to its Python function."""
 
     spec: ToolSpec
-    function: Callable[..., Any]
+    # None only for a UI tool without a function (its result is the user's answer itself).
+    function: Callable[..., Any] | None
 
     @property
     def description(self) -> str:
         """The manifest's description, else the first line of the function's docstring."""
-        doc = inspect.getdoc(self.function) or ""
+        doc = (inspect.getdoc(self.function) or "") if self.function is not None else ""
         return self.spec.description or (doc.splitlines()[0] if doc else self.spec.name)
 
 
@@ -195,16 +196,26 @@ def _resolve_tools(name: str, manifest: ToolsManifest, problems: list[ManifestEr
                 ManifestError(name, TOOLS_FILE, f"{where}.name", f"tool {spec.name!r} is declared twice")
             )
             continue
-        function = _import_tool(name, spec, f"{where}.function", problems)
+        if spec.function is None:
+            if spec.ui is None:
+                problems.append(
+                    ManifestError(
+                        name, TOOLS_FILE, f"{where}.function", "a tool needs a function (or a `ui`)"
+                    )
+                )
+            else:
+                tools[spec.name] = Tool(spec=spec, function=None)
+            continue
+        function = _import_tool(name, spec.function, f"{where}.function", problems)
         if function is not None:
             tools[spec.name] = Tool(spec=spec, function=function)
     return tools
 
 
 def _import_tool(
-    name: str, spec: ToolSpec, where: str, problems: list[ManifestError]
+    name: str, target: str, where: str, problems: list[ManifestError]
 ) -> Callable[..., Any] | None:
-    module_name, _, attr = spec.function.partition(":")
+    module_name, _, attr = target.partition(":")
     # Workflows are data: they may only name functions of the runtime's own `tools` package.
     if (
         not (module_name == "tools" or module_name.startswith("tools."))
@@ -212,7 +223,7 @@ def _import_tool(
         or not attr.isidentifier()
     ):
         problems.append(
-            ManifestError(name, TOOLS_FILE, where, f"{spec.function!r} must be 'tools.<module>:<function>'")
+            ManifestError(name, TOOLS_FILE, where, f"{target!r} must be 'tools.<module>:<function>'")
         )
         return None
     try:
