@@ -1,6 +1,6 @@
 """UI tools on real nodes (real wire server, real HTTP and WebSocket): a form answered by WebSocket
 and the rest by REST, bad answers refused with nothing recorded, a pending form surviving its node,
-and a timeout that records `ui.expired` while the run goes on."""
+a timeout that records `ui.expired` while the run goes on, and an AG-UI client answering with a tool message."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from ag_ui.core import RunAgentInput
 from websockets.asyncio.client import connect
 
 from app.http.auth import issue_token
 from domain.events import Record
 from domain.store import MongoEventStore
 from tests.llm_server import Reply, StreamingModel, ToolCall, text_reply
+from tests.test_agui import body, read_sse
 
 SECRET = "test-secret-of-at-least-thirty-two-bytes!"
 FORM = {
@@ -231,3 +233,41 @@ async def test_a_timeout_records_ui_expired_and_the_run_goes_on(
     assert types_of(records, confirm) == ["ui.requested", "ui.expired", "tool.result"]
     result = next(r for r in records if r.type == "tool.result")
     assert result.data["content"].startswith("No answer")
+
+
+async def test_agui_client_gets_the_tool_call_and_an_interrupt_then_answers_with_a_tool_message(
+    start_node: Any, tmp_path: Path
+) -> None:
+    workflows = ui_workflow(tmp_path, {"component": "confirm"}, {"question": "Go ahead?"})
+    node = await start_node(workflows_path=workflows)
+    thread = "agui-ui-thread"
+    user = {"id": "m1", "role": "user", "content": "hello"}
+    async with httpx.AsyncClient(base_url=node.url, timeout=30) as http:
+        first = body(thread, ("m1", "hello"))
+        async with http.stream("POST", "/ag-ui/Asker", json=first) as response:
+            events = [e.event for e in await read_sse(response)]
+        types = [e["type"] for e in events]
+        assert [t for t in types if "TOOL" in t] == ["TOOL_CALL_START", "TOOL_CALL_ARGS", "TOOL_CALL_END"]
+        start = next(e for e in events if e["type"] == "TOOL_CALL_START")
+        args = next(e for e in events if e["type"] == "TOOL_CALL_ARGS")
+        assert start["toolCallName"] == "ask" and json.loads(args["delta"]) == {"question": "Go ahead?"}
+        finished = events[-1]
+        assert finished["type"] == "RUN_FINISHED" and finished["outcome"]["type"] == "interrupt"
+        [interrupt] = finished["outcome"]["interrupts"]
+        assert interrupt["toolCallId"] == start["toolCallId"] and interrupt["reason"] == "ui_required"
+        assert interrupt["responseSchema"] == {"type": "boolean"}
+
+        def answering(content: str, run: str) -> dict[str, Any]:
+            tool = {"id": f"t-{run}", "role": "tool", "toolCallId": start["toolCallId"], "content": content}
+            payload = {"threadId": thread, "runId": run, "messages": [user, tool]}
+            RunAgentInput.model_validate(payload)
+            return payload
+
+        bad = await http.post("/ag-ui/Asker", json=answering('"perhaps"', "r2"))
+        assert (bad.status_code, bad.json()["error"]) == (422, "invalid_answer"), bad.text
+        async with http.stream("POST", "/ag-ui/Asker", json=answering("true", "r3")) as response:
+            assert response.status_code == 200
+            events = [e.event for e in await read_sse(response)]
+    result = next(e for e in events if e["type"] == "TOOL_CALL_RESULT")
+    assert result["toolCallId"] == start["toolCallId"] and result["content"] == "true"
+    assert events[-1]["type"] == "RUN_FINISHED" and events[-1]["outcome"]["type"] == "success"
