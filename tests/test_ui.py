@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,17 @@ from ag_ui.core import RunAgentInput
 from websockets.asyncio.client import connect
 
 from app.http.auth import issue_token
-from domain.events import Record
+from domain.events import (
+    ChatCreated,
+    LlmCall,
+    MessageUser,
+    Pending,
+    Record,
+    RunStarted,
+    StreamRef,
+    ToolCalled,
+    UiRequested,
+)
 from domain.store import MongoEventStore
 from tests.llm_server import Reply, StreamingModel, ToolCall, text_reply
 from tests.test_agui import body, read_sse
@@ -271,3 +282,57 @@ async def test_agui_client_gets_the_tool_call_and_an_interrupt_then_answers_with
     result = next(e for e in events if e["type"] == "TOOL_CALL_RESULT")
     assert result["toolCallId"] == start["toolCallId"] and result["content"] == "true"
     assert events[-1]["type"] == "RUN_FINISHED" and events[-1]["outcome"]["type"] == "success"
+
+
+async def test_an_answer_while_a_dead_nodes_lease_lingers_continues_the_chat_after_the_sweep(
+    start_node: Any, store: MongoEventStore, db: Any, tmp_path: Path
+) -> None:
+    # A node died (no shutdown) while its run waited on a form: its records and its lease are all
+    # that is left. The answer comes while the lease still looks alive.
+    workflows = ui_workflow(tmp_path, {"component": "form"}, {})
+    node = await start_node(workflows_path=workflows, lease_ttl_s=0.6)
+    expires = datetime.now(UTC) + timedelta(seconds=2)
+    await db["chat_leases"].insert_one(
+        {"_id": "crashed", "owner": "dead", "run_id": "r-dead", "expires_at": expires}
+    )
+    chat = StreamRef(chat_id="crashed", app_id="local", user_id="local", workflow="Asker")
+    arguments = json.dumps({"title": "Team", "schema": FORM})
+    await store.append(
+        chat,
+        [
+            Pending(event=ChatCreated(offline=True)),
+            Pending(event=MessageUser(content="hello")),
+            Pending(event=RunStarted(pattern="Default", max_turns=6, offline=True), run_id="r-dead"),
+            Pending(event=LlmCall(model="offline", offline=True), agent="Asker", run_id="r-dead"),
+            Pending(
+                event=ToolCalled(tool="ask", call_id="c1", arguments=arguments),
+                agent="Asker",
+                run_id="r-dead",
+            ),
+            Pending(
+                event=UiRequested(
+                    request_id="q1",
+                    tool_call_id="c1",
+                    tool="ask",
+                    component="form",
+                    props=json.loads(arguments),
+                ),
+                agent="Asker",
+                run_id="r-dead",
+            ),
+        ],
+        expected_seq=0,
+    )
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        sent = await http.post("/api/chats/crashed/ui/q1", json={"answer": {"name": "Ada", "team_size": 2}})
+        assert sent.status_code == 202, sent.text
+    records = await records_until(
+        store,
+        "crashed",
+        lambda rs: rs[-1].type in ("run.completed", "run.failed") and rs[-1].run_id != "r-dead",
+        "the continuing run's end",
+    )
+    assert records[-1].type == "run.completed", records[-1].data
+    kinds = [r.type for r in records if r.run_id == "r-dead" or r.type.startswith("ui.")]
+    assert kinds[-4:] == ["ui.requested", "ui.responded", "run.failed", "tool.result"]
+    assert [r.data["content"] for r in records if r.type == "message.agent"] == ["Done."]

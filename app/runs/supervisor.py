@@ -24,10 +24,17 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from app.observability import RUN_OUTCOMES
 from app.runs.orchestrator import Orchestrator, RunNotRecorded, failure_reason
-from app.runs.ui import UiRequestClosed, UnknownUiRequest, expiry, record_outcome
+from app.runs.ui import (
+    UiRequestClosed,
+    UnknownUiRequest,
+    expiry,
+    read_ledger,
+    record_outcome,
+    result_pending,
+)
 from app.settings import Settings
 from domain.cancellation import raise_if_cancelling
-from domain.errors import MozaiksError, StorageUnavailable, UnknownChat
+from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownChat
 from domain.events import (
     TERMINAL_TYPES,
     InputReceived,
@@ -344,15 +351,35 @@ class RunSupervisor:
         tools = self.orchestrator.workflows.get(state.stream.workflow).tools
         if lease is not None:
             live = state.active_run or str(lease.get("run_id"))
-            return await record_outcome(
+            records = await record_outcome(
                 self.store, state.stream, outcome.request_id, outcome, tools=tools, live_run=live
             )
+            if (await self._lease_of_live_run(chat_id))[0] is None:
+                await self.continue_answered(state.stream)  # the run ended meanwhile: nobody took it
+            return records
         with self.admission():
             records = await record_outcome(
                 self.store, state.stream, outcome.request_id, outcome, tools=tools, live_run=None
             )
             await self.start(state.stream, ended=ended, admitted=True)
         return records
+
+    async def continue_answered(self, stream: StreamRef) -> bool:
+        """After a run was recorded interrupted: UI requests answered (or expired) while it seemed alive
+        get their tool results, and a new run continues the chat. False when there were none."""
+        ledger = await read_ledger(self.store, stream.chat_id)
+        tools = self.orchestrator.workflows.get(stream.workflow).tools
+        pendings = [
+            result_pending(e, e.outcome, tools)
+            for e in ledger.exchanges.values()
+            if e.outcome is not None and e.result is None
+        ]
+        if not pendings:
+            return False
+        with contextlib.suppress(Conflict, RunActive, NodeBusy):  # the next sweep tries again
+            await self.store.append(stream, pendings, expected_seq=ledger.last_seq)
+            await self.start(stream)
+        return True
 
     async def expire_due(self) -> int:
         """Record `ui.expired` for every open UI request past its `expires_at` (any node's, or a dead one's).
@@ -431,6 +458,7 @@ class RunSupervisor:
         (a node that lost its lease without recording the run's end). Returns how many it recorded.
         """
         recovered = 0
+        interrupted: list[StreamRef] = []
         now = datetime.now(UTC)
         async for lease in self.leases.find({"expires_at": {"$lt": now}}):
             # Take the expired lease over atomically, so only one node records the interruption.
@@ -444,9 +472,13 @@ class RunSupervisor:
                 state = await chat_state(self.store, lease["_id"])
                 if state.active_run is not None:
                     why = f"node {lease['owner']} stopped while running"
-                    recovered += await self._interrupt(state.stream, state.active_run, why)
+                    if await self._interrupt(state.stream, state.active_run, why):
+                        recovered += 1
+                        interrupted.append(state.stream)
             # Only once the run's end is recorded: a failure above leaves the lease to expire and be retried.
             await self.leases.delete_one({"_id": lease["_id"], "owner": self.node})
+        for stream in interrupted:
+            await self.continue_answered(stream)
         if not sessions:
             return recovered
         going = self.store.db[SESSIONS].find({"status": {"$in": ["running", "waiting_input"]}}, {"_id": 1})

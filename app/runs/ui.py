@@ -229,6 +229,20 @@ def fold_exchanges(records: list[Record]) -> dict[str, Exchange]:
     return exchanges
 
 
+def result_pending(
+    exchange: Exchange, outcome: UiResponded | UiExpired, tools: Mapping[str, Tool]
+) -> Pending:
+    """The `tool.result` of a request whose run is gone (nobody waits in the tool to return it)."""
+    request = exchange.request
+    content = result_text(tools.get(request.tool), request, outcome)
+    return Pending(
+        event=ToolResult(tool=request.tool, call_id=request.tool_call_id, content=content),
+        agent=exchange.record.agent,
+        run_id=exchange.record.run_id,
+        visible=exchange.called.visible if exchange.called is not None else True,
+    )
+
+
 async def read_ledger(store: MongoEventStore, chat_id: str) -> UiLedger:
     """The chat's UI requests as its log has them now, with the seq an append must follow."""
     last_seq = await store.last_seq(chat_id)  # first: the requests read next are at least this new
@@ -268,16 +282,7 @@ async def record_outcome(
             check_answer(request, outcome.answer)
         pendings = [Pending(event=outcome, run_id=exchange.record.run_id, agent=exchange.record.agent)]
         if exchange.record.run_id != live_run and exchange.result is None:
-            content = result_text(tools.get(request.tool), request, outcome)
-            result = ToolResult(tool=request.tool, call_id=request.tool_call_id, content=content)
-            pendings.append(
-                Pending(
-                    event=result,
-                    agent=exchange.record.agent,
-                    run_id=exchange.record.run_id,
-                    visible=exchange.called.visible if exchange.called is not None else True,
-                )
-            )
+            pendings.append(result_pending(exchange, outcome, tools))
         try:
             return await store.append(stream, pendings, expected_seq=ledger.last_seq)
         except Conflict:
