@@ -2,6 +2,7 @@
 
 import { Marked } from "../vendor/marked.esm.js";
 import DOMPurify from "../vendor/purify.es.js";
+import { UiRequests } from "./ui.js";
 
 const TERMINAL = new Set(["run.completed", "run.failed", "run.stopped"]);
 // Recorded for audit and metrics; shown only when the user asks for internal events.
@@ -142,6 +143,7 @@ export class ChatView {
   constructor(root, hooks) {
     this.root = root;
     this.hooks = hooks;
+    this.ui = new UiRequests(root, hooks);
     this.reset(null);
   }
 
@@ -170,6 +172,7 @@ export class ChatView {
     this.status = "unknown";
     this.offline = false;
     this.root.replaceChildren();
+    this.ui.reset();
   }
 
   /** Render one record unless it is hidden or already shown; returns true when rendered. */
@@ -312,6 +315,15 @@ export class ChatView {
       }
       case "tool.called":
         this.#toolCalled(record, data, agent);
+        break;
+      case "ui.requested":
+        this.ui.requested(record, live);
+        break;
+      case "ui.responded":
+        this.ui.responded(record);
+        break;
+      case "ui.expired":
+        this.ui.expired(record);
         break;
       case "tool.result":
         this.#toolResult(record, data);
