@@ -144,7 +144,9 @@ async def bench(uri: str, chats: int, answers: int, idle_s: float) -> None:
         )
         node = await Node(settings).start()
         try:
-            async with httpx.AsyncClient(base_url=node.url, timeout=120) as http:
+            # No kept-alive connections: uvicorn closing an idle one as a request goes out fails it.
+            limits = httpx.Limits(max_keepalive_connections=0)
+            async with httpx.AsyncClient(base_url=node.url, timeout=120, limits=limits) as http:
                 # Warm up (imports, first runs), then the baselines with nothing waiting.
                 one = await start_waiting(node, http, 1)
                 base_latency = await answer_latencies(node, http, one)
