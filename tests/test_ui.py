@@ -181,6 +181,10 @@ async def test_intake_answered_by_websocket_and_rest_bad_answers_recording_nothi
     panels = [r for r in records if r.type == "ui.requested" and r.data["component"] == "artifact"]
     assert [p.data["props"]["artifact_id"] for p in panels] == ["summary", "summary"]
     assert "confirmed" in panels[-1].data["props"]["content"]
+    # The AgentDriven start's hidden first message, and the recorder's structured record at the end.
+    assert records[1].type == "message.user" and not records[1].visible
+    filed = [r for r in records if r.type == "message.agent" and r.agent == "Recorder"]
+    assert filed[-1].data["structured"] == {"name": "Ada", "plan": "Team", "team_size": 3, "confirmed": True}
 
 
 async def test_a_pending_form_survives_its_node_and_the_answer_continues_the_chat(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -132,6 +133,30 @@ async def answer_latencies(node: Node, http: httpx.AsyncClient, chats: list[str]
     return latencies
 
 
+def report(
+    chats: int,
+    started_s: float,
+    rss_before: float,
+    rss_waiting: float,
+    cpu_before: float,
+    cpu_waiting: float,
+    latencies: list[float],
+    base_latency: list[float],
+) -> None:
+    print(f"{chats} chats waiting on a form (started in {started_s:.1f} s)")
+    print(
+        f"RSS: {rss_before:.0f} MB before, {rss_waiting:.0f} MB waiting: +{rss_waiting - rss_before:.0f} MB "
+        f"({(rss_waiting - rss_before) * 1024 / chats:.0f} KB per waiting chat; ÷ before {rss_waiting / rss_before:.2f}×)"
+    )
+    print(
+        f"CPU while waiting: {cpu_waiting * 100:.1f} % of a core (nothing waiting: {cpu_before * 100:.1f} %)"
+    )
+    print(
+        f"answer → next record: p50 {statistics.median(latencies):.0f} ms, p99 {pct(latencies, 0.99):.0f} ms "
+        f"over {len(latencies)} answers (one waiting chat: {statistics.median(base_latency):.0f} ms)"
+    )
+
+
 async def bench(uri: str, chats: int, answers: int, idle_s: float) -> None:
     with tempfile.TemporaryDirectory() as folder:
         settings = Settings(
@@ -160,23 +185,15 @@ async def bench(uri: str, chats: int, answers: int, idle_s: float) -> None:
                 rss_waiting = rss_mb()
                 cpu_waiting = await idle_cpu(idle_s)
                 latencies = await answer_latencies(node, http, waiting[:answers])
+            report(
+                chats, started_s, rss_before, rss_waiting, cpu_before, cpu_waiting, latencies, base_latency
+            )
         finally:
-            await node.stop()
+            with contextlib.suppress(TimeoutError):  # shutting hundreds of waiting runs down takes a while
+                await node.stop()
             client: AsyncMongoClient[Any] = AsyncMongoClient(uri)
             await client.drop_database(settings.db_name)
             await client.close()
-    print(f"{chats} chats waiting on a form (started in {started_s:.1f} s)")
-    print(
-        f"RSS: {rss_before:.0f} MB before, {rss_waiting:.0f} MB waiting: +{rss_waiting - rss_before:.0f} MB "
-        f"({(rss_waiting - rss_before) * 1024 / chats:.0f} KB per waiting chat; ÷ before {rss_waiting / rss_before:.2f}×)"
-    )
-    print(
-        f"CPU while waiting: {cpu_waiting * 100:.1f} % of a core (nothing waiting: {cpu_before * 100:.1f} %)"
-    )
-    print(
-        f"answer → next record: p50 {statistics.median(latencies):.0f} ms, p99 {pct(latencies, 0.99):.0f} ms "
-        f"over {len(latencies)} answers (one waiting chat: {statistics.median(base_latency):.0f} ms)"
-    )
 
 
 def main() -> None:
