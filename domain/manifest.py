@@ -127,6 +127,8 @@ class ToolSpec(Manifest, frozen=True, kw_only=True):
     # tool, where it is applied to the user's answer (its result is the tool's result).
     function: str | None = None
     description: str = ""
+    # False: the result may change between calls (time, network); a recorded replay plays the recorded result.
+    deterministic: bool = True
     ui: UiSpec | None = None
 
 
