@@ -3,7 +3,7 @@ first, a choice, the artifact panel updated in place, and a confirm answered aft
 
 from __future__ import annotations
 
-from tests.browser.conftest import ChatUI
+from tests.browser.conftest import ChatUI, accessibility_problems
 
 
 async def test_intake_form_choice_artifact_and_a_confirm_answered_after_reload(chatui: ChatUI) -> None:
@@ -20,6 +20,7 @@ async def test_intake_form_choice_artifact_and_a_confirm_answered_after_reload(c
     await form.get_by_label("Team size").press("Enter")  # the keyboard submits
     email = form.get_by_label("Email")
     assert await email.get_attribute("aria-invalid") == "true"
+    assert not await accessibility_problems(chatui, "ui-form"), "axe: the form with an error"
     assert not [e for e in await chatui.runtime.events(chat_id) if e["type"] == "ui.responded"]
     await email.fill("ada@example.com")
     await page.keyboard.press("Enter")
@@ -57,4 +58,5 @@ async def test_intake_form_choice_artifact_and_a_confirm_answered_after_reload(c
         "Team",
         True,
     ]
+    assert not await accessibility_problems(chatui, "ui-done"), "axe: answered requests and the artifact panel"
     await chatui.screenshot("chatui-ui-tools")
