@@ -31,6 +31,7 @@ from app.database import open_database
 from app.http.agui import run_agent
 from app.http.analytics import SeriesController
 from app.http.audit import AuditController, anchor_key
+from app.http.children import ChatTreeController
 from app.http.auth import BearerAuthMiddleware, TokenVerifier, token_from
 from app.http.controllers import (
     ChatController,
@@ -266,6 +267,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             ChatController,
             MetricsController,
             AuditController,
+            ChatTreeController,
             SeriesController,
             HealthController,
             prometheus_metrics,

@@ -153,6 +153,7 @@ def build_team(
     context: ContextVariables,
     default_model: str,
     emit: Callable[[Any], None] | None = None,
+    children: Callable[[Tool], Callable[..., Any]] | None = None,
 ) -> Team:
     """Build the workflow's agents (tools only from tools.json), handoffs and AG2 pattern."""
     agents: dict[str, ConversableAgent] = {}
@@ -178,9 +179,9 @@ def build_team(
         keep_client_registered(agent, client_cls)
         for name in spec.tools:
             tool = workflow.tools[name]
-            agent.register_for_llm(name=name, description=tool.description, silent_override=True)(
-                bind_tool(tool, context, emit)
-            )
+            # A child-workflow tool (tools.json `workflow`) is bound to the run (app/runs/children.py).
+            function = children(tool) if tool.spec.workflow and children else bind_tool(tool, context, emit)
+            agent.register_for_llm(name=name, description=tool.description, silent_override=True)(function)
         agents[spec.name] = agent
 
     def target(name: str) -> TransitionTarget:
