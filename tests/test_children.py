@@ -115,9 +115,7 @@ def _chat_filter(chat_id: str) -> Any:
     return AuditFilter(chat_id=chat_id)
 
 
-async def test_stopping_the_parent_stops_its_running_child(
-    start_node: Any, store: MongoEventStore
-) -> None:
+async def test_stopping_the_parent_stops_its_running_child(start_node: Any, store: MongoEventStore) -> None:
     node = await start_node(workflows_path=WORKFLOWS)
     async with httpx.AsyncClient(base_url=node.url) as http:
         created = await http.post("/api/chats", json={"workflow": "Patient", "message": "go"})

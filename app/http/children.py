@@ -34,8 +34,8 @@ class ChatTree(View, frozen=True, kw_only=True):
     parent_seq: int | None = None
     # "running", or the last run's end: "completed", "failed", "stopped"; "idle" before any run.
     status: str
-    children: list[ChatTree] = []
-    forks: list[ChatTree] = []
+    children: list[ChatTree]
+    forks: list[ChatTree]
 
 
 async def _status(store: MongoEventStore, chat_id: str) -> str:

@@ -31,8 +31,8 @@ from app.database import open_database
 from app.http.agui import run_agent
 from app.http.analytics import SeriesController
 from app.http.audit import AuditController, anchor_key
-from app.http.children import ChatTreeController
 from app.http.auth import BearerAuthMiddleware, TokenVerifier, token_from
+from app.http.children import ChatTreeController
 from app.http.controllers import (
     ChatController,
     HealthController,

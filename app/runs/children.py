@@ -112,7 +112,10 @@ class ChildDesk:
             return await self.run_child(tool.spec.name, workflow, message)
 
         # Real objects, not strings: AG2 reads the hints to build the tool's schema for the model.
-        call.__annotations__ = {"message": Annotated[str, f"The task for the {workflow} workflow"], "return": str}
+        call.__annotations__ = {
+            "message": Annotated[str, f"The task for the {workflow} workflow"],
+            "return": str,
+        }
         call.__name__ = tool.spec.name
         call.__doc__ = tool.description
         return call
