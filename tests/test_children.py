@@ -137,6 +137,27 @@ async def test_stopping_the_parent_stops_its_running_child(start_node: Any, stor
     check_log(kid)
 
 
+async def test_a_child_stopped_by_its_user_gives_the_parent_agent_an_error_and_the_parent_goes_on(
+    start_node: Any, store: MongoEventStore
+) -> None:
+    node = await start_node(workflows_path=WORKFLOWS)
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        created = await http.post("/api/chats", json={"workflow": "Patient", "message": "go"})
+        parent = created.json()["chat_id"]
+        child = await child_of(store, parent)
+        await wait_for(store, child, waiting_for_input, 30)
+        stopped = await http.post(f"/api/chats/{child}/stop")
+        assert stopped.status_code < 300, stopped.text
+        records = await wait_for(store, parent, ended, 30)
+    assert run_end(records) == "run.completed"  # the agent read the error and finished its turn
+    completed = next(r for r in records if r.type == "child.completed")
+    assert completed.data["outcome"] == "run.stopped"
+    assert completed.data["error"] == "child workflow Waiter was stopped by local"
+    result = next(r for r in records if r.type == "tool.result")
+    assert result.data["is_error"] and "child workflow Waiter was stopped" in result.data["content"]
+    check_log(records)
+
+
 async def test_a_node_killed_while_the_child_runs_leaves_both_ended_and_nothing_wedged(
     start_node: Any, store: MongoEventStore
 ) -> None:

@@ -50,7 +50,10 @@ async def _status(store: MongoEventStore, chat_id: str) -> str:
 async def _forks_of(store: MongoEventStore, chat_id: str) -> list[tuple[str, int]]:
     query = {"type": "chat.created", "data.forked_from.chat_id": chat_id}
     cursor = store.events.find(query, {"chat_id": 1, "data.forked_from.seq": 1}, sort=[("ts", 1)])
-    return [(str(doc["chat_id"]), int(doc["data"]["forked_from"]["seq"])) async for doc in cursor]
+    return [
+        (str(doc["chat_id"]), int((doc.get("data") or {}).get("forked_from", {}).get("seq") or 0))
+        async for doc in cursor
+    ]
 
 
 async def build_tree(

@@ -65,10 +65,11 @@ Follow = Callable[[str, int], AsyncIterator[Record]]
 def failure_text(workflow: str, end: Record) -> str:
     """What the agent reads when a child did not complete: how it ended and why."""
     how = _ENDS.get(end.type, end.type)
-    why = end.data.get("error") or end.data.get("by") or ""
-    reason = end.data.get("reason")
-    detail = f" ({reason}: {why})" if reason and why else (f" ({why})" if why else "")
-    return f"child workflow {workflow} {how}{detail}"
+    if end.type == "run.stopped":
+        by = end.data.get("by")
+        return f"child workflow {workflow} {how}" + (f" by {by}" if by else "")
+    reason, error = end.data.get("reason"), end.data.get("error")
+    return f"child workflow {workflow} {how}" + (f" ({reason}: {error})" if error else "")
 
 
 async def last_agent_message(store: MongoEventStore, chat_id: str) -> str:
