@@ -225,3 +225,45 @@ async def test_the_sweep_ends_the_child_of_a_dead_parent_and_answers_the_parent_
         assert sent.status_code == 202, sent.text
     check_log(records)
     check_log(kid)
+
+
+async def test_the_tree_holds_children_and_forks_recursively_and_leaves_out_chats_the_caller_may_not_read(
+    store: MongoEventStore,
+) -> None:
+    from app.http.auth import Principal
+    from app.http.children import build_tree
+    from domain.events import chain_hash, seal
+
+    def ref(chat_id: str, user: str = "ada") -> StreamRef:
+        return StreamRef(chat_id=chat_id, app_id="app", user_id=user, workflow="Patient")
+
+    await store.append(ref("root"), [Pending(event=ChatCreated())], 0)
+    for child, user in (("kid", "ada"), ("other", "bob")):
+        await store.append(
+            ref("root"), [Pending(event=ChildStarted(child_chat_id=child, workflow="Waiter"))], None
+        )
+        await store.append(
+            ref(child, user), [Pending(event=ChatCreated(parent=ParentRef(chat_id="root", seq=2)))], 0
+        )
+    await store.append(
+        ref("kid"), [Pending(event=ChildStarted(child_chat_id="grandkid", workflow="Waiter"))], None
+    )
+    await store.append(ref("grandkid"), [Pending(event=ChatCreated())], 0)
+    # A fork of the child (its `forked_from` is written by the fork capability; here, the stored shape).
+    doc = seal(
+        ref("fork"), Pending(event=ChatCreated()), 1, "0" * 64, datetime.now(UTC).replace(microsecond=0)
+    )
+    doc["data"]["forked_from"] = {"chat_id": "kid", "seq": 1, "hash": "h"}
+    doc["hash"] = chain_hash(doc["prev_hash"], doc)
+    await store.events.insert_one(doc)
+
+    ada = Principal(user_id="ada", app_id="app", roles=frozenset({"user"}))
+    first = await anext(store.read("root", limit=1))
+    tree = await build_tree(store, ada, first)
+    assert [c.chat_id for c in tree.children] == ["kid"]  # bob's chat is not ada's to read
+    [kid] = tree.children
+    assert [c.chat_id for c in kid.children] == ["grandkid"] and kid.children[0].relation == "child"
+    assert [(f.chat_id, f.relation, f.parent_seq) for f in kid.forks] == [("fork", "fork", 1)]
+    assert (tree.status, kid.status) == ("idle", "idle")
+    auditor = Principal(user_id="eve", app_id="app", roles=frozenset({"auditor"}))
+    assert [c.chat_id for c in (await build_tree(store, auditor, first)).children] == ["kid", "other"]
