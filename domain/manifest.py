@@ -116,6 +116,8 @@ class ToolSpec(Manifest, frozen=True, kw_only=True):
     description: str = ""
     # A child-workflow tool: the loaded workflow it starts (checked at load); excludes `function`.
     workflow: Name | None = None
+    # False: the result may change between calls (time, network); a recorded replay plays the recorded result.
+    deterministic: bool = True
 
 
 class ToolsManifest(Manifest, frozen=True, kw_only=True):
