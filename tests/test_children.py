@@ -158,6 +158,21 @@ async def test_a_child_stopped_by_its_user_gives_the_parent_agent_an_error_and_t
     check_log(records)
 
 
+async def test_a_child_that_cannot_start_answers_the_agent_with_an_error_saying_why(
+    start_node: Any, store: MongoEventStore
+) -> None:
+    node = await start_node(workflows_path=WORKFLOWS, max_active_runs=1)  # the parent holds the only slot
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        created = await http.post("/api/chats", json={"workflow": "Delegator", "message": "sum please"})
+        records = await wait_for(store, created.json()["chat_id"], ended, 30)
+    assert run_end(records) == "run.completed"
+    completed = next(r for r in records if r.type == "child.completed")
+    assert completed.data["outcome"] == "run.failed"
+    assert completed.data["error"].startswith("child workflow Helper did not start: this node runs 1 runs")
+    result = next(r for r in records if r.type == "tool.result")
+    assert result.data["is_error"] and "did not start" in result.data["content"]
+
+
 async def test_a_node_killed_while_the_child_runs_leaves_both_ended_and_nothing_wedged(
     start_node: Any, store: MongoEventStore
 ) -> None:

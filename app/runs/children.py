@@ -125,24 +125,9 @@ class ChildDesk:
         child_id = new_id()
         self.emit(ChildNote(ChildStarted(child_chat_id=child_id, workflow=workflow, tool=tool)))
         try:
-            seq = await self._seq_of_started(child_id)
-            stream = await self.create_chat(
-                workflow=workflow,
-                user_id=self.parent.user_id,
-                app_id=self.parent.app_id,
-                message=message,
-                chat_id=child_id,
-                parent=ParentRef(chat_id=self.parent.chat_id, seq=seq),
-            )
-            await self.launcher.start(stream)
-        except MozaiksError as exc:  # the node is busy, the workflow is gone ...: the agent hears why
-            error = f"child workflow {workflow} did not start: {exc}"
-            self.emit(ChildNote(ChildCompleted(child_chat_id=child_id, outcome="run.failed", error=error)))
-            raise ChildFailed(error) from exc
-        try:
-            end = await self._end_of(child_id)
+            end = await self._start_and_wait(child_id, workflow, message)
         except asyncio.CancelledError:
-            if self.stopping.is_set():  # the parent is stopped: so is its child
+            if self.stopping.is_set():  # the parent is stopped: so is its child (if it got to start)
                 error = f"child workflow {workflow} was stopped with its parent"
                 self.emit(
                     ChildNote(ChildCompleted(child_chat_id=child_id, outcome="run.stopped", error=error))
@@ -160,6 +145,25 @@ class ChildDesk:
             ChildNote(ChildCompleted(child_chat_id=child_id, outcome=end.type, result=result, error=error))
         )
         raise ChildFailed(error)
+
+    async def _start_and_wait(self, child_id: str, workflow: str, message: str) -> Record:
+        """Create the child chat (anchored at its `child.started`), start its run, return its terminal record."""
+        try:
+            seq = await self._seq_of_started(child_id)
+            stream = await self.create_chat(
+                workflow=workflow,
+                user_id=self.parent.user_id,
+                app_id=self.parent.app_id,
+                message=message,
+                chat_id=child_id,
+                parent=ParentRef(chat_id=self.parent.chat_id, seq=seq),
+            )
+            await self.launcher.start(stream)
+        except MozaiksError as exc:  # the node is busy, the workflow is gone ...: the agent hears why
+            error = f"child workflow {workflow} did not start: {exc}"
+            self.emit(ChildNote(ChildCompleted(child_chat_id=child_id, outcome="run.failed", error=error)))
+            raise ChildFailed(error) from exc
+        return await self._end_of(child_id)
 
     async def _stop(self, child_id: str) -> None:
         with contextlib.suppress(MozaiksError):
