@@ -115,13 +115,19 @@ def _chat_filter(chat_id: str) -> Any:
     return AuditFilter(chat_id=chat_id)
 
 
-async def test_stopping_the_parent_stops_its_running_child(start_node: Any, store: MongoEventStore) -> None:
+async def test_stopping_the_parent_stops_its_running_child(
+    start_node: Any, store: MongoEventStore, db: Any
+) -> None:
     node = await start_node(workflows_path=WORKFLOWS)
     async with httpx.AsyncClient(base_url=node.url) as http:
         created = await http.post("/api/chats", json={"workflow": "Patient", "message": "go"})
         parent = created.json()["chat_id"]
         child = await child_of(store, parent)
-        await wait_for(store, child, waiting_for_input, 30)  # the child runs, waiting for the user
+        waiting = await wait_for(store, child, waiting_for_input, 30)  # the child runs, waiting for the user
+        # Each chat runs under its own lease.
+        leases = {lease["_id"]: lease["run_id"] async for lease in db["chat_leases"].find({})}
+        child_run = next(r.run_id for r in waiting if r.type == "run.started")
+        assert leases.get(child) == child_run and parent in leases and leases[parent] != child_run
         stopped = await http.post(f"/api/chats/{parent}/stop")
         assert stopped.status_code < 300, stopped.text
         kid = await wait_for(store, child, ended, 30)
