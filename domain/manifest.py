@@ -120,13 +120,17 @@ class UiSpec(Manifest, frozen=True, kw_only=True):
 
 
 class ToolSpec(Manifest, frozen=True, kw_only=True):
-    """One entry of tools.json: a function of the `tools` package, by `module:function`, or a UI tool."""
+    """One entry of tools.json: a function of the `tools` package, by `module:function`, a child
+    workflow (`workflow`: the agent starts a chat of that workflow with a `message`; see children.py),
+    or a UI tool (`ui`)."""
 
     name: Name
     # "tools.<module>:<function>"; checked (and imported) by the workflow manager. Optional for a UI
     # tool, where it is applied to the user's answer (its result is the tool's result).
-    function: str | None = None
+    function: str = ""
     description: str = ""
+    # A child-workflow tool: the loaded workflow it starts (checked at load); excludes `function`.
+    workflow: Name | None = None
     # False: the result may change between calls (time, network); a recorded replay plays the recorded result.
     deterministic: bool = True
     ui: UiSpec | None = None

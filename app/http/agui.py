@@ -377,6 +377,8 @@ TRANSLATIONS: Final[dict[str, Translation]] = {
     "context.updated": RunTranslator.context,
     "handoff": RunTranslator.custom,
     "speaker.selected": RunTranslator.custom,
+    "child.started": RunTranslator.custom,
+    "child.completed": RunTranslator.custom,
     "input.requested": RunTranslator.interrupt,
     "ui.requested": RunTranslator.ui_requested,
     "ui.responded": RunTranslator.custom,

@@ -192,6 +192,7 @@ def build_team(
     context: ContextVariables,
     default_model: str,
     emit: Callable[[Any], None] | None = None,
+    children: Callable[[Tool], Callable[..., Any]] | None = None,
     choose: Callable[[list[str]], str] | None = None,
     ui: UiDesk | None = None,
 ) -> Team:
@@ -226,10 +227,9 @@ def build_team(
                 if ui is not None:
                     register_ui_tool(agent, tool, ui)
                 continue
-            assert tool.function is not None  # only a UI tool may have none
-            agent.register_for_llm(name=name, description=tool.description, silent_override=True)(
-                bind_tool(tool, context, emit)
-            )
+            # A child-workflow tool (tools.json `workflow`) is bound to the run (app/runs/children.py).
+            function = children(tool) if tool.spec.workflow and children else bind_tool(tool, context, emit)
+            agent.register_for_llm(name=name, description=tool.description, silent_override=True)(function)
         agents[spec.name] = agent
 
     def target(name: str) -> TransitionTarget:

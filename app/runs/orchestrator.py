@@ -26,6 +26,7 @@ from pymongo.errors import PyMongoError
 
 import tools
 from app.runs.agents import ContextNote, Team, build_team
+from app.runs.children import ChildDesk, ChildLauncher, ChildNote
 from app.runs.clients import (
     Backend,
     LlmCallNote,
@@ -49,6 +50,7 @@ from domain.events import (
     LlmCall,
     MessageUser,
     OutputInvalid,
+    ParentRef,
     Pending,
     Record,
     RunCompleted,
@@ -155,6 +157,8 @@ class Orchestrator:
         self.reports: OrderedDict[str, RunReport] = OrderedDict()
         self.sessions: dict[str, _RunSession] = {}
         self._openai: OpenAIBackend | None = None
+        # Starts and stops child workflows (set by the run supervisor; None: child tools answer an error).
+        self.children: ChildLauncher | None = None
         # Model I/O parts (MOZAIKS_RECORD_MODEL_IO=full), stored before the llm.call that names them.
         self.parts = PartStore(store.db, store.retry)
 
@@ -185,6 +189,7 @@ class Orchestrator:
         context: dict[str, Any] | None = None,
         chat_id: str | None = None,
         message_id: str | None = None,
+        parent: ParentRef | None = None,
     ) -> StreamRef:
         """Start a chat's log: `chat.created` (context = workflow defaults + `context`), the workflow's
         `initial_message` (a hidden `message.user`, data.origin "initial_message"), then `message`.
@@ -197,7 +202,9 @@ class Orchestrator:
         events = [
             Pending(
                 event=ChatCreated(
-                    context={**loaded.context, **(context or {})}, offline=self.settings.offline
+                    context={**loaded.context, **(context or {})},
+                    offline=self.settings.offline,
+                    parent=parent,
                 )
             )
         ]
@@ -544,6 +551,7 @@ class _RunSession:
                     context=context,
                     default_model=self.o.settings.openai_model,
                     emit=emit,
+                    children=self.child_tools(emit),
                     choose=self.o.chooser(self.history),
                     ui=self.ui,
                 )
@@ -569,6 +577,23 @@ class _RunSession:
                 if task is not None:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
+
+    def child_tools(self, emit: Callable[[Any], None]) -> Callable[[Any], Callable[..., Any]] | None:
+        """Binds the workflow's child-workflow tools to this run (None outside a supervisor)."""
+        launcher = self.o.children
+        if launcher is None:
+            return None
+        desk = ChildDesk(
+            store=self.o.store,
+            launcher=launcher,
+            create_chat=self.o.create_chat,
+            follow=self.o.follow,
+            parent=self.stream,
+            after=self.started.seq,
+            emit=emit,
+            stopping=self.stop,
+        )
+        return desk.tool
 
     def terminal(self, event: RunCompleted | RunFailed | RunStopped) -> Pending:
         self.report.runtime_events += 1
@@ -644,6 +669,9 @@ class _RunSession:
                 self.report.runtime_events += 1
             elif isinstance(item, StructuredReply):
                 mapper.structured[item.agent] = item.value
+            elif isinstance(item, ChildNote):
+                pendings.append(mapper.pending(item.event, None, None))
+                self.report.runtime_events += 1
             elif isinstance(item, OutputInvalid):
                 pendings.append(mapper.pending(item, item.agent, None))
                 self.report.runtime_events += 1

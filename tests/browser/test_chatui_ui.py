@@ -58,5 +58,7 @@ async def test_intake_form_choice_artifact_and_a_confirm_answered_after_reload(c
         "Team",
         True,
     ]
-    assert not await accessibility_problems(chatui, "ui-done"), "axe: answered requests and the artifact panel"
+    assert not await accessibility_problems(chatui, "ui-done"), (
+        "axe: answered requests and the artifact panel"
+    )
     await chatui.screenshot("chatui-ui-tools")
