@@ -12,8 +12,11 @@ import msgspec
 from autogen import ConversableAgent, LLMConfig
 from autogen.agentchat.group import (
     AgentTarget,
+    ContextExpression,
     ContextVariables,
+    ExpressionContextCondition,
     OnCondition,
+    OnContextCondition,
     RevertToUserTarget,
     StayTarget,
     StringLLMCondition,
@@ -81,6 +84,8 @@ class ContextNote(msgspec.Struct, frozen=True):
     """Context variables a tool changed (becomes a `context.updated` record); None = removed."""
 
     variables: dict[str, Any]
+    # The values before the tool ran (None: absent).
+    old: dict[str, Any] = {}
 
 
 def bind_tool(
@@ -106,7 +111,7 @@ def bind_tool(
             changed = {k: v for k, v in after.items() if k not in before or before[k] != v}
             changed.update({k: None for k in before if k not in after})
             if changed and emit is not None:
-                emit(ContextNote(changed))
+                emit(ContextNote(changed, {k: before.get(k) for k in changed}))
 
     with_context.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[p for name, p in signature.parameters.items() if name != "context"]
@@ -153,8 +158,12 @@ def build_team(
     context: ContextVariables,
     default_model: str,
     emit: Callable[[Any], None] | None = None,
+    guard_tool: Callable[[str, Callable[..., Any]], Callable[..., Any]] | None = None,
 ) -> Team:
-    """Build the workflow's agents (tools only from tools.json), handoffs and AG2 pattern."""
+    """Build the workflow's agents (tools only from tools.json), handoffs and AG2 pattern.
+
+    `guard_tool(name, function)` may wrap each tool (the workflow's hooks, app/runs/hooks.py).
+    """
     agents: dict[str, ConversableAgent] = {}
     user: ConversableAgent | None = None
     for spec in workflow.agents:
@@ -178,8 +187,9 @@ def build_team(
         keep_client_registered(agent, client_cls)
         for name in spec.tools:
             tool = workflow.tools[name]
+            bound = bind_tool(tool, context, emit)
             agent.register_for_llm(name=name, description=tool.description, silent_override=True)(
-                bind_tool(tool, context, emit)
+                guard_tool(name, bound) if guard_tool is not None else bound
             )
         agents[spec.name] = agent
 
@@ -200,6 +210,13 @@ def build_team(
         if spec.type == "user":
             continue
         agent = agents[spec.name]
+        for rule in spec.handoffs.context_conditions:
+            agent.handoffs.add_context_condition(
+                OnContextCondition(
+                    target=target(rule.target),
+                    condition=ExpressionContextCondition(expression=ContextExpression(rule.expression)),
+                )
+            )
         for condition in spec.handoffs.llm_conditions:
             agent.handoffs.add_llm_condition(
                 OnCondition(

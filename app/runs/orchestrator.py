@@ -26,6 +26,7 @@ from pymongo.errors import PyMongoError
 
 import tools
 from app.runs.agents import ContextNote, Team, build_team
+from app.runs.hooks import Cause, Causes, ContextChange, HookNote, HookRunner, expression_of
 from app.runs.clients import (
     Backend,
     Ledger,
@@ -44,6 +45,7 @@ from domain.cancellation import raise_if_cancelling
 from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownChat
 from domain.events import (
     ChatCreated,
+    Handoff,
     InputReceived,
     MessageUser,
     Pending,
@@ -55,6 +57,7 @@ from domain.events import (
     StreamRef,
     new_id,
 )
+from domain.hooks import HookFailed
 from domain.store import MongoEventStore
 
 log = structlog.get_logger("mozaiks.orchestration")
@@ -115,6 +118,8 @@ def failure_reason(error: BaseException) -> str:
             return "storage"
         if isinstance(seen, ModelUnavailable):
             return "model"
+        if isinstance(seen, HookFailed):
+            return "hook"
         tb = seen.__traceback__
         while tb is not None:
             if tb.tb_frame.f_code.co_filename.startswith(_TOOLS_DIR):
@@ -396,16 +401,35 @@ class _RunSession:
         self.stop_by: str | None = None
         self.stop_logged = False
         self.ended_by_other: str | None = None
+        # Hooks (app/runs/hooks.py): a hook that failed ends the run run.failed (reason hook).
+        self.hook_failure: HookFailed | None = None
+        self.causes = Causes(self.run_id)
+        self.hooks: HookRunner | None = None
+
+    def hook_failed(self, failure: HookFailed) -> None:
+        """A hook raised or timed out: stop AG2 and end the run failed (reason hook)."""
+        if self.hook_failure is None:
+            self.hook_failure = failure
+        self.stop.set()
 
     async def append(self, pendings: list[Pending]) -> None:
         """Record a burst of the run's events; past the retry budget the run ends as failed (storage)."""
+        pendings = await self.with_causes(pendings)
         if not pendings:
             return
         try:
-            await self.o.store.append(self.stream, pendings, expected_seq=None)
+            records = await self.o.store.append(self.stream, pendings, expected_seq=None)
         except StorageUnavailable as exc:
             failed = self.terminal(RunFailed(error=str(exc), reason="storage"))
             raise RunNotRecorded([*pendings, failed], exc) from exc
+        self.causes.appended(records)
+
+    async def with_causes(self, pendings: list[Pending]) -> list[Pending]:
+        """Append the records that `context.updated`s of this burst name as causes, so their seqs are known."""
+        while (cut := self.causes.unresolved(pendings)) is not None:
+            await self.append(pendings[:cut])
+            pendings = pendings[cut:]
+        return self.causes.fill(pendings)
 
     async def finish(self, pendings: list[Pending]) -> str:
         """Record the run's last burst ending with its terminal event; returns the terminal type.
@@ -413,6 +437,7 @@ class _RunSession:
         If the run already has a terminal record (another node gave it up for interrupted), that one
         stands and is returned. Past the retry budget, the lease holder keeps trying (RunNotRecorded).
         """
+        pendings = await self.with_causes([*pendings[:-1], *self.causes.release(), pendings[-1]])
         try:
             record = await self.o.store.finish_run(self.stream, self.run_id, pendings)
         except StorageUnavailable as exc:
@@ -449,6 +474,15 @@ class _RunSession:
         )
         ledger = Ledger(backend, report=emit, text=stream_text, policy=policy)
         context = ContextVariables(data=initial_context(self.workflow, self.history))
+        hooks = self.hooks = HookRunner(
+            stream=self.stream,
+            run_id=self.run_id,
+            hooks=self.workflow.hooks,
+            derived=self.workflow.derived,
+            context=context,
+            timeout_s=settings.hook_timeout_s,
+            on_failure=self.hook_failed,
+        )
         user_agent = next((a.name for a in self.workflow.agents if a.type == "user"), None)
         mapper = RunMapper(
             run_id=self.run_id,
@@ -467,7 +501,11 @@ class _RunSession:
                     context=context,
                     default_model=self.o.settings.openai_model,
                     emit=emit,
+                    guard_tool=lambda name, function: hooks.guard_tool(name, function, emit),
                 )
+                hooks.wrap_agents(team.agents, emit)
+                if not await self.before_chat(hooks):
+                    return await self.finish([self.failed_by_hook()])
                 with model_calls():  # AG2's run task inherits the mark: its executor work is model calls
                     response = await a_run_group_chat(
                         team.pattern,
@@ -490,6 +528,39 @@ class _RunSession:
                 if task is not None:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
+
+    async def before_chat(self, hooks: HookRunner) -> bool:
+        """user_text derivations of the messages since the last run, then before_chat hooks; False: a hook failed."""
+        notes: list[Any] = []
+        since = max((r.seq for r in self.history if r.type == "run.started" and r.run_id != self.run_id), default=0)
+        for record in self.history:
+            if record.seq > since and record.type == "message.user":
+                notes += hooks.derive("user_text", record.data.get("content"), Cause(seq=record.seq))
+        last = next((r.data.get("content") for r in reversed(self.history) if r.type == "message.user"), None)
+        try:
+            await hooks.fire("before_chat", notes.append, message=last)
+        except HookFailed:
+            return False
+        finally:
+            await self.append(self.causes.arrange(self.hook_pendings(notes)))
+        return True
+
+    def hook_pendings(self, notes: list[Any]) -> list[Any]:
+        """Hook notes as Pendings of this run (context changes stay for `Causes.arrange`)."""
+        out: list[Any] = []
+        for note in notes:
+            if isinstance(note, HookNote):
+                self.report.runtime_events += 1
+                out.append(Pending(event=note.call, agent=note.agent, run_id=self.run_id, visible=False))
+            else:
+                self.report.runtime_events += 1
+                out.append(note)
+        return out
+
+    def failed_by_hook(self) -> Pending:
+        failure = self.hook_failure
+        assert failure is not None
+        return self.terminal(RunFailed(error=str(failure), reason="hook"))
 
     def terminal(self, event: RunCompleted | RunFailed | RunStopped) -> Pending:
         self.report.runtime_events += 1
@@ -527,6 +598,11 @@ class _RunSession:
                 # Text reaches the recorder once per flush window (the relay held it): record it now.
                 pendings.extend(self.deltas(mapper.flush()))
                 if done is not None:
+                    if done.error is None and self.hook_failure is None and self.hooks is not None:
+                        notes: list[Any] = []
+                        with contextlib.suppress(HookFailed):
+                            await self.hooks.fire("after_chat", notes.append, message=self.summary)
+                        pendings += self.causes.arrange(self.hook_pendings(notes))
                     return await self.finish([*pendings, self.outcome(done, backend)])
                 await self.append(pendings)
                 if request is not None:
@@ -546,7 +622,7 @@ class _RunSession:
         return pendings
 
     def map_batch(self, mapper: RunMapper, batch: list[Any]) -> tuple[list[Pending], Any, _Done | None]:
-        pendings: list[Pending] = []
+        pendings: list[Any] = []  # Pendings, and context changes placed by `Causes.arrange`
         request: Any = None
         done: _Done | None = None
         for item in batch:
@@ -558,8 +634,11 @@ class _RunSession:
             if isinstance(item, _Done):
                 done = item
             elif isinstance(item, ContextNote):
-                pendings.append(mapper.map_context(item))
-                self.report.runtime_events += 1
+                for name, new in item.variables.items():
+                    pendings.append(ContextChange(name, item.old.get(name), new, Cause("tool.called")))
+                    self.report.runtime_events += 1
+            elif isinstance(item, HookNote | ContextChange):
+                pendings.extend(self.hook_pendings([item]))
             elif isinstance(item, LlmCallNote):
                 pendings.append(mapper.map_note(item))
                 self.report.runtime_events += 1
@@ -580,11 +659,18 @@ class _RunSession:
                     self.open_requests[str(item.content.uuid)] = asyncio.get_running_loop().create_future()
                 elif getattr(item, "type", None) == "run_completion":
                     self.summary = item.content.summary
-        return pendings, request, done
+                elif isinstance(pending.event, Handoff) and pending.event.kind == "context_condition":
+                    expression = expression_of(self.workflow.agents, pending.event.source, pending.event.target)
+                    pendings[-1] = msgspec.structs.replace(
+                        pending, event=msgspec.structs.replace(pending.event, expression=expression)
+                    )
+        return self.causes.arrange(pendings), request, done
 
     def outcome(self, done: _Done, backend: Backend) -> Pending:
         if isinstance(backend, ScriptedBackend):
             self.report.scripted = (backend.calls, backend.prompt_tokens, backend.completion_tokens)
+        if self.hook_failure is not None:
+            return self.failed_by_hook()
         if done.error is None:
             return self.terminal(RunCompleted(summary=self.summary))
         error = done.error
@@ -633,6 +719,9 @@ class _RunSession:
             future = self.open_requests.get(received.request_id or "")
             if future is None and received.request_id is None and self.open_requests:
                 future = next(iter(self.open_requests.values()))
+            if self.hooks is not None:  # user text may feed derived variables; the answer is their cause
+                for change in self.hooks.derive("user_text", received.text, Cause(seq=record.seq)):
+                    self.queue.put_nowait(change)
             if future is not None and not future.done():
                 future.set_result(received.text)
             elif received.request_id is None:
@@ -674,6 +763,8 @@ class _RunSession:
                 not_recorded=len(pendings),
             )
             return self.ended_by_other
+        if self.hook_failure is not None and not self.stop_logged:
+            return await self.finish([*pendings, self.failed_by_hook()])
         log.info("run.stopped", chat_id=self.stream.chat_id, run_id=self.run_id)
         if self.stop_logged:
             await self.append(pendings)

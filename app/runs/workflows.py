@@ -21,7 +21,9 @@ from domain.manifest import (
     AgentsManifest,
     AgentSpec,
     ContextVariablesManifest,
+    Derived,
     Fixture,
+    HooksManifest,
     ScriptedReply,
     ToolsManifest,
     ToolSpec,
@@ -33,6 +35,7 @@ WORKFLOW_FILE: Final = "workflow.json"
 AGENTS_FILE: Final = "agents.json"
 TOOLS_FILE: Final = "tools.json"
 CONTEXT_FILE: Final = "context_variables.json"
+HOOKS_FILE: Final = "hooks.json"
 FIXTURES_DIR: Final = "fixtures"
 # The AG2 group manager's name: its fixture (fixtures/chat_manager.json) scripts Auto speaker choices.
 GROUP_MANAGER: Final = "chat_manager"
@@ -70,6 +73,9 @@ class Workflow(msgspec.Struct, frozen=True, kw_only=True):
     tools: dict[str, Tool]
     context: dict[str, Any]
     fixtures: dict[str, list[ScriptedReply]]
+    # hooks.json resolved (app/runs/hooks.py runs them) and the derived context variables by name.
+    hooks: list[Any] = []
+    derived: dict[str, Derived] = {}
 
     @property
     def pattern(self) -> str:
@@ -155,6 +161,8 @@ def load_workflow(folder: Path) -> tuple[Workflow | None, list[ManifestError]]:
         read(CONTEXT_FILE, ContextVariablesManifest, False) or ContextVariablesManifest()
     )
 
+    hooks_manifest: HooksManifest = read(HOOKS_FILE, HooksManifest, False) or HooksManifest()
+
     if manifest is not None and manifest.name != name:
         problems.append(
             ManifestError(
@@ -170,6 +178,10 @@ def load_workflow(folder: Path) -> tuple[Workflow | None, list[ManifestError]]:
         _check_workflow_refs(name, manifest, agents, problems)
     # Without a readable agents.json, fixture names cannot be checked: say nothing rather than noise.
     fixtures = _load_fixtures(name, folder, agents, problems) if agents_manifest is not None else {}
+    from app.runs.hooks import check_context, resolve_hooks  # hooks import this module's types
+
+    hooks = resolve_hooks(name, hooks_manifest, agents, problems)
+    derived = check_context(name, context_manifest, agents, tools_manifest, problems)
 
     if manifest is None or agents_manifest is None:
         return None, problems
@@ -182,6 +194,8 @@ def load_workflow(folder: Path) -> tuple[Workflow | None, list[ManifestError]]:
         tools=tools,
         context=context,
         fixtures=fixtures,
+        hooks=hooks,
+        derived=derived,
     )
     return workflow, problems
 
@@ -204,7 +218,15 @@ def _resolve_tools(name: str, manifest: ToolsManifest, problems: list[ManifestEr
 def _import_tool(
     name: str, spec: ToolSpec, where: str, problems: list[ManifestError]
 ) -> Callable[..., Any] | None:
-    module_name, _, attr = spec.function.partition(":")
+    return import_function(name, spec.function, TOOLS_FILE, where, problems)
+
+
+def import_function(
+    name: str, reference: str, file: str, where: str, problems: list[ManifestError]
+) -> Callable[..., Any] | None:
+    """The function `tools.<module>:<fn>` names, or None with the problem added (file and path named)."""
+    module_name, _, attr = reference.partition(":")
+    what = "tool" if file == TOOLS_FILE else "function"
     # Workflows are data: they may only name functions of the runtime's own `tools` package.
     if (
         not (module_name == "tools" or module_name.startswith("tools."))
@@ -212,20 +234,20 @@ def _import_tool(
         or not attr.isidentifier()
     ):
         problems.append(
-            ManifestError(name, TOOLS_FILE, where, f"{spec.function!r} must be 'tools.<module>:<function>'")
+            ManifestError(name, file, where, f"{reference!r} must be 'tools.<module>:<function>'")
         )
         return None
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         problems.append(
-            ManifestError(name, TOOLS_FILE, where, f"tool not found: cannot import {module_name}: {exc}")
+            ManifestError(name, file, where, f"{what} not found: cannot import {module_name}: {exc}")
         )
         return None
     function = getattr(module, attr, None)
     if not callable(function):
         problems.append(
-            ManifestError(name, TOOLS_FILE, where, f"tool not found: {module_name} has no function {attr!r}")
+            ManifestError(name, file, where, f"{what} not found: {module_name} has no function {attr!r}")
         )
         return None
     return function  # type: ignore[no-any-return]
