@@ -286,6 +286,7 @@ class HookRunner:
         self.on_failure = on_failure
         # The agent whose reply is being made (so a tool call knows who asked for it).
         self.speaker: str | None = None
+        self.failure: HookFailed | None = None
 
     def wants(self, *events: str) -> bool:
         return any(hook.spec.event in events for hook in self.hooks)
@@ -299,6 +300,8 @@ class HookRunner:
         Raises HookFailed (after recording `hook.called` with outcome error) when a hook raises or times out.
         """
         agent = where.get("agent")
+        if self.failure is not None:  # the run is ending: no more custom code runs in it
+            raise self.failure
         for hook in self.hooks:
             if hook.spec.event != event or (hook.spec.agents and agent not in hook.spec.agents):
                 continue
@@ -331,7 +334,7 @@ class HookRunner:
             base = {"event": event, "function": hook.spec.function, "duration_ms": duration, "tool": where.get("tool")}
             if error is not None:
                 emit(HookNote(HookCalled(**base, outcome="error", error=error), agent))
-                failure = HookFailed(event, hook.spec.function, error)
+                failure = self.failure = HookFailed(event, hook.spec.function, error)
                 self.on_failure(failure)
                 raise failure
             changes = self.apply(returned or {})

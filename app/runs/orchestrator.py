@@ -586,6 +586,8 @@ class _RunSession:
         getting: asyncio.Task[Any] | None = None
         try:
             while True:
+                if self.hook_failure is not None:  # AG2 swallows a tool's errors: stop it now
+                    return await self.stopped(mapper, response)
                 getting = asyncio.create_task(self.queue.get())
                 await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not getting.done():
