@@ -94,7 +94,9 @@ async def test_hooks_fire_in_order_refuse_a_tool_and_derive_context_that_routes_
     assert (updates["saved_path"].data["new"], cause["saved_path"].type) == ("notes/bees.md", "tool.result")
     assert cause["saved_path"].seq == results[1].seq
     assert (updates["status"].data["old"], updates["status"].data["new"]) == ("drafting", "ready")
-    assert cause["status"].type == "message.agent" and cause["status"].data["content"].endswith("Status: ready")
+    assert cause["status"].type == "message.agent" and cause["status"].data["content"].endswith(
+        "Status: ready"
+    )
     assert (updates["tool_calls"].data["new"], cause["tool_calls"].data["event"]) == (1, "after_tool")
     assert cause["started_by"].data["event"] == "before_chat" and updates["started_by"].data["new"] == "u1"
     # The context handoff routes on the derived variable, with the expression that fired.
@@ -104,7 +106,9 @@ async def test_hooks_fire_in_order_refuse_a_tool_and_derive_context_that_routes_
 
     # A continued chat starts from the restored variables: Writer hands off at once, no model call.
     first = records[0]
-    ref = StreamRef(chat_id=first.chat_id, app_id=first.app_id, user_id=first.user_id, workflow=first.workflow)
+    ref = StreamRef(
+        chat_id=first.chat_id, app_id=first.app_id, user_id=first.user_id, workflow=first.workflow
+    )
     await store.append(ref, [Pending(event=MessageUser(content="And a review please"))], expected_seq=None)
     assert await asyncio.wait_for(orchestrator.run(ref), 30) == "run.completed"
     later = [r async for r in store.read(ref.chat_id) if r.seq > records[-1].seq]
@@ -116,7 +120,11 @@ async def test_hooks_fire_in_order_refuse_a_tool_and_derive_context_that_routes_
 @pytest.mark.parametrize(
     ("hook", "settings", "error"),
     [
-        ({"event": "before_tool", "function": "tools.guards:explode"}, {}, "RuntimeError: hook exploded at before_tool"),
+        (
+            {"event": "before_tool", "function": "tools.guards:explode"},
+            {},
+            "RuntimeError: hook exploded at before_tool",
+        ),
         (
             {"event": "before_agent", "function": "tools.guards:linger", "agents": ["Writer"]},
             {"hook_timeout_s": 0.3},

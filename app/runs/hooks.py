@@ -30,7 +30,14 @@ from autogen.agentchat.group import ContextExpression, ContextVariables
 from domain.errors import ManifestError
 from domain.events import ContextUpdated, HookCalled, Pending, Record, StreamRef
 from domain.hooks import HookCall, HookFailed, derivation_applies, derive
-from domain.manifest import AgentSpec, ContextVariablesManifest, Derived, HooksManifest, HookSpec, ToolsManifest
+from domain.manifest import (
+    AgentSpec,
+    ContextVariablesManifest,
+    Derived,
+    HooksManifest,
+    HookSpec,
+    ToolsManifest,
+)
 
 HOOKS_FILE: Final = "hooks.json"
 CONTEXT_FILE: Final = "context_variables.json"
@@ -47,12 +54,18 @@ class Hook(msgspec.Struct, frozen=True, kw_only=True):
     is_async: bool
 
 
+# (workflow, "tools.<module>:<fn>", file, JSON path, problems) -> the function, or None with a problem added.
+Importer = Callable[[str, str, str, str, list[ManifestError]], Callable[..., Any] | None]
+
+
 def resolve_hooks(
-    name: str, manifest: HooksManifest, agents: list[AgentSpec], problems: list[ManifestError]
+    name: str,
+    manifest: HooksManifest,
+    agents: list[AgentSpec],
+    problems: list[ManifestError],
+    import_function: Importer,
 ) -> list[Hook]:
     """hooks.json's entries with their functions; each problem (function, signature, agent) is added."""
-    from app.runs.workflows import import_function
-
     known = {agent.name for agent in agents}
     hooks: list[Hook] = []
     for i, spec in enumerate(manifest.hooks):
@@ -61,7 +74,10 @@ def resolve_hooks(
             if known and agent not in known:
                 problems.append(
                     ManifestError(
-                        name, HOOKS_FILE, f"{where}.agents[{j}]", f"unknown agent {agent!r} (agents: {', '.join(sorted(known))})"
+                        name,
+                        HOOKS_FILE,
+                        f"{where}.agents[{j}]",
+                        f"unknown agent {agent!r} (agents: {', '.join(sorted(known))})",
                     )
                 )
         function = import_function(name, spec.function, HOOKS_FILE, f"{where}.function", problems)
@@ -102,15 +118,24 @@ def check_context(
         try:
             groups = re.compile(spec.match).groups
         except re.error as exc:
-            problems.append(ManifestError(name, CONTEXT_FILE, f"{where}.match", f"bad regular expression: {exc}"))
+            problems.append(
+                ManifestError(name, CONTEXT_FILE, f"{where}.match", f"bad regular expression: {exc}")
+            )
             continue
         wanted = [int(n) for n in re.findall(r"\$(\d+)", spec.value)] if isinstance(spec.value, str) else []
         if any(n > groups for n in wanted):
             problems.append(
-                ManifestError(name, CONTEXT_FILE, f"{where}.value", f"refers to group ${max(wanted)} but the match has {groups}")
+                ManifestError(
+                    name,
+                    CONTEXT_FILE,
+                    f"{where}.value",
+                    f"refers to group ${max(wanted)} but the match has {groups}",
+                )
             )
         if spec.agent is not None and spec.agent not in agent_names:
-            problems.append(ManifestError(name, CONTEXT_FILE, f"{where}.agent", f"unknown agent {spec.agent!r}"))
+            problems.append(
+                ManifestError(name, CONTEXT_FILE, f"{where}.agent", f"unknown agent {spec.agent!r}")
+            )
         if spec.tool is not None and spec.tool not in tool_names:
             problems.append(ManifestError(name, CONTEXT_FILE, f"{where}.tool", f"unknown tool {spec.tool!r}"))
         derived[variable.name] = spec
@@ -121,7 +146,12 @@ def check_context(
             where = f"$.agents[{i}].handoffs.context_conditions[{j}]"
             if condition.target not in group | {"terminate"}:
                 problems.append(
-                    ManifestError(name, AGENTS_FILE, f"{where}.target", f"unknown agent {condition.target!r} (agents: {', '.join(sorted(group))}; or terminate)")
+                    ManifestError(
+                        name,
+                        AGENTS_FILE,
+                        f"{where}.target",
+                        f"unknown agent {condition.target!r} (agents: {', '.join(sorted(group))}; or terminate)",
+                    )
                 )
             try:
                 expression = ContextExpression(condition.expression)
@@ -247,7 +277,7 @@ class Causes:
         for pending in pendings:
             cause = self.wanted.pop(pending.id, None)
             if cause is not None and cause in self.seqs:
-                event = msgspec.structs.replace(pending.event, cause=self.seqs[cause])  # type: ignore[type-var]
+                event = msgspec.structs.replace(pending.event, cause=self.seqs[cause])
                 pending = msgspec.structs.replace(pending, event=event)
             out.append(pending)
         return out
@@ -330,20 +360,26 @@ class HookRunner:
                 error = f"timed out after {self.timeout_s:g} s (MOZAIKS_HOOK_TIMEOUT_S)"
             except Exception as exc:  # noqa: BLE001 - whatever a hook raised ends the run, named
                 error = f"{type(exc).__name__}: {exc}"
-            duration = round((time.perf_counter() - started) * 1000, 3)
-            base = {"event": event, "function": hook.spec.function, "duration_ms": duration, "tool": where.get("tool")}
+
+            called = functools.partial(
+                HookCalled,
+                event=event,
+                function=hook.spec.function,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                tool=where.get("tool"),
+            )
             if error is not None:
-                emit(HookNote(HookCalled(**base, outcome="error", error=error), agent))
+                emit(HookNote(called(outcome="error", error=error), agent))
                 failure = self.failure = HookFailed(event, hook.spec.function, error)
                 self.on_failure(failure)
                 raise failure
             changes = self.apply(returned or {})
             refused = event == "before_tool" and call.refusal is not None
             outcome = "refused" if refused else "ok"
-            called = HookCalled(
-                **base, outcome=outcome, reason=call.refusal if refused else None, changes={n: new for n, _, new in changes}
+            reason = call.refusal if refused else None
+            emit(
+                HookNote(called(outcome=outcome, reason=reason, changes={n: v for n, _, v in changes}), agent)
             )
-            emit(HookNote(called, agent))
             for name, old, new in changes:
                 emit(ContextChange(name, old, new, Cause("hook.called", hook.spec.function)))
             if refused:
@@ -366,7 +402,15 @@ class HookRunner:
             changes.append((str(name), old, new))
         return changes
 
-    def derive(self, source: str, text: str | None, cause: Cause, *, agent: str | None = None, tool: str | None = None) -> list[ContextChange]:
+    def derive(
+        self,
+        source: str,
+        text: str | None,
+        cause: Cause,
+        *,
+        agent: str | None = None,
+        tool: str | None = None,
+    ) -> list[ContextChange]:
         """Apply every derived variable fed by this text; the changes, each naming `cause`."""
         if not text:
             return []
@@ -378,7 +422,9 @@ class HookRunner:
                     updates[name] = value
         return [ContextChange(name, old, new, cause) for name, old, new in self.apply(updates)]
 
-    def guard_tool(self, name: str, function: Callable[..., Any], emit: Callable[[Any], None]) -> Callable[..., Any]:
+    def guard_tool(
+        self, name: str, function: Callable[..., Any], emit: Callable[[Any], None]
+    ) -> Callable[..., Any]:
         """The tool with before_tool/after_tool hooks around it and tool_result derivations after it."""
         if not self.wants("before_tool", "after_tool") and not self.derives("tool_result"):
             return function
@@ -394,7 +440,9 @@ class HookRunner:
                 result = await result
             text = result if isinstance(result, str) else json.dumps(result, default=str)
             await self.fire("after_tool", emit, agent=agent, tool=name, arguments=arguments, result=text)
-            for change in self.derive("tool_result", text, Cause("tool.result", name, next=True), agent=agent, tool=name):
+            for change in self.derive(
+                "tool_result", text, Cause("tool.result", name, next=True), agent=agent, tool=name
+            ):
                 emit(change)
             return result
 
@@ -403,14 +451,21 @@ class HookRunner:
 
     def wrap_agents(self, agents: dict[str, ConversableAgent], emit: Callable[[Any], None]) -> None:
         """Around each agent's reply: before_agent and after_agent hooks, agent_text derivations."""
-        if not self.wants("before_agent", "after_agent", "before_tool", "after_tool") and not self.derives("agent_text"):
+        if not self.wants("before_agent", "after_agent", "before_tool", "after_tool") and not self.derives(
+            "agent_text"
+        ):
             return
         for agent in agents.values():
             agent.register_reply([Agent, None], self.around_reply(agent.name, emit), position=0)
 
-    def around_reply(self, name: str, emit: Callable[[Any], None]) -> Callable[..., Awaitable[tuple[bool, Any]]]:
+    def around_reply(
+        self, name: str, emit: Callable[[Any], None]
+    ) -> Callable[..., Awaitable[tuple[bool, Any]]]:
         async def around(
-            recipient: ConversableAgent, messages: list[dict[str, Any]] | None = None, sender: Agent | None = None, config: Any = None
+            recipient: ConversableAgent,
+            messages: list[dict[str, Any]] | None = None,
+            sender: Agent | None = None,
+            config: Any = None,
         ) -> tuple[bool, Any]:
             last = text_of(messages[-1]) if messages else None
             await self.fire("before_agent", emit, agent=name, message=last)
@@ -418,7 +473,9 @@ class HookRunner:
             reply = await recipient.a_generate_reply(messages=messages, sender=sender, exclude=[around])
             said = text_of(reply)
             await self.fire("after_agent", emit, agent=name, message=said)
-            for change in self.derive("agent_text", said, Cause("message.agent", name, next=True), agent=name):
+            for change in self.derive(
+                "agent_text", said, Cause("message.agent", name, next=True), agent=name
+            ):
                 emit(change)
             return True, reply
 

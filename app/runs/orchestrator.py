@@ -26,7 +26,6 @@ from pymongo.errors import PyMongoError
 
 import tools
 from app.runs.agents import ContextNote, Team, build_team
-from app.runs.hooks import Cause, Causes, ContextChange, HookNote, HookRunner, expression_of
 from app.runs.clients import (
     Backend,
     Ledger,
@@ -37,6 +36,7 @@ from app.runs.clients import (
     ScriptedBackend,
     TextChunk,
 )
+from app.runs.hooks import Cause, Causes, ContextChange, HookNote, HookRunner, expression_of
 from app.runs.pool import model_calls
 from app.runs.recorder import RunMapper
 from app.runs.workflows import Workflow, WorkflowManager
@@ -532,7 +532,9 @@ class _RunSession:
     async def before_chat(self, hooks: HookRunner) -> bool:
         """user_text derivations of the messages since the last run, then before_chat hooks; False: a hook failed."""
         notes: list[Any] = []
-        since = max((r.seq for r in self.history if r.type == "run.started" and r.run_id != self.run_id), default=0)
+        since = max(
+            (r.seq for r in self.history if r.type == "run.started" and r.run_id != self.run_id), default=0
+        )
         for record in self.history:
             if record.seq > since and record.type == "message.user":
                 notes += hooks.derive("user_text", record.data.get("content"), Cause(seq=record.seq))
@@ -662,7 +664,9 @@ class _RunSession:
                 elif getattr(item, "type", None) == "run_completion":
                     self.summary = item.content.summary
                 elif isinstance(pending.event, Handoff) and pending.event.kind == "context_condition":
-                    expression = expression_of(self.workflow.agents, pending.event.source, pending.event.target)
+                    expression = expression_of(
+                        self.workflow.agents, pending.event.source, pending.event.target
+                    )
                     pendings[-1] = msgspec.structs.replace(
                         pending, event=msgspec.structs.replace(pending.event, expression=expression)
                     )

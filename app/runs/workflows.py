@@ -15,6 +15,7 @@ from typing import Any, Final
 
 import msgspec
 
+from app.runs.hooks import Hook, check_context, resolve_hooks
 from domain.errors import ManifestError, MozaiksError
 from domain.manifest import (
     AFTER_WORK_KEYWORDS,
@@ -74,7 +75,7 @@ class Workflow(msgspec.Struct, frozen=True, kw_only=True):
     context: dict[str, Any]
     fixtures: dict[str, list[ScriptedReply]]
     # hooks.json resolved (app/runs/hooks.py runs them) and the derived context variables by name.
-    hooks: list[Any] = []
+    hooks: list[Hook] = []
     derived: dict[str, Derived] = {}
 
     @property
@@ -178,9 +179,7 @@ def load_workflow(folder: Path) -> tuple[Workflow | None, list[ManifestError]]:
         _check_workflow_refs(name, manifest, agents, problems)
     # Without a readable agents.json, fixture names cannot be checked: say nothing rather than noise.
     fixtures = _load_fixtures(name, folder, agents, problems) if agents_manifest is not None else {}
-    from app.runs.hooks import check_context, resolve_hooks  # hooks import this module's types
-
-    hooks = resolve_hooks(name, hooks_manifest, agents, problems)
+    hooks = resolve_hooks(name, hooks_manifest, agents, problems, import_function)
     derived = check_context(name, context_manifest, agents, tools_manifest, problems)
 
     if manifest is None or agents_manifest is None:
