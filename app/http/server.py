@@ -32,6 +32,7 @@ from app.http.agui import run_agent
 from app.http.analytics import SeriesController
 from app.http.audit import AuditController, anchor_key
 from app.http.auth import BearerAuthMiddleware, token_from
+from app.http.budgets import BudgetController
 from app.http.controllers import (
     ChatController,
     HealthController,
@@ -239,6 +240,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             MetricsController,
             AuditController,
             SeriesController,
+            BudgetController,
             HealthController,
             prometheus_metrics,
             chat_socket,

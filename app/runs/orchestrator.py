@@ -26,6 +26,7 @@ from pymongo.errors import PyMongoError
 
 import tools
 from app.runs.agents import ContextNote, Team, build_team
+from app.runs.budgets import BudgetBook, count_stop
 from app.runs.clients import (
     Backend,
     Ledger,
@@ -41,6 +42,7 @@ from app.runs.pool import model_calls
 from app.runs.recorder import RunMapper
 from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
+from domain.budgets import Exceeded
 from domain.cancellation import raise_if_cancelling
 from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownChat
 from domain.events import (
@@ -153,6 +155,8 @@ class Orchestrator:
         self.reports: OrderedDict[str, RunReport] = OrderedDict()
         self.sessions: dict[str, _RunSession] = {}
         self._openai: OpenAIBackend | None = None
+        # Budgets (app/runs/budgets.py): the node's limits and the spend it knows.
+        self.budgets = BudgetBook(store.db, settings)
 
     def request_stop(self, run_id: str, by: str | None) -> bool:
         """Stop a run going on in this process; False when it is not running here.
@@ -403,8 +407,25 @@ class _RunSession:
         self.ended_by_other: str | None = None
         # Hooks (app/runs/hooks.py): a hook that failed ends the run run.failed (reason hook).
         self.hook_failure: HookFailed | None = None
+        # Budgets: the limit reached before a model call ends the run run.stopped (reason budget).
+        self.budget_stop: Exceeded | None = None
         self.causes = Causes(self.run_id)
         self.hooks: HookRunner | None = None
+
+    def budget_reached(self, exceeded: Exceeded) -> None:
+        """A limit was reached before a model call: stop the run (reason budget)."""
+        if self.budget_stop is None:
+            self.budget_stop = exceeded
+            count_stop(exceeded)
+            log.info(
+                "run.budget_reached", chat_id=self.stream.chat_id, run_id=self.run_id, limit=exceeded.limit
+            )
+        self.stop.set()
+
+    def stopped_by_budget(self) -> Pending:
+        exceeded = self.budget_stop
+        assert exceeded is not None
+        return self.terminal(RunStopped(reason="budget", budget=exceeded.data()))
 
     def hook_failed(self, failure: HookFailed) -> None:
         """A hook raised or timed out: stop AG2 and end the run failed (reason hook)."""
@@ -472,7 +493,17 @@ class _RunSession:
             first_delay_s=settings.llm_backoff_s,
             max_delay_s=settings.llm_backoff_max_s,
         )
-        ledger = Ledger(backend, report=emit, text=stream_text, policy=policy)
+        budget = await self.o.budgets.open(self.stream, self.workflow.manifest.budget, self.history)
+
+        def report(note: LlmCallNote) -> None:
+            if budget is not None:
+                budget.spent(note)  # counted before the call returns, so the next check sees it
+            emit(note)
+
+        ledger = Ledger(backend, report=report, text=stream_text, policy=policy)
+        if budget is not None:
+            budget.on_reached = self.budget_reached
+            ledger.gate = budget.check
         context = ContextVariables(data=initial_context(self.workflow, self.history))
         hooks = self.hooks = HookRunner(
             stream=self.stream,
@@ -588,7 +619,7 @@ class _RunSession:
         getting: asyncio.Task[Any] | None = None
         try:
             while True:
-                if self.hook_failure is not None:  # AG2 swallows a tool's errors: stop it now
+                if self.hook_failure is not None or self.budget_stop is not None:  # stop AG2 now
                     return await self.stopped(mapper, response)
                 getting = asyncio.create_task(self.queue.get())
                 await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -677,6 +708,8 @@ class _RunSession:
             self.report.scripted = (backend.calls, backend.prompt_tokens, backend.completion_tokens)
         if self.hook_failure is not None:
             return self.failed_by_hook()
+        if self.budget_stop is not None:
+            return self.stopped_by_budget()
         if done.error is None:
             return self.terminal(RunCompleted(summary=self.summary))
         error = done.error
@@ -771,6 +804,8 @@ class _RunSession:
             return self.ended_by_other
         if self.hook_failure is not None and not self.stop_logged:
             return await self.finish([*pendings, self.failed_by_hook()])
+        if self.budget_stop is not None and not self.stop_logged:
+            return await self.finish([*pendings, self.stopped_by_budget()])
         log.info("run.stopped", chat_id=self.stream.chat_id, run_id=self.run_id)
         if self.stop_logged:
             await self.append(pendings)
