@@ -110,16 +110,13 @@ class BudgetBook:
         with self.lock:
             entry = self.daily.setdefault(key, _Daily())
             entry.projected_total = total
-            chats: dict[str, tuple[Spend, Spend]] = {}
+            # Chats other runs added while this read was going keep their entries as they are.
             for chat in tracked:
                 projected = spend_of(docs.get(chat), day)
-                mine = (
-                    known
-                    if chat == chat_id and known is not None
-                    else entry.chats.get(chat, (projected, projected))[1]
-                )
-                chats[chat] = (projected, mine)
-            entry.chats = chats
+                if chat == chat_id and known is not None:
+                    entry.chats[chat] = (projected, known)
+                else:
+                    entry.chats[chat] = (projected, entry.chats.get(chat, (projected, projected))[1])
 
     def add(self, key: Key, chat_id: str, spend: Spend) -> None:
         """A call of `chat_id` under `key` spent `spend` (from the call's own report, any thread)."""
