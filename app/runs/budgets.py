@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -45,6 +46,9 @@ from domain.manifest import Budget
 from projections.budgets import ChatSpendProjector, call_spend, chat_docs, day_spend, spend_of
 from projections.prices import PriceTable
 
+# Runs starting within this many seconds of a read share it (their chats have spent nothing today):
+# the daily sums cost no database operation per model call, however many chats start.
+REFRESH_S = 1.0
 BUDGET_STOPS = Counter("mozaiks_budget_stops_total", "Runs stopped by a budget, by limit kind", ["kind"])
 
 # (kind, app_id, user_id or "", day)
@@ -63,6 +67,8 @@ class _Daily(msgspec.Struct, kw_only=True):
     """One app's or user's spend on one day, as this node knows it."""
 
     projected_total: Spend = Spend()
+    # time.monotonic() of the last read of the projection
+    refreshed: float = 0.0
     # chat -> (projected spend that day, the spend this node knows of it that day)
     chats: dict[str, tuple[Spend, Spend]] = {}
 
@@ -102,7 +108,13 @@ class BudgetBook:
         """Read the projected spend of `key` (and of the chats tracked under it); `chat_id` spent `known` that day."""
         _, app, user, day = key
         with self.lock:
-            tracked = set(self.daily.get(key, _Daily()).chats)
+            entry = self.daily.get(key)
+            fresh = entry is not None and time.monotonic() - entry.refreshed < REFRESH_S
+            if fresh and entry is not None and chat_id is not None and known == Spend():
+                # A chat with no spend today has none projected either: no read while the sum is fresh.
+                entry.chats.setdefault(chat_id, (Spend(), Spend()))
+                return
+            tracked = set(entry.chats) if entry is not None else set()
         if chat_id is not None:
             tracked.add(chat_id)
         total = await day_spend(self.db, app, user or None, day)
@@ -110,6 +122,7 @@ class BudgetBook:
         with self.lock:
             entry = self.daily.setdefault(key, _Daily())
             entry.projected_total = total
+            entry.refreshed = time.monotonic()
             # Chats other runs added while this read was going keep their entries as they are.
             for chat in tracked:
                 projected = spend_of(docs.get(chat), day)

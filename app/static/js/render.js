@@ -5,7 +5,7 @@ import DOMPurify from "../vendor/purify.es.js";
 
 const TERMINAL = new Set(["run.completed", "run.failed", "run.stopped"]);
 // Recorded for audit and metrics; shown only when the user asks for internal events.
-const TRACE = new Set(["llm.call", "ag2.event", "context.updated"]);
+const TRACE = new Set(["llm.call", "ag2.event", "context.updated", "hook.called"]);
 
 function escapeHtml(text) {
   const map = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
@@ -363,9 +363,17 @@ export class ChatView {
         this.#terminal("failed", record, live, "Run failed.");
         break;
       }
-      case "run.stopped":
-        this.root.append(this.#marker(record, `Run stopped${data.by ? ` by ${data.by}` : ""}`, "marker--stopped"));
-        this.#terminal("stopped", record, live, "Run stopped.");
+      case "run.stopped": {
+        // A budget stop says which limit, how much was spent, and when a daily limit resets.
+        const budget = data.reason === "budget" && data.budget ? data.budget : null;
+        const resets = budget?.resets_at ? `; resets ${new Date(budget.resets_at).toLocaleString()}` : "";
+        const why = budget ? `: budget reached (${budget.limit}: spent ${budget.spend} of ${budget.max}${resets})` : "";
+        this.root.append(this.#marker(record, `Run stopped${data.by ? ` by ${data.by}` : ""}${why}`, "marker--stopped"));
+        this.#terminal("stopped", record, live, budget ? "Run stopped: budget reached." : "Run stopped.");
+        break;
+      }
+      case "hook.called":
+        this.#trace(this.#marker(record, `Hook ${data.function} (${data.event}): ${data.outcome}${data.reason ? ` — ${data.reason}` : ""}`, "trace"));
         break;
       case "llm.call": {
         const tokens = `${data.prompt_tokens ?? 0} → ${data.completion_tokens ?? 0} tokens`;
