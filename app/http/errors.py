@@ -19,6 +19,7 @@ from litestar.types import ExceptionHandlersMap
 from pymongo.errors import ConnectionFailure
 
 from app.http import codes
+from app.http.auth import IdentityUnavailable, TokenRefused
 from app.runs.budgets import BudgetReached
 from app.runs.supervisor import NoActiveRun, NodeBusy, RunActive
 from app.runs.workflows import UnknownWorkflow
@@ -69,6 +70,7 @@ _DOMAIN: Final[Mapping[type[Exception], tuple[int, str]]] = {
     # The database does not answer: past the store's retry budget, or a read that found no server.
     StorageUnavailable: (503, codes.STORAGE_UNAVAILABLE),
     ConnectionFailure: (503, codes.STORAGE_UNAVAILABLE),
+    IdentityUnavailable: (503, codes.IDENTITY_UNAVAILABLE),
 }
 STORAGE_RETRY_AFTER_S: Final = 5
 
@@ -85,7 +87,7 @@ class Refused(Exception):
 
 def error_code(exc: Exception) -> str:
     """The code of an error, the same on REST and on the WebSocket."""
-    if isinstance(exc, Refused):
+    if isinstance(exc, (Refused, TokenRefused)):
         return exc.code
     for kind, (_, code) in _DOMAIN.items():
         if isinstance(exc, kind):
@@ -136,7 +138,7 @@ def _domain_error(request: Request[Any, Any, Any], exc: Exception) -> Response[E
     elif isinstance(exc, BudgetReached):
         seconds = exc.exceeded.retry_after_s()
         headers = {"Retry-After": str(seconds)} if seconds is not None else None
-    elif code == codes.STORAGE_UNAVAILABLE:
+    elif code in (codes.STORAGE_UNAVAILABLE, codes.IDENTITY_UNAVAILABLE):
         headers = {"Retry-After": str(STORAGE_RETRY_AFTER_S)}
     return _response(status, ErrorBody(error=code, detail=str(exc)), headers)
 

@@ -416,7 +416,8 @@ class ScriptedBackend:
                 if script
                 else ScriptedReply(content=f"[offline] {agent} has no scripted reply")
             )
-            message: dict[str, Any] = {"role": "assistant", "content": step.content}
+            content = step.content if step.structured is None else json.dumps(step.structured)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
             if step.tool_calls:
                 message["tool_calls"] = [
                     {
@@ -444,7 +445,7 @@ class ScriptedBackend:
             self.completion_tokens += completion
         if stream is not None:
             stream.begin()
-            for number, word in enumerate(_WORDS.findall(step.content or "")):
+            for number, word in enumerate(_WORDS.findall(content or "")):
                 if number and self.chunk_s > 0:
                     time.sleep(self.chunk_s)  # AG2's worker thread, never the event loop
                 stream.write(word)
@@ -481,7 +482,7 @@ class Ledger:
     def __init__(
         self,
         backend: Backend,
-        report: Callable[[LlmCallNote], None] | None = None,
+        report: Callable[[Any], None] | None = None,
         text: Callable[[TextChunk], None] | None = None,
         policy: ModelRetryPolicy | None = None,
     ) -> None:
@@ -496,13 +497,18 @@ class Ledger:
         # Called before each call with the agent's name; raises to refuse it (budgets, app/runs/budgets.py).
         self.gate: Callable[[str], None] | None = None
 
-    def complete(self, agent: str, model: str, params: dict[str, Any]) -> ChatCompletion:
-        """One completion under the retry policy; every try is recorded as an `llm.call`."""
+    def complete(
+        self, agent: str, model: str, params: dict[str, Any], *, stream_text: bool = True
+    ) -> ChatCompletion:
+        """One completion under the retry policy; every try is recorded as an `llm.call`.
+
+        `stream_text=False`: the reply's text is not handed on as it arrives (its timing still is).
+        """
         if self.gate is not None:
             self.gate(agent)
         backend = self.backend
         # Each try streams as a message of its own (`begin`): a failed try's text stays an incomplete message.
-        stream = TextStream(agent, self.text)
+        stream = TextStream(agent, self.text if stream_text else None)
         attempt = 0
         while True:
             attempt += 1
@@ -544,8 +550,8 @@ class Ledger:
             self.record(LlmCallNote(agent=agent, call=call))
             return response
 
-    def record(self, note: LlmCallNote) -> None:
-        """Hand the note to the run's reporter (from any thread)."""
+    def record(self, note: Any) -> None:
+        """Hand a note (an LLM call, or another runtime record of the call) to the run's reporter (from any thread)."""
         if self._report is not None:
             self._report(note)
 

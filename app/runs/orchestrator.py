@@ -29,7 +29,6 @@ from app.runs.agents import ContextNote, Team, build_team
 from app.runs.budgets import BudgetBook, count_stop
 from app.runs.clients import (
     Backend,
-    Ledger,
     LlmCallNote,
     ModelRetryPolicy,
     ModelUnavailable,
@@ -40,6 +39,7 @@ from app.runs.clients import (
 from app.runs.hooks import Cause, Causes, ContextChange, HookNote, HookRunner, expression_of
 from app.runs.pool import model_calls
 from app.runs.recorder import RunMapper
+from app.runs.structured import OutputRejected, StructuredLedger, StructuredReply
 from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
 from domain.budgets import Exceeded
@@ -50,6 +50,7 @@ from domain.events import (
     Handoff,
     InputReceived,
     MessageUser,
+    OutputInvalid,
     Pending,
     Record,
     RunCompleted,
@@ -108,7 +109,7 @@ class RunNotRecorded(MozaiksError):
 
 
 def failure_reason(error: BaseException) -> str:
-    """`run.failed.reason` for an error that ended a run: storage, model, tool, else error.
+    """`run.failed.reason` for an error that ended a run: storage, model, output, tool, else error.
 
     Looks through the exception's causes (AG2 and the executor wrap what a model client raised).
     """
@@ -122,6 +123,8 @@ def failure_reason(error: BaseException) -> str:
             return "model"
         if isinstance(seen, HookFailed):
             return "hook"
+        if isinstance(seen, OutputRejected):
+            return "output"
         tb = seen.__traceback__
         while tb is not None:
             if tb.tb_frame.f_code.co_filename.startswith(_TOOLS_DIR):
@@ -186,7 +189,8 @@ class Orchestrator:
         chat_id: str | None = None,
         message_id: str | None = None,
     ) -> StreamRef:
-        """Start a chat's log: `chat.created` (context = workflow defaults + `context`), then `message.user`.
+        """Start a chat's log: `chat.created` (context = workflow defaults + `context`), the workflow's
+        `initial_message` (a hidden `message.user`, data.origin "initial_message"), then `message`.
 
         Appends at expected_seq 0, so a taken `chat_id` raises Conflict; an unknown workflow raises
         UnknownWorkflow. Does not run anything: call `run` (or let the supervisor do it).
@@ -200,6 +204,11 @@ class Orchestrator:
                 )
             )
         ]
+        initial = loaded.manifest.initial_message
+        if initial is not None:
+            events.append(
+                Pending(event=MessageUser(content=initial, origin="initial_message"), visible=False)
+            )
         if message is not None:
             events.append(Pending(event=MessageUser(content=message, message_id=message_id)))
         await self.store.append(stream, events, expected_seq=0)
@@ -500,7 +509,9 @@ class _RunSession:
                 budget.spent(note)  # counted before the call returns, so the next check sees it
             emit(note)
 
-        ledger = Ledger(backend, report=report, text=stream_text, policy=policy)
+        ledger = StructuredLedger(
+            backend, self.workflow.outputs, report=report, text=stream_text, policy=policy
+        )
         if budget is not None:
             budget.on_reached = self.budget_reached
             ledger.gate = budget.check
@@ -674,6 +685,11 @@ class _RunSession:
                     self.report.runtime_events += 1
             elif isinstance(item, HookNote | ContextChange):
                 pendings.extend(self.hook_pendings([item]))
+            elif isinstance(item, StructuredReply):
+                mapper.structured[item.agent] = item.value
+            elif isinstance(item, OutputInvalid):
+                pendings.append(mapper.pending(item, item.agent, None))
+                self.report.runtime_events += 1
             elif isinstance(item, LlmCallNote):
                 pendings.append(mapper.map_note(item))
                 self.report.runtime_events += 1
