@@ -90,6 +90,8 @@ class BudgetBook:
         self.pricing = ChatSpendProjector(PriceTable.load(settings.prices_path))
         self.lock = threading.Lock()
         self.daily: dict[Key, _Daily] = {}
+        # Reads of the projection in flight, by key (one at a time is enough for chats new today).
+        self.reading: dict[Key, asyncio.Future[None]] = {}
 
     def limits(self, stream: StreamRef) -> tuple[Budget | None, Budget | None]:
         """(app daily, user daily) limits of this chat's app and user."""
@@ -105,15 +107,36 @@ class BudgetBook:
         return keys
 
     async def refresh(self, key: Key, chat_id: str | None, known: Spend | None) -> None:
-        """Read the projected spend of `key` (and of the chats tracked under it); `chat_id` spent `known` that day."""
+        """Read the projected spend of `key` (and of the chats tracked under it); `chat_id` spent `known` that day.
+
+        A chat with no spend today has none projected either: it shares a read made less than
+        REFRESH_S ago, or one in flight, instead of reading again (many chats starting at once).
+        """
+        if chat_id is not None and known == Spend():
+            with self.lock:
+                entry = self.daily.get(key)
+                if entry is not None and time.monotonic() - entry.refreshed < REFRESH_S:
+                    entry.chats.setdefault(chat_id, (Spend(), Spend()))
+                    return
+            reading = self.reading.get(key)
+            if reading is not None:
+                await asyncio.shield(reading)
+                with self.lock:
+                    self.daily.setdefault(key, _Daily()).chats.setdefault(chat_id, (Spend(), Spend()))
+                return
+        task = asyncio.ensure_future(self.read(key, chat_id, known))
+        self.reading[key] = task
+        try:
+            await asyncio.shield(task)
+        finally:
+            if self.reading.get(key) is task:
+                del self.reading[key]
+
+    async def read(self, key: Key, chat_id: str | None, known: Spend | None) -> None:
+        """The read of `refresh`."""
         _, app, user, day = key
         with self.lock:
             entry = self.daily.get(key)
-            fresh = entry is not None and time.monotonic() - entry.refreshed < REFRESH_S
-            if fresh and entry is not None and chat_id is not None and known == Spend():
-                # A chat with no spend today has none projected either: no read while the sum is fresh.
-                entry.chats.setdefault(chat_id, (Spend(), Spend()))
-                return
             tracked = set(entry.chats) if entry is not None else set()
         if chat_id is not None:
             tracked.add(chat_id)
