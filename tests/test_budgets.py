@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
 
 from app.runs.orchestrator import Orchestrator
 from app.runs.workflows import WorkflowManager
@@ -143,6 +144,13 @@ async def test_over_http_429_budgets_endpoint_prometheus_and_a_rebuilt_projectio
         refused = await http.post(f"/api/chats/{first}/messages", json={"message": "more"})
         assert refused.status_code == 429 and refused.json()["error"] == "budget_exceeded"
         assert "chat.max_tokens" in refused.json()["detail"] and "retry-after" not in refused.headers
+        # The ChatUI sends over the socket: the same refusal comes back as an error frame.
+        async with connect(f"{node.ws_url}/ws/chats/{first}?after=1000000") as ws:
+            await ws.send(json.dumps({"type": "user.message", "text": "more"}))
+            async with asyncio.timeout(10):
+                while (frame := json.loads(await ws.recv()))["type"] != "error":
+                    pass
+        assert frame["code"] == "budget_exceeded" and "chat.max_tokens" in frame["message"]
         # The app has 300 of 500 left: a second chat runs until the app's daily limit stops it.
         second, stop = await chat_until_stopped()
         assert (stop["data"]["budget"]["limit"], stop["data"]["budget"]["spend"]) == (
