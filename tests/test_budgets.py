@@ -22,6 +22,7 @@ from domain.events import Record
 from domain.store import MongoEventStore
 from projections.budgets import COLLECTION
 from projections.rebuild import rebuild
+from tests.llm_server import Reply, StreamingModel
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "workflows"
 # Every scripted call of the Spender workflow spends exactly this many tokens (4 calls a run).
@@ -176,3 +177,29 @@ async def test_over_http_429_budgets_endpoint_prometheus_and_a_rebuilt_projectio
     await rebuild(db, store, names=["budgets"])
     rebuilt = {doc["_id"]: doc async for doc in db[COLLECTION].find({})}
     assert rebuilt == live
+
+
+async def test_through_an_openai_compatible_server_the_refused_call_never_reaches_the_model(
+    store: MongoEventStore, tmp_path: Path
+) -> None:
+    folder = spender(tmp_path, {"max_tokens": CALL_TOKENS})
+    model = StreamingModel(
+        [
+            Reply(chunks=["Saved.", " Status: ready"], prompt_tokens=CALL_TOKENS - 10, completion_tokens=10),
+            Reply(chunks=["Approved."], prompt_tokens=CALL_TOKENS - 10, completion_tokens=10),
+        ]
+    )
+    try:
+        settings = Settings(openai_base_url=model.base_url, workflows_path=folder)
+        orchestrator = Orchestrator(store, WorkflowManager(folder), settings)
+        records = await run_chat(orchestrator)
+    finally:
+        model.close()
+    # The Writer's call (100 tokens) was made; the Reviewer's, at 100 of 100, was not.
+    assert len(model.requests) == 1 and tokens(records) == [CALL_TOKENS]
+    stop = records[-1]
+    assert (stop.type, stop.data["reason"], stop.data["budget"]["limit"]) == (
+        "run.stopped",
+        "budget",
+        "chat.max_tokens",
+    )
