@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlparse
 
 import msgspec
+
+from domain.model_io import RECORD_MODES, RecordMode
 
 
 class SettingsError(ValueError):
@@ -54,6 +57,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     hook_timeout_s: float = 10.0
     # Budgets (README "Budgets"): per app and per user per UTC day limits; None = none.
     budgets_path: Path | None = None
+    # MOZAIKS_RECORD_MODEL_IO: full (every call's exact request and response as parts), hashes, off.
+    record_model_io: RecordMode = "full"
     # OIDC (README "Identity"): tokens signed by an identity provider, checked against its JWKS.
     oidc_issuer: str | None = None
     oidc_audience: str | None = None
@@ -119,6 +124,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if enabled not in {"true", "false", "1", "0", "yes", "no"}:
             raise SettingsError(f"MOZAIKS_AI_ENABLED={enabled!r} must be true or false")
         prices = text("MOZAIKS_PRICES")
+        record_io = (text("MOZAIKS_RECORD_MODEL_IO") or "full").lower()
+        if record_io not in RECORD_MODES:
+            raise SettingsError(f"MOZAIKS_RECORD_MODEL_IO={record_io!r} must be full, hashes or off")
         issuer, audience, jwks_url = (
             text("MOZAIKS_OIDC_ISSUER"),
             text("MOZAIKS_OIDC_AUDIENCE"),
@@ -166,6 +174,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             max_active_runs=int(number("MOZAIKS_MAX_ACTIVE_RUNS", 500)),
             hook_timeout_s=number("MOZAIKS_HOOK_TIMEOUT_S", 10.0),
             budgets_path=Path(budgets) if (budgets := text("MOZAIKS_BUDGETS_FILE")) else None,
+            record_model_io=cast(RecordMode, record_io),  # checked against RECORD_MODES above
             oidc_issuer=issuer,
             oidc_audience=audience,
             jwks_url=jwks_url,

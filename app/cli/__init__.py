@@ -42,6 +42,9 @@ _ELSEWHERE = {
     "projections": "app.cli.projections:projections_group",
     "audit": "app.cli.audit:audit_group",
     "metrics": "app.cli.audit:metrics_group",
+    "replay": "app.cli.replay:replay_command",
+    "diff": "app.cli.replay:diff_command",
+    "fixtures": "app.cli.replay:fixtures_group",
     "otel": "app.cli.otel:otel_group",
 }
 

@@ -49,6 +49,7 @@ from domain.events import (
     ChatCreated,
     Handoff,
     InputReceived,
+    LlmCall,
     MessageUser,
     OutputInvalid,
     Pending,
@@ -61,6 +62,7 @@ from domain.events import (
     new_id,
 )
 from domain.hooks import HookFailed
+from domain.model_io import PartStore
 from domain.store import MongoEventStore
 
 log = structlog.get_logger("mozaiks.orchestration")
@@ -160,6 +162,8 @@ class Orchestrator:
         self._openai: OpenAIBackend | None = None
         # Budgets (app/runs/budgets.py): the node's limits and the spend it knows.
         self.budgets = BudgetBook(store.db, settings)
+        # Model I/O parts (MOZAIKS_RECORD_MODEL_IO=full), stored before the llm.call that names them.
+        self.parts = PartStore(store.db, store.retry)
 
     def request_stop(self, run_id: str, by: str | None) -> bool:
         """Stop a run going on in this process; False when it is not running here.
@@ -270,6 +274,10 @@ class Orchestrator:
         )
         return outcome
 
+    def chooser(self, history: list[Record]) -> Callable[[list[str]], str] | None:
+        """Who makes a run's random speaker choices: AG2 (None); a replay plays the original's."""
+        return None
+
     def backend(self, workflow: Workflow, history: list[Record]) -> Backend:
         """The model backend of a run: scripted fixtures offline, else the shared OpenAI client."""
         if self.settings.offline:
@@ -344,6 +352,14 @@ def merged(items: list[Any]) -> list[Any]:
         else:
             out.append(item)
     return out
+
+
+def hashes_only(pending: Pending) -> Pending:
+    """An `llm.call` whose parts could not be stored, recorded as keeping only its hashes."""
+    event = pending.event
+    if isinstance(event, LlmCall) and event.io == "full":
+        return msgspec.structs.replace(pending, event=msgspec.structs.replace(event, io="hashes"))
+    return pending
 
 
 def conversation(history: list[Record], user_name: str | None) -> str | list[dict[str, Any]]:
@@ -441,12 +457,31 @@ class _RunSession:
         if self.hook_failure is None:
             self.hook_failure = failure
         self.stop.set()
+        # Model I/O parts of the llm.call records not appended yet (hash -> canonical JSON).
+        self.parts: dict[str, bytes] = {}
+
+    async def store_parts(self, pendings: list[Pending]) -> list[Pending]:
+        """Store the model I/O parts of the calls in `pendings` (one insert of the new ones).
+
+        Past the retry budget their calls are recorded as `io: "hashes"` (what was sent is still
+        proven; the content is not claimed), and the records go on to their own retries.
+        """
+        if not self.parts:
+            return pendings
+        parts, self.parts = self.parts, {}
+        try:
+            await self.o.parts.put(parts)
+        except StorageUnavailable as exc:
+            log.warning("model_io.not_stored", chat_id=self.stream.chat_id, parts=len(parts), error=str(exc))
+            return [hashes_only(pending) for pending in pendings]
+        return pendings
 
     async def append(self, pendings: list[Pending]) -> None:
         """Record a burst of the run's events; past the retry budget the run ends as failed (storage)."""
         pendings = await self.with_causes(pendings)
         if not pendings:
             return
+        pendings = await self.store_parts(pendings)
         try:
             records = await self.o.store.append(self.stream, pendings, expected_seq=None)
         except StorageUnavailable as exc:
@@ -468,6 +503,7 @@ class _RunSession:
         stands and is returned. Past the retry budget, the lease holder keeps trying (RunNotRecorded).
         """
         pendings = await self.with_causes([*pendings[:-1], *self.causes.release(), pendings[-1]])
+        pendings = await self.store_parts(pendings)
         try:
             record = await self.o.store.finish_run(self.stream, self.run_id, pendings)
         except StorageUnavailable as exc:
@@ -510,7 +546,12 @@ class _RunSession:
             emit(note)
 
         ledger = StructuredLedger(
-            backend, self.workflow.outputs, report=report, text=stream_text, policy=policy
+            backend,
+            self.workflow.outputs,
+            report=report,
+            text=stream_text,
+            policy=policy,
+            record_io=settings.record_model_io,
         )
         if budget is not None:
             budget.on_reached = self.budget_reached
@@ -544,6 +585,7 @@ class _RunSession:
                     default_model=self.o.settings.openai_model,
                     emit=emit,
                     guard_tool=lambda name, function: hooks.guard_tool(name, function, emit),
+                    choose=self.o.chooser(self.history),
                 )
                 hooks.wrap_agents(team.agents, emit)
                 if not await self.before_chat(hooks):
@@ -691,6 +733,8 @@ class _RunSession:
                 pendings.append(mapper.pending(item, item.agent, None))
                 self.report.runtime_events += 1
             elif isinstance(item, LlmCallNote):
+                if item.parts is not None:
+                    self.parts.update(item.parts.bodies)
                 pendings.append(mapper.map_note(item))
                 self.report.runtime_events += 1
                 self.report.llm_calls += 1
