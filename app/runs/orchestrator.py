@@ -436,6 +436,8 @@ class _RunSession:
         self.budget_stop: Exceeded | None = None
         self.causes = Causes(self.run_id)
         self.hooks: HookRunner | None = None
+        # Model I/O parts of the llm.call records not appended yet (hash -> canonical JSON).
+        self.parts: dict[str, bytes] = {}
 
     def budget_reached(self, exceeded: Exceeded) -> None:
         """A limit was reached before a model call: stop the run (reason budget)."""
@@ -457,8 +459,6 @@ class _RunSession:
         if self.hook_failure is None:
             self.hook_failure = failure
         self.stop.set()
-        # Model I/O parts of the llm.call records not appended yet (hash -> canonical JSON).
-        self.parts: dict[str, bytes] = {}
 
     async def store_parts(self, pendings: list[Pending]) -> list[Pending]:
         """Store the model I/O parts of the calls in `pendings` (one insert of the new ones).
