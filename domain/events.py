@@ -21,9 +21,18 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     """Base of every event; the tag is the stable `type` stored in the log."""
 
 
+class ParentRef(msgspec.Struct, frozen=True, kw_only=True):
+    """A child workflow's parent: the chat that started it and the seq of its `child.started` there."""
+
+    chat_id: str
+    seq: int
+
+
 class ChatCreated(Event, tag="chat.created", frozen=True, kw_only=True):
     context: dict[str, Any] = {}
     offline: bool = False
+    # A child workflow (app/runs/children.py): the parent chat and its `child.started` record.
+    parent: ParentRef | None = None
     # A replay (`mozaiks replay`): {"chat_id": the chat it replays, "model": "recorded" | "live"}.
     replay_of: dict[str, Any] | None = None
 
@@ -192,6 +201,26 @@ class Ag2Event(Event, tag="ag2.event", frozen=True, kw_only=True):
     name: str
 
 
+class ChildStarted(Event, tag="child.started", frozen=True, kw_only=True):
+    """An agent called a child-workflow tool: a new chat of `workflow` runs the tool's message."""
+
+    child_chat_id: str
+    workflow: str
+    # The tools.json entry that started it.
+    tool: str = ""
+
+
+class ChildCompleted(Event, tag="child.completed", frozen=True, kw_only=True):
+    """A child chat's run ended; `result` (its last visible agent message) is the tool's result."""
+
+    child_chat_id: str
+    # The child's terminal record type: "run.completed", "run.failed" or "run.stopped".
+    outcome: str
+    result: str = ""
+    # Set when the tool's result is an error (the child failed, was stopped or interrupted).
+    error: str | None = None
+
+
 AnyEvent = (
     ChatCreated
     | RunStarted
@@ -212,6 +241,8 @@ AnyEvent = (
     | RunFailed
     | RunStopped
     | Ag2Event
+    | ChildStarted
+    | ChildCompleted
 )
 
 EVENT_TYPES: Final[frozenset[str]] = frozenset(str(cls.__struct_config__.tag) for cls in AnyEvent.__args__)

@@ -125,12 +125,15 @@ class AgentsManifest(Manifest, frozen=True, kw_only=True):
 
 
 class ToolSpec(Manifest, frozen=True, kw_only=True):
-    """One entry of tools.json: a function of the `tools` package, by `module:function`."""
+    """One entry of tools.json: a function of the `tools` package, by `module:function`, or a child
+    workflow (`workflow`: the agent starts a chat of that workflow with a `message`; see children.py)."""
 
     name: Name
     # "tools.<module>:<function>"; checked (and imported) by the workflow manager.
-    function: str
+    function: str = ""
     description: str = ""
+    # A child-workflow tool: the loaded workflow it starts (checked at load); excludes `function`.
+    workflow: Name | None = None
     # False: the result may change between calls (time, network); a recorded replay plays the recorded result.
     deterministic: bool = True
 

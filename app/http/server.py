@@ -34,6 +34,7 @@ from app.http.analytics import SeriesController
 from app.http.audit import AuditController, anchor_key
 from app.http.auth import BearerAuthMiddleware, TokenVerifier, token_from
 from app.http.budgets import BudgetController
+from app.http.children import ChatTreeController
 from app.http.controllers import (
     ChatController,
     HealthController,
@@ -270,6 +271,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             ChatController,
             MetricsController,
             AuditController,
+            ChatTreeController,
             ReplayController,
             SeriesController,
             BudgetController,

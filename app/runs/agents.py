@@ -196,6 +196,7 @@ def build_team(
     default_model: str,
     emit: Callable[[Any], None] | None = None,
     guard_tool: Callable[[str, Callable[..., Any]], Callable[..., Any]] | None = None,
+    children: Callable[[Tool], Callable[..., Any]] | None = None,
     choose: Callable[[list[str]], str] | None = None,
 ) -> Team:
     """Build the workflow's agents (tools only from tools.json), handoffs and AG2 pattern.
@@ -226,9 +227,10 @@ def build_team(
         keep_client_registered(agent, client_cls)
         for name in spec.tools:
             tool = workflow.tools[name]
-            bound = bind_tool(tool, context, emit)
+            # A child-workflow tool (tools.json `workflow`) is bound to the run (app/runs/children.py).
+            function = children(tool) if tool.spec.workflow and children else bind_tool(tool, context, emit)
             agent.register_for_llm(name=name, description=tool.description, silent_override=True)(
-                guard_tool(name, bound) if guard_tool is not None else bound
+                guard_tool(name, function) if guard_tool is not None else function
             )
         agents[spec.name] = agent
 

@@ -27,6 +27,7 @@ from pymongo.errors import PyMongoError
 import tools
 from app.runs.agents import ContextNote, Team, build_team
 from app.runs.budgets import BudgetBook, count_stop
+from app.runs.children import ChildDesk, ChildLauncher, ChildNote
 from app.runs.clients import (
     Backend,
     LlmCallNote,
@@ -52,6 +53,7 @@ from domain.events import (
     LlmCall,
     MessageUser,
     OutputInvalid,
+    ParentRef,
     Pending,
     Record,
     RunCompleted,
@@ -162,6 +164,8 @@ class Orchestrator:
         self._openai: OpenAIBackend | None = None
         # Budgets (app/runs/budgets.py): the node's limits and the spend it knows.
         self.budgets = BudgetBook(store.db, settings)
+        # Starts and stops child workflows (set by the run supervisor; None: child tools answer an error).
+        self.children: ChildLauncher | None = None
         # Model I/O parts (MOZAIKS_RECORD_MODEL_IO=full), stored before the llm.call that names them.
         self.parts = PartStore(store.db, store.retry)
 
@@ -192,6 +196,7 @@ class Orchestrator:
         context: dict[str, Any] | None = None,
         chat_id: str | None = None,
         message_id: str | None = None,
+        parent: ParentRef | None = None,
     ) -> StreamRef:
         """Start a chat's log: `chat.created` (context = workflow defaults + `context`), the workflow's
         `initial_message` (a hidden `message.user`, data.origin "initial_message"), then `message`.
@@ -204,7 +209,9 @@ class Orchestrator:
         events = [
             Pending(
                 event=ChatCreated(
-                    context={**loaded.context, **(context or {})}, offline=self.settings.offline
+                    context={**loaded.context, **(context or {})},
+                    offline=self.settings.offline,
+                    parent=parent,
                 )
             )
         ]
@@ -585,6 +592,7 @@ class _RunSession:
                     default_model=self.o.settings.openai_model,
                     emit=emit,
                     guard_tool=lambda name, function: hooks.guard_tool(name, function, emit),
+                    children=self.child_tools(emit),
                     choose=self.o.chooser(self.history),
                 )
                 hooks.wrap_agents(team.agents, emit)
@@ -647,6 +655,23 @@ class _RunSession:
         failure = self.hook_failure
         assert failure is not None
         return self.terminal(RunFailed(error=str(failure), reason="hook"))
+
+    def child_tools(self, emit: Callable[[Any], None]) -> Callable[[Any], Callable[..., Any]] | None:
+        """Binds the workflow's child-workflow tools to this run (None outside a supervisor)."""
+        launcher = self.o.children
+        if launcher is None:
+            return None
+        desk = ChildDesk(
+            store=self.o.store,
+            launcher=launcher,
+            create_chat=self.o.create_chat,
+            follow=self.o.follow,
+            parent=self.stream,
+            after=self.started.seq,
+            emit=emit,
+            stopping=self.stop,
+        )
+        return desk.tool
 
     def terminal(self, event: RunCompleted | RunFailed | RunStopped) -> Pending:
         self.report.runtime_events += 1
@@ -729,6 +754,9 @@ class _RunSession:
                 pendings.extend(self.hook_pendings([item]))
             elif isinstance(item, StructuredReply):
                 mapper.structured[item.agent] = item.value
+            elif isinstance(item, ChildNote):
+                pendings.append(mapper.pending(item.event, None, None))
+                self.report.runtime_events += 1
             elif isinstance(item, OutputInvalid):
                 pendings.append(mapper.pending(item, item.agent, None))
                 self.report.runtime_events += 1

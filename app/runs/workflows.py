@@ -135,6 +135,7 @@ class WorkflowManager:
                 errors.extend(problems)
                 if workflow is not None and not problems:
                     workflows[workflow.name] = workflow
+            _check_child_workflows(workflows, errors)
         self.workflows, self.errors = workflows, errors
 
     def get(self, name: str) -> Workflow:
@@ -224,10 +225,49 @@ def _resolve_tools(name: str, manifest: ToolsManifest, problems: list[ManifestEr
                 ManifestError(name, TOOLS_FILE, f"{where}.name", f"tool {spec.name!r} is declared twice")
             )
             continue
+        if spec.workflow is not None:
+            if spec.function:
+                problems.append(
+                    ManifestError(
+                        name, TOOLS_FILE, where, "a tool names a 'function' or a 'workflow', not both"
+                    )
+                )
+            else:
+                tools[spec.name] = Tool(spec=spec, function=_child_workflow_tool)
+            continue
         function = _import_tool(name, spec, f"{where}.function", problems)
         if function is not None:
             tools[spec.name] = Tool(spec=spec, function=function)
     return tools
+
+
+def _child_workflow_tool(message: str) -> str:
+    """Start the tool's workflow with `message` and answer with its result (bound per run, children.py)."""
+    raise RuntimeError("a child-workflow tool runs only inside a supervised run (mozaiks serve)")
+
+
+def _check_child_workflows(workflows: dict[str, Workflow], errors: list[ManifestError]) -> None:
+    """Drop every workflow whose child-workflow tool names a workflow that is not loaded (until none does)."""
+    while True:
+        broken = False
+        for workflow in list(workflows.values()):
+            for i, spec in enumerate(t.spec for t in workflow.tools.values()):
+                if spec.workflow is not None and spec.workflow not in workflows:
+                    known = ", ".join(sorted(workflows)) or "none"
+                    errors.append(
+                        ManifestError(
+                            workflow.name,
+                            TOOLS_FILE,
+                            f"$.tools[{i}].workflow",
+                            f"tool {spec.name!r} starts workflow {spec.workflow!r}, which is not loaded"
+                            f" (loaded: {known})",
+                        )
+                    )
+                    workflows.pop(workflow.name, None)
+                    broken = True
+                    break
+        if not broken:
+            return
 
 
 def _import_tool(

@@ -2,6 +2,7 @@
 
 import { Marked } from "../vendor/marked.esm.js";
 import DOMPurify from "../vendor/purify.es.js";
+import { childCompletedText, childThread } from "./children.js";
 import { invalidOutputText, isStructured, structuredCard } from "./structured.js";
 
 const TERMINAL = new Set(["run.completed", "run.failed", "run.stopped"]);
@@ -445,6 +446,12 @@ export class ChatView {
         break;
       case "ag2.event":
         this.#trace(this.#marker(record, `AG2 event: ${data.name ?? "?"}`, "trace"));
+        break;
+      case "child.started":
+        this.root.append(childThread(this.#base("li", record, ""), record));
+        break;
+      case "child.completed":
+        this.root.append(this.#marker(record, childCompletedText(data), data.error ? "marker--error" : "marker--ok"));
         break;
       default:
         // A type this page does not know yet: keep it findable without cluttering the chat.
