@@ -91,6 +91,8 @@ class Handoff(Event, tag="handoff", frozen=True, kw_only=True):
     target: str
     kind: str = "handoff"
     reason: str = ""
+    # kind "context_condition": the workflow's expression that fired.
+    expression: str | None = None
 
 
 class SpeakerSelected(Event, tag="speaker.selected", frozen=True, kw_only=True):
@@ -150,7 +152,28 @@ class OutputInvalid(Event, tag="output.invalid", frozen=True, kw_only=True):
 
 
 class ContextUpdated(Event, tag="context.updated", frozen=True, kw_only=True):
+    # The changed variables and their new values (None: removed); the fold a continued chat starts from.
     variables: dict[str, Any]
+    # One variable's change (hooks, derivations, tools): its name, old and new value, and the seq
+    # of the record that caused it (a tool.called, hook.called, message.agent, message.user ...).
+    name: str | None = None
+    old: Any = None
+    new: Any = None
+    cause: int | None = None
+
+
+class HookCalled(Event, tag="hook.called", frozen=True, kw_only=True):
+    """A workflow hook ran: which, where, how long, and what it did to the context."""
+
+    event: str
+    function: str
+    duration_ms: float = 0.0
+    # "ok" | "refused" (a before_tool hook refused the call) | "error" (it raised or timed out).
+    outcome: str = "ok"
+    reason: str | None = None
+    error: str | None = None
+    tool: str | None = None
+    changes: dict[str, Any] = {}
 
 
 class RunCompleted(Event, tag="run.completed", frozen=True, kw_only=True):
@@ -168,6 +191,10 @@ class RunFailed(Event, tag="run.failed", frozen=True, kw_only=True):
 
 class RunStopped(Event, tag="run.stopped", frozen=True, kw_only=True):
     by: str | None = None
+    # None: someone stopped it; "budget": a spend limit was reached before a model call.
+    reason: str | None = None
+    # reason "budget": {"limit": "chat.max_tokens" ..., "spend": N, "max": N, "resets_at": ISO | None}.
+    budget: dict[str, Any] | None = None
 
 
 class Ag2Event(Event, tag="ag2.event", frozen=True, kw_only=True):
@@ -238,6 +265,7 @@ AnyEvent = (
     | InputReceived
     | LlmCall
     | ContextUpdated
+    | HookCalled
     | OutputInvalid
     | RunCompleted
     | RunFailed
