@@ -132,6 +132,9 @@ class GroupCommit:
             for batch in group:
                 _fail(batch, exc)
             return
+        # A write-concern error beside the write errors: nothing of this insert is confirmed, so
+        # each batch's outcome carries it (its caller re-sends; re-sent records are found by `_id`).
+        concern = exc.details.get("writeConcernErrors") or []
         # An ordered insert stops at its first error: the batches after that one were not tried.
         stopped_at = min(errors) if ordered else None
         start = 0
@@ -144,7 +147,17 @@ class GroupCommit:
             elif failed:
                 own = [{**errors[i], "index": i - start} for i in failed]
                 inserted = failed[0] - start if ordered else len(batch.docs) - len(failed)
-                _fail(batch, BulkWriteError({"nInserted": inserted, "writeErrors": own}))
+                details: dict[str, Any] = {"nInserted": inserted, "writeErrors": own}
+                if concern:
+                    details["writeConcernErrors"] = concern
+                _fail(batch, BulkWriteError(details))
+            elif concern:
+                _fail(
+                    batch,
+                    BulkWriteError(
+                        {"nInserted": len(batch.docs), "writeErrors": [], "writeConcernErrors": concern}
+                    ),
+                )
             elif not batch.done.done():
                 batch.done.set_result(None)
             start = end
