@@ -40,7 +40,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # each writing a chat's documents once for what came meanwhile; the live hub's change stream
     # (other nodes' records: this node's own are delivered on the write) asks at most this often.
     projection_interval_ms: float = 200.0
-    hub_stream_interval_ms: float = 100.0
+    hub_stream_interval_ms: float = 0.0
     # Streaming: text chunks of a message are coalesced into one `message.delta` per window.
     stream_flush_ms: float = 50.0
     # Offline fixtures stream word by word, this far apart (0 = as fast as possible; env default 20).
@@ -166,7 +166,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             chat_starts_per_minute=int(number("MOZAIKS_CHAT_STARTS_PER_MINUTE", 30)),
             lease_ttl_s=number("MOZAIKS_LEASE_TTL_S", 30.0),
             projection_interval_ms=number("MOZAIKS_PROJECTION_INTERVAL_MS", 200.0, zero=True),
-            hub_stream_interval_ms=number("MOZAIKS_HUB_STREAM_INTERVAL_MS", 100.0, zero=True),
+            hub_stream_interval_ms=number("MOZAIKS_HUB_STREAM_INTERVAL_MS", 0.0, zero=True),
             stream_flush_ms=number("MOZAIKS_STREAM_FLUSH_MS", 50.0, zero=True),
             offline_chunk_ms=number("MOZAIKS_OFFLINE_CHUNK_MS", 20.0, zero=True),
             db_retry_s=number("MOZAIKS_DB_RETRY_S", 30.0),
