@@ -389,7 +389,6 @@ class _RunSession:
         self.stop = asyncio.Event()
         self.open_requests: OrderedDict[str, asyncio.Future[str]] = OrderedDict()
         self.unclaimed: deque[InputReceived] = deque()
-        self.summary: str | None = None
         self.relay: Relay | None = None
         # Who asked this process to stop the run; `stop_logged` when a run.stopped is already in the log;
         # `ended_by_other`: the terminal type another node recorded for this run (it gave the run up).
@@ -527,7 +526,7 @@ class _RunSession:
                 # Text reaches the recorder once per flush window (the relay held it): record it now.
                 pendings.extend(self.deltas(mapper.flush()))
                 if done is not None:
-                    return await self.finish([*pendings, self.outcome(done, backend)])
+                    return await self.finish([*pendings, self.outcome(done, backend, mapper)])
                 await self.append(pendings)
                 if request is not None:
                     answer = await self.answer(request)
@@ -578,15 +577,14 @@ class _RunSession:
                     request = item
                     # Registered before the append, so an answer can never arrive unclaimed.
                     self.open_requests[str(item.content.uuid)] = asyncio.get_running_loop().create_future()
-                elif getattr(item, "type", None) == "run_completion":
-                    self.summary = item.content.summary
         return pendings, request, done
 
-    def outcome(self, done: _Done, backend: Backend) -> Pending:
+    def outcome(self, done: _Done, backend: Backend, mapper: RunMapper) -> Pending:
         if isinstance(backend, ScriptedBackend):
             self.report.scripted = (backend.calls, backend.prompt_tokens, backend.completion_tokens)
         if done.error is None:
-            return self.terminal(RunCompleted(summary=self.summary))
+            # Not AG2's summary (the last message, maybe a hidden agent's): the last one users saw.
+            return self.terminal(RunCompleted(summary=mapper.summary))
         error = done.error
         log.warning("run.failed", chat_id=self.stream.chat_id, run_id=self.run_id, error=str(error))
         return self.terminal(

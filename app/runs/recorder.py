@@ -109,6 +109,8 @@ class RunMapper:
         self.calls: dict[str, tuple[str, str]] = {}
         # agent -> the message its model call is streaming (group agents only).
         self.open: dict[str, OpenMessage] = {}
+        # The last visible agent message's text: `run.completed.summary` (never a hidden agent's words).
+        self.summary: str | None = None
 
     @property
     def unflushed(self) -> bool:
@@ -152,17 +154,33 @@ class RunMapper:
             MessageAgent(content=text, recipient=recipient, message_id=message.message_id), agent, raw
         )
 
-    def visible(self, agent: str | None, typed: bool) -> bool:
-        """Typed events show when their agent is visual (or none); raw `ag2.event`s never show."""
+    def visible(self, agent: str | None, typed: bool, named: tuple[str, ...] = ()) -> bool:
+        """Whether users see a record: the one place the runtime decides it.
+
+        Typed events show when their agent is visual (or none) and no other agent they name (a
+        handoff's target, a random choice's candidates) is a hidden one; raw `ag2.event`s never show.
+        Auditors read every record whatever this says.
+        """
         if not typed:
             return False
-        return agent is None or agent in self.visual_agents or agent == self.user_agent
+        if agent is not None and agent not in self.visual_agents and agent != self.user_agent:
+            return False
+        return not any(name in self.group_agents and name not in self.visual_agents for name in named)
 
-    def pending(self, event: AnyEvent, agent: str | None, ag2: str | None, *, typed: bool = True) -> Pending:
-        """A Pending of this run."""
-        return Pending(
-            event=event, agent=agent, visible=self.visible(agent, typed), run_id=self.run_id, ag2=ag2
-        )
+    def pending(
+        self,
+        event: AnyEvent,
+        agent: str | None,
+        ag2: str | None,
+        *,
+        typed: bool = True,
+        named: tuple[str, ...] = (),
+    ) -> Pending:
+        """A Pending of this run; `named`: the other agents the event names (see `visible`)."""
+        visible = self.visible(agent, typed, named)
+        if visible and isinstance(event, MessageAgent) and event.content:
+            self.summary = event.content  # what run.completed reports: the last words users saw
+        return Pending(event=event, agent=agent, visible=visible, run_id=self.run_id, ag2=ag2)
 
     def map_note(self, note: LlmCallNote) -> Pending:
         """The runtime's own `llm.call` record."""
@@ -223,11 +241,16 @@ class RunMapper:
                 target = c.transition_target
                 if hasattr(target, "agent_names"):
                     # A random target is drawn only after this event: record the choice set instead.
-                    name, reason = "random", f"random choice among {', '.join(target.agent_names)}"
+                    named = tuple(target.agent_names)
+                    name, reason = "random", f"random choice among {', '.join(named)}"
                 else:
                     name, reason = getattr(target, "agent_name", None) or target.display_name(), str(target)
+                    named = (name,)
                 return self.pending(
-                    Handoff(source=source, target=name, kind=_HANDOFF_KINDS[kind], reason=reason), source, raw
+                    Handoff(source=source, target=name, kind=_HANDOFF_KINDS[kind], reason=reason),
+                    source,
+                    raw,
+                    named=named,
                 )
             case _:
                 agent = getattr(c, "sender", None)
