@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -44,7 +45,7 @@ from app.http.errors import EXCEPTION_HANDLERS
 from app.http.transport import chat_socket
 from app.hub import LiveHub
 from app.observability import watch_projection_lag, watch_runs
-from app.runs.orchestrator import Orchestrator
+from app.runs.orchestrator import Orchestrator, load_ag2
 from app.runs.pool import routed_default_executor
 from app.runs.supervisor import RunSupervisor
 from app.runs.workflows import WorkflowManager
@@ -155,6 +156,9 @@ async def supervisor_lifespan(app: Litestar) -> AsyncIterator[None]:
         state.store, state.workflows, state.settings, follow=state.hub.records
     )
     supervisor = state.supervisor = RunSupervisor(state.db, state.store, orchestrator, state.settings)
+    # AG2 loads on a thread of its own as the node comes up (not before: start-up waits for nothing
+    # of it), so the first chat seldom waits for those seconds of imports.
+    threading.Thread(target=load_ag2, name="ag2-import", daemon=True).start()
     async with _background("lease-watch", supervisor.watch_leases()):
         try:
             yield

@@ -17,15 +17,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
 
+from typing import TYPE_CHECKING
+
 import msgspec
 import structlog
-from autogen.agentchat import a_run_group_chat
-from autogen.agentchat.group import ContextVariables
-from autogen.io.base import IOStream
 from pymongo.errors import PyMongoError
 
 import tools
-from app.runs.agents import ContextNote, Team, build_team
 from app.runs.clients import (
     Backend,
     Ledger,
@@ -37,7 +35,6 @@ from app.runs.clients import (
     TextChunk,
 )
 from app.runs.pool import model_calls
-from app.runs.recorder import RunMapper
 from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
 from domain.cancellation import raise_if_cancelling
@@ -57,7 +54,22 @@ from domain.events import (
 )
 from domain.store import MongoEventStore
 
+if TYPE_CHECKING:
+    from app.runs.recorder import RunMapper
+
 log = structlog.get_logger("mozaiks.orchestration")
+
+# AG2 (and the modules built on it: agents, recorder) is imported where a run needs it, never at
+# import time: it takes seconds, which `mozaiks serve`'s start and every other command do without.
+_ag2_loaded = threading.Event()
+
+
+def load_ag2() -> None:
+    """Import AG2 and the run modules built on it (seconds the first time; call it off the event loop)."""
+    import app.runs.agents
+    import app.runs.recorder  # noqa: F401
+
+    _ag2_loaded.set()
 
 _MAX_BATCH: Final = 256
 # Frames from here are the workflows' tools: an error raised there fails a run with reason "tool".
@@ -291,6 +303,8 @@ class Relay:
 
     def send(self, item: Any, *, wait: bool) -> None:
         """Queue `item`; `wait`: it may wait for the flush window (text), else it goes at once."""
+        from autogen.io.base import IOStream
+
         iostream = IOStream.get_default()  # the run's stream, as AG2 set it for this call
         with self.lock:
             self.items.append(item)
@@ -427,6 +441,14 @@ class _RunSession:
         return record.type
 
     async def drive(self) -> str:
+        if not _ag2_loaded.is_set():
+            await asyncio.to_thread(load_ag2)  # on a thread: the loop serves everyone else meanwhile
+        from autogen.agentchat import a_run_group_chat
+        from autogen.agentchat.group import ContextVariables
+
+        from app.runs.agents import build_team
+        from app.runs.recorder import RunMapper
+
         group_agents = {a.name for a in self.workflow.agents if a.type != "user"}
         relay = self.relay = Relay(asyncio.get_running_loop(), self.o.settings.stream_flush_ms / 1000)
 
@@ -460,7 +482,7 @@ class _RunSession:
         response: Any = None
         try:
             try:
-                team: Team = build_team(
+                team = build_team(
                     self.workflow,
                     client_cls=ledger.client_class(),
                     context=context,
@@ -545,6 +567,8 @@ class _RunSession:
         return pendings
 
     def map_batch(self, mapper: RunMapper, batch: list[Any]) -> tuple[list[Pending], Any, _Done | None]:
+        from app.runs.agents import ContextNote  # loaded with AG2 when the run began
+
         pendings: list[Pending] = []
         request: Any = None
         done: _Done | None = None
