@@ -70,9 +70,12 @@ async def test_a_user_never_sees_a_hidden_agent_over_rest_websocket_or_agui(star
                     replay.append(json.loads(await ws.recv()))
             seen["ws replay"] = replay
         # A third turn over AG-UI: the history snapshot and the run's live events.
-        async with asyncio.timeout(60), http.stream(
-            "POST", "/ag-ui/Veiled", json=body(chat_id, ("m3", "And again")), headers=user
-        ) as response:
+        async with (
+            asyncio.timeout(60),
+            http.stream(
+                "POST", "/ag-ui/Veiled", json=body(chat_id, ("m3", "And again")), headers=user
+            ) as response,
+        ):
             assert response.status_code == 200
             seen["ag-ui"] = [e.event for e in await read_sse(response)]
         for what, path in {

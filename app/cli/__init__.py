@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import ipaddress
 import socket
 import sys
@@ -40,7 +41,10 @@ def fail(message: str) -> NoReturn:
 # without. Each with its help line, so the command list shows them without importing them either
 # (tests/test_serve.py checks the lines against the commands).
 _ELSEWHERE = {
-    "run": ("app.cli.runs:run_command", "Run WORKFLOW on MESSAGE in the terminal, printing events as they are recorded."),
+    "run": (
+        "app.cli.runs:run_command",
+        "Run WORKFLOW on MESSAGE in the terminal, printing events as they are recorded.",
+    ),
     "workflows": ("app.cli.runs:workflows_group", "Inspect workflow manifests."),
     "projections": (
         "app.cli.projections:projections_group",
@@ -71,7 +75,9 @@ class _Commands(click.Group):
         commands.update({name: click.Command(name, help=line) for name, (_, line) in _ELSEWHERE.items()})
         limit = formatter.width - 6 - max(map(len, commands))
         with formatter.section("Commands"):
-            formatter.write_dl([(name, commands[name].get_short_help_str(limit)) for name in sorted(commands)])
+            formatter.write_dl(
+                [(name, commands[name].get_short_help_str(limit)) for name in sorted(commands)]
+            )
 
 
 @click.group(cls=_Commands)
@@ -94,6 +100,9 @@ def serve(host: str, port: int) -> None:
         settings = Settings.from_env()
     except SettingsError as exc:
         fail(str(exc))
+    if importlib.util.find_spec("websockets") is None:
+        # uvicorn would only log it and answer every WebSocket with 405: a ChatUI that never updates.
+        fail("no WebSocket library installed (the ChatUI's live stream needs it): pip install websockets")
     if settings.local_mode and not _is_loopback(host):
         fail(f"refusing to bind {host} without MOZAIKS_AUTH_SECRET: local mode serves loopback only")
     try:

@@ -20,9 +20,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Final, Protocol
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 import httpx
 import msgspec

@@ -15,9 +15,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Final
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import structlog
@@ -70,6 +68,7 @@ def load_ag2() -> None:
     import app.runs.recorder  # noqa: F401
 
     _ag2_loaded.set()
+
 
 _MAX_BATCH: Final = 256
 # Frames from here are the workflows' tools: an error raised there fails a run with reason "tool".
