@@ -156,14 +156,22 @@ async def supervisor_lifespan(app: Litestar) -> AsyncIterator[None]:
         state.store, state.workflows, state.settings, follow=state.hub.records
     )
     supervisor = state.supervisor = RunSupervisor(state.db, state.store, orchestrator, state.settings)
-    # AG2 loads on a thread of its own as the node comes up (not before: start-up waits for nothing
-    # of it), so the first chat seldom waits for those seconds of imports.
-    threading.Thread(target=load_ag2, name="ag2-import", daemon=True).start()
-    async with _background("lease-watch", supervisor.watch_leases()):
+    async with (
+        _background("lease-watch", supervisor.watch_leases()),
+        _background("ag2-import", _load_ag2_once_ready(state.projections)),
+    ):
         try:
             yield
         finally:
             await supervisor.shutdown()
+
+
+async def _load_ag2_once_ready(projections: ProjectionRunner) -> None:
+    """Import AG2 on a thread once the node is ready (never before: readiness waits for nothing of it),
+    so the first chat seldom waits for those seconds of imports (a run imports it itself if need be)."""
+    with contextlib.suppress(Exception):  # not caught up in a minute: import all the same
+        await projections.wait_caught_up(timeout=60)
+    threading.Thread(target=load_ag2, name="ag2-import", daemon=True).start()
 
 
 async def security_headers(message: Message, scope: Scope) -> None:

@@ -4,7 +4,10 @@ Each figure is the median of `--rounds` runs, beside the baseline of the same ru
 on the same interpreter (the machine's noise moves both). `serve` runs on one data folder: the first
 start creates it and is not counted, the others are the warm second start a user sees.
 
-    .venv/bin/python tests/benchmarks/bench_start.py [--rounds 5]
+    .venv/bin/python tests/benchmarks/bench_start.py [--rounds 5] [--against ../other-checkout]
+
+`--against` times another checkout of the runtime too (its code on PYTHONPATH), interleaved with
+this one: on a busy machine the only fair comparison.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,32 +74,52 @@ def serve_until_ready(env: dict[str, str], within_s: float = 60) -> float:
         process.wait(30)
 
 
+def measure(env: dict[str, str], runs: dict[str, list[float]]) -> None:
+    """One round: the baseline, `mozaiks --help` and a warm `mozaiks serve` start."""
+    runs["python -c pass"].append(timed([sys.executable, "-c", "pass"], env))
+    runs["mozaiks --help"].append(timed([str(MOZAIKS), "--help"], env))
+    runs["mozaiks serve → ready"].append(serve_until_ready(env))
+
+
+def report(title: str, runs: dict[str, list[float]]) -> None:
+    base = statistics.median(runs["python -c pass"])
+    print(f"{title}\n  python -c pass          {base * 1000:7.0f} ms  (baseline)")
+    for name, goal in (("mozaiks --help", 0.5), ("mozaiks serve → ready", 3.0)):
+        median = statistics.median(runs[name])
+        verdict = "met" if median <= goal else "NOT met"
+        print(
+            f"  {name:22s}  {median * 1000:7.0f} ms  ({median / base:5.1f}× baseline; min "
+            f"{min(runs[name]) * 1000:.0f}, max {max(runs[name]) * 1000:.0f}; goal ≤ {goal} s {verdict})"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    rounds = parser.parse_args().rounds
+    parser.add_argument("--against", type=Path, help="another checkout to time the same way")
+    args = parser.parse_args()
+    sources = {
+        "this checkout": ROOT,
+        **({f"against {args.against}": args.against.resolve()} if args.against else {}),
+    }
+    results: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in sources}
     with tempfile.TemporaryDirectory() as folder:
-        env = environment(Path(folder) / ".mozaiks")
-        baseline, helps, serves = [], [], []
-        serve_until_ready(env)  # creates the data folder: the cold first start, not counted
-        for _ in range(rounds):  # interleaved, so a busy spell of the machine touches all three
-            baseline.append(timed([sys.executable, "-c", "pass"], env))
-            helps.append(timed([str(MOZAIKS), "--help"], env))
-            serves.append(serve_until_ready(env))
+        envs = {}
+        for number, (name, source) in enumerate(sources.items()):
+            env = environment(Path(folder) / f"data-{number}")
+            env["PYTHONPATH"] = str(source)
+            serve_until_ready(env)  # creates the data folder: the cold first start, not counted
+            envs[name] = env
+        for _ in range(args.rounds):  # interleaved, so a busy spell of the machine touches every figure
+            for name, env in envs.items():
+                measure(env, results[name])
+    for name, runs in results.items():
+        report(name, runs)
     imported = subprocess.run(
         [sys.executable, "-c", "import sys, app.cli as c; c.main(['--help'], standalone_mode=False); "
          "print('autogen' in sys.modules)"],
-        env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True, text=True, check=True,
+        env=envs["this checkout"], cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout.split()[-1]  # fmt: skip
-    base = statistics.median(baseline)
-    print(f"python -c pass          {base * 1000:7.0f} ms  (baseline)")
-    for name, runs, goal in (("mozaiks --help", helps, 0.5), ("mozaiks serve → ready", serves, 3.0)):
-        median = statistics.median(runs)
-        verdict = "met" if median <= goal else "NOT met"
-        print(
-            f"{name:22s}  {median * 1000:7.0f} ms  ({median / base:5.1f}× baseline; "
-            f"min {min(runs) * 1000:.0f}, max {max(runs) * 1000:.0f}; goal ≤ {goal} s {verdict})"
-        )
     print(f"`mozaiks --help` imports AG2: {imported}")
 
 
