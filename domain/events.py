@@ -38,6 +38,8 @@ class MessageUser(Event, tag="message.user", frozen=True, kw_only=True):
     content: str
     # The client's own id for the message (AG-UI `Message.id`), so a retried request is recognised.
     message_id: str | None = None
+    # Where the text came from when no user typed it: "initial_message" (workflow.json, recorded hidden).
+    origin: str | None = None
 
 
 class MessageAgent(Event, tag="message.agent", frozen=True, kw_only=True):
@@ -46,6 +48,8 @@ class MessageAgent(Event, tag="message.agent", frozen=True, kw_only=True):
     recipient: str | None = None
     # The streamed message this completes: its `message.delta` records concatenate to `content`.
     message_id: str = ""
+    # An agent with a structured output: the validated object (`content` is its JSON text).
+    structured: dict[str, Any] | None = None
 
 
 class MessageDelta(Event, tag="message.delta", frozen=True, kw_only=True):
@@ -109,6 +113,26 @@ class LlmCall(Event, tag="llm.call", frozen=True, kw_only=True):
     attempt: int = 1
 
 
+class SchemaViolation(msgspec.Struct, frozen=True, kw_only=True):
+    """One way a value breaks a JSON Schema: where (a JSON path, `$` the root) and what."""
+
+    path: str
+    message: str
+
+
+class OutputInvalid(Event, tag="output.invalid", frozen=True, kw_only=True):
+    """A structured-output agent's reply that did not match its schema (the agent is asked again)."""
+
+    agent: str
+    # The structured output's name (agents.json or structured_outputs.json).
+    output: str
+    # 1 = the first reply of this turn.
+    attempt: int
+    errors: list[SchemaViolation]
+    # The reply's text as the model wrote it.
+    content: str = ""
+
+
 class ContextUpdated(Event, tag="context.updated", frozen=True, kw_only=True):
     variables: dict[str, Any]
 
@@ -121,7 +145,8 @@ class RunFailed(Event, tag="run.failed", frozen=True, kw_only=True):
     error: str
     # Why: "interrupted" (its node died or shut down), "storage" (database errors past the retry
     # budget), "model" (LLM errors past the retry budget), "tool", "setup" (the workflow could not
-    # be built); "error" for anything else (a bug). A user's stop is `run.stopped`, never this.
+    # be built), "output" (a structured-output agent's replies never matched its schema);
+    # "error" for anything else (a bug). A user's stop is `run.stopped`, never this.
     reason: str = "error"
 
 
@@ -147,6 +172,7 @@ AnyEvent = (
     | InputReceived
     | LlmCall
     | ContextUpdated
+    | OutputInvalid
     | RunCompleted
     | RunFailed
     | RunStopped

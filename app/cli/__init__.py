@@ -52,6 +52,10 @@ _ELSEWHERE = {
     ),
     "audit": ("app.cli.audit:audit_group", "Export and verify the event log across chats."),
     "metrics": ("app.cli.audit:metrics_group", "Metrics over time."),
+    "otel": (
+        "app.cli.otel:otel_group",
+        "OpenTelemetry traces of past chats (to OTEL_EXPORTER_OTLP_ENDPOINT).",
+    ),
 }
 
 
@@ -104,7 +108,9 @@ def serve(host: str, port: int) -> None:
         # uvicorn would only log it and answer every WebSocket with 405: a ChatUI that never updates.
         fail("no WebSocket library installed (the ChatUI's live stream needs it): pip install websockets")
     if settings.local_mode and not _is_loopback(host):
-        fail(f"refusing to bind {host} without MOZAIKS_AUTH_SECRET: local mode serves loopback only")
+        fail(
+            f"refusing to bind {host} without MOZAIKS_AUTH_SECRET or MOZAIKS_OIDC_ISSUER: local mode serves loopback only"
+        )
     try:
         with socket.create_server((host, port)):
             pass  # free now; uvicorn binds it in a moment

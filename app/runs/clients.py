@@ -427,7 +427,8 @@ class ScriptedBackend:
                 if script
                 else ScriptedReply(content=f"[offline] {agent} has no scripted reply")
             )
-            message: dict[str, Any] = {"role": "assistant", "content": step.content}
+            content = step.content if step.structured is None else json.dumps(step.structured)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
             if step.tool_calls:
                 message["tool_calls"] = [
                     {
@@ -455,7 +456,7 @@ class ScriptedBackend:
             self.completion_tokens += completion
         if stream is not None:
             stream.begin()
-            for number, word in enumerate(_WORDS.findall(step.content or "")):
+            for number, word in enumerate(_WORDS.findall(content or "")):
                 if number and self.chunk_s > 0:
                     time.sleep(self.chunk_s)  # AG2's worker thread, never the event loop
                 stream.write(word)
@@ -494,7 +495,7 @@ class Ledger:
     def __init__(
         self,
         backend: Backend,
-        report: Callable[[LlmCallNote], None] | None = None,
+        report: Callable[[Any], None] | None = None,
         text: Callable[[TextChunk], None] | None = None,
         policy: ModelRetryPolicy | None = None,
     ) -> None:
@@ -507,11 +508,16 @@ class Ledger:
         # Set when the run is over: a call waiting to retry gives up instead of calling again.
         self.closed = threading.Event()
 
-    def complete(self, agent: str, model: str, params: dict[str, Any]) -> ChatCompletion:
-        """One completion under the retry policy; every try is recorded as an `llm.call`."""
+    def complete(
+        self, agent: str, model: str, params: dict[str, Any], *, stream_text: bool = True
+    ) -> ChatCompletion:
+        """One completion under the retry policy; every try is recorded as an `llm.call`.
+
+        `stream_text=False`: the reply's text is not handed on as it arrives (its timing still is).
+        """
         backend = self.backend
         # Each try streams as a message of its own (`begin`): a failed try's text stays an incomplete message.
-        stream = TextStream(agent, self.text)
+        stream = TextStream(agent, self.text if stream_text else None)
         attempt = 0
         while True:
             attempt += 1
@@ -553,8 +559,8 @@ class Ledger:
             self.record(LlmCallNote(agent=agent, call=call))
             return response
 
-    def record(self, note: LlmCallNote) -> None:
-        """Hand the note to the run's reporter (from any thread)."""
+    def record(self, note: Any) -> None:
+        """Hand a note (an LLM call, or another runtime record of the call) to the run's reporter (from any thread)."""
         if self._report is not None:
             self._report(note)
 

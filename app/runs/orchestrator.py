@@ -24,7 +24,6 @@ from pymongo.errors import PyMongoError
 import tools
 from app.runs.clients import (
     Backend,
-    Ledger,
     LlmCallNote,
     ModelRetryPolicy,
     ModelUnavailable,
@@ -33,6 +32,7 @@ from app.runs.clients import (
     TextChunk,
 )
 from app.runs.pool import model_calls
+from app.runs.structured import OutputRejected, StructuredLedger, StructuredReply
 from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
 from domain.cancellation import raise_if_cancelling
@@ -41,6 +41,7 @@ from domain.events import (
     ChatCreated,
     InputReceived,
     MessageUser,
+    OutputInvalid,
     Pending,
     Record,
     RunCompleted,
@@ -114,7 +115,7 @@ class RunNotRecorded(MozaiksError):
 
 
 def failure_reason(error: BaseException) -> str:
-    """`run.failed.reason` for an error that ended a run: storage, model, tool, else error.
+    """`run.failed.reason` for an error that ended a run: storage, model, output, tool, else error.
 
     Looks through the exception's causes (AG2 and the executor wrap what a model client raised).
     """
@@ -126,6 +127,8 @@ def failure_reason(error: BaseException) -> str:
             return "storage"
         if isinstance(seen, ModelUnavailable):
             return "model"
+        if isinstance(seen, OutputRejected):
+            return "output"
         tb = seen.__traceback__
         while tb is not None:
             if tb.tb_frame.f_code.co_filename.startswith(_TOOLS_DIR):
@@ -188,7 +191,8 @@ class Orchestrator:
         chat_id: str | None = None,
         message_id: str | None = None,
     ) -> StreamRef:
-        """Start a chat's log: `chat.created` (context = workflow defaults + `context`), then `message.user`.
+        """Start a chat's log: `chat.created` (context = workflow defaults + `context`), the workflow's
+        `initial_message` (a hidden `message.user`, data.origin "initial_message"), then `message`.
 
         Appends at expected_seq 0, so a taken `chat_id` raises Conflict; an unknown workflow raises
         UnknownWorkflow. Does not run anything: call `run` (or let the supervisor do it).
@@ -202,6 +206,11 @@ class Orchestrator:
                 )
             )
         ]
+        initial = loaded.manifest.initial_message
+        if initial is not None:
+            events.append(
+                Pending(event=MessageUser(content=initial, origin="initial_message"), visible=False)
+            )
         if message is not None:
             events.append(Pending(event=MessageUser(content=message, message_id=message_id)))
         await self.store.append(stream, events, expected_seq=0)
@@ -467,7 +476,9 @@ class _RunSession:
             first_delay_s=settings.llm_backoff_s,
             max_delay_s=settings.llm_backoff_max_s,
         )
-        ledger = Ledger(backend, report=emit, text=stream_text, policy=policy)
+        ledger = StructuredLedger(
+            backend, self.workflow.outputs, report=emit, text=stream_text, policy=policy
+        )
         context = ContextVariables(data=initial_context(self.workflow, self.history))
         user_agent = next((a.name for a in self.workflow.agents if a.type == "user"), None)
         mapper = RunMapper(
@@ -581,6 +592,11 @@ class _RunSession:
                 done = item
             elif isinstance(item, ContextNote):
                 pendings.append(mapper.map_context(item))
+                self.report.runtime_events += 1
+            elif isinstance(item, StructuredReply):
+                mapper.structured[item.agent] = item.value
+            elif isinstance(item, OutputInvalid):
+                pendings.append(mapper.pending(item, item.agent, None))
                 self.report.runtime_events += 1
             elif isinstance(item, LlmCallNote):
                 pendings.append(mapper.map_note(item))

@@ -111,6 +111,8 @@ class RunMapper:
         self.open: dict[str, OpenMessage] = {}
         # The last visible agent message's text: `run.completed.summary` (never a hidden agent's words).
         self.summary: str | None = None
+        # agent -> its last validated structured reply, for the `message.agent` that follows.
+        self.structured: dict[str, dict[str, Any]] = {}
 
     @property
     def unflushed(self) -> bool:
@@ -145,13 +147,22 @@ class RunMapper:
     def complete(self, agent: str, content: str, recipient: str | None, raw: str | None) -> Pending:
         """The `message.agent` of an agent's reply: the streamed message's id and text when it streamed."""
         message = self.open.pop(agent, None)
+        structured = self.structured.pop(agent, None)
         if message is None:
             return self.pending(
-                MessageAgent(content=content, recipient=recipient, message_id=new_id()), agent, raw
+                MessageAgent(
+                    content=content, recipient=recipient, message_id=new_id(), structured=structured
+                ),
+                agent,
+                raw,
             )
         text = "".join(message.text)
         return self.pending(
-            MessageAgent(content=text, recipient=recipient, message_id=message.message_id), agent, raw
+            MessageAgent(
+                content=text, recipient=recipient, message_id=message.message_id, structured=structured
+            ),
+            agent,
+            raw,
         )
 
     def visible(self, agent: str | None, typed: bool, named: tuple[str, ...] = ()) -> bool:

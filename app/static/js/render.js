@@ -2,10 +2,11 @@
 
 import { Marked } from "../vendor/marked.esm.js";
 import DOMPurify from "../vendor/purify.es.js";
+import { invalidOutputText, isStructured, structuredCard } from "./structured.js";
 
 const TERMINAL = new Set(["run.completed", "run.failed", "run.stopped"]);
 // Recorded for audit and metrics; shown only when the user asks for internal events.
-const TRACE = new Set(["llm.call", "ag2.event", "context.updated"]);
+const TRACE = new Set(["llm.call", "ag2.event", "context.updated", "output.invalid"]);
 
 function escapeHtml(text) {
   const map = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
@@ -300,7 +301,8 @@ export class ChatView {
         // the folded tools: the message reads first, what the agent did to get there sits under it.
         const turn = this.turn && this.turn.agent === agent && !this.turn.body ? this.turn : this.#openTurn(agent, record, data);
         const body = this.#base("div", record, "msg__body md");
-        if (content.trim()) body.append(renderMarkdown(content));
+        if (isStructured(data.structured)) body.append(structuredCard(data.structured, this.agentInfo(agent).output));
+        else if (content.trim()) body.append(renderMarkdown(content));
         else body.classList.add("msg__body--empty");
         turn.node.insertBefore(body, turn.tools);
         turn.node.classList.remove("msg--tools-only");
@@ -375,6 +377,9 @@ export class ChatView {
         this.#trace(this.#marker(record, parts.filter(Boolean).join(" · "), "trace"));
         break;
       }
+      case "output.invalid":
+        this.#trace(this.#marker(record, invalidOutputText(data), "trace"));
+        break;
       case "context.updated":
         this.#trace(this.#marker(record, `Context updated: ${Object.keys(data.variables || {}).join(", ") || "—"}`, "trace"));
         break;
