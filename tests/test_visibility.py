@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 
+from app.embedded import free_port
 from app.http.auth import issue_token
 from tests.test_agui import body, read_sse
 
@@ -111,3 +112,25 @@ async def test_a_user_never_sees_a_hidden_agent_over_rest_websocket_or_agui(star
     assert summaries == ["Your text has three words."] * 3
     finished = [e for e in seen["ag-ui"] if e["type"] == "RUN_FINISHED"]
     assert finished[-1]["result"] == "Your text has three words."
+
+
+async def test_a_hidden_agent_s_failed_model_call_fails_the_run_without_naming_it(start_node) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}/v1"  # refuses connections: Scout's first call fails
+    node = await start_node(workflows_path=VEILED, openai_base_url=nobody, llm_attempts=1)
+    async with httpx.AsyncClient(base_url=node.url, timeout=60) as http:
+        created = await http.post("/api/chats", json={"workflow": "Veiled", "message": "Count these words"})
+        chat_id = created.json()["chat_id"]
+        async with connect(f"{node.ws_url}/ws/chats/{chat_id}?after=0") as ws:
+            frames = await events_until_run_ends(ws, 1)
+        full = (await http.get(f"/api/chats/{chat_id}/events")).json()["events"]  # local mode reads all
+    failed = frames[-1]["event"]
+    assert (failed["type"], failed["data"]["reason"]) == ("run.failed", "model")
+    assert "model call for a hidden agent failed" in failed["data"]["error"], failed["data"]["error"]
+    assert leaks("ws", frames) == []
+    assert any(
+        r["type"] == "llm.call"
+        and r["agent"] == "Scout"
+        and r["data"]["status"] == "connection"
+        and not r["visible"]
+        for r in full
+    )

@@ -118,7 +118,7 @@ class ModelUnavailable(MozaiksError):
         self.cause = cause
         status, _ = fault_status(cause)
         super().__init__(
-            f"model call for agent {agent} failed after {attempts} "
+            f"model call for {agent} failed after {attempts} "
             f"{'try' if attempts == 1 else 'tries'} ({status}): {type(cause).__name__}: {cause}"
         )
 

@@ -627,7 +627,9 @@ class _RunSession:
         error = done.error
         log.warning("run.failed", chat_id=self.stream.chat_id, run_id=self.run_id, error=str(error))
         return self.terminal(
-            RunFailed(error=f"{type(error).__name__}: {error}", reason=failure_reason(error))
+            # Visible to users: a hidden agent whose model call failed is not named there (auditors
+            # read its failed `llm.call` records).
+            RunFailed(error=mapper.unnamed(f"{type(error).__name__}: {error}"), reason=failure_reason(error))
         )
 
     async def answer(self, request: Any) -> str | None:

@@ -9,6 +9,7 @@ a callable as null, an exception as its type and message.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Final
 
 from autogen.agentchat.agent import Agent
@@ -177,6 +178,13 @@ class RunMapper:
         if agent is not None and agent not in self.visual_agents and agent != self.user_agent:
             return False
         return not any(name in self.group_agents and name not in self.visual_agents for name in named)
+
+    def unnamed(self, text: str) -> str:
+        """`text` for a record users read (a failed run's error): hidden agents' names replaced."""
+        hidden = sorted(self.group_agents - self.visual_agents, key=len, reverse=True)
+        if not hidden:
+            return text
+        return re.sub(rf"\b(?:{'|'.join(map(re.escape, hidden))})\b", "a hidden agent", text)
 
     def pending(
         self,
