@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlparse
 
 import msgspec
+
+from domain.model_io import RECORD_MODES, RecordMode
 
 
 class SettingsError(ValueError):
@@ -50,6 +53,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     anchor_key: str | None = None
     max_concurrent_llm_calls: int = 256
     max_active_runs: int = 500
+    # MOZAIKS_RECORD_MODEL_IO: full (every call's exact request and response as parts), hashes, off.
+    record_model_io: RecordMode = "full"
     # OIDC (README "Identity"): tokens signed by an identity provider, checked against its JWKS.
     oidc_issuer: str | None = None
     oidc_audience: str | None = None
@@ -115,6 +120,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if enabled not in {"true", "false", "1", "0", "yes", "no"}:
             raise SettingsError(f"MOZAIKS_AI_ENABLED={enabled!r} must be true or false")
         prices = text("MOZAIKS_PRICES")
+        record_io = (text("MOZAIKS_RECORD_MODEL_IO") or "full").lower()
+        if record_io not in RECORD_MODES:
+            raise SettingsError(f"MOZAIKS_RECORD_MODEL_IO={record_io!r} must be full, hashes or off")
         issuer, audience, jwks_url = (
             text("MOZAIKS_OIDC_ISSUER"),
             text("MOZAIKS_OIDC_AUDIENCE"),
@@ -160,6 +168,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             anchor_key=text("MOZAIKS_ANCHOR_KEY"),
             max_concurrent_llm_calls=int(number("MOZAIKS_MAX_CONCURRENT_LLM_CALLS", 256)),
             max_active_runs=int(number("MOZAIKS_MAX_ACTIVE_RUNS", 500)),
+            record_model_io=cast(RecordMode, record_io),  # checked against RECORD_MODES above
             oidc_issuer=issuer,
             oidc_audience=audience,
             jwks_url=jwks_url,

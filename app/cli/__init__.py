@@ -56,6 +56,15 @@ _ELSEWHERE = {
         "app.cli.otel:otel_group",
         "OpenTelemetry traces of past chats (to OTEL_EXPORTER_OTLP_ENDPOINT).",
     ),
+    "replay": (
+        "app.cli.replay:replay_command",
+        "Run chat CHAT_ID again into a new chat (`chat.created.replay_of`), turn by turn.",
+    ),
+    "diff": (
+        "app.cli.replay:diff_command",
+        "Compare two chats turn by turn; exit 1 when they differ (for CI gates).",
+    ),
+    "fixtures": ("app.cli.replay:fixtures_group", "Offline fixtures from recorded chats."),
 }
 
 

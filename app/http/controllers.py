@@ -34,6 +34,7 @@ from domain.anchors import AnchorBook, judge
 from domain.chain import ChainCheck, Verification
 from domain.errors import UnknownChat
 from domain.events import EVENT_TYPES, Record
+from domain.model_io import PartStore, check_calls
 from domain.store import MongoEventStore
 from projections import queries
 from projections.runner import ProjectionRunner
@@ -96,7 +97,13 @@ async def verify_chat(
     anchor = await book.latest(chat_id)
     check = ChainCheck(chat_id, watch_seq=anchor.seq if anchor is not None else None)
     await store.verify(chat_id, check)
-    return judge(check, anchor, book.key)
+    verdict = judge(check, anchor, book.key)
+    # Model I/O parts are covered too: a part not matching its hash is reported like a broken link.
+    calls = [(r.seq, r.data) async for r in store.find(chat_id, types=["llm.call"])]
+    broken = await check_calls(PartStore(store.db), calls) if verdict.ok else None
+    if broken is not None:
+        return msgspec.structs.replace(verdict, ok=False, broken_seq=broken[0], detail=broken[1])
+    return verdict
 
 
 def check_event_types(types: list[str] | None) -> None:

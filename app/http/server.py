@@ -22,6 +22,7 @@ from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusConfig
 from litestar.response import File
@@ -41,7 +42,9 @@ from app.http.controllers import (
     info,
     prometheus_metrics,
 )
+from app.http.docs import SchemaPage
 from app.http.errors import EXCEPTION_HANDLERS
+from app.http.replay import ReplayController
 from app.http.transport import chat_socket
 from app.hub import LiveHub
 from app.observability import watch_projection_lag, watch_runs
@@ -278,6 +281,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             ChatController,
             MetricsController,
             AuditController,
+            ReplayController,
             SeriesController,
             HealthController,
             prometheus_metrics,
@@ -323,6 +327,8 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
                 }
             ),
             security=[{"bearer": []}],
+            # A page of the runtime's own (its CSP blocks the stock plugins' CDN and inline scripts).
+            render_plugins=[SchemaPage(), JsonRenderPlugin(path="/openapi.json")],
         ),
         request_max_body_size=settings.max_body_bytes,
         on_shutdown=list(on_shutdown),
