@@ -70,6 +70,7 @@ from app.http.errors import Refused, error_responses
 from app.hub import LiveHub, Overflowed
 from app.runs.orchestrator import Orchestrator
 from app.runs.supervisor import NoActiveRun, RunSupervisor, chat_state
+from app.runs.ui import WAITING, read_ledger
 from app.settings import Settings
 from domain.errors import Conflict
 from domain.events import Record
@@ -79,6 +80,7 @@ log = structlog.get_logger("mozaiks.agui")
 
 _encoder: Final = EventEncoder()
 INPUT_REASON: Final = "input_required"
+UI_REASON: Final = "ui_required"
 # What an answer to one of our interrupts is: the text the agent asked for.
 ANSWER_SCHEMA: Final = {"type": "string"}
 
@@ -100,6 +102,18 @@ def _call_id(record: Record) -> str:
 
 def _pointer(key: str) -> str:
     return "/" + key.replace("~", "~0").replace("/", "~1")
+
+
+def answer_schema(request: dict[str, Any]) -> dict[str, Any]:
+    """The JSON Schema of a UI request's answer: a form's own, a choice's options, a confirm's boolean."""
+    props = request.get("props") or {}
+    match request.get("component"):
+        case "form":
+            return dict(props.get("schema") or {})
+        case "choice":
+            return {"type": "string", "enum": list(props.get("options") or [])}
+        case _:
+            return {"type": "boolean"}
 
 
 def state_at(records: Iterable[Record]) -> dict[str, Any]:
@@ -304,6 +318,28 @@ class RunTranslator:
         )
         return [*self._close_all(record), finish]
 
+    def ui_requested(self, record: Record) -> list[BaseEvent]:
+        """A form, choice or confirm ends the AG-UI run with an interrupt on its tool call (the call's
+        TOOL_CALL_START/ARGS/END came from its `tool.called`); an artifact is a CUSTOM event."""
+        data = record.data
+        if data.get("component") not in WAITING:
+            return self.custom(record)
+        props = data.get("props") or {}
+        question = Interrupt(
+            id=str(data["request_id"]),
+            reason=UI_REASON,
+            message=str(props.get("title") or props.get("question") or "") or None,
+            tool_call_id=str(data.get("tool_call_id") or "") or None,
+            response_schema=answer_schema(data),
+            expires_at=data.get("expires_at"),
+            metadata={"component": data.get("component"), "mode": data.get("mode"), "tool": data.get("tool")},
+        )
+        outcome = RunFinishedInterruptOutcome(interrupts=[question])
+        finish = RunFinishedEvent(
+            thread_id=self.thread_id, run_id=self.run_id, outcome=outcome, timestamp=_ms(record)
+        )
+        return [*self._close_all(record), finish]
+
     def completed(self, record: Record) -> list[BaseEvent]:
         finish = RunFinishedEvent(
             thread_id=self.thread_id,
@@ -341,12 +377,17 @@ TRANSLATIONS: Final[dict[str, Translation]] = {
     "context.updated": RunTranslator.context,
     "handoff": RunTranslator.custom,
     "speaker.selected": RunTranslator.custom,
+    "child.started": RunTranslator.custom,
+    "child.completed": RunTranslator.custom,
     "input.requested": RunTranslator.interrupt,
+    "ui.requested": RunTranslator.ui_requested,
+    "ui.responded": RunTranslator.custom,
+    "ui.expired": RunTranslator.custom,
     "run.completed": RunTranslator.completed,
     "run.stopped": RunTranslator.stopped,
     "run.failed": RunTranslator.failed,
 }
-_ENDS: Final = frozenset({"input.requested", "run.completed", "run.stopped", "run.failed"})
+_ENDS: Final = frozenset({"input.requested", "ui.requested", "run.completed", "run.stopped", "run.failed"})
 _TURN_TYPES: Final = frozenset({"message.user", "message.agent", "tool.called", "tool.result"})
 
 
@@ -484,7 +525,15 @@ async def _resume(
     chat_id: str,
     entries: list[ResumeEntry],
 ) -> int:
-    """Answer the interrupt the entries address; the run restarts from its `input.requested`."""
+    """Answer the interrupt the entries address; the run restarts from its `input.requested` (or `ui.requested`)."""
+    ledger = await read_ledger(store, chat_id)
+    for entry in entries:
+        if entry.interrupt_id in ledger.exchanges:
+            if entry.status == "cancelled":
+                with contextlib.suppress(NoActiveRun):
+                    await supervisor.stop(chat_id, by=principal.user_id)
+                return ledger.exchanges[entry.interrupt_id].record.seq
+            return await _answer_ui(store, supervisor, principal, chat_id, entry.interrupt_id, entry.payload)
     state = await chat_state(store, chat_id)
     entry = next((e for e in entries if e.interrupt_id == state.open_request), entries[0])
     asked = await _first(store, chat_id, "input.requested", "request_id", entry.interrupt_id)
@@ -500,6 +549,31 @@ async def _resume(
             await supervisor.post_message(chat_id, _answer_text(entry), request_id=entry.interrupt_id)
     # else: answered already (a repeated request), so only its run is streamed again.
     return asked.seq
+
+
+async def _answer_ui(
+    store: MongoEventStore,
+    supervisor: RunSupervisor,
+    principal: Principal,
+    chat_id: str,
+    request_id: str,
+    answer: Any,
+) -> int:
+    """Answer a UI request (a `resume` entry or a `tool` message: this one path, validated like any
+    answer); the AG-UI run restarts from its `ui.requested`. A repeated request records nothing."""
+    exchange = (await read_ledger(store, chat_id)).get(chat_id, request_id)
+    if exchange.outcome is None:
+        await supervisor.answer_ui(chat_id, request_id, answer, principal.user_id)
+    return exchange.record.seq
+
+
+def _tool_answer(message: ToolMessage) -> Any:
+    """A `tool` message's answer: its content as JSON when it is JSON (a form's object, true), else the text."""
+    text = _text_of(message.content)
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 async def begin(
@@ -546,6 +620,18 @@ async def begin(
         )
     if run.resume:
         return await _resume(store, supervisor, principal, chat_id, run.resume)
+    if run.messages and isinstance(last := run.messages[-1], ToolMessage):
+        # The answer to a UI tool's call, as a tool message for its toolCallId.
+        calls = {e.request.tool_call_id: e for e in (await read_ledger(store, chat_id)).exchanges.values()}
+        exchange = calls.get(last.tool_call_id)
+        if exchange is None:
+            raise Refused(
+                404,
+                codes.UNKNOWN_REQUEST,
+                f"messages: chat {chat_id} has no UI request for tool call {last.tool_call_id!r}",
+            )
+        request_id = exchange.request.request_id
+        return await _answer_ui(store, supervisor, principal, chat_id, request_id, _tool_answer(last))
     message_id, text = _new_turn(run)
     repeated = await _first(store, chat_id, "message.user", "message_id", message_id)
     if repeated is not None:

@@ -217,7 +217,7 @@ def recorded_tools(workflow: Workflow, history: list[Record]) -> Workflow:
             )
     tools: dict[str, Tool] = {}
     for name, tool in workflow.tools.items():
-        if tool.spec.deterministic:
+        if tool.spec.deterministic or tool.function is None:  # a UI tool asks the user again
             tools[name] = tool
             continue
         queue = results[name]
