@@ -32,13 +32,15 @@ WRONG_WORKFLOW: Final = "wrong_workflow"  # 409 (AG-UI): the thread is a chat of
 INTERRUPT_PENDING: Final = "interrupt_pending"  # 409 (AG-UI): answer the open interrupt with `resume` first
 NODE_BUSY: Final = "node_busy"  # 503: the node runs MOZAIKS_MAX_ACTIVE_RUNS runs; see Retry-After
 STORAGE_UNAVAILABLE: Final = "storage_unavailable"  # 503: the database does not answer; see Retry-After
+BAD_FORK_POINT: Final = "bad_fork_point"  # 422: a fork's at_seq is past the chat's end or not a message
+UNSUPPORTED_TYPE: Final = "unsupported_type"  # 415: an upload's content type is not in MOZAIKS_UPLOAD_TYPES
 BAD_FRAME: Final = "bad_frame"  # socket only: a client frame that does not decode
 ERROR: Final = "error"  # any other refusal
 
 ERROR_CODES: Final = (
     BAD_REQUEST, UNAUTHORIZED, FORBIDDEN, NOT_FOUND, UNKNOWN_CHAT, UNKNOWN_WORKFLOW, METHOD_NOT_ALLOWED,
     CONFLICT, RUN_ACTIVE, NO_ACTIVE_RUN, TOO_LARGE, RATE_LIMITED, CORRUPT_RECORD, INTERNAL, NOT_READY,
-    UNKNOWN_INTERRUPT, WRONG_WORKFLOW, INTERRUPT_PENDING, NODE_BUSY, STORAGE_UNAVAILABLE, BAD_FRAME, ERROR,
+    UNKNOWN_INTERRUPT, WRONG_WORKFLOW, INTERRUPT_PENDING, NODE_BUSY, STORAGE_UNAVAILABLE, BAD_FORK_POINT, UNSUPPORTED_TYPE, BAD_FRAME, ERROR,
 )  # fmt: skip
 
 # ---- WebSocket close codes (4000-4999 are the application's own)

@@ -34,6 +34,7 @@ from domain.anchors import AnchorBook, judge
 from domain.chain import ChainCheck, Verification
 from domain.errors import UnknownChat
 from domain.events import EVENT_TYPES, Record
+from domain.lineage import with_anchor
 from domain.store import MongoEventStore
 from projections import queries
 from projections.runner import ProjectionRunner
@@ -96,7 +97,7 @@ async def verify_chat(
     anchor = await book.latest(chat_id)
     check = ChainCheck(chat_id, watch_seq=anchor.seq if anchor is not None else None)
     await store.verify(chat_id, check)
-    return judge(check, anchor, book.key)
+    return await with_anchor(store.events, judge(check, anchor, book.key))
 
 
 def check_event_types(types: list[str] | None) -> None:

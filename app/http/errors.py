@@ -161,6 +161,8 @@ _DESCRIPTIONS: Final[Mapping[int, str]] = {
     404: "No such chat, workflow or document",
     409: "The chat's state forbids it (a run is going, or none is)",
     413: "The body is too large",
+    415: "The upload's content type is not allowed (MOZAIKS_UPLOAD_TYPES)",
+    422: "The request is well formed but cannot be done (a fork's at_seq past the end or not a message)",
     429: "Too many chat starts; RateLimit-Reset says when to retry",
     500: "A stored record cannot be read, or a bug",
     503: "The node runs MOZAIKS_MAX_ACTIVE_RUNS runs (`node_busy`), or the database does not answer "

@@ -41,6 +41,7 @@ from app.http.controllers import (
     prometheus_metrics,
 )
 from app.http.errors import EXCEPTION_HANDLERS
+from app.http.lineage import LineageController
 from app.http.transport import chat_socket
 from app.hub import LiveHub
 from app.observability import watch_projection_lag, watch_runs
@@ -236,6 +237,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             info,
             WorkflowController,
             ChatController,
+            LineageController,
             MetricsController,
             AuditController,
             SeriesController,

@@ -56,6 +56,7 @@ from domain.events import (
     StreamRef,
     new_id,
 )
+from domain.lineage import apply_context
 from domain.store import MongoEventStore
 
 log = structlog.get_logger("mozaiks.orchestration")
@@ -362,17 +363,7 @@ def conversation(history: list[Record], user_name: str | None) -> str | list[dic
 
 def initial_context(workflow: Workflow, history: list[Record]) -> dict[str, Any]:
     """Context variables at the start of a run: defaults, the chat's own, then every recorded update."""
-    data = dict(workflow.context)
-    for record in history:
-        if record.type == "chat.created":
-            data.update(record.data.get("context") or {})
-        elif record.type == "context.updated":
-            for key, value in (record.data.get("variables") or {}).items():
-                if value is None:
-                    data.pop(key, None)
-                else:
-                    data[key] = value
-    return data
+    return apply_context(dict(workflow.context), history)
 
 
 class _RunSession:

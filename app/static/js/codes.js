@@ -33,6 +33,8 @@ export const ERROR = Object.freeze({
   INTERRUPT_PENDING: "interrupt_pending",
   NODE_BUSY: "node_busy",
   STORAGE_UNAVAILABLE: "storage_unavailable",
+  BAD_FORK_POINT: "bad_fork_point",
+  UNSUPPORTED_TYPE: "unsupported_type",
   BAD_FRAME: "bad_frame",
   ERROR: "error",
 });
