@@ -9,6 +9,8 @@ from urllib.parse import urlparse
 
 import msgspec
 
+from domain.files import DEFAULT_TYPES
+
 
 class SettingsError(ValueError):
     """An environment variable holds a value the runtime cannot use."""
@@ -50,12 +52,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     anchor_key: str | None = None
     max_concurrent_llm_calls: int = 256
     max_active_runs: int = 500
+    # Uploads (domain/files.py): the largest file, and the content types allowed (`text/*` patterns).
+    max_upload_mb: float = 20.0
+    upload_types: tuple[str, ...] = DEFAULT_TYPES
     node_id: str = msgspec.field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
 
     @property
     def offline(self) -> bool:
         """Workflows run on their scripted fixtures when no OpenAI endpoint is configured."""
         return not self.ai_enabled or (not self.openai_api_key and not self.openai_base_url)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """MOZAIKS_MAX_UPLOAD_MB in bytes."""
+        return int(self.max_upload_mb * 1024 * 1024)
 
     @property
     def local_mode(self) -> bool:
@@ -130,4 +140,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             anchor_key=text("MOZAIKS_ANCHOR_KEY"),
             max_concurrent_llm_calls=int(number("MOZAIKS_MAX_CONCURRENT_LLM_CALLS", 256)),
             max_active_runs=int(number("MOZAIKS_MAX_ACTIVE_RUNS", 500)),
+            max_upload_mb=number("MOZAIKS_MAX_UPLOAD_MB", 20.0),
+            upload_types=tuple(
+                t.strip() for t in (text("MOZAIKS_UPLOAD_TYPES") or "").split(",") if t.strip()
+            )
+            or DEFAULT_TYPES,
         )

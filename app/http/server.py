@@ -41,6 +41,7 @@ from app.http.controllers import (
     prometheus_metrics,
 )
 from app.http.errors import EXCEPTION_HANDLERS
+from app.http.files import files_controller
 from app.http.lineage import LineageController
 from app.http.transport import chat_socket
 from app.hub import LiveHub
@@ -238,6 +239,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             WorkflowController,
             ChatController,
             LineageController,
+            files_controller(settings),
             MetricsController,
             AuditController,
             SeriesController,

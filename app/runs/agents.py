@@ -27,6 +27,7 @@ from autogen.agentchat.groupchat import GroupChat
 from autogen.oai.client import PlaceHolderClient
 
 from app.runs.clients import CLIENT_CLASS_NAME, MozaiksModelClient
+from app.runs.files import ChatFiles, bind_uploads
 from app.runs.workflows import GROUP_MANAGER, Tool, Workflow
 from domain.manifest import AgentSpec
 
@@ -153,6 +154,7 @@ def build_team(
     context: ContextVariables,
     default_model: str,
     emit: Callable[[Any], None] | None = None,
+    files: ChatFiles | None = None,
 ) -> Team:
     """Build the workflow's agents (tools only from tools.json), handoffs and AG2 pattern."""
     agents: dict[str, ConversableAgent] = {}
@@ -179,7 +181,7 @@ def build_team(
         for name in spec.tools:
             tool = workflow.tools[name]
             agent.register_for_llm(name=name, description=tool.description, silent_override=True)(
-                bind_tool(tool, context, emit)
+                bind_uploads(bind_tool(tool, context, emit), files)
             )
         agents[spec.name] = agent
 

@@ -35,6 +35,7 @@ from app.runs.clients import (
     ScriptedBackend,
     TextChunk,
 )
+from app.runs.files import ChatFiles
 from app.runs.pool import model_calls
 from app.runs.recorder import RunMapper
 from app.runs.structured import OutputRejected, StructuredLedger, StructuredReply
@@ -469,6 +470,7 @@ class _RunSession:
                     context=context,
                     default_model=self.o.settings.openai_model,
                     emit=emit,
+                    files=ChatFiles(self.o.store, self.stream.chat_id),
                 )
                 with model_calls():  # AG2's run task inherits the mark: its executor work is model calls
                     response = await a_run_group_chat(
