@@ -159,7 +159,7 @@ class ChatMetricsProjector(PricedProjector):
                 change.inc[agent + field] = change.inc.get(agent + field, 0) + by
 
         match event:
-            case MessageAgent(origin=None):  # a fork's copies of its parent's messages are no turns of its own
+            case MessageAgent(origin=None):  # a fork's copies of its parent's messages are not its turns
                 count("turns")
             case ToolCalled():
                 count("tool_calls")

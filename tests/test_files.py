@@ -80,7 +80,7 @@ async def test_upload_list_download_dedup_an_agent_reads_it_and_refusals_leave_n
         got = await http.get(f"/api/chats/{chat_id}/files/{sha}", headers=ada)
         assert got.status_code == 200 and got.content == NOTES.encode()
         assert (
-            got.headers["content-type"].startswith("text/plain")
+            got.headers["content-type"] == "application/octet-stream"
             and "attachment" in got.headers["content-disposition"]
         )
         auditor = await http.get(

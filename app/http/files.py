@@ -11,6 +11,7 @@ from litestar import Controller, Request, get, post
 from litestar.datastructures import UploadFile
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import NotFoundException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body
 from litestar.response import Stream
 
@@ -26,6 +27,7 @@ from domain.store import MongoEventStore
 
 # A multipart body carries its file and some framing: the body limit is the file limit plus this.
 MULTIPART_OVERHEAD: Final = 64 * 1024
+DOWNLOAD_TYPE: Final = "application/octet-stream"
 _CODES: Final = {400: codes.BAD_REQUEST, 413: codes.TOO_LARGE, 415: codes.UNSUPPORTED_TYPE}
 
 
@@ -118,11 +120,26 @@ class FilesController(Controller):
         records = store.find(chat_id, types=["file.uploaded"])
         return FileList(chat_id=chat_id, files=[file_view(r) async for r in records])
 
-    @get("/{chat_id:str}/files/{sha256:str}", responses=error_responses(401, 403, 404))
+    @get(
+        "/{chat_id:str}/files/{sha256:str}",
+        media_type=DOWNLOAD_TYPE,
+        responses={
+            200: ResponseSpec(
+                data_container=bytes,
+                media_type=DOWNLOAD_TYPE,
+                description="The file's bytes as an attachment (its own type is in the list and the record)",
+                generate_examples=False,
+            ),
+            **error_responses(401, 403, 404),
+        },
+    )
     async def download(
         self, request: Request[Principal, Any, Any], chat_id: str, sha256: str, store: MongoEventStore
     ) -> Stream:
-        """The bytes of a file uploaded to the chat (owner, auditors of its app), as an attachment."""
+        """The bytes of a file uploaded to the chat (owner, auditors of its app), as an attachment.
+
+        Always `application/octet-stream`: an uploaded file is never rendered by the browser as the
+        runtime's own content (its declared type is in the list and in its record)."""
         await owned_chat(store, request.user, chat_id)
         found = [
             r async for r in store.find(chat_id, types=["file.uploaded"]) if r.data.get("sha256") == sha256
@@ -135,7 +152,7 @@ class FilesController(Controller):
             raise NotFoundException(f"file {sha256} of chat {chat_id} is recorded but not stored")
         return Stream(
             files.chunks_of(sha256),
-            media_type=view.content_type or "application/octet-stream",
+            media_type=DOWNLOAD_TYPE,
             headers={
                 "Content-Disposition": f"attachment; filename*=UTF-8''{quote(view.name)}",
                 "Content-Length": str(view.size),
