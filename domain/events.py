@@ -34,6 +34,8 @@ class ChatCreated(Event, tag="chat.created", frozen=True, kw_only=True):
     offline: bool = False
     # A fork (see domain/lineage.py): the parent's record it continues from, anchoring its chain.
     forked_from: ForkedFrom | None = None
+    # A replay (`mozaiks replay`): {"chat_id": the chat it replays, "model": "recorded" | "live"}.
+    replay_of: dict[str, Any] | None = None
 
 
 class RunStarted(Event, tag="run.started", frozen=True, kw_only=True):
@@ -125,6 +127,11 @@ class LlmCall(Event, tag="llm.call", frozen=True, kw_only=True):
     status: str = "ok"
     # Which try of the call this was (1 = first); failed tries are recorded too, each as its own llm.call.
     attempt: int = 1
+    # Model I/O (domain/model_io.py): the request's part hashes (parameters, tools, each message),
+    # the response's; `io` says what was kept: "full" (parts stored), "hashes" (no content), "off".
+    request: list[str] = []
+    response: str | None = None
+    io: str = "off"
 
 
 class SchemaViolation(msgspec.Struct, frozen=True, kw_only=True):

@@ -113,6 +113,8 @@ class ToolSpec(Manifest, frozen=True, kw_only=True):
     # "tools.<module>:<function>"; checked (and imported) by the workflow manager.
     function: str
     description: str = ""
+    # False: the result may change between calls (time, network); a recorded replay plays the recorded result.
+    deterministic: bool = True
 
 
 class ToolsManifest(Manifest, frozen=True, kw_only=True):

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pymongo.asynchronous.database import AsyncDatabase
 
 from app.http import views
-from app.http.auth import Principal, require_role
+from app.http.auth import Principal, TokenVerifier, require_role
 from app.http.errors import error_responses
 from app.runs.orchestrator import Orchestrator
 from app.runs.supervisor import RunSupervisor
@@ -35,6 +35,7 @@ from domain.chain import ChainCheck, Verification
 from domain.errors import UnknownChat
 from domain.events import EVENT_TYPES, Record
 from domain.lineage import with_anchor
+from domain.model_io import PartStore, check_calls
 from domain.store import MongoEventStore
 from projections import queries
 from projections.runner import ProjectionRunner
@@ -97,7 +98,13 @@ async def verify_chat(
     anchor = await book.latest(chat_id)
     check = ChainCheck(chat_id, watch_seq=anchor.seq if anchor is not None else None)
     await store.verify(chat_id, check)
-    return await with_anchor(store.events, judge(check, anchor, book.key))
+    verdict = judge(check, anchor, book.key)
+    # Model I/O parts are covered too: a part not matching its hash is reported like a broken link.
+    calls = [(r.seq, r.data) async for r in store.find(chat_id, types=["llm.call"])]
+    broken = await check_calls(PartStore(store.db), calls) if verdict.ok else None
+    if broken is not None:
+        return msgspec.structs.replace(verdict, ok=False, broken_seq=broken[0], detail=broken[1])
+    return await with_anchor(store.events, verdict)
 
 
 def check_event_types(types: list[str] | None) -> None:
@@ -418,20 +425,25 @@ class HealthController(Controller):
         return views.Live(status="live")
 
     @get("/ready", responses={**error_responses(), **_ready_503()})
-    async def ready(self, db: AsyncDatabase[Any], projections: ProjectionRunner) -> Response[views.Readiness]:
-        """Ready when MongoDB answers and the projection runner has caught up with the log."""
+    async def ready(
+        self, db: AsyncDatabase[Any], projections: ProjectionRunner, verifier: TokenVerifier
+    ) -> Response[views.Readiness]:
+        """Ready when MongoDB answers, the projection runner has caught up with the log and, with
+        OIDC, the identity provider's keys are at hand."""
         try:
             await db.command("ping")
             mongo = "ok"
         except Exception as exc:  # noqa: BLE001 - any failure means not ready; say which
             mongo = f"error: {exc}"
         caught_up = "caught_up" if projections.caught_up else "catching_up"
-        ok = mongo == "ok" and caught_up == "caught_up"
+        identity = await verifier.ready()
+        ok = mongo == "ok" and caught_up == "caught_up" and identity in ("ok", "off")
         readiness = views.Readiness(
             status="ready" if ok else "not_ready",
             mongo=mongo,
             projections=caught_up,
             lag=msgspec.convert(projections.lag(), views.ProjectionLag),
+            identity=identity,
         )
         return Response(readiness, status_code=200 if ok else HTTP_503_SERVICE_UNAVAILABLE)
 

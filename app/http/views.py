@@ -187,6 +187,8 @@ class Readiness(View, frozen=True, kw_only=True):
     mongo: str
     projections: str
     lag: ProjectionLag | None = None
+    # The OIDC provider's keys: "ok", "off" (no MOZAIKS_OIDC_ISSUER) or "error: why".
+    identity: str = "off"
 
 
 def audit_record(record: Record) -> AuditRecord:

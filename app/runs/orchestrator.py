@@ -46,6 +46,7 @@ from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownCha
 from domain.events import (
     ChatCreated,
     InputReceived,
+    LlmCall,
     MessageUser,
     OutputInvalid,
     Pending,
@@ -58,6 +59,7 @@ from domain.events import (
     new_id,
 )
 from domain.lineage import apply_context
+from domain.model_io import PartStore
 from domain.store import MongoEventStore
 
 log = structlog.get_logger("mozaiks.orchestration")
@@ -153,6 +155,8 @@ class Orchestrator:
         self.reports: OrderedDict[str, RunReport] = OrderedDict()
         self.sessions: dict[str, _RunSession] = {}
         self._openai: OpenAIBackend | None = None
+        # Model I/O parts (MOZAIKS_RECORD_MODEL_IO=full), stored before the llm.call that names them.
+        self.parts = PartStore(store.db, store.retry)
 
     def request_stop(self, run_id: str, by: str | None) -> bool:
         """Stop a run going on in this process; False when it is not running here.
@@ -263,6 +267,10 @@ class Orchestrator:
         )
         return outcome
 
+    def chooser(self, history: list[Record]) -> Callable[[list[str]], str] | None:
+        """Who makes a run's random speaker choices: AG2 (None); a replay plays the original's."""
+        return None
+
     def backend(self, workflow: Workflow, history: list[Record]) -> Backend:
         """The model backend of a run: scripted fixtures offline, else the shared OpenAI client."""
         if self.settings.offline:
@@ -339,6 +347,14 @@ def merged(items: list[Any]) -> list[Any]:
     return out
 
 
+def hashes_only(pending: Pending) -> Pending:
+    """An `llm.call` whose parts could not be stored, recorded as keeping only its hashes."""
+    event = pending.event
+    if isinstance(event, LlmCall) and event.io == "full":
+        return msgspec.structs.replace(pending, event=msgspec.structs.replace(event, io="hashes"))
+    return pending
+
+
 def conversation(history: list[Record], user_name: str | None) -> str | list[dict[str, Any]]:
     """The chat so far as AG2 messages: user text, agents' messages, answers to input requests.
 
@@ -397,11 +413,30 @@ class _RunSession:
         self.stop_by: str | None = None
         self.stop_logged = False
         self.ended_by_other: str | None = None
+        # Model I/O parts of the llm.call records not appended yet (hash -> canonical JSON).
+        self.parts: dict[str, bytes] = {}
+
+    async def store_parts(self, pendings: list[Pending]) -> list[Pending]:
+        """Store the model I/O parts of the calls in `pendings` (one insert of the new ones).
+
+        Past the retry budget their calls are recorded as `io: "hashes"` (what was sent is still
+        proven; the content is not claimed), and the records go on to their own retries.
+        """
+        if not self.parts:
+            return pendings
+        parts, self.parts = self.parts, {}
+        try:
+            await self.o.parts.put(parts)
+        except StorageUnavailable as exc:
+            log.warning("model_io.not_stored", chat_id=self.stream.chat_id, parts=len(parts), error=str(exc))
+            return [hashes_only(pending) for pending in pendings]
+        return pendings
 
     async def append(self, pendings: list[Pending]) -> None:
         """Record a burst of the run's events; past the retry budget the run ends as failed (storage)."""
         if not pendings:
             return
+        pendings = await self.store_parts(pendings)
         try:
             await self.o.store.append(self.stream, pendings, expected_seq=None)
         except StorageUnavailable as exc:
@@ -414,6 +449,7 @@ class _RunSession:
         If the run already has a terminal record (another node gave it up for interrupted), that one
         stands and is returned. Past the retry budget, the lease holder keeps trying (RunNotRecorded).
         """
+        pendings = await self.store_parts(pendings)
         try:
             record = await self.o.store.finish_run(self.stream, self.run_id, pendings)
         except StorageUnavailable as exc:
@@ -449,7 +485,12 @@ class _RunSession:
             max_delay_s=settings.llm_backoff_max_s,
         )
         ledger = StructuredLedger(
-            backend, self.workflow.outputs, report=emit, text=stream_text, policy=policy
+            backend,
+            self.workflow.outputs,
+            report=emit,
+            text=stream_text,
+            policy=policy,
+            record_io=settings.record_model_io,
         )
         context = ContextVariables(data=initial_context(self.workflow, self.history))
         user_agent = next((a.name for a in self.workflow.agents if a.type == "user"), None)
@@ -471,6 +512,7 @@ class _RunSession:
                     default_model=self.o.settings.openai_model,
                     emit=emit,
                     files=ChatFiles(self.o.store, self.stream.chat_id),
+                    choose=self.o.chooser(self.history),
                 )
                 with model_calls():  # AG2's run task inherits the mark: its executor work is model calls
                     response = await a_run_group_chat(
@@ -570,6 +612,8 @@ class _RunSession:
                 pendings.append(mapper.pending(item, item.agent, None))
                 self.report.runtime_events += 1
             elif isinstance(item, LlmCallNote):
+                if item.parts is not None:
+                    self.parts.update(item.parts.bodies)
                 pendings.append(mapper.map_note(item))
                 self.report.runtime_events += 1
                 self.report.llm_calls += 1

@@ -26,6 +26,7 @@ from app.runs.clients import Backend, Ledger, ModelRetryPolicy, TextChunk
 from domain.errors import MozaiksError
 from domain.events import OutputInvalid, SchemaViolation
 from domain.manifest import StructuredOutputSpec
+from domain.model_io import RecordMode
 from domain.structured import json_path, strict_schema_problems
 
 # The JSON Schema dialect of structured outputs (OpenAI's strict mode is a subset of it).
@@ -114,8 +115,9 @@ class StructuredLedger(Ledger):
         report: Callable[[Any], None] | None = None,
         text: Callable[[TextChunk], None] | None = None,
         policy: ModelRetryPolicy | None = None,
+        record_io: RecordMode = "full",
     ) -> None:
-        super().__init__(backend, report=report, text=text, policy=policy)
+        super().__init__(backend, report=report, text=text, policy=policy, record_io=record_io)
         self.outputs = {agent: StructuredOutput(spec) for agent, spec in outputs.items()}
 
     def complete(

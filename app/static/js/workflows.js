@@ -74,6 +74,7 @@ export async function startChat(event) {
     if (!created || !created.chat_id) throw new Error("The runtime did not return a chat_id.");
     preference("mozaiks.workflow", workflow);
     ui.startMessage.value = "";
+    state.focusComposer = true;
     location.hash = `chat=${encodeURIComponent(created.chat_id)}`;
     refreshChats();
   } catch (err) {
