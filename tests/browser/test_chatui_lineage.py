@@ -21,6 +21,9 @@ async def test_fork_from_a_message_then_drop_a_file_on_the_fork(chatui: ChatUI) 
     assert await chatui.wait_for_end() == "run.completed"
     logged = await chatui.runtime.events(parent)
     [asked] = records_of(logged, "message.user")
+    answers = [r for r in records_of(logged, "message.agent") if r["visible"]]
+    beside = page.locator("[data-type='message.agent'] + [data-testid=fork-button]")
+    assert answers and await beside.count() == len(answers)  # every answer can be forked at, too
     button = page.locator(f"[data-testid=event][data-seq='{asked['seq']}'] [data-testid=fork-button]")
     await button.click()
     await page.wait_for_selector(f"#chat-view[data-chat-id]:not([data-chat-id='{parent}'])")
@@ -32,6 +35,9 @@ async def test_fork_from_a_message_then_drop_a_file_on_the_fork(chatui: ChatUI) 
     await chatui.wait_for_event(f"[data-type='message.user'][data-seq='{asked['seq']}']")
     assert await page.locator("[data-testid=chat-status]").get_attribute("data-status") == "forked"
     assert await page.locator("[data-testid=composer-text]").is_enabled()
+    assert await page.locator("[data-testid=working]").is_hidden()  # copied messages are no run
+    agent_fork = page.locator("[data-type='message.agent'] + [data-testid=fork-button]")
+    assert await agent_fork.count() == 0  # the fork was made at the user's message: no answer yet
 
     await page.evaluate(DROP, ["notes.txt", "Bees dance."])
     chip = page.locator("[data-testid=file-chip]")

@@ -76,7 +76,7 @@ export function attachFiles({ composer, dropZone, chatId, onError }) {
   const button = el("label", { for: "attach-input", class: "button button--ghost attach-button", "data-testid": "attach-button",
     title: "Attach files (or drop them on the chat)" }, "Attach");
   const status = el("div", { class: "upload-status", "data-testid": "upload-status", role: "status" });
-  composer.prepend(input, button);
+  composer.querySelector("textarea").before(input, button);
   composer.append(status);
 
   async function send(files) {

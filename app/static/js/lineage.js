@@ -21,13 +21,18 @@ export async function forkChat(chatId, seq) {
   return forked.chat_id;
 }
 
+const offered = new WeakSet();
+
 function addButton(node, onFork) {
-  if (node.dataset.testid !== "event" || !FORKABLE.has(node.dataset.type) || node.querySelector(":scope > .fork-button")) return;
+  if (node.dataset.testid !== "event" || !FORKABLE.has(node.dataset.type) || offered.has(node)) return;
+  offered.add(node);
   const seq = Number(node.dataset.seq);
   const button = el("button", { type: "button", class: "button button--ghost button--small fork-button",
     "data-testid": "fork-button", "data-seq": seq, title: `Start a new chat from this message (#${seq})` }, "Fork from here");
   button.addEventListener("click", () => onFork(seq, button));
-  node.append(button);
+  // Beside the message's text, never inside it: a message's body reads as the agent wrote it.
+  if (node.tagName === "LI") node.append(button);
+  else node.after(button);
 }
 
 /**

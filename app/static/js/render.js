@@ -479,6 +479,7 @@ export class ChatView {
    */
   #follow(record) {
     const data = record.data || {};
+    if (data.origin === "fork") return; // a fork's copies of its parent's messages: no run behind them
     const before = this.activity;
     switch (record.type) {
       case "run.started":
