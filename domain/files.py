@@ -40,6 +40,8 @@ DEFAULT_TYPES: Final = (
     "image/webp",
 )
 READ_CHUNK: Final = 256 * 1024
+# A download is sent in pieces of this size (GridFS chunks are 255 KB: several per piece).
+DOWNLOAD_PIECE: Final = 1024 * 1024
 
 
 class FileRefused(MozaiksError):
@@ -159,7 +161,7 @@ class FileStore:
         left = limit
         async with await self.bucket.open_download_stream(doc["_id"]) as stream:
             while left is None or left > 0:
-                data = await stream.readchunk()
+                data = await stream.read(DOWNLOAD_PIECE if left is None else min(left, DOWNLOAD_PIECE))
                 if not data:
                     return
                 if left is not None:
