@@ -120,6 +120,10 @@ async def test_a_fork_at_a_middle_message_continues_alone_and_its_verify_checks_
         run_started = next(e["seq"] for e in parent if e["type"] == "run.started")
         marker = await http.post(f"/api/chats/{chat_id}/fork", json={"at_seq": run_started}, headers=ada)
         assert marker.status_code == 422 and "run.started record, not a message" in marker.json()["detail"]
+        unknown = await http.post(
+            f"/api/chats/{chat_id}/fork", json={"at_seq": at["seq"], "workflow": "Nope"}, headers=ada
+        )
+        assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_workflow"
         other = await http.post(
             f"/api/chats/{chat_id}/fork", json={"at_seq": at["seq"]}, headers=bearer("eve")
         )
