@@ -108,8 +108,6 @@ class InputRequested(Event, tag="input.requested", frozen=True, kw_only=True):
 class InputReceived(Event, tag="input.received", frozen=True, kw_only=True):
     request_id: str | None = None
     text: str
-    # "fork": copied from the parent chat when the chat was forked.
-    origin: str | None = None
 
 
 class LlmCall(Event, tag="llm.call", frozen=True, kw_only=True):

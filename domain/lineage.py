@@ -2,7 +2,7 @@
 
 A fork's `chat.created` has `forked_from` (the parent's chat id, the seq forked at and that record's
 hash); the messages of the parent up to that seq are copied into the fork's log right after it
-(`data.origin: "fork"`, no run), and its `context` is the parent's context variables as of that seq.
+(messages with `data.origin: "fork"`; all with no run), and its `context` is the parent's context variables as of that seq.
 The parent is never written to. The fork's chain is anchored in the parent's: `check_anchor`
 recomputes the parent's chain up to the seq and compares the hash with the one the fork holds.
 """
@@ -106,7 +106,7 @@ def copied_messages(history: Iterable[Record]) -> list[Pending]:
                     origin=FORK,
                 )
             case InputReceived() as answer:
-                event = InputReceived(request_id=answer.request_id, text=answer.text, origin=FORK)
+                event = InputReceived(request_id=answer.request_id, text=answer.text)  # no run: a copy
             case _:
                 continue
         copies.append(Pending(event=event, agent=record.agent, visible=record.visible))

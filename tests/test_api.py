@@ -355,7 +355,6 @@ async def test_only_one_node_runs_a_chat(start_node: Any) -> None:
         assert answer["run_id"] == started[0]["run_id"] and answer["data"] == {
             "request_id": asked["data"]["request_id"],
             "text": "exit",
-            "origin": None,
         }
         stopped = await b.post(f"/api/chats/{chat_id}/stop")
         assert stopped.status_code == 409

@@ -479,7 +479,8 @@ export class ChatView {
    */
   #follow(record) {
     const data = record.data || {};
-    if (data.origin === "fork") return; // a fork's copies of its parent's messages: no run behind them
+    // A fork's copies of its parent's messages (an answer's copy has no run): no run behind them.
+    if (data.origin === "fork" || (record.type === "input.received" && !record.run_id)) return;
     const before = this.activity;
     switch (record.type) {
       case "run.started":
