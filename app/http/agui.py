@@ -341,6 +341,8 @@ TRANSLATIONS: Final[dict[str, Translation]] = {
     "context.updated": RunTranslator.context,
     "handoff": RunTranslator.custom,
     "speaker.selected": RunTranslator.custom,
+    "child.started": RunTranslator.custom,
+    "child.completed": RunTranslator.custom,
     "input.requested": RunTranslator.interrupt,
     "run.completed": RunTranslator.completed,
     "run.stopped": RunTranslator.stopped,

@@ -32,6 +32,9 @@ RUN_ACTIVE: Final = "run_active"  # 409: the chat has a run going
 NO_ACTIVE_RUN: Final = "no_active_run"  # 409: nothing to stop
 TOO_LARGE: Final = "too_large"  # 413: body over MOZAIKS_MAX_BODY_BYTES
 RATE_LIMITED: Final = "rate_limited"  # 429: too many chat starts; see RateLimit-Reset
+BUDGET_EXCEEDED: Final = (
+    "budget_exceeded"  # 429: a chat, app or user budget is spent; Retry-After for daily ones
+)
 CORRUPT_RECORD: Final = "corrupt_record"  # 500: a stored record cannot be read
 INTERNAL: Final = "internal_error"  # 500: a bug; the server log has the details
 NOT_READY: Final = "not_ready"  # 503
@@ -50,6 +53,7 @@ ERROR_CODES: Final = (
     BAD_SIGNATURE, ALGORITHM_NOT_ALLOWED, IDENTITY_UNAVAILABLE, FORBIDDEN, NOT_FOUND, UNKNOWN_CHAT, UNKNOWN_WORKFLOW, METHOD_NOT_ALLOWED,
     CONFLICT, RUN_ACTIVE, NO_ACTIVE_RUN, TOO_LARGE, RATE_LIMITED, CORRUPT_RECORD, INTERNAL, NOT_READY,
     UNKNOWN_INTERRUPT, WRONG_WORKFLOW, INTERRUPT_PENDING, NODE_BUSY, STORAGE_UNAVAILABLE, BAD_FORK_POINT, UNSUPPORTED_TYPE, BAD_FRAME, ERROR,
+    BUDGET_EXCEEDED,
 )  # fmt: skip
 
 # ---- WebSocket close codes (4000-4999 are the application's own)

@@ -20,6 +20,7 @@ from pymongo.errors import ConnectionFailure
 
 from app.http import codes
 from app.http.auth import IdentityUnavailable, TokenRefused
+from app.runs.budgets import BudgetReached
 from app.runs.supervisor import NoActiveRun, NodeBusy, RunActive
 from app.runs.workflows import UnknownWorkflow
 from domain.errors import Conflict, CorruptRecord, StorageUnavailable, UnknownChat
@@ -59,6 +60,7 @@ _CODE_BY_STATUS: Final[Mapping[int, str]] = {
 # The runtime's own errors: status and code.
 _DOMAIN: Final[Mapping[type[Exception], tuple[int, str]]] = {
     UnknownChat: (404, codes.UNKNOWN_CHAT),
+    BudgetReached: (429, codes.BUDGET_EXCEEDED),
     UnknownWorkflow: (404, codes.UNKNOWN_WORKFLOW),
     Conflict: (409, codes.CONFLICT),
     RunActive: (409, codes.RUN_ACTIVE),
@@ -133,6 +135,9 @@ def _domain_error(request: Request[Any, Any, Any], exc: Exception) -> Response[E
     headers: dict[str, str] | None = None
     if isinstance(exc, NodeBusy):
         headers = {"Retry-After": str(exc.retry_after_s)}
+    elif isinstance(exc, BudgetReached):
+        seconds = exc.exceeded.retry_after_s()
+        headers = {"Retry-After": str(seconds)} if seconds is not None else None
     elif code in (codes.STORAGE_UNAVAILABLE, codes.IDENTITY_UNAVAILABLE):
         headers = {"Retry-After": str(STORAGE_RETRY_AFTER_S)}
     return _response(status, ErrorBody(error=code, detail=str(exc)), headers)
@@ -165,7 +170,8 @@ _DESCRIPTIONS: Final[Mapping[int, str]] = {
     413: "The body is too large",
     415: "The upload's content type is not allowed (MOZAIKS_UPLOAD_TYPES)",
     422: "The request is well formed but cannot be done (a fork's at_seq past the end or not a message)",
-    429: "Too many chat starts; RateLimit-Reset says when to retry",
+    429: "Too many chat starts (`rate_limited`; RateLimit-Reset says when to retry), or a budget is spent "
+    "(`budget_exceeded`; Retry-After for daily limits)",
     500: "A stored record cannot be read, or a bug",
     503: "The node runs MOZAIKS_MAX_ACTIVE_RUNS runs (`node_busy`), or the database does not answer "
     "(`storage_unavailable`); Retry-After says when to retry",

@@ -33,6 +33,8 @@ from app.http.agui import run_agent
 from app.http.analytics import SeriesController
 from app.http.audit import AuditController, anchor_key
 from app.http.auth import BearerAuthMiddleware, TokenVerifier, token_from
+from app.http.budgets import BudgetController
+from app.http.children import ChatTreeController
 from app.http.controllers import (
     ChatController,
     HealthController,
@@ -273,8 +275,10 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             files_controller(settings),
             MetricsController,
             AuditController,
+            ChatTreeController,
             ReplayController,
             SeriesController,
+            BudgetController,
             HealthController,
             prometheus_metrics,
             chat_socket,

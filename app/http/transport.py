@@ -20,6 +20,7 @@ from litestar.exceptions import NotAuthorizedException, WebSocketDisconnect
 
 from app.http import codes
 from app.http.auth import SUBPROTOCOL_PREFIX, IdentityUnavailable, Principal, authenticate
+from app.http.budgets import refuse_over_budget
 from app.http.codes import (
     CLOSE_BAD_REQUEST,
     CLOSE_FORBIDDEN,
@@ -36,7 +37,7 @@ from app.observability import REPLAY_SIZE, WS_CLIENTS, WS_CLOSED
 from app.runs.supervisor import RunSupervisor
 from app.settings import Settings
 from domain.errors import MozaiksError
-from domain.events import Record, now
+from domain.events import Record, StreamRef, now
 from domain.store import MongoEventStore, ReplayDone
 
 log = structlog.get_logger("mozaiks.transport")
@@ -219,6 +220,12 @@ class ChatConnection:
         try:
             match frame:
                 case UserMessage(text=text):
+                    # A spent budget refuses a new turn (error frame `budget_exceeded`, as REST's 429).
+                    first = self.chat
+                    stream = StreamRef(
+                        chat_id=chat_id, app_id=first.app_id, user_id=first.user_id, workflow=first.workflow
+                    )
+                    await refuse_over_budget(supervisor.orchestrator, stream)
                     await supervisor.send_message(chat_id, text)
                 case InputResponse(request_id=request_id, text=text):
                     await supervisor.send_message(chat_id, text, request_id=request_id)

@@ -12,8 +12,11 @@ import msgspec
 from autogen import ConversableAgent, LLMConfig
 from autogen.agentchat.group import (
     AgentTarget,
+    ContextExpression,
     ContextVariables,
+    ExpressionContextCondition,
     OnCondition,
+    OnContextCondition,
     RevertToUserTarget,
     StayTarget,
     StringLLMCondition,
@@ -84,6 +87,8 @@ class ContextNote(msgspec.Struct, frozen=True):
     """Context variables a tool changed (becomes a `context.updated` record); None = removed."""
 
     variables: dict[str, Any]
+    # The values before the tool ran (None: absent).
+    old: dict[str, Any] = {}
 
 
 def bind_tool(
@@ -109,7 +114,7 @@ def bind_tool(
             changed = {k: v for k, v in after.items() if k not in before or before[k] != v}
             changed.update({k: None for k in before if k not in after})
             if changed and emit is not None:
-                emit(ContextNote(changed))
+                emit(ContextNote(changed, {k: before.get(k) for k in changed}))
 
     with_context.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[p for name, p in signature.parameters.items() if name != "context"]
@@ -192,10 +197,13 @@ def build_team(
     default_model: str,
     emit: Callable[[Any], None] | None = None,
     files: ChatFiles | None = None,
+    guard_tool: Callable[[str, Callable[..., Any]], Callable[..., Any]] | None = None,
+    children: Callable[[Tool], Callable[..., Any]] | None = None,
     choose: Callable[[list[str]], str] | None = None,
 ) -> Team:
     """Build the workflow's agents (tools only from tools.json), handoffs and AG2 pattern.
 
+    `guard_tool(name, function)` may wrap each tool (the workflow's hooks, app/runs/hooks.py).
     `choose` makes the Random pattern's choices (a replay's: the original's speakers), else AG2 does.
     """
     agents: dict[str, ConversableAgent] = {}
@@ -221,8 +229,14 @@ def build_team(
         keep_client_registered(agent, client_cls)
         for name in spec.tools:
             tool = workflow.tools[name]
+            # A child-workflow tool (tools.json `workflow`) is bound to the run (app/runs/children.py).
+            function = (
+                children(tool)
+                if tool.spec.workflow and children
+                else bind_uploads(bind_tool(tool, context, emit), files)
+            )
             agent.register_for_llm(name=name, description=tool.description, silent_override=True)(
-                bind_uploads(bind_tool(tool, context, emit), files)
+                guard_tool(name, function) if guard_tool is not None else function
             )
         agents[spec.name] = agent
 
@@ -243,6 +257,13 @@ def build_team(
         if spec.type == "user":
             continue
         agent = agents[spec.name]
+        for rule in spec.handoffs.context_conditions:
+            agent.handoffs.add_context_condition(
+                OnContextCondition(
+                    target=target(rule.target),
+                    condition=ExpressionContextCondition(expression=ContextExpression(rule.expression)),
+                )
+            )
         for condition in spec.handoffs.llm_conditions:
             agent.handoffs.add_llm_condition(
                 OnCondition(

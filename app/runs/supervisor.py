@@ -23,6 +23,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from app.observability import RUN_OUTCOMES
+from app.runs.children import ChildLauncher, close_children
 from app.runs.orchestrator import Orchestrator, RunNotRecorded, failure_reason
 from app.settings import Settings
 from domain.cancellation import raise_if_cancelling
@@ -139,6 +140,7 @@ class RunSupervisor:
         # it could be), or a lost run is recorded interrupted here: the live trace export
         # (app.telemetry). Must not block.
         self.on_run_end: Callable[[str, str], None] | None = None
+        orchestrator.children = ChildLauncher(start=self.start, stop=self._stop_child)
 
     def _expiry(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self.settings.lease_ttl_s)
@@ -291,7 +293,8 @@ class RunSupervisor:
     async def _interrupt(self, stream: StreamRef, run_id: str, why: str) -> bool:
         """Record `run.failed` (interrupted) for a run nobody runs; False if it already had an end."""
         failed = Pending(event=RunFailed(error=why, reason="interrupted"), run_id=run_id)
-        record = await self.store.finish_run(stream, run_id, [failed])
+        children = await close_children(self.store, stream, run_id, self._end_child)
+        record = await self.store.finish_run(stream, run_id, [*children, failed])
         if record.id == failed.id and self.on_run_end is not None:
             self.on_run_end(stream.chat_id, run_id)  # the node that ended it exports its trace
         return record.id == failed.id
@@ -350,8 +353,9 @@ class RunSupervisor:
             {"$set": {"stop": {"by": by}}},
         )
         if asked.matched_count == 0:
+            children = await close_children(self.store, state.stream, run_id, self._end_child)
             await self.store.finish_run(
-                state.stream, run_id, [Pending(event=RunStopped(by=by), run_id=run_id)]
+                state.stream, run_id, [*children, Pending(event=RunStopped(by=by), run_id=run_id)]
             )
             return run_id
         if not wait:
@@ -361,6 +365,26 @@ class RunSupervisor:
                 while not await self._ended(chat_id, run_id):  # the running node polls its leases' marks
                     await asyncio.sleep(STOP_POLL_S / 2)
         return run_id
+
+    async def _stop_child(self, chat_id: str, by: str) -> None:
+        await self.stop(chat_id, by, wait=False)
+
+    async def _end_child(self, chat_id: str) -> str | None:
+        """End a child whose parent's run ends without it (stopped if its run is live, else interrupted);
+        returns its terminal type (None: it never ran)."""
+        try:
+            state = await chat_state(self.store, chat_id)
+        except UnknownChat:
+            return None
+        if state.active_run is not None:
+            if (await self._lease_of_live_run(chat_id))[0] is not None:
+                with contextlib.suppress(MozaiksError):
+                    await self.stop(chat_id, "parent", wait=False)
+                return "run.stopped"
+            await self._interrupt(state.stream, state.active_run, "its parent's run ended with its node")
+        async for record in self.store.find(chat_id, types=sorted(TERMINAL_TYPES), newest_first=True):
+            return record.type
+        return None
 
     async def obey_stops(self) -> None:
         """Pass stop marks found on the leases of this node's runs to the runs."""

@@ -34,6 +34,7 @@ export const ERROR = Object.freeze({
   NO_ACTIVE_RUN: "no_active_run",
   TOO_LARGE: "too_large",
   RATE_LIMITED: "rate_limited",
+  BUDGET_EXCEEDED: "budget_exceeded",
   CORRUPT_RECORD: "corrupt_record",
   INTERNAL: "internal_error",
   NOT_READY: "not_ready",
