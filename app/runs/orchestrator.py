@@ -64,8 +64,8 @@ from domain.events import (
     StreamRef,
     new_id,
 )
-from domain.lineage import apply_context
 from domain.hooks import HookFailed
+from domain.lineage import apply_context
 from domain.model_io import PartStore
 from domain.store import MongoEventStore
 
