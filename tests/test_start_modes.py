@@ -86,10 +86,15 @@ async def test_an_agent_driven_chat_starts_on_creation_and_its_agent_speaks_firs
     assert [e.type for e in events][:2] == ["RUN_STARTED", "STATE_SNAPSHOT"]
     assert events[-1].type == "RUN_FINISHED" and events[-1].event["outcome"] == {"type": "success"}
     said = [e.event["delta"] for e in events if e.type == "TEXT_MESSAGE_CONTENT"]
-    assert "".join(said) == "Welcome! What brings you here?" and INITIAL not in json.dumps([e.event for e in events])
+    assert "".join(said) == "Welcome! What brings you here?" and INITIAL not in json.dumps(
+        [e.event for e in events]
+    )
     assert [e.event for e in again] == [e.event for e in events]
     agui = [r async for r in store.read("t-agent")]
-    assert [r.type for r in agui if r.type in ("message.user", "run.started")] == ["message.user", "run.started"]
+    assert [r.type for r in agui if r.type in ("message.user", "run.started")] == [
+        "message.user",
+        "run.started",
+    ]
     assert agui[1].data["origin"] == "initial_message" and not agui[1].visible
 
 

@@ -288,14 +288,16 @@ class Turn(msgspec.Struct, kw_only=True):
 def turns_of(history: list[Record]) -> list[Turn]:
     """The original's runs in order, each with the user messages before it and its input answers."""
     turns: list[Turn] = []
-    waiting: list[str] = []
+    waiting: list[Pending] = []
     current: Turn | None = None
     chose = False  # a random handoff was recorded: the next speaker.selected is its choice
     for record in history:
         if record.type == "message.user":
             said = record.event
             assert isinstance(said, MessageUser)  # as the original had it (a hidden initial_message too)
-            waiting.append(Pending(event=MessageUser(content=said.content, origin=said.origin), visible=record.visible))
+            waiting.append(
+                Pending(event=MessageUser(content=said.content, origin=said.origin), visible=record.visible)
+            )
         elif record.type == "run.started":
             current = Turn(messages=waiting, answers=[])
             waiting = []
