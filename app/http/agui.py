@@ -2,7 +2,8 @@
 
 `RunAgentInput` in, `text/event-stream` of AG-UI events out, types and encoding from the official
 `ag-ui-protocol` package. `threadId` is the chat id. An AG-UI run is a stretch of the chat's log:
-it starts at the client's turn (its `message.user`, or the `input.requested` its `resume` answers)
+it starts at the client's turn (its `message.user`, the `input.requested` its `resume` answers, or an
+AgentDriven workflow's hidden `initial_message` for a new thread sent without a user message)
 and ends at the next `run.completed` / `run.failed` / `run.stopped`, or at an `input.requested`,
 which ends the AG-UI run with an interrupt outcome (the AG2 run waits on; the next AG-UI run's
 `resume` answers it). The events are derived from the log's visible records only, through the
