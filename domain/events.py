@@ -222,6 +222,36 @@ class Ag2Event(Event, tag="ag2.event", frozen=True, kw_only=True):
     name: str
 
 
+class UiRequested(Event, tag="ui.requested", frozen=True, kw_only=True):
+    """An agent called a UI tool: the component it puts in front of the user (the model's arguments are its props)."""
+
+    request_id: str
+    # The model's tool call this request answers (the `tool.called` record before it has the same id).
+    tool_call_id: str
+    tool: str
+    # "form" | "choice" | "confirm" | "artifact".
+    component: str
+    # "inline" (in the conversation) | "artifact" (a side panel).
+    mode: str = "inline"
+    props: dict[str, Any] = {}
+    # When an unanswered request expires (ISO 8601, UTC); None: it waits for ever. Artifacts never wait.
+    expires_at: str | None = None
+
+
+class UiResponded(Event, tag="ui.responded", frozen=True, kw_only=True):
+    """The user's answer to a UI request, validated before it was recorded."""
+
+    request_id: str
+    answer: Any = None
+    user_id: str | None = None
+
+
+class UiExpired(Event, tag="ui.expired", frozen=True, kw_only=True):
+    """A UI request's `timeout_s` passed with no answer: the agent is told there was none."""
+
+    request_id: str
+
+
 class ChildStarted(Event, tag="child.started", frozen=True, kw_only=True):
     """An agent called a child-workflow tool: a new chat of `workflow` runs the tool's message."""
 
@@ -263,6 +293,9 @@ AnyEvent = (
     | RunFailed
     | RunStopped
     | Ag2Event
+    | UiRequested
+    | UiResponded
+    | UiExpired
     | ChildStarted
     | ChildCompleted
 )

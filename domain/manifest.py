@@ -124,18 +124,34 @@ class AgentsManifest(Manifest, frozen=True, kw_only=True):
     agents: Annotated[list[AgentSpec], msgspec.Meta(min_length=1)]
 
 
+UiComponent = Literal["form", "choice", "confirm", "artifact"]
+UiMode = Literal["inline", "artifact"]
+
+
+class UiSpec(Manifest, frozen=True, kw_only=True):
+    """A UI tool's component: the user answers the call (form, choice, confirm) or sees it (artifact)."""
+
+    component: UiComponent
+    mode: UiMode = "inline"
+    # Seconds an unanswered request waits before it expires (`ui.expired`); None: it waits for ever.
+    timeout_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
 class ToolSpec(Manifest, frozen=True, kw_only=True):
-    """One entry of tools.json: a function of the `tools` package, by `module:function`, or a child
-    workflow (`workflow`: the agent starts a chat of that workflow with a `message`; see children.py)."""
+    """One entry of tools.json: a function of the `tools` package, by `module:function`, a child
+    workflow (`workflow`: the agent starts a chat of that workflow with a `message`; see children.py),
+    or a UI tool (`ui`)."""
 
     name: Name
-    # "tools.<module>:<function>"; checked (and imported) by the workflow manager.
+    # "tools.<module>:<function>"; checked (and imported) by the workflow manager. Optional for a UI
+    # tool, where it is applied to the user's answer (its result is the tool's result).
     function: str = ""
     description: str = ""
     # A child-workflow tool: the loaded workflow it starts (checked at load); excludes `function`.
     workflow: Name | None = None
     # False: the result may change between calls (time, network); a recorded replay plays the recorded result.
     deterministic: bool = True
+    ui: UiSpec | None = None
 
 
 class ToolsManifest(Manifest, frozen=True, kw_only=True):

@@ -22,6 +22,7 @@ from app.http import codes
 from app.http.auth import IdentityUnavailable, TokenRefused
 from app.runs.budgets import BudgetReached
 from app.runs.supervisor import NoActiveRun, NodeBusy, RunActive
+from app.runs.ui import InvalidAnswer, UiRequestClosed, UnknownUiRequest
 from app.runs.workflows import UnknownWorkflow
 from domain.errors import Conflict, CorruptRecord, StorageUnavailable, UnknownChat
 
@@ -65,6 +66,9 @@ _DOMAIN: Final[Mapping[type[Exception], tuple[int, str]]] = {
     Conflict: (409, codes.CONFLICT),
     RunActive: (409, codes.RUN_ACTIVE),
     NoActiveRun: (409, codes.NO_ACTIVE_RUN),
+    UnknownUiRequest: (404, codes.UNKNOWN_REQUEST),
+    UiRequestClosed: (409, codes.REQUEST_CLOSED),
+    InvalidAnswer: (422, codes.INVALID_ANSWER),
     NodeBusy: (503, codes.NODE_BUSY),
     CorruptRecord: (500, codes.CORRUPT_RECORD),
     # The database does not answer: past the store's retry budget, or a read that found no server.
@@ -140,7 +144,10 @@ def _domain_error(request: Request[Any, Any, Any], exc: Exception) -> Response[E
         headers = {"Retry-After": str(seconds)} if seconds is not None else None
     elif code in (codes.STORAGE_UNAVAILABLE, codes.IDENTITY_UNAVAILABLE):
         headers = {"Retry-After": str(STORAGE_RETRY_AFTER_S)}
-    return _response(status, ErrorBody(error=code, detail=str(exc)), headers)
+    fields = None
+    if isinstance(exc, InvalidAnswer):  # the failing JSON path of the answer, like any invalid field
+        fields = [FieldProblem(name=exc.path, message=exc.message, source="body")]
+    return _response(status, ErrorBody(error=code, detail=str(exc), fields=fields), headers)
 
 
 def _refused(request: Request[Any, Any, Any], exc: Refused) -> Response[ErrorBody]:
@@ -166,10 +173,11 @@ _DESCRIPTIONS: Final[Mapping[int, str]] = {
     401: "No bearer token, or an invalid one",
     403: "Not yours, or a role is missing",
     404: "No such chat, workflow or document",
-    409: "The chat's state forbids it (a run is going, or none is)",
+    409: "The chat's state forbids it (a run is going, or none is; a UI request already closed)",
     413: "The body is too large",
     415: "The upload's content type is not allowed (MOZAIKS_UPLOAD_TYPES)",
-    422: "The request is well formed but cannot be done (a fork's at_seq past the end or not a message)",
+    422: "The answer does not fit the UI request (`fields` names the failing JSON path), or a fork's "
+    "at_seq is past the chat's end or not a message (`bad_fork_point`)",
     429: "Too many chat starts (`rate_limited`; RateLimit-Reset says when to retry), or a budget is spent "
     "(`budget_exceeded`; Retry-After for daily limits)",
     500: "A stored record cannot be read, or a bug",

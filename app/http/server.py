@@ -49,6 +49,7 @@ from app.http.files import files_controller
 from app.http.lineage import LineageController
 from app.http.replay import ReplayController
 from app.http.transport import chat_socket
+from app.http.ui import answer_ui_request
 from app.hub import LiveHub
 from app.observability import watch_projection_lag, watch_runs
 from app.runs.orchestrator import Orchestrator
@@ -283,6 +284,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             prometheus_metrics,
             chat_socket,
             run_agent,
+            answer_ui_request,
             create_static_files_router(path="/static", directories=[STATIC]),
         ],
         lifespan=[

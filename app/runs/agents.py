@@ -33,6 +33,7 @@ from pydantic import PrivateAttr
 
 from app.runs.clients import CLIENT_CLASS_NAME, MozaiksModelClient
 from app.runs.files import ChatFiles, bind_uploads
+from app.runs.ui import UiDesk, register_ui_tool
 from app.runs.workflows import GROUP_MANAGER, Tool, Workflow
 from domain.manifest import AgentSpec
 
@@ -100,6 +101,7 @@ def bind_tool(
     changed is emitted as a ContextNote right after the call (so before AG2's tool-result event).
     """
     function = tool.function
+    assert function is not None  # UI tools are registered by `register_ui_tool`
     signature = inspect.signature(function)
     if "context" not in signature.parameters:
         return function
@@ -200,6 +202,7 @@ def build_team(
     guard_tool: Callable[[str, Callable[..., Any]], Callable[..., Any]] | None = None,
     children: Callable[[Tool], Callable[..., Any]] | None = None,
     choose: Callable[[list[str]], str] | None = None,
+    ui: UiDesk | None = None,
 ) -> Team:
     """Build the workflow's agents (tools only from tools.json), handoffs and AG2 pattern.
 
@@ -229,6 +232,10 @@ def build_team(
         keep_client_registered(agent, client_cls)
         for name in spec.tools:
             tool = workflow.tools[name]
+            if tool.spec.ui is not None:
+                if ui is not None:
+                    register_ui_tool(agent, tool, ui)
+                continue
             # A child-workflow tool (tools.json `workflow`) is bound to the run (app/runs/children.py).
             function = (
                 children(tool)

@@ -42,6 +42,7 @@ from app.runs.hooks import Cause, Causes, ContextChange, HookNote, HookRunner, e
 from app.runs.pool import model_calls
 from app.runs.recorder import RunMapper
 from app.runs.structured import OutputRejected, StructuredLedger, StructuredReply
+from app.runs.ui import UiDesk, UiNote, exchange_messages, fold_exchanges, record_outcome
 from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
 from domain.budgets import Exceeded
@@ -62,6 +63,7 @@ from domain.events import (
     RunStarted,
     RunStopped,
     StreamRef,
+    UiExpired,
     new_id,
 )
 from domain.hooks import HookFailed
@@ -372,14 +374,23 @@ def hashes_only(pending: Pending) -> Pending:
 
 
 def conversation(history: list[Record], user_name: str | None) -> str | list[dict[str, Any]]:
-    """The chat so far as AG2 messages: user text, agents' messages, answers to input requests.
+    """The chat so far as AG2 messages: user text, agents' messages, answers to input requests, and
+    each UI tool call with its result (the user's answer), in place.
 
     User messages carry the workflow's user agent name when it has one; AG2 rejects any other
     name that is not a group agent, so without a user agent they go unnamed.
     """
     messages: list[dict[str, Any]] = []
     user = {"name": user_name} if user_name else {}
+    answered = {
+        exchange.result.id: exchange
+        for exchange in fold_exchanges(history).values()
+        if exchange.result is not None and exchange.called is not None and exchange.called.agent
+    }
     for record in history:
+        if record.id in answered:
+            messages.extend(exchange_messages(answered[record.id]))
+            continue
         match record.type:
             case "message.user":
                 messages.append({"role": "user", **user, "content": record.data["content"]})
@@ -437,6 +448,19 @@ class _RunSession:
         self.hooks: HookRunner | None = None
         # Model I/O parts of the llm.call records not appended yet (hash -> canonical JSON).
         self.parts: dict[str, bytes] = {}
+        self.ui: UiDesk | None = None
+
+    async def expire_request(self, request_id: str) -> None:
+        """Record that a UI request of this run expired, unless the log has closed it already."""
+        with contextlib.suppress(MozaiksError):
+            await record_outcome(
+                self.o.store,
+                self.stream,
+                request_id,
+                UiExpired(request_id=request_id),
+                tools=self.workflow.tools,
+                live_run=self.run_id,
+            )
 
     def budget_reached(self, exceeded: Exceeded) -> None:
         """A limit was reached before a model call: stop the run (reason budget)."""
@@ -572,6 +596,7 @@ class _RunSession:
             visual_agents=self.workflow.visual_agents,
             user_agent=user_agent or "_User",
         )
+        self.ui = UiDesk(emit, self.expire_request)
         watcher = asyncio.create_task(self.watch(), name=f"watch-{self.run_id}")
         pump: asyncio.Task[None] | None = None
         response: Any = None
@@ -587,6 +612,7 @@ class _RunSession:
                     guard_tool=lambda name, function: hooks.guard_tool(name, function, emit),
                     children=self.child_tools(emit),
                     choose=self.o.chooser(self.history),
+                    ui=self.ui,
                 )
                 hooks.wrap_agents(team.agents, emit)
                 if not await self.before_chat(hooks):
@@ -745,6 +771,9 @@ class _RunSession:
                     self.report.runtime_events += 1
             elif isinstance(item, HookNote | ContextChange):
                 pendings.extend(self.hook_pendings([item]))
+            elif isinstance(item, UiNote):
+                pendings.append(mapper.map_ui(item))
+                self.report.runtime_events += 1
             elif isinstance(item, StructuredReply):
                 mapper.structured[item.agent] = item.value
             elif isinstance(item, ChildNote):
@@ -833,6 +862,8 @@ class _RunSession:
 
     def observe(self, record: Record) -> bool:
         """Act on one record of the chat's log; True when the run is to stop."""
+        if self.ui is not None:
+            self.ui.observe(record)
         if record.type == "input.received":
             received = record.event
             assert isinstance(received, InputReceived)

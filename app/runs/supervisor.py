@@ -25,9 +25,17 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from app.observability import RUN_OUTCOMES
 from app.runs.children import ChildLauncher, close_children
 from app.runs.orchestrator import Orchestrator, RunNotRecorded, failure_reason
+from app.runs.ui import (
+    UiRequestClosed,
+    UnknownUiRequest,
+    expiry,
+    read_ledger,
+    record_outcome,
+    results_missing,
+)
 from app.settings import Settings
 from domain.cancellation import raise_if_cancelling
-from domain.errors import MozaiksError, StorageUnavailable, UnknownChat
+from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownChat
 from domain.events import (
     TERMINAL_TYPES,
     InputReceived,
@@ -37,6 +45,8 @@ from domain.events import (
     RunFailed,
     RunStopped,
     StreamRef,
+    UiExpired,
+    UiResponded,
     new_id,
 )
 from domain.store import MongoEventStore, with_retries
@@ -332,6 +342,79 @@ class RunSupervisor:
             await self.start(state.stream, ended=ended, admitted=True)
         return record
 
+    async def answer_ui(self, chat_id: str, request_id: str, answer: Any, user_id: str | None) -> Record:
+        """Record a user's answer to a UI request (validated first); returns the `ui.responded` record.
+
+        The run waiting in the tool takes it from the log. When that run is gone (its node stopped or
+        died), the tool's result is recorded with the answer and a new run continues the chat from
+        the log. Raises UnknownUiRequest, UiRequestClosed, InvalidAnswer (nothing recorded), NodeBusy.
+        """
+        outcome = UiResponded(request_id=request_id, answer=answer, user_id=user_id)
+        return (await self.close_ui(chat_id, outcome))[0]
+
+    async def close_ui(self, chat_id: str, outcome: UiResponded | UiExpired) -> list[Record]:
+        """Record the answer or expiry of a UI request, and continue the chat when no run is going."""
+        state = await chat_state(self.store, chat_id)
+        lease, ended = await self._lease_of_live_run(chat_id)
+        if state.active_run is not None and lease is None:
+            await self._interrupt(state.stream, state.active_run, "the run's node stopped holding its lease")
+            state.active_run = None
+        tools = self.orchestrator.workflows.get(state.stream.workflow).tools
+        if lease is not None:
+            live = state.active_run or str(lease.get("run_id"))
+            records = await record_outcome(
+                self.store, state.stream, outcome.request_id, outcome, tools=tools, live_run=live
+            )
+            if (await self._lease_of_live_run(chat_id))[0] is None:
+                await self.continue_answered(state.stream)  # the run ended meanwhile: nobody took it
+            return records
+        with self.admission():
+            records = await record_outcome(
+                self.store, state.stream, outcome.request_id, outcome, tools=tools, live_run=None
+            )
+            await self.start(state.stream, ended=ended, admitted=True)
+        return records
+
+    async def continue_answered(self, stream: StreamRef) -> bool:
+        """After a run was recorded interrupted: UI requests answered (or expired) while it seemed alive
+        get their tool results, and a new run continues the chat. False when there were none."""
+        ledger = await read_ledger(self.store, stream.chat_id)
+        tools = self.orchestrator.workflows.get(stream.workflow).tools
+        pendings = results_missing(ledger, tools)
+        if not pendings:
+            return False
+        with contextlib.suppress(Conflict, RunActive, NodeBusy):  # the next sweep tries again
+            await self.store.append(stream, pendings, expected_seq=ledger.last_seq)
+            await self.start(stream)
+        return True
+
+    async def expire_due(self) -> int:
+        """Record `ui.expired` for every open UI request past its `expires_at` (any node's, or a dead one's).
+
+        A live run expires its own requests on time; this catches the rest (a run that is gone), and
+        continues those chats. `expires_at` texts (ISO 8601, UTC, ms) sort by time, so the server
+        compares them. Returns how many it recorded.
+        """
+        due = self.store.db["events"].find(
+            {"type": "ui.requested", "data.expires_at": {"$ne": None, "$lte": expiry(0)}},
+            {"chat_id": 1, "data.request_id": 1},
+        )
+        asked = {str(doc["data"]["request_id"]): str(doc["chat_id"]) async for doc in due}
+        if not asked:
+            return 0
+        closed = self.store.db["events"].find(
+            {"type": {"$in": ["ui.responded", "ui.expired"]}, "data.request_id": {"$in": list(asked)}},
+            {"data.request_id": 1},
+        )
+        async for doc in closed:
+            asked.pop(str(doc["data"]["request_id"]), None)
+        expired = 0
+        for request_id, chat_id in asked.items():
+            with contextlib.suppress(UiRequestClosed, UnknownUiRequest, UnknownChat, NodeBusy):
+                await self.close_ui(chat_id, UiExpired(request_id=request_id))
+                expired += 1
+        return expired
+
     async def stop(self, chat_id: str, by: str | None, *, wait: bool = True) -> str:
         """Stop the chat's active run: the node running it records `run.stopped` as the run's last record.
 
@@ -403,6 +486,7 @@ class RunSupervisor:
         (a node that lost its lease without recording the run's end). Returns how many it recorded.
         """
         recovered = 0
+        interrupted: list[StreamRef] = []
         now = datetime.now(UTC)
         async for lease in self.leases.find({"expires_at": {"$lt": now}}):
             # Take the expired lease over atomically, so only one node records the interruption.
@@ -416,9 +500,13 @@ class RunSupervisor:
                 state = await chat_state(self.store, lease["_id"])
                 if state.active_run is not None:
                     why = f"node {lease['owner']} stopped while running"
-                    recovered += await self._interrupt(state.stream, state.active_run, why)
+                    if await self._interrupt(state.stream, state.active_run, why):
+                        recovered += 1
+                        interrupted.append(state.stream)
             # Only once the run's end is recorded: a failure above leaves the lease to expire and be retried.
             await self.leases.delete_one({"_id": lease["_id"], "owner": self.node})
+        for stream in interrupted:
+            await self.continue_answered(stream)
         if not sessions:
             return recovered
         going = self.store.db[SESSIONS].find({"status": {"$in": ["running", "waiting_input"]}}, {"_id": 1})
@@ -448,6 +536,9 @@ class RunSupervisor:
                     self._sweeps += 1
                     if count:
                         log.warning("runs.interrupted", count=count)
+                    expired = await self.expire_due()
+                    if expired:
+                        log.info("ui.expired", count=expired)
             except (PyMongoError, StorageUnavailable) as exc:
                 raise_if_cancelling(exc)
                 log.warning("leases.check_failed", error=str(exc))

@@ -58,12 +58,13 @@ class Tool(msgspec.Struct, frozen=True, kw_only=True):
     """A tool of tools.json resolved to its Python function."""
 
     spec: ToolSpec
-    function: Callable[..., Any]
+    # None only for a UI tool without a function (its result is the user's answer itself).
+    function: Callable[..., Any] | None
 
     @property
     def description(self) -> str:
         """The manifest's description, else the first line of the function's docstring."""
-        doc = inspect.getdoc(self.function) or ""
+        doc = (inspect.getdoc(self.function) or "") if self.function is not None else ""
         return self.spec.description or (doc.splitlines()[0] if doc else self.spec.name)
 
 
@@ -234,6 +235,19 @@ def _resolve_tools(name: str, manifest: ToolsManifest, problems: list[ManifestEr
                 )
             else:
                 tools[spec.name] = Tool(spec=spec, function=_child_workflow_tool)
+            continue
+        if not spec.function:
+            if spec.ui is None:
+                problems.append(
+                    ManifestError(
+                        name,
+                        TOOLS_FILE,
+                        f"{where}.function",
+                        "a tool needs a function (or a `workflow` or a `ui`)",
+                    )
+                )
+            else:
+                tools[spec.name] = Tool(spec=spec, function=None)
             continue
         function = _import_tool(name, spec, f"{where}.function", problems)
         if function is not None:

@@ -6,6 +6,7 @@ import { fileChip } from "./files.js";
 import { forkOrigin } from "./lineage.js";
 import { childCompletedText, childThread } from "./children.js";
 import { invalidOutputText, isStructured, structuredCard } from "./structured.js";
+import { UiRequests } from "./ui.js";
 
 const TERMINAL = new Set(["run.completed", "run.failed", "run.stopped"]);
 // Recorded for audit and metrics; shown only when the user asks for internal events.
@@ -163,6 +164,7 @@ export class ChatView {
   constructor(root, hooks) {
     this.root = root;
     this.hooks = hooks;
+    this.ui = new UiRequests(root, hooks);
     this.reset(null);
   }
 
@@ -199,6 +201,7 @@ export class ChatView {
     this.status = "unknown";
     this.offline = false;
     this.root.replaceChildren();
+    this.ui.reset();
   }
 
   /** Render one record unless it is hidden or already shown; returns true when rendered. */
@@ -351,6 +354,15 @@ export class ChatView {
       }
       case "tool.called":
         this.#toolCalled(record, data, agent);
+        break;
+      case "ui.requested":
+        this.ui.requested(record, live);
+        break;
+      case "ui.responded":
+        this.ui.responded(record);
+        break;
+      case "ui.expired":
+        this.ui.expired(record);
         break;
       case "tool.result":
         this.#toolResult(record, data);
