@@ -67,6 +67,7 @@ async def test_append_assigns_gapless_seq_and_chains_hashes(store: MongoEventSto
         "recipient": None,
         "message_id": "",
         "structured": None,
+        "origin": None,
     }
     # As clients get it: the envelope and data, without the hash chain; `ts` in UTC with a Z.
     assert records[2].public() == {
