@@ -229,3 +229,26 @@ async def test_stopping_a_run_whose_node_is_gone_records_the_stop_at_once(
     records = await records_of(store, "gone")
     assert records[-1].type == "run.stopped" and records[-1].run_id == "r-gone"
     check_log(records)
+
+
+async def test_stopping_a_run_whose_node_died_holding_its_lease_records_the_stop_at_once(
+    start_node: Any, store: MongoEventStore, db: Any
+) -> None:
+    # It sweeps every 300 s: once its first sweep is over, no sweep gets to the dead lease first.
+    node = await start_node(lease_ttl_s=600)
+    async with asyncio.timeout(30):
+        while node.runtime.supervisor._sweeps < 1:
+            await asyncio.sleep(0.05)
+    await orphan(store, "dead-stop", "r-dead-stop")
+    expired = datetime.now(UTC) - timedelta(seconds=1)  # the lease is still there; its node is not
+    await db["chat_leases"].insert_one(
+        {"_id": "dead-stop", "owner": "dead", "run_id": "r-dead-stop", "expires_at": expired}
+    )
+    # (A stop that waits for a node to obey answers after STOP_WAIT_S: the client waits longer.)
+    async with httpx.AsyncClient(base_url=node.url, timeout=30) as http:
+        assert (await http.post("/api/chats/dead-stop/stop")).status_code == 202
+    # Recorded by the stop itself, not left as a mark on a lease nobody reads.
+    records = await records_of(store, "dead-stop")
+    assert (records[-1].type, records[-1].run_id) == ("run.stopped", "r-dead-stop"), [r.type for r in records]
+    assert records[-1].data["by"] == "local"
+    check_log(records)
