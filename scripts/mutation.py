@@ -121,6 +121,40 @@ TARGETS: list[Target] = [
         ],
         timeout=20,  # their tests run 3 s at most; a broken sweep leaves them waiting 30-60 s
     ),
+    # Issue 29: the modules added in the last wave, each with only the tests that state its promises.
+    Target(
+        "anchors",
+        "domain/anchors.py",
+        [
+            "tests/test_audit.py::test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported",
+            "tests/test_audit.py::test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says_how_many",
+        ],
+        timeout=120,
+    ),
+    Target(
+        "audit",
+        "domain/audit.py",
+        ["tests/test_audit.py", "tests/test_store.py::test_edited_record_is_reported_by_verify"],
+        timeout=120,
+    ),
+    Target("recorder", "app/runs/recorder.py", ["tests/test_streaming.py", "tests/test_orchestration.py"]),
+    Target("agui", "app/http/agui.py", ["tests/test_agui.py"]),
+    Target(
+        "errors",
+        "app/http/errors.py",
+        [
+            "tests/test_api.py",
+            "tests/faults/test_database.py::test_a_raw_connection_failure_under_any_rest_route_answers_503_storage_unavailable_with_retry_after",
+        ],
+    ),
+    # The stop of a run (on this node, on another, on a dead one) and the sweep of lost runs.
+    Target(
+        "stop-sweep",
+        "app/runs/supervisor.py",
+        ["tests/test_run_ends.py", "tests/test_api.py"],
+        ["xǁRunSupervisorǁstop", "xǁRunSupervisorǁrecover_expired"],
+        timeout=30,  # their tests run 3 s at most; a stop that waits on a mark waits 10 s
+    ),
 ]
 
 COPIED = ["app", "domain", "projections", "tools", "tests", "workflows", "pyproject.toml"]
