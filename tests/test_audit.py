@@ -18,6 +18,7 @@ import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
 from app.http.auth import issue_token
+from domain.anchors import AnchorBook, Head, derive_key
 from domain.audit import AUDIT_INDEXES, AuditFilter, Position, plans
 from domain.events import (
     ChatCreated,
@@ -483,3 +484,32 @@ async def test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported(
     anchors = audit("anchors", "export", "--app", "Q", env=env)
     exported = [json.loads(line) for line in anchors.stdout.splitlines()]
     assert exported and all(a["app_id"] == "Q" for a in exported) and "sig" in exported[0]
+
+
+async def test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says_how_many(
+    store: MongoEventStore, db: AsyncDatabase[Any]
+) -> None:
+    await write_chats(store, 6)  # chat-00, -02, -04 are app P's; chat-01, -03, -05 app Q's
+    book = AnchorBook(db, derive_key(SECRET))
+    await book.ensure_indexes()
+    heads = []
+    for i in range(6):
+        last = [r async for r in store.read(f"chat-{i:02d}")][-1]
+        heads.append(Head(app_id=APPS[i % 2], chat_id=last.chat_id, seq=last.seq, hash=last.hash))
+    assert await book.append(heads) == 6
+    exported = [doc async for doc in book.documents()]  # both apps' anchors, kept apart
+    # App P's chat-00 loses its last record: P's verification finds it, Q's is not concerned.
+    await db["events"].delete_one({"chat_id": "chat-00", "seq": heads[0].seq})
+    q_records = await db["events"].count_documents({"app_id": "Q"})
+
+    q = await store.verify_all(book, app_id="Q", exported=exported)
+    assert (q.app_id, q.chats, q.records, q.anchors) == ("Q", 3, q_records, 3)
+    assert q.ok, (q.broken, q.anchor_problems)
+    p = await store.verify_all(book, app_id="P", exported=exported)
+    assert (p.chats, p.records, p.anchors) == (3, await db["events"].count_documents({"app_id": "P"}), 3)
+    assert [v.chat_id for v in p.broken] == ["chat-00"] and not p.anchor_problems
+    # The whole log, and a few chats of it.
+    everything = await store.verify_all(book, exported=exported)
+    assert (everything.chats, everything.anchors, [v.chat_id for v in everything.broken]) == (6, 6, ["chat-00"])
+    some = await store.verify_all(book, chat_ids={"chat-01", "chat-02"})
+    assert (some.chats, some.ok) == (2, True)
