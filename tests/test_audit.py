@@ -510,6 +510,10 @@ async def test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says
     assert [v.chat_id for v in p.broken] == ["chat-00"] and not p.anchor_problems
     # The whole log, and a few chats of it.
     everything = await store.verify_all(book, exported=exported)
-    assert (everything.chats, everything.anchors, [v.chat_id for v in everything.broken]) == (6, 6, ["chat-00"])
+    assert (everything.chats, everything.anchors, [v.chat_id for v in everything.broken]) == (
+        6,
+        6,
+        ["chat-00"],
+    )
     some = await store.verify_all(book, chat_ids={"chat-01", "chat-02"})
     assert (some.chats, some.ok) == (2, True)
