@@ -37,15 +37,20 @@ def bearer(user: str, app: str = "P", roles: tuple[str, ...] = ("user",)) -> dic
 async def wait_for_terminal(
     http: httpx.AsyncClient, chat_id: str, headers: dict[str, str] | None = None
 ) -> str:
-    async with asyncio.timeout(60):
-        while True:
-            events = (await http.get(f"/api/chats/{chat_id}/events", headers=headers)).json()["events"]
-            terminal = [
-                e["type"] for e in events if e["type"] in ("run.completed", "run.failed", "run.stopped")
-            ]
-            if terminal:
-                return terminal[-1]
-            await asyncio.sleep(0.1)
+    events: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                events = (await http.get(f"/api/chats/{chat_id}/events", headers=headers)).json()["events"]
+                terminal = [
+                    e["type"] for e in events if e["type"] in ("run.completed", "run.failed", "run.stopped")
+                ]
+                if terminal:
+                    return terminal[-1]
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        last = [e["type"] for e in events[-5:]]
+        raise AssertionError(f"chat {chat_id}: no run ended within 60 s; its last events {last}") from None
 
 
 @pytest.fixture

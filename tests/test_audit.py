@@ -41,6 +41,7 @@ APPS = ("P", "Q")
 USERS = ("u0", "u1", "u2")
 WORKFLOWS = ("Alpha", "Beta")
 AGENTS = ("Planner", "Writer", "_Hidden")
+LATE_APPENDS = 150  # records appended while a test pages through the log
 
 
 def bearer(user: str, app: str, roles: tuple[str, ...] = ("user",)) -> dict[str, str]:
@@ -124,12 +125,16 @@ def matches(doc: Mapping[str, Any], f: AuditFilter) -> bool:
 
 
 async def page_all(
-    http: httpx.AsyncClient, headers: dict[str, str], params: dict[str, Any], limit: int = 7
+    http: httpx.AsyncClient,
+    headers: dict[str, str],
+    params: dict[str, Any],
+    limit: int = 7,
+    max_pages: int = 100,
 ) -> list[dict[str, Any]]:
-    """Every record of a query, page by page through the cursor."""
+    """Every record of a query, page by page through the cursor (at most `max_pages` pages)."""
     records: list[dict[str, Any]] = []
     cursor = None
-    while True:
+    for _ in range(max_pages):
         query = {**params, "limit": limit, **({"cursor": cursor} if cursor else {})}
         response = await http.get("/api/events", params=query, headers=headers)
         assert response.status_code == 200, response.text
@@ -140,6 +145,10 @@ async def page_all(
         cursor = page["next"]
         if not page["more"]:
             return records
+    raise AssertionError(
+        f"paging {params} by {limit} did not end after {max_pages} pages ({len(records)} records): "
+        "the cursor keeps announcing more"
+    )
 
 
 def filter_params(f: AuditFilter) -> dict[str, Any]:
@@ -289,7 +298,8 @@ async def test_paging_while_appends_continue_misses_and_repeats_nothing(
     async def keep_appending() -> None:
         nonlocal appended
         n = 100
-        while not stop.is_set():
+        # A bounded number, so that paging catches up with the end of the log whatever the two speeds.
+        while not stop.is_set() and appended < LATE_APPENDS:
             i = n % 12
             chat = (
                 ref(i) if n % 3 else StreamRef(chat_id=f"new-{n}", app_id="P", user_id="u0", workflow="Alpha")
@@ -302,7 +312,8 @@ async def test_paging_while_appends_continue_misses_and_repeats_nothing(
     writer = asyncio.create_task(keep_appending())
     try:
         async with httpx.AsyncClient(base_url=secured.url) as http:
-            records = await page_all(http, bearer("auditor", "P", ("auditor",)), {}, limit=5)
+            most = (len(before) + LATE_APPENDS) // 5 + 2  # every page full, and the last one empty
+            records = await page_all(http, bearer("auditor", "P", ("auditor",)), {}, limit=5, max_pages=most)
     finally:
         stop.set()
         await writer
