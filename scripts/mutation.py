@@ -143,7 +143,15 @@ TARGETS: list[Target] = [
         "errors",
         "app/http/errors.py",
         [
-            "tests/test_api.py",
+            *(
+                f"tests/test_contract.py::{test}"
+                for test in (
+                    "test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_unexpected_one_hides_its_cause",
+                    "test_every_error_has_one_shape_litestars_own_included",
+                    "test_every_2xx_of_every_route_has_a_schema",
+                    "test_rest_and_the_websocket_name_an_error_with_the_same_code",
+                )
+            ),
             "tests/faults/test_database.py::test_a_raw_connection_failure_under_any_rest_route_answers_503_storage_unavailable_with_retry_after",
         ],
     ),

@@ -249,3 +249,89 @@ def test_rest_and_the_websocket_name_an_error_with_the_same_code() -> None:
     assert error_code(NoActiveRun("c")) == codes.NO_ACTIVE_RUN
     assert error_code(UnknownChat("c")) == codes.UNKNOWN_CHAT
     assert error_code(NotAuthorizedException("no")) == codes.UNAUTHORIZED
+
+
+def test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_unexpected_one_hides_its_cause() -> (
+    None
+):
+    """The mapping of app/http/errors.py, route by route, in a bare Litestar app with the runtime's handlers."""
+    from litestar import Litestar, get, post
+    from litestar.exceptions import HTTPException
+    from litestar.params import Parameter
+    from litestar.testing import TestClient
+    from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
+
+    from app.http.errors import EXCEPTION_HANDLERS, STORAGE_RETRY_AFTER_S, Refused, error_responses
+    from app.runs.supervisor import NoActiveRun, NodeBusy, RunActive
+    from app.runs.workflows import UnknownWorkflow
+    from domain.errors import Conflict, CorruptRecord, StorageUnavailable, UnknownChat
+
+    raised: dict[str, Exception] = {
+        "unknown-chat": UnknownChat("c1"),
+        "unknown-workflow": UnknownWorkflow("Nope", ["Analyzer"]),
+        "conflict": Conflict("c1", 3, "taken"),
+        "run-active": RunActive("c1", "r1"),
+        "no-active-run": NoActiveRun("c1"),
+        "node-busy": NodeBusy(4, 7),
+        "corrupt": CorruptRecord("c1", 2, "bad"),
+        "spent": StorageUnavailable("read chat c1", 3, 1.5, AutoReconnect("down")),
+        "raw-connection": AutoReconnect("connection closed"),
+        "no-server": ServerSelectionTimeoutError("no server"),
+        "refused": Refused(418, "teapot", "short and stout"),
+        "http-429": HTTPException(status_code=429, detail="slow down", headers={"RateLimit-Reset": "9"}),
+        "http-418": HTTPException(status_code=418, detail="odd"),
+        "bug": RuntimeError("secret internals"),
+    }
+
+    @get("/raise/{name:str}", sync_to_thread=False)
+    def raise_it(name: str) -> None:
+        raise raised[name]
+
+    @post("/validate", sync_to_thread=False)
+    def validate(data: dict[str, int], limit: int = Parameter(ge=1)) -> None:
+        return None
+
+    app = Litestar([raise_it, validate], exception_handlers=EXCEPTION_HANDLERS, debug=False)
+    retry = str(STORAGE_RETRY_AFTER_S)
+    expected = {
+        "unknown-chat": (404, "unknown_chat", None),
+        "unknown-workflow": (404, "unknown_workflow", None),
+        "conflict": (409, "conflict", None),
+        "run-active": (409, "run_active", None),
+        "no-active-run": (409, "no_active_run", None),
+        "node-busy": (503, "node_busy", "7"),
+        "corrupt": (500, "corrupt_record", None),
+        "spent": (503, "storage_unavailable", retry),
+        "raw-connection": (503, "storage_unavailable", retry),
+        "no-server": (503, "storage_unavailable", retry),
+        "refused": (418, "teapot", None),
+        "http-429": (429, "rate_limited", None),
+        "http-418": (418, "error", None),
+        "bug": (500, "internal_error", None),
+    }
+    with TestClient(app) as client:
+        answers = {}
+        for name in raised:
+            response = client.get(f"/raise/{name}")
+            body = response.json()
+            assert set(body) == {"error", "detail"} and body["detail"], (name, body)
+            answers[name] = (response.status_code, body["error"], response.headers.get("Retry-After"))
+            if name == "bug":
+                assert "secret" not in body["detail"] and "server log" in body["detail"]
+            elif name not in ("http-429", "http-418", "refused"):
+                assert body["detail"] == str(raised[name]), name
+        assert answers == expected
+        assert client.get("/raise/http-429").headers["RateLimit-Reset"] == "9"
+        assert client.get("/raise/refused").json()["detail"] == "short and stout"
+        invalid = client.post("/validate", params={"limit": "0"}, json={"a": 1})
+        assert invalid.status_code == 400 and invalid.json()["error"] == "bad_request"
+        [field] = invalid.json()["fields"]
+        assert (field["name"], field["source"]) == ("limit", "query") and field["message"], field
+        typed = client.post("/validate", params={"limit": "2"}, json={"a": "x"})
+        assert typed.status_code == 400 and typed.json()["fields"], typed.json()
+        assert all(set(f) <= {"name", "message", "source"} and f["message"] for f in typed.json()["fields"])
+    # The OpenAPI side: every route documents 400, 500 and 503 besides its own, each with the one shape.
+    documented = error_responses(404, 409)
+    assert sorted(documented) == [400, 404, 409, 500, 503]
+    assert documented[503].description and "Retry-After" in documented[503].description
+    assert documented[404].examples[0].value == {"error": "not_found", "detail": "…"}
