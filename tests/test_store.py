@@ -713,13 +713,20 @@ async def test_an_append_the_database_applied_but_did_not_confirm_is_reported_re
     }
     # The group commit reports it to every caller whose batch was in that insert: nothing confirmed.
     commit = GroupCommit(fault_db["unconfirmed"])
+
+    async def outcomes_of(*batches: list[dict[str, Any]]) -> list[BaseException | None]:
+        """Each caller's outcome, the batches handed in at once; fails if a caller is left waiting."""
+        callers = [asyncio.create_task(commit.insert(batch)) for batch in batches]
+        _, waiting = await asyncio.wait(callers, timeout=10)
+        for caller in waiting:
+            caller.cancel()
+        assert not waiting, f"{len(waiting)} of {len(callers)} callers still wait after their insert failed"
+        return [caller.exception() for caller in callers]
+
     fault_server.arm(unconfirmed, {"times": 1})
-    async with asyncio.timeout(30):  # a caller left waiting on its batch would hang here
-        outcomes = await asyncio.gather(
-            commit.insert([{"_id": "a1", "chat_id": "a"}, {"_id": "a2", "chat_id": "a"}]),
-            commit.insert([{"_id": "b1", "chat_id": "b"}]),
-            return_exceptions=True,
-        )
+    outcomes = await outcomes_of(
+        [{"_id": "a1", "chat_id": "a"}, {"_id": "a2", "chat_id": "a"}], [{"_id": "b1", "chat_id": "b"}]
+    )
     assert commit.inserts == 1
     for outcome in outcomes:
         assert isinstance(outcome, BulkWriteError) and is_transient(outcome), outcome
@@ -727,12 +734,7 @@ async def test_an_append_the_database_applied_but_did_not_confirm_is_reported_re
     assert await fault_db["unconfirmed"].count_documents({}) == 3  # applied, all the same
     # A dropped connection likewise ends every caller's wait with the error.
     fault_server.arm({"failCommands": ["insert"], "closeConnection": True}, {"times": 1})
-    async with asyncio.timeout(30):
-        dropped = await asyncio.gather(
-            commit.insert([{"_id": "c1", "chat_id": "c"}]),
-            commit.insert([{"_id": "d1", "chat_id": "d"}]),
-            return_exceptions=True,
-        )
+    dropped = await outcomes_of([{"_id": "c1", "chat_id": "c"}], [{"_id": "d1", "chat_id": "d"}])
     assert [type(outcome) for outcome in dropped] == [AutoReconnect, AutoReconnect]
 
     # The store re-sends it until confirmed; the records land once, and the append returns them.
