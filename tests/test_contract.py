@@ -284,6 +284,9 @@ def test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_un
         "refused": Refused(418, "teapot", "short and stout"),
         "http-429": HTTPException(status_code=429, detail="slow down", headers={"RateLimit-Reset": "9"}),
         "http-418": HTTPException(status_code=418, detail="odd"),
+        # Problems listed with a status other than 400 are not invalid fields: no `fields`.
+        "http-404": HTTPException(status_code=404, detail="gone", extra=[{"key": "x", "message": "m"}]),
+        "http-500": HTTPException(status_code=500, detail="broken"),
         "bug": RuntimeError("secret internals"),
     }
 
@@ -291,11 +294,15 @@ def test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_un
     def raise_it(name: str) -> None:
         raise raised[name]
 
+    @get("/refuse-fields", sync_to_thread=False)
+    def refuse_fields() -> None:  # a 400 raised by the app itself, its problems partly described
+        raise HTTPException(status_code=400, detail="bad", extra=[{"message": "no key"}, "not a problem"])
+
     @post("/validate", sync_to_thread=False)
     def validate(data: dict[str, int], limit: int = Parameter(ge=1)) -> None:
         return None
 
-    app = Litestar([raise_it, validate], exception_handlers=EXCEPTION_HANDLERS, debug=False)
+    app = Litestar([raise_it, refuse_fields, validate], exception_handlers=EXCEPTION_HANDLERS, debug=False)
     retry = str(STORAGE_RETRY_AFTER_S)
     expected = {
         "unknown-chat": (404, "unknown_chat", None),
@@ -311,8 +318,19 @@ def test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_un
         "refused": (418, "teapot", None),
         "http-429": (429, "rate_limited", None),
         "http-418": (418, "error", None),
+        "http-404": (404, "not_found", None),
+        "http-500": (500, "internal_error", None),
         "bug": (500, "internal_error", None),
     }
+    details = {
+        "refused": "short and stout",
+        "http-429": "slow down",
+        "http-418": "odd",
+        "http-404": "gone",
+        "http-500": "broken",
+    }
+    # What the server log records: every 5xx, with the request's method and path; no 4xx.
+    failed = {"node-busy", "corrupt", "spent", "raw-connection", "no-server", "http-500"}
     with TestClient(app) as client:
         answers = {}
         for name in raised:
@@ -320,6 +338,13 @@ def test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_un
                 response = client.get(f"/raise/{name}")
             body = response.json()
             assert set(body) == {"error", "detail"} and body["detail"], (name, body)
+            assert response.headers["content-type"] == "application/json", name
+            logged_failures = [
+                (e["log_level"], e["method"], e["path"]) for e in crashes if e["event"] == "request.failed"
+            ]
+            assert logged_failures == ([("error", "GET", f"/raise/{name}")] if name in failed else []), name
+            if name in failed:
+                assert raised[name].__class__.__name__ in str(crashes[0]["error"]), name
             answers[name] = (response.status_code, body["error"], response.headers.get("Retry-After"))
             if name == "bug":
                 assert "secret" not in body["detail"] and "server log" in body["detail"]
@@ -331,18 +356,21 @@ def test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_un
                     "/raise/bug",
                 )
                 assert logged["exc_info"] is raised["bug"]
-            elif name not in ("http-429", "http-418", "refused"):
-                assert body["detail"] == str(raised[name]), name
+            else:
+                assert body["detail"] == details.get(name, str(raised[name])), name
         assert answers == expected
         assert client.get("/raise/http-429").headers["RateLimit-Reset"] == "9"
         assert client.get("/raise/refused").json()["detail"] == str(raised["refused"]) == "short and stout"
+        partial = client.get("/refuse-fields").json()
+        assert partial["fields"] == [{"name": "", "message": "no key", "source": None}], partial
         invalid = client.post("/validate", params={"limit": "0"}, json={"a": 1})
         assert invalid.status_code == 400 and invalid.json()["error"] == "bad_request"
         [field] = invalid.json()["fields"]
         assert (field["name"], field["source"]) == ("limit", "query") and field["message"], field
         typed = client.post("/validate", params={"limit": "2"}, json={"a": "x"})
         assert typed.status_code == 400 and typed.json()["fields"], typed.json()
-        assert all(set(f) <= {"name", "message", "source"} and f["message"] for f in typed.json()["fields"])
+        assert [(f["name"], f["source"]) for f in typed.json()["fields"]] == [("data", "body")]
+        assert all(f["message"] for f in typed.json()["fields"])
     # The OpenAPI side: every route documents 400, 500 and 503 besides its own, each with the one shape.
     documented = error_responses(404, 409)
     assert sorted(documented) == [400, 404, 409, 500, 503]
