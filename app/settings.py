@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlparse
 
 import msgspec
+
+from domain.model_io import RECORD_MODES, RecordMode
 
 
 class SettingsError(ValueError):
@@ -50,6 +53,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     anchor_key: str | None = None
     max_concurrent_llm_calls: int = 256
     max_active_runs: int = 500
+    # MOZAIKS_RECORD_MODEL_IO: full (every call's exact request and response as parts), hashes, off.
+    record_model_io: RecordMode = "full"
+    # OIDC (README "Identity"): tokens signed by an identity provider, checked against its JWKS.
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    jwks_url: str | None = None  # None: discovered from the issuer's openid-configuration
+    jwks_refresh_s: float = 60.0  # an unknown `kid` fetches the keys again at most this often
+    oidc_leeway_s: float = 30.0
+    claim_user: str = "sub"
+    claim_app: str = "app_id"
+    claim_roles: str = "roles"
+    # OpenTelemetry (README "Traces"): OTLP/HTTP traces endpoint; None: no export.
+    otel_traces_endpoint: str | None = None
+    otel_capture_content: bool = False
     node_id: str = msgspec.field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
 
     @property
@@ -59,8 +76,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def local_mode(self) -> bool:
-        """No auth secret: loopback only, every request is the one local user."""
-        return not self.auth_secret
+        """No auth secret and no OIDC issuer: loopback only, every request is the one local user."""
+        return not self.auth_secret and not self.oidc_issuer
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -103,6 +120,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if enabled not in {"true", "false", "1", "0", "yes", "no"}:
             raise SettingsError(f"MOZAIKS_AI_ENABLED={enabled!r} must be true or false")
         prices = text("MOZAIKS_PRICES")
+        record_io = (text("MOZAIKS_RECORD_MODEL_IO") or "full").lower()
+        if record_io not in RECORD_MODES:
+            raise SettingsError(f"MOZAIKS_RECORD_MODEL_IO={record_io!r} must be full, hashes or off")
+        issuer, audience, jwks_url = (
+            text("MOZAIKS_OIDC_ISSUER"),
+            text("MOZAIKS_OIDC_AUDIENCE"),
+            text("MOZAIKS_JWKS_URL"),
+        )
+        if issuer and not audience:
+            raise SettingsError(
+                "MOZAIKS_OIDC_ISSUER needs MOZAIKS_OIDC_AUDIENCE (the client id tokens are for)"
+            )
+        if (audience or jwks_url) and not issuer:
+            raise SettingsError("MOZAIKS_OIDC_AUDIENCE and MOZAIKS_JWKS_URL need MOZAIKS_OIDC_ISSUER")
+        for name, url in (("MOZAIKS_OIDC_ISSUER", issuer), ("MOZAIKS_JWKS_URL", jwks_url)):
+            if url and urlparse(url).scheme not in {"http", "https"}:
+                raise SettingsError(f"{name}={url!r} must be an http(s) URL")
+        otel_base = text("OTEL_EXPORTER_OTLP_ENDPOINT")
+        traces_endpoint = text("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or (
+            f"{otel_base.rstrip('/')}/v1/traces" if otel_base else None
+        )
         return cls(
             openai_api_key=text("OPENAI_API_KEY"),
             openai_model=text("OPENAI_MODEL") or "gpt-4o-mini",
@@ -130,4 +168,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             anchor_key=text("MOZAIKS_ANCHOR_KEY"),
             max_concurrent_llm_calls=int(number("MOZAIKS_MAX_CONCURRENT_LLM_CALLS", 256)),
             max_active_runs=int(number("MOZAIKS_MAX_ACTIVE_RUNS", 500)),
+            record_model_io=cast(RecordMode, record_io),  # checked against RECORD_MODES above
+            oidc_issuer=issuer,
+            oidc_audience=audience,
+            jwks_url=jwks_url,
+            jwks_refresh_s=number("MOZAIKS_JWKS_REFRESH_S", 60.0, zero=True),
+            oidc_leeway_s=number("MOZAIKS_OIDC_LEEWAY_S", 30.0, zero=True),
+            claim_user=text("MOZAIKS_CLAIM_USER") or "sub",
+            claim_app=text("MOZAIKS_CLAIM_APP") or "app_id",
+            claim_roles=text("MOZAIKS_CLAIM_ROLES") or "roles",
+            otel_traces_endpoint=traces_endpoint,
+            otel_capture_content=(text("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT") or "").lower()
+            in {"true", "1", "yes"},
         )

@@ -346,11 +346,13 @@ class LogVerification(msgspec.Struct, kw_only=True):
     anchors: int
     broken: list[Verification]
     anchor_problems: list[str]
+    # Model I/O parts (domain/model_io.py) whose content does not match their hash, or missing ones.
+    part_problems: list[str] = []
 
     @property
     def ok(self) -> bool:
-        """Every chain intact, every anchor signed and chained, no chat shorter than its anchor."""
-        return not self.broken and not self.anchor_problems
+        """Every chain intact, every anchor signed and chained, no chat shorter than its anchor, every part sound."""
+        return not self.broken and not self.anchor_problems and not self.part_problems
 
 
 class LogCheck:

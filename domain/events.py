@@ -24,6 +24,8 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 class ChatCreated(Event, tag="chat.created", frozen=True, kw_only=True):
     context: dict[str, Any] = {}
     offline: bool = False
+    # A replay (`mozaiks replay`): {"chat_id": the chat it replays, "model": "recorded" | "live"}.
+    replay_of: dict[str, Any] | None = None
 
 
 class RunStarted(Event, tag="run.started", frozen=True, kw_only=True):
@@ -38,6 +40,8 @@ class MessageUser(Event, tag="message.user", frozen=True, kw_only=True):
     content: str
     # The client's own id for the message (AG-UI `Message.id`), so a retried request is recognised.
     message_id: str | None = None
+    # Where the text came from when no user typed it: "initial_message" (workflow.json, recorded hidden).
+    origin: str | None = None
 
 
 class MessageAgent(Event, tag="message.agent", frozen=True, kw_only=True):
@@ -46,6 +50,8 @@ class MessageAgent(Event, tag="message.agent", frozen=True, kw_only=True):
     recipient: str | None = None
     # The streamed message this completes: its `message.delta` records concatenate to `content`.
     message_id: str = ""
+    # An agent with a structured output: the validated object (`content` is its JSON text).
+    structured: dict[str, Any] | None = None
 
 
 class MessageDelta(Event, tag="message.delta", frozen=True, kw_only=True):
@@ -107,6 +113,31 @@ class LlmCall(Event, tag="llm.call", frozen=True, kw_only=True):
     status: str = "ok"
     # Which try of the call this was (1 = first); failed tries are recorded too, each as its own llm.call.
     attempt: int = 1
+    # Model I/O (domain/model_io.py): the request's part hashes (parameters, tools, each message),
+    # the response's; `io` says what was kept: "full" (parts stored), "hashes" (no content), "off".
+    request: list[str] = []
+    response: str | None = None
+    io: str = "off"
+
+
+class SchemaViolation(msgspec.Struct, frozen=True, kw_only=True):
+    """One way a value breaks a JSON Schema: where (a JSON path, `$` the root) and what."""
+
+    path: str
+    message: str
+
+
+class OutputInvalid(Event, tag="output.invalid", frozen=True, kw_only=True):
+    """A structured-output agent's reply that did not match its schema (the agent is asked again)."""
+
+    agent: str
+    # The structured output's name (agents.json or structured_outputs.json).
+    output: str
+    # 1 = the first reply of this turn.
+    attempt: int
+    errors: list[SchemaViolation]
+    # The reply's text as the model wrote it.
+    content: str = ""
 
 
 class ContextUpdated(Event, tag="context.updated", frozen=True, kw_only=True):
@@ -121,7 +152,8 @@ class RunFailed(Event, tag="run.failed", frozen=True, kw_only=True):
     error: str
     # Why: "interrupted" (its node died or shut down), "storage" (database errors past the retry
     # budget), "model" (LLM errors past the retry budget), "tool", "setup" (the workflow could not
-    # be built); "error" for anything else (a bug). A user's stop is `run.stopped`, never this.
+    # be built), "output" (a structured-output agent's replies never matched its schema);
+    # "error" for anything else (a bug). A user's stop is `run.stopped`, never this.
     reason: str = "error"
 
 
@@ -147,6 +179,7 @@ AnyEvent = (
     | InputReceived
     | LlmCall
     | ContextUpdated
+    | OutputInvalid
     | RunCompleted
     | RunFailed
     | RunStopped

@@ -1,4 +1,5 @@
-"""Workflow manifest types (workflow.json, agents.json, tools.json, context_variables.json, fixtures).
+"""Workflow manifest types (workflow.json, agents.json, tools.json, context_variables.json,
+structured_outputs.json, fixtures).
 
 Every manifest decodes through `Manifest`, which forbids unknown fields, so a typo fails at load
 time; `decode_manifest` turns msgspec's errors into `ManifestError`s naming the workflow, the file
@@ -17,6 +18,8 @@ from domain.errors import ManifestError
 Pattern = Literal["Default", "Auto", "RoundRobin", "Random"]
 HumanInputMode = Literal["NEVER", "ALWAYS", "TERMINATE"]
 AgentType = Literal["assistant", "orchestrator", "user"]
+# UserDriven: a chat's first run waits for the user's first message; AgentDriven: it starts on creation.
+StartupMode = Literal["UserDriven", "AgentDriven"]
 # A name AG2 accepts for an agent or a tool (it is sent to the model as a function/agent name).
 Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")]
 # After-work keywords besides an agent name.
@@ -36,6 +39,9 @@ class WorkflowManifest(Manifest, frozen=True, kw_only=True):
     max_turns: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 20
     visual_agents: list[str] = []
     entry_agent: str
+    startup_mode: StartupMode = "UserDriven"
+    # Sent as a chat's first message, recorded hidden (`message.user`, data.origin "initial_message").
+    initial_message: str | None = None
 
 
 class LlmConfig(Manifest, frozen=True, kw_only=True):
@@ -62,6 +68,23 @@ class Handoffs(Manifest, frozen=True, kw_only=True):
     after_work: str | None = None
 
 
+class StructuredOutputSpec(Manifest, frozen=True, kw_only=True):
+    """A structured output: a JSON Schema the agent's replies must match (OpenAI strict `json_schema`)."""
+
+    name: Name
+    # A JSON Schema object; checked at load (a valid schema, and one OpenAI's strict mode accepts).
+    schema: dict[str, Any]
+    # How often the agent is asked again, with the errors, after a reply that does not match.
+    max_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 2
+    description: str = ""
+
+
+class StructuredOutputsManifest(Manifest, frozen=True, kw_only=True):
+    """structured_outputs.json: outputs agents name in their `structured_output`."""
+
+    outputs: list[StructuredOutputSpec] = []
+
+
 class AgentSpec(Manifest, frozen=True, kw_only=True):
     """One entry of agents.json."""
 
@@ -73,6 +96,8 @@ class AgentSpec(Manifest, frozen=True, kw_only=True):
     tools: list[Name] = []
     handoffs: Handoffs = msgspec.field(default_factory=Handoffs)
     human_input_mode: HumanInputMode = "NEVER"
+    # The agent answers in this structure: inline, or the name of an entry of structured_outputs.json.
+    structured_output: StructuredOutputSpec | Name | None = None
 
 
 class AgentsManifest(Manifest, frozen=True, kw_only=True):
@@ -88,6 +113,8 @@ class ToolSpec(Manifest, frozen=True, kw_only=True):
     # "tools.<module>:<function>"; checked (and imported) by the workflow manager.
     function: str
     description: str = ""
+    # False: the result may change between calls (time, network); a recorded replay plays the recorded result.
+    deterministic: bool = True
 
 
 class ToolsManifest(Manifest, frozen=True, kw_only=True):
@@ -121,6 +148,8 @@ class ScriptedReply(Manifest, frozen=True, kw_only=True):
     """One scripted model reply: text, tool calls, or both; usage is counted when not given."""
 
     content: str | None = None
+    # A structured reply: played as this value's JSON text (valid for the agent's schema or not).
+    structured: Any = None
     tool_calls: list[ScriptedToolCall] = []
     prompt_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
     completion_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None

@@ -3,18 +3,19 @@
 Stored document (integers only, so `$inc` sums are exact and batch-independent):
 
     {"_id": chat_id, "chat_id", "app_id", "user_id", "workflow", "created_at", "updated_at", "last_seq",
-     "turns", "tool_calls", "tool_failures", "run_failures", "errors",
+     "turns", "tool_calls", "tool_failures", "invalid_outputs", "run_failures", "errors",
      "prompt_tokens", "completion_tokens", "total_tokens", "cost_nanousd",
      "runs", "run_duration_ms", "run": null | {"id", "started_ms"},
      "llm": {"count", "failures", "offline", "unpriced", "latency_us_sum", "latency_us_max",
              "buckets": {bucket key: count}, "ttft_buckets": {bucket key: count},
              "streamed", "stream_us_sum", "stream_tokens"},
-     "agents": {field_key(agent): {"turns", "tool_calls", "tool_failures", "prompt_tokens",
+     "agents": {field_key(agent): {"turns", "tool_calls", "tool_failures", "invalid_outputs", "prompt_tokens",
                 "completion_tokens", "total_tokens", "cost_nanousd", "llm": {... as above}}}}
 
 Tokens, cost and latency come from `llm.call` records only (AG2's own summaries under-count).
 `turns` counts `message.agent`; `errors` = failed runs + failed tool calls. `run_duration_ms` sums
-run.started → terminal event of each finished run. Offline (scripted) calls cost 0; their tokens
+run.started → terminal event of each finished run. `invalid_outputs` counts `output.invalid` records
+(structured-output replies that did not match their schema). Offline (scripted) calls cost 0; their tokens
 count. A call whose model has no price is counted in `llm.unpriced` and costs 0.
 Streaming: `ttft_buckets` is the histogram of time to first token; `streamed`, `stream_us_sum` and
 `stream_tokens` count the calls whose tokens streamed over a measurable time (first → last token),
@@ -33,6 +34,7 @@ from domain.events import (
     AnyEvent,
     LlmCall,
     MessageAgent,
+    OutputInvalid,
     Record,
     RunCompleted,
     RunFailed,
@@ -109,6 +111,7 @@ class ChatMetricsProjector(PricedProjector):
             "tool.called",
             "tool.result",
             "llm.call",
+            "output.invalid",
             "run.started",
             "run.completed",
             "run.failed",
@@ -130,6 +133,7 @@ class ChatMetricsProjector(PricedProjector):
             "turns": 0,
             "tool_calls": 0,
             "tool_failures": 0,
+            "invalid_outputs": 0,
             "run_failures": 0,
             "errors": 0,
             "prompt_tokens": 0,
@@ -164,6 +168,8 @@ class ChatMetricsProjector(PricedProjector):
                 change.inc["errors"] = 1
             case LlmCall():
                 self._llm_call(change, record, event, count)
+            case OutputInvalid():
+                count("invalid_outputs")
             case RunStarted():
                 change.inc["runs"] = 1
                 change.set["run"] = {"id": record.run_id, "started_ms": epoch_ms(record.ts)}

@@ -35,6 +35,7 @@ _COUNTERS: Final = (
     "turns",
     "tool_calls",
     "tool_failures",
+    "invalid_outputs",
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
@@ -81,6 +82,8 @@ class AgentMetrics(msgspec.Struct, kw_only=True):
     turns: int
     tool_calls: int
     tool_failures: int
+    # Structured-output replies that did not match their schema (`output.invalid`).
+    invalid_outputs: int
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int

@@ -2,7 +2,7 @@
 
     {"_id": chat_id, "chat_id", "app_id", "user_id", "workflow", "created_at", "updated_at",
      "status": "created|running|waiting_input|completed|failed|stopped", "offline": bool,
-     "last_run_id": str|null, "message_count": int, "last_seq": int,
+     "last_run_id": str|null, "message_count": int (visible messages), "last_seq": int,
      "messages": [{"role": "user|assistant", "agent": str|null, "content": str,
                    "timestamp": datetime, "seq": int, "visible": bool}]}
 
@@ -10,7 +10,7 @@ Only `message.user` and `message.agent` become messages; a hidden agent's messag
 `visible: false` (the ChatUI shows visible ones; the REST layer may filter on it).
 
 The document stays far below MongoDB's 16 MB limit whatever a chat holds: `messages` keeps the
-latest MAX_MESSAGES (`message_count` counts them all), and a message's `content` is cut at
+latest MAX_MESSAGES (`message_count` counts all the visible ones), and a message's `content` is cut at
 MAX_CONTENT characters with `truncated: true`. The log keeps every message whole.
 """
 
@@ -106,4 +106,5 @@ class ChatSessionsProjector(Projector):
         }
         change.push["messages"] = [message]
         change.keep["messages"] = MAX_MESSAGES
-        change.inc["message_count"] = 1
+        if record.visible:  # what the user sees: a hidden agent's message is not one of theirs
+            change.inc["message_count"] = 1

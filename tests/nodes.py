@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,34 @@ def benchmark_mongo_uri() -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory() as folder, EmbeddedMongo(Path(folder) / "data") as server:
         yield server.uri
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """Handler base of a test's tiny HTTP server (an identity provider, a trace collector): logs nothing."""
+
+    def reply(self, payload: bytes, content_type: str) -> None:
+        """Answer 200 with `payload`."""
+        self.send_response(200)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve `handler` on 127.0.0.1 from a thread of its own; yields the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class Node:

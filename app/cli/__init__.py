@@ -42,6 +42,10 @@ _ELSEWHERE = {
     "projections": "app.cli.projections:projections_group",
     "audit": "app.cli.audit:audit_group",
     "metrics": "app.cli.audit:metrics_group",
+    "replay": "app.cli.replay:replay_command",
+    "diff": "app.cli.replay:diff_command",
+    "fixtures": "app.cli.replay:fixtures_group",
+    "otel": "app.cli.otel:otel_group",
 }
 
 
@@ -77,7 +81,9 @@ def serve(host: str, port: int) -> None:
     except SettingsError as exc:
         fail(str(exc))
     if settings.local_mode and not _is_loopback(host):
-        fail(f"refusing to bind {host} without MOZAIKS_AUTH_SECRET: local mode serves loopback only")
+        fail(
+            f"refusing to bind {host} without MOZAIKS_AUTH_SECRET or MOZAIKS_OIDC_ISSUER: local mode serves loopback only"
+        )
     try:
         with socket.create_server((host, port)):
             pass  # free now; uvicorn binds it in a moment

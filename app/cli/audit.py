@@ -28,6 +28,7 @@ from domain.anchors import AnchorBook
 from domain.audit import AuditFilter, LogCheck, LogVerification
 from domain.errors import MozaiksError
 from domain.events import EVENT_TYPES
+from domain.model_io import PartStore, bad_part, call_hashes, scan_parts
 from projections.buckets import series
 
 _ndjson = msgspec.json.Encoder(enc_hook=str)
@@ -65,9 +66,11 @@ def report(result: LogVerification, console: Console, what: str) -> None:
         console.print(table)
     for problem in result.anchor_problems:
         console.print(f"[red]anchor problem: {problem}[/]")
+    for problem in result.part_problems:
+        console.print(f"[red]model I/O problem: {problem}[/]")
     console.print(
         f"[red]verification FAILED ({what}, {scope}): {len(result.broken)} broken of {result.chats:,} chats, "
-        f"{len(result.anchor_problems)} anchor problem(s)[/]"
+        f"{len(result.anchor_problems)} anchor problem(s), {len(result.part_problems)} model I/O problem(s)[/]"
     )
 
 
@@ -88,6 +91,12 @@ def audit_group() -> None:
 @click.option("--run", "run_id", default=None)
 @click.option("--since", type=click.DateTime(), default=None, help="from this UTC time (inclusive)")
 @click.option("--until", type=click.DateTime(), default=None, help="to this UTC time (exclusive)")
+@click.option(
+    "--with-model-io",
+    is_flag=True,
+    default=False,
+    help="also write the model I/O parts of the exported llm.call records, each checked against its hash",
+)
 def export_command(
     app_id: str | None,
     types: tuple[str, ...],
@@ -98,16 +107,24 @@ def export_command(
     run_id: str | None,
     since: datetime | None,
     until: datetime | None,
+    with_model_io: bool,
 ) -> None:
-    """Write matching records as NDJSON to stdout, then re-verify the chain of every chat exported."""
+    """Write matching records as NDJSON to stdout, then re-verify the chain of every chat exported.
+
+    With --with-model-io, the model I/O parts the exported `llm.call` records name follow the records,
+    one `{"model_io_part": HASH, "body": CANONICAL_JSON}` line each, every one checked against its hash.
+    """
     wanted = AuditFilter(
         app_id=app_id, types=types, agent=agent, workflow=workflow, user_id=user_id,
         chat_id=chat_id, run_id=run_id, since=since, until=until,
     )  # fmt: skip
-    _run(lambda settings: _export(settings, wanted, sys.stdout.buffer, Console(stderr=True, soft_wrap=True)))
+    console = Console(stderr=True, soft_wrap=True)
+    _run(lambda settings: _export(settings, wanted, sys.stdout.buffer, console, with_model_io=with_model_io))
 
 
-async def _export(settings: Settings, wanted: AuditFilter, out: BinaryIO, console: Console) -> int:
+async def _export(
+    settings: Settings, wanted: AuditFilter, out: BinaryIO, console: Console, *, with_model_io: bool = False
+) -> int:
     # Exporting whole chats (no filter but the app), the chains are checked as the records stream
     # past; otherwise the exported chats are read again, whole, afterwards.
     whole = wanted == AuditFilter(app_id=wanted.app_id)
@@ -115,6 +132,7 @@ async def _export(settings: Settings, wanted: AuditFilter, out: BinaryIO, consol
         book = AnchorBook(store.db, anchor_key(settings))
         inline = LogCheck(await book.scan(wanted.app_id), book.key) if whole else None
         chats: set[str] = set()
+        referenced: dict[str, None] = {}
         count = 0
         with progress_bar(console) as bar:
             task = bar.add_task("exporting", total=None)
@@ -122,6 +140,8 @@ async def _export(settings: Settings, wanted: AuditFilter, out: BinaryIO, consol
                 if inline is not None:
                     inline.add(doc)
                 chats.add(str(doc["chat_id"]))
+                if with_model_io and doc.get("type") == "llm.call" and doc["data"].get("io") == "full":
+                    referenced.update(dict.fromkeys(call_hashes(doc["data"])))
                 doc["id"] = doc.pop("_id")
                 out.write(_ndjson.encode(doc) + b"\n")
                 count += 1
@@ -139,9 +159,29 @@ async def _export(settings: Settings, wanted: AuditFilter, out: BinaryIO, consol
                     chat_ids=chats,
                     progress=lambda done, total: bar.update(check, completed=done, total=total),
                 )
+        if with_model_io:
+            result.part_problems = await _export_parts(PartStore(store.db), list(referenced), out)
+            out.flush()
+            console.print(f"exported {len(referenced):,} model I/O parts")
         console.print(f"exported {count:,} records of {len(chats):,} chats")
         report(result, console, "the exported chats")
         return 0 if result.ok else 1
+
+
+async def _export_parts(parts: PartStore, hashes: list[str], out: BinaryIO) -> list[str]:
+    """Write the parts `hashes` (each checked against its hash); returns the problems found."""
+    problems: list[str] = []
+    stored = await parts.get(hashes)
+    for hash_ in hashes:
+        body = stored.get(hash_)
+        if body is None:
+            problems.append(f"model I/O part {hash_} is missing")
+            continue
+        problem = bad_part(hash_, body)
+        if problem is not None:
+            problems.append(problem)
+        out.write(_ndjson.encode({"model_io_part": hash_, "body": body.decode()}) + b"\n")
+    return problems
 
 
 @audit_group.command("verify")
@@ -185,6 +225,10 @@ async def _verify(
                 exported=exported,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
+            if app_id is None:  # parts are shared by content across apps: checked on a whole-log verify
+                result.part_problems = [
+                    p async for _, _, p in scan_parts(PartStore(store.db)) if p is not None
+                ]
         report(result, console, "the log" + (f" against {anchors_file}" if anchors_file else ""))
         return 0 if result.ok else 1
 

@@ -1,4 +1,4 @@
-"""`mozaiks run WORKFLOW "message"` and `mozaiks workflows validate [PATH]` (registered in `app.cli`)."""
+"""`mozaiks run WORKFLOW ["message"]` and `mozaiks workflows validate [PATH]` (registered in `app.cli`)."""
 
 from __future__ import annotations
 
@@ -43,20 +43,23 @@ workflows_group.add_command(validate_command)
 
 @click.command("run")
 @click.argument("workflow")
-@click.argument("message")
+@click.argument("message", required=False)
 @click.option("--user-id", default="local", show_default=True, help="user_id recorded on the chat")
 @click.option("--app-id", default="local", show_default=True, help="app_id recorded on the chat")
 @click.option(
     "--all-events/--visible-only", default=True, show_default=True, help="also print hidden agents' events"
 )
-def run_command(workflow: str, message: str, user_id: str, app_id: str, all_events: bool) -> None:
-    """Run WORKFLOW on MESSAGE in the terminal, printing events as they are recorded."""
+def run_command(workflow: str, message: str | None, user_id: str, app_id: str, all_events: bool) -> None:
+    """Run WORKFLOW on MESSAGE in the terminal, printing events as they are recorded.
+
+    An AgentDriven workflow needs no MESSAGE: its agent speaks first.
+    """
     settings = Settings.from_env()
     raise SystemExit(asyncio.run(_run(settings, workflow, message, user_id, app_id, all_events)))
 
 
 async def _run(
-    settings: Settings, workflow: str, message: str, user_id: str, app_id: str, all_events: bool
+    settings: Settings, workflow: str, message: str | None, user_id: str, app_id: str, all_events: bool
 ) -> int:
     manager = WorkflowManager(settings.workflows_path)
     if workflow not in manager.workflows:
@@ -67,6 +70,9 @@ async def _run(
             f"workflow {workflow!r} is not available (loaded: {', '.join(manager.names()) or 'none'})",
             err=True,
         )
+        return 2
+    if message is None and not manager.get(workflow).agent_driven:
+        click.echo(f"workflow {workflow!r} starts with the user's message: give MESSAGE", err=True)
         return 2
     async with open_store(settings) as store:
         orchestrator = Orchestrator(store, manager, settings)

@@ -14,6 +14,14 @@ from projections.sessions import STATUS_BY_TYPE
 # ---- error codes: `{"error": CODE, "detail": ...}` on REST, `{"type": "error", "code": CODE}` on the socket
 BAD_REQUEST: Final = "bad_request"  # 400: a parameter or body failed validation (`fields` says which)
 UNAUTHORIZED: Final = "unauthorized"  # 401: no token, or a bad one
+TOKEN_EXPIRED: Final = "token_expired"  # 401: the token's exp has passed
+TOKEN_NOT_YET_VALID: Final = "token_not_yet_valid"  # 401: the token's nbf is still ahead
+WRONG_AUDIENCE: Final = "wrong_audience"  # 401: aud is not MOZAIKS_OIDC_AUDIENCE
+WRONG_ISSUER: Final = "wrong_issuer"  # 401: iss is not MOZAIKS_OIDC_ISSUER
+UNKNOWN_KEY: Final = "unknown_key"  # 401: no key of the provider's JWKS has the token's kid
+BAD_SIGNATURE: Final = "bad_signature"  # 401: the signature does not match the token
+ALGORITHM_NOT_ALLOWED: Final = "algorithm_not_allowed"  # 401: none, or an alg outside the allow-list
+IDENTITY_UNAVAILABLE: Final = "identity_unavailable"  # 503: the provider's keys cannot be fetched
 FORBIDDEN: Final = "forbidden"  # 403: not yours, or a missing role
 NOT_FOUND: Final = "not_found"  # 404: no such route or document
 UNKNOWN_CHAT: Final = "unknown_chat"  # 404: no chat with that id
@@ -36,13 +44,15 @@ BAD_FRAME: Final = "bad_frame"  # socket only: a client frame that does not deco
 ERROR: Final = "error"  # any other refusal
 
 ERROR_CODES: Final = (
-    BAD_REQUEST, UNAUTHORIZED, FORBIDDEN, NOT_FOUND, UNKNOWN_CHAT, UNKNOWN_WORKFLOW, METHOD_NOT_ALLOWED,
+    BAD_REQUEST, UNAUTHORIZED, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, WRONG_AUDIENCE, WRONG_ISSUER, UNKNOWN_KEY,
+    BAD_SIGNATURE, ALGORITHM_NOT_ALLOWED, IDENTITY_UNAVAILABLE, FORBIDDEN, NOT_FOUND, UNKNOWN_CHAT, UNKNOWN_WORKFLOW, METHOD_NOT_ALLOWED,
     CONFLICT, RUN_ACTIVE, NO_ACTIVE_RUN, TOO_LARGE, RATE_LIMITED, CORRUPT_RECORD, INTERNAL, NOT_READY,
     UNKNOWN_INTERRUPT, WRONG_WORKFLOW, INTERRUPT_PENDING, NODE_BUSY, STORAGE_UNAVAILABLE, BAD_FRAME, ERROR,
 )  # fmt: skip
 
 # ---- WebSocket close codes (4000-4999 are the application's own)
 CLOSE_TOO_BIG: Final = 1009
+CLOSE_TRY_AGAIN_LATER: Final = 1013  # the identity provider's keys cannot be fetched right now
 CLOSE_HEARTBEAT: Final = 4000
 CLOSE_BAD_REQUEST: Final = 4400
 CLOSE_UNAUTHORIZED: Final = 4401

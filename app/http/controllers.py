@@ -6,6 +6,7 @@ Struct of `app.http.views`; every error is raised and rendered by `app.http.erro
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pymongo.asynchronous.database import AsyncDatabase
 
 from app.http import views
-from app.http.auth import Principal, require_role
+from app.http.auth import Principal, TokenVerifier, require_role
 from app.http.errors import error_responses
 from app.runs.orchestrator import Orchestrator
 from app.runs.supervisor import RunSupervisor
@@ -33,6 +34,7 @@ from domain.anchors import AnchorBook, judge
 from domain.chain import ChainCheck, Verification
 from domain.errors import UnknownChat
 from domain.events import EVENT_TYPES, Record
+from domain.model_io import PartStore, check_calls
 from domain.store import MongoEventStore
 from projections import queries
 from projections.runner import ProjectionRunner
@@ -44,10 +46,11 @@ _json = msgspec.json.Encoder()
 
 
 class StartChat(msgspec.Struct, forbid_unknown_fields=True):
-    """Body of `POST /api/chats`."""
+    """Body of `POST /api/chats`: without `message`, an AgentDriven workflow's run starts at once and a
+    UserDriven chat waits for its first message."""
 
     workflow: str
-    message: str
+    message: str | None = None
     context: dict[str, Any] = {}
 
 
@@ -94,7 +97,13 @@ async def verify_chat(
     anchor = await book.latest(chat_id)
     check = ChainCheck(chat_id, watch_seq=anchor.seq if anchor is not None else None)
     await store.verify(chat_id, check)
-    return judge(check, anchor, book.key)
+    verdict = judge(check, anchor, book.key)
+    # Model I/O parts are covered too: a part not matching its hash is reported like a broken link.
+    calls = [(r.seq, r.data) async for r in store.find(chat_id, types=["llm.call"])]
+    broken = await check_calls(PartStore(store.db), calls) if verdict.ok else None
+    if broken is not None:
+        return msgspec.structs.replace(verdict, ok=False, broken_seq=broken[0], detail=broken[1])
+    return verdict
 
 
 def check_event_types(types: list[str] | None) -> None:
@@ -166,7 +175,17 @@ class WorkflowController(Controller):
                     max_turns=workflow.max_turns,
                     entry_agent=workflow.manifest.entry_agent,
                     visual_agents=sorted(workflow.visual_agents),
-                    agents=[views.AgentView(name=a.name, type=a.type) for a in workflow.agents],
+                    startup_mode=workflow.manifest.startup_mode,
+                    agents=[
+                        views.AgentView(
+                            name=a.name,
+                            type=a.type,
+                            structured_output=views.OutputView(name=output.name, schema=output.schema)
+                            if (output := workflow.outputs.get(a.name)) is not None
+                            else None,
+                        )
+                        for a in workflow.agents
+                    ],
                 )
             )
         return views.WorkflowList(workflows=items, errors=[str(e) for e in workflows.errors])
@@ -185,9 +204,15 @@ class ChatController(Controller):
         orchestrator: Orchestrator,
         supervisor: RunSupervisor,
     ) -> views.ChatStarted:
-        """Start a chat on a workflow with a first message; the run goes on in the background."""
+        """Start a chat on a workflow; its run goes on in the background.
+
+        The run starts with a first message, or at once for an AgentDriven workflow; a UserDriven chat
+        created without a message has no run (`run_id` null) until its first message arrives.
+        """
         principal = request.user
-        with supervisor.admission():  # a full node refuses (503) before recording anything
+        starts = data.message is not None or orchestrator.workflows.get(data.workflow).agent_driven
+        # A full node refuses (503) a chat that would run, before recording anything.
+        with supervisor.admission() if starts else contextlib.nullcontext():
             stream = await orchestrator.create_chat(
                 workflow=data.workflow,
                 user_id=principal.user_id,
@@ -195,7 +220,7 @@ class ChatController(Controller):
                 message=data.message,
                 context=data.context,
             )
-            run_id = await supervisor.start(stream, admitted=True)
+            run_id = await supervisor.start(stream, admitted=True) if starts else None
         return views.ChatStarted(chat_id=stream.chat_id, run_id=run_id, workflow=stream.workflow)
 
     @get(responses=error_responses(400, 401))
@@ -313,7 +338,7 @@ class ChatController(Controller):
 
 def _summary(doc: dict[str, Any]) -> views.ChatSummary:
     messages = doc.get("messages") or []
-    first = next((m for m in messages if m.get("role") == "user"), None)
+    first = next((m for m in messages if m.get("role") == "user" and m.get("visible", True)), None)
     return views.ChatSummary(
         chat_id=doc["chat_id"],
         workflow=doc.get("workflow", ""),
@@ -399,20 +424,25 @@ class HealthController(Controller):
         return views.Live(status="live")
 
     @get("/ready", responses={**error_responses(), **_ready_503()})
-    async def ready(self, db: AsyncDatabase[Any], projections: ProjectionRunner) -> Response[views.Readiness]:
-        """Ready when MongoDB answers and the projection runner has caught up with the log."""
+    async def ready(
+        self, db: AsyncDatabase[Any], projections: ProjectionRunner, verifier: TokenVerifier
+    ) -> Response[views.Readiness]:
+        """Ready when MongoDB answers, the projection runner has caught up with the log and, with
+        OIDC, the identity provider's keys are at hand."""
         try:
             await db.command("ping")
             mongo = "ok"
         except Exception as exc:  # noqa: BLE001 - any failure means not ready; say which
             mongo = f"error: {exc}"
         caught_up = "caught_up" if projections.caught_up else "catching_up"
-        ok = mongo == "ok" and caught_up == "caught_up"
+        identity = await verifier.ready()
+        ok = mongo == "ok" and caught_up == "caught_up" and identity in ("ok", "off")
         readiness = views.Readiness(
             status="ready" if ok else "not_ready",
             mongo=mongo,
             projections=caught_up,
             lag=msgspec.convert(projections.lag(), views.ProjectionLag),
+            identity=identity,
         )
         return Response(readiness, status_code=200 if ok else HTTP_503_SERVICE_UNAVAILABLE)
 

@@ -19,6 +19,7 @@ from litestar.types import ExceptionHandlersMap
 from pymongo.errors import ConnectionFailure
 
 from app.http import codes
+from app.http.auth import IdentityUnavailable, TokenRefused
 from app.runs.supervisor import NoActiveRun, NodeBusy, RunActive
 from app.runs.workflows import UnknownWorkflow
 from domain.errors import Conflict, CorruptRecord, StorageUnavailable, UnknownChat
@@ -67,6 +68,7 @@ _DOMAIN: Final[Mapping[type[Exception], tuple[int, str]]] = {
     # The database does not answer: past the store's retry budget, or a read that found no server.
     StorageUnavailable: (503, codes.STORAGE_UNAVAILABLE),
     ConnectionFailure: (503, codes.STORAGE_UNAVAILABLE),
+    IdentityUnavailable: (503, codes.IDENTITY_UNAVAILABLE),
 }
 STORAGE_RETRY_AFTER_S: Final = 5
 
@@ -83,7 +85,7 @@ class Refused(Exception):
 
 def error_code(exc: Exception) -> str:
     """The code of an error, the same on REST and on the WebSocket."""
-    if isinstance(exc, Refused):
+    if isinstance(exc, (Refused, TokenRefused)):
         return exc.code
     for kind, (_, code) in _DOMAIN.items():
         if isinstance(exc, kind):
@@ -131,7 +133,7 @@ def _domain_error(request: Request[Any, Any, Any], exc: Exception) -> Response[E
     headers: dict[str, str] | None = None
     if isinstance(exc, NodeBusy):
         headers = {"Retry-After": str(exc.retry_after_s)}
-    elif code == codes.STORAGE_UNAVAILABLE:
+    elif code in (codes.STORAGE_UNAVAILABLE, codes.IDENTITY_UNAVAILABLE):
         headers = {"Retry-After": str(STORAGE_RETRY_AFTER_S)}
     return _response(status, ErrorBody(error=code, detail=str(exc)), headers)
 

@@ -21,6 +21,7 @@ from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusConfig
 from litestar.response import File
@@ -31,7 +32,7 @@ from app.database import open_database
 from app.http.agui import run_agent
 from app.http.analytics import SeriesController
 from app.http.audit import AuditController, anchor_key
-from app.http.auth import BearerAuthMiddleware, token_from
+from app.http.auth import BearerAuthMiddleware, TokenVerifier, token_from
 from app.http.controllers import (
     ChatController,
     HealthController,
@@ -40,7 +41,9 @@ from app.http.controllers import (
     info,
     prometheus_metrics,
 )
+from app.http.docs import SchemaPage
 from app.http.errors import EXCEPTION_HANDLERS
+from app.http.replay import ReplayController
 from app.http.transport import chat_socket
 from app.hub import LiveHub
 from app.observability import watch_projection_lag, watch_runs
@@ -80,6 +83,15 @@ async def executor_lifespan(app: Litestar) -> AsyncIterator[None]:
             yield
         finally:
             app.state.executor = None
+
+
+@contextlib.asynccontextmanager
+async def identity_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """Fetch the OIDC provider's keys once at start-up; if it is down, say so (and in /health/ready), not crash."""
+    identity = await app.state.verifier.ready()
+    if identity not in ("ok", "off"):
+        log.warning("identity.not_ready", identity=identity)
+    yield
 
 
 @contextlib.asynccontextmanager
@@ -147,6 +159,23 @@ async def anchors_lifespan(app: Litestar) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
+async def telemetry_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """With OTEL_EXPORTER_OTLP_ENDPOINT: each run's trace exported once it is over (app.telemetry)."""
+    settings: Settings = app.state.settings
+    if settings.otel_traces_endpoint is None:
+        app.state.traces = None
+        yield
+        return
+    from app.telemetry import TraceExport  # the OTel SDK is imported only when traces are exported
+
+    traces = app.state.traces = TraceExport(app.state.store, settings)
+    try:
+        yield
+    finally:
+        await traces.close()
+
+
+@contextlib.asynccontextmanager
 async def supervisor_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Runs in the background, each guarded by a lease; expired leases recovered as interrupted runs."""
     state = app.state
@@ -155,6 +184,7 @@ async def supervisor_lifespan(app: Litestar) -> AsyncIterator[None]:
         state.store, state.workflows, state.settings, follow=state.hub.records
     )
     supervisor = state.supervisor = RunSupervisor(state.db, state.store, orchestrator, state.settings)
+    supervisor.on_run_end = state.traces.run_ended if state.get("traces") else None
     async with _background("lease-watch", supervisor.watch_leases()):
         try:
             yield
@@ -196,6 +226,7 @@ DEPENDENCIES: Final = {
         "anchors",
         "orchestrator",
         "supervisor",
+        "verifier",
     )
 }
 
@@ -238,6 +269,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             ChatController,
             MetricsController,
             AuditController,
+            ReplayController,
             SeriesController,
             HealthController,
             prometheus_metrics,
@@ -247,10 +279,12 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
         ],
         lifespan=[
             executor_lifespan,
+            identity_lifespan,
             database_lifespan,
             hub_lifespan,
             projections_lifespan,
             anchors_lifespan,
+            telemetry_lifespan,
             supervisor_lifespan,
         ],
         dependencies=DEPENDENCIES,
@@ -269,18 +303,20 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             title="Mozaiks AI Runtime",
             version="0.1.0",
             path="/schema",
-            # Without MOZAIKS_AUTH_SECRET (local mode) no token is needed; with it, every route but the open ones.
+            # In local mode (no MOZAIKS_AUTH_SECRET, no MOZAIKS_OIDC_ISSUER) no token is needed; else every route but the open ones.
             components=Components(
                 security_schemes={
                     "bearer": SecurityScheme(
                         type="http",
                         scheme="bearer",
                         bearer_format="JWT",
-                        description="HS256, signed with MOZAIKS_AUTH_SECRET",
+                        description="RS/PS/ES256 from MOZAIKS_OIDC_ISSUER, or HS256 signed with MOZAIKS_AUTH_SECRET",
                     )
                 }
             ),
             security=[{"bearer": []}],
+            # A page of the runtime's own (its CSP blocks the stock plugins' CDN and inline scripts).
+            render_plugins=[SchemaPage(), JsonRenderPlugin(path="/openapi.json")],
         ),
         request_max_body_size=settings.max_body_bytes,
         on_shutdown=list(on_shutdown),
@@ -288,6 +324,7 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
         logging_config=None,  # logs go through app.logging's structlog setup, not Litestar's own
     )
     app.state.settings = settings
+    app.state.verifier = TokenVerifier(settings)
     app.state.workflows = WorkflowManager(settings.workflows_path)
     watch_projection_lag(lambda: app.state.get("projections"))
     state = app.state

@@ -19,13 +19,14 @@ from litestar import WebSocket, websocket
 from litestar.exceptions import NotAuthorizedException, WebSocketDisconnect
 
 from app.http import codes
-from app.http.auth import LOCAL_USER, SUBPROTOCOL_PREFIX, Principal, principal_from_token, token_from
+from app.http.auth import SUBPROTOCOL_PREFIX, IdentityUnavailable, Principal, authenticate
 from app.http.codes import (
     CLOSE_BAD_REQUEST,
     CLOSE_FORBIDDEN,
     CLOSE_HEARTBEAT,
     CLOSE_SLOW,
     CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN_LATER,
     CLOSE_UNAUTHORIZED,
     CLOSE_UNKNOWN_CHAT,
 )
@@ -237,18 +238,6 @@ class ChatConnection:
             await self.send(frame_text(HeartbeatFrame(ts=now().isoformat().replace("+00:00", "Z"))))
 
 
-def _principal(socket: WebSocket[Any, Any, Any], settings: Settings) -> Principal:
-    secret = settings.auth_secret
-    if secret is None:
-        return LOCAL_USER
-    token = token_from(socket)
-    if token is None:
-        raise NotAuthorizedException(
-            "missing bearer token (bearer.<token> subprotocol or Authorization header)"
-        )
-    return principal_from_token(token, secret)
-
-
 def _chosen_subprotocol(socket: WebSocket[Any, Any, Any]) -> str | None:
     offered = list(socket.scope.get("subprotocols") or ())
     if PROTOCOL in offered:
@@ -286,9 +275,14 @@ async def chat_socket(
         )
         return
     try:
-        principal = _principal(socket, settings)
+        principal = await authenticate(
+            socket, "missing bearer token (bearer.<token> subprotocol or Authorization header)"
+        )
     except NotAuthorizedException as exc:
-        await _refuse(socket, CLOSE_UNAUTHORIZED, codes.UNAUTHORIZED, str(exc.detail))
+        await _refuse(socket, CLOSE_UNAUTHORIZED, error_code(exc), str(exc.detail))
+        return
+    except IdentityUnavailable as exc:
+        await _refuse(socket, CLOSE_TRY_AGAIN_LATER, codes.IDENTITY_UNAVAILABLE, str(exc))
         return
     first = await anext(store.read(chat_id, limit=1), None)
     if first is None:

@@ -24,11 +24,19 @@ class Info(View, frozen=True, kw_only=True):
     node: str
 
 
+class OutputView(View, frozen=True, kw_only=True):
+    """An agent's structured output: its name and JSON Schema (the ChatUI titles fields from it)."""
+
+    name: str
+    schema: dict[str, Any]
+
+
 class AgentView(View, frozen=True, kw_only=True):
     """An agent of a workflow."""
 
     name: str
     type: str
+    structured_output: OutputView | None = None
 
 
 class WorkflowView(View, frozen=True, kw_only=True):
@@ -41,6 +49,8 @@ class WorkflowView(View, frozen=True, kw_only=True):
     entry_agent: str | None
     visual_agents: list[str]
     agents: list[AgentView]
+    # "UserDriven": a chat starts with the user's message; "AgentDriven": its run starts on creation.
+    startup_mode: str = "UserDriven"
 
 
 class WorkflowList(View, frozen=True, kw_only=True):
@@ -54,7 +64,8 @@ class ChatStarted(View, frozen=True, kw_only=True):
     """`POST /api/chats`: the new chat and the run started for it."""
 
     chat_id: str
-    run_id: str
+    # null: a UserDriven chat created without a message waits for its first message.
+    run_id: str | None
     workflow: str
 
 
@@ -176,6 +187,8 @@ class Readiness(View, frozen=True, kw_only=True):
     mongo: str
     projections: str
     lag: ProjectionLag | None = None
+    # The OIDC provider's keys: "ok", "off" (no MOZAIKS_OIDC_ISSUER) or "error: why".
+    identity: str = "off"
 
 
 def audit_record(record: Record) -> AuditRecord:

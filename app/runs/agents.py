@@ -21,10 +21,12 @@ from autogen.agentchat.group import (
 )
 from autogen.agentchat.group.patterns import AutoPattern, DefaultPattern, RandomPattern, RoundRobinPattern
 from autogen.agentchat.group.patterns.pattern import Pattern
+from autogen.agentchat.group.speaker_selection_result import SpeakerSelectionResult
 from autogen.agentchat.group.targets.group_manager_target import GroupManagerTarget
-from autogen.agentchat.group.targets.transition_target import TransitionTarget
+from autogen.agentchat.group.targets.transition_target import RandomAgentTarget, TransitionTarget
 from autogen.agentchat.groupchat import GroupChat
 from autogen.oai.client import PlaceHolderClient
+from pydantic import PrivateAttr
 
 from app.runs.clients import CLIENT_CLASS_NAME, MozaiksModelClient
 from app.runs.workflows import GROUP_MANAGER, Tool, Workflow
@@ -119,6 +121,41 @@ def _snapshot(data: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(data, default=str))  # type: ignore[no-any-return]
 
 
+class _ChosenAgentTarget(RandomAgentTarget):
+    """A random after-work target whose choice is made by the run (a replay plays the original's choices)."""
+
+    _choose: Callable[[list[str]], str] | None = PrivateAttr(default=None)
+
+    def resolve(
+        self, groupchat: GroupChat, current_agent: ConversableAgent, user_agent: ConversableAgent | None
+    ) -> SpeakerSelectionResult:
+        if self._choose is None:
+            return super().resolve(groupchat, current_agent, user_agent)
+        self.nominated_name = self._choose([name for name in self.agent_names if name != current_agent.name])
+        return SpeakerSelectionResult(agent_name=self.nominated_name)
+
+
+class _ChosenRandomPattern(RandomPattern):
+    """RandomPattern whose random choices a chooser makes (replays), so a replay follows its original."""
+
+    def __init__(self, choose: Callable[[list[str]], str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._choose = choose
+
+    def _generate_handoffs(
+        self,
+        initial_agent: ConversableAgent,
+        agents: list[ConversableAgent],
+        user_agent: ConversableAgent | None,
+    ) -> None:
+        agent_list = agents + ([user_agent] if user_agent is not None else [])
+        for agent in agent_list:
+            # AG2's own __init__ takes `agents` (mypy's pydantic view sees only the fields).
+            target = _ChosenAgentTarget(agents=[a for a in agent_list if a != agent])  # type: ignore[call-arg]
+            target._choose = self._choose
+            agent.handoffs.set_after_work(target=target)
+
+
 class _AutoPattern(AutoPattern):
     """AutoPattern whose group manager picks speakers through the runtime's client.
 
@@ -153,8 +190,12 @@ def build_team(
     context: ContextVariables,
     default_model: str,
     emit: Callable[[Any], None] | None = None,
+    choose: Callable[[list[str]], str] | None = None,
 ) -> Team:
-    """Build the workflow's agents (tools only from tools.json), handoffs and AG2 pattern."""
+    """Build the workflow's agents (tools only from tools.json), handoffs and AG2 pattern.
+
+    `choose` makes the Random pattern's choices (a replay's: the original's speakers), else AG2 does.
+    """
     agents: dict[str, ConversableAgent] = {}
     user: ConversableAgent | None = None
     for spec in workflow.agents:
@@ -228,7 +269,7 @@ def build_team(
         case "RoundRobin":
             pattern = RoundRobinPattern(**common)
         case "Random":
-            pattern = RandomPattern(**common)
+            pattern = RandomPattern(**common) if choose is None else _ChosenRandomPattern(choose, **common)
         case other:  # pragma: no cover - the manifest type admits only the four
             raise ValueError(f"unknown orchestration pattern {other!r}")
     return Team(agents, user, pattern)

@@ -32,6 +32,7 @@ from openai.types.chat import ChatCompletion
 from domain.errors import MozaiksError
 from domain.events import LlmCall, new_id
 from domain.manifest import ScriptedReply
+from domain.model_io import Parts, RecordMode, split_call
 
 CLIENT_CLASS_NAME: Final = "MozaiksModelClient"
 # Keys of an AG2 config entry that belong to us, not to the chat completions API.
@@ -123,6 +124,21 @@ class LlmCallNote(msgspec.Struct, frozen=True, kw_only=True):
 
     agent: str
     call: LlmCall
+    # The call's model I/O parts to store before its record (MOZAIKS_RECORD_MODEL_IO=full), else None.
+    parts: Parts | None = None
+
+
+def request_body(params: dict[str, Any], *, streamed: bool) -> dict[str, Any]:
+    """The chat completions request a backend sends for AG2's `params` (what model I/O records)."""
+    body = {k: v for k, v in params.items() if k in _OPENAI_KEYS and v is not None}
+    if streamed:
+        body.update(stream=True, stream_options={"include_usage": True})
+    return body
+
+
+def response_body(response: ChatCompletion) -> dict[str, Any]:
+    """A completion as model I/O records it (text, tool calls and arguments, finish reason, usage)."""
+    return response.model_dump(mode="json", exclude_none=True)
 
 
 class IncompleteStream(ConnectionError):
@@ -221,13 +237,10 @@ class OpenAIBackend:
         `stream` chunk by chunk; the chunks (text, tool calls and their arguments, finish reason,
         usage) are assembled into the one ChatCompletion AG2 receives.
         """
-        kwargs = {k: v for k, v in params.items() if k in _OPENAI_KEYS and v is not None}
         stream = stream or TextStream(agent)
         stream.begin()
         assembly = Assembly()
-        with self.client.chat.completions.with_streaming_response.create(
-            **kwargs, stream=True, stream_options={"include_usage": True}
-        ) as response:
+        with self.client.chat.completions.with_streaming_response.create(**self.request(params)) as response:
             for event in EventSource(response.http_response).iter_sse():
                 if event.data.startswith("[DONE]"):
                     break
@@ -250,6 +263,10 @@ class OpenAIBackend:
                     elif choice.delta.tool_calls:
                         stream.token()
         return assembly.completion(agent)
+
+    def request(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The request body this backend sends for `params` (streamed, usage included)."""
+        return request_body(params, streamed=True)
 
 
 class ChunkFunction(msgspec.Struct, kw_only=True):
@@ -403,6 +420,10 @@ class ScriptedBackend:
         self.calls = 0
         self._lock = threading.Lock()
 
+    def request(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The request this backend answers for `params`: what would be sent, without stream flags."""
+        return request_body(params, streamed=False)
+
     def complete(
         self, agent: str, params: dict[str, Any], stream: TextStream | None = None
     ) -> ChatCompletion:
@@ -416,7 +437,8 @@ class ScriptedBackend:
                 if script
                 else ScriptedReply(content=f"[offline] {agent} has no scripted reply")
             )
-            message: dict[str, Any] = {"role": "assistant", "content": step.content}
+            content = step.content if step.structured is None else json.dumps(step.structured)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
             if step.tool_calls:
                 message["tool_calls"] = [
                     {
@@ -444,7 +466,7 @@ class ScriptedBackend:
             self.completion_tokens += completion
         if stream is not None:
             stream.begin()
-            for number, word in enumerate(_WORDS.findall(step.content or "")):
+            for number, word in enumerate(_WORDS.findall(content or "")):
                 if number and self.chunk_s > 0:
                     time.sleep(self.chunk_s)  # AG2's worker thread, never the event loop
                 stream.write(word)
@@ -481,12 +503,15 @@ class Ledger:
     def __init__(
         self,
         backend: Backend,
-        report: Callable[[LlmCallNote], None] | None = None,
+        report: Callable[[Any], None] | None = None,
         text: Callable[[TextChunk], None] | None = None,
         policy: ModelRetryPolicy | None = None,
+        record_io: RecordMode = "full",
     ) -> None:
         self.backend = backend
         self.policy = policy or ModelRetryPolicy()
+        # MOZAIKS_RECORD_MODEL_IO: what of each call's exact request and response is kept.
+        self.record_io = record_io
         self._report = report
         # Where streamed reply text goes (from AG2's worker threads).
         self.text = text
@@ -494,11 +519,16 @@ class Ledger:
         # Set when the run is over: a call waiting to retry gives up instead of calling again.
         self.closed = threading.Event()
 
-    def complete(self, agent: str, model: str, params: dict[str, Any]) -> ChatCompletion:
-        """One completion under the retry policy; every try is recorded as an `llm.call`."""
+    def complete(
+        self, agent: str, model: str, params: dict[str, Any], *, stream_text: bool = True
+    ) -> ChatCompletion:
+        """One completion under the retry policy; every try is recorded as an `llm.call`.
+
+        `stream_text=False`: the reply's text is not handed on as it arrives (its timing still is).
+        """
         backend = self.backend
         # Each try streams as a message of its own (`begin`): a failed try's text stays an incomplete message.
-        stream = TextStream(agent, self.text)
+        stream = TextStream(agent, self.text if stream_text else None)
         attempt = 0
         while True:
             attempt += 1
@@ -518,7 +548,7 @@ class Ledger:
                     ttft_ms=ttft,
                     stream_ms=streamed,
                 )
-                self.record(LlmCallNote(agent=agent, call=call))
+                self.record(self.note(agent, call, params, None))
                 if not retryable or attempt >= self.policy.attempts:
                     raise ModelUnavailable(agent, attempt, exc) from exc
                 if self.closed.wait(self.policy.delay(attempt, exc)):
@@ -537,11 +567,25 @@ class Ledger:
                 ttft_ms=ttft,
                 stream_ms=streamed,
             )
-            self.record(LlmCallNote(agent=agent, call=call))
+            self.record(self.note(agent, call, params, response))
             return response
 
-    def record(self, note: LlmCallNote) -> None:
-        """Hand the note to the run's reporter (from any thread)."""
+    def note(
+        self, agent: str, call: LlmCall, params: dict[str, Any], response: ChatCompletion | None
+    ) -> LlmCallNote:
+        """The call's note, with its model I/O (hashes, and the parts to store) per `record_io`."""
+        if self.record_io == "off":
+            return LlmCallNote(agent=agent, call=call)
+        body = getattr(self.backend, "request", None)
+        request = body(params) if callable(body) else request_body(params, streamed=False)
+        parts = split_call(request, response_body(response) if response is not None else None)
+        call = msgspec.structs.replace(
+            call, request=parts.request, response=parts.response, io=self.record_io
+        )
+        return LlmCallNote(agent=agent, call=call, parts=parts if self.record_io == "full" else None)
+
+    def record(self, note: Any) -> None:
+        """Hand a note (an LLM call, or another runtime record of the call) to the run's reporter (from any thread)."""
         if self._report is not None:
             self._report(note)
 

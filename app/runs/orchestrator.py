@@ -28,7 +28,6 @@ import tools
 from app.runs.agents import ContextNote, Team, build_team
 from app.runs.clients import (
     Backend,
-    Ledger,
     LlmCallNote,
     ModelRetryPolicy,
     ModelUnavailable,
@@ -38,6 +37,7 @@ from app.runs.clients import (
 )
 from app.runs.pool import model_calls
 from app.runs.recorder import RunMapper
+from app.runs.structured import OutputRejected, StructuredLedger, StructuredReply
 from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
 from domain.cancellation import raise_if_cancelling
@@ -45,7 +45,9 @@ from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownCha
 from domain.events import (
     ChatCreated,
     InputReceived,
+    LlmCall,
     MessageUser,
+    OutputInvalid,
     Pending,
     Record,
     RunCompleted,
@@ -55,6 +57,7 @@ from domain.events import (
     StreamRef,
     new_id,
 )
+from domain.model_io import PartStore
 from domain.store import MongoEventStore
 
 log = structlog.get_logger("mozaiks.orchestration")
@@ -103,7 +106,7 @@ class RunNotRecorded(MozaiksError):
 
 
 def failure_reason(error: BaseException) -> str:
-    """`run.failed.reason` for an error that ended a run: storage, model, tool, else error.
+    """`run.failed.reason` for an error that ended a run: storage, model, output, tool, else error.
 
     Looks through the exception's causes (AG2 and the executor wrap what a model client raised).
     """
@@ -115,6 +118,8 @@ def failure_reason(error: BaseException) -> str:
             return "storage"
         if isinstance(seen, ModelUnavailable):
             return "model"
+        if isinstance(seen, OutputRejected):
+            return "output"
         tb = seen.__traceback__
         while tb is not None:
             if tb.tb_frame.f_code.co_filename.startswith(_TOOLS_DIR):
@@ -148,6 +153,8 @@ class Orchestrator:
         self.reports: OrderedDict[str, RunReport] = OrderedDict()
         self.sessions: dict[str, _RunSession] = {}
         self._openai: OpenAIBackend | None = None
+        # Model I/O parts (MOZAIKS_RECORD_MODEL_IO=full), stored before the llm.call that names them.
+        self.parts = PartStore(store.db, store.retry)
 
     def request_stop(self, run_id: str, by: str | None) -> bool:
         """Stop a run going on in this process; False when it is not running here.
@@ -177,7 +184,8 @@ class Orchestrator:
         chat_id: str | None = None,
         message_id: str | None = None,
     ) -> StreamRef:
-        """Start a chat's log: `chat.created` (context = workflow defaults + `context`), then `message.user`.
+        """Start a chat's log: `chat.created` (context = workflow defaults + `context`), the workflow's
+        `initial_message` (a hidden `message.user`, data.origin "initial_message"), then `message`.
 
         Appends at expected_seq 0, so a taken `chat_id` raises Conflict; an unknown workflow raises
         UnknownWorkflow. Does not run anything: call `run` (or let the supervisor do it).
@@ -191,6 +199,11 @@ class Orchestrator:
                 )
             )
         ]
+        initial = loaded.manifest.initial_message
+        if initial is not None:
+            events.append(
+                Pending(event=MessageUser(content=initial, origin="initial_message"), visible=False)
+            )
         if message is not None:
             events.append(Pending(event=MessageUser(content=message, message_id=message_id)))
         await self.store.append(stream, events, expected_seq=0)
@@ -251,6 +264,10 @@ class Orchestrator:
             llm_calls=report.llm_calls,
         )
         return outcome
+
+    def chooser(self, history: list[Record]) -> Callable[[list[str]], str] | None:
+        """Who makes a run's random speaker choices: AG2 (None); a replay plays the original's."""
+        return None
 
     def backend(self, workflow: Workflow, history: list[Record]) -> Backend:
         """The model backend of a run: scripted fixtures offline, else the shared OpenAI client."""
@@ -328,6 +345,14 @@ def merged(items: list[Any]) -> list[Any]:
     return out
 
 
+def hashes_only(pending: Pending) -> Pending:
+    """An `llm.call` whose parts could not be stored, recorded as keeping only its hashes."""
+    event = pending.event
+    if isinstance(event, LlmCall) and event.io == "full":
+        return msgspec.structs.replace(pending, event=msgspec.structs.replace(event, io="hashes"))
+    return pending
+
+
 def conversation(history: list[Record], user_name: str | None) -> str | list[dict[str, Any]]:
     """The chat so far as AG2 messages: user text, agents' messages, answers to input requests.
 
@@ -396,11 +421,30 @@ class _RunSession:
         self.stop_by: str | None = None
         self.stop_logged = False
         self.ended_by_other: str | None = None
+        # Model I/O parts of the llm.call records not appended yet (hash -> canonical JSON).
+        self.parts: dict[str, bytes] = {}
+
+    async def store_parts(self, pendings: list[Pending]) -> list[Pending]:
+        """Store the model I/O parts of the calls in `pendings` (one insert of the new ones).
+
+        Past the retry budget their calls are recorded as `io: "hashes"` (what was sent is still
+        proven; the content is not claimed), and the records go on to their own retries.
+        """
+        if not self.parts:
+            return pendings
+        parts, self.parts = self.parts, {}
+        try:
+            await self.o.parts.put(parts)
+        except StorageUnavailable as exc:
+            log.warning("model_io.not_stored", chat_id=self.stream.chat_id, parts=len(parts), error=str(exc))
+            return [hashes_only(pending) for pending in pendings]
+        return pendings
 
     async def append(self, pendings: list[Pending]) -> None:
         """Record a burst of the run's events; past the retry budget the run ends as failed (storage)."""
         if not pendings:
             return
+        pendings = await self.store_parts(pendings)
         try:
             await self.o.store.append(self.stream, pendings, expected_seq=None)
         except StorageUnavailable as exc:
@@ -413,6 +457,7 @@ class _RunSession:
         If the run already has a terminal record (another node gave it up for interrupted), that one
         stands and is returned. Past the retry budget, the lease holder keeps trying (RunNotRecorded).
         """
+        pendings = await self.store_parts(pendings)
         try:
             record = await self.o.store.finish_run(self.stream, self.run_id, pendings)
         except StorageUnavailable as exc:
@@ -447,7 +492,14 @@ class _RunSession:
             first_delay_s=settings.llm_backoff_s,
             max_delay_s=settings.llm_backoff_max_s,
         )
-        ledger = Ledger(backend, report=emit, text=stream_text, policy=policy)
+        ledger = StructuredLedger(
+            backend,
+            self.workflow.outputs,
+            report=emit,
+            text=stream_text,
+            policy=policy,
+            record_io=settings.record_model_io,
+        )
         context = ContextVariables(data=initial_context(self.workflow, self.history))
         user_agent = next((a.name for a in self.workflow.agents if a.type == "user"), None)
         mapper = RunMapper(
@@ -467,6 +519,7 @@ class _RunSession:
                     context=context,
                     default_model=self.o.settings.openai_model,
                     emit=emit,
+                    choose=self.o.chooser(self.history),
                 )
                 with model_calls():  # AG2's run task inherits the mark: its executor work is model calls
                     response = await a_run_group_chat(
@@ -560,7 +613,14 @@ class _RunSession:
             elif isinstance(item, ContextNote):
                 pendings.append(mapper.map_context(item))
                 self.report.runtime_events += 1
+            elif isinstance(item, StructuredReply):
+                mapper.structured[item.agent] = item.value
+            elif isinstance(item, OutputInvalid):
+                pendings.append(mapper.pending(item, item.agent, None))
+                self.report.runtime_events += 1
             elif isinstance(item, LlmCallNote):
+                if item.parts is not None:
+                    self.parts.update(item.parts.bodies)
                 pendings.append(mapper.map_note(item))
                 self.report.runtime_events += 1
                 self.report.llm_calls += 1

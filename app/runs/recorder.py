@@ -109,6 +109,8 @@ class RunMapper:
         self.calls: dict[str, tuple[str, str]] = {}
         # agent -> the message its model call is streaming (group agents only).
         self.open: dict[str, OpenMessage] = {}
+        # agent -> its last validated structured reply, for the `message.agent` that follows.
+        self.structured: dict[str, dict[str, Any]] = {}
 
     @property
     def unflushed(self) -> bool:
@@ -143,13 +145,22 @@ class RunMapper:
     def complete(self, agent: str, content: str, recipient: str | None, raw: str | None) -> Pending:
         """The `message.agent` of an agent's reply: the streamed message's id and text when it streamed."""
         message = self.open.pop(agent, None)
+        structured = self.structured.pop(agent, None)
         if message is None:
             return self.pending(
-                MessageAgent(content=content, recipient=recipient, message_id=new_id()), agent, raw
+                MessageAgent(
+                    content=content, recipient=recipient, message_id=new_id(), structured=structured
+                ),
+                agent,
+                raw,
             )
         text = "".join(message.text)
         return self.pending(
-            MessageAgent(content=text, recipient=recipient, message_id=message.message_id), agent, raw
+            MessageAgent(
+                content=text, recipient=recipient, message_id=message.message_id, structured=structured
+            ),
+            agent,
+            raw,
         )
 
     def visible(self, agent: str | None, typed: bool) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -135,6 +135,10 @@ class RunSupervisor:
         self.tasks: dict[str, asyncio.Task[str]] = {}
         self._admitting = 0
         self._sweeps = 0
+        # Called with (chat_id, run_id) once a run of this node is over (its terminal record stored, if
+        # it could be), or a lost run is recorded interrupted here: the live trace export
+        # (app.telemetry). Must not block.
+        self.on_run_end: Callable[[str, str], None] | None = None
 
     def _expiry(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self.settings.lease_ttl_s)
@@ -221,6 +225,8 @@ class RunSupervisor:
             self.tasks.pop(stream.chat_id, None)
             RUN_OUTCOMES.labels(outcome).inc()
             await asyncio.shield(self._release(stream.chat_id, run_id))
+            if self.on_run_end is not None:
+                self.on_run_end(stream.chat_id, run_id)
         return outcome
 
     async def _settle(self, stream: StreamRef, run_id: str, pendings: list[Pending]) -> str:
@@ -286,6 +292,8 @@ class RunSupervisor:
         """Record `run.failed` (interrupted) for a run nobody runs; False if it already had an end."""
         failed = Pending(event=RunFailed(error=why, reason="interrupted"), run_id=run_id)
         record = await self.store.finish_run(stream, run_id, [failed])
+        if record.id == failed.id and self.on_run_end is not None:
+            self.on_run_end(stream.chat_id, run_id)  # the node that ended it exports its trace
         return record.id == failed.id
 
     async def send_message(self, chat_id: str, text: str, *, request_id: str | None = None) -> str:

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 import msgspec
 
+from app.runs.structured import schema_problems
 from domain.errors import ManifestError, MozaiksError
 from domain.manifest import (
     AFTER_WORK_KEYWORDS,
@@ -23,6 +24,8 @@ from domain.manifest import (
     ContextVariablesManifest,
     Fixture,
     ScriptedReply,
+    StructuredOutputsManifest,
+    StructuredOutputSpec,
     ToolsManifest,
     ToolSpec,
     WorkflowManifest,
@@ -33,6 +36,7 @@ WORKFLOW_FILE: Final = "workflow.json"
 AGENTS_FILE: Final = "agents.json"
 TOOLS_FILE: Final = "tools.json"
 CONTEXT_FILE: Final = "context_variables.json"
+OUTPUTS_FILE: Final = "structured_outputs.json"
 FIXTURES_DIR: Final = "fixtures"
 # The AG2 group manager's name: its fixture (fixtures/chat_manager.json) scripts Auto speaker choices.
 GROUP_MANAGER: Final = "chat_manager"
@@ -70,6 +74,8 @@ class Workflow(msgspec.Struct, frozen=True, kw_only=True):
     tools: dict[str, Tool]
     context: dict[str, Any]
     fixtures: dict[str, list[ScriptedReply]]
+    # agent -> its structured output (inline in agents.json, or named from structured_outputs.json).
+    outputs: dict[str, StructuredOutputSpec] = {}
 
     @property
     def pattern(self) -> str:
@@ -85,6 +91,11 @@ class Workflow(msgspec.Struct, frozen=True, kw_only=True):
     def visual_agents(self) -> frozenset[str]:
         """Agents whose events the ChatUI shows; the others are recorded but hidden."""
         return frozenset(self.manifest.visual_agents)
+
+    @property
+    def agent_driven(self) -> bool:
+        """Whether a chat's run starts on creation, with no user message (`startup_mode` AgentDriven)."""
+        return self.manifest.startup_mode == "AgentDriven"
 
     def agent(self, name: str) -> AgentSpec:
         """The agent spec by name (KeyError when absent)."""
@@ -154,6 +165,9 @@ def load_workflow(folder: Path) -> tuple[Workflow | None, list[ManifestError]]:
     context_manifest: ContextVariablesManifest = (
         read(CONTEXT_FILE, ContextVariablesManifest, False) or ContextVariablesManifest()
     )
+    outputs_manifest: StructuredOutputsManifest = (
+        read(OUTPUTS_FILE, StructuredOutputsManifest, False) or StructuredOutputsManifest()
+    )
 
     if manifest is not None and manifest.name != name:
         problems.append(
@@ -166,6 +180,7 @@ def load_workflow(folder: Path) -> tuple[Workflow | None, list[ManifestError]]:
     context = _context_defaults(name, context_manifest, problems)
     agents = agents_manifest.agents if agents_manifest is not None else []
     prompts = _check_agents(name, folder, agents, tools_manifest, problems)
+    outputs = _resolve_outputs(name, agents, outputs_manifest, problems)
     if manifest is not None and agents_manifest is not None:
         _check_workflow_refs(name, manifest, agents, problems)
     # Without a readable agents.json, fixture names cannot be checked: say nothing rather than noise.
@@ -182,6 +197,7 @@ def load_workflow(folder: Path) -> tuple[Workflow | None, list[ManifestError]]:
         tools=tools,
         context=context,
         fixtures=fixtures,
+        outputs=outputs,
     )
     return workflow, problems
 
@@ -229,6 +245,52 @@ def _import_tool(
         )
         return None
     return function  # type: ignore[no-any-return]
+
+
+def _resolve_outputs(
+    name: str, agents: list[AgentSpec], manifest: StructuredOutputsManifest, problems: list[ManifestError]
+) -> dict[str, StructuredOutputSpec]:
+    """Each agent's structured output (a named one looked up in structured_outputs.json), schemas checked."""
+    declared: dict[str, StructuredOutputSpec] = {}
+    for i, spec in enumerate(manifest.outputs):
+        where = f"$.outputs[{i}]"
+        if spec.name in declared:
+            problems.append(
+                ManifestError(name, OUTPUTS_FILE, f"{where}.name", f"output {spec.name!r} is declared twice")
+            )
+        declared[spec.name] = spec
+        for path, detail in schema_problems(spec.schema, f"{where}.schema"):
+            problems.append(ManifestError(name, OUTPUTS_FILE, path, detail))
+    outputs: dict[str, StructuredOutputSpec] = {}
+    for i, agent in enumerate(agents):
+        where = f"$.agents[{i}].structured_output"
+        wanted = agent.structured_output
+        if wanted is None:
+            continue
+        if agent.type == "user":
+            problems.append(
+                ManifestError(
+                    name, AGENTS_FILE, where, "a 'user' agent stands for the human: no structured output"
+                )
+            )
+        elif isinstance(wanted, str):
+            if wanted in declared:
+                outputs[agent.name] = declared[wanted]
+            else:
+                problems.append(
+                    ManifestError(
+                        name,
+                        AGENTS_FILE,
+                        where,
+                        f"unknown structured output {wanted!r} (declared in {OUTPUTS_FILE}: "
+                        f"{', '.join(sorted(declared)) or 'none'})",
+                    )
+                )
+        else:
+            outputs[agent.name] = wanted
+            for path, detail in schema_problems(wanted.schema, f"{where}.schema"):
+                problems.append(ManifestError(name, AGENTS_FILE, path, detail))
+    return outputs
 
 
 def _context_defaults(
@@ -379,6 +441,16 @@ def _check_workflow_refs(
             )
     if len(group) < 1:
         problems.append(ManifestError(name, AGENTS_FILE, "$.agents", "at least one non-user agent is needed"))
+    if manifest.startup_mode == "AgentDriven" and not manifest.initial_message:
+        # AG2 starts a group chat from a first message: an agent-driven chat needs one it never shows.
+        problems.append(
+            ManifestError(
+                name,
+                WORKFLOW_FILE,
+                "$.initial_message",
+                "an AgentDriven workflow needs an initial_message (sent hidden as the chat's first message)",
+            )
+        )
 
 
 def _load_fixtures(

@@ -37,6 +37,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
+# axe-core, installed by scripts/test from the committed lock file (npm ci --prefix tests/browser/axe).
+AXE = HERE / "axe" / "node_modules" / "axe-core" / "axe.min.js"
 HEARTBEAT_S = 1
 DESKTOP = {"width": 1280, "height": 860}
 NARROW = {"width": 390, "height": 844}
@@ -367,6 +369,33 @@ async def chatui(browser: Browser, runtime: Runtime) -> AsyncIterator[ChatUI]:
     """The ChatUI on the shared runtime; fails the test on an uncaught page error or any dialog."""
     async with open_chatui(browser, runtime) as ui:
         yield ui
+
+
+async def accessibility_problems(ui: ChatUI, view: str) -> list[str]:
+    """axe-core's serious and critical violations of the page as it is now, in light and dark themes.
+
+    axe is evaluated through the DevTools protocol (the page's CSP forbids inline scripts, not that);
+    each theme's screenshot goes to test-artifacts as `a11y-{view}-{theme}.png`.
+    """
+    if not AXE.exists():
+        pytest.fail(f"axe-core missing at {AXE}: npm ci --prefix tests/browser/axe (scripts/test does it)")
+    if not await ui.page.evaluate("() => Boolean(window.axe)"):
+        await ui.page.evaluate(AXE.read_text() + "\n;0")
+    problems: list[str] = []
+    for theme in ("light", "dark"):
+        await ui.page.emulate_media(color_scheme=theme)  # type: ignore[arg-type]
+        found = await ui.page.evaluate("""async () => {
+            const result = await window.axe.run(document, {resultTypes: ["violations"]});
+            if (!result.passes.length) return ["axe checked nothing: no rule passed"];
+            return result.violations
+                .filter((v) => v.impact === "serious" || v.impact === "critical")
+                .map((v) => `${v.id} (${v.impact}): ${v.nodes.slice(0, 3).map((n) => n.target.join(" ")).join(" | ")}`
+                    + ` ${v.nodes[0]?.failureSummary?.split("\\n").slice(1, 2).join("") || ""}`);
+        }""")
+        problems.extend(f"{view}/{theme}: {line}" for line in found)
+        await ui.screenshot(f"a11y-{view}-{theme}")
+    await ui.page.emulate_media(color_scheme="light")
+    return problems
 
 
 def records_of(records: list[dict[str, Any]], type_: str) -> list[dict[str, Any]]:

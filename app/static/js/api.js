@@ -97,14 +97,29 @@ export async function request(method, path, body) {
   return payload;
 }
 
+/** The user id the token names (`sub`), or "local" without a token (local mode). */
+export function currentUser() {
+  const token = currentToken();
+  if (!token) return "local";
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return String(JSON.parse(atob(part)).sub || "");
+  } catch {
+    return "";
+  }
+}
+
 export const api = {
   info: () => request("GET", "/api/info"),
   workflows: async () => (await request("GET", "/api/workflows")).workflows,
   chats: async () => (await request("GET", "/api/chats")).chats,
   startChat: (workflow, message, context) =>
     request("POST", "/api/chats", { workflow, message, context }),
-  sendMessage: (chatId, text) =>
-    request("POST", `/api/chats/${encodeURIComponent(chatId)}/messages`, { message: text }),
+  sendMessage: (chatId, text, requestId) =>
+    request("POST", `/api/chats/${encodeURIComponent(chatId)}/messages`,
+      requestId ? { message: text, request_id: requestId } : { message: text }),
+  events: async (chatId, after) =>
+    (await request("GET", `/api/chats/${encodeURIComponent(chatId)}/events?after=${after}&limit=500`)).events,
   stop: (chatId) => request("POST", `/api/chats/${encodeURIComponent(chatId)}/stop`),
   metrics: (chatId) => request("GET", `/metrics/perf/chat/${encodeURIComponent(chatId)}`),
   token: currentToken,

@@ -3,6 +3,7 @@
 /** WebSocket close codes the server uses. */
 export const CLOSE = Object.freeze({
   TOO_BIG: 1009,
+  TRY_AGAIN_LATER: 1013,
   HEARTBEAT: 4000,
   BAD_REQUEST: 4400,
   UNAUTHORIZED: 4401,
@@ -15,6 +16,14 @@ export const CLOSE = Object.freeze({
 export const ERROR = Object.freeze({
   BAD_REQUEST: "bad_request",
   UNAUTHORIZED: "unauthorized",
+  TOKEN_EXPIRED: "token_expired",
+  TOKEN_NOT_YET_VALID: "token_not_yet_valid",
+  WRONG_AUDIENCE: "wrong_audience",
+  WRONG_ISSUER: "wrong_issuer",
+  UNKNOWN_KEY: "unknown_key",
+  BAD_SIGNATURE: "bad_signature",
+  ALGORITHM_NOT_ALLOWED: "algorithm_not_allowed",
+  IDENTITY_UNAVAILABLE: "identity_unavailable",
   FORBIDDEN: "forbidden",
   NOT_FOUND: "not_found",
   UNKNOWN_CHAT: "unknown_chat",

@@ -1,6 +1,6 @@
 // ChatUI controller: wires REST, the chat stream, the conversation view and the page chrome.
 
-import { api, ApiError, getToken, onUnauthorized, request, setToken, takeTokenFromFragment } from "./api.js";
+import { api, ApiError, currentUser, getToken, onUnauthorized, request, setToken, takeTokenFromFragment } from "./api.js";
 import { refreshChats, renderChatList } from "./chatlist.js";
 import { ACTIVE_STATUSES } from "./codes.js";
 import { forgetAllHistory, forgetHistory, loadHistory, saveHistory } from "./history.js";
@@ -17,9 +17,10 @@ import {
   ui,
 } from "./page.js";
 import { ChatView, el } from "./render.js";
+import { setupCompare } from "./replay.js";
 import { ChatStream } from "./stream.js";
 import { loadMetrics, refreshMetricsAfterRun } from "./summary.js";
-import { agentInfo, loadWorkflows, renderWorkflowInfo, startChat } from "./workflows.js";
+import { agentInfo, loadWorkflows, renderWorkflowInfo, startChat, visibleAgents } from "./workflows.js";
 
 const CONNECTION_LABELS = {
   idle: "No chat open",
@@ -27,6 +28,7 @@ const CONNECTION_LABELS = {
   "catching-up": "Catching up…",
   live: "Live",
   reconnecting: "Reconnecting…",
+  polling: "Live connection refused · updating every 2 s",
   closed: "Disconnected",
 };
 
@@ -41,7 +43,11 @@ function setConnection(name, detail = {}) {
   }
   if (name === "closed" && detail.reason) label = `Disconnected (${detail.reason.replace("_", " ")})`;
   ui.connectionLabel.textContent = label;
-  ui.connection.title = name === "live" ? `Streaming from seq ${view.lastSeq}` : label;
+  ui.connection.title = name === "live"
+    ? `Streaming from seq ${view.lastSeq}`
+    : name === "polling"
+      ? "The runtime refused the WebSocket, so this page reads the chat over HTTP every 2 s instead."
+      : label;
 }
 
 // ---------------------------------------------------------------- conversation view
@@ -50,6 +56,17 @@ const view = new ChatView(ui.events, {
   onStatus: (status) => {
     if (!ACTIVE_STATUSES.has(status)) state.stopping = false;
     renderStatus();
+  },
+  onActivity: (text) => {
+    ui.working.hidden = !text;
+    ui.workingText.textContent = text || "";
+  },
+  visibleAgents,
+  onRetry: (text) => {
+    sendText(text).then((sent) => {
+      if (sent) ui.composerText.focus({ preventScroll: true });
+    });
+    return true;
   },
   onOffline: () => {
     ui.chatOffline.hidden = false;
@@ -61,8 +78,13 @@ const view = new ChatView(ui.events, {
     refreshChats();
   },
   announce,
-  onInputResponse: (requestId, text) =>
-    Boolean(state.stream && state.stream.send({ type: "input.response", request_id: requestId, text })),
+  onInputResponse: (requestId, text) => {
+    if (state.stream && state.stream.send({ type: "input.response", request_id: requestId, text })) return true;
+    // No socket (refused, or reconnecting): REST answers the request; the log shows the answer.
+    const chatId = state.chatId;
+    api.sendMessage(chatId, text, requestId).catch(reportFailure);
+    return true;
+  },
   onInputRequested: (textarea, live) => {
     updateComposer();
     const active = document.activeElement;
@@ -79,6 +101,9 @@ function currentStatus() {
 
 function renderStatus() {
   const status = currentStatus();
+  const active = ACTIVE_STATUSES.has(status);
+  if (active && !state.runActive) showRunning();
+  state.runActive = active;
   const label = STATUS_LABELS[status] || status;
   ui.chatStatus.textContent = label;
   ui.chatStatus.dataset.status = status;
@@ -91,24 +116,43 @@ function renderStatus() {
     renderChatList();
   }
   const workflow = ui.chatTitle.textContent;
+  if (!ui.chatMeta.textContent) {
+    const first = view.records.find((r) => r.type === "message.user");
+    if (first) ui.chatMeta.textContent = chatHeading(first.data?.content);
+  }
   document.title = `${ACTIVE_STATUSES.has(status) ? "● " : ""}${workflow} — Mozaiks`;
   updateComposer();
 }
 
+/** A chat's title for the header: the start of its first message, on one line. */
+function chatHeading(text) {
+  const line = String(text ?? "").replace(/\s+/g, " ").trim();
+  return line.length > 120 ? `${line.slice(0, 119)}…` : line;
+}
+
+/** While a run goes, the summary says so (its numbers come when the run has ended). */
+function showRunning() {
+  state.metricsTimers.forEach(clearTimeout);
+  ui.summaryBody.replaceChildren(el("p", { class: "muted", "data-testid": "summary-running" },
+    "Running… the numbers appear when the run ends."));
+}
+
+// The message box stays focusable while the agents work (Escape there stops the run); only sending waits.
 function updateComposer() {
   const status = currentStatus();
   let hint = "Enter sends · Shift+Enter adds a line";
-  let disabled = false;
+  let blocked = false;
   if (view.pendingRequest) {
-    disabled = true;
+    blocked = true;
     hint = "An agent is waiting for your answer above.";
   } else if (ACTIVE_STATUSES.has(status)) {
-    disabled = true;
-    hint = "The agents are working. Use Stop to interrupt.";
+    blocked = true;
+    hint = "The agents are working. Escape or Stop interrupts them.";
   }
-  ui.composerText.disabled = disabled;
-  ui.composerButton.disabled = disabled;
-  ui.composerText.placeholder = disabled ? "" : view.records.length ? "Continue the conversation…" : "Message";
+  ui.composerText.disabled = false;
+  ui.composerText.setAttribute("aria-disabled", String(blocked));
+  ui.composerButton.disabled = blocked;
+  ui.composerText.placeholder = blocked ? "" : view.records.length ? "Continue the conversation…" : "Message";
   ui.composerHint.textContent = hint;
 }
 
@@ -165,17 +209,22 @@ function openChat(chatId) {
   state.chatId = chatId;
   state.stopping = false;
   state.listedStatus = listed?.status || "unknown";
+  state.runActive = false;
   view.reset(chatId);
   ui.startView.hidden = true;
   ui.chatView.hidden = false;
   ui.chatOffline.hidden = true;
   ui.chatTitle.textContent = listed?.workflow || "Chat";
-  ui.chatMeta.textContent = `Chat ${chatId}`;
+  ui.chatMeta.textContent = listed?.title ? chatHeading(listed.title) : "";
   ui.chatView.dataset.chatId = chatId;
+  ui.working.hidden = true;
   ui.summaryBody.replaceChildren(el("p", { class: "muted" }, "Loading…"));
   renderChatList();
 
   view.agentInfo = (name) => agentInfo(ui.chatTitle.textContent, name);
+  view.me = currentUser();
+  const workflowName = listed?.workflow;
+  view.visibleAgents = workflowName ? visibleAgents(workflowName) : null;
   // Show what this tab already rendered, then resume the stream right after it.
   const stored = loadHistory(chatId);
   for (const record of stored.records) view.apply(record, false);
@@ -238,6 +287,7 @@ function openChat(chatId) {
         showError(`The runtime refused the stream for chat ${chatId}.`, reason);
       }
     },
+    poll: (after) => api.events(chatId, after),
     probe: async () => {
       try {
         await request("GET", `/api/chats/${encodeURIComponent(chatId)}`);
@@ -253,8 +303,12 @@ function openChat(chatId) {
   });
   state.stream = stream;
   stream.start();
-  loadMetrics(chatId);
-  if (!ui.composerText.disabled) ui.composerText.focus({ preventScroll: true });
+  if (!state.runActive) loadMetrics(chatId);
+  if (state.focusComposer) {
+    // Just started from the form: the user's next move is here (or in an input card once asked).
+    state.focusComposer = false;
+    ui.composerText.focus({ preventScroll: true });
+  }
 }
 
 function route() {
@@ -276,7 +330,14 @@ async function sendFromComposer(event) {
     view.pendingRequest.form.querySelector("textarea")?.focus();
     return;
   }
+  if (ACTIVE_STATUSES.has(currentStatus())) return; // the hint says why; Escape stops the run
+  if (await sendText(text)) ui.composerText.value = "";
+}
+
+/** Send a user message to the chat (socket, else REST); true when the runtime has it. */
+async function sendText(text) {
   const chatId = state.chatId;
+  if (!chatId) return false;
   ui.composerButton.disabled = true;
   let sent = false;
   try {
@@ -284,7 +345,6 @@ async function sendFromComposer(event) {
       // Not connected right now: REST appends the message; the stream shows it once back.
       await api.sendMessage(chatId, text);
     }
-    ui.composerText.value = "";
     sent = true;
   } catch (err) {
     reportFailure(err);
@@ -292,12 +352,15 @@ async function sendFromComposer(event) {
     updateComposer();
   }
   if (sent && !ACTIVE_STATUSES.has(currentStatus())) ui.composerHint.textContent = "Sent. Waiting for the agents…";
+  return sent;
 }
 
 async function stopRun() {
-  if (!state.chatId) return;
+  if (!state.chatId || !ACTIVE_STATUSES.has(currentStatus()) || state.stopping) return;
   state.stopping = true;
   renderStatus();
+  // Stop disables itself: the message box is where the user goes on from.
+  ui.composerText.focus({ preventScroll: true });
   try {
     if (!(state.stream && state.stream.send({ type: "chat.stop" }))) await api.stop(state.chatId);
   } catch (err) {
@@ -359,6 +422,18 @@ function bindEvents() {
     });
   }
   ui.stopButton.addEventListener("click", stopRun);
+  ui.composerText.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && ACTIVE_STATUSES.has(currentStatus())) {
+      event.preventDefault();
+      stopRun();
+    }
+  });
+  // The skip link moves focus without touching the route (its #events would otherwise close the chat).
+  $("skip-link").addEventListener("click", (event) => {
+    event.preventDefault();
+    const target = ui.chatView.hidden ? ui.startMessage : ui.events;
+    target.focus();
+  });
   $("refresh-chats").addEventListener("click", refreshChats);
   ui.navToggle.addEventListener("click", () => {
     const open = document.body.classList.toggle("nav-open");
@@ -401,6 +476,7 @@ function bindEvents() {
     else route();
   });
   window.addEventListener("pagehide", flushHistory);
+  setupCompare();
   onUnauthorized(() => askForToken("The runtime answered 401: a valid token is needed."));
 }
 

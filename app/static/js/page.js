@@ -25,7 +25,11 @@ export const state = {
   scrollPending: false,
   stopping: false,
   listedStatus: "unknown",
+  // Whether the open chat has a run going (its summary then says "Running…").
+  runActive: false,
   metricsTimers: [],
+  // Set by the start form: the chat it opens puts focus in its message box.
+  focusComposer: false,
 };
 
 export const ui = {
@@ -51,6 +55,8 @@ export const ui = {
   composerText: $("composer-text"),
   composerButton: $("composer-button"),
   composerHint: $("composer-hint"),
+  working: $("working"),
+  workingText: $("working-text"),
   chatList: $("chat-list"),
   chatListEmpty: $("chat-list-empty"),
   summaryBody: $("summary-body"),

@@ -2,10 +2,26 @@
 
 import { Marked } from "../vendor/marked.esm.js";
 import DOMPurify from "../vendor/purify.es.js";
+import { invalidOutputText, isStructured, structuredCard } from "./structured.js";
 
 const TERMINAL = new Set(["run.completed", "run.failed", "run.stopped"]);
 // Recorded for audit and metrics; shown only when the user asks for internal events.
-const TRACE = new Set(["llm.call", "ag2.event", "context.updated"]);
+const TRACE = new Set(["llm.call", "ag2.event", "context.updated", "output.invalid"]);
+// AG2's console prompt for the human ("Replying as user. Provide feedback to chat_manager…"): never shown.
+const AG2_PROMPT = /^\s*(Replying as |Provide feedback to |Please give feedback to |Press enter to )/i;
+// Handoff targets that mean "back to the person in the chat" or "the end".
+const TO_USER = /^(revert to user|user|human|you)$/i;
+const TO_END = /^(terminate|terminate chat|end|stop)$/i;
+
+/** A failed run in one sentence a user can act on (the technical error stays folded under it). */
+const FAILURE_SENTENCES = {
+  model: "The model could not be reached or kept failing, so the agents stopped.",
+  tool: "A tool the agents used failed, so the run stopped.",
+  storage: "The runtime could not save the conversation, so the run stopped.",
+  interrupted: "The run was interrupted: the runtime stopped or restarted while it was working.",
+  setup: "The workflow could not be started: its configuration has an error.",
+  output: "An agent's replies never matched the form it has to fill in, so the run stopped.",
+};
 
 function escapeHtml(text) {
   const map = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
@@ -136,7 +152,8 @@ export class ChatView {
   /**
    * @param {HTMLElement} root  the <ol> the events go into
    * @param {object} hooks  onStatus(status), onOffline(), onTerminal(record, live),
-   *   announce(text), onInputResponse(requestId, text) → boolean, onInputRequested(textarea, live)
+   *   announce(text), onInputResponse(requestId, text) → boolean, onInputRequested(textarea, live),
+   *   onActivity(text|null) ("Writer is working…"), onRetry(text) → boolean, visibleAgents(workflow) → Set|null
    * Set `agentInfo(name) → {role, description}` after reset() to label agents from the workflow.
    */
   constructor(root, hooks) {
@@ -160,6 +177,14 @@ export class ChatView {
     this.lastAgent = null;
     this.lastContent = null;
     this.agentInfo = () => ({});
+    // The agents the workflow shows (a Set), when known: other names are never written on the page.
+    this.visibleAgents = null;
+    // Who the user is (for "Stopped by you"), set by the page.
+    this.me = "local";
+    // What the run is doing as far as the user's records tell: null (idle) or {agent|null, streaming}.
+    this.activity = null;
+    this.lastUserText = null;
+    this.retries = [];
     this.lastSeq = 0;
     this.records = [];
     this.turn = null;
@@ -182,6 +207,7 @@ export class ChatView {
     this.records.push(record);
     try {
       this.#render(record, live);
+      this.#follow(record);
     } catch (err) {
       console.error("cannot render event", record, err);
       this.root.append(this.#marker(record, `Event ${record.type} #${seq} could not be displayed.`, "marker--error"));
@@ -226,14 +252,13 @@ export class ChatView {
     return node;
   }
 
-  #head(name, { role, recipient, ts, note } = {}) {
+  #head(name, { role, ts, note } = {}) {
     // The workflow's own word for the agent (its type, e.g. "orchestrator") beats the chat role.
     const known = this.agentInfo(name);
     const head = el("div", { class: "msg__head" }, avatar(name),
       el("span", { class: "msg__agent", title: known.description || null }, name));
     role = known.role || role;
     if (role && role !== "user") head.append(el("span", { class: "msg__role" }, role));
-    if (recipient) head.append(el("span", { class: "msg__to" }, `to ${recipient}`));
     if (note) head.append(el("span", { class: "msg__note" }, note));
     const time = timeEl(ts);
     if (time) head.append(time);
@@ -250,6 +275,8 @@ export class ChatView {
     if (!keepsTurn) this.turn = null;
     switch (record.type) {
       case "chat.created": {
+        // Which agents the chat may name: known from its workflow, live and on a reload alike.
+        if (!this.visibleAgents && record.workflow) this.visibleAgents = this.hooks.visibleAgents?.(record.workflow) || null;
         const node = this.#marker(record, `Chat started${record.workflow ? ` · ${record.workflow}` : ""}`);
         if (data.offline) node.append(el("span", { class: "badge badge--offline" }, "offline fixtures"));
         const context = data.context && Object.keys(data.context).length ? data.context : null;
@@ -264,6 +291,9 @@ export class ChatView {
         break;
       }
       case "run.started": {
+        // A new run: an earlier failure's Retry has been answered (by it or by a new message).
+        for (const button of this.retries) button.remove();
+        this.retries = [];
         const parts = ["Run started"];
         if (data.pattern) parts.push(`${data.pattern} pattern`);
         if (data.max_turns) parts.push(`up to ${data.max_turns} turns`);
@@ -276,6 +306,7 @@ export class ChatView {
         break;
       }
       case "message.user": {
+        this.lastUserText = String(data.content ?? "");
         const node = this.#base("li", record, "msg msg--user");
         node.append(this.#head("You", { ts: record.ts }), el("div", { class: "msg__body plain" }, data.content ?? ""));
         this.root.append(node);
@@ -300,7 +331,8 @@ export class ChatView {
         // the folded tools: the message reads first, what the agent did to get there sits under it.
         const turn = this.turn && this.turn.agent === agent && !this.turn.body ? this.turn : this.#openTurn(agent, record, data);
         const body = this.#base("div", record, "msg__body md");
-        if (content.trim()) body.append(renderMarkdown(content));
+        if (isStructured(data.structured)) body.append(structuredCard(data.structured, this.agentInfo(agent).output));
+        else if (content.trim()) body.append(renderMarkdown(content));
         else body.classList.add("msg__body--empty");
         turn.node.insertBefore(body, turn.tools);
         turn.node.classList.remove("msg--tools-only");
@@ -317,26 +349,24 @@ export class ChatView {
         this.#toolResult(record, data);
         break;
       case "handoff": {
-        const from = data.source || agent || "?";
-        const parts = [`${from} → ${data.target}`];
-        if (data.kind && data.kind !== "handoff") parts.push(data.kind);
-        if (data.reason && data.reason !== data.target) parts.push(data.reason);
-        this.root.append(this.#marker(record, `Handoff: ${parts.join(" · ")}`, "marker--handoff"));
+        const text = this.#handoffText(data.source || agent, data.target);
+        // Ending the run is said by the terminal marker right after; here it is trace detail.
+        if (TO_END.test(String(data.target ?? "").trim())) this.#trace(this.#marker(record, text, "trace"));
+        else this.root.append(this.#marker(record, text, "marker--handoff"));
         break;
       }
       case "speaker.selected": {
-        // Only a change of speaker is worth a marker; the same agent again is trace detail.
-        const change = data.speaker !== this.lastSpeaker;
+        // Turn cards already say who speaks: who goes next is trace detail.
         this.lastSpeaker = data.speaker;
-        const marker = this.#marker(record, `Next speaker: ${data.speaker}`, change ? "marker--speaker" : "trace");
-        if (change) this.root.append(marker);
-        else this.#trace(marker);
+        const who = this.#userLike(data.speaker) ? "Your turn" : `${this.#shown(data.speaker) || "An agent"} speaks next`;
+        this.#trace(this.#marker(record, who, "trace"));
         break;
       }
       case "input.requested":
         this.#inputRequested(record, data, agent, live);
         break;
       case "input.received": {
+        this.lastUserText = String(data.text ?? "");
         const node = this.#base("li", record, "msg msg--user msg--answer");
         node.append(this.#head("You", { ts: record.ts, note: "answer" }), el("div", { class: "msg__body plain" }, data.text ?? ""));
         this.root.append(node);
@@ -358,16 +388,39 @@ export class ChatView {
         break;
       }
       case "run.failed": {
-        const reason = data.reason && data.reason !== "error" ? ` (${data.reason})` : "";
-        this.root.append(this.#marker(record, `Run failed${reason}: ${data.error ?? "unknown error"}`, "marker--error"));
-        this.#terminal("failed", record, live, "Run failed.");
+        const sentence = FAILURE_SENTENCES[data.reason] || "Something went wrong and the run stopped.";
+        const node = this.#marker(record, sentence, "marker--error");
+        if (data.error) {
+          node.append(el("details", { class: "marker__details" }, el("summary", {}, "Details"),
+            el("pre", {}, String(data.error))));
+        }
+        if (this.lastUserText) {
+          const retry = el("button", { type: "button", class: "button button--small", "data-testid": "retry" }, "Retry");
+          retry.addEventListener("click", () => {
+            retry.disabled = true;
+            if (!this.hooks.onRetry?.(this.lastUserText)) retry.disabled = false;
+          });
+          this.retries.push(retry);
+          node.append(retry);
+        }
+        this.root.append(node);
+        this.#terminal("failed", record, live, `Run failed. ${sentence}`);
         break;
       }
-      case "run.stopped":
-        this.root.append(this.#marker(record, `Run stopped${data.by ? ` by ${data.by}` : ""}`, "marker--stopped"));
-        this.#terminal("stopped", record, live, "Run stopped.");
+      case "run.stopped": {
+        const text = !data.by || data.by === this.me ? "Stopped by you" : `Stopped by ${data.by}`;
+        this.root.append(this.#marker(record, text, "marker--stopped"));
+        this.#terminal("stopped", record, live, `${text}.`);
         break;
+      }
       case "llm.call": {
+        // A call that answered belongs to its agent's turn. Live, the streamed text opened that turn
+        // first; replayed from storage (a finished message keeps no deltas), the call opens it, so
+        // both render alike.
+        const streaming = this.turn?.body && [...this.streams.values()].some((st) => st.body === this.turn.body);
+        if (agent && !data.error && (this.turn?.agent !== agent || (this.turn.body && !streaming))) {
+          this.#openTurn(agent, record, data);
+        }
         const tokens = `${data.prompt_tokens ?? 0} → ${data.completion_tokens ?? 0} tokens`;
         const latency = data.latency_ms !== undefined ? `${Math.round(data.latency_ms)} ms` : null;
         const parts = [`LLM call${agent ? ` by ${agent}` : ""}`, data.model, tokens, latency, data.finish_reason,
@@ -375,6 +428,9 @@ export class ChatView {
         this.#trace(this.#marker(record, parts.filter(Boolean).join(" · "), "trace"));
         break;
       }
+      case "output.invalid":
+        this.#trace(this.#marker(record, invalidOutputText(data), "trace"));
+        break;
       case "context.updated":
         this.#trace(this.#marker(record, `Context updated: ${Object.keys(data.variables || {}).join(", ") || "—"}`, "trace"));
         break;
@@ -385,6 +441,80 @@ export class ChatView {
         // A type this page does not know yet: keep it findable without cluttering the chat.
         this.#trace(this.#marker(record, `Event ${record.type}`, "trace"));
     }
+  }
+
+  /** Whether a name stands for the person in the chat (AG2's human proxy, a handoff back to them). */
+  #userLike(name) {
+    const role = this.agentInfo(name)?.role;
+    return role === "user" || TO_USER.test(String(name ?? "").trim());
+  }
+
+  /** The name when the workflow shows that agent; null for a hidden (or unknown) one. */
+  #shown(name) {
+    if (!name) return null;
+    if (this.visibleAgents && !this.visibleAgents.has(name)) return null;
+    return name;
+  }
+
+  /** "Researcher handed the conversation to you", in words, whatever kind of handoff AG2 made. */
+  #handoffText(source, target) {
+    const from = this.#shown(source) || "An agent";
+    const goal = String(target ?? "").trim();
+    if (TO_END.test(goal)) return `${from} finished`;
+    if (this.#userLike(goal)) return `${from} handed the conversation to you`;
+    return `${from} handed the conversation to ${this.#shown(goal) || "another agent"}`;
+  }
+
+  /**
+   * Follow what the run is doing from the records the user sees: who is working, whether text is
+   * streaming, or nothing (idle, waiting for the user, ended). The page shows "‹agent› is working…".
+   */
+  #follow(record) {
+    const data = record.data || {};
+    const before = this.activity;
+    switch (record.type) {
+      case "run.started":
+      case "input.received":
+        this.activity = { agent: null, streaming: false };
+        break;
+      case "message.user":
+        if (!this.activity) this.activity = { agent: null, streaming: false };
+        break;
+      case "speaker.selected":
+        if (this.activity) {
+          this.activity = this.#userLike(data.speaker)
+            ? { agent: null, streaming: false, user: true }
+            : { agent: this.#shown(data.speaker), streaming: false };
+        }
+        break;
+      case "message.delta":
+        if (this.activity) this.activity = { agent: this.#shown(record.agent), streaming: true };
+        break;
+      case "message.agent":
+        // The agent finished its message; someone (perhaps hidden) works next.
+        if (this.activity) this.activity = { agent: null, streaming: false };
+        break;
+      case "tool.called":
+      case "tool.result":
+        if (this.activity) this.activity = { agent: this.#shown(record.agent), streaming: false };
+        break;
+      case "input.requested":
+      case "run.completed":
+      case "run.failed":
+      case "run.stopped":
+        this.activity = null;
+        break;
+      default:
+        return;
+    }
+    if (this.activity !== before) this.hooks.onActivity?.(this.workingText);
+  }
+
+  /** "Writer is working…", "Working…", or null when nothing is to be said (idle, streaming, your turn). */
+  get workingText() {
+    const a = this.activity;
+    if (!a || a.streaming || a.user) return null;
+    return a.agent ? `${a.agent} is working…` : "Working…";
   }
 
   /** Trace detail goes into the open turn card (it happened during that turn), else into the log. */
@@ -477,7 +607,7 @@ export class ChatView {
   /** A new turn card for `agent`: header now, message body and folded tools as they arrive. */
   #openTurn(agent, record, data = {}) {
     const node = el("li", { class: "msg msg--agent msg--tools-only", "data-testid": "turn", "data-agent": agent });
-    node.append(this.#head(agent || "Agent", { role: data.role, recipient: data.recipient, ts: record.ts }));
+    node.append(this.#head(agent || "Agent", { role: data.role, ts: record.ts }));
     const tools = el("div", { class: "tools", hidden: true });
     node.append(tools);
     this.root.append(node);
@@ -534,7 +664,11 @@ export class ChatView {
     const node = this.#base("li", record, "msg msg--input");
     node.setAttribute("data-request-id", requestId);
     node.append(this.#head(name, { ts: record.ts, note: "asks for your input" }));
-    if (data.prompt) node.append(el("div", { class: "msg__body md" }, renderMarkdown(data.prompt)));
+    // The agent's own words (its last visible message), never AG2's console prompt.
+    const own = data.prompt && !AG2_PROMPT.test(String(data.prompt)) ? String(data.prompt) : null;
+    const question = own || this.lastContent || "";
+    node.append(el("div", { class: "msg__body md", "data-testid": "input-question" },
+      question.trim() ? renderMarkdown(question) : el("p", {}, "The agents are waiting for your answer.")));
     const fieldId = `answer-${record.seq}`;
     const textarea = el("textarea", { id: fieldId, rows: 2, required: true, autocomplete: "off" });
     const status = el("p", { class: "input-form__status", role: "status" });
@@ -568,7 +702,7 @@ export class ChatView {
       this.#closeRequest(request, "The run ended before this was answered.");
     } else {
       this.#setStatus("waiting_input");
-      if (live) this.hooks.announce(`${name} asks for your input: ${String(data.prompt ?? "").slice(0, 200)}`);
+      if (live) this.hooks.announce(`${name} asks for your input: ${question.slice(0, 200)}`);
       this.hooks.onInputRequested(textarea, live);
     }
   }

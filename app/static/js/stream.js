@@ -19,6 +19,11 @@ const FATAL_ERROR_CODES = new Map([
   [ERROR.UNKNOWN_CHAT, "not_found"],
   [ERROR.BAD_REQUEST, "bad_request"],
 ]);
+// Refused handshakes in a row (the socket never opened) after which the page polls REST instead.
+const REFUSALS_BEFORE_POLLING = 2;
+const POLL_MS = 2000;
+// While polling, try the socket again every this many polls (a proxy or server may come round).
+const POLLS_PER_SOCKET_TRY = 8;
 // Offered first so the server can answer with it instead of echoing the token back.
 const PROTOCOL = "mozaiks.v1";
 
@@ -32,7 +37,8 @@ export function streamUrl(chatId, after) {
  * A self-healing connection to `/ws/chats/{id}`.
  *
  * States: connecting → catching-up (socket open, replay running) → live (after `replay.done`);
- * reconnecting (waiting for the next try); closed. A socket that stays silent longer than twice the
+ * reconnecting (waiting for the next try); polling (the socket was refused twice in a row: records
+ * come from the REST log every 2 s, and the socket is tried again now and then); closed. A socket that stays silent longer than twice the
  * heartbeat interval is treated as dropped: a stalled network keeps the socket "open" forever.
  */
 export class ChatStream {
@@ -44,6 +50,10 @@ export class ChatStream {
   #closed = false;
   #lastErrorCode = null;
   #opened = false;
+  #refused = 0;
+  #polling = false;
+  #pollTimer = 0;
+  #polls = 0;
 
   /**
    * @param {object} opts
@@ -57,6 +67,7 @@ export class ChatStream {
    * @param {(state: string, detail: object) => void} opts.onState
    * @param {(reason: string) => void} opts.onFatal
    * @param {() => Promise<string|null>} [opts.probe]  after a failed handshake: a fatal reason or null
+   * @param {(after: number) => Promise<object[]>} [opts.poll]  the visible records after a seq (REST)
    */
   constructor(opts) {
     this.opts = opts;
@@ -74,6 +85,8 @@ export class ChatStream {
     this.#closed = true;
     window.removeEventListener("online", this.handleOnline);
     clearTimeout(this.#retryTimer);
+    clearTimeout(this.#pollTimer);
+    this.#polling = false;
     this.#drop("closed by the page");
     this.#setState("closed");
   }
@@ -107,7 +120,8 @@ export class ChatStream {
     const generation = ++this.#generation;
     this.#opened = false;
     this.#lastErrorCode = null;
-    this.#setState(this.#attempt === 0 ? "connecting" : "reconnecting", { attempt: this.#attempt });
+    // While polling, a quiet background try: the page keeps saying it polls until the socket opens.
+    if (!this.#polling) this.#setState(this.#attempt === 0 ? "connecting" : "reconnecting", { attempt: this.#attempt });
     const token = this.opts.token();
     let ws;
     try {
@@ -122,6 +136,11 @@ export class ChatStream {
     ws.onopen = () => {
       if (generation !== this.#generation) return;
       this.#opened = true;
+      this.#refused = 0;
+      if (this.#polling) {
+        this.#polling = false;
+        clearTimeout(this.#pollTimer);
+      }
       this.#arm(generation);
       this.#setState("catching-up");
     };
@@ -172,6 +191,37 @@ export class ChatStream {
     }
   }
 
+  /** The socket is refused: follow the chat through the REST log instead, and say so. */
+  #startPolling(reason) {
+    if (!this.#polling) {
+      this.#polling = true;
+      this.#polls = 0;
+      this.#setState("polling", { reason });
+      this.#poll();
+      return;
+    }
+    this.#pollTimer = setTimeout(() => this.#poll(), POLL_MS);
+  }
+
+  async #poll() {
+    if (this.#closed || !this.#polling) return;
+    try {
+      const records = await this.opts.poll(this.opts.after());
+      if (this.#closed || !this.#polling) return;
+      for (const record of records) {
+        const seq = Number(record.seq);
+        if (Number.isFinite(seq)) this.opts.onEvent({ ...record, seq }, seq);
+      }
+      if (records.length) this.opts.onReplayDone(this.opts.after());
+    } catch {
+      // The runtime is unreachable right now: the next poll tries again.
+    }
+    if (this.#closed || !this.#polling) return;
+    this.#polls++;
+    if (this.#polls % POLLS_PER_SOCKET_TRY === 0) this.#connect();
+    else this.#pollTimer = setTimeout(() => this.#poll(), POLL_MS);
+  }
+
   /** (Re)start the silence watchdog: twice the heartbeat interval without any frame means dropped. */
   #arm(generation) {
     clearTimeout(this.#watchdog);
@@ -215,6 +265,11 @@ export class ChatStream {
       window.removeEventListener("online", this.handleOnline);
       this.#setState("closed", { reason: fatal });
       this.opts.onFatal(fatal);
+      return;
+    }
+    this.#refused = opened ? 0 : this.#refused + 1;
+    if (this.opts.poll && (this.#polling || this.#refused >= REFUSALS_BEFORE_POLLING)) {
+      this.#startPolling(reason);
       return;
     }
     const base = this.#attempt === 0 ? 300 : Math.min(MAX_BACKOFF_MS, 500 * 2 ** this.#attempt);

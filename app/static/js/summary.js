@@ -9,7 +9,8 @@ import { visibleAgents } from "./workflows.js";
 export async function loadMetrics(chatId) {
   try {
     const metrics = await api.metrics(chatId);
-    if (chatId === state.chatId) renderMetrics(ui.summaryBody, metrics, visibleAgents(ui.chatTitle.textContent));
+    // A run going on says "Running…" (main.js); numbers fetched before it started must not replace that.
+    if (chatId === state.chatId && !state.runActive) renderMetrics(ui.summaryBody, metrics, visibleAgents(ui.chatTitle.textContent));
     return metrics;
   } catch (err) {
     if (chatId !== state.chatId) return null;

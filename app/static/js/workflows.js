@@ -12,11 +12,15 @@ export function renderWorkflowInfo() {
     return;
   }
   const agents = Array.isArray(workflow.visual_agents) ? workflow.visual_agents : [];
+  // An AgentDriven workflow's agent speaks first: the message is optional.
+  const agentDriven = workflow.startup_mode === "AgentDriven";
+  ui.startMessage.required = !agentDriven;
   ui.workflowInfo.replaceChildren(
     el("p", { class: "workflow-info__description" }, workflow.description || "No description."),
     el("p", { class: "workflow-info__meta" },
       workflow.pattern ? `${workflow.pattern} pattern` : "",
       agents.length ? `${workflow.pattern ? " · " : ""}Agents shown: ${agents.join(", ")}` : ""),
+    agentDriven ? el("p", { class: "workflow-info__meta" }, "The agent starts the conversation; a message is optional.") : "",
   );
 }
 
@@ -43,7 +47,7 @@ export async function startChat(event) {
   event.preventDefault();
   const workflow = ui.workflowSelect.value;
   const message = ui.startMessage.value.trim();
-  if (!workflow || !message) {
+  if (!workflow || (!message && ui.startMessage.required)) {
     (workflow ? ui.startMessage : ui.workflowSelect).focus();
     return;
   }
@@ -66,10 +70,11 @@ export async function startChat(event) {
   ui.startButton.disabled = true;
   ui.startButton.textContent = "Starting…";
   try {
-    const created = await api.startChat(workflow, message, context);
+    const created = await api.startChat(workflow, message || undefined, context);
     if (!created || !created.chat_id) throw new Error("The runtime did not return a chat_id.");
     preference("mozaiks.workflow", workflow);
     ui.startMessage.value = "";
+    state.focusComposer = true;
     location.hash = `chat=${encodeURIComponent(created.chat_id)}`;
     refreshChats();
   } catch (err) {
@@ -86,9 +91,9 @@ export function visibleAgents(workflowName) {
   return Array.isArray(workflow?.visual_agents) ? new Set(workflow.visual_agents) : null;
 }
 
-/** What the workflow says about an agent (its type), when /api/workflows lists it. */
+/** What the workflow says about an agent (its type, its structured output), when /api/workflows lists it. */
 export function agentInfo(workflowName, agentName) {
   const workflow = state.workflows.find((w) => w.name === workflowName);
   const agent = (workflow?.agents || []).find((a) => a.name === agentName);
-  return agent ? { role: agent.type, description: null } : {};
+  return agent ? { role: agent.type, description: null, output: agent.structured_output || null } : {};
 }
