@@ -265,7 +265,13 @@ def test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_un
     from litestar.testing import TestClient
     from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
 
-    from app.http.errors import EXCEPTION_HANDLERS, STORAGE_RETRY_AFTER_S, Refused, error_responses
+    from app.http.errors import (
+        EXCEPTION_HANDLERS,
+        STORAGE_RETRY_AFTER_S,
+        ErrorBody,
+        Refused,
+        error_responses,
+    )
     from app.runs.supervisor import NoActiveRun, NodeBusy, RunActive
     from app.runs.workflows import UnknownWorkflow
     from domain.errors import Conflict, CorruptRecord, StorageUnavailable, UnknownChat
@@ -296,7 +302,9 @@ def test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_un
 
     @get("/refuse-fields", sync_to_thread=False)
     def refuse_fields() -> None:  # a 400 raised by the app itself, its problems partly described
-        raise HTTPException(status_code=400, detail="bad", extra=[{"message": "no key"}, "not a problem"])
+        raise HTTPException(
+            status_code=400, detail="bad", extra=[{"message": "no key"}, {"key": "k"}, "not a problem"]
+        )
 
     @post("/validate", sync_to_thread=False)
     def validate(data: dict[str, int], limit: int = Parameter(ge=1)) -> None:
@@ -362,7 +370,10 @@ def test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_un
         assert client.get("/raise/http-429").headers["RateLimit-Reset"] == "9"
         assert client.get("/raise/refused").json()["detail"] == str(raised["refused"]) == "short and stout"
         partial = client.get("/refuse-fields").json()
-        assert partial["fields"] == [{"name": "", "message": "no key", "source": None}], partial
+        assert partial["fields"] == [
+            {"name": "", "message": "no key", "source": None},
+            {"name": "k", "message": "", "source": None},
+        ], partial
         invalid = client.post("/validate", params={"limit": "0"}, json={"a": 1})
         assert invalid.status_code == 400 and invalid.json()["error"] == "bad_request"
         [field] = invalid.json()["fields"]
@@ -374,5 +385,6 @@ def test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_un
     # The OpenAPI side: every route documents 400, 500 and 503 besides its own, each with the one shape.
     documented = error_responses(404, 409)
     assert sorted(documented) == [400, 404, 409, 500, 503]
+    assert all(spec.data_container is ErrorBody for spec in documented.values())
     assert documented[503].description and "Retry-After" in documented[503].description
     assert documented[404].examples[0].value == {"error": "not_found", "detail": "…"}
