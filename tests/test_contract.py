@@ -265,6 +265,7 @@ def test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_un
     from litestar.testing import TestClient
     from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
 
+    from app.http.auth import IdentityUnavailable, TokenRefused
     from app.http.errors import (
         EXCEPTION_HANDLERS,
         STORAGE_RETRY_AFTER_S,
@@ -293,6 +294,8 @@ def test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_un
         # Problems listed with a status other than 400 are not invalid fields: no `fields`.
         "http-404": HTTPException(status_code=404, detail="gone", extra=[{"key": "x", "message": "m"}]),
         "http-500": HTTPException(status_code=500, detail="broken"),
+        "identity": IdentityUnavailable("the identity provider's keys cannot be fetched"),
+        "token": TokenRefused("token_expired", "the token expired"),
         "bug": RuntimeError("secret internals"),
     }
 
@@ -328,6 +331,8 @@ def test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_un
         "http-418": (418, "error", None),
         "http-404": (404, "not_found", None),
         "http-500": (500, "internal_error", None),
+        "identity": (503, "identity_unavailable", retry),
+        "token": (401, "token_expired", None),
         "bug": (500, "internal_error", None),
     }
     details = {
@@ -336,9 +341,10 @@ def test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_un
         "http-418": "odd",
         "http-404": "gone",
         "http-500": "broken",
+        "token": "the token expired",
     }
     # What the server log records: every 5xx, with the request's method and path; no 4xx.
-    failed = {"node-busy", "corrupt", "spent", "raw-connection", "no-server", "http-500"}
+    failed = {"node-busy", "corrupt", "spent", "raw-connection", "no-server", "http-500", "identity"}
     with TestClient(app) as client:
         answers = {}
         for name in raised:
