@@ -278,7 +278,10 @@ async def test_continue_a_finished_chat_and_answer_input_over_rest(start_node: A
             == [runs[1]]
             == [stopped.json()["run_id"]]
         )
-        assert (await http.post(f"/api/chats/{chat_id}/stop")).status_code == 409
+        assert events[-1]["type"] == "run.stopped" and events[-1]["data"]["by"] == "local", events[-1]
+        again = await http.post(f"/api/chats/{chat_id}/stop")
+        assert again.status_code == 409 and again.json()["error"] == "no_active_run"
+        assert chat_id in again.json()["detail"], again.json()
 
 
 async def test_a_run_whose_node_died_is_recorded_as_interrupted_and_can_continue(
