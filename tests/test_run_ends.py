@@ -242,6 +242,8 @@ async def test_stopping_a_run_whose_node_died_holding_its_lease_records_the_stop
         while node.runtime.supervisor._sweeps < 1:
             await asyncio.sleep(0.05)
     await orphan(store, "dead-stop", "r-dead-stop")
+    await orphan(store, "finished", "r-finished")  # another chat, whose run is over: not this stop's
+    await store.append(stream("finished"), [Pending(event=RunCompleted(), run_id="r-finished")], 2)
     expired = datetime.now(UTC) - timedelta(seconds=1)  # the lease is still there; its node is not
     await db["chat_leases"].insert_one(
         {"_id": "dead-stop", "owner": "dead", "run_id": "r-dead-stop", "expires_at": expired}
@@ -256,6 +258,7 @@ async def test_stopping_a_run_whose_node_died_holding_its_lease_records_the_stop
     check_log(records)
 
 
+@pytest.mark.usefixtures("local_clock_far_from_utc")  # the lease is live in UTC, whatever the zone
 async def test_a_stop_for_a_run_on_another_live_node_marks_its_lease_and_records_nothing_itself(
     start_node: Any, store: MongoEventStore, db: Any
 ) -> None:
