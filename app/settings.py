@@ -53,6 +53,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     anchor_key: str | None = None
     max_concurrent_llm_calls: int = 256
     max_active_runs: int = 500
+    # Hooks (README "Hooks"): a hook running longer than this ends its run (reason hook).
+    hook_timeout_s: float = 10.0
+    # Budgets (README "Budgets"): per app and per user per UTC day limits; None = none.
+    budgets_path: Path | None = None
     # MOZAIKS_RECORD_MODEL_IO: full (every call's exact request and response as parts), hashes, off.
     record_model_io: RecordMode = "full"
     # OIDC (README "Identity"): tokens signed by an identity provider, checked against its JWKS.
@@ -168,6 +172,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             anchor_key=text("MOZAIKS_ANCHOR_KEY"),
             max_concurrent_llm_calls=int(number("MOZAIKS_MAX_CONCURRENT_LLM_CALLS", 256)),
             max_active_runs=int(number("MOZAIKS_MAX_ACTIVE_RUNS", 500)),
+            hook_timeout_s=number("MOZAIKS_HOOK_TIMEOUT_S", 10.0),
+            budgets_path=Path(budgets) if (budgets := text("MOZAIKS_BUDGETS_FILE")) else None,
             record_model_io=cast(RecordMode, record_io),  # checked against RECORD_MODES above
             oidc_issuer=issuer,
             oidc_audience=audience,

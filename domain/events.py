@@ -21,9 +21,18 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     """Base of every event; the tag is the stable `type` stored in the log."""
 
 
+class ParentRef(msgspec.Struct, frozen=True, kw_only=True):
+    """A child workflow's parent: the chat that started it and the seq of its `child.started` there."""
+
+    chat_id: str
+    seq: int
+
+
 class ChatCreated(Event, tag="chat.created", frozen=True, kw_only=True):
     context: dict[str, Any] = {}
     offline: bool = False
+    # A child workflow (app/runs/children.py): the parent chat and its `child.started` record.
+    parent: ParentRef | None = None
     # A replay (`mozaiks replay`): {"chat_id": the chat it replays, "model": "recorded" | "live"}.
     replay_of: dict[str, Any] | None = None
 
@@ -82,6 +91,8 @@ class Handoff(Event, tag="handoff", frozen=True, kw_only=True):
     target: str
     kind: str = "handoff"
     reason: str = ""
+    # kind "context_condition": the workflow's expression that fired.
+    expression: str | None = None
 
 
 class SpeakerSelected(Event, tag="speaker.selected", frozen=True, kw_only=True):
@@ -141,7 +152,28 @@ class OutputInvalid(Event, tag="output.invalid", frozen=True, kw_only=True):
 
 
 class ContextUpdated(Event, tag="context.updated", frozen=True, kw_only=True):
+    # The changed variables and their new values (None: removed); the fold a continued chat starts from.
     variables: dict[str, Any]
+    # One variable's change (hooks, derivations, tools): its name, old and new value, and the seq
+    # of the record that caused it (a tool.called, hook.called, message.agent, message.user ...).
+    name: str | None = None
+    old: Any = None
+    new: Any = None
+    cause: int | None = None
+
+
+class HookCalled(Event, tag="hook.called", frozen=True, kw_only=True):
+    """A workflow hook ran: which, where, how long, and what it did to the context."""
+
+    event: str
+    function: str
+    duration_ms: float = 0.0
+    # "ok" | "refused" (a before_tool hook refused the call) | "error" (it raised or timed out).
+    outcome: str = "ok"
+    reason: str | None = None
+    error: str | None = None
+    tool: str | None = None
+    changes: dict[str, Any] = {}
 
 
 class RunCompleted(Event, tag="run.completed", frozen=True, kw_only=True):
@@ -159,10 +191,64 @@ class RunFailed(Event, tag="run.failed", frozen=True, kw_only=True):
 
 class RunStopped(Event, tag="run.stopped", frozen=True, kw_only=True):
     by: str | None = None
+    # None: someone stopped it; "budget": a spend limit was reached before a model call.
+    reason: str | None = None
+    # reason "budget": {"limit": "chat.max_tokens" ..., "spend": N, "max": N, "resets_at": ISO | None}.
+    budget: dict[str, Any] | None = None
 
 
 class Ag2Event(Event, tag="ag2.event", frozen=True, kw_only=True):
     name: str
+
+
+class UiRequested(Event, tag="ui.requested", frozen=True, kw_only=True):
+    """An agent called a UI tool: the component it puts in front of the user (the model's arguments are its props)."""
+
+    request_id: str
+    # The model's tool call this request answers (the `tool.called` record before it has the same id).
+    tool_call_id: str
+    tool: str
+    # "form" | "choice" | "confirm" | "artifact".
+    component: str
+    # "inline" (in the conversation) | "artifact" (a side panel).
+    mode: str = "inline"
+    props: dict[str, Any] = {}
+    # When an unanswered request expires (ISO 8601, UTC); None: it waits for ever. Artifacts never wait.
+    expires_at: str | None = None
+
+
+class UiResponded(Event, tag="ui.responded", frozen=True, kw_only=True):
+    """The user's answer to a UI request, validated before it was recorded."""
+
+    request_id: str
+    answer: Any = None
+    user_id: str | None = None
+
+
+class UiExpired(Event, tag="ui.expired", frozen=True, kw_only=True):
+    """A UI request's `timeout_s` passed with no answer: the agent is told there was none."""
+
+    request_id: str
+
+
+class ChildStarted(Event, tag="child.started", frozen=True, kw_only=True):
+    """An agent called a child-workflow tool: a new chat of `workflow` runs the tool's message."""
+
+    child_chat_id: str
+    workflow: str
+    # The tools.json entry that started it.
+    tool: str = ""
+
+
+class ChildCompleted(Event, tag="child.completed", frozen=True, kw_only=True):
+    """A child chat's run ended; `result` (its last visible agent message) is the tool's result."""
+
+    child_chat_id: str
+    # The child's terminal record type: "run.completed", "run.failed" or "run.stopped".
+    outcome: str
+    result: str = ""
+    # Set when the tool's result is an error (the child failed, was stopped or interrupted).
+    error: str | None = None
 
 
 AnyEvent = (
@@ -179,11 +265,17 @@ AnyEvent = (
     | InputReceived
     | LlmCall
     | ContextUpdated
+    | HookCalled
     | OutputInvalid
     | RunCompleted
     | RunFailed
     | RunStopped
     | Ag2Event
+    | UiRequested
+    | UiResponded
+    | UiExpired
+    | ChildStarted
+    | ChildCompleted
 )
 
 EVENT_TYPES: Final[frozenset[str]] = frozenset(str(cls.__struct_config__.tag) for cls in AnyEvent.__args__)

@@ -30,6 +30,13 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Base of every manifest struct: unknown fields are errors, never ignored."""
 
 
+class Budget(Manifest, frozen=True, kw_only=True):
+    """Spend limits (of a chat, or of an app or user per UTC day): tokens and/or US dollars."""
+
+    max_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    max_cost_usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
+
+
 class WorkflowManifest(Manifest, frozen=True, kw_only=True):
     """workflow.json: what the workflow is and how its agents take turns."""
 
@@ -39,6 +46,8 @@ class WorkflowManifest(Manifest, frozen=True, kw_only=True):
     max_turns: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 20
     visual_agents: list[str] = []
     entry_agent: str
+    # Per chat: the run stops before a model call once the chat's spend reached a limit.
+    budget: Budget | None = None
     startup_mode: StartupMode = "UserDriven"
     # Sent as a chat's first message, recorded hidden (`message.user`, data.origin "initial_message").
     initial_message: str | None = None
@@ -60,9 +69,18 @@ class LlmCondition(Manifest, frozen=True, kw_only=True):
     condition: str
 
 
-class Handoffs(Manifest, frozen=True, kw_only=True):
-    """An agent's handoffs: LLM-decided conditions, then where to go after its turn."""
+class ContextCondition(Manifest, frozen=True, kw_only=True):
+    """Hand off to `target` without asking the model when `expression` holds (AG2 ExpressionContextCondition)."""
 
+    target: str
+    # AG2's ContextExpression syntax: "${var} == 'value'", and/or/not, len(${var}).
+    expression: str
+
+
+class Handoffs(Manifest, frozen=True, kw_only=True):
+    """An agent's handoffs: context conditions (checked first), LLM-decided ones, then after its turn."""
+
+    context_conditions: list[ContextCondition] = []
     llm_conditions: list[LlmCondition] = []
     # An agent name, or one of: terminate, user, group_manager, stay.
     after_work: str | None = None
@@ -106,15 +124,34 @@ class AgentsManifest(Manifest, frozen=True, kw_only=True):
     agents: Annotated[list[AgentSpec], msgspec.Meta(min_length=1)]
 
 
+UiComponent = Literal["form", "choice", "confirm", "artifact"]
+UiMode = Literal["inline", "artifact"]
+
+
+class UiSpec(Manifest, frozen=True, kw_only=True):
+    """A UI tool's component: the user answers the call (form, choice, confirm) or sees it (artifact)."""
+
+    component: UiComponent
+    mode: UiMode = "inline"
+    # Seconds an unanswered request waits before it expires (`ui.expired`); None: it waits for ever.
+    timeout_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
 class ToolSpec(Manifest, frozen=True, kw_only=True):
-    """One entry of tools.json: a function of the `tools` package, by `module:function`."""
+    """One entry of tools.json: a function of the `tools` package, by `module:function`, a child
+    workflow (`workflow`: the agent starts a chat of that workflow with a `message`; see children.py),
+    or a UI tool (`ui`)."""
 
     name: Name
-    # "tools.<module>:<function>"; checked (and imported) by the workflow manager.
-    function: str
+    # "tools.<module>:<function>"; checked (and imported) by the workflow manager. Optional for a UI
+    # tool, where it is applied to the user's answer (its result is the tool's result).
+    function: str = ""
     description: str = ""
+    # A child-workflow tool: the loaded workflow it starts (checked at load); excludes `function`.
+    workflow: Name | None = None
     # False: the result may change between calls (time, network); a recorded replay plays the recorded result.
     deterministic: bool = True
+    ui: UiSpec | None = None
 
 
 class ToolsManifest(Manifest, frozen=True, kw_only=True):
@@ -123,18 +160,50 @@ class ToolsManifest(Manifest, frozen=True, kw_only=True):
     tools: list[ToolSpec] = []
 
 
+class Derived(Manifest, frozen=True, kw_only=True):
+    """Where a derived context variable takes its value: the first `match` in a record's text.
+
+    `value` may hold "$0" (the whole match) or "$1", "$2" ... (its groups); None means "$0".
+    """
+
+    # "from" is a Python keyword: the field is `source`, spelled "from" in the file.
+    source: Literal["agent_text", "user_text", "tool_result"] = msgspec.field(name="from")
+    agent: str | None = None
+    tool: str | None = None
+    match: str
+    value: Any = None
+
+
 class ContextVariable(Manifest, frozen=True, kw_only=True):
-    """One context variable with its default value."""
+    """One context variable with its default value (or derived from what the chat says)."""
 
     name: Name
     default: Any = None
     description: str = ""
+    derived: Derived | None = None
 
 
 class ContextVariablesManifest(Manifest, frozen=True, kw_only=True):
     """context_variables.json."""
 
     variables: list[ContextVariable] = []
+
+
+HookEvent = Literal["before_chat", "after_chat", "before_agent", "after_agent", "before_tool", "after_tool"]
+
+
+class HookSpec(Manifest, frozen=True, kw_only=True):
+    """One entry of hooks.json: run `function` (tools.<module>:<fn>) at `event`, for `agents` (all if empty)."""
+
+    event: HookEvent
+    function: str
+    agents: list[str] = []
+
+
+class HooksManifest(Manifest, frozen=True, kw_only=True):
+    """hooks.json."""
+
+    hooks: list[HookSpec] = []
 
 
 class ScriptedToolCall(Manifest, frozen=True, kw_only=True):

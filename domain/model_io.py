@@ -21,7 +21,7 @@ from typing import Any, Final, Literal
 import msgspec
 from pymongo import WriteConcern
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, WriteConcernError
 
 from domain.store import RetryPolicy, with_retries
 
@@ -192,8 +192,15 @@ class PartStore:
                 await self.collection.insert_many(new, ordered=False)
             except BulkWriteError as exc:
                 others = [e for e in exc.details.get("writeErrors", []) if e.get("code") != _DUPLICATE_KEY]
-                if others or exc.details.get("writeConcernErrors"):
+                if others:
                     raise
+                # Duplicates are parts already stored (by an earlier try whose reply was lost); an
+                # unconfirmed write is transient: re-send until the parts are confirmed.
+                concern = exc.details.get("writeConcernErrors")
+                if concern:
+                    raise WriteConcernError(
+                        concern[0].get("errmsg", "write concern"), concern[0].get("code")
+                    ) from exc
 
         await with_retries(self.retry, "storing model I/O parts", insert)
         for doc in new:

@@ -30,6 +30,7 @@ from pymongo.errors import PyMongoError
 from domain.errors import CorruptRecord
 from domain.store import Appends, MongoEventStore
 from projections.buckets import MetricsBucketsProjector
+from projections.budgets import ChatSpendProjector
 from projections.heads import ChainHeadsProjector
 from projections.metrics import ChatMetricsProjector
 from projections.prices import PriceTable
@@ -44,6 +45,7 @@ PROJECTION_NAMES: Final = (
     ChatMetricsProjector.name,
     MetricsBucketsProjector.name,
     ChainHeadsProjector.name,
+    ChatSpendProjector.name,
 )
 WRITE_BATCH: Final = 500  # documents per bulk replace into a projection collection
 PROGRESS_EVERY: Final = 1000  # events between progress callbacks
@@ -84,6 +86,7 @@ def select_projectors(
         ChatMetricsProjector.name: ChatMetricsProjector(table),
         MetricsBucketsProjector.name: MetricsBucketsProjector(table),
         ChainHeadsProjector.name: ChainHeadsProjector(),
+        ChatSpendProjector.name: ChatSpendProjector(table),
     }
     return [available[name] for name in PROJECTION_NAMES if name in wanted]
 

@@ -35,6 +35,7 @@ from domain.errors import HistoryLost
 from domain.events import Record
 from domain.store import Change, MongoEventStore
 from projections.buckets import MetricsBucketsProjector
+from projections.budgets import ChatSpendProjector
 from projections.heads import ChainHeadsProjector
 from projections.metrics import ChatMetricsProjector
 from projections.prices import PriceTable, WatchedPrices
@@ -49,12 +50,13 @@ LEASES: Final = "projection_leases"
 
 
 def default_projectors(prices: PriceTable | WatchedPrices | None = None) -> list[Projector]:
-    """chat_sessions, metrics and metrics_buckets (costed with `prices`, else the shipped table), chain_heads."""
+    """chat_sessions, metrics, metrics_buckets and budgets (costed with `prices`, else the shipped table), chain_heads."""
     return [
         ChatSessionsProjector(),
         ChatMetricsProjector(prices),
         MetricsBucketsProjector(prices),
         ChainHeadsProjector(),
+        ChatSpendProjector(prices),
     ]
 
 

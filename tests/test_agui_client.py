@@ -112,12 +112,20 @@ def run_client(served: Runtime, workflow: str, thread: str, turns: list[dict[str
     return output
 
 
+# The answers a workflow's interrupts get, in order: human input takes text; the Intake's UI tools
+# take a form's object, a choice's option and a confirm's boolean (the client answers each interrupt with
+# `resume`, as it must; a `tool` message answer is checked in tests/test_ui.py).
+INTAKE = [{"name": "Ada", "email": "ada@example.com", "team_size": 3}, "Team", True]
+ANSWERS = {"Intake": (INTAKE, INTAKE)}
+
+
 @pytest.mark.parametrize("workflow", EXAMPLES)
 async def test_the_official_agui_client_runs_every_example_workflow(served: Runtime, workflow: str) -> None:
     thread = f"agui-{workflow}-{uuid.uuid4().hex[:8]}"
+    first, second = ANSWERS.get(workflow, (["yes, go on", "exit"], ["exit"]))
     turns = [
-        {"message": "Tell me about bees", "answers": ["yes, go on", "exit"]},
-        {"message": "And about wasps?", "answers": ["exit"], "fresh": True},
+        {"message": "Tell me about bees", "answers": first},
+        {"message": "And about wasps?", "answers": second, "fresh": True},
     ]
     output = run_client(served, workflow, thread, turns)
     log = await served.events(thread)

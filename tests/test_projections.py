@@ -429,7 +429,7 @@ async def test_a_call_is_priced_by_the_table_in_force_on_its_own_date_live_and_o
     with pytest.raises(UnknownProjection) as unknown:
         await rebuild(db, store, names=["metrics", "nope"])
     assert str(unknown.value) == (
-        "unknown projection(s) ['nope']; known: ['chat_sessions', 'metrics', 'metrics_buckets', 'chain_heads']"
+        "unknown projection(s) ['nope']; known: ['chat_sessions', 'metrics', 'metrics_buckets', 'chain_heads', 'budgets']"
     )
 
 

@@ -114,10 +114,11 @@ json_values = st.recursive(
     max_leaves=12,
 )
 frame_like = st.fixed_dictionaries(
-    {"type": st.sampled_from(["user.message", "input.response", "chat.stop", "pong", "x"])},
+    {"type": st.sampled_from(["user.message", "input.response", "ui.response", "chat.stop", "pong", "x"])},
     optional={
         "text": json_values | st.text(max_size=8),
         "request_id": json_values | st.text(max_size=8),
+        "answer": json_values,
         "extra": json_values,
     },
 )
@@ -126,6 +127,7 @@ frame_like = st.fixed_dictionaries(
 CLIENT_FRAMES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "user.message": {"text": ((str,), True)},
     "input.response": {"text": ((str,), True), "request_id": ((str, type(None)), False)},
+    "ui.response": {"request_id": ((str,), True), "answer": ((object,), False)},
     "chat.stop": {},
     "pong": {},
 }

@@ -23,6 +23,7 @@ from app.cli.projections import progress_bar
 from app.database import open_store
 from app.http.analytics import CSV_COLUMNS, csv_row, parse_group_by, time_range, to_csv
 from app.http.audit import anchor_key
+from app.runs.children import descendants
 from app.settings import Settings, SettingsError
 from domain.anchors import AnchorBook
 from domain.audit import AuditFilter, LogCheck, LogVerification
@@ -91,6 +92,7 @@ def audit_group() -> None:
 @click.option("--run", "run_id", default=None)
 @click.option("--since", type=click.DateTime(), default=None, help="from this UTC time (inclusive)")
 @click.option("--until", type=click.DateTime(), default=None, help="to this UTC time (exclusive)")
+@click.option("--with-children", is_flag=True, help="with --chat: also the chats it started, recursively")
 @click.option(
     "--with-model-io",
     is_flag=True,
@@ -108,27 +110,50 @@ def export_command(
     since: datetime | None,
     until: datetime | None,
     with_model_io: bool,
+    with_children: bool,
 ) -> None:
     """Write matching records as NDJSON to stdout, then re-verify the chain of every chat exported.
 
     With --with-model-io, the model I/O parts the exported `llm.call` records name follow the records,
     one `{"model_io_part": HASH, "body": CANONICAL_JSON}` line each, every one checked against its hash.
+    With --with-children (and --chat), the chat's child workflows are exported too, recursively.
     """
+    if with_children and chat_id is None:
+        raise click.UsageError("--with-children needs --chat (the chat whose children to export)")
     wanted = AuditFilter(
         app_id=app_id, types=types, agent=agent, workflow=workflow, user_id=user_id,
         chat_id=chat_id, run_id=run_id, since=since, until=until,
     )  # fmt: skip
     console = Console(stderr=True, soft_wrap=True)
-    _run(lambda settings: _export(settings, wanted, sys.stdout.buffer, console, with_model_io=with_model_io))
+    _run(
+        lambda settings: _export(
+            settings,
+            wanted,
+            sys.stdout.buffer,
+            console,
+            with_model_io=with_model_io,
+            with_children=with_children,
+        )
+    )
 
 
 async def _export(
-    settings: Settings, wanted: AuditFilter, out: BinaryIO, console: Console, *, with_model_io: bool = False
+    settings: Settings,
+    wanted: AuditFilter,
+    out: BinaryIO,
+    console: Console,
+    *,
+    with_model_io: bool = False,
+    with_children: bool = False,
 ) -> int:
     # Exporting whole chats (no filter but the app), the chains are checked as the records stream
     # past; otherwise the exported chats are read again, whole, afterwards.
     whole = wanted == AuditFilter(app_id=wanted.app_id)
     async with open_store(settings) as store:
+        filters = [wanted]
+        if with_children and wanted.chat_id is not None:
+            family = await descendants(store, wanted.chat_id)
+            filters = [msgspec.structs.replace(wanted, chat_id=chat) for chat in family]
         book = AnchorBook(store.db, anchor_key(settings))
         inline = LogCheck(await book.scan(wanted.app_id), book.key) if whole else None
         chats: set[str] = set()
@@ -136,17 +161,18 @@ async def _export(
         count = 0
         with progress_bar(console) as bar:
             task = bar.add_task("exporting", total=None)
-            async for doc in store.audit(wanted, batch_size=2000):
-                if inline is not None:
-                    inline.add(doc)
-                chats.add(str(doc["chat_id"]))
-                if with_model_io and doc.get("type") == "llm.call" and doc["data"].get("io") == "full":
-                    referenced.update(dict.fromkeys(call_hashes(doc["data"])))
-                doc["id"] = doc.pop("_id")
-                out.write(_ndjson.encode(doc) + b"\n")
-                count += 1
-                if count % 1000 == 0:
-                    bar.update(task, completed=count)
+            for one in filters:
+                async for doc in store.audit(one, batch_size=2000):
+                    if inline is not None:
+                        inline.add(doc)
+                    chats.add(str(doc["chat_id"]))
+                    if with_model_io and doc.get("type") == "llm.call" and doc["data"].get("io") == "full":
+                        referenced.update(dict.fromkeys(call_hashes(doc["data"])))
+                    doc["id"] = doc.pop("_id")
+                    out.write(_ndjson.encode(doc) + b"\n")
+                    count += 1
+                    if count % 1000 == 0:
+                        bar.update(task, completed=count)
             bar.update(task, completed=count, total=count)
             out.flush()
             if inline is not None:
@@ -193,9 +219,16 @@ async def _export_parts(parts: PartStore, hashes: list[str], out: BinaryIO) -> l
     default=None,
     help="an `audit anchors export` file kept elsewhere: also check the log and the stored anchors against it",
 )
-def verify_command(app_id: str | None, anchors_file: Path | None) -> None:
+@click.option("--chat", "chat_id", default=None, help="only this chat (default: every chat)")
+@click.option("--with-children", is_flag=True, help="with --chat: also the chats it started, recursively")
+def verify_command(
+    app_id: str | None, anchors_file: Path | None, chat_id: str | None, with_children: bool
+) -> None:
     """Check every chat's hash chain and tail anchor; list broken chats and their first broken seq."""
-    _run(lambda settings: _verify(settings, app_id, Console(stderr=True, soft_wrap=True), anchors_file))
+    if with_children and chat_id is None:
+        raise click.UsageError("--with-children needs --chat (the chat whose children to verify)")
+    console = Console(stderr=True, soft_wrap=True)
+    _run(lambda settings: _verify(settings, app_id, console, anchors_file, chat_id, with_children))
 
 
 def read_exported(path: Path) -> list[dict[str, Any]]:
@@ -212,10 +245,18 @@ def read_exported(path: Path) -> list[dict[str, Any]]:
 
 
 async def _verify(
-    settings: Settings, app_id: str | None, console: Console, anchors_file: Path | None = None
+    settings: Settings,
+    app_id: str | None,
+    console: Console,
+    anchors_file: Path | None = None,
+    chat_id: str | None = None,
+    with_children: bool = False,
 ) -> int:
     exported = read_exported(anchors_file) if anchors_file is not None else None
     async with open_store(settings) as store:
+        chat_ids: set[str] | None = None
+        if chat_id is not None:
+            chat_ids = set(await descendants(store, chat_id)) if with_children else {chat_id}
         book = AnchorBook(store.db, anchor_key(settings))
         with progress_bar(console) as bar:
             task = bar.add_task("verifying chains", total=None)
@@ -223,6 +264,7 @@ async def _verify(
                 book,
                 app_id=app_id,
                 exported=exported,
+                chat_ids=chat_ids,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
             if app_id is None:  # parts are shared by content across apps: checked on a whole-log verify

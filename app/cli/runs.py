@@ -10,9 +10,10 @@ import click
 
 from app.database import open_store
 from app.runs.orchestrator import Orchestrator, RunNotRecorded
+from app.runs.ui import WAITING, InvalidAnswer, UiRequestClosed, record_outcome
 from app.runs.workflows import WorkflowManager
 from app.settings import Settings
-from domain.events import InputReceived, Pending, Record, StreamRef
+from domain.events import InputReceived, Pending, Record, StreamRef, UiResponded
 from domain.store import MongoEventStore
 
 
@@ -115,7 +116,35 @@ async def _print_events(store: MongoEventStore, stream: StreamRef, all_events: b
             text = await asyncio.to_thread(click.prompt, "you", default="", show_default=False)
             received = Pending(event=InputReceived(request_id=record.data["request_id"], text=text))
             await store.append(stream, [received], expected_seq=None)
+        if record.type == "ui.requested" and record.data["component"] in WAITING:
+            await _answer_ui(store, stream, record)
         if record.type in ("run.completed", "run.failed", "run.stopped"):
+            return
+
+
+async def _answer_ui(store: MongoEventStore, stream: StreamRef, request: Record) -> None:
+    """Ask the terminal for a UI request's answer (JSON; a choice's option as plain text) until it is valid."""
+    props = request.data["props"]
+    if request.data["component"] == "form":
+        click.echo(f"form: {json.dumps(props.get('schema'))}")
+    elif request.data["component"] == "choice":
+        click.echo(f"options: {', '.join(map(str, props.get('options') or []))}")
+    while True:
+        text = await asyncio.to_thread(click.prompt, "answer (JSON)", default="", show_default=False)
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            answer = text
+        outcome = UiResponded(request_id=request.data["request_id"], answer=answer, user_id=stream.user_id)
+        try:
+            await record_outcome(
+                store, stream, outcome.request_id, outcome, tools={}, live_run=request.run_id
+            )
+            return
+        except InvalidAnswer as exc:
+            click.echo(f"not recorded: {exc}")
+        except UiRequestClosed as exc:  # it expired meanwhile
+            click.echo(str(exc))
             return
 
 

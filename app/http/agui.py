@@ -2,7 +2,8 @@
 
 `RunAgentInput` in, `text/event-stream` of AG-UI events out, types and encoding from the official
 `ag-ui-protocol` package. `threadId` is the chat id. An AG-UI run is a stretch of the chat's log:
-it starts at the client's turn (its `message.user`, or the `input.requested` its `resume` answers)
+it starts at the client's turn (its `message.user`, the `input.requested` its `resume` answers, or an
+AgentDriven workflow's hidden `initial_message` for a new thread sent without a user message)
 and ends at the next `run.completed` / `run.failed` / `run.stopped`, or at an `input.requested`,
 which ends the AG-UI run with an interrupt outcome (the AG2 run waits on; the next AG-UI run's
 `resume` answers it). The events are derived from the log's visible records only, through the
@@ -65,20 +66,24 @@ from litestar.response import Stream
 
 from app.http import codes
 from app.http.auth import Principal
+from app.http.budgets import refuse_over_budget
 from app.http.controllers import owned_chat
 from app.http.errors import Refused, error_responses
 from app.hub import LiveHub, Overflowed
 from app.runs.orchestrator import Orchestrator
 from app.runs.supervisor import NoActiveRun, RunSupervisor, chat_state
+from app.runs.ui import WAITING, read_ledger
+from app.runs.workflows import UnknownWorkflow
 from app.settings import Settings
 from domain.errors import Conflict
-from domain.events import Record
+from domain.events import Record, StreamRef
 from domain.store import MongoEventStore, ReplayDone
 
 log = structlog.get_logger("mozaiks.agui")
 
 _encoder: Final = EventEncoder()
 INPUT_REASON: Final = "input_required"
+UI_REASON: Final = "ui_required"
 # What an answer to one of our interrupts is: the text the agent asked for.
 ANSWER_SCHEMA: Final = {"type": "string"}
 
@@ -100,6 +105,18 @@ def _call_id(record: Record) -> str:
 
 def _pointer(key: str) -> str:
     return "/" + key.replace("~", "~0").replace("/", "~1")
+
+
+def answer_schema(request: dict[str, Any]) -> dict[str, Any]:
+    """The JSON Schema of a UI request's answer: a form's own, a choice's options, a confirm's boolean."""
+    props = request.get("props") or {}
+    match request.get("component"):
+        case "form":
+            return dict(props.get("schema") or {})
+        case "choice":
+            return {"type": "string", "enum": list(props.get("options") or [])}
+        case _:
+            return {"type": "boolean"}
 
 
 def state_at(records: Iterable[Record]) -> dict[str, Any]:
@@ -304,6 +321,28 @@ class RunTranslator:
         )
         return [*self._close_all(record), finish]
 
+    def ui_requested(self, record: Record) -> list[BaseEvent]:
+        """A form, choice or confirm ends the AG-UI run with an interrupt on its tool call (the call's
+        TOOL_CALL_START/ARGS/END came from its `tool.called`); an artifact is a CUSTOM event."""
+        data = record.data
+        if data.get("component") not in WAITING:
+            return self.custom(record)
+        props = data.get("props") or {}
+        question = Interrupt(
+            id=str(data["request_id"]),
+            reason=UI_REASON,
+            message=str(props.get("title") or props.get("question") or "") or None,
+            tool_call_id=str(data.get("tool_call_id") or "") or None,
+            response_schema=answer_schema(data),
+            expires_at=data.get("expires_at"),
+            metadata={"component": data.get("component"), "mode": data.get("mode"), "tool": data.get("tool")},
+        )
+        outcome = RunFinishedInterruptOutcome(interrupts=[question])
+        finish = RunFinishedEvent(
+            thread_id=self.thread_id, run_id=self.run_id, outcome=outcome, timestamp=_ms(record)
+        )
+        return [*self._close_all(record), finish]
+
     def completed(self, record: Record) -> list[BaseEvent]:
         finish = RunFinishedEvent(
             thread_id=self.thread_id,
@@ -341,12 +380,17 @@ TRANSLATIONS: Final[dict[str, Translation]] = {
     "context.updated": RunTranslator.context,
     "handoff": RunTranslator.custom,
     "speaker.selected": RunTranslator.custom,
+    "child.started": RunTranslator.custom,
+    "child.completed": RunTranslator.custom,
     "input.requested": RunTranslator.interrupt,
+    "ui.requested": RunTranslator.ui_requested,
+    "ui.responded": RunTranslator.custom,
+    "ui.expired": RunTranslator.custom,
     "run.completed": RunTranslator.completed,
     "run.stopped": RunTranslator.stopped,
     "run.failed": RunTranslator.failed,
 }
-_ENDS: Final = frozenset({"input.requested", "run.completed", "run.stopped", "run.failed"})
+_ENDS: Final = frozenset({"input.requested", "ui.requested", "run.completed", "run.stopped", "run.failed"})
 _TURN_TYPES: Final = frozenset({"message.user", "message.agent", "tool.called", "tool.result"})
 
 
@@ -460,6 +504,29 @@ def _new_turn(run: RunAgentInput) -> tuple[str, str]:
     )
 
 
+def _has_user_message(run: RunAgentInput) -> bool:
+    return any(isinstance(message, UserMessage) for message in run.messages)
+
+
+def _agent_driven(orchestrator: Orchestrator, workflow: str) -> bool:
+    """Whether `workflow` starts with no user message (False for an unknown one: create_chat names it)."""
+    try:
+        return orchestrator.workflows.get(workflow).agent_driven
+    except UnknownWorkflow:
+        return False
+
+
+async def _opening_turn(store: MongoEventStore, chat_id: str, message_id: str | None) -> int:
+    """The seq a new chat's first AG-UI run starts at: the client's message, or (AgentDriven, no
+    message) the workflow's hidden initial message, after which the agent speaks first."""
+    if message_id is None:
+        turn = await _first(store, chat_id, "message.user", "origin", "initial_message")
+    else:
+        turn = await _first(store, chat_id, "message.user", "message_id", message_id)
+    assert turn is not None
+    return turn.seq
+
+
 def _answer_text(entry: ResumeEntry) -> str:
     payload = entry.payload
     if isinstance(payload, str):
@@ -484,7 +551,15 @@ async def _resume(
     chat_id: str,
     entries: list[ResumeEntry],
 ) -> int:
-    """Answer the interrupt the entries address; the run restarts from its `input.requested`."""
+    """Answer the interrupt the entries address; the run restarts from its `input.requested` (or `ui.requested`)."""
+    ledger = await read_ledger(store, chat_id)
+    for entry in entries:
+        if entry.interrupt_id in ledger.exchanges:
+            if entry.status == "cancelled":
+                with contextlib.suppress(NoActiveRun):
+                    await supervisor.stop(chat_id, by=principal.user_id)
+                return ledger.exchanges[entry.interrupt_id].record.seq
+            return await _answer_ui(store, supervisor, principal, chat_id, entry.interrupt_id, entry.payload)
     state = await chat_state(store, chat_id)
     entry = next((e for e in entries if e.interrupt_id == state.open_request), entries[0])
     asked = await _first(store, chat_id, "input.requested", "request_id", entry.interrupt_id)
@@ -500,6 +575,31 @@ async def _resume(
             await supervisor.post_message(chat_id, _answer_text(entry), request_id=entry.interrupt_id)
     # else: answered already (a repeated request), so only its run is streamed again.
     return asked.seq
+
+
+async def _answer_ui(
+    store: MongoEventStore,
+    supervisor: RunSupervisor,
+    principal: Principal,
+    chat_id: str,
+    request_id: str,
+    answer: Any,
+) -> int:
+    """Answer a UI request (a `resume` entry or a `tool` message: this one path, validated like any
+    answer); the AG-UI run restarts from its `ui.requested`. A repeated request records nothing."""
+    exchange = (await read_ledger(store, chat_id)).get(chat_id, request_id)
+    if exchange.outcome is None:
+        await supervisor.answer_ui(chat_id, request_id, answer, principal.user_id)
+    return exchange.record.seq
+
+
+def _tool_answer(message: ToolMessage) -> Any:
+    """A `tool` message's answer: its content as JSON when it is JSON (a form's object, true), else the text."""
+    text = _text_of(message.content)
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 async def begin(
@@ -520,7 +620,14 @@ async def begin(
             raise Refused(
                 400, codes.BAD_REQUEST, "state: a new chat's state must be an object (its context variables)"
             )
-        message_id, text = _new_turn(run)
+        # An AgentDriven workflow starts with no user message (its agent speaks first).
+        agent_driven = _agent_driven(orchestrator, workflow) and not _has_user_message(run)
+        message_id, text = (None, None) if agent_driven else _new_turn(run)
+        # A spent budget (the app's or the user's) refuses (429) before anything is recorded.
+        await refuse_over_budget(
+            orchestrator,
+            StreamRef(chat_id=chat_id, app_id=principal.app_id, user_id=principal.user_id, workflow=workflow),
+        )
         try:
             stream = await orchestrator.create_chat(
                 workflow=workflow,
@@ -534,9 +641,7 @@ async def begin(
         except Conflict:  # the same thread started by a concurrent request: continue it instead
             return await begin(store, orchestrator, supervisor, principal, workflow, run)
         await supervisor.start(stream)
-        turn = await _first(store, chat_id, "message.user", "message_id", message_id)
-        assert turn is not None
-        return turn.seq
+        return await _opening_turn(store, chat_id, message_id)
     await owned_chat(store, principal, chat_id, control=True)
     if first.workflow != workflow:
         raise Refused(
@@ -546,6 +651,20 @@ async def begin(
         )
     if run.resume:
         return await _resume(store, supervisor, principal, chat_id, run.resume)
+    if run.messages and isinstance(last := run.messages[-1], ToolMessage):
+        # The answer to a UI tool's call, as a tool message for its toolCallId.
+        calls = {e.request.tool_call_id: e for e in (await read_ledger(store, chat_id)).exchanges.values()}
+        exchange = calls.get(last.tool_call_id)
+        if exchange is None:
+            raise Refused(
+                404,
+                codes.UNKNOWN_REQUEST,
+                f"messages: chat {chat_id} has no UI request for tool call {last.tool_call_id!r}",
+            )
+        request_id = exchange.request.request_id
+        return await _answer_ui(store, supervisor, principal, chat_id, request_id, _tool_answer(last))
+    if _agent_driven(orchestrator, workflow) and not _has_user_message(run):
+        return await _opening_turn(store, chat_id, None)  # the AgentDriven start, repeated
     message_id, text = _new_turn(run)
     repeated = await _first(store, chat_id, "message.user", "message_id", message_id)
     if repeated is not None:
@@ -557,6 +676,8 @@ async def begin(
             codes.INTERRUPT_PENDING,
             f"thread {chat_id} waits for an answer to interrupt {waiting}: send it in resume",
         )
+    stream = StreamRef(chat_id=chat_id, app_id=first.app_id, user_id=first.user_id, workflow=first.workflow)
+    await refuse_over_budget(orchestrator, stream)  # 429 when the chat, its app or its user spent its budget
     record = await supervisor.post_message(chat_id, text, message_id=message_id)
     return record.seq
 

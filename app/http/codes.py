@@ -32,12 +32,20 @@ RUN_ACTIVE: Final = "run_active"  # 409: the chat has a run going
 NO_ACTIVE_RUN: Final = "no_active_run"  # 409: nothing to stop
 TOO_LARGE: Final = "too_large"  # 413: body over MOZAIKS_MAX_BODY_BYTES
 RATE_LIMITED: Final = "rate_limited"  # 429: too many chat starts; see RateLimit-Reset
+BUDGET_EXCEEDED: Final = (
+    "budget_exceeded"  # 429: a chat, app or user budget is spent; Retry-After for daily ones
+)
 CORRUPT_RECORD: Final = "corrupt_record"  # 500: a stored record cannot be read
 INTERNAL: Final = "internal_error"  # 500: a bug; the server log has the details
 NOT_READY: Final = "not_ready"  # 503
 UNKNOWN_INTERRUPT: Final = "unknown_interrupt"  # 404 (AG-UI): a resume entry names no interrupt of the chat
 WRONG_WORKFLOW: Final = "wrong_workflow"  # 409 (AG-UI): the thread is a chat of another workflow
 INTERRUPT_PENDING: Final = "interrupt_pending"  # 409 (AG-UI): answer the open interrupt with `resume` first
+UNKNOWN_REQUEST: Final = "unknown_request"  # 404: the chat has no UI request of that id
+REQUEST_CLOSED: Final = "request_closed"  # 409: the UI request was answered, has expired, or is an artifact
+INVALID_ANSWER: Final = (
+    "invalid_answer"  # 422: the answer does not fit the UI request (`fields` names the JSON path)
+)
 NODE_BUSY: Final = "node_busy"  # 503: the node runs MOZAIKS_MAX_ACTIVE_RUNS runs; see Retry-After
 STORAGE_UNAVAILABLE: Final = "storage_unavailable"  # 503: the database does not answer; see Retry-After
 BAD_FRAME: Final = "bad_frame"  # socket only: a client frame that does not decode
@@ -47,7 +55,8 @@ ERROR_CODES: Final = (
     BAD_REQUEST, UNAUTHORIZED, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, WRONG_AUDIENCE, WRONG_ISSUER, UNKNOWN_KEY,
     BAD_SIGNATURE, ALGORITHM_NOT_ALLOWED, IDENTITY_UNAVAILABLE, FORBIDDEN, NOT_FOUND, UNKNOWN_CHAT, UNKNOWN_WORKFLOW, METHOD_NOT_ALLOWED,
     CONFLICT, RUN_ACTIVE, NO_ACTIVE_RUN, TOO_LARGE, RATE_LIMITED, CORRUPT_RECORD, INTERNAL, NOT_READY,
-    UNKNOWN_INTERRUPT, WRONG_WORKFLOW, INTERRUPT_PENDING, NODE_BUSY, STORAGE_UNAVAILABLE, BAD_FRAME, ERROR,
+    UNKNOWN_INTERRUPT, WRONG_WORKFLOW, INTERRUPT_PENDING, UNKNOWN_REQUEST, REQUEST_CLOSED, INVALID_ANSWER, NODE_BUSY, STORAGE_UNAVAILABLE, BAD_FRAME, ERROR,
+    BUDGET_EXCEEDED,
 )  # fmt: skip
 
 # ---- WebSocket close codes (4000-4999 are the application's own)

@@ -25,6 +25,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from app.http import views
 from app.http.auth import Principal, TokenVerifier, require_role
+from app.http.budgets import refuse_over_budget
 from app.http.errors import error_responses
 from app.runs.orchestrator import Orchestrator
 from app.runs.supervisor import RunSupervisor
@@ -33,7 +34,7 @@ from app.settings import Settings
 from domain.anchors import AnchorBook, judge
 from domain.chain import ChainCheck, Verification
 from domain.errors import UnknownChat
-from domain.events import EVENT_TYPES, Record
+from domain.events import EVENT_TYPES, Record, StreamRef
 from domain.model_io import PartStore, check_calls
 from domain.store import MongoEventStore
 from projections import queries
@@ -210,6 +211,12 @@ class ChatController(Controller):
         created without a message has no run (`run_id` null) until its first message arrives.
         """
         principal = request.user
+        workflow = orchestrator.workflows.get(data.workflow).name
+        # A spent daily budget refuses (429) before anything is recorded.
+        await refuse_over_budget(
+            orchestrator,
+            StreamRef(chat_id="", app_id=principal.app_id, user_id=principal.user_id, workflow=workflow),
+        )
         starts = data.message is not None or orchestrator.workflows.get(data.workflow).agent_driven
         # A full node refuses (503) a chat that would run, before recording anything.
         with supervisor.admission() if starts else contextlib.nullcontext():
@@ -258,7 +265,7 @@ class ChatController(Controller):
     @post(
         "/{chat_id:str}/messages",
         status_code=HTTP_202_ACCEPTED,
-        responses=error_responses(400, 401, 403, 404, 409, 413, 503),
+        responses=error_responses(400, 401, 403, 404, 409, 413, 429, 503),
     )
     async def send_message(
         self,
@@ -267,9 +274,16 @@ class ChatController(Controller):
         data: SendMessage,
         store: MongoEventStore,
         supervisor: RunSupervisor,
+        orchestrator: Orchestrator,
     ) -> views.MessageAccepted:
         """Answer the chat's open input request, or continue a finished chat with a new turn."""
-        await owned_chat(store, request.user, chat_id, control=True)
+        first = await owned_chat(store, request.user, chat_id, control=True)
+        stream = StreamRef(
+            chat_id=chat_id, app_id=first.app_id, user_id=first.user_id, workflow=first.workflow
+        )
+        await refuse_over_budget(
+            orchestrator, stream
+        )  # 429 when the chat, its app or its user spent its budget
         recorded = await supervisor.send_message(chat_id, data.message, request_id=data.request_id)
         return views.MessageAccepted(chat_id=chat_id, recorded=recorded)
 

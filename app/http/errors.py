@@ -20,7 +20,9 @@ from pymongo.errors import ConnectionFailure
 
 from app.http import codes
 from app.http.auth import IdentityUnavailable, TokenRefused
+from app.runs.budgets import BudgetReached
 from app.runs.supervisor import NoActiveRun, NodeBusy, RunActive
+from app.runs.ui import InvalidAnswer, UiRequestClosed, UnknownUiRequest
 from app.runs.workflows import UnknownWorkflow
 from domain.errors import Conflict, CorruptRecord, StorageUnavailable, UnknownChat
 
@@ -59,10 +61,14 @@ _CODE_BY_STATUS: Final[Mapping[int, str]] = {
 # The runtime's own errors: status and code.
 _DOMAIN: Final[Mapping[type[Exception], tuple[int, str]]] = {
     UnknownChat: (404, codes.UNKNOWN_CHAT),
+    BudgetReached: (429, codes.BUDGET_EXCEEDED),
     UnknownWorkflow: (404, codes.UNKNOWN_WORKFLOW),
     Conflict: (409, codes.CONFLICT),
     RunActive: (409, codes.RUN_ACTIVE),
     NoActiveRun: (409, codes.NO_ACTIVE_RUN),
+    UnknownUiRequest: (404, codes.UNKNOWN_REQUEST),
+    UiRequestClosed: (409, codes.REQUEST_CLOSED),
+    InvalidAnswer: (422, codes.INVALID_ANSWER),
     NodeBusy: (503, codes.NODE_BUSY),
     CorruptRecord: (500, codes.CORRUPT_RECORD),
     # The database does not answer: past the store's retry budget, or a read that found no server.
@@ -133,9 +139,15 @@ def _domain_error(request: Request[Any, Any, Any], exc: Exception) -> Response[E
     headers: dict[str, str] | None = None
     if isinstance(exc, NodeBusy):
         headers = {"Retry-After": str(exc.retry_after_s)}
+    elif isinstance(exc, BudgetReached):
+        seconds = exc.exceeded.retry_after_s()
+        headers = {"Retry-After": str(seconds)} if seconds is not None else None
     elif code in (codes.STORAGE_UNAVAILABLE, codes.IDENTITY_UNAVAILABLE):
         headers = {"Retry-After": str(STORAGE_RETRY_AFTER_S)}
-    return _response(status, ErrorBody(error=code, detail=str(exc)), headers)
+    fields = None
+    if isinstance(exc, InvalidAnswer):  # the failing JSON path of the answer, like any invalid field
+        fields = [FieldProblem(name=exc.path, message=exc.message, source="body")]
+    return _response(status, ErrorBody(error=code, detail=str(exc), fields=fields), headers)
 
 
 def _refused(request: Request[Any, Any, Any], exc: Refused) -> Response[ErrorBody]:
@@ -161,9 +173,11 @@ _DESCRIPTIONS: Final[Mapping[int, str]] = {
     401: "No bearer token, or an invalid one",
     403: "Not yours, or a role is missing",
     404: "No such chat, workflow or document",
-    409: "The chat's state forbids it (a run is going, or none is)",
+    409: "The chat's state forbids it (a run is going, or none is; a UI request already closed)",
+    422: "The answer does not fit the UI request (`fields` names the failing JSON path)",
     413: "The body is too large",
-    429: "Too many chat starts; RateLimit-Reset says when to retry",
+    429: "Too many chat starts (`rate_limited`; RateLimit-Reset says when to retry), or a budget is spent "
+    "(`budget_exceeded`; Retry-After for daily limits)",
     500: "A stored record cannot be read, or a bug",
     503: "The node runs MOZAIKS_MAX_ACTIVE_RUNS runs (`node_busy`), or the database does not answer "
     "(`storage_unavailable`); Retry-After says when to retry",

@@ -33,6 +33,8 @@ from app.http.agui import run_agent
 from app.http.analytics import SeriesController
 from app.http.audit import AuditController, anchor_key
 from app.http.auth import BearerAuthMiddleware, TokenVerifier, token_from
+from app.http.budgets import BudgetController
+from app.http.children import ChatTreeController
 from app.http.controllers import (
     ChatController,
     HealthController,
@@ -45,6 +47,7 @@ from app.http.docs import SchemaPage
 from app.http.errors import EXCEPTION_HANDLERS
 from app.http.replay import ReplayController
 from app.http.transport import chat_socket
+from app.http.ui import answer_ui_request
 from app.hub import LiveHub
 from app.observability import watch_projection_lag, watch_runs
 from app.runs.orchestrator import Orchestrator
@@ -269,12 +272,15 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             ChatController,
             MetricsController,
             AuditController,
+            ChatTreeController,
             ReplayController,
             SeriesController,
+            BudgetController,
             HealthController,
             prometheus_metrics,
             chat_socket,
             run_agent,
+            answer_ui_request,
             create_static_files_router(path="/static", directories=[STATIC]),
         ],
         lifespan=[

@@ -1,7 +1,7 @@
 """WebSocket transport: `/ws/chats/{chat_id}?after=SEQ` replays what the client missed, then goes live.
 
 Server frames: `event`, `replay.done`, `heartbeat`, `error`. Client frames: `user.message`,
-`input.response`, `chat.stop`, `pong`. The log is the buffer: a client that reconnects with the
+`input.response`, `ui.response`, `chat.stop`, `pong`. The log is the buffer: a client that reconnects with the
 last seq it rendered gets every visible event after it exactly once, in order.
 """
 
@@ -20,6 +20,7 @@ from litestar.exceptions import NotAuthorizedException, WebSocketDisconnect
 
 from app.http import codes
 from app.http.auth import SUBPROTOCOL_PREFIX, IdentityUnavailable, Principal, authenticate
+from app.http.budgets import refuse_over_budget
 from app.http.codes import (
     CLOSE_BAD_REQUEST,
     CLOSE_FORBIDDEN,
@@ -36,7 +37,7 @@ from app.observability import REPLAY_SIZE, WS_CLIENTS, WS_CLOSED
 from app.runs.supervisor import RunSupervisor
 from app.settings import Settings
 from domain.errors import MozaiksError
-from domain.events import Record, now
+from domain.events import Record, StreamRef, now
 from domain.store import MongoEventStore, ReplayDone
 
 log = structlog.get_logger("mozaiks.transport")
@@ -83,6 +84,11 @@ class InputResponse(ClientFrame, tag="input.response", frozen=True, kw_only=True
     text: str
 
 
+class UiResponse(ClientFrame, tag="ui.response", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    request_id: str
+    answer: Any = None
+
+
 class ChatStop(ClientFrame, tag="chat.stop", frozen=True, kw_only=True, forbid_unknown_fields=True):
     pass
 
@@ -92,7 +98,7 @@ class Pong(ClientFrame, tag="pong", frozen=True, kw_only=True, forbid_unknown_fi
 
 
 _encode = msgspec.json.Encoder().encode
-_decode_client = msgspec.json.Decoder(UserMessage | InputResponse | ChatStop | Pong).decode
+_decode_client = msgspec.json.Decoder(UserMessage | InputResponse | UiResponse | ChatStop | Pong).decode
 
 
 _FRAME_CACHE_SIZE: Final = 4096
@@ -219,9 +225,17 @@ class ChatConnection:
         try:
             match frame:
                 case UserMessage(text=text):
+                    # A spent budget refuses a new turn (error frame `budget_exceeded`, as REST's 429).
+                    first = self.chat
+                    stream = StreamRef(
+                        chat_id=chat_id, app_id=first.app_id, user_id=first.user_id, workflow=first.workflow
+                    )
+                    await refuse_over_budget(supervisor.orchestrator, stream)
                     await supervisor.send_message(chat_id, text)
                 case InputResponse(request_id=request_id, text=text):
                     await supervisor.send_message(chat_id, text, request_id=request_id)
+                case UiResponse(request_id=request_id, answer=answer):
+                    await supervisor.answer_ui(chat_id, request_id, answer, self.principal.user_id)
                 case ChatStop():
                     # The socket streams the run's end itself; waiting for it here would stop this loop
                     # reading (pongs too) and keep a closed client's connection open for up to STOP_WAIT_S.

@@ -12,8 +12,11 @@ import msgspec
 from autogen import ConversableAgent, LLMConfig
 from autogen.agentchat.group import (
     AgentTarget,
+    ContextExpression,
     ContextVariables,
+    ExpressionContextCondition,
     OnCondition,
+    OnContextCondition,
     RevertToUserTarget,
     StayTarget,
     StringLLMCondition,
@@ -29,6 +32,7 @@ from autogen.oai.client import PlaceHolderClient
 from pydantic import PrivateAttr
 
 from app.runs.clients import CLIENT_CLASS_NAME, MozaiksModelClient
+from app.runs.ui import UiDesk, register_ui_tool
 from app.runs.workflows import GROUP_MANAGER, Tool, Workflow
 from domain.manifest import AgentSpec
 
@@ -83,6 +87,8 @@ class ContextNote(msgspec.Struct, frozen=True):
     """Context variables a tool changed (becomes a `context.updated` record); None = removed."""
 
     variables: dict[str, Any]
+    # The values before the tool ran (None: absent).
+    old: dict[str, Any] = {}
 
 
 def bind_tool(
@@ -94,6 +100,7 @@ def bind_tool(
     changed is emitted as a ContextNote right after the call (so before AG2's tool-result event).
     """
     function = tool.function
+    assert function is not None  # UI tools are registered by `register_ui_tool`
     signature = inspect.signature(function)
     if "context" not in signature.parameters:
         return function
@@ -108,7 +115,7 @@ def bind_tool(
             changed = {k: v for k, v in after.items() if k not in before or before[k] != v}
             changed.update({k: None for k in before if k not in after})
             if changed and emit is not None:
-                emit(ContextNote(changed))
+                emit(ContextNote(changed, {k: before.get(k) for k in changed}))
 
     with_context.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[p for name, p in signature.parameters.items() if name != "context"]
@@ -190,10 +197,14 @@ def build_team(
     context: ContextVariables,
     default_model: str,
     emit: Callable[[Any], None] | None = None,
+    guard_tool: Callable[[str, Callable[..., Any]], Callable[..., Any]] | None = None,
+    children: Callable[[Tool], Callable[..., Any]] | None = None,
     choose: Callable[[list[str]], str] | None = None,
+    ui: UiDesk | None = None,
 ) -> Team:
     """Build the workflow's agents (tools only from tools.json), handoffs and AG2 pattern.
 
+    `guard_tool(name, function)` may wrap each tool (the workflow's hooks, app/runs/hooks.py).
     `choose` makes the Random pattern's choices (a replay's: the original's speakers), else AG2 does.
     """
     agents: dict[str, ConversableAgent] = {}
@@ -219,8 +230,14 @@ def build_team(
         keep_client_registered(agent, client_cls)
         for name in spec.tools:
             tool = workflow.tools[name]
+            if tool.spec.ui is not None:
+                if ui is not None:
+                    register_ui_tool(agent, tool, ui)
+                continue
+            # A child-workflow tool (tools.json `workflow`) is bound to the run (app/runs/children.py).
+            function = children(tool) if tool.spec.workflow and children else bind_tool(tool, context, emit)
             agent.register_for_llm(name=name, description=tool.description, silent_override=True)(
-                bind_tool(tool, context, emit)
+                guard_tool(name, function) if guard_tool is not None else function
             )
         agents[spec.name] = agent
 
@@ -241,6 +258,13 @@ def build_team(
         if spec.type == "user":
             continue
         agent = agents[spec.name]
+        for rule in spec.handoffs.context_conditions:
+            agent.handoffs.add_context_condition(
+                OnContextCondition(
+                    target=target(rule.target),
+                    condition=ExpressionContextCondition(expression=ContextExpression(rule.expression)),
+                )
+            )
         for condition in spec.handoffs.llm_conditions:
             agent.handoffs.add_llm_condition(
                 OnCondition(

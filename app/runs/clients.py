@@ -518,6 +518,8 @@ class Ledger:
         self._lock = threading.Lock()
         # Set when the run is over: a call waiting to retry gives up instead of calling again.
         self.closed = threading.Event()
+        # Called before each call with the agent's name; raises to refuse it (budgets, app/runs/budgets.py).
+        self.gate: Callable[[str], None] | None = None
 
     def complete(
         self, agent: str, model: str, params: dict[str, Any], *, stream_text: bool = True
@@ -526,6 +528,8 @@ class Ledger:
 
         `stream_text=False`: the reply's text is not handed on as it arrives (its timing still is).
         """
+        if self.gate is not None:
+            self.gate(agent)
         backend = self.backend
         # Each try streams as a message of its own (`begin`): a failed try's text stays an incomplete message.
         stream = TextStream(agent, self.text if stream_text else None)

@@ -26,6 +26,8 @@ from pymongo.errors import PyMongoError
 
 import tools
 from app.runs.agents import ContextNote, Team, build_team
+from app.runs.budgets import BudgetBook, count_stop
+from app.runs.children import ChildDesk, ChildLauncher, ChildNote
 from app.runs.clients import (
     Backend,
     LlmCallNote,
@@ -35,19 +37,24 @@ from app.runs.clients import (
     ScriptedBackend,
     TextChunk,
 )
+from app.runs.hooks import Cause, Causes, ContextChange, HookNote, HookRunner, expression_of
 from app.runs.pool import model_calls
 from app.runs.recorder import RunMapper
 from app.runs.structured import OutputRejected, StructuredLedger, StructuredReply
+from app.runs.ui import UiDesk, UiNote, exchange_messages, fold_exchanges, record_outcome
 from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
+from domain.budgets import Exceeded
 from domain.cancellation import raise_if_cancelling
 from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownChat
 from domain.events import (
     ChatCreated,
+    Handoff,
     InputReceived,
     LlmCall,
     MessageUser,
     OutputInvalid,
+    ParentRef,
     Pending,
     Record,
     RunCompleted,
@@ -55,8 +62,10 @@ from domain.events import (
     RunStarted,
     RunStopped,
     StreamRef,
+    UiExpired,
     new_id,
 )
+from domain.hooks import HookFailed
 from domain.model_io import PartStore
 from domain.store import MongoEventStore
 
@@ -118,6 +127,8 @@ def failure_reason(error: BaseException) -> str:
             return "storage"
         if isinstance(seen, ModelUnavailable):
             return "model"
+        if isinstance(seen, HookFailed):
+            return "hook"
         if isinstance(seen, OutputRejected):
             return "output"
         tb = seen.__traceback__
@@ -153,6 +164,10 @@ class Orchestrator:
         self.reports: OrderedDict[str, RunReport] = OrderedDict()
         self.sessions: dict[str, _RunSession] = {}
         self._openai: OpenAIBackend | None = None
+        # Budgets (app/runs/budgets.py): the node's limits and the spend it knows.
+        self.budgets = BudgetBook(store.db, settings)
+        # Starts and stops child workflows (set by the run supervisor; None: child tools answer an error).
+        self.children: ChildLauncher | None = None
         # Model I/O parts (MOZAIKS_RECORD_MODEL_IO=full), stored before the llm.call that names them.
         self.parts = PartStore(store.db, store.retry)
 
@@ -183,6 +198,7 @@ class Orchestrator:
         context: dict[str, Any] | None = None,
         chat_id: str | None = None,
         message_id: str | None = None,
+        parent: ParentRef | None = None,
     ) -> StreamRef:
         """Start a chat's log: `chat.created` (context = workflow defaults + `context`), the workflow's
         `initial_message` (a hidden `message.user`, data.origin "initial_message"), then `message`.
@@ -195,7 +211,9 @@ class Orchestrator:
         events = [
             Pending(
                 event=ChatCreated(
-                    context={**loaded.context, **(context or {})}, offline=self.settings.offline
+                    context={**loaded.context, **(context or {})},
+                    offline=self.settings.offline,
+                    parent=parent,
                 )
             )
         ]
@@ -354,14 +372,23 @@ def hashes_only(pending: Pending) -> Pending:
 
 
 def conversation(history: list[Record], user_name: str | None) -> str | list[dict[str, Any]]:
-    """The chat so far as AG2 messages: user text, agents' messages, answers to input requests.
+    """The chat so far as AG2 messages: user text, agents' messages, answers to input requests, and
+    each UI tool call with its result (the user's answer), in place.
 
     User messages carry the workflow's user agent name when it has one; AG2 rejects any other
     name that is not a group agent, so without a user agent they go unnamed.
     """
     messages: list[dict[str, Any]] = []
     user = {"name": user_name} if user_name else {}
+    answered = {
+        exchange.result.id: exchange
+        for exchange in fold_exchanges(history).values()
+        if exchange.result is not None and exchange.called is not None and exchange.called.agent
+    }
     for record in history:
+        if record.id in answered:
+            messages.extend(exchange_messages(answered[record.id]))
+            continue
         match record.type:
             case "message.user":
                 messages.append({"role": "user", **user, "content": record.data["content"]})
@@ -421,8 +448,48 @@ class _RunSession:
         self.stop_by: str | None = None
         self.stop_logged = False
         self.ended_by_other: str | None = None
+        # Hooks (app/runs/hooks.py): a hook that failed ends the run run.failed (reason hook).
+        self.hook_failure: HookFailed | None = None
+        # Budgets: the limit reached before a model call ends the run run.stopped (reason budget).
+        self.budget_stop: Exceeded | None = None
+        self.causes = Causes(self.run_id)
+        self.hooks: HookRunner | None = None
         # Model I/O parts of the llm.call records not appended yet (hash -> canonical JSON).
         self.parts: dict[str, bytes] = {}
+        self.ui: UiDesk | None = None
+
+    async def expire_request(self, request_id: str) -> None:
+        """Record that a UI request of this run expired, unless the log has closed it already."""
+        with contextlib.suppress(MozaiksError):
+            await record_outcome(
+                self.o.store,
+                self.stream,
+                request_id,
+                UiExpired(request_id=request_id),
+                tools=self.workflow.tools,
+                live_run=self.run_id,
+            )
+
+    def budget_reached(self, exceeded: Exceeded) -> None:
+        """A limit was reached before a model call: stop the run (reason budget)."""
+        if self.budget_stop is None:
+            self.budget_stop = exceeded
+            count_stop(exceeded)
+            log.info(
+                "run.budget_reached", chat_id=self.stream.chat_id, run_id=self.run_id, limit=exceeded.limit
+            )
+        self.stop.set()
+
+    def stopped_by_budget(self) -> Pending:
+        exceeded = self.budget_stop
+        assert exceeded is not None
+        return self.terminal(RunStopped(reason="budget", budget=exceeded.data()))
+
+    def hook_failed(self, failure: HookFailed) -> None:
+        """A hook raised or timed out: stop AG2 and end the run failed (reason hook)."""
+        if self.hook_failure is None:
+            self.hook_failure = failure
+        self.stop.set()
 
     async def store_parts(self, pendings: list[Pending]) -> list[Pending]:
         """Store the model I/O parts of the calls in `pendings` (one insert of the new ones).
@@ -442,14 +509,23 @@ class _RunSession:
 
     async def append(self, pendings: list[Pending]) -> None:
         """Record a burst of the run's events; past the retry budget the run ends as failed (storage)."""
+        pendings = await self.with_causes(pendings)
         if not pendings:
             return
         pendings = await self.store_parts(pendings)
         try:
-            await self.o.store.append(self.stream, pendings, expected_seq=None)
+            records = await self.o.store.append(self.stream, pendings, expected_seq=None)
         except StorageUnavailable as exc:
             failed = self.terminal(RunFailed(error=str(exc), reason="storage"))
             raise RunNotRecorded([*pendings, failed], exc) from exc
+        self.causes.appended(records)
+
+    async def with_causes(self, pendings: list[Pending]) -> list[Pending]:
+        """Append the records that `context.updated`s of this burst name as causes, so their seqs are known."""
+        while (cut := self.causes.unresolved(pendings)) is not None:
+            await self.append(pendings[:cut])
+            pendings = pendings[cut:]
+        return self.causes.fill(pendings)
 
     async def finish(self, pendings: list[Pending]) -> str:
         """Record the run's last burst ending with its terminal event; returns the terminal type.
@@ -457,6 +533,7 @@ class _RunSession:
         If the run already has a terminal record (another node gave it up for interrupted), that one
         stands and is returned. Past the retry budget, the lease holder keeps trying (RunNotRecorded).
         """
+        pendings = await self.with_causes([*pendings[:-1], *self.causes.release(), pendings[-1]])
         pendings = await self.store_parts(pendings)
         try:
             record = await self.o.store.finish_run(self.stream, self.run_id, pendings)
@@ -492,15 +569,34 @@ class _RunSession:
             first_delay_s=settings.llm_backoff_s,
             max_delay_s=settings.llm_backoff_max_s,
         )
+        budget = await self.o.budgets.open(self.stream, self.workflow.manifest.budget, self.history)
+
+        def report(note: LlmCallNote) -> None:
+            if budget is not None:
+                budget.spent(note)  # counted before the call returns, so the next check sees it
+            emit(note)
+
         ledger = StructuredLedger(
             backend,
             self.workflow.outputs,
-            report=emit,
+            report=report,
             text=stream_text,
             policy=policy,
             record_io=settings.record_model_io,
         )
+        if budget is not None:
+            budget.on_reached = self.budget_reached
+            ledger.gate = budget.check
         context = ContextVariables(data=initial_context(self.workflow, self.history))
+        hooks = self.hooks = HookRunner(
+            stream=self.stream,
+            run_id=self.run_id,
+            hooks=self.workflow.hooks,
+            derived=self.workflow.derived,
+            context=context,
+            timeout_s=settings.hook_timeout_s,
+            on_failure=self.hook_failed,
+        )
         user_agent = next((a.name for a in self.workflow.agents if a.type == "user"), None)
         mapper = RunMapper(
             run_id=self.run_id,
@@ -508,6 +604,7 @@ class _RunSession:
             visual_agents=self.workflow.visual_agents,
             user_agent=user_agent or "_User",
         )
+        self.ui = UiDesk(emit, self.expire_request)
         watcher = asyncio.create_task(self.watch(), name=f"watch-{self.run_id}")
         pump: asyncio.Task[None] | None = None
         response: Any = None
@@ -519,8 +616,14 @@ class _RunSession:
                     context=context,
                     default_model=self.o.settings.openai_model,
                     emit=emit,
+                    guard_tool=lambda name, function: hooks.guard_tool(name, function, emit),
+                    children=self.child_tools(emit),
                     choose=self.o.chooser(self.history),
+                    ui=self.ui,
                 )
+                hooks.wrap_agents(team.agents, emit)
+                if not await self.before_chat(hooks):
+                    return await self.finish([self.failed_by_hook()])
                 with model_calls():  # AG2's run task inherits the mark: its executor work is model calls
                     response = await a_run_group_chat(
                         team.pattern,
@@ -543,6 +646,58 @@ class _RunSession:
                 if task is not None:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
+
+    async def before_chat(self, hooks: HookRunner) -> bool:
+        """user_text derivations of the messages since the last run, then before_chat hooks; False: a hook failed."""
+        notes: list[Any] = []
+        since = max(
+            (r.seq for r in self.history if r.type == "run.started" and r.run_id != self.run_id), default=0
+        )
+        for record in self.history:
+            if record.seq > since and record.type == "message.user":
+                notes += hooks.derive("user_text", record.data.get("content"), Cause(seq=record.seq))
+        last = next((r.data.get("content") for r in reversed(self.history) if r.type == "message.user"), None)
+        try:
+            await hooks.fire("before_chat", notes.append, message=last)
+        except HookFailed:
+            return False
+        finally:
+            await self.append(self.causes.arrange(self.hook_pendings(notes)))
+        return True
+
+    def hook_pendings(self, notes: list[Any]) -> list[Any]:
+        """Hook notes as Pendings of this run (context changes stay for `Causes.arrange`)."""
+        out: list[Any] = []
+        for note in notes:
+            if isinstance(note, HookNote):
+                self.report.runtime_events += 1
+                out.append(Pending(event=note.call, agent=note.agent, run_id=self.run_id, visible=False))
+            else:
+                self.report.runtime_events += 1
+                out.append(note)
+        return out
+
+    def failed_by_hook(self) -> Pending:
+        failure = self.hook_failure
+        assert failure is not None
+        return self.terminal(RunFailed(error=str(failure), reason="hook"))
+
+    def child_tools(self, emit: Callable[[Any], None]) -> Callable[[Any], Callable[..., Any]] | None:
+        """Binds the workflow's child-workflow tools to this run (None outside a supervisor)."""
+        launcher = self.o.children
+        if launcher is None:
+            return None
+        desk = ChildDesk(
+            store=self.o.store,
+            launcher=launcher,
+            create_chat=self.o.create_chat,
+            follow=self.o.follow,
+            parent=self.stream,
+            after=self.started.seq,
+            emit=emit,
+            stopping=self.stop,
+        )
+        return desk.tool
 
     def terminal(self, event: RunCompleted | RunFailed | RunStopped) -> Pending:
         self.report.runtime_events += 1
@@ -568,6 +723,8 @@ class _RunSession:
         getting: asyncio.Task[Any] | None = None
         try:
             while True:
+                if self.hook_failure is not None or self.budget_stop is not None:  # stop AG2 now
+                    return await self.stopped(mapper, response)
                 getting = asyncio.create_task(self.queue.get())
                 await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not getting.done():
@@ -580,6 +737,11 @@ class _RunSession:
                 # Text reaches the recorder once per flush window (the relay held it): record it now.
                 pendings.extend(self.deltas(mapper.flush()))
                 if done is not None:
+                    if done.error is None and self.hook_failure is None and self.hooks is not None:
+                        notes: list[Any] = []
+                        with contextlib.suppress(HookFailed):
+                            await self.hooks.fire("after_chat", notes.append, message=self.summary)
+                        pendings += self.causes.arrange(self.hook_pendings(notes))
                     return await self.finish([*pendings, self.outcome(done, backend)])
                 await self.append(pendings)
                 if request is not None:
@@ -599,7 +761,7 @@ class _RunSession:
         return pendings
 
     def map_batch(self, mapper: RunMapper, batch: list[Any]) -> tuple[list[Pending], Any, _Done | None]:
-        pendings: list[Pending] = []
+        pendings: list[Any] = []  # Pendings, and context changes placed by `Causes.arrange`
         request: Any = None
         done: _Done | None = None
         for item in batch:
@@ -611,10 +773,19 @@ class _RunSession:
             if isinstance(item, _Done):
                 done = item
             elif isinstance(item, ContextNote):
-                pendings.append(mapper.map_context(item))
+                for name, new in item.variables.items():
+                    pendings.append(ContextChange(name, item.old.get(name), new, Cause("tool.called")))
+                    self.report.runtime_events += 1
+            elif isinstance(item, HookNote | ContextChange):
+                pendings.extend(self.hook_pendings([item]))
+            elif isinstance(item, UiNote):
+                pendings.append(mapper.map_ui(item))
                 self.report.runtime_events += 1
             elif isinstance(item, StructuredReply):
                 mapper.structured[item.agent] = item.value
+            elif isinstance(item, ChildNote):
+                pendings.append(mapper.pending(item.event, None, None))
+                self.report.runtime_events += 1
             elif isinstance(item, OutputInvalid):
                 pendings.append(mapper.pending(item, item.agent, None))
                 self.report.runtime_events += 1
@@ -640,11 +811,22 @@ class _RunSession:
                     self.open_requests[str(item.content.uuid)] = asyncio.get_running_loop().create_future()
                 elif getattr(item, "type", None) == "run_completion":
                     self.summary = item.content.summary
-        return pendings, request, done
+                elif isinstance(pending.event, Handoff) and pending.event.kind == "context_condition":
+                    expression = expression_of(
+                        self.workflow.agents, pending.event.source, pending.event.target
+                    )
+                    pendings[-1] = msgspec.structs.replace(
+                        pending, event=msgspec.structs.replace(pending.event, expression=expression)
+                    )
+        return self.causes.arrange(pendings), request, done
 
     def outcome(self, done: _Done, backend: Backend) -> Pending:
         if isinstance(backend, ScriptedBackend):
             self.report.scripted = (backend.calls, backend.prompt_tokens, backend.completion_tokens)
+        if self.hook_failure is not None:
+            return self.failed_by_hook()
+        if self.budget_stop is not None:
+            return self.stopped_by_budget()
         if done.error is None:
             return self.terminal(RunCompleted(summary=self.summary))
         error = done.error
@@ -687,12 +869,17 @@ class _RunSession:
 
     def observe(self, record: Record) -> bool:
         """Act on one record of the chat's log; True when the run is to stop."""
+        if self.ui is not None:
+            self.ui.observe(record)
         if record.type == "input.received":
             received = record.event
             assert isinstance(received, InputReceived)
             future = self.open_requests.get(received.request_id or "")
             if future is None and received.request_id is None and self.open_requests:
                 future = next(iter(self.open_requests.values()))
+            if self.hooks is not None:  # user text may feed derived variables; the answer is their cause
+                for change in self.hooks.derive("user_text", received.text, Cause(seq=record.seq)):
+                    self.queue.put_nowait(change)
             if future is not None and not future.done():
                 future.set_result(received.text)
             elif received.request_id is None:
@@ -734,6 +921,10 @@ class _RunSession:
                 not_recorded=len(pendings),
             )
             return self.ended_by_other
+        if self.hook_failure is not None and not self.stop_logged:
+            return await self.finish([*pendings, self.failed_by_hook()])
+        if self.budget_stop is not None and not self.stop_logged:
+            return await self.finish([*pendings, self.stopped_by_budget()])
         log.info("run.stopped", chat_id=self.stream.chat_id, run_id=self.run_id)
         if self.stop_logged:
             await self.append(pendings)

@@ -11,17 +11,17 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
+import msgspec
 from autogen.agentchat.agent import Agent
 from autogen.agentchat.group.targets.transition_target import TransitionTarget
 from autogen.code_utils import content_str
 from pydantic import BaseModel
 
-from app.runs.agents import ContextNote
 from app.runs.clients import LlmCallNote, TextChunk
+from app.runs.ui import UiNote
 from domain.events import (
     Ag2Event,
     AnyEvent,
-    ContextUpdated,
     Handoff,
     InputRequested,
     MessageAgent,
@@ -107,6 +107,8 @@ class RunMapper:
         self.user_agent = user_agent
         # call_id -> (agent, arguments exactly as the model wrote them), from the tool_call events.
         self.calls: dict[str, tuple[str, str]] = {}
+        # tool name -> the id of its latest call being executed (a UI tool's request names it).
+        self.executing: dict[str, str] = {}
         # agent -> the message its model call is streaming (group agents only).
         self.open: dict[str, OpenMessage] = {}
         # agent -> its last validated structured reply, for the `message.agent` that follows.
@@ -213,6 +215,7 @@ class RunMapper:
                 return self.pending(Ag2Event(name=kind), c.sender, raw, typed=False)
             case "execute_function":
                 agent, arguments = self.calls.get(c.call_id or "", (c.recipient, json.dumps(c.arguments)))
+                self.executing[c.func_name] = c.call_id or ""
                 return self.pending(
                     ToolCalled(tool=c.func_name, call_id=c.call_id or "", arguments=arguments), agent, raw
                 )
@@ -249,6 +252,9 @@ class RunMapper:
                 )
                 return self.pending(Ag2Event(name=kind), agent, raw, typed=False)
 
-    def map_context(self, note: ContextNote) -> Pending:
-        """The runtime's own `context.updated` record for variables a tool changed."""
-        return self.pending(ContextUpdated(variables=note.variables), None, None)
+    def map_ui(self, note: UiNote) -> Pending:
+        """The `ui.requested` of a UI tool's call: after its `tool.called`, always visible (the user answers it)."""
+        call_id = self.executing.get(note.request.tool, "")
+        agent = self.calls.get(call_id, (None, ""))[0]
+        request = msgspec.structs.replace(note.request, tool_call_id=call_id)
+        return Pending(event=request, agent=agent, visible=True, run_id=self.run_id)

@@ -23,10 +23,19 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from app.observability import RUN_OUTCOMES
+from app.runs.children import ChildLauncher, close_children
 from app.runs.orchestrator import Orchestrator, RunNotRecorded, failure_reason
+from app.runs.ui import (
+    UiRequestClosed,
+    UnknownUiRequest,
+    expiry,
+    read_ledger,
+    record_outcome,
+    results_missing,
+)
 from app.settings import Settings
 from domain.cancellation import raise_if_cancelling
-from domain.errors import MozaiksError, StorageUnavailable, UnknownChat
+from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownChat
 from domain.events import (
     TERMINAL_TYPES,
     InputReceived,
@@ -36,6 +45,8 @@ from domain.events import (
     RunFailed,
     RunStopped,
     StreamRef,
+    UiExpired,
+    UiResponded,
     new_id,
 )
 from domain.store import MongoEventStore, with_retries
@@ -139,6 +150,7 @@ class RunSupervisor:
         # it could be), or a lost run is recorded interrupted here: the live trace export
         # (app.telemetry). Must not block.
         self.on_run_end: Callable[[str, str], None] | None = None
+        orchestrator.children = ChildLauncher(start=self.start, stop=self._stop_child)
 
     def _expiry(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self.settings.lease_ttl_s)
@@ -291,7 +303,8 @@ class RunSupervisor:
     async def _interrupt(self, stream: StreamRef, run_id: str, why: str) -> bool:
         """Record `run.failed` (interrupted) for a run nobody runs; False if it already had an end."""
         failed = Pending(event=RunFailed(error=why, reason="interrupted"), run_id=run_id)
-        record = await self.store.finish_run(stream, run_id, [failed])
+        children = await close_children(self.store, stream, run_id, self._end_child)
+        record = await self.store.finish_run(stream, run_id, [*children, failed])
         if record.id == failed.id and self.on_run_end is not None:
             self.on_run_end(stream.chat_id, run_id)  # the node that ended it exports its trace
         return record.id == failed.id
@@ -329,6 +342,79 @@ class RunSupervisor:
             await self.start(state.stream, ended=ended, admitted=True)
         return record
 
+    async def answer_ui(self, chat_id: str, request_id: str, answer: Any, user_id: str | None) -> Record:
+        """Record a user's answer to a UI request (validated first); returns the `ui.responded` record.
+
+        The run waiting in the tool takes it from the log. When that run is gone (its node stopped or
+        died), the tool's result is recorded with the answer and a new run continues the chat from
+        the log. Raises UnknownUiRequest, UiRequestClosed, InvalidAnswer (nothing recorded), NodeBusy.
+        """
+        outcome = UiResponded(request_id=request_id, answer=answer, user_id=user_id)
+        return (await self.close_ui(chat_id, outcome))[0]
+
+    async def close_ui(self, chat_id: str, outcome: UiResponded | UiExpired) -> list[Record]:
+        """Record the answer or expiry of a UI request, and continue the chat when no run is going."""
+        state = await chat_state(self.store, chat_id)
+        lease, ended = await self._lease_of_live_run(chat_id)
+        if state.active_run is not None and lease is None:
+            await self._interrupt(state.stream, state.active_run, "the run's node stopped holding its lease")
+            state.active_run = None
+        tools = self.orchestrator.workflows.get(state.stream.workflow).tools
+        if lease is not None:
+            live = state.active_run or str(lease.get("run_id"))
+            records = await record_outcome(
+                self.store, state.stream, outcome.request_id, outcome, tools=tools, live_run=live
+            )
+            if (await self._lease_of_live_run(chat_id))[0] is None:
+                await self.continue_answered(state.stream)  # the run ended meanwhile: nobody took it
+            return records
+        with self.admission():
+            records = await record_outcome(
+                self.store, state.stream, outcome.request_id, outcome, tools=tools, live_run=None
+            )
+            await self.start(state.stream, ended=ended, admitted=True)
+        return records
+
+    async def continue_answered(self, stream: StreamRef) -> bool:
+        """After a run was recorded interrupted: UI requests answered (or expired) while it seemed alive
+        get their tool results, and a new run continues the chat. False when there were none."""
+        ledger = await read_ledger(self.store, stream.chat_id)
+        tools = self.orchestrator.workflows.get(stream.workflow).tools
+        pendings = results_missing(ledger, tools)
+        if not pendings:
+            return False
+        with contextlib.suppress(Conflict, RunActive, NodeBusy):  # the next sweep tries again
+            await self.store.append(stream, pendings, expected_seq=ledger.last_seq)
+            await self.start(stream)
+        return True
+
+    async def expire_due(self) -> int:
+        """Record `ui.expired` for every open UI request past its `expires_at` (any node's, or a dead one's).
+
+        A live run expires its own requests on time; this catches the rest (a run that is gone), and
+        continues those chats. `expires_at` texts (ISO 8601, UTC, ms) sort by time, so the server
+        compares them. Returns how many it recorded.
+        """
+        due = self.store.db["events"].find(
+            {"type": "ui.requested", "data.expires_at": {"$ne": None, "$lte": expiry(0)}},
+            {"chat_id": 1, "data.request_id": 1},
+        )
+        asked = {str(doc["data"]["request_id"]): str(doc["chat_id"]) async for doc in due}
+        if not asked:
+            return 0
+        closed = self.store.db["events"].find(
+            {"type": {"$in": ["ui.responded", "ui.expired"]}, "data.request_id": {"$in": list(asked)}},
+            {"data.request_id": 1},
+        )
+        async for doc in closed:
+            asked.pop(str(doc["data"]["request_id"]), None)
+        expired = 0
+        for request_id, chat_id in asked.items():
+            with contextlib.suppress(UiRequestClosed, UnknownUiRequest, UnknownChat, NodeBusy):
+                await self.close_ui(chat_id, UiExpired(request_id=request_id))
+                expired += 1
+        return expired
+
     async def stop(self, chat_id: str, by: str | None, *, wait: bool = True) -> str:
         """Stop the chat's active run: the node running it records `run.stopped` as the run's last record.
 
@@ -350,8 +436,9 @@ class RunSupervisor:
             {"$set": {"stop": {"by": by}}},
         )
         if asked.matched_count == 0:
+            children = await close_children(self.store, state.stream, run_id, self._end_child)
             await self.store.finish_run(
-                state.stream, run_id, [Pending(event=RunStopped(by=by), run_id=run_id)]
+                state.stream, run_id, [*children, Pending(event=RunStopped(by=by), run_id=run_id)]
             )
             return run_id
         if not wait:
@@ -361,6 +448,26 @@ class RunSupervisor:
                 while not await self._ended(chat_id, run_id):  # the running node polls its leases' marks
                     await asyncio.sleep(STOP_POLL_S / 2)
         return run_id
+
+    async def _stop_child(self, chat_id: str, by: str) -> None:
+        await self.stop(chat_id, by, wait=False)
+
+    async def _end_child(self, chat_id: str) -> str | None:
+        """End a child whose parent's run ends without it (stopped if its run is live, else interrupted);
+        returns its terminal type (None: it never ran)."""
+        try:
+            state = await chat_state(self.store, chat_id)
+        except UnknownChat:
+            return None
+        if state.active_run is not None:
+            if (await self._lease_of_live_run(chat_id))[0] is not None:
+                with contextlib.suppress(MozaiksError):
+                    await self.stop(chat_id, "parent", wait=False)
+                return "run.stopped"
+            await self._interrupt(state.stream, state.active_run, "its parent's run ended with its node")
+        async for record in self.store.find(chat_id, types=sorted(TERMINAL_TYPES), newest_first=True):
+            return record.type
+        return None
 
     async def obey_stops(self) -> None:
         """Pass stop marks found on the leases of this node's runs to the runs."""
@@ -379,6 +486,7 @@ class RunSupervisor:
         (a node that lost its lease without recording the run's end). Returns how many it recorded.
         """
         recovered = 0
+        interrupted: list[StreamRef] = []
         now = datetime.now(UTC)
         async for lease in self.leases.find({"expires_at": {"$lt": now}}):
             # Take the expired lease over atomically, so only one node records the interruption.
@@ -392,9 +500,13 @@ class RunSupervisor:
                 state = await chat_state(self.store, lease["_id"])
                 if state.active_run is not None:
                     why = f"node {lease['owner']} stopped while running"
-                    recovered += await self._interrupt(state.stream, state.active_run, why)
+                    if await self._interrupt(state.stream, state.active_run, why):
+                        recovered += 1
+                        interrupted.append(state.stream)
             # Only once the run's end is recorded: a failure above leaves the lease to expire and be retried.
             await self.leases.delete_one({"_id": lease["_id"], "owner": self.node})
+        for stream in interrupted:
+            await self.continue_answered(stream)
         if not sessions:
             return recovered
         going = self.store.db[SESSIONS].find({"status": {"$in": ["running", "waiting_input"]}}, {"_id": 1})
@@ -424,6 +536,9 @@ class RunSupervisor:
                     self._sweeps += 1
                     if count:
                         log.warning("runs.interrupted", count=count)
+                    expired = await self.expire_due()
+                    if expired:
+                        log.info("ui.expired", count=expired)
             except (PyMongoError, StorageUnavailable) as exc:
                 raise_if_cancelling(exc)
                 log.warning("leases.check_failed", error=str(exc))

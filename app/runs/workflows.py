@@ -15,6 +15,7 @@ from typing import Any, Final
 
 import msgspec
 
+from app.runs.hooks import Hook, check_context, resolve_hooks
 from app.runs.structured import schema_problems
 from domain.errors import ManifestError, MozaiksError
 from domain.manifest import (
@@ -22,7 +23,9 @@ from domain.manifest import (
     AgentsManifest,
     AgentSpec,
     ContextVariablesManifest,
+    Derived,
     Fixture,
+    HooksManifest,
     ScriptedReply,
     StructuredOutputsManifest,
     StructuredOutputSpec,
@@ -36,6 +39,7 @@ WORKFLOW_FILE: Final = "workflow.json"
 AGENTS_FILE: Final = "agents.json"
 TOOLS_FILE: Final = "tools.json"
 CONTEXT_FILE: Final = "context_variables.json"
+HOOKS_FILE: Final = "hooks.json"
 OUTPUTS_FILE: Final = "structured_outputs.json"
 FIXTURES_DIR: Final = "fixtures"
 # The AG2 group manager's name: its fixture (fixtures/chat_manager.json) scripts Auto speaker choices.
@@ -54,12 +58,13 @@ class Tool(msgspec.Struct, frozen=True, kw_only=True):
     """A tool of tools.json resolved to its Python function."""
 
     spec: ToolSpec
-    function: Callable[..., Any]
+    # None only for a UI tool without a function (its result is the user's answer itself).
+    function: Callable[..., Any] | None
 
     @property
     def description(self) -> str:
         """The manifest's description, else the first line of the function's docstring."""
-        doc = inspect.getdoc(self.function) or ""
+        doc = (inspect.getdoc(self.function) or "") if self.function is not None else ""
         return self.spec.description or (doc.splitlines()[0] if doc else self.spec.name)
 
 
@@ -74,6 +79,9 @@ class Workflow(msgspec.Struct, frozen=True, kw_only=True):
     tools: dict[str, Tool]
     context: dict[str, Any]
     fixtures: dict[str, list[ScriptedReply]]
+    # hooks.json resolved (app/runs/hooks.py runs them) and the derived context variables by name.
+    hooks: list[Hook] = []
+    derived: dict[str, Derived] = {}
     # agent -> its structured output (inline in agents.json, or named from structured_outputs.json).
     outputs: dict[str, StructuredOutputSpec] = {}
 
@@ -128,6 +136,7 @@ class WorkflowManager:
                 errors.extend(problems)
                 if workflow is not None and not problems:
                     workflows[workflow.name] = workflow
+            _check_child_workflows(workflows, errors)
         self.workflows, self.errors = workflows, errors
 
     def get(self, name: str) -> Workflow:
@@ -169,6 +178,8 @@ def load_workflow(folder: Path) -> tuple[Workflow | None, list[ManifestError]]:
         read(OUTPUTS_FILE, StructuredOutputsManifest, False) or StructuredOutputsManifest()
     )
 
+    hooks_manifest: HooksManifest = read(HOOKS_FILE, HooksManifest, False) or HooksManifest()
+
     if manifest is not None and manifest.name != name:
         problems.append(
             ManifestError(
@@ -185,6 +196,8 @@ def load_workflow(folder: Path) -> tuple[Workflow | None, list[ManifestError]]:
         _check_workflow_refs(name, manifest, agents, problems)
     # Without a readable agents.json, fixture names cannot be checked: say nothing rather than noise.
     fixtures = _load_fixtures(name, folder, agents, problems) if agents_manifest is not None else {}
+    hooks = resolve_hooks(name, hooks_manifest, agents, problems, import_function)
+    derived = check_context(name, context_manifest, agents, tools_manifest, problems)
 
     if manifest is None or agents_manifest is None:
         return None, problems
@@ -197,6 +210,8 @@ def load_workflow(folder: Path) -> tuple[Workflow | None, list[ManifestError]]:
         tools=tools,
         context=context,
         fixtures=fixtures,
+        hooks=hooks,
+        derived=derived,
         outputs=outputs,
     )
     return workflow, problems
@@ -211,16 +226,76 @@ def _resolve_tools(name: str, manifest: ToolsManifest, problems: list[ManifestEr
                 ManifestError(name, TOOLS_FILE, f"{where}.name", f"tool {spec.name!r} is declared twice")
             )
             continue
+        if spec.workflow is not None:
+            if spec.function:
+                problems.append(
+                    ManifestError(
+                        name, TOOLS_FILE, where, "a tool names a 'function' or a 'workflow', not both"
+                    )
+                )
+            else:
+                tools[spec.name] = Tool(spec=spec, function=_child_workflow_tool)
+            continue
+        if not spec.function:
+            if spec.ui is None:
+                problems.append(
+                    ManifestError(
+                        name,
+                        TOOLS_FILE,
+                        f"{where}.function",
+                        "a tool needs a function (or a `workflow` or a `ui`)",
+                    )
+                )
+            else:
+                tools[spec.name] = Tool(spec=spec, function=None)
+            continue
         function = _import_tool(name, spec, f"{where}.function", problems)
         if function is not None:
             tools[spec.name] = Tool(spec=spec, function=function)
     return tools
 
 
+def _child_workflow_tool(message: str) -> str:
+    """Start the tool's workflow with `message` and answer with its result (bound per run, children.py)."""
+    raise RuntimeError("a child-workflow tool runs only inside a supervised run (mozaiks serve)")
+
+
+def _check_child_workflows(workflows: dict[str, Workflow], errors: list[ManifestError]) -> None:
+    """Drop every workflow whose child-workflow tool names a workflow that is not loaded (until none does)."""
+    while True:
+        broken = False
+        for workflow in list(workflows.values()):
+            for i, spec in enumerate(t.spec for t in workflow.tools.values()):
+                if spec.workflow is not None and spec.workflow not in workflows:
+                    known = ", ".join(sorted(workflows)) or "none"
+                    errors.append(
+                        ManifestError(
+                            workflow.name,
+                            TOOLS_FILE,
+                            f"$.tools[{i}].workflow",
+                            f"tool {spec.name!r} starts workflow {spec.workflow!r}, which is not loaded"
+                            f" (loaded: {known})",
+                        )
+                    )
+                    workflows.pop(workflow.name, None)
+                    broken = True
+                    break
+        if not broken:
+            return
+
+
 def _import_tool(
     name: str, spec: ToolSpec, where: str, problems: list[ManifestError]
 ) -> Callable[..., Any] | None:
-    module_name, _, attr = spec.function.partition(":")
+    return import_function(name, spec.function, TOOLS_FILE, where, problems)
+
+
+def import_function(
+    name: str, reference: str, file: str, where: str, problems: list[ManifestError]
+) -> Callable[..., Any] | None:
+    """The function `tools.<module>:<fn>` names, or None with the problem added (file and path named)."""
+    module_name, _, attr = reference.partition(":")
+    what = "tool" if file == TOOLS_FILE else "function"
     # Workflows are data: they may only name functions of the runtime's own `tools` package.
     if (
         not (module_name == "tools" or module_name.startswith("tools."))
@@ -228,20 +303,20 @@ def _import_tool(
         or not attr.isidentifier()
     ):
         problems.append(
-            ManifestError(name, TOOLS_FILE, where, f"{spec.function!r} must be 'tools.<module>:<function>'")
+            ManifestError(name, file, where, f"{reference!r} must be 'tools.<module>:<function>'")
         )
         return None
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         problems.append(
-            ManifestError(name, TOOLS_FILE, where, f"tool not found: cannot import {module_name}: {exc}")
+            ManifestError(name, file, where, f"{what} not found: cannot import {module_name}: {exc}")
         )
         return None
     function = getattr(module, attr, None)
     if not callable(function):
         problems.append(
-            ManifestError(name, TOOLS_FILE, where, f"tool not found: {module_name} has no function {attr!r}")
+            ManifestError(name, file, where, f"{what} not found: {module_name} has no function {attr!r}")
         )
         return None
     return function  # type: ignore[no-any-return]

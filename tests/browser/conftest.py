@@ -121,6 +121,8 @@ def start_runtime(root: Path, extra_env: dict[str, str] | None = None) -> Runtim
         shutil.copytree(REPO / "workflows", workflows)
         for extra in (HERE / "workflows").iterdir():  # the browser tests' own workflows (Xss, Story)
             shutil.copytree(extra, workflows / extra.name)
+        for extra in (REPO / "tests" / "child_workflows").iterdir():  # child workflows (Patient, Waiter)
+            shutil.copytree(extra, workflows / extra.name)
     env = {
         k: v
         for k, v in os.environ.items()

@@ -2,7 +2,7 @@
 
 import { api, ApiError, currentUser, getToken, onUnauthorized, request, setToken, takeTokenFromFragment } from "./api.js";
 import { refreshChats, renderChatList } from "./chatlist.js";
-import { ACTIVE_STATUSES } from "./codes.js";
+import { ACTIVE_STATUSES, ERROR } from "./codes.js";
 import { forgetAllHistory, forgetHistory, loadHistory, saveHistory } from "./history.js";
 import {
   $,
@@ -85,6 +85,8 @@ const view = new ChatView(ui.events, {
     api.sendMessage(chatId, text, requestId).catch(reportFailure);
     return true;
   },
+  onUiResponse: (requestId, answer) =>
+    Boolean(state.stream && state.stream.send({ type: "ui.response", request_id: requestId, answer })),
   onInputRequested: (textarea, live) => {
     updateComposer();
     const active = document.activeElement;
@@ -261,6 +263,8 @@ function openChat(chatId) {
       replayed = 0;
     },
     onError: (code, message) => {
+      const answerRefused = [ERROR.INVALID_ANSWER, ERROR.REQUEST_CLOSED, ERROR.UNKNOWN_REQUEST].includes(code);
+      if (answerRefused && view.ui.refused(message)) return; // shown on the request, beside its answer
       showError(`Server: ${message}`, code);
       if (state.stopping) {
         state.stopping = false;

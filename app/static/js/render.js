@@ -2,11 +2,13 @@
 
 import { Marked } from "../vendor/marked.esm.js";
 import DOMPurify from "../vendor/purify.es.js";
+import { childCompletedText, childThread } from "./children.js";
 import { invalidOutputText, isStructured, structuredCard } from "./structured.js";
+import { UiRequests } from "./ui.js";
 
 const TERMINAL = new Set(["run.completed", "run.failed", "run.stopped"]);
 // Recorded for audit and metrics; shown only when the user asks for internal events.
-const TRACE = new Set(["llm.call", "ag2.event", "context.updated", "output.invalid"]);
+const TRACE = new Set(["llm.call", "ag2.event", "context.updated", "output.invalid", "hook.called"]);
 // AG2's console prompt for the human ("Replying as user. Provide feedback to chat_manager…"): never shown.
 const AG2_PROMPT = /^\s*(Replying as |Provide feedback to |Please give feedback to |Press enter to )/i;
 // Handoff targets that mean "back to the person in the chat" or "the end".
@@ -21,6 +23,7 @@ const FAILURE_SENTENCES = {
   interrupted: "The run was interrupted: the runtime stopped or restarted while it was working.",
   setup: "The workflow could not be started: its configuration has an error.",
   output: "An agent's replies never matched the form it has to fill in, so the run stopped.",
+  hook: "A workflow hook (the workflow's own code) failed, so the run stopped.",
 };
 
 function escapeHtml(text) {
@@ -159,6 +162,7 @@ export class ChatView {
   constructor(root, hooks) {
     this.root = root;
     this.hooks = hooks;
+    this.ui = new UiRequests(root, hooks);
     this.reset(null);
   }
 
@@ -195,6 +199,7 @@ export class ChatView {
     this.status = "unknown";
     this.offline = false;
     this.root.replaceChildren();
+    this.ui.reset();
   }
 
   /** Render one record unless it is hidden or already shown; returns true when rendered. */
@@ -345,6 +350,15 @@ export class ChatView {
       case "tool.called":
         this.#toolCalled(record, data, agent);
         break;
+      case "ui.requested":
+        this.ui.requested(record, live);
+        break;
+      case "ui.responded":
+        this.ui.responded(record);
+        break;
+      case "ui.expired":
+        this.ui.expired(record);
+        break;
       case "tool.result":
         this.#toolResult(record, data);
         break;
@@ -408,11 +422,19 @@ export class ChatView {
         break;
       }
       case "run.stopped": {
-        const text = !data.by || data.by === this.me ? "Stopped by you" : `Stopped by ${data.by}`;
+        // A budget stop says which limit, how much was spent, and when a daily limit resets.
+        const budget = data.reason === "budget" && data.budget ? data.budget : null;
+        const resets = budget?.resets_at ? `; resets ${new Date(budget.resets_at).toLocaleString()}` : "";
+        const text = budget
+          ? `Stopped: budget reached (${budget.limit}: spent ${budget.spend} of ${budget.max}${resets})`
+          : !data.by || data.by === this.me ? "Stopped by you" : `Stopped by ${data.by}`;
         this.root.append(this.#marker(record, text, "marker--stopped"));
         this.#terminal("stopped", record, live, `${text}.`);
         break;
       }
+      case "hook.called":
+        this.#trace(this.#marker(record, `Hook ${data.function} (${data.event}): ${data.outcome}${data.reason ? ` — ${data.reason}` : ""}`, "trace"));
+        break;
       case "llm.call": {
         // A call that answered belongs to its agent's turn. Live, the streamed text opened that turn
         // first; replayed from storage (a finished message keeps no deltas), the call opens it, so
@@ -436,6 +458,12 @@ export class ChatView {
         break;
       case "ag2.event":
         this.#trace(this.#marker(record, `AG2 event: ${data.name ?? "?"}`, "trace"));
+        break;
+      case "child.started":
+        this.root.append(childThread(this.#base("li", record, ""), record));
+        break;
+      case "child.completed":
+        this.root.append(this.#marker(record, childCompletedText(data), data.error ? "marker--error" : "marker--ok"));
         break;
       default:
         // A type this page does not know yet: keep it findable without cluttering the chat.
