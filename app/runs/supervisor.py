@@ -31,7 +31,7 @@ from app.runs.ui import (
     expiry,
     read_ledger,
     record_outcome,
-    result_pending,
+    results_missing,
 )
 from app.settings import Settings
 from domain.cancellation import raise_if_cancelling
@@ -380,11 +380,7 @@ class RunSupervisor:
         get their tool results, and a new run continues the chat. False when there were none."""
         ledger = await read_ledger(self.store, stream.chat_id)
         tools = self.orchestrator.workflows.get(stream.workflow).tools
-        pendings = [
-            result_pending(e, e.outcome, tools)
-            for e in ledger.exchanges.values()
-            if e.outcome is not None and e.result is None
-        ]
+        pendings = results_missing(ledger, tools)
         if not pendings:
             return False
         with contextlib.suppress(Conflict, RunActive, NodeBusy):  # the next sweep tries again
