@@ -29,6 +29,7 @@ from app.runs.workflows import Tool, Workflow, WorkflowManager
 from app.settings import Settings
 from domain.errors import MozaiksError, UnknownChat
 from domain.events import (
+    TERMINAL_TYPES,
     ChatCreated,
     InputReceived,
     MessageUser,
@@ -299,7 +300,7 @@ def turns_of(history: list[Record]) -> list[Turn]:
         elif record.type == "speaker.selected" and chose and current is not None:
             current.choices.append(str(record.data["speaker"]))
             chose = False
-        elif record.type in ("run.completed", "run.failed", "run.stopped") and current is not None:
+        elif record.type in TERMINAL_TYPES and current is not None:
             current.outcome = record.type
     return turns
 
@@ -467,7 +468,7 @@ async def run_turn(
                 text = queue.popleft()
                 reply = Pending(event=InputReceived(request_id=record.data["request_id"], text=text))
                 await store.append(stream, [reply], expected_seq=None)
-            elif record.type in ("run.completed", "run.failed", "run.stopped") and record.run_id == run_id:
+            elif record.type in TERMINAL_TYPES and record.run_id == run_id:
                 return
 
     answering = asyncio.create_task(answer())

@@ -10,6 +10,7 @@ export const STATUS_LABELS = {
   created: "Created",
   running: "Running",
   waiting_input: "Waiting for you",
+  waiting: "Waiting for your answer",
   completed: "Completed",
   failed: "Failed",
   stopped: "Stopped",
