@@ -209,7 +209,9 @@ async def test_a_pending_form_survives_its_node_and_the_answer_continues_the_cha
         assert form is not None
         await first.stop()  # the run ended suspended on the form: nothing of it is left on the node
         records = [r async for r in store.read(chat_id)]
-        assert records[-1].type == "run.suspended" and records[-1].data["request_ids"] == [form.data["request_id"]]
+        assert records[-1].type == "run.suspended" and records[-1].data["request_ids"] == [
+            form.data["request_id"]
+        ]
 
         second = await start_node(**common, node_id="test-node-second")
         answer = {"name": "Ada", "team_size": 3}
