@@ -191,7 +191,7 @@ async def test_intake_answered_by_websocket_and_rest_bad_answers_recording_nothi
 
 
 async def test_a_pending_form_survives_its_node_and_the_answer_continues_the_chat(
-    start_node: Any, store: MongoEventStore, tmp_path: Path
+    start_node: Any, store: MongoEventStore, db: Any, tmp_path: Path
 ) -> None:
     call = ToolCall(id="call_form_1", name="ask", arguments=json.dumps({"title": "Team", "schema": FORM}))
     model = StreamingModel([Reply(tool_calls=[call]), text_reply("Welcome, Ada, team of 3.", 3)])
@@ -207,6 +207,16 @@ async def test_a_pending_form_survives_its_node_and_the_answer_continues_the_cha
         )
         form = open_request(records, "form")
         assert form is not None
+        # The waiting chat is a state in the log: no task, no lease; its session says `waiting`.
+        seen: tuple[Any, ...] = ()
+        for _ in range(200):
+            session = await db["chat_sessions"].find_one({"_id": chat_id}) or {}
+            lease = await db["chat_leases"].find_one({"_id": chat_id})
+            seen = (chat_id in first.runtime.supervisor.tasks, lease, session.get("status"))
+            if seen == (False, None, "waiting"):
+                break
+            await asyncio.sleep(0.05)
+        assert seen == (False, None, "waiting"), f"(task, lease, status) of the waiting chat: {seen}"
         await first.stop()  # the run ended suspended on the form: nothing of it is left on the node
         records = [r async for r in store.read(chat_id)]
         assert records[-1].type == "run.suspended" and records[-1].data["request_ids"] == [
