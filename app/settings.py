@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 import msgspec
 
+from domain.files import DEFAULT_TYPES
 from domain.model_io import RECORD_MODES, RecordMode
 
 
@@ -53,6 +54,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     anchor_key: str | None = None
     max_concurrent_llm_calls: int = 256
     max_active_runs: int = 500
+    # Uploads (domain/files.py): the largest file, and the content types allowed (`text/*` patterns).
+    max_upload_mb: float = 20.0
+    upload_types: tuple[str, ...] = DEFAULT_TYPES
     # Hooks (README "Hooks"): a hook running longer than this ends its run (reason hook).
     hook_timeout_s: float = 10.0
     # Budgets (README "Budgets"): per app and per user per UTC day limits; None = none.
@@ -77,6 +81,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def offline(self) -> bool:
         """Workflows run on their scripted fixtures when no OpenAI endpoint is configured."""
         return not self.ai_enabled or (not self.openai_api_key and not self.openai_base_url)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """MOZAIKS_MAX_UPLOAD_MB in bytes."""
+        return int(self.max_upload_mb * 1024 * 1024)
 
     @property
     def local_mode(self) -> bool:
@@ -186,4 +195,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             otel_traces_endpoint=traces_endpoint,
             otel_capture_content=(text("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT") or "").lower()
             in {"true", "1", "yes"},
+            max_upload_mb=number("MOZAIKS_MAX_UPLOAD_MB", 20.0),
+            upload_types=tuple(
+                t.strip() for t in (text("MOZAIKS_UPLOAD_TYPES") or "").split(",") if t.strip()
+            )
+            or DEFAULT_TYPES,
         )

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from domain.events import GENESIS_HASH, chain_hash
+from domain.events import GENESIS_HASH, ForkedFrom, chain_hash
 
 
 class Verification(msgspec.Struct, frozen=True, kw_only=True):
@@ -21,6 +21,8 @@ class Verification(msgspec.Struct, frozen=True, kw_only=True):
     detail: str | None = None
     # The seq of the chat's latest tail anchor, when one was checked (see domain.anchors).
     anchored_seq: int | None = None
+    # A fork: the parent's record its chain is anchored in, checked too (see domain.lineage).
+    forked_from: ForkedFrom | None = None
 
 
 class ChainCheck:

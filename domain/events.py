@@ -21,6 +21,14 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     """Base of every event; the tag is the stable `type` stored in the log."""
 
 
+class ForkedFrom(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a fork comes from: the parent chat, the seq it was forked at and that record's hash."""
+
+    chat_id: str
+    seq: int
+    hash: str
+
+
 class ParentRef(msgspec.Struct, frozen=True, kw_only=True):
     """A child workflow's parent: the chat that started it and the seq of its `child.started` there."""
 
@@ -31,6 +39,8 @@ class ParentRef(msgspec.Struct, frozen=True, kw_only=True):
 class ChatCreated(Event, tag="chat.created", frozen=True, kw_only=True):
     context: dict[str, Any] = {}
     offline: bool = False
+    # A fork (see domain/lineage.py): the parent's record it continues from, anchoring its chain.
+    forked_from: ForkedFrom | None = None
     # A child workflow (app/runs/children.py): the parent chat and its `child.started` record.
     parent: ParentRef | None = None
     # A replay (`mozaiks replay`): {"chat_id": the chat it replays, "model": "recorded" | "live"}.
@@ -61,6 +71,8 @@ class MessageAgent(Event, tag="message.agent", frozen=True, kw_only=True):
     message_id: str = ""
     # An agent with a structured output: the validated object (`content` is its JSON text).
     structured: dict[str, Any] | None = None
+    # "fork": copied from the parent chat when the chat was forked (not a turn of this chat).
+    origin: str | None = None
 
 
 class MessageDelta(Event, tag="message.delta", frozen=True, kw_only=True):
@@ -149,6 +161,15 @@ class OutputInvalid(Event, tag="output.invalid", frozen=True, kw_only=True):
     errors: list[SchemaViolation]
     # The reply's text as the model wrote it.
     content: str = ""
+
+
+class FileUploaded(Event, tag="file.uploaded", frozen=True, kw_only=True):
+    """A file given to the chat: stored in GridFS under its sha256 (see domain/files.py)."""
+
+    sha256: str
+    name: str
+    size: int
+    content_type: str
 
 
 class ContextUpdated(Event, tag="context.updated", frozen=True, kw_only=True):
@@ -278,6 +299,7 @@ AnyEvent = (
     | InputReceived
     | LlmCall
     | ContextUpdated
+    | FileUploaded
     | HookCalled
     | OutputInvalid
     | RunCompleted

@@ -198,7 +198,9 @@ class PartStore:
                 # unconfirmed write is transient: re-send until the parts are confirmed.
                 concern = exc.details.get("writeConcernErrors")
                 if concern:
-                    raise WriteConcernError(concern[0].get("errmsg", "write concern"), concern[0].get("code")) from exc
+                    raise WriteConcernError(
+                        concern[0].get("errmsg", "write concern"), concern[0].get("code")
+                    ) from exc
 
         await with_retries(self.retry, "storing model I/O parts", insert)
         for doc in new:

@@ -13,7 +13,7 @@ Stored document (integers only, so `$inc` sums are exact and batch-independent):
                 "completion_tokens", "total_tokens", "cost_nanousd", "llm": {... as above}}}}
 
 Tokens, cost and latency come from `llm.call` records only (AG2's own summaries under-count).
-`turns` counts `message.agent`; `errors` = failed runs + failed tool calls. `run_duration_ms` sums
+`turns` counts `message.agent` (not a fork's copies, `data.origin: "fork"`); `errors` = failed runs + failed tool calls. `run_duration_ms` sums
 run.started → terminal event of each finished run. `invalid_outputs` counts `output.invalid` records
 (structured-output replies that did not match their schema). Offline (scripted) calls cost 0; their tokens
 count. A call whose model has no price is counted in `llm.unpriced` and costs 0.
@@ -163,7 +163,7 @@ class ChatMetricsProjector(PricedProjector):
                 change.inc[agent + field] = change.inc.get(agent + field, 0) + by
 
         match event:
-            case MessageAgent():
+            case MessageAgent(origin=None):  # a fork's copies of its parent's messages are not its turns
                 count("turns")
             case ToolCalled():
                 count("tool_calls")

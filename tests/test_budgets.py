@@ -23,6 +23,7 @@ from domain.store import MongoEventStore
 from projections.budgets import COLLECTION
 from projections.rebuild import rebuild
 from tests.llm_server import Reply, StreamingModel
+from tests.test_agui import body
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "workflows"
 # Every scripted call of the Spender workflow spends exactly this many tokens (4 calls a run).
@@ -152,6 +153,11 @@ async def test_over_http_429_budgets_endpoint_prometheus_and_a_rebuilt_projectio
                 while (frame := json.loads(await ws.recv()))["type"] != "error":
                     pass
         assert frame["code"] == "budget_exceeded" and "chat.max_tokens" in frame["message"]
+        # And over AG-UI: the new turn is refused up front (the REST route's check and error shape).
+        before = await store.last_seq(first)
+        agui = await http.post("/ag-ui/Spender", json=body(first, ("m-more", "more")))
+        assert (agui.status_code, agui.json()["error"]) == (429, "budget_exceeded"), agui.text
+        assert "chat.max_tokens" in agui.json()["detail"] and await store.last_seq(first) == before
         # The app has 300 of 500 left: a second chat runs until the app's daily limit stops it.
         second, stop = await chat_until_stopped()
         assert (stop["data"]["budget"]["limit"], stop["data"]["budget"]["spend"]) == (
@@ -165,6 +171,11 @@ async def test_over_http_429_budgets_endpoint_prometheus_and_a_rebuilt_projectio
             assert refused.status_code == 429 and refused.json()["error"] == "budget_exceeded"
             assert "app_day.max_tokens" in refused.json()["detail"]
             assert 0 < int(refused.headers["retry-after"]) <= 86400
+        # A new AG-UI thread of the spent app: refused before its chat is created (nothing started).
+        agui = await http.post("/ag-ui/Spender", json=body("t-spent", ("m1", "again")))
+        assert (agui.status_code, agui.json()["error"]) == (429, "budget_exceeded"), agui.text
+        assert "app_day.max_tokens" in agui.json()["detail"] and "retry-after" in agui.headers
+        assert await store.last_seq("t-spent") == 0
         shown = (await http.get("/api/budgets")).json()
         assert shown["app"]["spent_tokens"] == 500 and shown["app"]["remaining_tokens"] == 0
         assert shown["resets_at"].endswith("T00:00:00+00:00")

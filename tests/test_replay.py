@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from app.runs.orchestrator import Orchestrator
 from app.runs.replay import replay, run_turn
 from app.runs.workflows import WorkflowManager
 from app.settings import Settings
-from domain.events import ChatCreated, MessageUser, Pending, StreamRef
+from domain.events import ChatCreated, MessageUser, Pending, StreamRef, UiResponded
 from domain.model_io import PARTS_COLLECTION, call_hashes, canonical
 from domain.store import MongoEventStore
 from tests.cli import invoke
@@ -351,17 +352,25 @@ def replies_of(parts: dict[str, Any], calls: list[Any]) -> list[Reply]:
     return replies
 
 
-@pytest.mark.parametrize("workflow", ["Analyzer", "Assistant", "Brainstorm", "Generator"])
+# The Intake chat's answers to its form, choice and confirm (the offline original gets them in order).
+INTAKE_ANSWERS = [{"name": "Ada", "email": "ada@x.io", "team_size": 3}, "Team", True]
+
+
+@pytest.mark.parametrize("workflow", ["Analyzer", "Assistant", "Brainstorm", "Generator", "Intake"])
 async def test_a_recorded_replay_of_each_example_workflow_equals_its_online_original(
     workflow: str, store: MongoEventStore
 ) -> None:
     """An online chat per example workflow (the local model server answering what the fixtures script,
-    random speakers and input answers included), then its recorded replay: the same conversation."""
+    random speakers, input answers and UI answers included), then its recorded replay: the same
+    conversation. Intake (AgentDriven, no user message) waits on a form, a choice and a confirm: each
+    replay answers them with the original's `ui.responded`, in order."""
     examples = Path(__file__).parent.parent / "workflows"
     manager = WorkflowManager(examples)
     offline = Orchestrator(store, manager, Settings(workflows_path=examples))
-    scripted = await offline.create_chat(workflow=workflow, user_id="u", app_id="P", message="bees")
-    assert await run_turn(offline, store, scripted, ["exit"]) == "run.completed"
+    message = None if workflow == "Intake" else "bees"
+    scripted = await offline.create_chat(workflow=workflow, user_id="u", app_id="P", message=message)
+    answers = deque(UiResponded(request_id="", answer=a) for a in INTAKE_ANSWERS)
+    assert await run_turn(offline, store, scripted, ["exit"], answers) == "run.completed"
     calls = [r async for r in store.find(scripted.chat_id, types=["llm.call"])]
     server = StreamingModel(
         replies_of(await offline.parts.values(call_hashes(c.data)[-1] for c in calls), calls)
@@ -379,3 +388,10 @@ async def test_a_recorded_replay_of_each_example_workflow_equals_its_online_orig
     first = [r async for r in store.read(recorded.chat_id)]
     second = [r async for r in store.read(again.chat_id)]
     assert conversation(second) == conversation(first) and len(conversation(first)) >= 3
+    if workflow == "Intake":
+        assert not answers
+        for chat in (first, second):
+            ui = [r.data["answer"] for r in chat if r.type == "ui.responded"]
+            assert ui == INTAKE_ANSWERS and chat[1].type == "message.user" and not chat[1].visible
+            filed = [r for r in chat if r.type == "message.agent" and r.agent == "Recorder"]
+            assert filed[-1].data["structured"]["plan"] == "Team"

@@ -14,6 +14,8 @@ from websockets.asyncio.client import connect
 
 from app.runs.workflows import load_workflow
 from domain.store import MongoEventStore
+from tests.test_agui import body
+from tests.test_agui import run as agui_run
 from tests.test_api import wait_for_terminal
 
 INITIAL = "Greet the visitor and ask what brings them here."
@@ -77,6 +79,24 @@ async def test_an_agent_driven_chat_starts_on_creation_and_its_agent_speaks_firs
     # Nor is it the chat's title.
     assert [c["title"] for c in chats if c["chat_id"] == chat_id] == [""]
 
+    # Over AG-UI, a new thread with no messages starts the agent's run too (its greeting streamed).
+    async with httpx.AsyncClient(base_url=node.url, timeout=30) as http:
+        events = await agui_run(http, "Intake", body("t-agent"))
+        again = await agui_run(http, "Intake", body("t-agent"))  # repeated: nothing new recorded
+    assert [e.type for e in events][:2] == ["RUN_STARTED", "STATE_SNAPSHOT"]
+    assert events[-1].type == "RUN_FINISHED" and events[-1].event["outcome"] == {"type": "success"}
+    said = [e.event["delta"] for e in events if e.type == "TEXT_MESSAGE_CONTENT"]
+    assert "".join(said) == "Welcome! What brings you here?" and INITIAL not in json.dumps(
+        [e.event for e in events]
+    )
+    assert [e.event for e in again] == [e.event for e in events]
+    agui = [r async for r in store.read("t-agent")]
+    assert [r.type for r in agui if r.type in ("message.user", "run.started")] == [
+        "message.user",
+        "run.started",
+    ]
+    assert agui[1].data["origin"] == "initial_message" and not agui[1].visible
+
 
 async def test_a_user_driven_chat_created_without_a_message_waits_for_its_first_message(
     start_node: Any, store: MongoEventStore, workflows: Path
@@ -93,6 +113,11 @@ async def test_a_user_driven_chat_created_without_a_message_waits_for_its_first_
         assert await wait_for_terminal(http, chat_id) == "run.completed"
     types = [r.type async for r in store.read(chat_id)]
     assert types[:3] == ["chat.created", "message.user", "run.started"] and "message.agent" in types
+    # Over AG-UI, a UserDriven workflow still needs a user message to start (400, no chat created).
+    async with httpx.AsyncClient(base_url=node.url, timeout=30) as http:
+        refused = await http.post("/ag-ui/Desk", json=body("t-desk"))
+    assert (refused.status_code, refused.json()["error"]) == (400, "bad_request"), refused.text
+    assert "no user message" in refused.json()["detail"] and await store.last_seq("t-desk") == 0
 
 
 def test_an_agent_driven_workflow_without_an_initial_message_is_refused_at_load(tmp_path: Path) -> None:

@@ -61,7 +61,14 @@ async def test_append_assigns_gapless_seq_and_chains_hashes(store: MongoEventSto
     assert records[2].event == MessageAgent(content="b")
     # The tag is the envelope's `type` only; `data` holds exactly the event's fields.
     assert records[2].type == "message.agent"
-    assert records[2].data == {"content": "b", "role": "assistant", "recipient": None, "message_id": "", "structured": None}
+    assert records[2].data == {
+        "content": "b",
+        "role": "assistant",
+        "recipient": None,
+        "message_id": "",
+        "structured": None,
+        "origin": None,
+    }
     # As clients get it: the envelope and data, without the hash chain; `ts` in UTC with a Z.
     assert records[2].public() == {
         "id": records[2].id,

@@ -2,7 +2,8 @@
 
 `RunAgentInput` in, `text/event-stream` of AG-UI events out, types and encoding from the official
 `ag-ui-protocol` package. `threadId` is the chat id. An AG-UI run is a stretch of the chat's log:
-it starts at the client's turn (its `message.user`, or the `input.requested` its `resume` answers)
+it starts at the client's turn (its `message.user`, the `input.requested` its `resume` answers, or an
+AgentDriven workflow's hidden `initial_message` for a new thread sent without a user message)
 and ends at the next `run.completed` / `run.failed` / `run.stopped`, or at an `input.requested`,
 which ends the AG-UI run with an interrupt outcome (the AG2 run waits on; the next AG-UI run's
 `resume` answers it). The events are derived from the log's visible records only, through the
@@ -65,15 +66,17 @@ from litestar.response import Stream
 
 from app.http import codes
 from app.http.auth import Principal
+from app.http.budgets import refuse_over_budget
 from app.http.controllers import owned_chat
 from app.http.errors import Refused, error_responses
 from app.hub import LiveHub, Overflowed
 from app.runs.orchestrator import Orchestrator
 from app.runs.supervisor import NoActiveRun, RunSupervisor, chat_state
 from app.runs.ui import WAITING, read_ledger
+from app.runs.workflows import UnknownWorkflow
 from app.settings import Settings
 from domain.errors import Conflict
-from domain.events import Record
+from domain.events import Record, StreamRef
 from domain.store import MongoEventStore, ReplayDone
 
 log = structlog.get_logger("mozaiks.agui")
@@ -513,6 +516,29 @@ def _new_turn(run: RunAgentInput) -> tuple[str, str]:
     )
 
 
+def _has_user_message(run: RunAgentInput) -> bool:
+    return any(isinstance(message, UserMessage) for message in run.messages)
+
+
+def _agent_driven(orchestrator: Orchestrator, workflow: str) -> bool:
+    """Whether `workflow` starts with no user message (False for an unknown one: create_chat names it)."""
+    try:
+        return orchestrator.workflows.get(workflow).agent_driven
+    except UnknownWorkflow:
+        return False
+
+
+async def _opening_turn(store: MongoEventStore, chat_id: str, message_id: str | None) -> int:
+    """The seq a new chat's first AG-UI run starts at: the client's message, or (AgentDriven, no
+    message) the workflow's hidden initial message, after which the agent speaks first."""
+    if message_id is None:
+        turn = await _first(store, chat_id, "message.user", "origin", "initial_message")
+    else:
+        turn = await _first(store, chat_id, "message.user", "message_id", message_id)
+    assert turn is not None
+    return turn.seq
+
+
 def _answer_text(entry: ResumeEntry) -> str:
     payload = entry.payload
     if isinstance(payload, str):
@@ -610,7 +636,14 @@ async def begin(
             raise Refused(
                 400, codes.BAD_REQUEST, "state: a new chat's state must be an object (its context variables)"
             )
-        message_id, text = _new_turn(run)
+        # An AgentDriven workflow starts with no user message (its agent speaks first).
+        agent_driven = _agent_driven(orchestrator, workflow) and not _has_user_message(run)
+        message_id, text = (None, None) if agent_driven else _new_turn(run)
+        # A spent budget (the app's or the user's) refuses (429) before anything is recorded.
+        await refuse_over_budget(
+            orchestrator,
+            StreamRef(chat_id=chat_id, app_id=principal.app_id, user_id=principal.user_id, workflow=workflow),
+        )
         try:
             stream = await orchestrator.create_chat(
                 workflow=workflow,
@@ -624,9 +657,7 @@ async def begin(
         except Conflict:  # the same thread started by a concurrent request: continue it instead
             return await begin(store, orchestrator, supervisor, principal, workflow, run)
         await supervisor.start(stream)
-        turn = await _first(store, chat_id, "message.user", "message_id", message_id)
-        assert turn is not None
-        return turn.seq
+        return await _opening_turn(store, chat_id, message_id)
     await owned_chat(store, principal, chat_id, control=True)
     if first.workflow != workflow:
         raise Refused(
@@ -648,6 +679,8 @@ async def begin(
             )
         request_id = exchange.request.request_id
         return await _answer_ui(store, supervisor, principal, chat_id, request_id, _tool_answer(last))
+    if _agent_driven(orchestrator, workflow) and not _has_user_message(run):
+        return await _opening_turn(store, chat_id, None)  # the AgentDriven start, repeated
     message_id, text = _new_turn(run)
     repeated = await _first(store, chat_id, "message.user", "message_id", message_id)
     if repeated is not None:
@@ -659,6 +692,8 @@ async def begin(
             codes.INTERRUPT_PENDING,
             f"thread {chat_id} waits for an answer to interrupt {waiting}: send it in resume",
         )
+    stream = StreamRef(chat_id=chat_id, app_id=first.app_id, user_id=first.user_id, workflow=first.workflow)
+    await refuse_over_budget(orchestrator, stream)  # 429 when the chat, its app or its user spent its budget
     record = await supervisor.post_message(chat_id, text, message_id=message_id)
     return record.seq
 

@@ -35,6 +35,7 @@ from domain.anchors import AnchorBook, judge
 from domain.chain import ChainCheck, Verification
 from domain.errors import UnknownChat
 from domain.events import EVENT_TYPES, Record, StreamRef
+from domain.lineage import with_anchor
 from domain.model_io import PartStore, check_calls
 from domain.store import MongoEventStore
 from projections import queries
@@ -104,7 +105,7 @@ async def verify_chat(
     broken = await check_calls(PartStore(store.db), calls) if verdict.ok else None
     if broken is not None:
         return msgspec.structs.replace(verdict, ok=False, broken_seq=broken[0], detail=broken[1])
-    return verdict
+    return await with_anchor(store.events, verdict)
 
 
 def check_event_types(types: list[str] | None) -> None:

@@ -174,8 +174,10 @@ _DESCRIPTIONS: Final[Mapping[int, str]] = {
     403: "Not yours, or a role is missing",
     404: "No such chat, workflow or document",
     409: "The chat's state forbids it (a run is going, or none is; a UI request already closed)",
-    422: "The answer does not fit the UI request (`fields` names the failing JSON path)",
     413: "The body is too large",
+    415: "The upload's content type is not allowed (MOZAIKS_UPLOAD_TYPES)",
+    422: "The answer does not fit the UI request (`fields` names the failing JSON path), or a fork's "
+    "at_seq is past the chat's end or not a message (`bad_fork_point`)",
     429: "Too many chat starts (`rate_limited`; RateLimit-Reset says when to retry), or a budget is spent "
     "(`budget_exceeded`; Retry-After for daily limits)",
     500: "A stored record cannot be read, or a bug",

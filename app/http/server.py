@@ -45,6 +45,8 @@ from app.http.controllers import (
 )
 from app.http.docs import SchemaPage
 from app.http.errors import EXCEPTION_HANDLERS
+from app.http.files import files_controller
+from app.http.lineage import LineageController
 from app.http.replay import ReplayController
 from app.http.transport import chat_socket
 from app.http.ui import answer_ui_request
@@ -270,6 +272,8 @@ def create_app(settings: Settings | None = None, on_shutdown: Sequence[Callable[
             info,
             WorkflowController,
             ChatController,
+            LineageController,
+            files_controller(settings),
             MetricsController,
             AuditController,
             ChatTreeController,

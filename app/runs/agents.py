@@ -32,6 +32,7 @@ from autogen.oai.client import PlaceHolderClient
 from pydantic import PrivateAttr
 
 from app.runs.clients import CLIENT_CLASS_NAME, MozaiksModelClient
+from app.runs.files import ChatFiles, bind_uploads
 from app.runs.ui import UiDesk, register_ui_tool
 from app.runs.workflows import GROUP_MANAGER, Tool, Workflow
 from domain.manifest import AgentSpec
@@ -197,6 +198,7 @@ def build_team(
     context: ContextVariables,
     default_model: str,
     emit: Callable[[Any], None] | None = None,
+    files: ChatFiles | None = None,
     guard_tool: Callable[[str, Callable[..., Any]], Callable[..., Any]] | None = None,
     children: Callable[[Tool], Callable[..., Any]] | None = None,
     choose: Callable[[list[str]], str] | None = None,
@@ -235,7 +237,11 @@ def build_team(
                     register_ui_tool(agent, tool, ui)
                 continue
             # A child-workflow tool (tools.json `workflow`) is bound to the run (app/runs/children.py).
-            function = children(tool) if tool.spec.workflow and children else bind_tool(tool, context, emit)
+            function = (
+                children(tool)
+                if tool.spec.workflow and children
+                else bind_uploads(bind_tool(tool, context, emit), files)
+            )
             agent.register_for_llm(name=name, description=tool.description, silent_override=True)(
                 guard_tool(name, function) if guard_tool is not None else function
             )

@@ -37,6 +37,7 @@ from app.runs.clients import (
     ScriptedBackend,
     TextChunk,
 )
+from app.runs.files import ChatFiles
 from app.runs.hooks import Cause, Causes, ContextChange, HookNote, HookRunner, expression_of
 from app.runs.pool import model_calls
 from app.runs.recorder import RunMapper
@@ -67,6 +68,7 @@ from domain.events import (
     new_id,
 )
 from domain.hooks import HookFailed
+from domain.lineage import apply_context
 from domain.model_io import PartStore
 from domain.store import MongoEventStore
 
@@ -407,17 +409,7 @@ def conversation(history: list[Record], user_name: str | None) -> str | list[dic
 
 def initial_context(workflow: Workflow, history: list[Record]) -> dict[str, Any]:
     """Context variables at the start of a run: defaults, the chat's own, then every recorded update."""
-    data = dict(workflow.context)
-    for record in history:
-        if record.type == "chat.created":
-            data.update(record.data.get("context") or {})
-        elif record.type == "context.updated":
-            for key, value in (record.data.get("variables") or {}).items():
-                if value is None:
-                    data.pop(key, None)
-                else:
-                    data[key] = value
-    return data
+    return apply_context(dict(workflow.context), history)
 
 
 class _RunSession:
@@ -622,6 +614,7 @@ class _RunSession:
                     context=context,
                     default_model=self.o.settings.openai_model,
                     emit=emit,
+                    files=ChatFiles(self.o.store, self.stream.chat_id),
                     guard_tool=lambda name, function: hooks.guard_tool(name, function, emit),
                     children=self.child_tools(emit),
                     choose=self.o.chooser(self.history),

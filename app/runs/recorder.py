@@ -17,13 +17,11 @@ from autogen.agentchat.group.targets.transition_target import TransitionTarget
 from autogen.code_utils import content_str
 from pydantic import BaseModel
 
-from app.runs.agents import ContextNote
 from app.runs.clients import LlmCallNote, TextChunk
 from app.runs.ui import UiNote
 from domain.events import (
     Ag2Event,
     AnyEvent,
-    ContextUpdated,
     Handoff,
     InputRequested,
     MessageAgent,
@@ -260,7 +258,3 @@ class RunMapper:
         agent = self.calls.get(call_id, (None, ""))[0]
         request = msgspec.structs.replace(note.request, tool_call_id=call_id)
         return Pending(event=request, agent=agent, visible=True, run_id=self.run_id)
-
-    def map_context(self, note: ContextNote) -> Pending:
-        """The runtime's own `context.updated` record for variables a tool changed."""
-        return self.pending(ContextUpdated(variables=note.variables), None, None)

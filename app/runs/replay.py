@@ -1,7 +1,9 @@
 """Replay: a recorded chat run again, into a new chat whose `chat.created` says `replay_of`.
 
-The replay sends the original's user messages and input answers, in order, to the same workflow
-(or a changed copy). In recorded mode each model call is answered from the recording, matched by
+The replay sends the original's user messages, input answers and UI answers, in order, to the same
+workflow (or a changed copy): the replay's n-th waiting UI request (form, choice, confirm) gets the
+original's n-th request's `ui.responded` (or `ui.expired`), recorded the way `RunSupervisor.answer_ui`
+records it (validated against the replay's request, with the tool's result when its run is gone). In recorded mode each model call is answered from the recording, matched by
 the hash of its exact request (domain/model_io.py); the first call whose request is not in the
 recording is reported (seq, agent, the differing message as a text diff) and the replay goes on
 per `on_diverge`: `live` (the configured model answers), `stop`, or `recorded-next` (the agent's
@@ -25,6 +27,7 @@ from openai.types.chat import ChatCompletion
 
 from app.runs.clients import Backend, TextStream, request_body
 from app.runs.orchestrator import Orchestrator
+from app.runs.ui import WAITING, InvalidAnswer, UiRequestClosed, read_ledger, record_outcome, results_missing
 from app.runs.workflows import Tool, Workflow, WorkflowManager
 from app.settings import Settings
 from domain.errors import MozaiksError, UnknownChat
@@ -36,6 +39,8 @@ from domain.events import (
     Pending,
     Record,
     StreamRef,
+    UiExpired,
+    UiResponded,
     new_id,
 )
 from domain.model_io import decode_part, request_diff, request_key, split_request
@@ -218,7 +223,8 @@ def recorded_tools(workflow: Workflow, history: list[Record]) -> Workflow:
             )
     tools: dict[str, Tool] = {}
     for name, tool in workflow.tools.items():
-        if tool.spec.deterministic or tool.function is None:  # a UI tool asks the user again
+        if tool.spec.deterministic or tool.function is None or tool.spec.ui is not None:
+            # A UI tool's answers are the original's `ui.responded` (run_turn), its function applied to them.
             tools[name] = tool
             continue
         queue = results[name]
@@ -274,7 +280,7 @@ class _Only(WorkflowManager):
 class Turn(msgspec.Struct, kw_only=True):
     """One run of the original: the user messages before it; its input answers and random speaker choices."""
 
-    messages: list[str]
+    messages: list[Pending]
     answers: list[str]
     choices: list[str] = []
     outcome: str | None = None
@@ -283,12 +289,16 @@ class Turn(msgspec.Struct, kw_only=True):
 def turns_of(history: list[Record]) -> list[Turn]:
     """The original's runs in order, each with the user messages before it and its input answers."""
     turns: list[Turn] = []
-    waiting: list[str] = []
+    waiting: list[Pending] = []
     current: Turn | None = None
     chose = False  # a random handoff was recorded: the next speaker.selected is its choice
     for record in history:
         if record.type == "message.user":
-            waiting.append(str(record.data["content"]))
+            said = record.event
+            assert isinstance(said, MessageUser)  # as the original had it (a hidden initial_message too)
+            waiting.append(
+                Pending(event=MessageUser(content=said.content, origin=said.origin), visible=record.visible)
+            )
         elif record.type == "run.started":
             current = Turn(messages=waiting, answers=[])
             waiting = []
@@ -303,6 +313,24 @@ def turns_of(history: list[Record]) -> list[Turn]:
         elif record.type in TERMINAL_TYPES and current is not None:
             current.outcome = record.type
     return turns
+
+
+UiAnswer = UiResponded | UiExpired
+
+
+def ui_answers_of(history: list[Record]) -> list[UiAnswer | None]:
+    """How each waiting UI request of the original ended, in request order (None: never answered)."""
+    ended: dict[str, UiAnswer] = {}
+    for record in history:
+        if record.type in ("ui.responded", "ui.expired"):
+            outcome = record.event
+            assert isinstance(outcome, UiResponded | UiExpired)
+            ended.setdefault(outcome.request_id, outcome)
+    return [
+        ended.get(str(r.data["request_id"]))
+        for r in history
+        if r.type == "ui.requested" and r.data.get("component") in WAITING
+    ]
 
 
 async def load_recording(orchestrator: Orchestrator, history: list[Record]) -> Recording:
@@ -402,6 +430,7 @@ async def replay(
         chat_id=report.chat_id, app_id=first.app_id, user_id=user_id or first.user_id, workflow=workflow.name
     )
     turns = turns_of(history)
+    ui_answers = deque(ui_answers_of(history))
     opening = [
         Pending(
             event=ChatCreated(
@@ -413,11 +442,10 @@ async def replay(
     ]
     await store.append(stream, opening, expected_seq=0)
     for number, turn in enumerate(turns, start=1):
-        said = [Pending(event=MessageUser(content=text)) for text in turn.messages]
-        if said:
-            await store.append(stream, said, expected_seq=None)
+        if turn.messages:
+            await store.append(stream, turn.messages, expected_seq=None)
         orchestrator.choices = deque(turn.choices)
-        outcome = await run_turn(orchestrator, store, stream, turn.answers)
+        outcome = await run_turn(orchestrator, store, stream, turn.answers, ui_answers)
         report.runs += 1
         report.outcomes.append(outcome)
         if progress is not None:
@@ -452,12 +480,43 @@ class _Counted:
 
 
 async def run_turn(
-    orchestrator: Orchestrator, store: MongoEventStore, stream: StreamRef, answers: list[str]
+    orchestrator: Orchestrator,
+    store: MongoEventStore,
+    stream: StreamRef,
+    answers: list[str],
+    ui_answers: deque[UiAnswer | None] | None = None,
 ) -> str:
-    """One run of the replay, answering its input requests with the original's answers in order."""
+    """One run of the replay, answering its input requests with the original's answers in order, and
+    its waiting UI requests with the original's UI answers (taken from the left of `ui_answers`).
+
+    A UI answer is recorded as `RunSupervisor.answer_ui` records one (`record_outcome`), once the run
+    has ended `run.suspended`: validated against the replay's own request, with the tool's result
+    (the next turn continues the chat from the log). No more answers: the request stays open.
+    """
     after = await store.last_seq(stream.chat_id)
     queue = deque(answers)
+    ui = ui_answers if ui_answers is not None else deque()
+    tools = orchestrator.workflows.get(stream.workflow).tools
     run_id = new_id()
+    asked: set[str] = set()
+
+    async def answer_ui(request_id: str) -> bool:
+        asked.add(request_id)
+        original = ui.popleft() if ui else None
+        if original is None:
+            return False
+        outcome: UiAnswer = (
+            UiResponded(request_id=request_id, answer=original.answer, user_id=stream.user_id)
+            if isinstance(original, UiResponded)
+            else UiExpired(request_id=request_id)
+        )
+        try:
+            await record_outcome(store, stream, request_id, outcome, tools=tools)
+        except InvalidAnswer:
+            return False  # the replay's request diverged from the original's: its answer does not fit
+        except UiRequestClosed:
+            pass  # the run expired it first
+        return True
 
     async def answer() -> None:
         async for record in store.subscribe(stream.chat_id, after):
@@ -473,8 +532,26 @@ async def run_turn(
 
     answering = asyncio.create_task(answer())
     try:
-        return await orchestrator.run(stream, run_id=run_id)
+        outcome = await orchestrator.run(stream, run_id=run_id)
     finally:
         answering.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await answering
+    # The run ended (`run.suspended`) with a request of its own open: answer it now, the tool's result
+    # recorded with it (the next turn, the original's continuing run, goes on from the log); an answer
+    # an older log recorded without its result gets one.
+    ledger = await read_ledger(store, stream.chat_id)
+    for exchange in ledger.exchanges.values():  # in log order
+        request = exchange.request
+        if (
+            exchange.record.run_id == run_id
+            and exchange.outcome is None
+            and request.component in WAITING
+            and request.request_id not in asked
+        ):
+            await answer_ui(request.request_id)
+    ledger = await read_ledger(store, stream.chat_id)
+    missing = results_missing(ledger, tools)
+    if missing:
+        await store.append(stream, missing, expected_seq=ledger.last_seq)
+    return outcome

@@ -35,7 +35,7 @@ from app.runs.ui import (
     expiry,
     read_ledger,
     record_outcome,
-    result_pending,
+    results_missing,
 )
 from app.settings import Settings
 from domain.cancellation import raise_if_cancelling
@@ -389,8 +389,8 @@ class RunSupervisor:
             last_start = record.seq
             break
         tools = self.orchestrator.workflows.get(stream.workflow).tools
+        pendings = results_missing(ledger, tools)
         closed = [e for e in ledger.exchanges.values() if e.outcome is not None]
-        pendings = [result_pending(e, e.outcome, tools) for e in closed if e.outcome and e.result is None]
         if not pendings and not any(e.result is not None and e.result.seq > last_start for e in closed):
             return False
         with contextlib.suppress(Conflict, RunActive, NodeBusy):  # the next sweep tries again

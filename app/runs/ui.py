@@ -243,6 +243,15 @@ def result_pending(
     )
 
 
+def results_missing(ledger: UiLedger, tools: Mapping[str, Tool]) -> list[Pending]:
+    """The `tool.result`s of requests answered (or expired) after their run was gone, not recorded yet."""
+    return [
+        result_pending(e, e.outcome, tools)
+        for e in ledger.exchanges.values()
+        if e.outcome is not None and e.result is None
+    ]
+
+
 async def read_ledger(store: MongoEventStore, chat_id: str) -> UiLedger:
     """The chat's UI requests as its log has them now, with the seq an append must follow."""
     last_seq = await store.last_seq(chat_id)  # first: the requests read next are at least this new

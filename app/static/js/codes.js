@@ -46,6 +46,8 @@ export const ERROR = Object.freeze({
   INVALID_ANSWER: "invalid_answer",
   NODE_BUSY: "node_busy",
   STORAGE_UNAVAILABLE: "storage_unavailable",
+  BAD_FORK_POINT: "bad_fork_point",
+  UNSUPPORTED_TYPE: "unsupported_type",
   BAD_FRAME: "bad_frame",
   ERROR: "error",
 });

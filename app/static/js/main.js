@@ -3,6 +3,7 @@
 import { api, ApiError, currentUser, getToken, onUnauthorized, request, setToken, takeTokenFromFragment } from "./api.js";
 import { refreshChats, renderChatList } from "./chatlist.js";
 import { ACTIVE_STATUSES, ERROR } from "./codes.js";
+import { attachFiles } from "./files.js";
 import { forgetAllHistory, forgetHistory, loadHistory, saveHistory } from "./history.js";
 import {
   $,
@@ -16,6 +17,7 @@ import {
   STATUS_LABELS,
   ui,
 } from "./page.js";
+import { forkChat, offerForks } from "./lineage.js";
 import { ChatView, el } from "./render.js";
 import { setupCompare } from "./replay.js";
 import { ChatStream } from "./stream.js";
@@ -480,6 +482,19 @@ function bindEvents() {
     else route();
   });
   window.addEventListener("pagehide", flushHistory);
+  offerForks(ui.events, async (seq, button) => {
+    button.disabled = true;
+    try {
+      const forked = await forkChat(state.chatId, seq);
+      await refreshChats();
+      location.hash = `chat=${encodeURIComponent(forked)}`;
+    } catch (err) {
+      reportFailure(err);
+    } finally {
+      button.disabled = false;
+    }
+  });
+  attachFiles({ composer: ui.composer, dropZone: ui.chatView, chatId: () => state.chatId, onError: (text) => showError(text) });
   setupCompare();
   onUnauthorized(() => askForToken("The runtime answered 401: a valid token is needed."));
 }

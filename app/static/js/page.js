@@ -8,6 +8,7 @@ export const DEFAULT_HEARTBEAT_S = 15;
 export const STATUS_LABELS = {
   unknown: "—",
   created: "Created",
+  forked: "Forked",
   running: "Running",
   waiting_input: "Waiting for you",
   waiting: "Waiting for your answer",

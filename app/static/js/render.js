@@ -2,6 +2,8 @@
 
 import { Marked } from "../vendor/marked.esm.js";
 import DOMPurify from "../vendor/purify.es.js";
+import { fileChip } from "./files.js";
+import { forkOrigin } from "./lineage.js";
 import { childCompletedText, childThread } from "./children.js";
 import { invalidOutputText, isStructured, structuredCard } from "./structured.js";
 import { UiRequests } from "./ui.js";
@@ -291,8 +293,11 @@ export class ChatView {
               el("pre", {}, JSON.stringify(context, null, 2))),
           );
         }
+        if (data.forked_from) node.append(forkOrigin(data.forked_from));
         this.root.append(node);
         this.#setOffline(Boolean(data.offline));
+        // A fork waits for its next message (its copied messages are no run).
+        if (data.forked_from) this.#setStatus("forked");
         break;
       }
       case "run.started": {
@@ -315,7 +320,7 @@ export class ChatView {
         const node = this.#base("li", record, "msg msg--user");
         node.append(this.#head("You", { ts: record.ts }), el("div", { class: "msg__body plain" }, data.content ?? ""));
         this.root.append(node);
-        if (this.status !== "running") this.#setStatus("running");
+        if (this.status !== "running" && data.origin !== "fork") this.#setStatus("running");
         break;
       }
       case "message.delta":
@@ -391,6 +396,9 @@ export class ChatView {
         }
         break;
       }
+      case "file.uploaded":
+        this.root.append(fileChip(record, this.#base("li", record, "marker")));
+        break;
       case "run.completed": {
         const node = this.#marker(record, "Run completed", "marker--ok");
         // The summary is usually the last message again; show it only when it says something new.
@@ -503,6 +511,8 @@ export class ChatView {
    */
   #follow(record) {
     const data = record.data || {};
+    // A fork's copies of its parent's messages (an answer's copy has no run): no run behind them.
+    if (data.origin === "fork" || (record.type === "input.received" && !record.run_id)) return;
     const before = this.activity;
     switch (record.type) {
       case "run.started":

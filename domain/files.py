@@ -1,0 +1,174 @@
+"""Uploaded files: content-addressed (sha256) in GridFS in the same database, deduplicated by hash.
+
+A chat's log holds `file.uploaded` (sha256, name, size, content type) for each file given to it, so a
+file is verifiable like a record: its bytes hash to the name it is stored under.
+
+How an upload is stored without leaving anything behind when it fails midway: the bytes are written
+to GridFS (pymongo's `AsyncGridFSBucket`, bucket `uploads`) under a temporary name
+(`partial/<uuid>`), hashed as they go; any error (a broken source, the database, a cancelled
+request) aborts the write, which removes the chunks written so far. Only a whole file is renamed to
+its sha256, and only then is `file.uploaded` recorded. If a file of that hash is stored already,
+the new copy is deleted (the first one of that name stays: two uploads of the same bytes at once
+keep exactly one).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Final
+
+import msgspec
+from gridfs import AsyncGridFSBucket
+from pymongo import ASCENDING
+from pymongo.asynchronous.database import AsyncDatabase
+
+from domain.errors import MozaiksError
+
+BUCKET: Final = "uploads"
+PARTIAL: Final = "partial/"
+# What an upload may be unless MOZAIKS_UPLOAD_TYPES says otherwise.
+DEFAULT_TYPES: Final = (
+    "text/*",
+    "application/json",
+    "application/pdf",
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/webp",
+)
+READ_CHUNK: Final = 256 * 1024
+# A download is sent in pieces of this size (GridFS chunks are 255 KB: several per piece).
+DOWNLOAD_PIECE: Final = 1024 * 1024
+
+
+class FileRefused(MozaiksError):
+    """An upload turned down before anything was stored: `status` 400 (empty), 413 (too large), 415 (type)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        self.status = status
+        super().__init__(detail)
+
+
+class StoredFile(msgspec.Struct, frozen=True, kw_only=True):
+    """A file in the bucket: its hash, size, and whether this upload stored it (False: it was there)."""
+
+    sha256: str
+    size: int
+    created: bool
+
+
+def type_allowed(content_type: str, allowed: Iterable[str]) -> bool:
+    """Whether `content_type` (parameters ignored) matches one of `allowed` (`text/*` style patterns)."""
+    media = content_type.split(";")[0].strip().lower()
+    return bool(media) and any(fnmatch.fnmatchcase(media, pattern.strip().lower()) for pattern in allowed)
+
+
+def check_upload(name: str, size: int, content_type: str, *, max_bytes: int, allowed: Iterable[str]) -> None:
+    """Refuse an upload by its size and type (FileRefused), before it is stored."""
+    if size > max_bytes:
+        raise FileRefused(
+            413, f"file {name!r} has {size} bytes; the limit is {max_bytes} (MOZAIKS_MAX_UPLOAD_MB)"
+        )
+    if size == 0:
+        raise FileRefused(400, f"file {name!r} is empty")
+    if not type_allowed(content_type, allowed):
+        raise FileRefused(
+            415,
+            f"file {name!r} is {content_type or 'of no type'}; allowed: {', '.join(allowed)} (MOZAIKS_UPLOAD_TYPES)",
+        )
+
+
+def text_of(content: bytes, limit: int) -> str:
+    """A file's bytes as text for an agent: decoded as UTF-8 (undecodable bytes replaced), cut at `limit`
+    characters with a note saying so."""
+    text = content.decode("utf-8", errors="replace")
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[... cut at {limit} characters of {len(text)}]"
+
+
+class FileStore:
+    """The GridFS bucket of uploaded files, named by sha256."""
+
+    def __init__(self, db: AsyncDatabase[Any]) -> None:
+        self.db = db
+        self.bucket = AsyncGridFSBucket(db, bucket_name=BUCKET)
+        self.files = db[f"{BUCKET}.files"]
+        self.chunks = db[f"{BUCKET}.chunks"]
+
+    async def put(self, read: Callable[[int], Awaitable[bytes]], *, max_bytes: int) -> StoredFile:
+        """Store the bytes `read(n)` gives until it gives b"" (FileRefused 413 past `max_bytes`).
+
+        A failure midway removes what was written; a file already stored under the same hash is kept
+        and this copy dropped.
+        """
+        digest = hashlib.sha256()
+        size = 0
+
+        class Source:
+            @staticmethod
+            async def read(n: int = -1) -> bytes:
+                nonlocal size
+                data = await read(READ_CHUNK if n is None or n < 0 else n)
+                size += len(data)
+                if size > max_bytes:
+                    raise FileRefused(
+                        413, f"the file is larger than {max_bytes} bytes (MOZAIKS_MAX_UPLOAD_MB)"
+                    )
+                digest.update(data)
+                return data
+
+        temporary = f"{PARTIAL}{uuid.uuid4().hex}"
+        upload = self.bucket.open_upload_stream_with_id(temporary, temporary)
+        try:
+            await upload.write(Source())
+            await upload.close()
+        except BaseException:
+            await upload.abort()
+            raise
+        sha = digest.hexdigest()
+        try:
+            await self.bucket.rename(temporary, sha)
+            first = await self.first(sha)
+        except BaseException:
+            await self.bucket.delete(temporary)
+            raise
+        if first is not None and first["_id"] != temporary:
+            await self.bucket.delete(temporary)
+            return StoredFile(sha256=sha, size=size, created=False)
+        return StoredFile(sha256=sha, size=size, created=True)
+
+    async def first(self, sha: str) -> dict[str, Any] | None:
+        """The stored file of that hash (the earliest, when two uploads raced)."""
+        doc = await self.files.find_one(
+            {"filename": sha}, sort=[("uploadDate", ASCENDING), ("_id", ASCENDING)]
+        )
+        return dict(doc) if doc is not None else None
+
+    async def drop(self, sha: str) -> None:
+        """Remove the file of that hash (a stored file no record will name)."""
+        async for doc in self.files.find({"filename": sha}, {"_id": 1}):
+            await self.bucket.delete(doc["_id"])
+
+    async def chunks_of(self, sha: str, limit: int | None = None) -> AsyncIterator[bytes]:
+        """The file's bytes, chunk by chunk (at most `limit` bytes). Raises KeyError when it is not stored."""
+        doc = await self.first(sha)
+        if doc is None:
+            raise KeyError(sha)
+        left = limit
+        async with await self.bucket.open_download_stream(doc["_id"]) as stream:
+            while left is None or left > 0:
+                data = await stream.read(DOWNLOAD_PIECE if left is None else min(left, DOWNLOAD_PIECE))
+                if not data:
+                    return
+                if left is not None:
+                    data = data[:left]
+                    left -= len(data)
+                yield data
+
+    async def read(self, sha: str, limit: int) -> bytes:
+        """The first `limit` bytes of the file."""
+        return b"".join([chunk async for chunk in self.chunks_of(sha, limit)])
