@@ -19,11 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-
-from pymongo import MongoClient
-from pymongo.errors import PyMongoError
+from typing import TYPE_CHECKING
 
 from domain.errors import MozaiksError
+
+if TYPE_CHECKING:
+    from pymongo import MongoClient
 
 _PR_SET_PDEATHSIG = 1
 # What the server prints for the start-up failures a user can fix, and what to tell them.
@@ -99,6 +100,14 @@ class EmbeddedMongo:
 
         Call it from a thread that outlives the server: the server gets SIGTERM when that thread ends.
         """
+        self.launch()
+        return self.wait_ready()
+
+    def launch(self) -> str:
+        """Start the server process without waiting for it; returns its URI (`wait_ready` waits).
+
+        The server takes a second or two to boot: `mozaiks serve` imports the app meanwhile.
+        """
         storage = str(self.storage)
         if storage != ":memory:":
             try:
@@ -124,10 +133,20 @@ class EmbeddedMongo:
             preexec_fn=_die_with_parent,
             start_new_session=True,  # Ctrl-C reaches only us; we stop the server in order.
         )
+        return self.uri
+
+    def wait_ready(self) -> str:
+        """Wait until the launched server answers `ping`; returns its URI.
+
+        Raises EmbeddedServerError (one line a user can act on) when it exits or does not answer.
+        """
         self._wait_ready()
         return self.uri
 
     def _wait_ready(self) -> None:
+        from pymongo import MongoClient  # here, so `mozaiks --help` never loads the driver
+        from pymongo.errors import PyMongoError
+
         assert self.process is not None
         deadline = time.monotonic() + self.startup_timeout_s
         client: MongoClient[dict[str, object]] = MongoClient(self.uri, serverSelectionTimeoutMS=250)

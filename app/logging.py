@@ -15,14 +15,15 @@ _shared: list[structlog.types.Processor] = [
 ]
 
 
+# Loggers that `import autogen` (or a run) would give a stdout handler of their own.
+_AG2_CONSOLE_LOGGERS = ("autogen.oai.client", "autogen.oai.cohere", "ag2.event.processor")
+
+
 def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
     """Send structlog and stdlib logs (the `autogen` logger among them) through one renderer on stderr.
 
     `chat_id` and `run_id` are bound with `structlog.contextvars.bound_contextvars` where a run starts.
     """
-    # `import autogen` attaches handlers of its own: import it first, then replace them all with ours.
-    import autogen  # noqa: F401
-
     use_json = not sys.stderr.isatty() if json is None else json
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
@@ -47,10 +48,16 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("autogen", "autogen.oai.client", "ag2"):
+    for name in ("autogen", "ag2"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    # AG2 gives these loggers a stdout handler of its own when they have none: a placeholder here keeps
+    # it off, without importing AG2 (seconds) in commands that never run a workflow. The client's
+    # records reach ours through the root; AG2's console echo of events (its event processor turns
+    # `propagate` off) goes nowhere: the runtime records every event itself.
+    for name in _AG2_CONSOLE_LOGGERS:
+        logging.getLogger(name).handlers[:] = [logging.NullHandler()]
     logging.getLogger("autogen").setLevel(logging.WARNING if level.upper() == "INFO" else level.upper())
     for noisy in ("pymongo", "httpx", "httpcore", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

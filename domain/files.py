@@ -18,14 +18,17 @@ import fnmatch
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
-from gridfs import AsyncGridFSBucket
-from pymongo import ASCENDING
-from pymongo.asynchronous.database import AsyncDatabase
 
 from domain.errors import MozaiksError
+
+if TYPE_CHECKING:
+    from pymongo.asynchronous.database import AsyncDatabase
+
+# The driver (gridfs) is imported by `FileStore`, not here: the settings name `DEFAULT_TYPES`, and
+# `mozaiks --help` loads the settings without the database driver.
 
 BUCKET: Final = "uploads"
 PARTIAL: Final = "partial/"
@@ -94,6 +97,8 @@ class FileStore:
     """The GridFS bucket of uploaded files, named by sha256."""
 
     def __init__(self, db: AsyncDatabase[Any]) -> None:
+        from gridfs import AsyncGridFSBucket
+
         self.db = db
         self.bucket = AsyncGridFSBucket(db, bucket_name=BUCKET)
         self.files = db[f"{BUCKET}.files"]
@@ -143,9 +148,7 @@ class FileStore:
 
     async def first(self, sha: str) -> dict[str, Any] | None:
         """The stored file of that hash (the earliest, when two uploads raced)."""
-        doc = await self.files.find_one(
-            {"filename": sha}, sort=[("uploadDate", ASCENDING), ("_id", ASCENDING)]
-        )
+        doc = await self.files.find_one({"filename": sha}, sort=[("uploadDate", 1), ("_id", 1)])
         return dict(doc) if doc is not None else None
 
     async def drop(self, sha: str) -> None:

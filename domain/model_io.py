@@ -16,14 +16,17 @@ import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import msgspec
-from pymongo import WriteConcern
-from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, WriteConcernError
 
-from domain.store import RetryPolicy, with_retries
+if TYPE_CHECKING:
+    from pymongo.asynchronous.database import AsyncDatabase
+
+    from domain.store import RetryPolicy
+
+# The driver is imported where parts are stored (`PartStore`), not here: the settings name
+# `RecordMode`, and `mozaiks --help` loads the settings without the database driver.
 
 PARTS_COLLECTION: Final = "model_io_parts"
 RecordMode = Literal["full", "hashes", "off"]
@@ -172,6 +175,10 @@ class PartStore:
     """
 
     def __init__(self, db: AsyncDatabase[Any], retry: RetryPolicy | None = None) -> None:
+        from pymongo import WriteConcern
+
+        from domain.store import RetryPolicy
+
         # Durable like the log: a part is on disk before the record naming it is appended.
         self.collection = db.get_collection(
             PARTS_COLLECTION, write_concern=WriteConcern(w="majority", j=True)
@@ -182,6 +189,10 @@ class PartStore:
 
     async def put(self, bodies: Mapping[str, bytes]) -> int:
         """Store the parts not known to be stored; returns how many were sent."""
+        from pymongo.errors import BulkWriteError, WriteConcernError
+
+        from domain.store import with_retries
+
         new = [{"_id": h, "body": b.decode()} for h, b in bodies.items() if h not in self.known]
         if not new:
             return 0

@@ -121,6 +121,53 @@ TARGETS: list[Target] = [
         ],
         timeout=20,  # their tests run 3 s at most; a broken sweep leaves them waiting 30-60 s
     ),
+    # Issue 29: the modules added in the last wave, each with only the tests that state its promises.
+    Target(
+        "anchors",
+        "domain/anchors.py",
+        [
+            "tests/test_audit.py::test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported",
+            "tests/test_audit.py::test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says_how_many",
+        ],
+        timeout=120,
+    ),
+    Target(
+        "audit",
+        "domain/audit.py",
+        ["tests/test_audit.py", "tests/test_store.py::test_edited_record_is_reported_by_verify"],
+        timeout=120,
+    ),
+    Target("recorder", "app/runs/recorder.py", ["tests/test_streaming.py", "tests/test_orchestration.py"]),
+    Target("agui", "app/http/agui.py", ["tests/test_agui.py"]),
+    Target(
+        "errors",
+        "app/http/errors.py",
+        [
+            *(
+                f"tests/test_contract.py::{test}"
+                for test in (
+                    "test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_unexpected_one_hides_its_cause",
+                    "test_every_error_has_one_shape_litestars_own_included",
+                    "test_every_2xx_of_every_route_has_a_schema",
+                    "test_rest_and_the_websocket_name_an_error_with_the_same_code",
+                )
+            ),
+            "tests/faults/test_database.py::test_a_raw_connection_failure_under_any_rest_route_answers_503_storage_unavailable_with_retry_after",
+        ],
+    ),
+    # The stop of a run (on this node, on another, on a dead one); the sweep of lost runs
+    # (`recover_expired`) is the leases' target's.
+    Target(
+        "stop",
+        "app/runs/supervisor.py",
+        [
+            "tests/test_run_ends.py",
+            # The one test that stops a run on the node that runs it (over REST).
+            "tests/test_api.py::test_continue_a_finished_chat_and_answer_input_over_rest",
+        ],
+        ["xǁRunSupervisorǁstop"],
+        timeout=30,  # their tests run 3 s at most; a stop that waits on a mark waits 10 s
+    ),
 ]
 
 COPIED = ["app", "domain", "projections", "tools", "tests", "workflows", "pyproject.toml"]

@@ -567,3 +567,56 @@ def test_the_cors_allow_list_takes_origins_and_names_a_bad_one() -> None:
     for bad in ("app.example.com", "https://app.example.com/chat", "ftp://x"):
         with pytest.raises(SettingsError, match=f"MOZAIKS_CORS_ORIGINS: '{bad}'"):
             Settings.from_env({"MOZAIKS_CORS_ORIGINS": bad})
+
+
+async def test_resuming_after_a_records_last_event_sends_nothing_of_it_again_and_ids_before_the_run_are_refused(
+    start_node, store: MongoEventStore
+) -> None:
+    node = await start_node()
+    chat = stream_of("t-ids")
+    before_run = [
+        Pending(event=ChatCreated(context={"n": 0})),
+        Pending(event=MessageUser(content="hi", message_id="m0")),
+    ]
+    first_run = [
+        Pending(event=RunStarted(pattern="RoundRobin", max_turns=8), run_id="run0"),
+        Pending(event=RunCompleted(), run_id="run0"),
+    ]
+    this_run = [
+        Pending(event=MessageUser(content="go", message_id="m1")),
+        Pending(event=RunStarted(pattern="RoundRobin", max_turns=8), run_id="run1"),
+        *a_turn_of("Analyst", 1),
+        Pending(event=RunCompleted(summary="done"), run_id="run1"),
+    ]
+    await store.append(chat, [*before_run, *first_run, *this_run], 0)
+    start = len(before_run) + len(first_run) + 1  # the seq of this run's message.user
+    payload = body("t-ids", ("m0", "hi"), ("m1", "go"))
+    async with httpx.AsyncClient(base_url=node.url, timeout=30) as http:
+        whole = await run(http, "Analyzer", payload)  # a repeat: the finished run, streamed again
+        assert position(whole[0].id)[0] == start
+        # A record that yields several events: `<seq>` names its last, `<seq>.<k>` the others.
+        seqs = [position(e.id)[0] for e in whole]
+        several = next(seq for seq in dict.fromkeys(seqs) if seqs.count(seq) > 1 and seq != start)
+        first, last = seqs.index(several), len(seqs) - 1 - seqs[::-1].index(several)
+        assert whole[last].id == str(several) and whole[first].id == f"{several}.0"
+        assert await run(http, "Analyzer", payload, last_event_id=str(several)) == whole[last + 1 :]
+        assert await run(http, "Analyzer", payload, last_event_id=f"{several}.0") == whole[first + 1 :]
+        # The run's own first record is in bounds (its opening events carry its seq); one before is not.
+        assert await run(http, "Analyzer", payload, last_event_id=str(start)) == whole[seqs.count(start) :]
+        refused = {
+            text: await http.post("/ag-ui/Analyzer", json=payload, headers={"Last-Event-ID": text})
+            for text in (str(start - 1), "1", "-3", "x", f"{several}.x", "")
+        }
+    answers = {
+        text: (r.status_code, r.json().get("error") if r.status_code == 400 else None)
+        for text, r in refused.items()
+    }
+    assert answers == {
+        str(start - 1): (400, "bad_request"),
+        "1": (400, "bad_request"),
+        "-3": (400, "bad_request"),
+        "x": (400, "bad_request"),
+        f"{several}.x": (400, "bad_request"),
+        "": (200, None),  # no id: the whole run
+    }
+    assert f"starts at seq {start}" in refused[str(start - 1)].json()["detail"]

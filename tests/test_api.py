@@ -37,15 +37,20 @@ def bearer(user: str, app: str = "P", roles: tuple[str, ...] = ("user",)) -> dic
 async def wait_for_terminal(
     http: httpx.AsyncClient, chat_id: str, headers: dict[str, str] | None = None
 ) -> str:
-    async with asyncio.timeout(60):
-        while True:
-            events = (await http.get(f"/api/chats/{chat_id}/events", headers=headers)).json()["events"]
-            terminal = [
-                e["type"] for e in events if e["type"] in ("run.completed", "run.failed", "run.stopped")
-            ]
-            if terminal:
-                return terminal[-1]
-            await asyncio.sleep(0.1)
+    events: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                events = (await http.get(f"/api/chats/{chat_id}/events", headers=headers)).json()["events"]
+                terminal = [
+                    e["type"] for e in events if e["type"] in ("run.completed", "run.failed", "run.stopped")
+                ]
+                if terminal:
+                    return terminal[-1]
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        last = [e["type"] for e in events[-5:]]
+        raise AssertionError(f"chat {chat_id}: no run ended within 60 s; its last events {last}") from None
 
 
 @pytest.fixture
@@ -273,7 +278,10 @@ async def test_continue_a_finished_chat_and_answer_input_over_rest(start_node: A
             == [runs[1]]
             == [stopped.json()["run_id"]]
         )
-        assert (await http.post(f"/api/chats/{chat_id}/stop")).status_code == 409
+        assert events[-1]["type"] == "run.stopped" and events[-1]["data"]["by"] == "local", events[-1]
+        again = await http.post(f"/api/chats/{chat_id}/stop")
+        assert again.status_code == 409 and again.json()["error"] == "no_active_run"
+        assert chat_id in again.json()["detail"], again.json()
 
 
 async def test_a_run_whose_node_died_is_recorded_as_interrupted_and_can_continue(

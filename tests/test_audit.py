@@ -18,6 +18,7 @@ import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
 from app.http.auth import issue_token
+from domain.anchors import AnchorBook, Head, derive_key
 from domain.audit import AUDIT_INDEXES, AuditFilter, Position, plans
 from domain.events import (
     ChatCreated,
@@ -40,6 +41,7 @@ APPS = ("P", "Q")
 USERS = ("u0", "u1", "u2")
 WORKFLOWS = ("Alpha", "Beta")
 AGENTS = ("Planner", "Writer", "_Hidden")
+LATE_APPENDS = 150  # records appended while a test pages through the log
 
 
 def bearer(user: str, app: str, roles: tuple[str, ...] = ("user",)) -> dict[str, str]:
@@ -123,12 +125,16 @@ def matches(doc: Mapping[str, Any], f: AuditFilter) -> bool:
 
 
 async def page_all(
-    http: httpx.AsyncClient, headers: dict[str, str], params: dict[str, Any], limit: int = 7
+    http: httpx.AsyncClient,
+    headers: dict[str, str],
+    params: dict[str, Any],
+    limit: int = 7,
+    max_pages: int = 100,
 ) -> list[dict[str, Any]]:
-    """Every record of a query, page by page through the cursor."""
+    """Every record of a query, page by page through the cursor (at most `max_pages` pages)."""
     records: list[dict[str, Any]] = []
     cursor = None
-    while True:
+    for _ in range(max_pages):
         query = {**params, "limit": limit, **({"cursor": cursor} if cursor else {})}
         response = await http.get("/api/events", params=query, headers=headers)
         assert response.status_code == 200, response.text
@@ -139,6 +145,10 @@ async def page_all(
         cursor = page["next"]
         if not page["more"]:
             return records
+    raise AssertionError(
+        f"paging {params} by {limit} did not end after {max_pages} pages ({len(records)} records): "
+        "the cursor keeps announcing more"
+    )
 
 
 def filter_params(f: AuditFilter) -> dict[str, Any]:
@@ -288,7 +298,8 @@ async def test_paging_while_appends_continue_misses_and_repeats_nothing(
     async def keep_appending() -> None:
         nonlocal appended
         n = 100
-        while not stop.is_set():
+        # A bounded number, so that paging catches up with the end of the log whatever the two speeds.
+        while not stop.is_set() and appended < LATE_APPENDS:
             i = n % 12
             chat = (
                 ref(i) if n % 3 else StreamRef(chat_id=f"new-{n}", app_id="P", user_id="u0", workflow="Alpha")
@@ -301,7 +312,8 @@ async def test_paging_while_appends_continue_misses_and_repeats_nothing(
     writer = asyncio.create_task(keep_appending())
     try:
         async with httpx.AsyncClient(base_url=secured.url) as http:
-            records = await page_all(http, bearer("auditor", "P", ("auditor",)), {}, limit=5)
+            most = (len(before) + LATE_APPENDS) // 5 + 2  # every page full, and the last one empty
+            records = await page_all(http, bearer("auditor", "P", ("auditor",)), {}, limit=5, max_pages=most)
     finally:
         stop.set()
         await writer
@@ -483,3 +495,36 @@ async def test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported(
     anchors = audit("anchors", "export", "--app", "Q", env=env)
     exported = [json.loads(line) for line in anchors.stdout.splitlines()]
     assert exported and all(a["app_id"] == "Q" for a in exported) and "sig" in exported[0]
+
+
+async def test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says_how_many(
+    store: MongoEventStore, db: AsyncDatabase[Any]
+) -> None:
+    await write_chats(store, 6)  # chat-00, -02, -04 are app P's; chat-01, -03, -05 app Q's
+    book = AnchorBook(db, derive_key(SECRET))
+    await book.ensure_indexes()
+    heads = []
+    for i in range(6):
+        last = [r async for r in store.read(f"chat-{i:02d}")][-1]
+        heads.append(Head(app_id=APPS[i % 2], chat_id=last.chat_id, seq=last.seq, hash=last.hash))
+    assert await book.append(heads) == 6
+    exported = [doc async for doc in book.documents()]  # both apps' anchors, kept apart
+    # App P's chat-00 loses its last record: P's verification finds it, Q's is not concerned.
+    await db["events"].delete_one({"chat_id": "chat-00", "seq": heads[0].seq})
+    q_records = await db["events"].count_documents({"app_id": "Q"})
+
+    q = await store.verify_all(book, app_id="Q", exported=exported)
+    assert (q.app_id, q.chats, q.records, q.anchors) == ("Q", 3, q_records, 3)
+    assert q.ok, (q.broken, q.anchor_problems)
+    p = await store.verify_all(book, app_id="P", exported=exported)
+    assert (p.chats, p.records, p.anchors) == (3, await db["events"].count_documents({"app_id": "P"}), 3)
+    assert [v.chat_id for v in p.broken] == ["chat-00"] and not p.anchor_problems
+    # The whole log, and a few chats of it.
+    everything = await store.verify_all(book, exported=exported)
+    assert (everything.chats, everything.anchors, [v.chat_id for v in everything.broken]) == (
+        6,
+        6,
+        ["chat-00"],
+    )
+    some = await store.verify_all(book, chat_ids={"chat-01", "chat-02"})
+    assert (some.chats, some.ok) == (2, True)

@@ -56,8 +56,11 @@ def test_every_2xx_of_every_route_has_a_schema() -> None:
         for status, response in operation["responses"].items():
             if status[0] in "45":
                 # Every error is documented with the one error shape (or, for readiness, its own body).
-                refs = {c["schema"].get("$ref", "") for c in response["content"].values()}
-                assert refs <= {"#/components/schemas/ErrorBody", "#/components/schemas/Readiness"}, (
+                refs = {c["schema"].get("$ref", "") for c in response.get("content", {}).values()}
+                assert refs and refs <= {
+                    "#/components/schemas/ErrorBody",
+                    "#/components/schemas/Readiness",
+                }, (
                     method,
                     path,
                     status,
@@ -249,3 +252,145 @@ def test_rest_and_the_websocket_name_an_error_with_the_same_code() -> None:
     assert error_code(NoActiveRun("c")) == codes.NO_ACTIVE_RUN
     assert error_code(UnknownChat("c")) == codes.UNKNOWN_CHAT
     assert error_code(NotAuthorizedException("no")) == codes.UNAUTHORIZED
+
+
+def test_each_error_a_route_raises_answers_its_status_code_and_headers_and_an_unexpected_one_hides_its_cause() -> (
+    None
+):
+    """The mapping of app/http/errors.py, route by route, in a bare Litestar app with the runtime's handlers."""
+    import structlog.testing
+    from litestar import Litestar, get, post
+    from litestar.exceptions import HTTPException
+    from litestar.params import Parameter
+    from litestar.testing import TestClient
+    from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
+
+    from app.http.auth import IdentityUnavailable, TokenRefused
+    from app.http.errors import (
+        EXCEPTION_HANDLERS,
+        STORAGE_RETRY_AFTER_S,
+        ErrorBody,
+        Refused,
+        error_responses,
+    )
+    from app.runs.supervisor import NoActiveRun, NodeBusy, RunActive
+    from app.runs.workflows import UnknownWorkflow
+    from domain.errors import Conflict, CorruptRecord, StorageUnavailable, UnknownChat
+
+    raised: dict[str, Exception] = {
+        "unknown-chat": UnknownChat("c1"),
+        "unknown-workflow": UnknownWorkflow("Nope", ["Analyzer"]),
+        "conflict": Conflict("c1", 3, "taken"),
+        "run-active": RunActive("c1", "r1"),
+        "no-active-run": NoActiveRun("c1"),
+        "node-busy": NodeBusy(4, 7),
+        "corrupt": CorruptRecord("c1", 2, "bad"),
+        "spent": StorageUnavailable("read chat c1", 3, 1.5, AutoReconnect("down")),
+        "raw-connection": AutoReconnect("connection closed"),
+        "no-server": ServerSelectionTimeoutError("no server"),
+        "refused": Refused(418, "teapot", "short and stout"),
+        "http-429": HTTPException(status_code=429, detail="slow down", headers={"RateLimit-Reset": "9"}),
+        "http-418": HTTPException(status_code=418, detail="odd"),
+        # Problems listed with a status other than 400 are not invalid fields: no `fields`.
+        "http-404": HTTPException(status_code=404, detail="gone", extra=[{"key": "x", "message": "m"}]),
+        "http-500": HTTPException(status_code=500, detail="broken"),
+        "identity": IdentityUnavailable("the identity provider's keys cannot be fetched"),
+        "token": TokenRefused("token_expired", "the token expired"),
+        "bug": RuntimeError("secret internals"),
+    }
+
+    @get("/raise/{name:str}", sync_to_thread=False)
+    def raise_it(name: str) -> None:
+        raise raised[name]
+
+    @get("/refuse-fields", sync_to_thread=False)
+    def refuse_fields() -> None:  # a 400 raised by the app itself, its problems partly described
+        raise HTTPException(
+            status_code=400, detail="bad", extra=[{"message": "no key"}, {"key": "k"}, "not a problem"]
+        )
+
+    @post("/validate", sync_to_thread=False)
+    def validate(data: dict[str, int], limit: int = Parameter(ge=1)) -> None:
+        return None
+
+    app = Litestar([raise_it, refuse_fields, validate], exception_handlers=EXCEPTION_HANDLERS, debug=False)
+    retry = str(STORAGE_RETRY_AFTER_S)
+    expected = {
+        "unknown-chat": (404, "unknown_chat", None),
+        "unknown-workflow": (404, "unknown_workflow", None),
+        "conflict": (409, "conflict", None),
+        "run-active": (409, "run_active", None),
+        "no-active-run": (409, "no_active_run", None),
+        "node-busy": (503, "node_busy", "7"),
+        "corrupt": (500, "corrupt_record", None),
+        "spent": (503, "storage_unavailable", retry),
+        "raw-connection": (503, "storage_unavailable", retry),
+        "no-server": (503, "storage_unavailable", retry),
+        "refused": (418, "teapot", None),
+        "http-429": (429, "rate_limited", None),
+        "http-418": (418, "error", None),
+        "http-404": (404, "not_found", None),
+        "http-500": (500, "internal_error", None),
+        "identity": (503, "identity_unavailable", retry),
+        "token": (401, "token_expired", None),
+        "bug": (500, "internal_error", None),
+    }
+    details = {
+        "refused": "short and stout",
+        "http-429": "slow down",
+        "http-418": "odd",
+        "http-404": "gone",
+        "http-500": "broken",
+        "token": "the token expired",
+    }
+    # What the server log records: every 5xx, with the request's method and path; no 4xx.
+    failed = {"node-busy", "corrupt", "spent", "raw-connection", "no-server", "http-500", "identity"}
+    with TestClient(app) as client:
+        answers = {}
+        for name in raised:
+            with structlog.testing.capture_logs() as crashes:
+                response = client.get(f"/raise/{name}")
+            body = response.json()
+            assert set(body) == {"error", "detail"} and body["detail"], (name, body)
+            assert response.headers["content-type"] == "application/json", name
+            logged_failures = [
+                (e["log_level"], e["method"], e["path"]) for e in crashes if e["event"] == "request.failed"
+            ]
+            assert logged_failures == ([("error", "GET", f"/raise/{name}")] if name in failed else []), name
+            if name in failed:
+                assert raised[name].__class__.__name__ in str(crashes[0]["error"]), name
+            answers[name] = (response.status_code, body["error"], response.headers.get("Retry-After"))
+            if name == "bug":
+                assert "secret" not in body["detail"] and "server log" in body["detail"]
+                [logged] = [e for e in crashes if e["event"] == "request.crashed"]
+                # The server log has the details the answer leaves out: what crashed, where, and why.
+                assert (logged["log_level"], logged["method"], logged["path"]) == (
+                    "error",
+                    "GET",
+                    "/raise/bug",
+                )
+                assert logged["exc_info"] is raised["bug"]
+            else:
+                assert body["detail"] == details.get(name, str(raised[name])), name
+        assert answers == expected
+        assert client.get("/raise/http-429").headers["RateLimit-Reset"] == "9"
+        assert client.get("/raise/refused").json()["detail"] == str(raised["refused"]) == "short and stout"
+        partial = client.get("/refuse-fields").json()
+        assert partial["fields"] == [
+            {"name": "", "message": "no key", "source": None},
+            {"name": "k", "message": "", "source": None},
+        ], partial
+        invalid = client.post("/validate", params={"limit": "0"}, json={"a": 1})
+        assert invalid.status_code == 400 and invalid.json()["error"] == "bad_request"
+        [field] = invalid.json()["fields"]
+        assert (field["name"], field["source"]) == ("limit", "query") and field["message"], field
+        typed = client.post("/validate", params={"limit": "2"}, json={"a": "x"})
+        assert typed.status_code == 400 and typed.json()["fields"], typed.json()
+        assert [(f["name"], f["source"]) for f in typed.json()["fields"]] == [("data", "body")]
+        assert all(f["message"] for f in typed.json()["fields"])
+    # The OpenAPI side: every route documents 400, 500 and 503 besides its own, each with the one shape.
+    documented = error_responses(404, 409)
+    assert sorted(documented) == [400, 404, 409, 500, 503]
+    assert all(spec.data_container is ErrorBody for spec in documented.values())
+    assert documented[503].description and "Retry-After" in documented[503].description
+    assert documented[404].examples[0].value == {"error": "not_found", "detail": "…"}

@@ -206,9 +206,11 @@ async def test_a_stop_sent_to_another_node_is_recorded_by_the_running_node_as_th
             "chat_id"
         ]
         await wait_for(store, chat_id, waiting_for_input)
-        stopped = await b.post(f"/api/chats/{chat_id}/stop")
+        stopped = await b.post(f"/api/chats/{chat_id}/stop", timeout=30)
         assert stopped.status_code == 202
-        records = await wait_for(store, chat_id, lambda rs: run_end(rs) is not None)
+        # The stop answers once the run's end is in the log (node A obeyed the mark within STOP_WAIT_S).
+        records = await records_of(store, chat_id)
+        assert run_end(records) == "run.stopped", [r.type for r in records[-3:]]
         async with asyncio.timeout(30):
             while chat_id in node_a.runtime.supervisor.tasks:
                 await asyncio.sleep(0.05)
@@ -229,3 +231,44 @@ async def test_stopping_a_run_whose_node_is_gone_records_the_stop_at_once(
     records = await records_of(store, "gone")
     assert records[-1].type == "run.stopped" and records[-1].run_id == "r-gone"
     check_log(records)
+
+
+async def test_stopping_a_run_whose_node_died_holding_its_lease_records_the_stop_at_once(
+    start_node: Any, store: MongoEventStore, db: Any
+) -> None:
+    # It sweeps every 300 s: once its first sweep is over, no sweep gets to the dead lease first.
+    node = await start_node(lease_ttl_s=600)
+    async with asyncio.timeout(30):
+        while node.runtime.supervisor._sweeps < 1:
+            await asyncio.sleep(0.05)
+    await orphan(store, "dead-stop", "r-dead-stop")
+    await orphan(store, "finished", "r-finished")  # another chat, whose run is over: not this stop's
+    await store.append(stream("finished"), [Pending(event=RunCompleted(), run_id="r-finished")], 2)
+    expired = datetime.now(UTC) - timedelta(seconds=1)  # the lease is still there; its node is not
+    await db["chat_leases"].insert_one(
+        {"_id": "dead-stop", "owner": "dead", "run_id": "r-dead-stop", "expires_at": expired}
+    )
+    # (A stop that waits for a node to obey answers after STOP_WAIT_S: the client waits longer.)
+    async with httpx.AsyncClient(base_url=node.url, timeout=30) as http:
+        assert (await http.post("/api/chats/dead-stop/stop")).status_code == 202
+    # Recorded by the stop itself, not left as a mark on a lease nobody reads.
+    records = await records_of(store, "dead-stop")
+    assert (records[-1].type, records[-1].run_id) == ("run.stopped", "r-dead-stop"), [r.type for r in records]
+    assert records[-1].data["by"] == "local"
+    check_log(records)
+
+
+@pytest.mark.usefixtures("local_clock_far_from_utc")  # the lease is live in UTC, whatever the zone
+async def test_a_stop_for_a_run_on_another_live_node_marks_its_lease_and_records_nothing_itself(
+    start_node: Any, store: MongoEventStore, db: Any
+) -> None:
+    node = await start_node()
+    await orphan(store, "held", "r-held")
+    live = datetime.now(UTC) + timedelta(hours=1)  # held by a live node (that never gets to obey here)
+    await db["chat_leases"].insert_one(
+        {"_id": "held", "owner": "elsewhere", "run_id": "r-held", "expires_at": live}
+    )
+    assert await node.runtime.supervisor.stop("held", "boss", wait=False) == "r-held"
+    lease = await db["chat_leases"].find_one({"_id": "held"})
+    assert lease is not None and lease["stop"] == {"by": "boss"}, lease
+    assert [r.type for r in await records_of(store, "held")] == ["message.user", "run.started"]

@@ -93,6 +93,8 @@ def test_serve_on_the_embedded_default_is_ready_and_leaves_nothing_behind(tmp_pa
         process.send_signal(signal.SIGTERM)
         process.wait(30)
     assert process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after a graceful shutdown
+    said = process.stdout.read().decode() if process.stdout else ""
+    assert f"mozaiks: workflows from {ROOT / 'workflows'}: Analyzer, Assistant, Brainstorm, Generator" in said
     assert b"Traceback" not in (process.stderr.read() if process.stderr else b"")
     time.sleep(0.2)
     assert [pid for pid in descendants if alive(pid)] == []
@@ -100,13 +102,16 @@ def test_serve_on_the_embedded_default_is_ready_and_leaves_nothing_behind(tmp_pa
 
 def test_embedded_server_dies_with_a_killed_parent(tmp_path: Path) -> None:
     port = free_port()
-    process = serve(tmp_path, "--port", str(port))
+    # A workflows folder with nothing in it: the server starts all the same, and warns.
+    process = serve(tmp_path, "--port", str(port), MOZAIKS_WORKFLOWS_PATH=str(tmp_path))
     try:
         wait_ready(port, process, within_s=30)
         descendants = children_of(process.pid)
     finally:
         process.kill()  # no chance to clean up: the kernel's parent-death signal must do it
         process.wait(30)
+    warned = process.stderr.read().decode() if process.stderr else ""
+    assert f"mozaiks: warning: no workflows loaded from {tmp_path}" in warned
     deadline = time.monotonic() + 15
     while any(alive(pid) for pid in descendants) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -148,3 +153,24 @@ def test_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
     assert (
         err.decode().strip().splitlines()[-1].startswith(f"mozaiks: error: cannot listen on 127.0.0.1:{port}")
     )
+
+
+def test_mozaiks_help_answers_without_importing_ag2_the_web_stack_or_the_driver() -> None:
+    listing = subprocess.run(
+        [sys.executable, "-c", "import sys; from app.cli import main; main(['--help'], standalone_mode=False); "
+         "print(sorted({m.split('.')[0] for m in sys.modules} & {'autogen', 'openai', 'litestar', 'pymongo'}))"],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    assert listing.splitlines()[-1] == "[]", listing
+    assert "run          Run WORKFLOW on MESSAGE in the terminal" in listing
+
+
+def test_the_command_list_s_help_lines_are_the_commands_own() -> None:
+    import click
+
+    from app.cli import _ELSEWHERE, main
+
+    context = click.Context(main)
+    for name, (_, line) in _ELSEWHERE.items():
+        command = main.get_command(context, name)
+        assert command is not None and command.get_short_help_str(200) == line, name

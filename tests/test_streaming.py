@@ -432,3 +432,48 @@ def test_streaming_settings_come_from_the_environment_and_bad_values_name_the_va
         Settings.from_env({"MOZAIKS_STREAM_FLUSH_MS": "-1"})
     with pytest.raises(SettingsError, match="MOZAIKS_OFFLINE_CHUNK_MS='fast' is not a number"):
         Settings.from_env({"MOZAIKS_OFFLINE_CHUNK_MS": "fast"})
+
+
+def streamed_messages(records: list[Any]) -> list[tuple[str, str]]:
+    """Each `message.agent` as (its id, its text), after checking it is exactly its own deltas."""
+    assert_messages_are_their_deltas(records)
+    messages = [r for r in records if r.type == "message.agent"]
+    ids = [m.data["message_id"] for m in messages]
+    assert len(set(ids)) == len(ids), f"a message id is used twice: {ids}"
+    deltas = {r.data["message_id"] for r in records if r.type == "message.delta"}
+    assert deltas == set(ids), "every streamed message, and nothing else, has deltas"
+    return [(m.data["message_id"], m.data["content"]) for m in messages]
+
+
+async def test_one_agents_replies_in_a_row_each_get_a_new_message_id_and_only_their_own_text(
+    store: MongoEventStore, tmp_path: Path
+) -> None:
+    # The agent keeps the floor (after_work "stay") for ten turns: replies with text and a call, a
+    # call alone, text alone, each after the other, the last two text alone in a row.
+    workflows = solo_workflow(tmp_path, tool="text_statistics:tools.text_stats:text_statistics")
+    agents = json.loads((workflows / "Solo" / "agents.json").read_text())
+    agents["agents"][0]["handoffs"] = {"after_work": "stay"}
+    (workflows / "Solo" / "agents.json").write_text(json.dumps(agents))
+    spec = json.loads((workflows / "Solo" / "workflow.json").read_text())
+    (workflows / "Solo" / "workflow.json").write_text(json.dumps({**spec, "max_turns": 10}))
+    count = '{"text": "a b c"}'
+    model = StreamingModel(
+        [
+            Reply(chunks=["Let me ", "count."], tool_calls=[ToolCall("call_1", "text_statistics", count)]),
+            Reply(tool_calls=[ToolCall("call_2", "text_statistics", count)]),
+            text_reply("Counted.", 3),
+            Reply(tool_calls=[ToolCall("call_3", "text_statistics", count)]),
+            text_reply("Three words.", 3),
+            text_reply("Still three.", 3),
+        ]
+    )
+    try:
+        orchestrator = orchestrator_on(store, workflows, model)
+        stream = await orchestrator.create_chat(workflow="Solo", user_id="u", app_id="a", message="Count")
+        assert await orchestrator.run(stream) == "run.completed"
+    finally:
+        model.close()
+    records = await records_of(store, stream.chat_id)
+    said = [text for _, text in streamed_messages(records)]
+    assert said == ["Let me count.", "Counted.", "Three words.", "Still three."]
+    assert [r.type for r in records].count("tool.called") == 3

@@ -118,7 +118,9 @@ async def test_reconnecting_at_twenty_random_points_of_a_running_chat_sees_every
     seen: list[int] = []
     last = 0
     for _ in range(20):
-        async with connect(f"{node.ws_url}/ws/chats/run?after={last}") as ws:
+        # max_queue=None: the client keeps reading while it closes. With its default (16 frames), a
+        # client that stops reading with more unread waits out its 10 s close timeout each time.
+        async with connect(f"{node.ws_url}/ws/chats/run?after={last}", max_queue=None) as ws:
             # Up to 25 frames, unless the client already has every record (a slow machine may see the
             # producer finish first: then a heartbeat would be the only frame left to wait for).
             for _ in range(rng.randint(1, 25)):
@@ -129,7 +131,7 @@ async def test_reconnecting_at_twenty_random_points_of_a_running_chat_sees_every
                     seen.append(frame["seq"])
                     last = frame["seq"]
         # The socket is closed mid-stream here; the producer (the "run") goes on meanwhile.
-    async with connect(f"{node.ws_url}/ws/chats/run?after={last}") as ws:
+    async with connect(f"{node.ws_url}/ws/chats/run?after={last}", max_queue=None) as ws:
         await producing
         if last < total:
             seen += seqs(await frames_until(ws, total))

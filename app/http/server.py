@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -52,7 +53,7 @@ from app.http.transport import chat_socket
 from app.http.ui import answer_ui_request
 from app.hub import LiveHub
 from app.observability import watch_projection_lag, watch_runs
-from app.runs.orchestrator import Orchestrator
+from app.runs.orchestrator import Orchestrator, load_ag2
 from app.runs.pool import routed_default_executor
 from app.runs.supervisor import RunSupervisor
 from app.runs.workflows import WorkflowManager
@@ -190,11 +191,22 @@ async def supervisor_lifespan(app: Litestar) -> AsyncIterator[None]:
     )
     supervisor = state.supervisor = RunSupervisor(state.db, state.store, orchestrator, state.settings)
     supervisor.on_run_end = state.traces.run_ended if state.get("traces") else None
-    async with _background("lease-watch", supervisor.watch_leases()):
+    async with (
+        _background("lease-watch", supervisor.watch_leases()),
+        _background("ag2-import", _load_ag2_once_ready(state.projections)),
+    ):
         try:
             yield
         finally:
             await supervisor.shutdown()
+
+
+async def _load_ag2_once_ready(projections: ProjectionRunner) -> None:
+    """Import AG2 on a thread once the node is ready (never before: readiness waits for nothing of it),
+    so the first chat seldom waits for those seconds of imports (a run imports it itself if need be)."""
+    with contextlib.suppress(Exception):  # not caught up in a minute: import all the same
+        await projections.wait_caught_up(timeout=60)
+    threading.Thread(target=load_ag2, name="ag2-import", daemon=True).start()
 
 
 async def security_headers(message: Message, scope: Scope) -> None:

@@ -20,19 +20,22 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Final, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 import httpx
 import msgspec
-import openai
 from httpx_sse import EventSource
-from openai import OpenAI
-from openai.types.chat import ChatCompletion
 
 from domain.errors import MozaiksError
 from domain.events import LlmCall, new_id
 from domain.manifest import ScriptedReply
 from domain.model_io import Parts, RecordMode, split_call
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletion
+
+# The `openai` SDK (a second of imports) is imported where a model call needs it: AG2 loads it with
+# the first run anyway, and a server that has run nothing yet starts without it.
 
 CLIENT_CLASS_NAME: Final = "MozaiksModelClient"
 # Keys of an AG2 config entry that belong to us, not to the chat completions API.
@@ -95,6 +98,8 @@ def retry_after_s(exc: BaseException) -> float | None:
 
 def fault_status(exc: BaseException) -> tuple[str, bool]:
     """What a failed model call's `llm.call.status` says, and whether trying again may help."""
+    import openai
+
     if isinstance(exc, openai.APIStatusError):
         code = exc.status_code
         return f"http_{code}", code in (408, 409, 429) or code >= 500
@@ -114,7 +119,7 @@ class ModelUnavailable(MozaiksError):
         self.cause = cause
         status, _ = fault_status(cause)
         super().__init__(
-            f"model call for agent {agent} failed after {attempts} "
+            f"model call for {agent} failed after {attempts} "
             f"{'try' if attempts == 1 else 'tries'} ({status}): {type(cause).__name__}: {cause}"
         )
 
@@ -216,8 +221,10 @@ class OpenAIBackend:
         # The SDK's own retries are off: ModelRetryPolicy retries, and records every try.
         # A connection kept open for each call that may be in flight (MOZAIKS_MAX_CONCURRENT_LLM_CALLS):
         # with the SDK's default of 100, 200 concurrent chats opened and closed a connection per call.
+        import openai
+
         limits = httpx.Limits(max_connections=max(1000, max_calls), max_keepalive_connections=max_calls)
-        self.client = OpenAI(
+        self.client = openai.OpenAI(
             api_key=api_key or "not-needed",
             base_url=base_url,
             timeout=timeout_s,
@@ -237,6 +244,8 @@ class OpenAIBackend:
         `stream` chunk by chunk; the chunks (text, tool calls and their arguments, finish reason,
         usage) are assembled into the one ChatCompletion AG2 receives.
         """
+        import openai
+
         stream = stream or TextStream(agent)
         stream.begin()
         assembly = Assembly()
@@ -386,6 +395,8 @@ class Assembly:
                     for _, held in sorted(state["tool_calls"].items())
                 ]
             choices.append({"index": index, "message": message, "finish_reason": state["finish_reason"]})
+        from openai.types.chat import ChatCompletion
+
         return ChatCompletion.model_validate(
             {**self.head, "object": "chat.completion", "choices": choices, "usage": self.usage}
         )
@@ -470,6 +481,8 @@ class ScriptedBackend:
                 if number and self.chunk_s > 0:
                     time.sleep(self.chunk_s)  # AG2's worker thread, never the event loop
                 stream.write(word)
+        from openai.types.chat import ChatCompletion
+
         return ChatCompletion.model_validate(
             {
                 "id": f"offline-{agent}-{index}",

@@ -20,12 +20,9 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
-from autogen import ConversableAgent
-from autogen.agentchat.agent import Agent
-from autogen.agentchat.group import ContextExpression, ContextVariables
 
 from domain.errors import ManifestError
 from domain.events import ContextUpdated, HookCalled, Pending, Record, StreamRef
@@ -39,6 +36,13 @@ from domain.manifest import (
     ToolsManifest,
 )
 
+if TYPE_CHECKING:
+    from autogen import ConversableAgent
+    from autogen.agentchat.agent import Agent
+    from autogen.agentchat.group import ContextVariables
+
+# AG2 is imported where it is used (a run, a context condition being checked), not at import time:
+# the server starts without it (see app.runs.orchestrator.load_ag2).
 HOOKS_FILE: Final = "hooks.json"
 CONTEXT_FILE: Final = "context_variables.json"
 AGENTS_FILE: Final = "agents.json"
@@ -153,6 +157,8 @@ def check_context(
                         f"unknown agent {condition.target!r} (agents: {', '.join(sorted(group))}; or terminate)",
                     )
                 )
+            from autogen.agentchat.group import ContextExpression
+
             try:
                 expression = ContextExpression(condition.expression)
             except (SyntaxError, ValueError) as exc:
@@ -455,6 +461,8 @@ class HookRunner:
             "agent_text"
         ):
             return
+        from autogen.agentchat.agent import Agent
+
         for agent in agents.values():
             agent.register_reply([Agent, None], self.around_reply(agent.name, emit), position=0)
 

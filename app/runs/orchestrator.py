@@ -15,17 +15,13 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import structlog
-from autogen.agentchat import a_run_group_chat
-from autogen.agentchat.group import ContextVariables
-from autogen.io.base import IOStream
 from pymongo.errors import PyMongoError
 
 import tools
-from app.runs.agents import ContextNote, Team, build_team
 from app.runs.budgets import BudgetBook, count_stop
 from app.runs.children import ChildDesk, ChildLauncher, ChildNote
 from app.runs.clients import (
@@ -40,7 +36,6 @@ from app.runs.clients import (
 from app.runs.files import ChatFiles
 from app.runs.hooks import Cause, Causes, ContextChange, HookNote, HookRunner, expression_of
 from app.runs.pool import model_calls
-from app.runs.recorder import RunMapper
 from app.runs.structured import OutputRejected, StructuredLedger, StructuredReply
 from app.runs.ui import UiDesk, UiNote, exchange_messages, fold_exchanges
 from app.runs.workflows import Workflow, WorkflowManager
@@ -72,7 +67,23 @@ from domain.lineage import apply_context
 from domain.model_io import PartStore
 from domain.store import MongoEventStore
 
+if TYPE_CHECKING:
+    from app.runs.recorder import RunMapper
+
 log = structlog.get_logger("mozaiks.orchestration")
+
+# AG2 (and the modules built on it: agents, recorder) is imported where a run needs it, never at
+# import time: it takes seconds, which `mozaiks serve`'s start and every other command do without.
+_ag2_loaded = threading.Event()
+
+
+def load_ag2() -> None:
+    """Import AG2 and the run modules built on it (seconds the first time; call it off the event loop)."""
+    import app.runs.agents
+    import app.runs.recorder  # noqa: F401
+
+    _ag2_loaded.set()
+
 
 _MAX_BATCH: Final = 256
 # Frames from here are the workflows' tools: an error raised there fails a run with reason "tool".
@@ -330,6 +341,8 @@ class Relay:
 
     def send(self, item: Any, *, wait: bool) -> None:
         """Queue `item`; `wait`: it may wait for the flush window (text), else it goes at once."""
+        from autogen.io.base import IOStream
+
         iostream = IOStream.get_default()  # the run's stream, as AG2 set it for this call
         with self.lock:
             self.items.append(item)
@@ -548,6 +561,14 @@ class _RunSession:
         return record.type
 
     async def drive(self) -> str:
+        if not _ag2_loaded.is_set():
+            await asyncio.to_thread(load_ag2)  # on a thread: the loop serves everyone else meanwhile
+        from autogen.agentchat import a_run_group_chat
+        from autogen.agentchat.group import ContextVariables
+
+        from app.runs.agents import build_team
+        from app.runs.recorder import RunMapper
+
         group_agents = {a.name for a in self.workflow.agents if a.type != "user"}
         relay = self.relay = Relay(asyncio.get_running_loop(), self.o.settings.stream_flush_ms / 1000)
 
@@ -608,7 +629,7 @@ class _RunSession:
         response: Any = None
         try:
             try:
-                team: Team = build_team(
+                team = build_team(
                     self.workflow,
                     client_cls=ledger.client_class(),
                     context=context,
@@ -741,7 +762,7 @@ class _RunSession:
                         with contextlib.suppress(HookFailed):
                             await self.hooks.fire("after_chat", notes.append, message=self.summary)
                         pendings += self.causes.arrange(self.hook_pendings(notes))
-                    return await self.finish([*pendings, self.outcome(done, backend)])
+                    return await self.finish([*pendings, self.outcome(done, backend, mapper)])
                 await self.append(pendings)
                 if request is not None:
                     answer = await self.answer(request)
@@ -760,6 +781,8 @@ class _RunSession:
         return pendings
 
     def map_batch(self, mapper: RunMapper, batch: list[Any]) -> tuple[list[Pending], Any, _Done | None]:
+        from app.runs.agents import ContextNote  # loaded with AG2 when the run began
+
         pendings: list[Any] = []  # Pendings, and context changes placed by `Causes.arrange`
         request: Any = None
         done: _Done | None = None
@@ -819,7 +842,7 @@ class _RunSession:
                     )
         return self.causes.arrange(pendings), request, done
 
-    def outcome(self, done: _Done, backend: Backend) -> Pending:
+    def outcome(self, done: _Done, backend: Backend, mapper: RunMapper) -> Pending:
         if isinstance(backend, ScriptedBackend):
             self.report.scripted = (backend.calls, backend.prompt_tokens, backend.completion_tokens)
         if self.hook_failure is not None:
@@ -827,11 +850,14 @@ class _RunSession:
         if self.budget_stop is not None:
             return self.stopped_by_budget()
         if done.error is None:
-            return self.terminal(RunCompleted(summary=self.summary))
+            # Not AG2's summary (the last message, maybe a hidden agent's): the last one users saw.
+            return self.terminal(RunCompleted(summary=mapper.summary))
         error = done.error
         log.warning("run.failed", chat_id=self.stream.chat_id, run_id=self.run_id, error=str(error))
         return self.terminal(
-            RunFailed(error=f"{type(error).__name__}: {error}", reason=failure_reason(error))
+            # Visible to users: a hidden agent whose model call failed is not named there (auditors
+            # read its failed `llm.call` records).
+            RunFailed(error=mapper.unnamed(f"{type(error).__name__}: {error}"), reason=failure_reason(error))
         )
 
     async def answer(self, request: Any) -> str | None:

@@ -9,6 +9,7 @@ a callable as null, an exception as its type and message.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Final
 
 import msgspec
@@ -111,6 +112,8 @@ class RunMapper:
         self.executing: dict[str, str] = {}
         # agent -> the message its model call is streaming (group agents only).
         self.open: dict[str, OpenMessage] = {}
+        # The last visible agent message's text: `run.completed.summary` (never a hidden agent's words).
+        self.summary: str | None = None
         # agent -> its last validated structured reply, for the `message.agent` that follows.
         self.structured: dict[str, dict[str, Any]] = {}
 
@@ -165,17 +168,40 @@ class RunMapper:
             raw,
         )
 
-    def visible(self, agent: str | None, typed: bool) -> bool:
-        """Typed events show when their agent is visual (or none); raw `ag2.event`s never show."""
+    def visible(self, agent: str | None, typed: bool, named: tuple[str, ...] = ()) -> bool:
+        """Whether users see a record: the one place the runtime decides it.
+
+        Typed events show when their agent is visual (or none) and no other agent they name (a
+        handoff's target, a random choice's candidates) is a hidden one; raw `ag2.event`s never show.
+        Auditors read every record whatever this says.
+        """
         if not typed:
             return False
-        return agent is None or agent in self.visual_agents or agent == self.user_agent
+        if agent is not None and agent not in self.visual_agents and agent != self.user_agent:
+            return False
+        return not any(name in self.group_agents and name not in self.visual_agents for name in named)
 
-    def pending(self, event: AnyEvent, agent: str | None, ag2: str | None, *, typed: bool = True) -> Pending:
-        """A Pending of this run."""
-        return Pending(
-            event=event, agent=agent, visible=self.visible(agent, typed), run_id=self.run_id, ag2=ag2
-        )
+    def unnamed(self, text: str) -> str:
+        """`text` for a record users read (a failed run's error): hidden agents' names replaced."""
+        hidden = sorted(self.group_agents - self.visual_agents, key=len, reverse=True)
+        if not hidden:
+            return text
+        return re.sub(rf"\b(?:{'|'.join(map(re.escape, hidden))})\b", "a hidden agent", text)
+
+    def pending(
+        self,
+        event: AnyEvent,
+        agent: str | None,
+        ag2: str | None,
+        *,
+        typed: bool = True,
+        named: tuple[str, ...] = (),
+    ) -> Pending:
+        """A Pending of this run; `named`: the other agents the event names (see `visible`)."""
+        visible = self.visible(agent, typed, named)
+        if visible and isinstance(event, MessageAgent) and event.content:
+            self.summary = event.content  # what run.completed reports: the last words users saw
+        return Pending(event=event, agent=agent, visible=visible, run_id=self.run_id, ag2=ag2)
 
     def map_note(self, note: LlmCallNote) -> Pending:
         """The runtime's own `llm.call` record."""
@@ -237,11 +263,16 @@ class RunMapper:
                 target = c.transition_target
                 if hasattr(target, "agent_names"):
                     # A random target is drawn only after this event: record the choice set instead.
-                    name, reason = "random", f"random choice among {', '.join(target.agent_names)}"
+                    named = tuple(target.agent_names)
+                    name, reason = "random", f"random choice among {', '.join(named)}"
                 else:
                     name, reason = getattr(target, "agent_name", None) or target.display_name(), str(target)
+                    named = (name,)
                 return self.pending(
-                    Handoff(source=source, target=name, kind=_HANDOFF_KINDS[kind], reason=reason), source, raw
+                    Handoff(source=source, target=name, kind=_HANDOFF_KINDS[kind], reason=reason),
+                    source,
+                    raw,
+                    named=named,
                 )
             case _:
                 agent = getattr(c, "sender", None)

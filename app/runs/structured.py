@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from openai.types.chat import ChatCompletion
 
 from app.runs.clients import Backend, Ledger, ModelRetryPolicy, TextChunk
 from domain.errors import MozaiksError
@@ -28,6 +27,9 @@ from domain.events import OutputInvalid, SchemaViolation
 from domain.manifest import StructuredOutputSpec
 from domain.model_io import RecordMode
 from domain.structured import json_path, strict_schema_problems
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletion  # a run loads the SDK; the server starts without it
 
 # The JSON Schema dialect of structured outputs (OpenAI's strict mode is a subset of it).
 Validator: Final = Draft202012Validator

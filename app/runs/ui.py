@@ -16,11 +16,10 @@ import asyncio
 import json
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import jsonschema
 import msgspec
-from autogen import ConversableAgent
 from jsonschema.exceptions import best_match
 
 from app.runs.workflows import Tool
@@ -36,6 +35,9 @@ from domain.events import (
     new_id,
 )
 from domain.store import MongoEventStore
+
+if TYPE_CHECKING:
+    from autogen import ConversableAgent  # AG2 is loaded by the run that registers a UI tool
 
 # The components that wait for the user; an artifact is shown and its call returns at once.
 WAITING: Final = frozenset({"form", "choice", "confirm"})

@@ -22,13 +22,24 @@ async def records_of(store: MongoEventStore, chat_id: str) -> list[Record]:
 
 
 async def wait_for(store: MongoEventStore, chat_id: str, done: Any, timeout: float = 120) -> list[Record]:
-    """The chat's records once `done(records)` holds (polls the log; no timing asserts)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            records = await records_of(store, chat_id)
-            if done(records):
-                return records
-            await asyncio.sleep(0.05)
+    """The chat's records once `done(records)` holds (polls the log; no timing asserts).
+
+    Fails naming the chat and its last records if `done` does not hold within `timeout` seconds.
+    """
+    records: list[Record] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                records = await records_of(store, chat_id)
+                if done(records):
+                    return records
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        last = [f"{r.seq} {r.type}" for r in records[-5:]]
+        raise AssertionError(
+            f"chat {chat_id}: {getattr(done, '__name__', 'the condition')} did not hold within {timeout} s; "
+            f"{len(records)} records, the last {last}"
+        ) from None
 
 
 def run_end(records: list[Record], run_index: int = -1) -> str | None:

@@ -210,3 +210,48 @@ async def test_a_read_while_the_database_is_down_is_a_503_that_says_so_and_reads
         assert [e["seq"] for e in back.json()["events"]] == [
             r.seq for r in await records_of(fault_store, chat_id)
         ]
+
+
+# REST routes that read the projections, the leases or the audit indexes with the driver itself (a
+# dropped connection reaches them as the driver's raw ConnectionFailure), and one that appends through
+# the store (its retries spent: StorageUnavailable). Reads of one chat's log go through the store's
+# retries too: `test_a_read_while_the_database_is_down_is_a_503_...` covers them.
+DATABASE_ROUTES = [
+    ("GET", "/api/chats"),
+    ("POST", "/api/chats"),
+    ("GET", "/api/events"),
+    ("GET", "/metrics/perf/aggregate"),
+    ("GET", "/metrics/perf/chats"),
+    ("GET", "/metrics/perf/chat/{chat}"),
+    ("GET", "/metrics/perf/series"),
+]
+
+
+async def test_a_raw_connection_failure_under_any_rest_route_answers_503_storage_unavailable_with_retry_after(
+    fault_server: FaultServer, fault_store: MongoEventStore, fault_node: Any
+) -> None:
+    # A short retry budget: reads through the store give up quickly (StorageUnavailable); reads of
+    # the projections and leases meet the driver's own ConnectionFailure. Both are the database's.
+    # A short server selection: after a dropped connection, finding the server again fails quickly too.
+    uri = fault_server.uri_for("mz-a") + "&serverSelectionTimeoutMS=300"
+    node = await fault_node("a", database_uri=uri, db_retry_s=0.2)
+    async with httpx.AsyncClient(base_url=node.url, timeout=60) as http:
+        chat_id = await start_chat(http, fault_store)
+        bodies = {"/api/chats": {"workflow": "Assistant", "message": "more bees"}}
+        every_command = {
+            "failCommands": ["find", "aggregate", "count", "insert", "update", "delete", "findAndModify"],
+            "closeConnection": True,
+            "appName": "mz-a",  # the node's client only: the test's own reads still answer
+        }
+        answers = {}
+        with fault_server.failing(every_command, "alwaysOn"):
+            for method, route in DATABASE_ROUTES:
+                path = route.format(chat=chat_id)
+                body = bodies.get(route, {"message": "yes"}) if method == "POST" else None
+                answer = await http.request(method, path, json=body)
+                answers[f"{method} {route}"] = (
+                    answer.status_code,
+                    answer.json().get("error"),
+                    answer.headers.get("Retry-After"),
+                )
+    assert answers == {f"{m} {r}": (503, "storage_unavailable", "5") for m, r in DATABASE_ROUTES}
