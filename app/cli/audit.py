@@ -226,7 +226,7 @@ async def _export_parts(parts: PartStore, hashes: list[str], out: BinaryIO) -> l
 def verify_command(
     app_id: str | None, anchors_file: Path | None, chat_id: str | None, with_children: bool
 ) -> None:
-    """Check every chat's hash chain and tail anchor; list broken chats and their first broken seq."""
+    """Check every chat's hash chain and tail anchor (and each fork's anchor in its parent); list broken chats."""
     if with_children and chat_id is None:
         raise click.UsageError("--with-children needs --chat (the chat whose children to verify)")
     console = Console(stderr=True, soft_wrap=True)
