@@ -395,8 +395,8 @@ class LogCheck:
             )
             self.seen.add(chat_id)
         self.records += 1
-        if doc.get("seq") == 1 and (anchor := forked_from(doc)) is not None:
-            self._anchors[chat_id] = anchor
+        if doc.get("seq") == 1 and (parent := forked_from(doc)) is not None:
+            self._anchors[chat_id] = parent
         check.add(doc)
 
     def close(self, chat_id: str) -> None:
