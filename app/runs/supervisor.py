@@ -53,6 +53,7 @@ from domain.events import (
     UiResponded,
     new_id,
 )
+from domain.files import FileStore, Swept
 from domain.store import MongoEventStore, with_retries
 
 log = structlog.get_logger("mozaiks.supervisor")
@@ -68,6 +69,9 @@ STOP_WAIT_S = 10.0
 SESSIONS_SWEEP_EVERY = 10
 # How often a node looks for UI requests past their timeout (`expire_due`: one indexed query).
 UI_EXPIRY_EVERY_S = 1.0
+# How often a node sweeps what killed uploads left behind in GridFS (domain.files.FileStore.sweep):
+# at start-up, then this often (leftovers are removed once ABANDONED_AFTER old anyway).
+UPLOADS_SWEEP_S = 600.0
 # Retry-After of a refused run: runs that take minutes free a slot every few seconds on a busy node.
 BUSY_RETRY_AFTER_S = 5
 _STATE_TYPES = ["chat.created", "run.started", *sorted(TERMINAL_TYPES), "input.requested", "input.received"]
@@ -530,10 +534,18 @@ class RunSupervisor:
                     )
         return recovered
 
+    async def sweep_uploads(self) -> Swept:
+        """Remove the leftovers of uploads a killed node never finished (see domain/files.py)."""
+        swept = await FileStore(self.store.db).sweep(self.store.events)
+        if swept.partial or swept.unnamed:
+            log.info("uploads.swept", partial=swept.partial, unnamed=swept.unnamed)
+        return swept
+
     async def watch_leases(self) -> None:
-        """For as long as the process runs: obey stop marks, and sweep for interrupted runs now and then."""
+        """For as long as the process runs: obey stop marks, and sweep for interrupted runs now and then
+        (and for abandoned uploads at start-up, then every UPLOADS_SWEEP_S)."""
         sweep_every = max(self.settings.lease_ttl_s / 2, 0.2)
-        next_sweep = next_expiry = 0.0
+        next_sweep = next_expiry = next_uploads = 0.0
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -549,6 +561,9 @@ class RunSupervisor:
                     expired = await self.expire_due()
                     if expired:
                         log.info("ui.expired", count=expired)
+                if loop.time() >= next_uploads:
+                    next_uploads = loop.time() + UPLOADS_SWEEP_S
+                    await self.sweep_uploads()
             except (PyMongoError, StorageUnavailable) as exc:
                 raise_if_cancelling(exc)
                 log.warning("leases.check_failed", error=str(exc))
