@@ -32,6 +32,8 @@ from domain.anchors import Anchor, AnchorBook, AnchorScan, judge
 from domain.chain import ChainCheck, Verification
 from domain.cursors import prefetched
 from domain.errors import MozaiksError
+from domain.events import ForkedFrom
+from domain.lineage import anchored, forked_from
 
 TIME_ORDER: Final = [("ts", ASCENDING), ("chat_id", ASCENDING), ("seq", ASCENDING)]
 CHAT_ORDER: Final = [("chat_id", ASCENDING), ("seq", ASCENDING)]
@@ -348,6 +350,8 @@ class LogVerification(msgspec.Struct, kw_only=True):
     anchor_problems: list[str]
     # Model I/O parts (domain/model_io.py) whose content does not match their hash, or missing ones.
     part_problems: list[str] = []
+    # Forks among the chats, each checked against its `forked_from` anchor in the parent's log too.
+    forks: int = 0
 
     @property
     def ok(self) -> bool:
@@ -359,8 +363,9 @@ class LogCheck:
     """Checks the chains of many chats from their stored documents, each chat's in seq order.
 
     Chats may be interleaved (documents in time order); `close` a chat once all of it was fed (in
-    chat order) to keep memory flat. `result` judges every chat against its latest anchor and
-    reports anchored chats never fed (deleted).
+    chat order) to keep memory flat. `check_forks` checks each fork's `forked_from` anchor in its
+    parent's log (`domain.lineage.anchored`, the per-chat verify's check). `result` judges every
+    chat against its latest anchor and reports anchored chats never fed (deleted).
     """
 
     def __init__(
@@ -373,6 +378,9 @@ class LogCheck:
         self.seen: set[str] = set()
         self.broken: list[Verification] = []
         self._open: dict[str, ChainCheck] = {}
+        # Forks fed (their `chat.created` holds `forked_from`) and their verdicts once closed.
+        self._anchors: dict[str, ForkedFrom] = {}
+        self._forks: dict[str, Verification] = {}
 
     def add(self, doc: Mapping[str, Any]) -> None:
         """Check one more document of its chat."""
@@ -387,6 +395,8 @@ class LogCheck:
             )
             self.seen.add(chat_id)
         self.records += 1
+        if doc.get("seq") == 1 and (parent := forked_from(doc)) is not None:
+            self._anchors[chat_id] = parent
         check.add(doc)
 
     def close(self, chat_id: str) -> None:
@@ -395,10 +405,19 @@ class LogCheck:
         if check is not None:
             self._judge(check)
 
-    def result(self, app_id: str | None) -> LogVerification:
-        """Judge the chats still open and the anchored chats never seen."""
+    async def check_forks(self, events: AsyncCollection[Any]) -> None:
+        """Judge the chats still open, and check every fork's `forked_from` anchor in its parent's log."""
         for chat_id in list(self._open):
             self.close(chat_id)
+        for chat_id, verdict in list(self._forks.items()):
+            self._forks[chat_id] = await anchored(events, verdict, self._anchors[chat_id])
+
+    def result(self, app_id: str | None) -> LogVerification:
+        """Judge the chats still open and the anchored chats never seen (forks' anchors: `check_forks` first)."""
+        for chat_id in list(self._open):
+            self.close(chat_id)
+        self.broken.extend(verdict for verdict in self._forks.values() if not verdict.ok)
+        self._forks.clear()
         latest = self.anchors.latest if self.anchors is not None else {}
         for chat_id in sorted(set(latest) - self.seen):
             if self.chat_ids is None or chat_id in self.chat_ids:
@@ -408,6 +427,7 @@ class LogCheck:
             chats=len(self.seen),
             records=self.records,
             anchors=self.anchors.count if self.anchors is not None else 0,
+            forks=len(self._anchors),
             broken=sorted(self.broken, key=lambda v: v.chat_id),
             anchor_problems=list(self.anchors.problems) if self.anchors is not None else [],
         )
@@ -417,7 +437,9 @@ class LogCheck:
 
     def _judge(self, check: ChainCheck) -> None:
         result = judge(check, self._anchored(check.chat_id), self.key)
-        if not result.ok:
+        if check.chat_id in self._anchors:
+            self._forks[check.chat_id] = result  # reported by `result`, after `check_forks`
+        elif not result.ok:
             self.broken.append(result)
 
 
@@ -440,6 +462,8 @@ async def verify_log(
     whose log ends before its anchored seq, whose anchored record changed, and an anchored chat
     that is gone. `exported`: anchors exported earlier (`audit anchors export`), checked against the
     database's and trusted where newer. `progress(records, total)` is called every `batch_size` records.
+    A fork's `forked_from` anchor is checked in its parent's log as the per-chat verify does
+    (`domain.lineage.anchored`): a parent's record changed at the fork point fails the fork at seq 1.
     """
     scan = await book.scan(app_id) if book is not None else None
     if scan is not None and book is not None and exported is not None:
@@ -459,6 +483,7 @@ async def verify_log(
                 log_check.close(current)
             current = chat_id
         log_check.add(doc)
+    await log_check.check_forks(events)
     if progress is not None:
         progress(read, read)
     return log_check.result(app_id)

@@ -218,6 +218,19 @@ class RunStopped(Event, tag="run.stopped", frozen=True, kw_only=True):
     budget: dict[str, Any] | None = None
 
 
+class RunSuspended(Event, tag="run.suspended", frozen=True, kw_only=True):
+    """The run ended waiting on the user: the UI requests (form, choice, confirm) it asked last.
+
+    A terminal record like the others: the run's task, lease and AG2 objects are gone, and the chat
+    is a state in the log. The answer (or expiry) of a request records its `tool.result` and starts
+    the chat's next run, which AG2 resumes from the tool call and that result.
+    """
+
+    request_ids: list[str] = []
+    # The earliest `expires_at` of those requests (ISO 8601, UTC, ms); None: they wait for ever.
+    expires_at: str | None = None
+
+
 class Ag2Event(Event, tag="ag2.event", frozen=True, kw_only=True):
     name: str
 
@@ -292,6 +305,7 @@ AnyEvent = (
     | RunCompleted
     | RunFailed
     | RunStopped
+    | RunSuspended
     | Ag2Event
     | UiRequested
     | UiResponded
@@ -301,7 +315,8 @@ AnyEvent = (
 )
 
 EVENT_TYPES: Final[frozenset[str]] = frozenset(str(cls.__struct_config__.tag) for cls in AnyEvent.__args__)
-TERMINAL_TYPES: Final = frozenset({"run.completed", "run.failed", "run.stopped"})
+# Every run.started gets exactly one of these; `run.suspended` ends a run that waits on the user.
+TERMINAL_TYPES: Final = frozenset({"run.completed", "run.failed", "run.stopped", "run.suspended"})
 
 
 def new_id() -> str:

@@ -10,6 +10,10 @@ request) aborts the write, which removes the chunks written so far. Only a whole
 its sha256, and only then is `file.uploaded` recorded. If a file of that hash is stored already,
 the new copy is deleted (the first one of that name stays: two uploads of the same bytes at once
 keep exactly one).
+
+What a node killed midway leaves behind (the chunks of a `partial/` write it never finished or
+aborted; a whole file it never renamed; a file renamed but never recorded) is removed by `sweep`
+once it is `ABANDONED_AFTER` old (the node's periodic sweep runs it, see app/runs/supervisor.py).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import fnmatch
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -25,6 +30,7 @@ import msgspec
 from domain.errors import MozaiksError
 
 if TYPE_CHECKING:
+    from pymongo.asynchronous.collection import AsyncCollection
     from pymongo.asynchronous.database import AsyncDatabase
 
 # The driver (gridfs) is imported by `FileStore`, not here: the settings name `DEFAULT_TYPES`, and
@@ -45,6 +51,12 @@ DEFAULT_TYPES: Final = (
 READ_CHUNK: Final = 256 * 1024
 # A download is sent in pieces of this size (GridFS chunks are 255 KB: several per piece).
 DOWNLOAD_PIECE: Final = 1024 * 1024
+# An upload's leftovers are removed by `sweep` once they are this old: far longer than any upload
+# takes (the request body is received before the write starts, and a file of MOZAIKS_MAX_UPLOAD_MB
+# is written in seconds), so a write still going on, or a file renamed but not yet recorded, is
+# never swept. Age: a partial write's first chunk's ObjectId (the time it was written), a file's
+# `uploadDate` (the time its write was closed).
+ABANDONED_AFTER: Final = timedelta(hours=1)
 
 
 class FileRefused(MozaiksError):
@@ -53,6 +65,19 @@ class FileRefused(MozaiksError):
     def __init__(self, status: int, detail: str) -> None:
         self.status = status
         super().__init__(detail)
+
+
+class Swept(msgspec.Struct, frozen=True, kw_only=True):
+    """What `FileStore.sweep` removed: partial writes (chunks, and a files document if it was closed),
+    and whole files no `file.uploaded` record names."""
+
+    partial: int = 0
+    unnamed: int = 0
+
+
+async def is_named(events: AsyncCollection[Any], sha: str) -> bool:
+    """Whether a `file.uploaded` record of any chat names the file of that hash."""
+    return await events.find_one({"type": "file.uploaded", "data.sha256": sha}, {"_id": 1}) is not None
 
 
 class StoredFile(msgspec.Struct, frozen=True, kw_only=True):
@@ -155,6 +180,50 @@ class FileStore:
         """Remove the file of that hash (a stored file no record will name)."""
         async for doc in self.files.find({"filename": sha}, {"_id": 1}):
             await self.bucket.delete(doc["_id"])
+
+    async def sweep(
+        self,
+        events: AsyncCollection[Any],
+        *,
+        now: datetime | None = None,
+        older_than: timedelta = ABANDONED_AFTER,
+    ) -> Swept:
+        """Remove what uploads left behind that is `older_than` (ABANDONED_AFTER) at `now`: every
+        `partial/` write (its chunks, and its files document if it was closed but never renamed), and
+        every whole file no `file.uploaded` record in `events` names. Recorded files are never touched.
+        Nodes may sweep at once: each removal is idempotent."""
+        from bson import ObjectId
+
+        cutoff = (now or datetime.now(UTC)) - older_than
+        # Every file keeps its `partial/<uuid>` id (a rename changes its filename only): a write never
+        # closed is one whose chunks have no files document (`close` writes it).
+        left: set[Any] = set()
+        async for chunk in self.chunks.find(
+            {"files_id": {"$regex": f"^{PARTIAL}"}, "n": 0, "_id": {"$lt": ObjectId.from_datetime(cutoff)}},
+            {"files_id": 1},
+        ):
+            if await self.files.find_one({"_id": chunk["files_id"]}, {"_id": 1}) is None:
+                left.add(chunk["files_id"])
+        named = {
+            str((doc.get("data") or {}).get("sha256"))
+            async for doc in events.find({"type": "file.uploaded"}, {"data.sha256": 1})
+        }
+        unnamed = 0
+        async for doc in self.files.find({"uploadDate": {"$lt": cutoff}}, {"_id": 1, "filename": 1}):
+            name = str(doc.get("filename"))
+            if name.startswith(PARTIAL):
+                left.add(doc["_id"])  # closed, never renamed
+            elif name not in named and not await is_named(events, name):  # asked again: recorded since?
+                await self._remove(doc["_id"])
+                unnamed += 1
+        for files_id in left:
+            await self._remove(files_id)
+        return Swept(partial=len(left), unnamed=unnamed)
+
+    async def _remove(self, files_id: Any) -> None:
+        """Delete a file's document (if any) and its chunks; nothing to delete is no error."""
+        await self.files.delete_one({"_id": files_id})
+        await self.chunks.delete_many({"files_id": files_id})
 
     async def chunks_of(self, sha: str, limit: int | None = None) -> AsyncIterator[bytes]:
         """The file's bytes, chunk by chunk (at most `limit` bytes). Raises KeyError when it is not stored."""

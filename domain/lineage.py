@@ -152,12 +152,17 @@ async def check_anchor(events: AsyncCollection[Any], anchor: ForkedFrom) -> str 
 
 
 async def with_anchor(events: AsyncCollection[Any], result: Verification) -> Verification:
-    """A chat's verification with its fork anchor checked too: a broken anchor fails it at seq 1
-    (the `chat.created` that holds the anchor), the detail naming the parent's chat and seq."""
+    """A chat's verification with its fork anchor checked too (`anchored`); the chat's first record is
+    read to find the anchor (none: `result` as it is)."""
     first = await events.find_one({"chat_id": result.chat_id, "seq": 1})
     anchor = forked_from(first or {})
-    if anchor is None:
-        return result
+    return result if anchor is None else await anchored(events, result, anchor)
+
+
+async def anchored(events: AsyncCollection[Any], result: Verification, anchor: ForkedFrom) -> Verification:
+    """A fork's verification with its anchor checked (`check_anchor`): a broken anchor fails it at seq 1
+    (the `chat.created` that holds the anchor), the detail naming the parent's chat and seq. The one
+    check of the per-chat verify (`with_anchor`) and the log-wide one (`domain.audit.verify_log`)."""
     result = msgspec.structs.replace(result, forked_from=anchor)
     problem = await check_anchor(events, anchor)
     if problem is None:

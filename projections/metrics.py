@@ -40,6 +40,7 @@ from domain.events import (
     RunFailed,
     RunStarted,
     RunStopped,
+    RunSuspended,
     ToolCalled,
     ToolResult,
 )
@@ -116,10 +117,13 @@ class ChatMetricsProjector(PricedProjector):
             "run.completed",
             "run.failed",
             "run.stopped",
+            "run.suspended",
         }
     )
     state_fields: ClassVar[tuple[str, ...]] = ("run",)
-    state_types: ClassVar[frozenset[str]] = frozenset({"run.completed", "run.failed", "run.stopped"})
+    state_types: ClassVar[frozenset[str]] = frozenset(
+        {"run.completed", "run.failed", "run.stopped", "run.suspended"}
+    )
     indexes: ClassVar[tuple[IndexModel, ...]] = (
         IndexModel([("app_id", ASCENDING), ("updated_at", DESCENDING)], name="app_updated"),
         IndexModel([("app_id", ASCENDING), ("cost_nanousd", DESCENDING)], name="app_cost"),
@@ -173,7 +177,7 @@ class ChatMetricsProjector(PricedProjector):
             case RunStarted():
                 change.inc["runs"] = 1
                 change.set["run"] = {"id": record.run_id, "started_ms": epoch_ms(record.ts)}
-            case RunCompleted() | RunFailed() | RunStopped():
+            case RunCompleted() | RunFailed() | RunStopped() | RunSuspended():
                 run = state.get("run")
                 if run is not None and (record.run_id is None or record.run_id == run["id"]):
                     change.inc["run_duration_ms"] = max(epoch_ms(record.ts) - int(run["started_ms"]), 0)

@@ -1,13 +1,16 @@
 """The `chat_sessions` projection: the seed's chat document (messages, counts), plus status and last_seq.
 
     {"_id": chat_id, "chat_id", "app_id", "user_id", "workflow", "created_at", "updated_at",
-     "status": "created|running|waiting_input|completed|failed|stopped", "offline": bool,
+     "status": "created|running|waiting_input|waiting|completed|failed|stopped", "offline": bool,
+     "ui_expires_at": str|null (the earliest `expires_at` of the UI requests since the last run.started),
      "last_run_id": str|null, "message_count": int (visible messages), "last_seq": int,
      "messages": [{"role": "user|assistant", "agent": str|null, "content": str,
                    "timestamp": datetime, "seq": int, "visible": bool}]}
 
 Only `message.user` and `message.agent` become messages; a hidden agent's message has
-`visible: false` (the ChatUI shows visible ones; the REST layer may filter on it).
+`visible: false` (the ChatUI shows visible ones; the REST layer may filter on it). `waiting`: the
+last run ended `run.suspended` on a UI request. `ui_expires_at` is the supervisor's index of UI
+timeouts (`RunSupervisor.expire_due` reads only the chats whose deadline has passed).
 
 The document stays far below MongoDB's 16 MB limit whatever a chat holds: `messages` keeps the
 latest MAX_MESSAGES (`message_count` counts all the visible ones), and a message's `content` is cut at
@@ -33,6 +36,8 @@ from domain.events import (
     RunFailed,
     RunStarted,
     RunStopped,
+    RunSuspended,
+    UiRequested,
 )
 from projections.projector import Projector
 from projections.update import Update
@@ -48,6 +53,7 @@ STATUS_BY_TYPE: Final[Mapping[str, str]] = {
     "run.completed": "completed",
     "run.failed": "failed",
     "run.stopped": "stopped",
+    "run.suspended": "waiting",
 }
 
 
@@ -56,8 +62,13 @@ class ChatSessionsProjector(Projector):
 
     name: ClassVar[str] = "chat_sessions"
     collection: ClassVar[str] = "chat_sessions"
-    handles: ClassVar[frozenset[str]] = frozenset({*STATUS_BY_TYPE, "message.user", "message.agent"})
+    handles: ClassVar[frozenset[str]] = frozenset(
+        {*STATUS_BY_TYPE, "message.user", "message.agent", "ui.requested"}
+    )
+    state_fields: ClassVar[tuple[str, ...]] = ("ui_expires_at",)
+    state_types: ClassVar[frozenset[str]] = frozenset({"ui.requested"})
     indexes: ClassVar[tuple[IndexModel, ...]] = (
+        IndexModel([("ui_expires_at", ASCENDING)], name="ui_expires_at"),
         IndexModel([("user_id", ASCENDING), ("updated_at", DESCENDING)], name="user_updated"),
         IndexModel([("app_id", ASCENDING), ("updated_at", DESCENDING)], name="app_updated"),
     )
@@ -68,6 +79,7 @@ class ChatSessionsProjector(Projector):
             "status": "created",
             "offline": False,
             "last_run_id": None,
+            "ui_expires_at": None,
             "message_count": 0,
             "messages": [],
         }
@@ -89,7 +101,18 @@ class ChatSessionsProjector(Projector):
             case RunStarted(offline=offline):
                 change.set["offline"] = offline
                 change.set["last_run_id"] = record.run_id
-            case InputRequested() | InputReceived() | RunCompleted() | RunFailed() | RunStopped():
+                change.set["ui_expires_at"] = None  # the requests before it were answered, or are past
+            case UiRequested(expires_at=str(deadline)):
+                known = state.get("ui_expires_at")
+                change.set["ui_expires_at"] = min(known, deadline) if known else deadline
+            case (
+                InputRequested()
+                | InputReceived()
+                | RunCompleted()
+                | RunFailed()
+                | RunStopped()
+                | RunSuspended()
+            ):
                 pass
         return change
 

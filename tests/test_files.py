@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
 from app.http.auth import issue_token
-from domain.files import READ_CHUNK, FileStore
+from domain.events import ChatCreated, FileUploaded, Pending, StreamRef
+from domain.files import ABANDONED_AFTER, PARTIAL, READ_CHUNK, FileStore, Swept
 from domain.store import MongoEventStore
 
 SECRET = "files-test-secret-of-at-least-thirty-two-bytes"
@@ -167,3 +169,58 @@ async def test_a_write_that_fails_midway_leaves_no_chunks(db: AsyncDatabase[Any]
     with pytest.raises(Exception, match="larger than"):
         await files.put(breaks, max_bytes=READ_CHUNK)
     assert await db["uploads.chunks"].count_documents({}) == 0
+
+
+async def test_the_sweep_removes_a_killed_nodes_partial_write_and_unrecorded_files_once_old(
+    db: AsyncDatabase[Any], store: MongoEventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = FileStore(db)
+
+    def source(data: bytes) -> Any:
+        view = memoryview(data)
+
+        async def read(n: int) -> bytes:
+            nonlocal view
+            piece, view = bytes(view[:n]), view[n:]
+            return piece
+
+        return read
+
+    kept = await files.put(source(b"kept " * 100_000), max_bytes=10**7)  # recorded: never swept
+    stream = StreamRef(chat_id="c", app_id="A", user_id="u", workflow="w")
+    recorded = FileUploaded(sha256=kept.sha256, name="k.txt", size=kept.size, content_type="text/plain")
+    await store.append(stream, [Pending(event=ChatCreated()), Pending(event=recorded)], 0)
+    stray = await files.put(source(b"never recorded"), max_bytes=10**7)  # renamed, never recorded
+    # A node killed midway through a GridFS write: chunks flushed (the driver buffers 32 MB unless
+    # told otherwise), no files document (it is written by close), no abort.
+    monkeypatch.setattr("gridfs.asynchronous.grid_file._UPLOAD_BUFFER_SIZE", 0)
+    killed = files.bucket.open_upload_stream_with_id(f"{PARTIAL}killed", f"{PARTIAL}killed")
+    await killed.write(b"p" * (3 * READ_CHUNK))
+    assert await db["uploads.chunks"].count_documents({"files_id": f"{PARTIAL}killed"}) >= 3
+    assert await db["uploads.files"].count_documents({"_id": f"{PARTIAL}killed"}) == 0
+    # Killed between the close and the rename: a whole file still named partial/.
+    closed = files.bucket.open_upload_stream_with_id(f"{PARTIAL}closed", f"{PARTIAL}closed")
+    await closed.write(b"c" * 10)
+    await closed.close()
+    kept_chunks = await db["uploads.chunks"].count_documents(
+        {"files_id": (await files.first(kept.sha256) or {})["_id"]}
+    )
+
+    # Young leftovers may be writes still going on (or files about to be recorded): left alone.
+    assert await files.sweep(store.events) == Swept()
+    assert await db["uploads.chunks"].count_documents({"files_id": f"{PARTIAL}killed"}) >= 3
+    # Once older than ABANDONED_AFTER: the partial write's chunks and the unrecorded file go.
+    later = datetime.now(UTC) + ABANDONED_AFTER + timedelta(minutes=1)
+    assert await files.sweep(store.events, now=later) == Swept(partial=2, unnamed=1)
+    assert (
+        await db["uploads.chunks"].count_documents(
+            {"files_id": {"$in": [f"{PARTIAL}killed", f"{PARTIAL}closed"]}}
+        )
+        == 0
+    )
+    assert await files.first(stray.sha256) is None
+    # The recorded file is whole: its document, every chunk, its bytes.
+    assert await db["uploads.files"].count_documents({}) == 1
+    assert await db["uploads.chunks"].count_documents({}) == kept_chunks >= 2
+    assert await files.read(kept.sha256, 10**7) == b"kept " * 100_000
+    assert await files.sweep(store.events, now=later) == Swept()

@@ -4,6 +4,7 @@ parent stays as it was, and the fork's verify checks its anchor in the parent's 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,9 @@ from typing import Any
 import httpx
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
+from rich.console import Console
 
+from app.cli.audit import _verify
 from app.http.auth import issue_token
 from domain.events import ChatCreated, MessageAgent, MessageUser, Pending, RunStarted, StreamRef
 from domain.store import MongoEventStore
@@ -154,6 +157,16 @@ async def test_a_fork_at_a_middle_message_continues_alone_and_its_verify_checks_
         assert broken["ok"] is False and broken["broken_seq"] == 1, broken
         assert f"forked_from chat {chat_id} seq {at['seq']}" in broken["detail"], broken
         assert f"record seq {at['seq']} is broken" in broken["detail"], broken
+
+    # The app-wide verify (`mozaiks audit verify`) reports the fork too, with the same check and words.
+    everything = await store.verify_all(None)
+    by_chat = {v.chat_id: v for v in everything.broken}
+    assert everything.forks == 1 and set(by_chat) == {chat_id, fork_id}, everything
+    assert by_chat[fork_id].detail == broken["detail"], by_chat[fork_id]
+    assert by_chat[fork_id].broken_seq == 1
+    out = io.StringIO()
+    assert await _verify(node.settings, None, Console(file=out, width=500)) == 1
+    assert fork_id in out.getvalue() and f"forked_from chat {chat_id} seq {at['seq']}" in out.getvalue()
 
 
 @pytest.mark.parametrize("unused", [None])

@@ -60,10 +60,13 @@ async def records_until(
 
 
 def open_request(records: list[Record], component: str) -> Record | None:
-    """The chat's latest `ui.requested` of `component`, if none of its answers is in the log yet."""
+    """The chat's latest `ui.requested` of `component` once its run waits on it (`run.suspended`
+    last), if none of its answers is in the log yet."""
     closed = {r.data["request_id"] for r in records if r.type in ("ui.responded", "ui.expired")}
     asked = [r for r in records if r.type == "ui.requested" and r.data["component"] == component]
-    return asked[-1] if asked and asked[-1].data["request_id"] not in closed else None
+    if not asked or asked[-1].data["request_id"] in closed or records[-1].type != "run.suspended":
+        return None
+    return asked[-1] if asked[-1].data["request_id"] in records[-1].data["request_ids"] else None
 
 
 def types_of(records: list[Record], request: Record) -> list[str]:
@@ -188,7 +191,7 @@ async def test_intake_answered_by_websocket_and_rest_bad_answers_recording_nothi
 
 
 async def test_a_pending_form_survives_its_node_and_the_answer_continues_the_chat(
-    start_node: Any, store: MongoEventStore, tmp_path: Path
+    start_node: Any, store: MongoEventStore, db: Any, tmp_path: Path
 ) -> None:
     call = ToolCall(id="call_form_1", name="ask", arguments=json.dumps({"title": "Team", "schema": FORM}))
     model = StreamingModel([Reply(tool_calls=[call]), text_reply("Welcome, Ada, team of 3.", 3)])
@@ -204,9 +207,21 @@ async def test_a_pending_form_survives_its_node_and_the_answer_continues_the_cha
         )
         form = open_request(records, "form")
         assert form is not None
-        await first.stop()  # the run waiting in the tool is recorded interrupted; the request stays open
+        # The waiting chat is a state in the log: no task, no lease; its session says `waiting`.
+        seen: tuple[Any, ...] = ()
+        for _ in range(200):
+            session = await db["chat_sessions"].find_one({"_id": chat_id}) or {}
+            lease = await db["chat_leases"].find_one({"_id": chat_id})
+            seen = (chat_id in first.runtime.supervisor.tasks, lease, session.get("status"))
+            if seen == (False, None, "waiting"):
+                break
+            await asyncio.sleep(0.05)
+        assert seen == (False, None, "waiting"), f"(task, lease, status) of the waiting chat: {seen}"
+        await first.stop()  # the run ended suspended on the form: nothing of it is left on the node
         records = [r async for r in store.read(chat_id)]
-        assert records[-1].type == "run.failed" and records[-1].data["reason"] == "interrupted"
+        assert records[-1].type == "run.suspended" and records[-1].data["request_ids"] == [
+            form.data["request_id"]
+        ]
 
         second = await start_node(**common, node_id="test-node-second")
         answer = {"name": "Ada", "team_size": 3}
@@ -338,5 +353,7 @@ async def test_an_answer_while_a_dead_nodes_lease_lingers_continues_the_chat_aft
     )
     assert records[-1].type == "run.completed", records[-1].data
     kinds = [r.type for r in records if r.run_id == "r-dead" or r.type.startswith("ui.")]
-    assert kinds[-4:] == ["ui.requested", "ui.responded", "run.failed", "tool.result"]
+    # The answer is recorded with the call's result at once; the sweep then ends the dead run and
+    # continues the chat.
+    assert kinds[-4:] == ["ui.requested", "ui.responded", "tool.result", "run.failed"]
     assert [r.data["content"] for r in records if r.type == "message.agent"] == ["Done."]

@@ -50,7 +50,8 @@ def report(result: LogVerification, console: Console, what: str) -> None:
     if result.ok:
         console.print(
             f"[green]verified {what}: {result.chats:,} chats, {result.records:,} records, "
-            f"{result.anchors:,} anchors ({scope}): every chain intact, no chat shorter than its anchor[/]"
+            f"{result.anchors:,} anchors ({scope}): every chain intact, no chat shorter than its anchor, "
+            f"{result.forks:,} forks anchored in their parents[/]"
         )
         return
     if result.broken:
@@ -176,6 +177,7 @@ async def _export(
             bar.update(task, completed=count, total=count)
             out.flush()
             if inline is not None:
+                await inline.check_forks(store.events)
                 result = inline.result(wanted.app_id)
             else:
                 check = bar.add_task(f"verifying {len(chats):,} chats", total=None)
@@ -224,7 +226,7 @@ async def _export_parts(parts: PartStore, hashes: list[str], out: BinaryIO) -> l
 def verify_command(
     app_id: str | None, anchors_file: Path | None, chat_id: str | None, with_children: bool
 ) -> None:
-    """Check every chat's hash chain and tail anchor; list broken chats and their first broken seq."""
+    """Check every chat's hash chain and tail anchor (and each fork's anchor in its parent); list broken chats."""
     if with_children and chat_id is None:
         raise click.UsageError("--with-children needs --chat (the chat whose children to verify)")
     console = Console(stderr=True, soft_wrap=True)

@@ -134,7 +134,9 @@ def replay_command(
             f"({', '.join(report.outcomes) or 'none'}) · {report.recorded} recorded, {report.live} live calls · "
             + ("diverged" if report.divergence else "no divergence")
         )
-        return 0 if all(o == "run.completed" for o in report.outcomes) else 1
+        # A turn suspended on a UI request is fine: the next turn continues it (the last must complete).
+        ended = report.outcomes[-1:] == ["run.completed"]
+        return 0 if ended and all(o in ("run.completed", "run.suspended") for o in report.outcomes) else 1
 
     _run(main)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
@@ -11,7 +12,7 @@ import click
 from app.database import open_store
 from app.runs.orchestrator import Orchestrator, RunNotRecorded
 from app.runs.ui import WAITING, InvalidAnswer, UiRequestClosed, record_outcome
-from app.runs.workflows import WorkflowManager
+from app.runs.workflows import Tool, WorkflowManager
 from app.settings import Settings
 from domain.events import InputReceived, Pending, Record, StreamRef, UiResponded
 from domain.store import MongoEventStore
@@ -84,14 +85,21 @@ async def _run(
         stream = await orchestrator.create_chat(
             workflow=workflow, user_id=user_id, app_id=app_id, message=message
         )
-        printer = asyncio.create_task(_print_events(store, stream, all_events))
+        answered = asyncio.Event()
+        tools = manager.get(workflow).tools
+        printer = asyncio.create_task(_print_events(store, stream, all_events, tools, answered))
         try:
-            try:
-                outcome = await orchestrator.run(stream)
-            except RunNotRecorded as exc:  # the database came back too late: record the run's end now
-                click.echo(f"recording the run's end after a database outage ({exc.cause})", err=True)
-                run_id = exc.pendings[-1].run_id or ""
-                outcome = (await store.finish_run(stream, run_id, exc.pendings)).type
+            outcome = ""
+            while outcome in ("", "run.suspended"):  # a UI request waits: its answer continues the chat
+                if outcome:
+                    await answered.wait()  # the printer asks for the answer and records it
+                answered.clear()
+                try:
+                    outcome = await orchestrator.run(stream)
+                except RunNotRecorded as exc:  # the database came back too late: record the run's end now
+                    click.echo(f"recording the run's end after a database outage ({exc.cause})", err=True)
+                    run_id = exc.pendings[-1].run_id or ""
+                    outcome = (await store.finish_run(stream, run_id, exc.pendings)).type
             # Let the printer reach the terminal record before stopping it.
             await asyncio.wait_for(printer, timeout=10)
         finally:
@@ -107,7 +115,13 @@ async def _run(
         return 0 if outcome == "run.completed" else 1
 
 
-async def _print_events(store: MongoEventStore, stream: StreamRef, all_events: bool) -> None:
+async def _print_events(
+    store: MongoEventStore,
+    stream: StreamRef,
+    all_events: bool,
+    tools: Mapping[str, Tool],
+    answered: asyncio.Event,
+) -> None:
     printer = StreamPrinter()
     async for record in store.subscribe(stream.chat_id):
         if all_events or record.visible:
@@ -117,12 +131,15 @@ async def _print_events(store: MongoEventStore, stream: StreamRef, all_events: b
             received = Pending(event=InputReceived(request_id=record.data["request_id"], text=text))
             await store.append(stream, [received], expected_seq=None)
         if record.type == "ui.requested" and record.data["component"] in WAITING:
-            await _answer_ui(store, stream, record)
+            await _answer_ui(store, stream, record, tools)
+            answered.set()
         if record.type in ("run.completed", "run.failed", "run.stopped"):
             return
 
 
-async def _answer_ui(store: MongoEventStore, stream: StreamRef, request: Record) -> None:
+async def _answer_ui(
+    store: MongoEventStore, stream: StreamRef, request: Record, tools: Mapping[str, Tool]
+) -> None:
     """Ask the terminal for a UI request's answer (JSON; a choice's option as plain text) until it is valid."""
     props = request.data["props"]
     if request.data["component"] == "form":
@@ -137,9 +154,7 @@ async def _answer_ui(store: MongoEventStore, stream: StreamRef, request: Record)
             answer = text
         outcome = UiResponded(request_id=request.data["request_id"], answer=answer, user_id=stream.user_id)
         try:
-            await record_outcome(
-                store, stream, outcome.request_id, outcome, tools={}, live_run=request.run_id
-            )
+            await record_outcome(store, stream, outcome.request_id, outcome, tools=tools)
             return
         except InvalidAnswer as exc:
             click.echo(f"not recorded: {exc}")

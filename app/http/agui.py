@@ -183,6 +183,7 @@ class RunTranslator:
         self.step: str | None = None
         self.streamed: dict[str, str] = {}  # message_id -> text sent so far, for messages still streaming
         self.finished = False
+        self.questions: list[Interrupt] = []  # UI requests the run's `run.suspended` finishes with
 
     def start(self, history: Sequence[Record]) -> list[BaseEvent]:
         """RUN_STARTED and the context as STATE_SNAPSHOT; when the chat had turns before, MESSAGES_SNAPSHOT.
@@ -322,8 +323,9 @@ class RunTranslator:
         return [*self._close_all(record), finish]
 
     def ui_requested(self, record: Record) -> list[BaseEvent]:
-        """A form, choice or confirm ends the AG-UI run with an interrupt on its tool call (the call's
-        TOOL_CALL_START/ARGS/END came from its `tool.called`); an artifact is a CUSTOM event."""
+        """A form, choice or confirm becomes an interrupt on its tool call (the call's
+        TOOL_CALL_START/ARGS/END came from its `tool.called`), sent with the RUN_FINISHED of the
+        run's `run.suspended`; an artifact is a CUSTOM event."""
         data = record.data
         if data.get("component") not in WAITING:
             return self.custom(record)
@@ -337,7 +339,14 @@ class RunTranslator:
             expires_at=data.get("expires_at"),
             metadata={"component": data.get("component"), "mode": data.get("mode"), "tool": data.get("tool")},
         )
-        outcome = RunFinishedInterruptOutcome(interrupts=[question])
+        self.questions.append(question)
+        return []
+
+    def suspended(self, record: Record) -> list[BaseEvent]:
+        """The run waits on the user: RUN_FINISHED with an interrupt per UI request it asked."""
+        asked = set(record.data.get("request_ids") or [])
+        questions = [q for q in self.questions if q.id in asked]
+        outcome = RunFinishedInterruptOutcome(interrupts=questions)
         finish = RunFinishedEvent(
             thread_id=self.thread_id, run_id=self.run_id, outcome=outcome, timestamp=_ms(record)
         )
@@ -389,8 +398,11 @@ TRANSLATIONS: Final[dict[str, Translation]] = {
     "run.completed": RunTranslator.completed,
     "run.stopped": RunTranslator.stopped,
     "run.failed": RunTranslator.failed,
+    "run.suspended": RunTranslator.suspended,
 }
-_ENDS: Final = frozenset({"input.requested", "ui.requested", "run.completed", "run.stopped", "run.failed"})
+_ENDS: Final = frozenset(
+    {"input.requested", "ui.requested", "run.completed", "run.stopped", "run.failed", "run.suspended"}
+)
 _TURN_TYPES: Final = frozenset({"message.user", "message.agent", "tool.called", "tool.result"})
 
 
@@ -586,10 +598,14 @@ async def _answer_ui(
     answer: Any,
 ) -> int:
     """Answer a UI request (a `resume` entry or a `tool` message: this one path, validated like any
-    answer); the AG-UI run restarts from its `ui.requested`. A repeated request records nothing."""
+    answer); the AG-UI run restarts from the `run.suspended` its request ended its run with (or the
+    `ui.requested`, when its run never got there). A repeated request records nothing."""
     exchange = (await read_ledger(store, chat_id)).get(chat_id, request_id)
     if exchange.outcome is None:
         await supervisor.answer_ui(chat_id, request_id, answer, principal.user_id)
+    async for end in store.find(chat_id, types=["run.suspended"], after=exchange.record.seq):
+        if request_id in (end.data.get("request_ids") or []):
+            return end.seq
     return exchange.record.seq
 
 

@@ -32,7 +32,8 @@ class ChatTree(View, frozen=True, kw_only=True):
     relation: str
     # The parent's seq this chat hangs from (its child.started, or the forked record); None at the root.
     parent_seq: int | None = None
-    # "running", or the last run's end: "completed", "failed", "stopped"; "idle" before any run.
+    # "running", or the last run's end: "completed", "failed", "stopped", "waiting" (suspended on a
+    # UI request); "idle" before any run.
     status: str
     children: list[ChatTree]
     forks: list[ChatTree]
@@ -43,7 +44,7 @@ async def _status(store: MongoEventStore, chat_id: str) -> str:
     if state.active_run is not None:
         return "running"
     async for record in store.find(chat_id, types=sorted(TERMINAL_TYPES), newest_first=True):
-        return record.type.removeprefix("run.")
+        return "waiting" if record.type == "run.suspended" else record.type.removeprefix("run.")
     return "idle"
 
 

@@ -22,7 +22,7 @@ from app.http.errors import Refused, error_responses
 from app.http.views import View
 from app.settings import Settings
 from domain.events import FileUploaded, Pending, StreamRef
-from domain.files import FileRefused, FileStore, check_upload
+from domain.files import FileRefused, FileStore, check_upload, is_named
 from domain.store import MongoEventStore
 
 # A multipart body carries its file and some framing: the body limit is the file limit plus this.
@@ -103,10 +103,7 @@ class FilesController(Controller):
         except BaseException:
             if stored.created:  # stored for this record alone: a file no record names is not kept
                 with contextlib.suppress(Exception):
-                    named = await store.events.find_one(
-                        {"type": "file.uploaded", "data.sha256": stored.sha256}
-                    )
-                    if named is None:
+                    if not await is_named(store.events, stored.sha256):
                         await files.drop(stored.sha256)
             raise
         return file_view(record)

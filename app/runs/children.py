@@ -38,7 +38,7 @@ from domain.store import MongoEventStore
 log = structlog.get_logger("mozaiks.children")
 
 # How a child's end reads to the parent's agent when it is not a completion.
-_ENDS = {"run.failed": "failed", "run.stopped": "was stopped"}
+_ENDS = {"run.failed": "failed", "run.stopped": "was stopped", "run.suspended": "was waiting on its user"}
 
 
 class ChildNote(msgspec.Struct, frozen=True):
@@ -177,7 +177,8 @@ class ChildDesk:
 
     async def _end_of(self, child_id: str) -> Record:
         async for record in self.follow(child_id, 0):
-            if record.type in TERMINAL_TYPES:
+            # A child's run suspended on a UI request goes on when it is answered: wait for its end.
+            if record.type in TERMINAL_TYPES and record.type != "run.suspended":
                 return record
         raise ChildFailed(f"the log of child chat {child_id} ended before its run did")
 

@@ -37,7 +37,7 @@ from app.runs.files import ChatFiles
 from app.runs.hooks import Cause, Causes, ContextChange, HookNote, HookRunner, expression_of
 from app.runs.pool import model_calls
 from app.runs.structured import OutputRejected, StructuredLedger, StructuredReply
-from app.runs.ui import UiDesk, UiNote, exchange_messages, fold_exchanges, record_outcome
+from app.runs.ui import UiDesk, UiNote, exchange_messages, fold_exchanges
 from app.runs.workflows import Workflow, WorkflowManager
 from app.settings import Settings
 from domain.budgets import Exceeded
@@ -57,8 +57,9 @@ from domain.events import (
     RunFailed,
     RunStarted,
     RunStopped,
+    RunSuspended,
     StreamRef,
-    UiExpired,
+    UiRequested,
     new_id,
 )
 from domain.hooks import HookFailed
@@ -245,7 +246,8 @@ class Orchestrator:
         """Run the workflow once over the chat's history; return the terminal event type.
 
         Appends `run.started`, one record per AG2 event and per LLM call (plus `context.updated`
-        when tools change the context), then exactly one of `run.completed` / `run.failed` — or,
+        when tools change the context), then exactly one of `run.completed` / `run.failed` /
+        `run.suspended` (a UI tool waits on the user) — or,
         when someone appends `run.stopped` for this run (or with no run id), cancels AG2 and returns
         "run.stopped" without appending another terminal event. Raises UnknownChat for an empty log.
         """
@@ -461,19 +463,23 @@ class _RunSession:
         self.hooks: HookRunner | None = None
         # Model I/O parts of the llm.call records not appended yet (hash -> canonical JSON).
         self.parts: dict[str, bytes] = {}
-        self.ui: UiDesk | None = None
+        # UI requests the run waits on: it ends `run.suspended` (the answer continues the chat).
+        self.suspended: list[UiRequested] = []
 
-    async def expire_request(self, request_id: str) -> None:
-        """Record that a UI request of this run expired, unless the log has closed it already."""
-        with contextlib.suppress(MozaiksError):
-            await record_outcome(
-                self.o.store,
-                self.stream,
-                request_id,
-                UiExpired(request_id=request_id),
-                tools=self.workflow.tools,
-                live_run=self.run_id,
-            )
+    def suspend(self, request: UiRequested) -> None:
+        """A UI tool waits on the user: end the run `run.suspended` (AG2 cancelled, like a stop)."""
+
+        def now() -> None:
+            self.suspended.append(request)
+            self.stop.set()
+
+        assert self.relay is not None
+        self.relay.call(now)  # after the request's own note: the recorder drains it first
+
+    def suspended_run(self) -> Pending:
+        deadlines = [r.expires_at for r in self.suspended if r.expires_at is not None]
+        ids = [r.request_id for r in self.suspended]
+        return self.terminal(RunSuspended(request_ids=ids, expires_at=min(deadlines, default=None)))
 
     def budget_reached(self, exceeded: Exceeded) -> None:
         """A limit was reached before a model call: stop the run (reason budget)."""
@@ -617,7 +623,7 @@ class _RunSession:
             visual_agents=self.workflow.visual_agents,
             user_agent=user_agent or "_User",
         )
-        self.ui = UiDesk(emit, self.expire_request)
+        desk = UiDesk(emit, self.suspend)
         watcher = asyncio.create_task(self.watch(), name=f"watch-{self.run_id}")
         pump: asyncio.Task[None] | None = None
         response: Any = None
@@ -633,7 +639,7 @@ class _RunSession:
                     guard_tool=lambda name, function: hooks.guard_tool(name, function, emit),
                     children=self.child_tools(emit),
                     choose=self.o.chooser(self.history),
-                    ui=self.ui,
+                    ui=desk,
                 )
                 hooks.wrap_agents(team.agents, emit)
                 if not await self.before_chat(hooks):
@@ -713,7 +719,7 @@ class _RunSession:
         )
         return desk.tool
 
-    def terminal(self, event: RunCompleted | RunFailed | RunStopped) -> Pending:
+    def terminal(self, event: RunCompleted | RunFailed | RunStopped | RunSuspended) -> Pending:
         self.report.runtime_events += 1
         return Pending(event=event, run_id=self.run_id)
 
@@ -888,8 +894,6 @@ class _RunSession:
 
     def observe(self, record: Record) -> bool:
         """Act on one record of the chat's log; True when the run is to stop."""
-        if self.ui is not None:
-            self.ui.observe(record)
         if record.type == "input.received":
             received = record.event
             assert isinstance(received, InputReceived)
@@ -944,6 +948,9 @@ class _RunSession:
             return await self.finish([*pendings, self.failed_by_hook()])
         if self.budget_stop is not None and not self.stop_logged:
             return await self.finish([*pendings, self.stopped_by_budget()])
+        if self.suspended and not self.stop_logged:
+            log.info("run.suspended", chat_id=self.stream.chat_id, run_id=self.run_id)
+            return await self.finish([*pendings, self.suspended_run()])
         log.info("run.stopped", chat_id=self.stream.chat_id, run_id=self.run_id)
         if self.stop_logged:
             await self.append(pendings)

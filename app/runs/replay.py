@@ -32,6 +32,7 @@ from app.runs.workflows import Tool, Workflow, WorkflowManager
 from app.settings import Settings
 from domain.errors import MozaiksError, UnknownChat
 from domain.events import (
+    TERMINAL_TYPES,
     ChatCreated,
     InputReceived,
     MessageUser,
@@ -309,7 +310,7 @@ def turns_of(history: list[Record]) -> list[Turn]:
         elif record.type == "speaker.selected" and chose and current is not None:
             current.choices.append(str(record.data["speaker"]))
             chose = False
-        elif record.type in ("run.completed", "run.failed", "run.stopped") and current is not None:
+        elif record.type in TERMINAL_TYPES and current is not None:
             current.outcome = record.type
     return turns
 
@@ -488,9 +489,9 @@ async def run_turn(
     """One run of the replay, answering its input requests with the original's answers in order, and
     its waiting UI requests with the original's UI answers (taken from the left of `ui_answers`).
 
-    A UI answer is recorded as `RunSupervisor.answer_ui` records one (`record_outcome`): validated
-    against the replay's own request, with the tool's result when the run that asked is gone (the next
-    turn continues the chat from the log). No more answers: the run is stopped, as for input.
+    A UI answer is recorded as `RunSupervisor.answer_ui` records one (`record_outcome`), once the run
+    has ended `run.suspended`: validated against the replay's own request, with the tool's result
+    (the next turn continues the chat from the log). No more answers: the request stays open.
     """
     after = await store.last_seq(stream.chat_id)
     queue = deque(answers)
@@ -499,7 +500,7 @@ async def run_turn(
     run_id = new_id()
     asked: set[str] = set()
 
-    async def answer_ui(request_id: str, live_run: str | None) -> bool:
+    async def answer_ui(request_id: str) -> bool:
         asked.add(request_id)
         original = ui.popleft() if ui else None
         if original is None:
@@ -510,7 +511,7 @@ async def run_turn(
             else UiExpired(request_id=request_id)
         )
         try:
-            await record_outcome(store, stream, request_id, outcome, tools=tools, live_run=live_run)
+            await record_outcome(store, stream, request_id, outcome, tools=tools)
         except InvalidAnswer:
             return False  # the replay's request diverged from the original's: its answer does not fit
         except UiRequestClosed:
@@ -526,11 +527,7 @@ async def run_turn(
                 text = queue.popleft()
                 reply = Pending(event=InputReceived(request_id=record.data["request_id"], text=text))
                 await store.append(stream, [reply], expected_seq=None)
-            elif record.type == "ui.requested" and record.data.get("component") in WAITING:
-                if record.run_id == run_id and not await answer_ui(str(record.data["request_id"]), run_id):
-                    orchestrator.request_stop(run_id, "replay")  # no (fitting) answer in the original
-                    return
-            elif record.type in ("run.completed", "run.failed", "run.stopped") and record.run_id == run_id:
+            elif record.type in TERMINAL_TYPES and record.run_id == run_id:
                 return
 
     answering = asyncio.create_task(answer())
@@ -540,8 +537,9 @@ async def run_turn(
         answering.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await answering
-    # The run ended with a request of its own still open (it did not wait in the tool): answer it
-    # now, the tool's result recorded with it; an answer recorded while the run ended gets its result.
+    # The run ended (`run.suspended`) with a request of its own open: answer it now, the tool's result
+    # recorded with it (the next turn, the original's continuing run, goes on from the log); an answer
+    # an older log recorded without its result gets one.
     ledger = await read_ledger(store, stream.chat_id)
     for exchange in ledger.exchanges.values():  # in log order
         request = exchange.request
@@ -551,7 +549,7 @@ async def run_turn(
             and request.component in WAITING
             and request.request_id not in asked
         ):
-            await answer_ui(request.request_id, None)
+            await answer_ui(request.request_id)
     ledger = await read_ledger(store, stream.chat_id)
     missing = results_missing(ledger, tools)
     if missing:

@@ -7,6 +7,10 @@ owner, run id, expiry) is renewed while the run goes on, and until its end is re
 cannot record a run's end keeps the lease and keeps trying. Every `run.started` gets exactly one
 terminal record: when a node dies its leases expire, and a sweep on every node records any run
 with neither a live lease nor a terminal record as `run.failed` (reason `interrupted`).
+
+A run that waits on the user (a UI form, choice or confirm) ends `run.suspended`: it holds no task,
+lease or AG2 object while the chat waits. The answer (or the timeout, recorded by `expire_due`)
+is recorded with the tool call's result, and a new run continues the chat, on any node.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from domain.events import (
     UiResponded,
     new_id,
 )
+from domain.files import FileStore, Swept
 from domain.store import MongoEventStore, with_retries
 
 log = structlog.get_logger("mozaiks.supervisor")
@@ -62,6 +67,11 @@ STOP_WAIT_S = 10.0
 # The sweep looks at chats the projection shows as running (a full read of chat_sessions) only on
 # every Nth round; a message to a wedged chat repairs it at once anyway (send_message).
 SESSIONS_SWEEP_EVERY = 10
+# How often a node looks for UI requests past their timeout (`expire_due`: one indexed query).
+UI_EXPIRY_EVERY_S = 1.0
+# How often a node sweeps what killed uploads left behind in GridFS (domain.files.FileStore.sweep):
+# at start-up, then this often (leftovers are removed once ABANDONED_AFTER old anyway).
+UPLOADS_SWEEP_S = 600.0
 # Retry-After of a refused run: runs that take minutes free a slot every few seconds on a busy node.
 BUSY_RETRY_AFTER_S = 5
 _STATE_TYPES = ["chat.created", "run.started", *sorted(TERMINAL_TYPES), "input.requested", "input.received"]
@@ -117,7 +127,7 @@ async def chat_state(store: MongoEventStore, chat_id: str) -> ChatState:
             case "run.started":
                 state.active_run = record.run_id
                 requests.clear()
-            case "run.completed" | "run.failed" | "run.stopped":
+            case "run.completed" | "run.failed" | "run.stopped" | "run.suspended":
                 if record.run_id in (state.active_run, None):
                     state.active_run = None
                     requests.clear()
@@ -239,6 +249,9 @@ class RunSupervisor:
             await asyncio.shield(self._release(stream.chat_id, run_id))
             if self.on_run_end is not None:
                 self.on_run_end(stream.chat_id, run_id)
+        if outcome == "run.suspended":  # an answer that came while the run was suspending continues it
+            with contextlib.suppress(PyMongoError, StorageUnavailable):  # else the sweep does
+                await self.continue_answered(stream)
         return outcome
 
     async def _settle(self, stream: StreamRef, run_id: str, pendings: list[Pending]) -> str:
@@ -345,74 +358,73 @@ class RunSupervisor:
     async def answer_ui(self, chat_id: str, request_id: str, answer: Any, user_id: str | None) -> Record:
         """Record a user's answer to a UI request (validated first); returns the `ui.responded` record.
 
-        The run waiting in the tool takes it from the log. When that run is gone (its node stopped or
-        died), the tool's result is recorded with the answer and a new run continues the chat from
-        the log. Raises UnknownUiRequest, UiRequestClosed, InvalidAnswer (nothing recorded), NodeBusy.
+        The run that asked ended `run.suspended` (or its node is gone): the tool's result is recorded
+        with the answer and a new run continues the chat from the log, on this node. Raises
+        UnknownUiRequest, UiRequestClosed, InvalidAnswer (nothing recorded), NodeBusy.
         """
         outcome = UiResponded(request_id=request_id, answer=answer, user_id=user_id)
         return (await self.close_ui(chat_id, outcome))[0]
 
     async def close_ui(self, chat_id: str, outcome: UiResponded | UiExpired) -> list[Record]:
-        """Record the answer or expiry of a UI request, and continue the chat when no run is going."""
+        """Record the answer or expiry of a UI request with its tool result, and continue the chat.
+
+        A run still going (suspending on the request, or a dead node's lease not yet expired)
+        continues the chat once it ends: its supervisor (or the sweep) calls `continue_answered`.
+        """
         state = await chat_state(self.store, chat_id)
         lease, ended = await self._lease_of_live_run(chat_id)
         if state.active_run is not None and lease is None:
             await self._interrupt(state.stream, state.active_run, "the run's node stopped holding its lease")
-            state.active_run = None
         tools = self.orchestrator.workflows.get(state.stream.workflow).tools
-        if lease is not None:
-            live = state.active_run or str(lease.get("run_id"))
-            records = await record_outcome(
-                self.store, state.stream, outcome.request_id, outcome, tools=tools, live_run=live
-            )
-            if (await self._lease_of_live_run(chat_id))[0] is None:
-                await self.continue_answered(state.stream)  # the run ended meanwhile: nobody took it
-            return records
         with self.admission():
-            records = await record_outcome(
-                self.store, state.stream, outcome.request_id, outcome, tools=tools, live_run=None
-            )
-            await self.start(state.stream, ended=ended, admitted=True)
+            records = await record_outcome(self.store, state.stream, outcome.request_id, outcome, tools=tools)
+            with contextlib.suppress(RunActive):
+                await self.start(state.stream, ended=ended, admitted=True)
         return records
 
     async def continue_answered(self, stream: StreamRef) -> bool:
-        """After a run was recorded interrupted: UI requests answered (or expired) while it seemed alive
-        get their tool results, and a new run continues the chat. False when there were none."""
+        """Start the chat's next run when UI requests were answered (or expired) since its last run
+        started and no run is going: after a run suspended or was recorded interrupted. Answers that a
+        run of an older version took in its tool get their results first. False when there were none.
+        """
         ledger = await read_ledger(self.store, stream.chat_id)
+        last_start = 0
+        async for record in self.store.find(stream.chat_id, types=["run.started"], newest_first=True):
+            last_start = record.seq
+            break
         tools = self.orchestrator.workflows.get(stream.workflow).tools
         pendings = results_missing(ledger, tools)
-        if not pendings:
+        closed = [e for e in ledger.exchanges.values() if e.outcome is not None]
+        if not pendings and not any(e.result is not None and e.result.seq > last_start for e in closed):
             return False
         with contextlib.suppress(Conflict, RunActive, NodeBusy):  # the next sweep tries again
-            await self.store.append(stream, pendings, expected_seq=ledger.last_seq)
+            if pendings:
+                await self.store.append(stream, pendings, expected_seq=ledger.last_seq)
             await self.start(stream)
         return True
 
     async def expire_due(self) -> int:
         """Record `ui.expired` for every open UI request past its `expires_at` (any node's, or a dead one's).
 
-        A live run expires its own requests on time; this catches the rest (a run that is gone), and
-        continues those chats. `expires_at` texts (ISO 8601, UTC, ms) sort by time, so the server
-        compares them. Returns how many it recorded.
+        The chats to look at come from the `chat_sessions` projection's `ui_expires_at` (indexed:
+        the earliest deadline of the UI requests since a chat's last run started), so a sweep reads
+        only chats with a deadline passed, never all requests ever made. `expires_at` texts (ISO
+        8601, UTC, ms) sort by time. Each expiry continues its chat ("no answer"). Returns how many
+        it recorded.
         """
-        due = self.store.db["events"].find(
-            {"type": "ui.requested", "data.expires_at": {"$ne": None, "$lte": expiry(0)}},
-            {"chat_id": 1, "data.request_id": 1},
-        )
-        asked = {str(doc["data"]["request_id"]): str(doc["chat_id"]) async for doc in due}
-        if not asked:
-            return 0
-        closed = self.store.db["events"].find(
-            {"type": {"$in": ["ui.responded", "ui.expired"]}, "data.request_id": {"$in": list(asked)}},
-            {"data.request_id": 1},
-        )
-        async for doc in closed:
-            asked.pop(str(doc["data"]["request_id"]), None)
+        now = str(expiry(0))
+        due = self.store.db[SESSIONS].find({"ui_expires_at": {"$ne": None, "$lte": now}}, {"_id": 1})
+        chats = [str(doc["_id"]) async for doc in due]
         expired = 0
-        for request_id, chat_id in asked.items():
-            with contextlib.suppress(UiRequestClosed, UnknownUiRequest, UnknownChat, NodeBusy):
-                await self.close_ui(chat_id, UiExpired(request_id=request_id))
-                expired += 1
+        for chat_id in chats:
+            ledger = await read_ledger(self.store, chat_id)
+            for request_id, exchange in ledger.exchanges.items():
+                deadline = exchange.request.expires_at
+                if exchange.outcome is not None or deadline is None or deadline > now:
+                    continue
+                with contextlib.suppress(UiRequestClosed, UnknownUiRequest, UnknownChat, NodeBusy):
+                    await self.close_ui(chat_id, UiExpired(request_id=request_id))
+                    expired += 1
         return expired
 
     async def stop(self, chat_id: str, by: str | None, *, wait: bool = True) -> str:
@@ -522,10 +534,18 @@ class RunSupervisor:
                     )
         return recovered
 
+    async def sweep_uploads(self) -> Swept:
+        """Remove the leftovers of uploads a killed node never finished (see domain/files.py)."""
+        swept = await FileStore(self.store.db).sweep(self.store.events)
+        if swept.partial or swept.unnamed:
+            log.info("uploads.swept", partial=swept.partial, unnamed=swept.unnamed)
+        return swept
+
     async def watch_leases(self) -> None:
-        """For as long as the process runs: obey stop marks, and sweep for interrupted runs now and then."""
+        """For as long as the process runs: obey stop marks, and sweep for interrupted runs now and then
+        (and for abandoned uploads at start-up, then every UPLOADS_SWEEP_S)."""
         sweep_every = max(self.settings.lease_ttl_s / 2, 0.2)
-        next_sweep = 0.0
+        next_sweep = next_expiry = next_uploads = 0.0
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -536,9 +556,14 @@ class RunSupervisor:
                     self._sweeps += 1
                     if count:
                         log.warning("runs.interrupted", count=count)
+                if loop.time() >= next_expiry:  # one indexed query: UI timeouts land within a second
+                    next_expiry = loop.time() + UI_EXPIRY_EVERY_S
                     expired = await self.expire_due()
                     if expired:
                         log.info("ui.expired", count=expired)
+                if loop.time() >= next_uploads:
+                    next_uploads = loop.time() + UPLOADS_SWEEP_S
+                    await self.sweep_uploads()
             except (PyMongoError, StorageUnavailable) as exc:
                 raise_if_cancelling(exc)
                 log.warning("leases.check_failed", error=str(exc))

@@ -2,19 +2,19 @@
 the answer, or shows an artifact panel and goes on at once.
 
 The log is the only state of a request. The tool's call appends `ui.requested` (through the run's
-recorder, right after its `tool.called`); an answer is validated against the request as stored,
-then appended as `ui.responded` under the chat's optimistic-concurrency guard (so two answers, or an
-answer and an expiry, can never both land); the run waiting in the tool sees it through its log
-watcher and returns it as the tool's result (`tool.result`). A run that is gone (its node stopped or
-died) is not needed: whoever records the answer also records the `tool.result`, and the chat's next
-run is rebuilt from the log with the tool call and that result in place (`exchange_messages`).
+recorder, right after its `tool.called`), and a request that waits (form, choice, confirm) ends the
+run `run.suspended`: no task, lease or AG2 object is kept while the user takes their time. An answer
+is validated against the request as stored, then appended as `ui.responded` under the chat's
+optimistic-concurrency guard (so two answers, or an answer and an expiry, can never both land),
+together with the call's `tool.result`; the chat's next run is rebuilt from the log with the tool
+call and that result in place (`exchange_messages`), on whichever node recorded the answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
@@ -268,13 +268,12 @@ async def record_outcome(
     outcome: UiResponded | UiExpired,
     *,
     tools: Mapping[str, Tool],
-    live_run: str | None,
 ) -> list[Record]:
-    """Append the answer (validated) or the expiry of an open request; the records appended.
+    """Append the answer (validated) or the expiry of an open request, with its tool call's result.
 
-    When the run that asked (`ui.requested.run_id`) is not `live_run`, nobody is waiting in the tool:
-    the tool's result is appended with it, so the chat's next run finds the call answered. Appended
-    right after the log as read (a Conflict reads again), so a request is closed exactly once.
+    Nobody waits in the tool (the run that asked ended `run.suspended`, or its node is gone): the
+    tool's result is appended with the answer, so the chat's next run finds the call answered.
+    Appended right after the log as read (a Conflict reads again), so a request is closed exactly once.
     Raises UnknownUiRequest, UiRequestClosed, InvalidAnswer; nothing is recorded then.
     """
     for _ in range(8):
@@ -292,7 +291,7 @@ async def record_outcome(
                 raise UiRequestClosed(request_id, "has expired")
             check_answer(request, outcome.answer)
         pendings = [Pending(event=outcome, run_id=exchange.record.run_id, agent=exchange.record.agent)]
-        if exchange.record.run_id != live_run and exchange.result is None:
+        if exchange.result is None:
             pendings.append(result_pending(exchange, outcome, tools))
         try:
             return await store.append(stream, pendings, expected_seq=ledger.last_seq)
@@ -306,7 +305,7 @@ async def record_outcome(
 def exchange_messages(exchange: Exchange) -> list[dict[str, Any]]:
     """A closed UI request as AG2 history: the agent's tool call, then its result (the answer).
 
-    When the run that asked was gone, these are the history's last messages: AG2 resumes the group
+    After a run suspended on the request, these are the history's last messages: AG2 resumes the group
     chat from them (the tool executor spoke last), so the calling agent goes on with the answer as
     if its run had never stopped.
     """
@@ -338,19 +337,19 @@ def exchange_messages(exchange: Exchange) -> list[dict[str, Any]]:
 
 
 class UiDesk:
-    """A run's UI tools: asks (records the request through the run's stream) and waits for the log's answer.
+    """A run's UI tools: records the request through the run's stream; a waiting one suspends the run.
 
-    Nothing here is the request's state: a future only wakes the waiting tool when the watcher sees
-    the `ui.responded` / `ui.expired` record; a run that is gone loses nothing.
+    Nothing here is the request's state. A form, choice or confirm asks the run to end
+    `run.suspended` (its AG2 task is cancelled while the call waits here for ever); the answer is
+    recorded with the call's `tool.result` and continues the chat in a new run (`exchange_messages`).
     """
 
-    def __init__(self, emit: Callable[[Any], None], expire: Callable[[str], Awaitable[None]]) -> None:
+    def __init__(self, emit: Callable[[Any], None], suspend: Callable[[UiRequested], None]) -> None:
         self.emit = emit
-        self.expire = expire
-        self.waiting: dict[str, asyncio.Future[UiResponded | UiExpired]] = {}
+        self.suspend = suspend
 
     async def ask(self, tool: Tool, props: dict[str, Any]) -> str:
-        """Run one UI tool call: record the request, wait for its answer (or expiry), return the result."""
+        """Run one UI tool call: record the request; an artifact returns at once, a question suspends the run."""
         ui = tool.spec.ui
         assert ui is not None
         problem = props_problem(ui.component, props)
@@ -368,31 +367,12 @@ class UiDesk:
             props=props,
             expires_at=expiry(ui.timeout_s) if waits else None,
         )
+        self.emit(UiNote(request))
         if not waits:
-            self.emit(UiNote(request))
             return f"artifact {props['artifact_id']!r} shown"
-        future = self.waiting[request.request_id] = asyncio.get_running_loop().create_future()
-        self.emit(UiNote(request))  # registered before: an answer can never arrive unclaimed
-        try:
-            left = seconds_left(request.expires_at)
-            if left is not None:
-                try:
-                    await asyncio.wait_for(asyncio.shield(future), max(left, 0.0))
-                except TimeoutError:
-                    await self.expire(request.request_id)  # the log decides: an answer may have won
-            outcome = await future
-        finally:
-            self.waiting.pop(request.request_id, None)
-        return result_text(tool, request, outcome)
-
-    def observe(self, record: Record) -> None:
-        """Wake the tool waiting on the request a `ui.responded` / `ui.expired` record closes."""
-        if record.type in ("ui.responded", "ui.expired"):
-            outcome = record.event
-            assert isinstance(outcome, UiResponded | UiExpired)
-            future = self.waiting.get(outcome.request_id)
-            if future is not None and not future.done():
-                future.set_result(outcome)
+        self.suspend(request)  # the run ends here: its AG2 task (this call with it) is cancelled
+        await asyncio.get_running_loop().create_future()
+        raise AssertionError("a suspended run's UI call never returns")  # pragma: no cover
 
 
 def register_ui_tool(agent: ConversableAgent, tool: Tool, desk: UiDesk) -> None:

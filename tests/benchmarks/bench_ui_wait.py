@@ -3,14 +3,16 @@
     nice .venv/bin/python tests/benchmarks/bench_ui_wait.py [--chats 1000] [--answers 100] [--idle-s 10]
 
 One runtime node (uvicorn, in this process, offline fixtures) runs a one-agent workflow whose agent
-calls a form UI tool first. `--chats` chats are started (50 at a time) and each waits on its form.
+calls a form UI tool first. `--chats` chats are started (50 at a time) and each waits on its form:
+its run ends `run.suspended` (no task, lease or AG2 object left), so waiting is a state in the log.
 Printed, each against a baseline of the same run:
 - RSS of the node with every chat waiting ÷ before (and the growth in MB; goal ≤ 50 MB);
 - the node's CPU over `--idle-s` seconds while they all wait, as a share of one core, beside the
   same measure with no chat waiting (goal: idle);
-- answer latency: `ui.responded` → the agent's next record (`tool.result`), from the records' own
-  server timestamps, p50 / p99 over `--answers` answers sent one by one (goal p50 ≤ 200 ms,
-  p99 ≤ 1 s), and the same with a single waiting chat as the baseline.
+- answer latency: `ui.responded` → the agent's next record (the continuing run's first record of the
+  agent, past its `tool.result` and `run.started`: AG2 rebuilt and the agent on its way), from the
+  records' own server timestamps, p50 / p99 over `--answers` answers sent one by one (goal p50 ≤
+  200 ms, p99 ≤ 1 s), and the same with a single waiting chat as the baseline.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ async def idle_cpu(seconds: float) -> float:
 
 
 async def start_waiting(node: Node, http: httpx.AsyncClient, count: int) -> list[str]:
-    """Start `count` chats (50 at a time) and return their ids once each waits on its form."""
+    """Start `count` chats (50 at a time) and return their ids once each waits on its form (suspended)."""
     chats: list[str] = []
     for first in range(0, count, 50):
         started = await asyncio.gather(
@@ -100,7 +102,7 @@ async def start_waiting(node: Node, http: httpx.AsyncClient, count: int) -> list
         chats += [r.json()["chat_id"] for r in started]
     events = node.runtime.store.events
     for _ in range(6000):
-        waiting = await events.count_documents({"type": "ui.requested", "chat_id": {"$in": chats}})
+        waiting = await events.count_documents({"type": "run.suspended", "chat_id": {"$in": chats}})
         if waiting == len(chats):
             return chats
         await asyncio.sleep(0.1)
@@ -108,7 +110,8 @@ async def start_waiting(node: Node, http: httpx.AsyncClient, count: int) -> list
 
 
 async def answer_latencies(node: Node, http: httpx.AsyncClient, chats: list[str]) -> list[float]:
-    """Answer each chat's form in turn; ms from `ui.responded` to the agent's next record (server ts)."""
+    """Answer each chat's form in turn; ms from `ui.responded` to the agent's next record (server ts):
+    the first record of the agent after the answer that is not the answer's `tool.result`."""
     events = node.runtime.store.events
     latencies: list[float] = []
     for chat_id in chats:
@@ -120,8 +123,14 @@ async def answer_latencies(node: Node, http: httpx.AsyncClient, chats: list[str]
         )
         assert sent.status_code == 202, sent.text
         responded_seq = sent.json()["seq"]
+        agent_next = {
+            "chat_id": chat_id,
+            "seq": {"$gt": responded_seq},
+            "agent": "Waiter",
+            "type": {"$ne": "tool.result"},
+        }
         for _ in range(2000):
-            nxt = await events.find_one({"chat_id": chat_id, "seq": responded_seq + 1})
+            nxt = await events.find_one(agent_next, sort=[("seq", 1)])
             if nxt is not None:
                 break
             await asyncio.sleep(0.005)

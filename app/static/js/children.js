@@ -8,7 +8,7 @@ import { ChatStream } from "./stream.js";
 const HEARTBEAT_S = 15;
 // How often a sub-thread checks that it is still on the page (another chat opened: it closes).
 const ATTACHED_CHECK_MS = 2000;
-const OUTCOMES = { "run.completed": "completed", "run.failed": "failed", "run.stopped": "stopped" };
+const OUTCOMES = { "run.completed": "completed", "run.failed": "failed", "run.stopped": "stopped", "run.suspended": "waiting" };
 
 /**
  * Fill `node` (the record's <li>) with the child's sub-thread: a <details> whose summary names

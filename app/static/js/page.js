@@ -11,6 +11,7 @@ export const STATUS_LABELS = {
   forked: "Forked",
   running: "Running",
   waiting_input: "Waiting for you",
+  waiting: "Waiting for your answer",
   completed: "Completed",
   failed: "Failed",
   stopped: "Stopped",

@@ -429,6 +429,10 @@ export class ChatView {
         this.#terminal("failed", record, live, `Run failed. ${sentence}`);
         break;
       }
+      case "run.suspended":
+        // The run ended waiting on the user: its UI requests stay open; the answer starts the next run.
+        this.#terminal("waiting", record, live, "Waiting for your answer.");
+        break;
       case "run.stopped": {
         // A budget stop says which limit, how much was spent, and when a daily limit resets.
         const budget = data.reason === "budget" && data.budget ? data.budget : null;
@@ -540,6 +544,7 @@ export class ChatView {
       case "run.completed":
       case "run.failed":
       case "run.stopped":
+      case "run.suspended":
         this.activity = null;
         break;
       default:
