@@ -21,7 +21,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from app.embedded import EmbeddedMongo
 from domain.store import MongoEventStore
 from tests.faults.server import FaultServer
-from tests.nodes import Node
+from tests.nodes import Node, stop_nodes
 
 
 def _docker_answers() -> bool:
@@ -119,9 +119,7 @@ async def start_node(
         return node
 
     yield start
-    for node in reversed(nodes):
-        with contextlib.suppress(BaseException):
-            await node.stop()
+    await stop_nodes(nodes)
 
 
 @pytest.fixture

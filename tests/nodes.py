@@ -15,6 +15,21 @@ from typing import Any
 from app.embedded import EmbeddedMongo
 
 
+async def stop_nodes(nodes: list[Node]) -> None:
+    """A fixture's teardown: stop every node, newest first. A node's own failure was its test's to
+    see; a node that would not shut down fails the teardown (after every other node got its stop)."""
+    stuck: list[NodeStuck] = []
+    for node in reversed(nodes):
+        try:
+            await node.stop()
+        except NodeStuck as exc:
+            stuck.append(exc)
+        except Exception:  # noqa: BLE001 - the node's start or run failed: its test saw (or expected) that
+            continue
+    if stuck:
+        raise stuck[0]
+
+
 @contextlib.contextmanager
 def benchmark_mongo_uri() -> Iterator[str]:
     """MOZAIKS_TEST_MONGO_URI if set, else a durable embedded server in a temporary folder."""
@@ -54,6 +69,16 @@ def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
         server.server_close()
 
 
+# A stopped node's requests still in flight get this long before uvicorn cancels them (`mozaiks
+# serve` gives SHUTDOWN_GRACE_S); a node not down STOP_WAIT_S after its stop fails the test.
+STOP_GRACE_S = 2
+STOP_WAIT_S = 30.0
+
+
+class NodeStuck(RuntimeError):
+    """A node that did not shut down: its tasks would outlive the test (and the session's database)."""
+
+
 class Node:
     """One runtime process's app served by uvicorn on a real loopback socket, in the test's event loop."""
 
@@ -75,6 +100,7 @@ class Node:
             ws_per_message_deflate=False,  # as `mozaiks serve` runs
             log_config=None,
             lifespan="on",
+            timeout_graceful_shutdown=STOP_GRACE_S,
         )
         self.server = uvicorn.Server(config)
         self.task: asyncio.Task[None] | None = None
@@ -111,9 +137,18 @@ class Node:
         return self
 
     async def stop(self) -> None:
+        """Shut down as on SIGTERM: in-flight requests cut after STOP_GRACE_S, then the app's shutdown.
+
+        Never cancels the serve task: that would skip the app's shutdown and leave its runs, streams
+        and sweeps running on in the test's event loop (where, once the session's database is gone,
+        their cancellation can wait forever inside the driver)."""
         self.server.should_exit = True
-        if self.task is not None:
-            await asyncio.wait_for(self.task, 30)
+        if self.task is None:
+            return
+        done, _ = await asyncio.wait({self.task}, timeout=STOP_WAIT_S)
+        if not done:
+            raise NodeStuck(f"node {self.settings.node_id} did not shut down within {STOP_WAIT_S} s")
+        self.task.result()
 
     async def kill(self) -> None:
         """Drop every connection abruptly (as a crashed process would), then shut the app down."""

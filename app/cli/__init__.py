@@ -137,7 +137,7 @@ def serve(host: str, port: int) -> None:
     try:
         import uvicorn  # imported once the one-line start-up errors above are behind us
 
-        from app.http.server import create_app
+        from app.http.server import SHUTDOWN_GRACE_S, create_app
 
         # Stopped from the app's shutdown too: uvicorn re-raises SIGTERM after a graceful shutdown,
         # which would skip the `finally` below.
@@ -166,6 +166,7 @@ def serve(host: str, port: int) -> None:
             ws_per_message_deflate=False,
             log_config=None,
             lifespan="on",
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         )
     finally:
         if embedded is not None:

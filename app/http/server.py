@@ -65,6 +65,10 @@ from projections.runner import ProjectionRunner
 
 STATIC = Path(__file__).parents[1] / "static"
 SHUTDOWN_WAIT_S = 5.0
+# On SIGTERM, requests still in flight (an AG-UI event stream, an audit export) get this long to end;
+# then uvicorn cancels them and the lifespans shut down (runs stopped, tasks ended). Without a limit
+# one open stream would hold the shutdown, and every run on the node, until the process is killed.
+SHUTDOWN_GRACE_S = 10
 # Sent on every HTTP response: the ChatUI page's own policy (its <meta> tag) plus what only a
 # header can say (frame-ancestors: no framing at all), no MIME sniffing, and no Referer.
 CONTENT_SECURITY_POLICY = (

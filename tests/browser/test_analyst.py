@@ -18,12 +18,17 @@ async def test_the_analyst_page_draws_cost_and_latency_per_day_by_workflow(
         started = await http.post("/api/chats", json={"workflow": "Analyzer", "message": "numbers, please"})
         assert started.status_code == 201, started.text
         chat_id = started.json()["chat_id"]
-        await runtime.wait_for_log(
+        records = await runtime.wait_for_log(
             chat_id, lambda records: any(r["type"] in TERMINAL for r in records), timeout=60
         )
+        made = sum(r["type"] == "llm.call" for r in records)
+
+        def analyzer_calls(series: dict[str, Any]) -> int:
+            return sum(p["calls"] for p in series.get("points", []) if p["workflow"] == "Analyzer")
+
         series: dict[str, Any] = {}
-        async with asyncio.timeout(30):  # until the projection has the chat's calls
-            while not any(p["workflow"] == "Analyzer" for p in series.get("points", [])):
+        async with asyncio.timeout(30):  # until the projection has every call of the chat, not just one
+            while analyzer_calls(series) < made:
                 series = (await http.get("/metrics/perf/series", params={"group_by": "workflow"})).json()
                 await asyncio.sleep(0.1)
     ui = await new_chatui(browser, runtime)
@@ -46,7 +51,7 @@ async def test_the_analyst_page_draws_cost_and_latency_per_day_by_workflow(
                 await ui.page.locator(f"[data-testid={chart}] svg path[data-workflow=Analyzer]").count() == 1
             )
             assert "Analyzer" in await ui.page.locator(f"[data-testid={chart}] .legend").inner_text()
-        calls = sum(p["calls"] for p in series["points"] if p["workflow"] == "Analyzer")
+        calls = analyzer_calls(series)
         rows = ui.page.locator("[data-testid=series-table] tbody tr", has_text="Analyzer")
         shown = [int(await rows.nth(i).locator("td").nth(2).inner_text()) for i in range(await rows.count())]
         assert sum(shown) == calls

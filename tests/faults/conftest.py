@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from pymongo import AsyncMongoClient
 from domain.store import MongoEventStore
 from tests.faults.report import Report
 from tests.faults.server import FaultServer
-from tests.nodes import Node
+from tests.nodes import Node, stop_nodes
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 
@@ -62,6 +61,4 @@ async def fault_node(
         return node
 
     yield start
-    for node in reversed(nodes):
-        with contextlib.suppress(BaseException):
-            await node.stop()
+    await stop_nodes(nodes)
