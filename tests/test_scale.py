@@ -149,16 +149,14 @@ async def test_fifty_chats_have_forty_model_calls_in_flight_and_the_api_answers_
             await asyncio.wait_for(loaded.wait(), 60)
             # Issued while at least 40 model calls are held in flight at the model server.
             assert server.in_flight >= 40
-            begin = time.perf_counter()
             new_chat = await http.post("/api/chats", json={"workflow": "Solo", "message": "one more"})
-            chat_seconds = time.perf_counter() - begin
-            begin = time.perf_counter()
             ready = await http.get("/health/ready")
-            ready_seconds = time.perf_counter() - begin
             metrics = (await http.get("/metrics")).text
+            # Answered while the calls are still held: the API does not wait on model calls (how fast
+            # it answers under load is bench_scale's figure, not a test's).
+            assert server.in_flight >= 40
             server.release.set()
             assert new_chat.status_code == 201 and ready.status_code == 200, ready.text
-            assert chat_seconds < 1.0 and ready_seconds < 1.0, (chat_seconds, ready_seconds)
             assert "mozaiks_llm_calls_in_flight" in metrics and "mozaiks_llm_calls_queued" in metrics
             runs = list(node.runtime.supervisor.tasks.values())
             assert set(await asyncio.wait_for(asyncio.gather(*runs), 120)) == {"run.completed"}
