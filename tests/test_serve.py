@@ -112,10 +112,13 @@ def test_embedded_server_dies_with_a_killed_parent(tmp_path: Path) -> None:
         process.wait(30)
     warned = process.stderr.read().decode() if process.stderr else ""
     assert f"mozaiks: warning: no workflows loaded from {tmp_path}" in warned
-    deadline = time.monotonic() + 15
+    # The server exits on its SIGTERM as it would on a user's; on a loaded machine that can take a
+    # while, so the bound is generous (the loop ends as soon as it is gone).
+    deadline = time.monotonic() + 60
     while any(alive(pid) for pid in descendants) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert [pid for pid in descendants if alive(pid)] == []
+    left = [pid for pid in descendants if alive(pid)]
+    assert left == [], f"processes {left} still run 60 s after their parent was killed"
 
 
 def test_data_folder_held_by_another_server_is_a_one_line_error(tmp_path: Path) -> None:
