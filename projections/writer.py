@@ -82,7 +82,8 @@ class ProjectionWriter:
             pending[chat_id] = [unique[seq] for seq in sorted(unique)]
         applied = 0
         must_read: set[str] = set()
-        for attempt in range(MAX_ATTEMPTS):
+        counted: set[str] = set()  # chats whose repeats are counted (once, when their last_seq is known)
+        for _ in range(MAX_ATTEMPTS):
             await self._load_states(
                 [
                     c
@@ -98,7 +99,10 @@ class ProjectionWriter:
                 else:
                     last = int(state["last_seq"]) if state is not _ABSENT else 0
                 todo = [record for record in records if record.seq > last]
-                if attempt == 0 and state is not None:
+                if state is not None and chat_id not in counted:
+                    # Known on the first attempt, or only after an optimistic write missed its guard
+                    # (a resumed stream delivering a batch again to a writer that had not cached it).
+                    counted.add(chat_id)
                     self.duplicates += len(records) - len(todo)
                 if todo and (todo[0].seq != last + 1 or todo[-1].seq - last != len(todo)):
                     # A gap (lost, delayed or reordered delivery): the log has what is missing.
