@@ -1,8 +1,11 @@
 """The embedded MongoDB-wire server (SecantusDB) run as a child process for the zero-setup default.
 
 SecantusDB is GPL-2.0, so it is only ever started as a separate process (`secantusd-py`), never
-imported. The child gets SIGTERM when its parent dies (PR_SET_PDEATHSIG), so no server is left
-running after a crash of the runtime.
+imported. The child is killed when its parent dies (PR_SET_PDEATHSIG), so no server is left
+running after a crash of the runtime. SIGKILL, not SIGTERM: SecantusDB's own shutdown can wedge
+(seen under load: a connection thread's lock held against `storage.close()`, the server alive a
+minute on), and only `stop()` can fall back to a kill; a parent that died cannot. With
+`--sync-on-commit` a kill loses nothing acknowledged (the database kill -9 fault test).
 """
 
 from __future__ import annotations
@@ -62,10 +65,10 @@ def _server_executable() -> str:
 
 
 def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel to SIGTERM it when the parent dies.
+    # Runs in the child between fork and exec: ask the kernel to kill it when the parent dies.
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
 
@@ -98,7 +101,7 @@ class EmbeddedMongo:
     def start(self) -> str:
         """Start the server and wait until it answers `ping`; returns its URI.
 
-        Call it from a thread that outlives the server: the server gets SIGTERM when that thread ends.
+        Call it from a thread that outlives the server: the server is killed when that thread ends.
         """
         self.launch()
         return self.wait_ready()

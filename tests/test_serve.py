@@ -112,8 +112,7 @@ def test_embedded_server_dies_with_a_killed_parent(tmp_path: Path) -> None:
         process.wait(30)
     warned = process.stderr.read().decode() if process.stderr else ""
     assert f"mozaiks: warning: no workflows loaded from {tmp_path}" in warned
-    # The server exits on its SIGTERM as it would on a user's; on a loaded machine that can take a
-    # while, so the bound is generous (the loop ends as soon as it is gone).
+    # The kernel kills it with its parent (PR_SET_PDEATHSIG): gone at once; the bound is for a loaded machine.
     deadline = time.monotonic() + 60
     while any(alive(pid) for pid in descendants) and time.monotonic() < deadline:
         time.sleep(0.1)
