@@ -6,6 +6,7 @@ set when a Docker engine answers, else the embedded SecantusDB child process.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -22,6 +23,9 @@ from app.embedded import EmbeddedMongo
 from domain.store import MongoEventStore
 from tests.faults.server import FaultServer
 from tests.nodes import Node, stop_nodes
+
+# Tasks every node runs (app/http/server.py's lifespans): left at the session's end, a node was not stopped.
+NODE_TASKS = frozenset({"lease-watch", "live-hub", "projection-runner", "anchor-writer"})
 
 
 def _docker_answers() -> bool:
@@ -72,6 +76,31 @@ async def mongo_client(mongo_uri: str, db_name: str) -> AsyncIterator[AsyncMongo
         ):  # a server shared by many runs (scripts/mutation) keeps no leftovers
             await client.drop_database(db_name)
         await client.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def no_node_outlives_the_suite() -> AsyncIterator[None]:
+    """End the session's event loop in bounded time, and fail if a test left a node's tasks running.
+
+    Closing the loop cancels what is left and waits for it; a node that never shut down leaves runs,
+    streams and sweeps whose cancellation, once the database is gone, can wait inside the driver
+    forever (it hung a whole suite run once). What is left is cancelled here, given 10 s, and what
+    still will not end is taken off the loop's books so the close cannot wait on it.
+    """
+    yield
+    me = asyncio.current_task()
+    left = [task for task in asyncio.all_tasks() if task is not me and not task.done()]
+    for task in left:
+        task.cancel()
+    if left:
+        _, stuck = await asyncio.wait(left, timeout=10)
+        for task in stuck:
+            asyncio.tasks._unregister_task(task)  # the one way to keep the close from waiting on it
+    ours = sorted(
+        {t.get_name() for t in left if t.get_name() in NODE_TASKS or t.get_name().startswith("run:")}
+    )
+    if ours:
+        pytest.fail(f"a test left a node running: its tasks {ours} outlived the suite")
 
 
 @pytest.fixture(scope="session")
