@@ -28,7 +28,13 @@ from tests.llm_server import Reply, StreamingModel, ToolCall, solo_workflow
 
 SECRET = "test-secret-of-at-least-thirty-two-bytes!"
 PROMPT = "You are the Writer. Count words with text_statistics."
-QUESTIONS = ["Count: one two three", "Count: four five", "Count: six"]
+# Twenty turns of two calls each: the 40-call chat the storage promise is measured on.
+QUESTIONS = [
+    "Count: one two three",
+    "Count: four five",
+    *(f"Count: {' '.join(['word'] * (n % 5 + 1))} {n}" for n in range(17)),
+    "Count: six",
+]
 
 
 def script() -> list[Reply]:
@@ -109,7 +115,7 @@ async def test_every_call_is_recorded_exactly_and_stored_once(
     orchestrator = Orchestrator(store, WorkflowManager(workflows), settings)
     stream = await converse(orchestrator, store, QUESTIONS)
     calls = [r async for r in store.find(stream.chat_id, types=["llm.call"])]
-    assert len(calls) == len(model.requests) == 6
+    assert len(calls) == len(model.requests) == 40
     assert all(c.data["io"] == "full" and c.data["request"] and c.data["response"] for c in calls)
 
     # Storage grows with distinct content: every distinct piece of every request, once.
@@ -143,7 +149,7 @@ async def test_every_call_is_recorded_exactly_and_stored_once(
         last = calls[-1]
         answer = (await http.get(f"/api/chats/{stream.chat_id}/calls/{last.seq}", headers=owner)).json()
         assert answer["response"]["choices"][0]["message"]["content"] == "1 words."
-        assert answer["response"]["usage"]["prompt_tokens"] == 42
+        assert answer["response"]["usage"]["prompt_tokens"] == 40 + len(QUESTIONS) - 1
         refused = await http.get(f"/api/chats/{stream.chat_id}/calls/{last.seq}", headers=stranger)
         assert (refused.status_code, refused.json()["error"]) == (403, "forbidden")
         not_a_call = await http.get(f"/api/chats/{stream.chat_id}/calls/1", headers=owner)
