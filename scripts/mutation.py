@@ -137,8 +137,66 @@ TARGETS: list[Target] = [
         ["tests/test_audit.py", "tests/test_store.py::test_edited_record_is_reported_by_verify"],
         timeout=120,
     ),
-    Target("recorder", "app/runs/recorder.py", ["tests/test_streaming.py", "tests/test_orchestration.py"]),
-    Target("agui", "app/http/agui.py", ["tests/test_agui.py"]),
+    # The recorder's streaming: how streamed chunks become `message.delta`s and each reply's
+    # `message.agent` (message ids, text). Its AG2 event mapping (`map_one`) is left to a longer run.
+    Target(
+        "recorder",
+        "app/runs/recorder.py",
+        ["tests/test_streaming.py"],
+        [
+            "xǁOpenMessageǁ__init__",
+            "xǁRunMapperǁunflushed",
+            "xǁRunMapperǁmap_chunk",
+            "xǁRunMapperǁflush",
+            "xǁRunMapperǁ_flush",
+            "xǁRunMapperǁcomplete",
+            "xǁRunMapperǁmap_event",
+        ],
+        timeout=60,
+    ),
+    # AG-UI's resume positions (SSE ids, `Last-Event-ID`), the run's event stream and the mapping of
+    # records to AG-UI events (the route itself is decorated, which mutmut does not mutate).
+    Target(
+        "agui",
+        "app/http/agui.py",
+        [
+            f"tests/test_agui.py::{test}"
+            for test in (
+                "test_a_new_thread_starts_a_chat_and_streams_its_visible_log",
+                "test_a_known_thread_continues_the_chat_and_a_repeated_request_records_nothing",
+                "test_an_input_request_ends_the_run_with_an_interrupt_that_resume_answers",
+                "test_reconnecting_with_last_event_id_mid_run_ends_with_the_same_events_as_an_unbroken_stream",
+                "test_a_failed_run_is_a_run_error_and_a_stopped_one_is_cancelled",
+                "test_streamed_deltas_become_content_events_and_the_final_message_only_closes_them",
+                "test_resuming_after_a_records_last_event_sends_nothing_of_it_again_and_ids_before_the_run_are_refused",
+            )
+        ],
+        [
+            "x_event_id",
+            "x__position",
+            "x_sse",
+            "x_run_events",
+            *(
+                f"xǁRunTranslatorǁ{method}"
+                for method in (
+                    "__init__",
+                    "start",
+                    "translate",
+                    "_close_step",
+                    "_close_all",
+                    "text",
+                    "delta",
+                    "tool_called",
+                    "tool_result",
+                    "interrupt",
+                    "completed",
+                    "stopped",
+                    "failed",
+                )
+            ),
+        ],
+        timeout=60,
+    ),
     Target(
         "errors",
         "app/http/errors.py",
@@ -167,6 +225,14 @@ TARGETS: list[Target] = [
         ],
         ["xǁRunSupervisorǁstop"],
         timeout=30,  # their tests run 3 s at most; a stop that waits on a mark waits 10 s
+    ),
+    # The sweep of lost runs alone (also in `leases`, whose whole run is too long for 2 cores).
+    Target(
+        "sweep",
+        "app/runs/supervisor.py",
+        ["tests/test_run_ends.py"],
+        ["xǁRunSupervisorǁrecover_expired"],
+        timeout=20,  # their tests run 5 s at most; a broken sweep leaves them waiting 30-60 s
     ),
 ]
 
