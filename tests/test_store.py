@@ -754,6 +754,47 @@ async def test_an_append_the_database_applied_but_did_not_confirm_is_reported_re
     assert await store.events.count_documents({"chat_id": "unconfirmed"}) == 2
 
 
+async def test_a_write_error_on_an_unconfirmed_insert_reports_both_and_a_stored_batch_is_never_told_it_landed(
+    fault_server: FaultServer, fault_db: AsyncDatabase[Any]
+) -> None:
+    # One insert meets a duplicate in one caller's batch and a write-concern error: that caller is
+    # told its own write error and that the rest is unconfirmed; a caller whose batch was stored is
+    # told it is unconfirmed (so it re-sends), not that it landed.
+    collection = fault_db["mixed"]
+    await collection.insert_one({"_id": "a1", "chat_id": "a"})
+    commit = GroupCommit(collection)
+    fault_server.arm(
+        {"failCommands": ["insert"], "writeConcernError": {"code": 64, "errmsg": "replication timed out"}},
+        {"times": 1},
+    )
+    callers = [
+        asyncio.create_task(commit.insert(batch))
+        for batch in ([{"_id": "a1", "chat_id": "a"}], [{"_id": "b1", "chat_id": "b"}])
+    ]
+    _, waiting = await asyncio.wait(callers, timeout=10)
+    for caller in waiting:
+        caller.cancel()
+    assert not waiting, f"{len(waiting)} callers still wait after their insert failed"
+    duplicate, stored = (caller.exception() for caller in callers)
+    assert commit.inserts == 1
+    assert isinstance(duplicate, BulkWriteError), duplicate
+    concern = duplicate.details.get("writeConcernErrors")
+    assert concern and concern[0]["code"] == 64, duplicate.details
+    assert duplicate.details["nInserted"] == 0
+    assert [(e["index"], e["code"]) for e in duplicate.details["writeErrors"]] == [(0, 11000)]
+    assert isinstance(stored, BulkWriteError) and is_transient(stored), stored
+    assert stored.details == {"nInserted": 1, "writeErrors": [], "writeConcernErrors": concern}
+
+    # Unordered (model I/O parts): a batch's duplicate stops nothing after it, and its caller is
+    # told how many of its documents were stored.
+    unordered = GroupCommit(collection, ordered=False)
+    with pytest.raises(BulkWriteError) as raised:
+        await unordered.insert([{"_id": "a1"}, {"_id": "c1"}, {"_id": "c2"}])
+    assert raised.value.details["nInserted"] == 2
+    assert [e["index"] for e in raised.value.details["writeErrors"]] == [0]
+    assert await collection.count_documents({"_id": {"$in": ["c1", "c2"]}}) == 2
+
+
 # The error codes the store retries (`TRANSIENT_CODES`), by name: a code left out of the table would
 # fail appends at the first failover or shutdown instead of waiting for the database to come back.
 TRANSIENT_CODES_BY_NAME = {
