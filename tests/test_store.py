@@ -785,14 +785,19 @@ async def test_a_write_error_on_an_unconfirmed_insert_reports_both_and_a_stored_
     assert isinstance(stored, BulkWriteError) and is_transient(stored), stored
     assert stored.details == {"nInserted": 1, "writeErrors": [], "writeConcernErrors": concern}
 
-    # Unordered (model I/O parts): a batch's duplicate stops nothing after it, and its caller is
-    # told how many of its documents were stored.
+    # Unordered (model I/O parts, independent documents): batches handed in together go in one
+    # insert, a batch's duplicate stops nothing after it, and its caller is told how many of its
+    # documents were stored.
     unordered = GroupCommit(collection, ordered=False)
-    with pytest.raises(BulkWriteError) as raised:
-        await unordered.insert([{"_id": "a1"}, {"_id": "c1"}, {"_id": "c2"}])
-    assert raised.value.details["nInserted"] == 2
-    assert [e["index"] for e in raised.value.details["writeErrors"]] == [0]
-    assert await collection.count_documents({"_id": {"$in": ["c1", "c2"]}}) == 2
+    batches = ([{"_id": "a1"}, {"_id": "c1"}, {"_id": "c2"}], [{"_id": "d1"}], [{"_id": "e1"}])
+    parts = asyncio.gather(*(unordered.insert(batch) for batch in batches), return_exceptions=True)
+    failed, *landed = await asyncio.wait_for(parts, timeout=10)
+    assert unordered.inserts == 1
+    assert isinstance(failed, BulkWriteError), failed
+    assert failed.details["nInserted"] == 2
+    assert [e["index"] for e in failed.details["writeErrors"]] == [0]
+    assert landed == [None, None]
+    assert await collection.count_documents({"_id": {"$in": ["c1", "c2", "d1", "e1"]}}) == 4
 
 
 # The error codes the store retries (`TRANSIENT_CODES`), by name: a code left out of the table would
