@@ -31,6 +31,7 @@ from domain.events import (
     StreamRef,
     ToolCalled,
     ToolResult,
+    seal,
 )
 from domain.store import MongoEventStore
 from tests.cli import invoke
@@ -528,3 +529,45 @@ async def test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says
     )
     some = await store.verify_all(book, chat_ids={"chat-01", "chat-02"})
     assert (some.chats, some.ok) == (2, True)
+
+
+async def test_a_head_resealed_on_its_real_predecessor_a_chain_broken_before_its_anchor_and_a_deleted_chat(
+    store: MongoEventStore, db: AsyncDatabase[Any]
+) -> None:
+    # The chain alone cannot see a head record re-sealed on its real predecessor: its anchor can. A
+    # chain broken before the anchored seq is reported where it breaks (not as a removed tail), and
+    # an anchored chat gone from the log is broken from seq 1.
+    await write_chats(store, 3)  # chat-00 and chat-02 are app P's, chat-01 app Q's
+    book = AnchorBook(db, derive_key(SECRET))
+    await book.ensure_indexes()
+    chats = {i: [r async for r in store.read(f"chat-{i:02d}")] for i in range(3)}
+    heads = [
+        Head(app_id=APPS[i % 2], chat_id=f"chat-{i:02d}", seq=rs[-1].seq, hash=rs[-1].hash)
+        for i, rs in chats.items()
+    ]
+    assert await book.append(heads) == 3
+    last, before = chats[0][-1], chats[0][-2]
+    forgery = Pending(event=MessageAgent(content="forged"), agent=last.agent, id=last.id)
+    await db["events"].replace_one({"_id": last.id}, seal(ref(0), forgery, last.seq, before.hash, last.ts))
+    await db["events"].delete_many({"chat_id": "chat-01"})
+    await db["events"].update_one({"_id": chats[2][1].id}, {"$set": {"data.content": "edited"}})
+    await db["events"].delete_one({"_id": chats[2][-1].id})
+
+    result = await store.verify_all(book)
+    verdicts = {v.chat_id: v for v in result.broken}
+    assert sorted(verdicts) == ["chat-00", "chat-01", "chat-02"] and not result.anchor_problems
+    rewritten, deleted, broken = verdicts["chat-00"], verdicts["chat-01"], verdicts["chat-02"]
+    assert (rewritten.broken_seq, rewritten.anchored_seq, rewritten.last_seq) == (
+        last.seq,
+        last.seq,
+        last.seq,
+    )
+    assert f"record seq {last.seq} is not the one anchored" in str(rewritten.detail), rewritten
+    assert "the chat was rewritten" in str(rewritten.detail), rewritten
+    assert (deleted.broken_seq, deleted.anchored_seq, deleted.checked) == (1, chats[1][-1].seq, 0)
+    assert "the log has no records of this chat" in str(deleted.detail), deleted
+    assert (broken.broken_seq, broken.anchored_seq, broken.detail) == (
+        2,
+        chats[2][-1].seq,
+        "hash does not match the record's content",
+    )
