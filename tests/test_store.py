@@ -331,15 +331,18 @@ async def test_batches_handed_in_while_an_insert_is_in_flight_wait_and_go_togeth
         listener.sizes.clear()
         small = GroupCommit(collection, max_docs=4)
         await asyncio.gather(
-            small.insert(docs("a", 1, 2, 3)), small.insert(docs("b", 1, 2, 3)), small.insert(docs("c", 1))
+            small.insert(docs("a", 1, 2, 3)),
+            small.insert(docs("b", 1, 2, 3)),
+            small.insert(docs("c", 1)),
+            small.insert(docs("f", 1)),
         )
-        assert (listener.sizes, small.inserts) == ([4, 3], 2)  # a and c, then b
+        assert (listener.sizes, small.inserts) == ([4, 4], 2)  # a and c (f no longer fits), then b and f
         # A chat's next batch waits for the next insert; other chats' batches still go in this one.
         await asyncio.gather(
             small.insert(docs("d", 1, 2)), small.insert(docs("d", 3)), small.insert(docs("e", 1))
         )
         assert listener.sizes[2:] == [3, 1]  # d's first batch and e, then d's next
-        assert await collection.count_documents({}) == 11
+        assert await collection.count_documents({}) == 12
     finally:
         await client.close()
 
