@@ -133,6 +133,8 @@ TARGETS: list[Target] = [
             "tests/test_audit.py::test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported",
             "tests/test_audit.py::test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says_how_many",
             "tests/test_audit.py::test_a_head_resealed_on_its_real_predecessor_a_chain_broken_before_its_anchor_and_a_deleted_chat",
+            "tests/test_audit.py::test_each_fault_of_the_anchor_chains_and_of_a_copy_kept_apart_is_named",
+            "tests/test_audit.py::test_a_chats_own_verify_names_an_edited_anchor_after_what_its_chain_shows",
         ],
         ["x_judge", "xǁAnchorBookǁscan", "xǁAnchorScanǁcompare", "x__anchor", "x__join"],
         timeout=60,

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
-from app.http.auth import issue_token
-from domain.anchors import AnchorBook, Head, derive_key
+from app.http.auth import Principal, issue_token
+from app.http.controllers import verify_chat
+from domain.anchors import Anchor, AnchorBook, Head, derive_key, signature
 from domain.audit import AUDIT_INDEXES, AuditFilter, Position, plans
 from domain.events import (
     ChatCreated,
@@ -562,12 +564,100 @@ async def test_a_head_resealed_on_its_real_predecessor_a_chain_broken_before_its
         last.seq,
         last.seq,
     )
-    assert f"record seq {last.seq} is not the one anchored" in str(rewritten.detail), rewritten
-    assert "the chat was rewritten" in str(rewritten.detail), rewritten
+    anchor = await book.latest("chat-00")
+    assert anchor is not None
+    assert rewritten.detail == (
+        f"record seq {last.seq} is not the one anchored (seq {last.seq} was anchored in "
+        f"{anchor.describe()}): the chat was rewritten"
+    )
     assert (deleted.broken_seq, deleted.anchored_seq, deleted.checked) == (1, chats[1][-1].seq, 0)
     assert "the log has no records of this chat" in str(deleted.detail), deleted
     assert (broken.broken_seq, broken.anchored_seq, broken.detail) == (
         2,
         chats[2][-1].seq,
         "hash does not match the record's content",
+    )
+
+
+def described(doc: Mapping[str, Any]) -> str:
+    return msgspec.convert(dict(doc), Anchor).describe()
+
+
+async def test_each_fault_of_the_anchor_chains_and_of_a_copy_kept_apart_is_named(
+    db: AsyncDatabase[Any],
+) -> None:
+    # What a verification tells an auditor about the anchors themselves, each naming its anchor: one
+    # that cannot be read, numbers missing from an app's chain, one that does not chain to the one
+    # before, an edited one; of a copy kept apart: an unreadable one, one signed with another key,
+    # one deleted from the database, one that differs; and which anchor is then each chat's latest.
+    key = derive_key(SECRET)
+    book = AnchorBook(db, key)
+    await book.ensure_indexes()
+    heads = [
+        Head(app_id=app, chat_id=f"{app}-{i}", seq=i, hash=f"h{i}")
+        for app, n in (("E", 1), ("G", 4), ("L", 2), ("M", 3))
+        for i in range(1, n + 1)
+    ]
+    assert await book.append(heads) == 10
+    exported = {doc["_id"]: doc async for doc in book.documents()}
+    assert await book.append([Head(app_id="G", chat_id="G-1", seq=7, hash="h7")]) == 1  # G#5, newer
+    anchors = db["chain_anchors"]
+    await anchors.update_one({"_id": "M#1"}, {"$unset": {"sig": ""}})
+    await anchors.delete_many({"_id": {"$in": ["G#2", "G#3"]}})
+    relinked = {**exported["L#2"], "prev_sig": "0" * 64}
+    relinked["sig"] = signature(key, "L", 2, "L-2", 2, "h2", relinked["ts"], relinked["prev_sig"])
+    await anchors.replace_one({"_id": "L#2"}, relinked)
+    await anchors.update_one({"_id": "E#1"}, {"$set": {"seq": 9}})
+    edited = {**exported["E#1"], "seq": 9}
+
+    scan = await book.scan()
+    assert scan.count == 9
+    assert scan.problems == [
+        f"{described(edited)} (chat E-1): signature does not match: edited, or signed with another key",
+        "anchors G#2..#3 are missing",
+        f"{described(relinked)} does not chain to L#1",
+        "anchor 'M#1' is malformed",
+        "anchors M#1..#1 are missing",
+    ]
+    assert sorted(scan.latest) == ["G-1", "G-4", "L-1", "L-2", "M-2", "M-3"]
+
+    scan.compare([{"_id": "X#1"}, edited, exported["G#2"], exported["L#2"], exported["G#1"]], key)
+    assert scan.problems[5:] == [
+        "exported anchor 'X#1' is malformed",
+        f"exported {described(edited)}: signature does not match this key",
+        f"{described(exported['G#2'])} (chat G-2, seq 2) is in the exported file but not in the database: "
+        "anchors were deleted",
+        f"{described(exported['L#2'])} differs from the exported copy",
+    ]
+    # The deleted anchor counts again; the database's anchor stays a chat's latest against an older
+    # copy, or a copy of the same number.
+    assert (scan.latest["G-2"].n, scan.latest["G-1"].n, scan.latest["L-2"].sig) == (2, 5, relinked["sig"])
+
+
+async def test_a_chats_own_verify_names_an_edited_anchor_after_what_its_chain_shows(
+    store: MongoEventStore, db: AsyncDatabase[Any]
+) -> None:
+    await write_chats(store, 2)  # chat-00 of app P, chat-01 of app Q
+    book = AnchorBook(db, derive_key(SECRET))
+    await book.ensure_indexes()
+    lasts = [[r async for r in store.read(f"chat-{i:02d}")][-1] for i in range(2)]
+    await book.append(
+        Head(app_id=APPS[i], chat_id=r.chat_id, seq=r.seq, hash=r.hash) for i, r in enumerate(lasts)
+    )
+    await db["chain_anchors"].update_many({}, {"$set": {"hash": "0" * 64}})  # both anchors edited
+    await db["events"].update_one({"chat_id": "chat-01", "seq": 2}, {"$set": {"data.content": "edited"}})
+    told = []
+    for i in range(2):
+        auditor = Principal(user_id="auditor", app_id=APPS[i], roles=frozenset({"auditor"}))
+        verdict = await verify_chat(store, book, auditor, f"chat-{i:02d}")
+        anchor = await book.latest(f"chat-{i:02d}")
+        assert anchor is not None and not verdict.ok
+        told.append((verdict.broken_seq, verdict.detail, anchor.describe()))
+    (intact_seq, intact, first), (broken_seq, broken, second) = told
+    assert intact_seq is None
+    assert intact == f"{first} has a bad signature (edited, or signed with another key)"
+    assert broken_seq == 2
+    assert (
+        broken
+        == f"hash does not match the record's content; {second} has a bad signature (edited, or signed with another key)"
     )
