@@ -559,6 +559,7 @@ async def test_a_head_resealed_on_its_real_predecessor_a_chain_broken_before_its
     verdicts = {v.chat_id: v for v in result.broken}
     assert sorted(verdicts) == ["chat-00", "chat-01", "chat-02"] and not result.anchor_problems
     rewritten, deleted, broken = verdicts["chat-00"], verdicts["chat-01"], verdicts["chat-02"]
+    assert [v.ok for v in (rewritten, deleted, broken)] == [False, False, False]  # false, not just falsy
     assert (rewritten.broken_seq, rewritten.anchored_seq, rewritten.last_seq) == (
         last.seq,
         last.seq,
