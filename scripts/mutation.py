@@ -148,7 +148,8 @@ TARGETS: list[Target] = [
             "tests/test_audit.py::test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported",
             "tests/test_audit.py::test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says_how_many",
             "tests/test_audit.py::test_a_head_resealed_on_its_real_predecessor_a_chain_broken_before_its_anchor_and_a_deleted_chat",
-            # The one test that verifies the whole log with a fork in it.
+            "tests/test_audit.py::test_verifying_the_log_checks_each_forks_anchor_in_its_parent_the_logs_last_chat_included",
+            # The one test that verifies the whole log with a fork in it through a node.
             "tests/test_lineage.py::test_a_fork_at_a_middle_message_continues_alone_and_its_verify_checks_the_anchor",
         ],
         [

@@ -24,6 +24,7 @@ from domain.anchors import Anchor, AnchorBook, Head, derive_key, signature
 from domain.audit import AUDIT_INDEXES, AuditFilter, Position, plans
 from domain.events import (
     ChatCreated,
+    ForkedFrom,
     LlmCall,
     MessageAgent,
     MessageUser,
@@ -662,3 +663,24 @@ async def test_a_chats_own_verify_names_an_edited_anchor_after_what_its_chain_sh
         broken
         == f"hash does not match the record's content; {second} has a bad signature (edited, or signed with another key)"
     )
+
+
+async def test_verifying_the_log_checks_each_forks_anchor_in_its_parent_the_logs_last_chat_included(
+    store: MongoEventStore,
+) -> None:
+    # `z-fork` is the log's last chat in chat order: no later chat closes its check before the forks'.
+    parent = StreamRef(chat_id="a-parent", app_id="P", user_id="u0", workflow="Alpha")
+    said = await store.append(
+        parent, [Pending(event=ChatCreated()), Pending(event=MessageUser(content="hi"))], 0
+    )
+    fork = StreamRef(chat_id="z-fork", app_id="P", user_id="u0", workflow="Alpha")
+    anchor = ForkedFrom(chat_id="a-parent", seq=2, hash=said[1].hash)
+    await store.append(
+        fork, [Pending(event=ChatCreated(forked_from=anchor)), Pending(event=MessageUser(content="and?"))], 0
+    )
+    intact = await store.verify_all(None)
+    assert (intact.ok, intact.forks, intact.chats, intact.anchors) == (True, 1, 2, 0)
+    await store.events.update_one({"chat_id": "a-parent", "seq": 2}, {"$set": {"data.content": "forged"}})
+    result = await store.verify_all(None)
+    assert [(v.chat_id, v.broken_seq) for v in result.broken] == [("a-parent", 2), ("z-fork", 1)]
+    assert "forked_from chat a-parent seq 2" in str(result.broken[1].detail), result.broken[1]
