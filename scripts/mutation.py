@@ -149,6 +149,7 @@ TARGETS: list[Target] = [
             "tests/test_audit.py::test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says_how_many",
             "tests/test_audit.py::test_a_head_resealed_on_its_real_predecessor_a_chain_broken_before_its_anchor_and_a_deleted_chat",
             "tests/test_audit.py::test_verifying_the_log_checks_each_forks_anchor_in_its_parent_the_logs_last_chat_included",
+            "tests/test_audit.py::test_verifying_an_app_checks_its_interleaved_chats_and_reports_progress_over_its_records",
             # The one test that verifies the whole log with a fork in it through a node.
             "tests/test_lineage.py::test_a_fork_at_a_middle_message_continues_alone_and_its_verify_checks_the_anchor",
         ],

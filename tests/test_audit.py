@@ -21,7 +21,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from app.http.auth import Principal, issue_token
 from app.http.controllers import verify_chat
 from domain.anchors import Anchor, AnchorBook, Head, derive_key, signature
-from domain.audit import AUDIT_INDEXES, AuditFilter, Position, plans
+from domain.audit import AUDIT_INDEXES, AuditFilter, Position, plans, verify_log
 from domain.events import (
     ChatCreated,
     ForkedFrom,
@@ -684,3 +684,20 @@ async def test_verifying_the_log_checks_each_forks_anchor_in_its_parent_the_logs
     result = await store.verify_all(None)
     assert [(v.chat_id, v.broken_seq) for v in result.broken] == [("a-parent", 2), ("z-fork", 1)]
     assert "forked_from chat a-parent seq 2" in str(result.broken[1].detail), result.broken[1]
+
+
+async def test_verifying_an_app_checks_its_interleaved_chats_and_reports_progress_over_its_records(
+    store: MongoEventStore,
+) -> None:
+    # Four chats of two apps written turn by turn, so their records alternate in the log.
+    for turn in range(3):
+        for i in range(4):
+            event = ChatCreated() if turn == 0 else MessageUser(content=f"turn {turn}")
+            await store.append(ref(i), [Pending(event=event)], None)
+    seen: list[tuple[int, int]] = []
+    result = await verify_log(
+        store.events, None, app_id="P", progress=lambda done, total: seen.append((done, total)), batch_size=2
+    )
+    assert (result.ok, result.chats, result.records) == (True, 2, 6), result
+    # Every `batch_size` records, out of app P's 6 (not the whole log's 12), then the end.
+    assert seen == [(2, 6), (4, 6), (6, 6), (6, 6)]
