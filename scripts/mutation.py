@@ -206,9 +206,12 @@ TARGETS: list[Target] = [
             f"tests/test_agui.py::{test}"
             for test in (
                 "test_a_new_thread_starts_a_chat_and_streams_its_visible_log",
+                "test_a_known_thread_continues_the_chat_and_a_repeated_request_records_nothing",
                 "test_reconnecting_with_last_event_id_mid_run_ends_with_the_same_events_as_an_unbroken_stream",
                 "test_a_failed_run_is_a_run_error_and_a_stopped_one_is_cancelled",
                 "test_streamed_deltas_become_content_events_and_the_final_message_only_closes_them",
+                "test_each_message_event_names_its_role_agent_and_time_and_a_final_text_sends_only_what_was_not_streamed",
+                "test_an_idle_stream_gets_keepalives_and_a_client_that_leaves_frees_its_subscription",
                 "test_resuming_after_a_records_last_event_sends_nothing_of_it_again_and_ids_before_the_run_are_refused",
             )
         ],
