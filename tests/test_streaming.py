@@ -357,7 +357,7 @@ async def test_text_streamed_with_a_tool_call_becomes_a_message_before_the_call(
         [
             Reply(
                 chunks=["Let me ", "count them."],
-                tool_calls=[ToolCall("call_1", "text_statistics", '{"text": "a b c"}')],
+                tool_calls=[ToolCall("call_1", "text_statistics", '{"text":"a b c"}')],
             ),
             Reply(chunks=["Three ", "words."]),
         ]
@@ -377,6 +377,13 @@ async def test_text_streamed_with_a_tool_call_becomes_a_message_before_the_call(
         ("tool.called", None),
         ("message.agent", "Three words."),
     ]
+    # The text goes to whom the call goes; the call is recorded once as AG2 sent it, its arguments
+    # exactly as the model wrote them.
+    before_call = next(r for r in records if r.type == "message.agent")
+    assert before_call.data["recipient"] == "chat_manager"
+    [call] = [r for r in records if r.type == "tool.called"]
+    assert call.data["arguments"] == '{"text":"a b c"}'
+    assert [r.data["name"] for r in records if r.type == "ag2.event" and r.seq < call.seq][-1] == "tool_call"
     assert_messages_are_their_deltas(records)
 
 
