@@ -197,6 +197,8 @@ async def test_a_known_thread_continues_the_chat_and_a_repeated_request_records_
 ) -> None:
     node = await start_node()
     async with httpx.AsyncClient(base_url=node.url) as http:
+        # Another thread before it in the log: a snapshot holds this thread's history only.
+        await run(http, "Analyzer", body("t-one", ("m0", "Some other words")))
         first = await run(http, "Analyzer", body("t-two", ("m1", "Count these words")))
         second_body = body("t-two", ("m1", "Count these words"), ("m2", "And these"), run="r2")
         second = await run(http, "Analyzer", second_body)
