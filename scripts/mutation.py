@@ -246,7 +246,7 @@ TARGETS: list[Target] = [
         ],
     ),
     # The stop of a run (on this node, on another, on a dead one); the sweep of lost runs
-    # (`recover_expired`) is the leases' target's.
+    # (`recover_expired`) is `sweep`'s, below.
     Target(
         "stop",
         "app/runs/supervisor.py",
