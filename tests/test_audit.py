@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -701,3 +701,28 @@ async def test_verifying_an_app_checks_its_interleaved_chats_and_reports_progres
     assert (result.ok, result.chats, result.records) == (True, 2, 6), result
     # Every `batch_size` records, out of app P's 6 (not the whole log's 12), then the end.
     assert seen == [(2, 6), (4, 6), (6, 6), (6, 6)]
+
+
+def test_anchors_signed_by_this_version_verify_in_the_next_the_key_and_signature_are_fixed(
+    local_clock_far_from_utc: None,
+) -> None:
+    # Known answers: a change to the key's derivation or to what is signed would turn every anchor
+    # already stored into a "bad signature". Time is signed as UTC epoch milliseconds (a naive time
+    # is UTC, an aware one its instant, microseconds cut), and an anchor names its time in UTC (the
+    # host's clock set 14 h from it here).
+    key = derive_key(SECRET)
+    assert key.hex() == "9d8a3683d207836fa2a78c17b74fe08ada33e616fcd48f6d109eb254fd15af70"
+    at = datetime(2026, 12, 1, 10, 0, 0, 123456, tzinfo=UTC)
+    expected = "6034841099c809951cc6723fff6a4ce067d7e59ac32651aa071c8671301b1ebd"
+    for ts in (
+        at,
+        at.replace(tzinfo=None),
+        at.astimezone(timezone(timedelta(hours=2))),
+        at.replace(microsecond=123999),
+    ):
+        assert signature(key, "P", 12, "chat-00", 7, "h" * 64, ts, "0" * 64) == expected, ts
+    anchor = Anchor(
+        id="P#12", app_id="P", n=12, chat_id="chat-00", seq=7, hash="h" * 64,
+        ts=at.astimezone(timezone(timedelta(hours=2))), prev_sig="0" * 64, sig=expected,
+    )  # fmt: skip
+    assert anchor.signed_by(key) and anchor.describe() == "anchor P#12 of 2026-12-01T10:00:00.123456Z"
