@@ -67,7 +67,8 @@ TARGETS: list[Target] = [
         ],
     ),
     # The group commit under store.append (split out of store.py on 2026-12-01).
-    Target("commit", "domain/commit.py", ["tests/test_store.py"]),
+    # Their tests run 7 s at most; a broken commit leaves its callers waiting.
+    Target("commit", "domain/commit.py", ["tests/test_store.py"], timeout=25),
     Target(
         "events",
         "domain/events.py",
@@ -122,23 +123,124 @@ TARGETS: list[Target] = [
         timeout=20,  # their tests run 3 s at most; a broken sweep leaves them waiting 30-60 s
     ),
     # Issue 29: the modules added in the last wave, each with only the tests that state its promises.
+    # The anchors' checks: judging a chat against its anchor (removed tail, deleted chat, rewritten
+    # head, bad signature), the scan of an app's anchor chain and the comparison with an exported
+    # copy; and their signing. Not mutated, for time on 2 cores: appending and indexing the anchors.
     Target(
         "anchors",
         "domain/anchors.py",
         [
             "tests/test_audit.py::test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported",
             "tests/test_audit.py::test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says_how_many",
+            "tests/test_audit.py::test_a_head_resealed_on_its_real_predecessor_a_chain_broken_before_its_anchor_and_a_deleted_chat",
+            "tests/test_audit.py::test_each_fault_of_the_anchor_chains_and_of_a_copy_kept_apart_is_named",
+            "tests/test_audit.py::test_a_chats_own_verify_names_an_edited_anchor_after_what_its_chain_shows",
+            "tests/test_audit.py::test_anchors_signed_by_this_version_verify_in_the_next_the_key_and_signature_are_fixed",
         ],
-        timeout=120,
+        [
+            "x_judge",
+            "xǁAnchorBookǁscan",
+            "xǁAnchorScanǁcompare",
+            "x__anchor",
+            "x__join",
+            "x_derive_key",
+            "x_signature",
+            "xǁAnchorǁexpected_sig",
+            "xǁAnchorǁsigned_by",
+            "xǁAnchorǁdescribe",
+        ],
+        timeout=60,
     ),
+    # The verification of the whole log or one app (which chats and anchors it reads, what it counts);
+    # the filtered audit read and its paging are left to a longer run.
     Target(
         "audit",
         "domain/audit.py",
-        ["tests/test_audit.py", "tests/test_store.py::test_edited_record_is_reported_by_verify"],
-        timeout=120,
+        [
+            "tests/test_audit.py::test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported",
+            "tests/test_audit.py::test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says_how_many",
+            "tests/test_audit.py::test_a_head_resealed_on_its_real_predecessor_a_chain_broken_before_its_anchor_and_a_deleted_chat",
+            "tests/test_audit.py::test_verifying_the_log_checks_each_forks_anchor_in_its_parent_the_logs_last_chat_included",
+            "tests/test_audit.py::test_verifying_an_app_checks_its_interleaved_chats_and_reports_progress_over_its_records",
+            # The one test that verifies the whole log with a fork in it through a node.
+            "tests/test_lineage.py::test_a_fork_at_a_middle_message_continues_alone_and_its_verify_checks_the_anchor",
+        ],
+        [
+            "xǁLogCheckǁ__init__",
+            "xǁLogCheckǁadd",
+            "xǁLogCheckǁclose",
+            "xǁLogCheckǁcheck_forks",
+            "xǁLogCheckǁresult",
+            "xǁLogCheckǁ_anchored",
+            "xǁLogCheckǁ_judge",
+            "x_verify_log",
+        ],
+        timeout=60,
     ),
-    Target("recorder", "app/runs/recorder.py", ["tests/test_streaming.py", "tests/test_orchestration.py"]),
-    Target("agui", "app/http/agui.py", ["tests/test_agui.py"]),
+    # The recorder's streaming: how streamed chunks become `message.delta`s and each reply's
+    # `message.agent` (message ids, text). Its AG2 event mapping (`map_one`) is left to a longer run.
+    Target(
+        "recorder",
+        "app/runs/recorder.py",
+        [
+            f"tests/test_streaming.py::{test}"
+            # The mapper's own test first: mutmut's forced-fail check runs the selection in its own
+            # process, and a run failing under a live client's test only ends at the test's timeout,
+            # which ends that process.
+            for test in (
+                "test_a_retried_call_starts_a_new_message_and_leaves_the_first_attempt_incomplete",
+                "test_a_300_chunk_answer_reaches_a_live_client_while_the_model_still_writes",
+                "test_an_interrupted_message_keeps_its_deltas_and_is_replayed_as_text_so_far",
+                "test_a_stream_cut_off_mid_answer_fails_the_run_and_keeps_what_was_said",
+                "test_a_stream_cut_off_mid_answer_is_retried_as_a_new_message",
+                "test_text_streamed_with_a_tool_call_becomes_a_message_before_the_call",
+                "test_one_agents_replies_in_a_row_each_get_a_new_message_id_and_only_their_own_text",
+            )
+        ]
+        # A reply that did not stream (structured replies never do) is recorded whole.
+        + [
+            "tests/test_structured.py::test_an_invalid_reply_is_recorded_and_asked_again_then_the_valid_one_is_structured"
+        ],
+        [
+            "xǁOpenMessageǁ__init__",
+            "xǁRunMapperǁmap_chunk",
+            "xǁRunMapperǁflush",
+            "xǁRunMapperǁ_flush",
+            "xǁRunMapperǁcomplete",
+            "xǁRunMapperǁmap_event",
+        ],
+        timeout=20,  # their tests run 2 s at most
+    ),
+    # AG-UI's resume positions (each event's SSE id, the `Last-Event-ID` position, which events of a
+    # record a resume sends), the run's event stream and the mapping of a message's text and streamed
+    # deltas to AG-UI events. The route itself is decorated, which mutmut does not mutate; the rest of
+    # the mapping (tool calls, interrupts, UI requests, run ends) is left to a longer run.
+    Target(
+        "agui",
+        "app/http/agui.py",
+        [
+            f"tests/test_agui.py::{test}"
+            for test in (
+                "test_a_new_thread_starts_a_chat_and_streams_its_visible_log",
+                "test_a_known_thread_continues_the_chat_and_a_repeated_request_records_nothing",
+                "test_reconnecting_with_last_event_id_mid_run_ends_with_the_same_events_as_an_unbroken_stream",
+                "test_a_failed_run_is_a_run_error_and_a_stopped_one_is_cancelled",
+                "test_streamed_deltas_become_content_events_and_the_final_message_only_closes_them",
+                "test_each_message_event_names_its_role_agent_and_time_and_a_final_text_sends_only_what_was_not_streamed",
+                "test_an_idle_stream_gets_keepalives_and_a_client_that_leaves_frees_its_subscription",
+                "test_resuming_after_a_records_last_event_sends_nothing_of_it_again_and_ids_before_the_run_are_refused",
+            )
+        ],
+        [
+            "x_event_id",
+            "x__position",
+            "x_sse",
+            "x_run_events",
+            "xǁRunTranslatorǁtext",
+            "xǁRunTranslatorǁdelta",
+        ],
+        timeout=60,
+    ),
     Target(
         "errors",
         "app/http/errors.py",
@@ -156,7 +258,7 @@ TARGETS: list[Target] = [
         ],
     ),
     # The stop of a run (on this node, on another, on a dead one); the sweep of lost runs
-    # (`recover_expired`) is the leases' target's.
+    # (`recover_expired`) is `sweep`'s, below.
     Target(
         "stop",
         "app/runs/supervisor.py",
@@ -167,6 +269,14 @@ TARGETS: list[Target] = [
         ],
         ["xǁRunSupervisorǁstop"],
         timeout=30,  # their tests run 3 s at most; a stop that waits on a mark waits 10 s
+    ),
+    # The sweep of lost runs alone (also in `leases`, whose whole run is too long for 2 cores).
+    Target(
+        "sweep",
+        "app/runs/supervisor.py",
+        ["tests/test_run_ends.py"],
+        ["xǁRunSupervisorǁrecover_expired"],
+        timeout=20,  # their tests run 5 s at most; a broken sweep leaves them waiting 30-60 s
     ),
 ]
 

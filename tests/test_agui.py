@@ -197,6 +197,8 @@ async def test_a_known_thread_continues_the_chat_and_a_repeated_request_records_
 ) -> None:
     node = await start_node()
     async with httpx.AsyncClient(base_url=node.url) as http:
+        # Another thread before it in the log: a snapshot holds this thread's history only.
+        await run(http, "Analyzer", body("t-one", ("m0", "Some other words")))
         first = await run(http, "Analyzer", body("t-two", ("m1", "Count these words")))
         second_body = body("t-two", ("m1", "Count these words"), ("m2", "And these"), run="r2")
         second = await run(http, "Analyzer", second_body)
@@ -434,6 +436,57 @@ def test_streamed_deltas_become_content_events_and_the_final_message_only_closes
     ]
     assert wire[7]["messageId"] == "m" and wire[8]["messageId"] == "id6" and wire[-3]["messageId"] == "m2"
     assert translator.translate(record(9, "message.agent", {"content": "after the end"})) == []
+
+
+def test_each_message_event_names_its_role_agent_and_time_and_a_final_text_sends_only_what_was_not_streamed() -> (
+    None
+):
+    translator = RunTranslator("c", "r")
+    events = translator.start([record(1, "message.user", {"content": "hi", "message_id": "u1"}, agent=None)])
+    events += translator.translate(
+        record(2, "message.user", {"content": "more", "message_id": "u2"}, agent=None)
+    )
+    for seq, message_id, text in ((3, "m", "Hel"), (4, "m", "lo"), (6, "n", "abc")):
+        events += translator.translate(
+            record(seq, "message.delta", {"message_id": message_id, "index": 0, "text": text})
+        )
+        if seq == 4:  # the final text goes on past what was streamed: only the rest is sent
+            events += translator.translate(
+                record(5, "message.agent", {"content": "Hello world", "message_id": "m"})
+            )
+    # A final text that is not the streamed one's continuation adds nothing to what the client shows.
+    events += translator.translate(record(7, "message.agent", {"content": "xyzw", "message_id": "n"}))
+    events += translator.translate(record(8, "message.agent", {"content": "plain", "message_id": "p"}))
+    wire = [validated(e.model_dump_json(by_alias=True)) for e in events]
+    at = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    assert all(e.get("timestamp") == at for e in wire), [e for e in wire if e.get("timestamp") != at]
+    messages = [
+        (
+            e["type"].removeprefix("TEXT_MESSAGE_"),
+            e["messageId"],
+            e.get("role"),
+            e.get("name"),
+            e.get("delta"),
+        )
+        for e in wire
+        if e["type"].startswith("TEXT_MESSAGE_")
+    ]
+    assert messages == [
+        ("START", "u2", "user", None, None),
+        ("CONTENT", "u2", None, None, "more"),
+        ("END", "u2", None, None, None),
+        ("START", "m", "assistant", "Analyst", None),
+        ("CONTENT", "m", None, None, "Hel"),
+        ("CONTENT", "m", None, None, "lo"),
+        ("CONTENT", "m", None, None, " world"),
+        ("END", "m", None, None, None),
+        ("START", "n", "assistant", "Analyst", None),
+        ("CONTENT", "n", None, None, "abc"),
+        ("END", "n", None, None, None),
+        ("START", "p", "assistant", "Analyst", None),
+        ("CONTENT", "p", None, None, "plain"),
+        ("END", "p", None, None, None),
+    ]
 
 
 async def test_errors_have_one_shape_and_users_reach_only_their_own_threads(

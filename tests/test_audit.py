@@ -9,19 +9,22 @@ import re
 import subprocess
 import sys
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
-from app.http.auth import issue_token
-from domain.anchors import AnchorBook, Head, derive_key
-from domain.audit import AUDIT_INDEXES, AuditFilter, Position, plans
+from app.http.auth import Principal, issue_token
+from app.http.controllers import verify_chat
+from domain.anchors import Anchor, AnchorBook, Head, derive_key, signature
+from domain.audit import AUDIT_INDEXES, AuditFilter, Position, plans, verify_log
 from domain.events import (
     ChatCreated,
+    ForkedFrom,
     LlmCall,
     MessageAgent,
     MessageUser,
@@ -31,6 +34,7 @@ from domain.events import (
     StreamRef,
     ToolCalled,
     ToolResult,
+    seal,
 )
 from domain.store import MongoEventStore
 from tests.cli import invoke
@@ -528,3 +532,197 @@ async def test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says
     )
     some = await store.verify_all(book, chat_ids={"chat-01", "chat-02"})
     assert (some.chats, some.ok) == (2, True)
+
+
+async def test_a_head_resealed_on_its_real_predecessor_a_chain_broken_before_its_anchor_and_a_deleted_chat(
+    store: MongoEventStore, db: AsyncDatabase[Any]
+) -> None:
+    # The chain alone cannot see a head record re-sealed on its real predecessor: its anchor can. A
+    # chain broken before the anchored seq is reported where it breaks (not as a removed tail), and
+    # an anchored chat gone from the log is broken from seq 1.
+    await write_chats(store, 3)  # chat-00 and chat-02 are app P's, chat-01 app Q's
+    book = AnchorBook(db, derive_key(SECRET))
+    await book.ensure_indexes()
+    chats = {i: [r async for r in store.read(f"chat-{i:02d}")] for i in range(3)}
+    heads = [
+        Head(app_id=APPS[i % 2], chat_id=f"chat-{i:02d}", seq=rs[-1].seq, hash=rs[-1].hash)
+        for i, rs in chats.items()
+    ]
+    assert await book.append(heads) == 3
+    last, before = chats[0][-1], chats[0][-2]
+    forgery = Pending(event=MessageAgent(content="forged"), agent=last.agent, id=last.id)
+    await db["events"].replace_one({"_id": last.id}, seal(ref(0), forgery, last.seq, before.hash, last.ts))
+    await db["events"].delete_many({"chat_id": "chat-01"})
+    await db["events"].update_one({"_id": chats[2][1].id}, {"$set": {"data.content": "edited"}})
+    await db["events"].delete_one({"_id": chats[2][-1].id})
+
+    result = await store.verify_all(book)
+    verdicts = {v.chat_id: v for v in result.broken}
+    assert sorted(verdicts) == ["chat-00", "chat-01", "chat-02"] and not result.anchor_problems
+    rewritten, deleted, broken = verdicts["chat-00"], verdicts["chat-01"], verdicts["chat-02"]
+    assert [v.ok for v in (rewritten, deleted, broken)] == [False, False, False]  # false, not just falsy
+    assert (rewritten.broken_seq, rewritten.anchored_seq, rewritten.last_seq) == (
+        last.seq,
+        last.seq,
+        last.seq,
+    )
+    anchor = await book.latest("chat-00")
+    assert anchor is not None
+    assert rewritten.detail == (
+        f"record seq {last.seq} is not the one anchored (seq {last.seq} was anchored in "
+        f"{anchor.describe()}): the chat was rewritten"
+    )
+    assert (deleted.broken_seq, deleted.anchored_seq, deleted.checked) == (1, chats[1][-1].seq, 0)
+    assert "the log has no records of this chat" in str(deleted.detail), deleted
+    assert (broken.broken_seq, broken.anchored_seq, broken.detail) == (
+        2,
+        chats[2][-1].seq,
+        "hash does not match the record's content",
+    )
+
+
+def described(doc: Mapping[str, Any]) -> str:
+    return msgspec.convert(dict(doc), Anchor).describe()
+
+
+async def test_each_fault_of_the_anchor_chains_and_of_a_copy_kept_apart_is_named(
+    db: AsyncDatabase[Any],
+) -> None:
+    # What a verification tells an auditor about the anchors themselves, each naming its anchor: one
+    # that cannot be read, numbers missing from an app's chain, one that does not chain to the one
+    # before, an edited one; of a copy kept apart: an unreadable one, one signed with another key,
+    # one deleted from the database, one that differs; and which anchor is then each chat's latest.
+    key = derive_key(SECRET)
+    book = AnchorBook(db, key)
+    await book.ensure_indexes()
+    heads = [
+        Head(app_id=app, chat_id=f"{app}-{i}", seq=i, hash=f"h{i}")
+        for app, n in (("E", 1), ("G", 4), ("L", 2), ("M", 3))
+        for i in range(1, n + 1)
+    ]
+    assert await book.append(heads) == 10
+    exported = {doc["_id"]: doc async for doc in book.documents()}
+    assert await book.append([Head(app_id="G", chat_id="G-1", seq=7, hash="h7")]) == 1  # G#5, newer
+    anchors = db["chain_anchors"]
+    await anchors.update_one({"_id": "M#1"}, {"$unset": {"sig": ""}})
+    await anchors.delete_many({"_id": {"$in": ["G#2", "G#3"]}})
+    relinked = {**exported["L#2"], "prev_sig": "0" * 64}
+    relinked["sig"] = signature(key, "L", 2, "L-2", 2, "h2", relinked["ts"], relinked["prev_sig"])
+    await anchors.replace_one({"_id": "L#2"}, relinked)
+    await anchors.update_one({"_id": "E#1"}, {"$set": {"seq": 9}})
+    edited = {**exported["E#1"], "seq": 9}
+
+    scan = await book.scan()
+    assert scan.count == 9
+    assert scan.problems == [
+        f"{described(edited)} (chat E-1): signature does not match: edited, or signed with another key",
+        "anchors G#2..#3 are missing",
+        f"{described(relinked)} does not chain to L#1",
+        "anchor 'M#1' is malformed",
+        "anchors M#1..#1 are missing",
+    ]
+    assert sorted(scan.latest) == ["G-1", "G-4", "L-1", "L-2", "M-2", "M-3"]
+
+    scan.compare([{"_id": "X#1"}, edited, exported["G#2"], exported["L#2"], exported["G#1"]], key)
+    assert scan.problems[5:] == [
+        "exported anchor 'X#1' is malformed",
+        f"exported {described(edited)}: signature does not match this key",
+        f"{described(exported['G#2'])} (chat G-2, seq 2) is in the exported file but not in the database: "
+        "anchors were deleted",
+        f"{described(exported['L#2'])} differs from the exported copy",
+    ]
+    # The deleted anchor counts again; the database's anchor stays a chat's latest against an older
+    # copy, or a copy of the same number.
+    assert (scan.latest["G-2"].n, scan.latest["G-1"].n, scan.latest["L-2"].sig) == (2, 5, relinked["sig"])
+
+
+async def test_a_chats_own_verify_names_an_edited_anchor_after_what_its_chain_shows(
+    store: MongoEventStore, db: AsyncDatabase[Any]
+) -> None:
+    await write_chats(store, 2)  # chat-00 of app P, chat-01 of app Q
+    book = AnchorBook(db, derive_key(SECRET))
+    await book.ensure_indexes()
+    lasts = [[r async for r in store.read(f"chat-{i:02d}")][-1] for i in range(2)]
+    await book.append(
+        Head(app_id=APPS[i], chat_id=r.chat_id, seq=r.seq, hash=r.hash) for i, r in enumerate(lasts)
+    )
+    await db["chain_anchors"].update_many({}, {"$set": {"hash": "0" * 64}})  # both anchors edited
+    await db["events"].update_one({"chat_id": "chat-01", "seq": 2}, {"$set": {"data.content": "edited"}})
+    told = []
+    for i in range(2):
+        auditor = Principal(user_id="auditor", app_id=APPS[i], roles=frozenset({"auditor"}))
+        verdict = await verify_chat(store, book, auditor, f"chat-{i:02d}")
+        anchor = await book.latest(f"chat-{i:02d}")
+        assert anchor is not None and not verdict.ok
+        told.append((verdict.broken_seq, verdict.detail, anchor.describe()))
+    (intact_seq, intact, first), (broken_seq, broken, second) = told
+    assert intact_seq is None
+    assert intact == f"{first} has a bad signature (edited, or signed with another key)"
+    assert broken_seq == 2
+    assert (
+        broken
+        == f"hash does not match the record's content; {second} has a bad signature (edited, or signed with another key)"
+    )
+
+
+async def test_verifying_the_log_checks_each_forks_anchor_in_its_parent_the_logs_last_chat_included(
+    store: MongoEventStore,
+) -> None:
+    # `z-fork` is the log's last chat in chat order: no later chat closes its check before the forks'.
+    parent = StreamRef(chat_id="a-parent", app_id="P", user_id="u0", workflow="Alpha")
+    said = await store.append(
+        parent, [Pending(event=ChatCreated()), Pending(event=MessageUser(content="hi"))], 0
+    )
+    fork = StreamRef(chat_id="z-fork", app_id="P", user_id="u0", workflow="Alpha")
+    anchor = ForkedFrom(chat_id="a-parent", seq=2, hash=said[1].hash)
+    await store.append(
+        fork, [Pending(event=ChatCreated(forked_from=anchor)), Pending(event=MessageUser(content="and?"))], 0
+    )
+    intact = await store.verify_all(None)
+    assert (intact.ok, intact.forks, intact.chats, intact.anchors) == (True, 1, 2, 0)
+    await store.events.update_one({"chat_id": "a-parent", "seq": 2}, {"$set": {"data.content": "forged"}})
+    result = await store.verify_all(None)
+    assert [(v.chat_id, v.broken_seq) for v in result.broken] == [("a-parent", 2), ("z-fork", 1)]
+    assert "forked_from chat a-parent seq 2" in str(result.broken[1].detail), result.broken[1]
+
+
+async def test_verifying_an_app_checks_its_interleaved_chats_and_reports_progress_over_its_records(
+    store: MongoEventStore,
+) -> None:
+    # Four chats of two apps written turn by turn, so their records alternate in the log.
+    for turn in range(3):
+        for i in range(4):
+            event = ChatCreated() if turn == 0 else MessageUser(content=f"turn {turn}")
+            await store.append(ref(i), [Pending(event=event)], None)
+    seen: list[tuple[int, int]] = []
+    result = await verify_log(
+        store.events, None, app_id="P", progress=lambda done, total: seen.append((done, total)), batch_size=2
+    )
+    assert (result.ok, result.chats, result.records) == (True, 2, 6), result
+    # Every `batch_size` records, out of app P's 6 (not the whole log's 12), then the end.
+    assert seen == [(2, 6), (4, 6), (6, 6), (6, 6)]
+
+
+def test_anchors_signed_by_this_version_verify_in_the_next_the_key_and_signature_are_fixed(
+    local_clock_far_from_utc: None,
+) -> None:
+    # Known answers: a change to the key's derivation or to what is signed would turn every anchor
+    # already stored into a "bad signature". Time is signed as UTC epoch milliseconds (a naive time
+    # is UTC, an aware one its instant, microseconds cut), and an anchor names its time in UTC (the
+    # host's clock set 14 h from it here).
+    key = derive_key(SECRET)
+    assert key.hex() == "9d8a3683d207836fa2a78c17b74fe08ada33e616fcd48f6d109eb254fd15af70"
+    at = datetime(2026, 12, 1, 10, 0, 0, 123456, tzinfo=UTC)
+    expected = "6034841099c809951cc6723fff6a4ce067d7e59ac32651aa071c8671301b1ebd"
+    for ts in (
+        at,
+        at.replace(tzinfo=None),
+        at.astimezone(timezone(timedelta(hours=2))),
+        at.replace(microsecond=123999),
+    ):
+        assert signature(key, "P", 12, "chat-00", 7, "h" * 64, ts, "0" * 64) == expected, ts
+    anchor = Anchor(
+        id="P#12", app_id="P", n=12, chat_id="chat-00", seq=7, hash="h" * 64,
+        ts=at.astimezone(timezone(timedelta(hours=2))), prev_sig="0" * 64, sig=expected,
+    )  # fmt: skip
+    assert anchor.signed_by(key) and anchor.describe() == "anchor P#12 of 2026-12-01T10:00:00.123456Z"

@@ -331,15 +331,18 @@ async def test_batches_handed_in_while_an_insert_is_in_flight_wait_and_go_togeth
         listener.sizes.clear()
         small = GroupCommit(collection, max_docs=4)
         await asyncio.gather(
-            small.insert(docs("a", 1, 2, 3)), small.insert(docs("b", 1, 2, 3)), small.insert(docs("c", 1))
+            small.insert(docs("a", 1, 2, 3)),
+            small.insert(docs("b", 1, 2, 3)),
+            small.insert(docs("c", 1)),
+            small.insert(docs("f", 1)),
         )
-        assert (listener.sizes, small.inserts) == ([4, 3], 2)  # a and c, then b
+        assert (listener.sizes, small.inserts) == ([4, 4], 2)  # a and c (f no longer fits), then b and f
         # A chat's next batch waits for the next insert; other chats' batches still go in this one.
         await asyncio.gather(
             small.insert(docs("d", 1, 2)), small.insert(docs("d", 3)), small.insert(docs("e", 1))
         )
         assert listener.sizes[2:] == [3, 1]  # d's first batch and e, then d's next
-        assert await collection.count_documents({}) == 11
+        assert await collection.count_documents({}) == 12
     finally:
         await client.close()
 
@@ -752,6 +755,52 @@ async def test_an_append_the_database_applied_but_did_not_confirm_is_reported_re
     assert store.commit.inserts == 2  # sent, then sent again
     assert [r async for r in store.read("unconfirmed")] == stored
     assert await store.events.count_documents({"chat_id": "unconfirmed"}) == 2
+
+
+async def test_a_write_error_on_an_unconfirmed_insert_reports_both_and_a_stored_batch_is_never_told_it_landed(
+    fault_server: FaultServer, fault_db: AsyncDatabase[Any]
+) -> None:
+    # One insert meets a duplicate in one caller's batch and a write-concern error: that caller is
+    # told its own write error and that the rest is unconfirmed; a caller whose batch was stored is
+    # told it is unconfirmed (so it re-sends), not that it landed.
+    collection = fault_db["mixed"]
+    await collection.insert_one({"_id": "a1", "chat_id": "a"})
+    commit = GroupCommit(collection)
+    fault_server.arm(
+        {"failCommands": ["insert"], "writeConcernError": {"code": 64, "errmsg": "replication timed out"}},
+        {"times": 1},
+    )
+    callers = [
+        asyncio.create_task(commit.insert(batch))
+        for batch in ([{"_id": "a1", "chat_id": "a"}], [{"_id": "b1", "chat_id": "b"}])
+    ]
+    _, waiting = await asyncio.wait(callers, timeout=10)
+    for caller in waiting:
+        caller.cancel()
+    assert not waiting, f"{len(waiting)} callers still wait after their insert failed"
+    duplicate, stored = (caller.exception() for caller in callers)
+    assert commit.inserts == 1
+    assert isinstance(duplicate, BulkWriteError), duplicate
+    concern = duplicate.details.get("writeConcernErrors")
+    assert concern and concern[0]["code"] == 64, duplicate.details
+    assert duplicate.details["nInserted"] == 0
+    assert [(e["index"], e["code"]) for e in duplicate.details["writeErrors"]] == [(0, 11000)]
+    assert isinstance(stored, BulkWriteError) and is_transient(stored), stored
+    assert stored.details == {"nInserted": 1, "writeErrors": [], "writeConcernErrors": concern}
+
+    # Unordered (model I/O parts, independent documents): batches handed in together go in one
+    # insert, a batch's duplicate stops nothing after it, and its caller is told how many of its
+    # documents were stored.
+    unordered = GroupCommit(collection, ordered=False)
+    batches = ([{"_id": "a1"}, {"_id": "c1"}, {"_id": "c2"}], [{"_id": "d1"}], [{"_id": "e1"}])
+    parts = asyncio.gather(*(unordered.insert(batch) for batch in batches), return_exceptions=True)
+    failed, *landed = await asyncio.wait_for(parts, timeout=10)
+    assert unordered.inserts == 1
+    assert isinstance(failed, BulkWriteError), failed
+    assert failed.details["nInserted"] == 2
+    assert [e["index"] for e in failed.details["writeErrors"]] == [0]
+    assert landed == [None, None]
+    assert await collection.count_documents({"_id": {"$in": ["c1", "c2", "d1", "e1"]}}) == 4
 
 
 # The error codes the store retries (`TRANSIENT_CODES`), by name: a code left out of the table would

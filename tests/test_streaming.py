@@ -357,7 +357,7 @@ async def test_text_streamed_with_a_tool_call_becomes_a_message_before_the_call(
         [
             Reply(
                 chunks=["Let me ", "count them."],
-                tool_calls=[ToolCall("call_1", "text_statistics", '{"text": "a b c"}')],
+                tool_calls=[ToolCall("call_1", "text_statistics", '{"text":"a b c"}')],
             ),
             Reply(chunks=["Three ", "words."]),
         ]
@@ -377,6 +377,16 @@ async def test_text_streamed_with_a_tool_call_becomes_a_message_before_the_call(
         ("tool.called", None),
         ("message.agent", "Three words."),
     ]
+    # The text goes to whom the call goes; the call is recorded once as AG2 sent it, its arguments
+    # exactly as the model wrote them.
+    before_call = next(r for r in records if r.type == "message.agent")
+    assert before_call.data["recipient"] == "chat_manager"
+    [call] = [r for r in records if r.type == "tool.called"]
+    assert call.data["arguments"] == '{"text":"a b c"}'
+    assert [r.data["name"] for r in records if r.type == "ag2.event" and r.seq < call.seq][-1] == "tool_call"
+    # A streamed reply's record keeps AG2's own event of it.
+    answer = [r for r in records if r.type == "message.agent"][-1]
+    assert answer.ag2 is not None and json.loads(answer.ag2)["type"] == "text", answer
     assert_messages_are_their_deltas(records)
 
 
@@ -416,9 +426,14 @@ def test_a_retried_call_starts_a_new_message_and_leaves_the_first_attempt_incomp
     assert [(p.event.message_id, p.event.index, p.event.text) for p in cut] == [("a1", 0, "Hel")]  # type: ignore[union-attr]
     mapper.map_chunk(TextChunk(agent="Writer", message_id="a2", text=" world"))
     [delta] = mapper.flush()
+    later = []  # each later flush is the message's next delta, numbered on
+    for text in ("!", "?"):
+        mapper.map_chunk(TextChunk(agent="Writer", message_id="a2", text=text))
+        later += mapper.flush()
     final = mapper.complete("Writer", "what AG2 says", None, None)
     assert (delta.event.message_id, delta.event.index, delta.event.text) == ("a2", 0, "Hello world")  # type: ignore[union-attr]
-    assert (final.event.message_id, final.event.content) == ("a2", "Hello world")  # type: ignore[union-attr]
+    assert [(p.event.index, p.event.text) for p in later] == [(1, "!"), (2, "?")]  # type: ignore[union-attr]
+    assert (final.event.message_id, final.event.content) == ("a2", "Hello world!?")  # type: ignore[union-attr]
     assert mapper.flush() == [] and not mapper.unflushed
 
 

@@ -4,6 +4,7 @@ validated, invalid ones are recorded and retried with their errors, a valid one 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,10 @@ async def test_an_invalid_reply_is_recorded_and_asked_again_then_the_valid_one_i
     assert "'high' is not of type 'integer'" in invalid.data["errors"][0]["message"]
     [message] = [r for r in records if r.type == "message.agent"]
     assert message.data["structured"] == VALID and json.loads(message.data["content"]) == VALID
+    # Not streamed: recorded whole, by its agent, with its recipient and AG2's own event kept.
+    assert (message.agent, message.data["recipient"]) == ("Clerk", "chat_manager")
+    assert re.fullmatch("[0-9a-f]{32}", message.data["message_id"]), message.data  # an id of its own
+    assert message.ag2 is not None and json.loads(message.ag2)["content"]["sender"] == "Clerk"
     assert invalid.seq < message.seq
     # The invalid attempt is never shown as a half message: structured replies are not streamed.
     assert "message.delta" not in types
