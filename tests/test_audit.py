@@ -16,11 +16,13 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
 
 from app.http.auth import Principal, issue_token
 from app.http.controllers import verify_chat
-from domain.anchors import Anchor, AnchorBook, Head, derive_key, signature
+from domain.anchors import ANCHORS, Anchor, AnchorBook, Head, derive_key, signature
 from domain.audit import AUDIT_INDEXES, AuditFilter, Position, plans, verify_log
 from domain.events import (
     ChatCreated,
@@ -38,6 +40,7 @@ from domain.events import (
 )
 from domain.store import MongoEventStore
 from tests.cli import invoke
+from tests.test_store import InsertsInFlight
 
 SECRET = "audit-test-secret-of-at-least-thirty-two-bytes"
 ROOT = Path(__file__).resolve().parents[1]
@@ -726,3 +729,39 @@ def test_anchors_signed_by_this_version_verify_in_the_next_the_key_and_signature
         ts=at.astimezone(timezone(timedelta(hours=2))), prev_sig="0" * 64, sig=expected,
     )  # fmt: skip
     assert anchor.signed_by(key) and anchor.describe() == "anchor P#12 of 2026-12-01T10:00:00.123456Z"
+
+
+async def test_anchors_are_written_durably_numbered_once_per_app_and_read_newest_first_and_in_order(
+    mongo_uri: str, db: AsyncDatabase[Any]
+) -> None:
+    # An anchor vouches for a chat only if it survives a crash (sent majority-acknowledged and
+    # journaled: the wire shows it), if no app can hold two anchors of one number (the unique guard
+    # that chains concurrent writers), and if a chat's check reads its newest anchor.
+    listener = InsertsInFlight(ANCHORS, lambda: None)
+    client: AsyncMongoClient[Any] = AsyncMongoClient(mongo_uri, event_listeners=[listener])
+    try:
+        book = AnchorBook(client[db.name], derive_key(SECRET))
+        await book.ensure_indexes()
+        indexes = await book.anchors.index_information()
+        assert indexes["app_n"]["key"] == [("app_id", 1), ("n", 1)] and indexes["app_n"].get("unique") is True
+        assert indexes["chat_n"]["key"] == [("chat_id", 1), ("n", -1)]
+        # App Q's anchors are written before app P's, and chat q-1 is anchored three times.
+        for seq in (3, 5, 8):
+            await book.append([Head(app_id="Q", chat_id="q-1", seq=seq, hash=f"h{seq}")])
+        await book.append([Head(app_id="P", chat_id=f"p-{i}", seq=2, hash="h2") for i in range(2)])
+        assert listener.write_concerns and all(
+            concern == {"w": "majority", "j": True} for concern in listener.write_concerns
+        )
+        with pytest.raises(DuplicateKeyError):  # a second anchor Q#1, as a rival writer would try
+            await book.anchors.insert_one({"_id": "rival", "app_id": "Q", "n": 1})
+        newest = await book.latest("q-1")
+        assert newest is not None and (newest.n, newest.seq) == (3, 8)
+        listed = [(doc["app_id"], doc["n"]) async for doc in book.documents()]
+        assert listed == [("P", 1), ("P", 2), ("Q", 1), ("Q", 2), ("Q", 3)]
+        assert [(doc["app_id"], doc["n"]) async for doc in book.documents("Q")] == [
+            ("Q", 1),
+            ("Q", 2),
+            ("Q", 3),
+        ]
+    finally:
+        await client.close()
