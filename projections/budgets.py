@@ -70,24 +70,37 @@ def spend_of(doc: Mapping[str, Any] | None, day: str | None = None) -> Spend:
     return Spend(tokens=int(part.get("tokens") or 0), cost_nanousd=int(part.get("cost_nanousd") or 0))
 
 
-async def day_spend(db: AsyncDatabase[Any], app_id: str, user_id: str | None, day: str) -> Spend:
-    """An app's (or one of its users') spend on a UTC day: the sum of its chats' spend that day."""
+async def day_spend(
+    db: AsyncDatabase[Any], app_id: str, user_id: str | None, day: str, chat_ids: Iterable[str] = ()
+) -> tuple[Spend, dict[str, Spend]]:
+    """An app's (or one of its users') spend on a UTC day (the sum of its chats' spend that day), and
+    the share of it of each of `chat_ids` (absent: nothing projected that day).
+
+    One aggregate: the total and the shares come from the same read, so a projection that moves
+    between two reads cannot make the total older than a share (a budget would then undercount).
+    """
     match: dict[str, Any] = {"app_id": app_id, f"days.{day}": {"$exists": True}}
     if user_id is not None:
         match["user_id"] = user_id
+    tracked = sorted(set(chat_ids))
     pipeline = [
         {"$match": match},
         {
             "$group": {
-                "_id": None,
+                # One row per tracked chat, one for all the others.
+                "_id": {"$cond": [{"$in": ["$_id", tracked]}, "$_id", None]},
                 "tokens": {"$sum": f"$days.{day}.tokens"},
                 "cost_nanousd": {"$sum": f"$days.{day}.cost_nanousd"},
             }
         },
     ]
+    total, shares = Spend(), {}
     async for row in await db[COLLECTION].aggregate(pipeline):
-        return Spend(tokens=int(row["tokens"]), cost_nanousd=int(row["cost_nanousd"]))
-    return Spend()
+        spend = Spend(tokens=int(row["tokens"]), cost_nanousd=int(row["cost_nanousd"]))
+        total = total + spend
+        if row["_id"] is not None:
+            shares[str(row["_id"])] = spend
+    return total, shares
 
 
 async def chat_docs(db: AsyncDatabase[Any], chat_ids: Iterable[str]) -> dict[str, dict[str, Any]]:

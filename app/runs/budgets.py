@@ -140,15 +140,14 @@ class BudgetBook:
             tracked = set(entry.chats) if entry is not None else set()
         if chat_id is not None:
             tracked.add(chat_id)
-        total = await day_spend(self.db, app, user or None, day)
-        docs = await chat_docs(self.db, tracked)
+        total, shares = await day_spend(self.db, app, user or None, day, tracked)
         with self.lock:
             entry = self.daily.setdefault(key, _Daily())
             entry.projected_total = total
             entry.refreshed = time.monotonic()
             # Chats other runs added while this read was going keep their entries as they are.
             for chat in tracked:
-                projected = spend_of(docs.get(chat), day)
+                projected = shares.get(chat, Spend())
                 if chat == chat_id and known is not None:
                     entry.chats[chat] = (projected, known)
                 else:
