@@ -22,12 +22,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import msgspec
-from pymongo import ASCENDING, DESCENDING, IndexModel, WriteConcern
+from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from domain.chain import ChainCheck, Verification
+from domain.commit import DURABLE
 from domain.events import GENESIS_HASH, now
 
 ANCHORS: Final = "chain_anchors"
@@ -130,9 +131,7 @@ class AnchorBook:
 
     def __init__(self, db: AsyncDatabase[Any], key: bytes) -> None:
         self.key = key
-        self.anchors: AsyncCollection[Any] = db.get_collection(
-            ANCHORS, write_concern=WriteConcern(w="majority", j=True)
-        )
+        self.anchors: AsyncCollection[Any] = db.get_collection(ANCHORS, write_concern=DURABLE)
 
     async def ensure_indexes(self) -> None:
         """The per-app chain guard `(app_id, n)` and the per-chat lookup (idempotent)."""

@@ -29,10 +29,17 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from pymongo import WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError
 
 from domain.cancellation import raise_if_cancelling
+
+# What a crash must not lose is written with DURABLE: the log, the model I/O parts its records name,
+# the anchors, the uploads and the run leases. Derived documents (projections, their checkpoints)
+# take the client's default: the log rebuilds them. On the embedded server this is the difference
+# that matters: it journals (fsyncs) a commit only when the write asks `j: true`.
+DURABLE: Final = WriteConcern(w="majority", j=True)
 
 MAX_DOCS: Final = 1_000  # records per insert: a big backlog goes in a few inserts, not one huge one
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
+from domain.commit import DURABLE
 from domain.errors import MozaiksError
 
 if TYPE_CHECKING:
@@ -125,9 +126,12 @@ class FileStore:
         from gridfs import AsyncGridFSBucket
 
         self.db = db
-        self.bucket = AsyncGridFSBucket(db, bucket_name=BUCKET)
-        self.files = db[f"{BUCKET}.files"]
-        self.chunks = db[f"{BUCKET}.chunks"]
+        # Durable like the log: a file is on disk before the `file.uploaded` naming it is appended. On
+        # the database, not the bucket: an upload stream writes with its database's write concern.
+        durable = db.with_options(write_concern=DURABLE)
+        self.bucket = AsyncGridFSBucket(durable, bucket_name=BUCKET)
+        self.files = durable[f"{BUCKET}.files"]
+        self.chunks = durable[f"{BUCKET}.chunks"]
 
     async def put(self, read: Callable[[int], Awaitable[bytes]], *, max_bytes: int) -> StoredFile:
         """Store the bytes `read(n)` gives until it gives b"" (FileRefused 413 past `max_bytes`).

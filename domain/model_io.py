@@ -175,15 +175,11 @@ class PartStore:
     """
 
     def __init__(self, db: AsyncDatabase[Any], retry: RetryPolicy | None = None) -> None:
-        from pymongo import WriteConcern
-
-        from domain.commit import GroupCommit
+        from domain.commit import DURABLE, GroupCommit
         from domain.store import RetryPolicy
 
         # Durable like the log: a part is on disk before the record naming it is appended.
-        self.collection = db.get_collection(
-            PARTS_COLLECTION, write_concern=WriteConcern(w="majority", j=True)
-        )
+        self.collection = db.get_collection(PARTS_COLLECTION, write_concern=DURABLE)
         self.retry = retry or RetryPolicy()
         self.known: OrderedDict[str, None] = OrderedDict()
         self.inserts = 0

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
-from pymongo import ASCENDING, DESCENDING, IndexModel, WriteConcern
+from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -43,7 +43,7 @@ from domain.audit import (
 )
 from domain.cancellation import raise_if_cancelling
 from domain.chain import ChainCheck, Verification
-from domain.commit import GroupCommit
+from domain.commit import DURABLE, GroupCommit
 from domain.cursors import prefetched
 from domain.errors import Conflict, CorruptRecord, HistoryLost, StorageUnavailable
 from domain.events import (
@@ -224,9 +224,7 @@ class MongoEventStore:
         self.db = db
         self.retry = retry or RetryPolicy()
         # Durable writes: majority-acknowledged and journaled before an append returns.
-        self.events: AsyncCollection[Any] = db.get_collection(
-            EVENTS, write_concern=WriteConcern(w="majority", j=True)
-        )
+        self.events: AsyncCollection[Any] = db.get_collection(EVENTS, write_concern=DURABLE)
         # Appends of all chats, grouped into one insert while one is in flight (domain/commit.py).
         self.commit = GroupCommit(self.events)
         # chat_id -> (seq, hash) of the last record this process appended or read at the head.

@@ -39,6 +39,7 @@ from app.runs.ui import (
 )
 from app.settings import Settings
 from domain.cancellation import raise_if_cancelling
+from domain.commit import DURABLE
 from domain.errors import Conflict, MozaiksError, StorageUnavailable, UnknownChat
 from domain.events import (
     TERMINAL_TYPES,
@@ -151,7 +152,8 @@ class RunSupervisor:
         self.store = store
         self.orchestrator = orchestrator
         self.settings = settings
-        self.leases = db[LEASES]
+        # Durable: a lease (and a stop marked on it) a crash forgot would let a second node run the chat.
+        self.leases = db.get_collection(LEASES, write_concern=DURABLE)
         self.node = settings.node_id
         self.tasks: dict[str, asyncio.Task[str]] = {}
         self._admitting = 0

@@ -110,6 +110,7 @@ def process_cpu_s(pid: int | None) -> float:
 
 
 OPS = ("insert", "query", "update", "delete", "getmore", "command")
+STATEMENTS = {"insert": "documents", "update": "updates", "delete": "deletes"}
 
 
 class CommandCounter(monitoring.CommandListener):
@@ -117,6 +118,9 @@ class CommandCounter(monitoring.CommandListener):
 
     def __init__(self) -> None:
         self.counts: Counter[tuple[str, str]] = Counter()
+        # Write statements (documents inserted, updates, deletes) by the same key: one command of a
+        # bulk write carries many, and the server does the work of each.
+        self.statements: Counter[tuple[str, str]] = Counter()
 
     def started(self, event: Any) -> None:
         name = event.command_name
@@ -128,12 +132,25 @@ class CommandCounter(monitoring.CommandListener):
             shape = ",".join(sorted(event.command.get("filter", {})))
             where += f" {{{shape}}}" + (" limit" if event.command.get("limit") else "")
         self.counts[(name, where)] += 1
+        batch = event.command.get(STATEMENTS.get(name, ""))
+        self.statements[(name, where)] += len(batch) if isinstance(batch, list) else 1
 
     def succeeded(self, event: Any) -> None:
         pass
 
     def failed(self, event: Any) -> None:
         pass
+
+
+async def record_types(node: Node) -> Counter[str]:
+    """`--attribute`: how many records of each type the log holds (read after the load's count)."""
+    events = node.runtime.store.events
+    return Counter(
+        {
+            row["_id"]: row["n"]
+            async for row in await events.aggregate([{"$group": {"_id": "$type", "n": {"$sum": 1}}}])
+        }
+    )
 
 
 async def opcounters(client: AsyncMongoClient[Any]) -> dict[str, int]:
@@ -269,6 +286,8 @@ async def bench(uri: str, server_pid: int | None, sizes: list[int], latency: flo
                     applied_before = node.runtime.projections.applied
                     if COUNTER is not None:
                         COUNTER.counts.clear()
+                        COUNTER.statements.clear()
+                        types_before = await record_types(node)
                     stop = asyncio.Event()
                     prober = asyncio.create_task(probe(http, probe_chat, stop, samples, rss))
                     wall, events = await load(node, http, size)
@@ -286,9 +305,14 @@ async def bench(uri: str, server_pid: int | None, sizes: list[int], latency: flo
                     n_calls = max(calls.value - calls_before, 1)
                     ops = {k: (ops_after[k] - ops_before[k]) / n_calls for k in OPS}
                     if COUNTER is not None:
-                        print(f"  {size} chats, the node's commands per model call:")
+                        print(f"  {size} chats, the node's commands (and their statements) per model call:")
                         for (name, target), count in COUNTER.counts.most_common(20):
-                            print(f"    {name:>16} {target:<44} {count / n_calls:7.2f}")
+                            statements = COUNTER.statements[(name, target)] / n_calls
+                            print(f"    {name:>16} {target:<44} {count / n_calls:7.2f} {statements:7.2f}")
+                        print(f"  {size} chats, records per model call by type:")
+                        types = await record_types(node) - types_before
+                        for kind, count in types.most_common():
+                            print(f"    {kind:<61} {count / n_calls:7.2f}")
                     # Bare AG2, the same chats against the same model server, right after.
                     bare_before, bare_calls = cpu_s(), calls.value
                     await bare_ag2(f"http://127.0.0.1:{port}/v1", size)

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
+from pymongo import AsyncMongoClient, monitoring
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.server_type import SERVER_TYPE
 from websockets.asyncio.client import connect
 
+from app.runs.supervisor import RunSupervisor
+from app.settings import Settings
+from domain.events import MessageUser, Pending, StreamRef
+from domain.files import FileStore
+from domain.model_io import PartStore
 from domain.store import MongoEventStore
+from projections.sessions import ChatSessionsProjector
+from projections.writer import ProjectionWriter
 from tests.faults.checks import (
     assert_chat_sound,
     assert_client_saw_the_log,
@@ -186,6 +196,64 @@ async def test_database_killed_and_restarted_mid_run(
         injected = fault_server.faults_seen()["failed"] - before
         sound = await assert_chat_sound(http, fault_store, chat_id, node.runtime.orchestrator.reports)
     report.record(name, 1, sound, {"failed commands during the outage": injected})
+
+
+class WriteConcerns(monitoring.CommandListener):
+    """Each write command's write concern, by (command, collection), in the order sent."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, str], list[Any]] = {}
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        name = event.command_name
+        if name in ("insert", "update", "delete", "findAndModify"):
+            self.seen.setdefault((name, str(event.command.get(name))), []).append(
+                event.command.get("writeConcern")
+            )
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def test_what_a_crash_must_not_lose_is_sent_journaled_and_a_projection_is_not(
+    mongo_uri: str, db: AsyncDatabase[Any]
+) -> None:
+    # The embedded server runs without a server-wide sync: it journals exactly the writes that ask
+    # (`j: true`), which is what the kill above leaves on disk. Model I/O parts, uploads and run
+    # leases must ask, like the log (test_store.py) and the anchors (test_audit.py); a projection,
+    # which the log rebuilds, must not pay for it.
+    listener = WriteConcerns()
+    client: AsyncMongoClient[Any] = AsyncMongoClient(mongo_uri, event_listeners=[listener])
+    try:
+        database = client[db.name]
+        store = MongoEventStore(database)
+        ref = StreamRef(chat_id="journaled", app_id="app", user_id="u1", workflow="Generator")
+        records = await store.append(ref, [Pending(event=MessageUser(content="hi"))], 0)
+        await PartStore(database).put({"journaled-part": b"body"})
+        content = [b"uploaded bytes", b""]
+        await FileStore(database).put(lambda _n: asyncio.sleep(0, content.pop(0)), max_bytes=1_000)
+        # The orchestrator is not used by a lease's take and release.
+        supervisor = RunSupervisor(database, store, SimpleNamespace(), Settings())  # type: ignore[arg-type]
+        assert await supervisor._acquire("journaled", "r1")
+        await supervisor._release("journaled", "r1")
+        await ProjectionWriter(database, store, ChatSessionsProjector()).apply({"journaled": records})
+
+        written = dict(listener.seen)
+        assert written.pop(("insert", "chat_sessions")) == [None]
+        assert {collection for _, collection in written} == {
+            "events",
+            "model_io_parts",
+            "uploads.files",
+            "uploads.chunks",
+            "chat_leases",
+        }
+        journaled = {"w": "majority", "j": True}
+        assert {key: concerns for key, concerns in written.items() if any(c != journaled for c in concerns)} == {}
+    finally:
+        await client.close()
 
 
 async def test_a_read_while_the_database_is_down_is_a_503_that_says_so_and_reads_again_after(
