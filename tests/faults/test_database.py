@@ -251,7 +251,9 @@ async def test_what_a_crash_must_not_lose_is_sent_journaled_and_a_projection_is_
             "chat_leases",
         }
         journaled = {"w": "majority", "j": True}
-        assert {key: concerns for key, concerns in written.items() if any(c != journaled for c in concerns)} == {}
+        assert {
+            key: concerns for key, concerns in written.items() if any(c != journaled for c in concerns)
+        } == {}
     finally:
         await client.close()
 
