@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/benchmarks/bench_audit.py [--chats 400] [--per-chat 50]
 
-Uses MOZAIKS_TEST_MONGO_URI if set, else starts the embedded server (durable, --sync-on-commit).
+Uses MOZAIKS_TEST_MONGO_URI if set, else starts the embedded server (the log journaled per write: `j: true`).
 Writes chats of two apps (sealed, chained records, as the store writes them), then, for app P:
 - query: every record, through `find_records` and encoded as the NDJSON lines `GET /api/events` sends,
   vs a raw `find({"app_id": "P"})` that only iterates the documents (goal: ratio ≤ 1.5);

@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/benchmarks/bench_lineage.py [--mb 8] [--rounds 3] [--messages 200]
 
-Uses MOZAIKS_TEST_MONGO_URI if set, else starts the embedded server (durable, --sync-on-commit).
+Uses MOZAIKS_TEST_MONGO_URI if set, else starts the embedded server (the log journaled per write: `j: true`).
 Prints, each as a ratio to its baseline (medians of `rounds`):
 - `FileStore.put` of an `mb` MB file (temporary name, sha256 while writing, rename, dedup check) vs
   a raw `AsyncGridFSBucket.upload_from_stream` of the same bytes;

@@ -2,7 +2,7 @@
 
 Run: `python tests/benchmarks/bench_run.py [--repeat N]`. Both sides use the same workflow (the
 Analyzer example with max_turns=20) and the same scripted client; the runtime side appends every
-record to an embedded MongoDB-wire server started with --sync-on-commit, w=majority, j=true.
+record to an embedded MongoDB-wire server, w=majority, j=true (journaled per write).
 """
 
 from __future__ import annotations

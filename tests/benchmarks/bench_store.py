@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/benchmarks/bench_store.py [--events 2000] [--read 10000]
 
-Uses MOZAIKS_TEST_MONGO_URI if set, else starts the embedded server (durable, --sync-on-commit).
+Uses MOZAIKS_TEST_MONGO_URI if set, else starts the embedded server (the log journaled per write: `j: true`).
 Prints: append one-by-one (store.append vs insert_one), append in batches of 20 (store.append vs
 insert_many), and reading 10,000 events (store.read vs a raw find), each as a ratio.
 """
