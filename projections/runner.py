@@ -12,6 +12,10 @@ writes and the others stand by, trying to take it over; when the writer dies its
 a standby takes over within the TTL, catching up from the checkpoint and the log. Two writers for a
 moment (a writer that lost its lease and has not noticed yet) are harmless: every update is
 guarded by `last_seq`, so the effect of an event still happens once.
+
+Rounds: at most one per `min_interval_s` (what came meanwhile goes in one round, each chat's
+documents written once), and a chat whose new records are only streamed text is held for a later
+round (`ProjectionRunner._round`).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS: Final = "projection_checkpoints"
 LEASES: Final = "projection_leases"
+# Streamed text changes no projection but a chat's position and chain head (see `_round`).
+HELD_TYPES: Final = frozenset({"message.delta"})
 
 
 def default_projectors(prices: PriceTable | WatchedPrices | None = None) -> list[Projector]:
@@ -160,6 +166,9 @@ class ProjectionRunner:
         self._progress = asyncio.Event()
         self._initial = asyncio.Event()
         self._in_flight: list[Change] = []
+        # Changes of chats that had only streamed text in a round, waiting for a later round (`_round`).
+        self._held: list[Change] = []
+        self._flush_held = False
         self._catching_up = 0
         self._recovering = False
         self._catch_up_since: datetime | None = None
@@ -213,7 +222,9 @@ class ProjectionRunner:
     def lag(self) -> dict[str, Any]:
         """How far the projections are behind: events received or known but not applied, and their age."""
         oldest: datetime | None = None
-        if self._in_flight:
+        if self._held:
+            oldest = self._held[0].record.ts
+        elif self._in_flight:
             oldest = self._in_flight[0].record.ts
         elif self._buffer:
             oldest = self._buffer[0].record.ts
@@ -224,7 +235,7 @@ class ProjectionRunner:
             aware = oldest if oldest.tzinfo is not None else oldest.replace(tzinfo=UTC)
             seconds = max((datetime.now(UTC) - aware).total_seconds(), 0.0)
         return {
-            "events_behind": self._catching_up + len(self._buffer) + len(self._in_flight),
+            "events_behind": self._catching_up + len(self._buffer) + len(self._in_flight) + len(self._held),
             "seconds_behind": round(seconds, 3),
             "applied": self.applied,
             "caught_up": self.caught_up,
@@ -252,6 +263,8 @@ class ProjectionRunner:
                     return
                 chats = list(lagging)
                 if self.role == "writer":
+                    self._flush_held = True  # held streamed text goes in the next round, not a second later
+                    self._arrived.set()
                     await self._wait_or_crash(self._progress)
                 else:  # another replica writes (or this one is about to): look again shortly
                     if self._crash is not None:
@@ -339,6 +352,7 @@ class ProjectionRunner:
         if token is None:
             token = await self._token_now()
         self._buffer.clear()
+        self._held = []  # the catch-up below applies them: it brings every chat up to the log
         reader = asyncio.create_task(self._read(token), name=f"{self.name}-tail")
         reader.add_done_callback(lambda _: self._arrived.set())
         last = token
@@ -349,7 +363,8 @@ class ProjectionRunner:
                 batch = await self._next_batch(reader)
                 began = time.monotonic()
                 await self._apply(batch)
-                last = batch[-1].token
+                if batch:
+                    last = batch[-1].token
                 if (rest := began + self.min_interval_s - time.monotonic()) > 0:
                     await asyncio.sleep(rest)  # coalesce: what arrives meanwhile goes in one round
         except HistoryLost as exc:
@@ -395,9 +410,17 @@ class ProjectionRunner:
         while not self._buffer:
             if reader.done():
                 reader.result()  # raises what ended the stream
+            if self._held and (self._flush_held or self._hold_expired()):
+                return []  # a round of the held changes alone
             self._arrived.clear()
             if not self._buffer and not reader.done():
-                await self._arrived.wait()
+                if not self._held:
+                    await self._arrived.wait()
+                    continue
+                wait = self._last_checkpoint + self.checkpoint_every_s - time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(wait, 0.0)):
+                        await self._arrived.wait()
         count = min(len(self._buffer), self.batch_max)
         batch = [self._buffer.popleft() for _ in range(count)]
         self._space.set()
@@ -418,24 +441,53 @@ class ProjectionRunner:
             self._recovering = False
         self._progress.set()
 
+    def _hold_expired(self) -> bool:
+        return time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s
+
+    def _round(self, batch: list[Change]) -> list[Change]:
+        """What this round applies: the batch and the held changes, less the chats to hold again.
+
+        A chat whose new records are all streamed text (`HELD_TYPES`) is held: its records wait,
+        in order, for its next other record (the message's end comes soon) or for the next
+        checkpoint round, at most `checkpoint_every_s` later, which applies everything held. While
+        50 chats stream, a round would otherwise write each one's documents in every projection for
+        nothing but a position (measured: those writes doubled the delta's way to the browser on
+        the embedded server). The checkpoint never passes a held change (belt and braces: a restart's
+        catch-up from the log would apply it anyway).
+        """
+        changes = [*self._held, *batch] if self._held else batch
+        if self._flush_held or self._hold_expired():
+            self._held, self._flush_held = [], False
+            return changes
+        text_only: dict[str, bool] = {}
+        for change in changes:
+            chat_id = change.record.chat_id
+            text_only[chat_id] = text_only.get(chat_id, True) and change.record.type in HELD_TYPES
+        self._held = [change for change in changes if text_only[change.record.chat_id]]
+        return (
+            [change for change in changes if not text_only[change.record.chat_id]] if self._held else changes
+        )
+
     async def _apply(self, batch: list[Change]) -> None:
+        applying = self._round(batch)
         by_chat: dict[str, list[Record]] = {}
-        for change in batch:
+        for change in applying:
             by_chat.setdefault(change.record.chat_id, []).append(change.record)
-        for writer in self.writers:
-            writer.projector.refresh()
-        await asyncio.gather(*(writer.apply(by_chat) for writer in self.writers))
-        self.applied += len(batch)
-        if self.on_applied is not None:
-            self.on_applied([change.record for change in batch], datetime.now(UTC))
-        if self.before_checkpoint is not None:
+        if by_chat:
+            for writer in self.writers:
+                writer.projector.refresh()
+            await asyncio.gather(*(writer.apply(by_chat) for writer in self.writers))
+        self.applied += len(applying)
+        if self.on_applied is not None and applying:
+            self.on_applied([change.record for change in applying], datetime.now(UTC))
+        if self.before_checkpoint is not None and applying:
             await self.before_checkpoint()
-        if not self._buffer or time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s:
+        if applying and not self._held and (not self._buffer or self._hold_expired()):
             # Written while the next batch is applied; one checkpoint in flight at a time, in order.
             if self._checkpointing is not None:
                 await self._checkpointing
             self._last_checkpoint = time.monotonic()
-            self._checkpointing = asyncio.create_task(self._save_checkpoint(batch[-1]))
+            self._checkpointing = asyncio.create_task(self._save_checkpoint(applying[-1]))
         self._in_flight = []
         self._progress.set()
 

@@ -26,6 +26,7 @@ from domain.events import (
     InputRequested,
     LlmCall,
     MessageAgent,
+    MessageDelta,
     MessageUser,
     Pending,
     Record,
@@ -596,6 +597,57 @@ async def test_rounds_coalesced_under_load_apply_each_record_once_with_a_rival_r
     live = await snapshot(db)
     assert len(live["chat_metrics"]) == 24
     assert len(rounds) < sum(rounds) / 2, f"rounds were not coalesced: {rounds}"
+    await rebuild(db, store)
+    assert_same(live, await snapshot(db))
+
+
+async def test_streamed_text_is_projected_with_its_chats_next_record_or_the_next_checkpoint_round_once(
+    db: AsyncDatabase[Any], store: MongoEventStore, runners: Callable[..., Any]
+) -> None:
+    # Rounds as the runtime runs them; no checkpoint round comes by itself until the last step.
+    runner, _ = runners(ProjectionRunner(db, store, min_interval_s=0.05, checkpoint_every_s=3600))
+    rounds: list[list[tuple[str, int]]] = []
+    runner.on_applied = lambda records, _at: rounds.append([(r.chat_id, r.seq) for r in records])
+    await runner.wait_caught_up(30)
+
+    def delta(message_id: str, index: int) -> Pending:
+        return p(MessageDelta(message_id=message_id, index=index, text=f"part {index} "), "Writer", "r1")
+
+    async def until(what: str, done: Callable[[], bool]) -> None:
+        for _ in range(400):
+            if done():
+                return
+            await asyncio.sleep(0.025)
+        raise AssertionError(f"the runner never {what}; rounds: {rounds}, lag: {runner.lag()}")
+
+    def applied() -> list[tuple[str, int]]:
+        return [at for round_ in rounds for at in round_]
+
+    for chat_id in ("said", "cut"):
+        await store.append(stream(chat_id), [p(ChatCreated()), p(MessageUser(content="go"))], 0)
+    await until("applied the chats' first records", lambda: len(applied()) == 4)
+    for index in range(3):  # a model streaming: one append per flush window
+        await store.append(stream("said"), [delta("m1", index)], None)
+        await store.append(stream("cut"), [delta("m2", index)], None)
+    await until("held the six deltas", lambda: runner.lag()["events_behind"] == 6)
+    assert len(applied()) == 4, "a round wrote documents for streamed text alone"
+    assert (await db.chat_sessions.find_one({"_id": "said"}) or {})["last_seq"] == 2
+
+    # The message's end comes: its chat's deltas go in the same round, in order, before it.
+    await store.append(
+        stream("said"), [p(MessageAgent(content="part 0 part 1 part 2 "), "Writer", "r1")], None
+    )
+    await until("applied the message", lambda: ("said", 6) in applied())
+    ended = next(round_ for round_ in rounds if ("said", 6) in round_)
+    assert [at for at in ended if at[0] == "said"] == [("said", 3), ("said", 4), ("said", 5), ("said", 6)]
+    assert runner.lag()["events_behind"] == 3  # the other chat's text still waits for its message
+
+    # A chat still streaming is not left behind: the next checkpoint round writes what it holds.
+    runner.checkpoint_every_s = 0.2
+    await until("applied the held deltas", lambda: ("cut", 5) in applied())
+    assert sorted(applied()) == sorted(set(applied())), "a record was applied twice"
+    live = await snapshot(db)
+    assert live["chat_sessions"]["cut"]["last_seq"] == 5
     await rebuild(db, store)
     assert_same(live, await snapshot(db))
 
