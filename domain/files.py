@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
-from domain.commit import DURABLE
 from domain.errors import MozaiksError
 
 if TYPE_CHECKING:
@@ -124,6 +123,8 @@ class FileStore:
 
     def __init__(self, db: AsyncDatabase[Any]) -> None:
         from gridfs import AsyncGridFSBucket
+
+        from domain.commit import DURABLE  # the driver, only once files are stored: not for `--help`
 
         self.db = db
         # Durable like the log: a file is on disk before the `file.uploaded` naming it is appended. On
