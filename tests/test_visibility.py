@@ -17,6 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from app.embedded import free_port
 from app.http.auth import issue_token
+from app.runs.recorder import RunMapper
 from tests.test_agui import body, read_sse
 
 VEILED = Path(__file__).parent / "workflows"
@@ -134,3 +135,15 @@ async def test_a_hidden_agent_s_failed_model_call_fails_the_run_without_naming_i
         and not r["visible"]
         for r in full
     )
+
+
+def test_a_users_error_text_names_no_hidden_agent_even_one_whose_name_extends_another() -> None:
+    # `Scout-Lead` starts with the hidden `Scout`: replacing `Scout` first would leave `-Lead`.
+    mapper = RunMapper(
+        run_id="r",
+        group_agents={"Scout", "Scout-Lead", "Guide"},
+        visual_agents=frozenset({"Guide"}),
+        user_agent="user",
+    )
+    said = "Scout-Lead failed after Scout; Guide and Scouting stay"
+    assert mapper.unnamed(said) == "a hidden agent failed after a hidden agent; Guide and Scouting stay"
