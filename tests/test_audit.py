@@ -763,5 +763,16 @@ async def test_anchors_are_written_durably_numbered_once_per_app_and_read_newest
             ("Q", 2),
             ("Q", 3),
         ]
+        # Restored from a backup in another order (newest first), they are read in the same order,
+        # and the chains check out: numbered without a gap, each linked to the one before.
+        stored = [doc async for doc in book.anchors.find({})]
+        await book.anchors.delete_many({})
+        await book.anchors.insert_many(
+            sorted(stored, key=lambda doc: (doc["app_id"], doc["n"]), reverse=True)
+        )
+        assert [(doc["app_id"], doc["n"]) async for doc in book.documents()] == listed
+        assert (await book.scan()).problems == []
+        newest = await book.latest("q-1")
+        assert newest is not None and (newest.n, newest.seq) == (3, 8)
     finally:
         await client.close()
