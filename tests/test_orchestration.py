@@ -7,10 +7,15 @@ import itertools
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
+from autogen import ConversableAgent
+from autogen.agentchat.group.targets.transition_target import AgentTarget, TransitionTarget
+from pydantic import BaseModel, ConfigDict, field_serializer
 
 from app.runs.orchestrator import Orchestrator
+from app.runs.recorder import live_object
 from app.runs.workflows import WorkflowManager
 from app.settings import Settings
 from domain.events import InputReceived, MessageUser, Pending, Record, RunStopped, StreamRef
@@ -177,6 +182,45 @@ async def test_default_pattern_follows_the_llm_handoff(
     assert raw["type"] == "on_condition_l_l_m_transition"
     assert raw["content"]["source_agent"] == "Concierge"
     assert raw["content"]["transition_target"]["agent_name"] == "Researcher"
+
+
+def test_an_ag2_events_live_objects_are_stored_as_json_each_in_its_documented_form() -> None:
+    # An agent as its name, a transition target as its type, name and fields (type and name alone
+    # when its fields do not serialise), an exception as its type and message, a model as its
+    # fields, a callback as null, anything else as its repr.
+    scout = ConversableAgent("Scout", llm_config=False)
+
+    class Exotic(TransitionTarget):
+        weight: int = 1
+
+        @field_serializer("weight")
+        def _refuse(self, weight: int) -> int:
+            raise ValueError("not serialisable")
+
+        def display_name(self) -> str:
+            return "exotic"
+
+    class Note(BaseModel):
+        model_config = ConfigDict(arbitrary_types_allowed=True)
+        by: Any
+        error: Any
+        n: int = 2
+
+    assert live_object(scout) == "Scout"
+    assert live_object(AgentTarget(scout)) == {
+        "target_type": "AgentTarget",
+        "display_name": "Scout",
+        "agent_name": "Scout",
+    }
+    assert live_object(Exotic()) == {"target_type": "Exotic", "display_name": "exotic"}
+    assert live_object(ValueError("no model")) == {"error_type": "ValueError", "message": "no model"}
+    assert live_object(Note(by=scout, error=KeyError("k"))) == {
+        "by": "Scout",
+        "error": {"error_type": "KeyError", "message": "'k'"},
+        "n": 2,
+    }
+    assert live_object(len) is None
+    assert live_object(3j) == "3j"
 
 
 async def test_random_pattern_picks_other_agents_of_the_set(

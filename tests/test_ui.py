@@ -112,6 +112,8 @@ async def test_intake_answered_by_websocket_and_rest_bad_answers_recording_nothi
         assert form.data["expires_at"] is not None
         called = [r for r in records if r.type == "tool.called"][-1]
         assert called.data["call_id"] == form.data["tool_call_id"] and called.seq < form.seq
+        # The request belongs to the run that asked it (a run's records carry its id).
+        assert called.run_id is not None and form.run_id == called.run_id
         url = f"/api/chats/{chat_id}/ui/{form.data['request_id']}"
 
         async def refused(path: str, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
