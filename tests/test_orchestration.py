@@ -11,7 +11,11 @@ from typing import Any
 
 import pytest
 from autogen import ConversableAgent
-from autogen.agentchat.group.targets.transition_target import AgentTarget, TransitionTarget
+from autogen.agentchat.group.targets.transition_target import (
+    AgentNameTarget,
+    AgentTarget,
+    TransitionTarget,
+)
 from pydantic import BaseModel, ConfigDict, field_serializer
 
 from app.runs.orchestrator import Orchestrator
@@ -200,10 +204,17 @@ def test_an_ag2_events_live_objects_are_stored_as_json_each_in_its_documented_fo
         def display_name(self) -> str:
             return "exotic"
 
+    class Then(TransitionTarget):
+        then: TransitionTarget  # a field typed with the base class keeps its subclass's fields
+
+        def display_name(self) -> str:
+            return "then"
+
     class Note(BaseModel):
         model_config = ConfigDict(arbitrary_types_allowed=True)
         by: Any
         error: Any
+        target: TransitionTarget
         n: int = 2
 
     assert live_object(scout) == "Scout"
@@ -213,10 +224,16 @@ def test_an_ag2_events_live_objects_are_stored_as_json_each_in_its_documented_fo
         "agent_name": "Scout",
     }
     assert live_object(Exotic()) == {"target_type": "Exotic", "display_name": "exotic"}
+    assert live_object(Then(then=AgentNameTarget(agent_name="Closer"))) == {
+        "target_type": "Then",
+        "display_name": "then",
+        "then": {"agent_name": "Closer"},
+    }
     assert live_object(ValueError("no model")) == {"error_type": "ValueError", "message": "no model"}
-    assert live_object(Note(by=scout, error=KeyError("k"))) == {
+    assert live_object(Note(by=scout, error=KeyError("k"), target=AgentNameTarget(agent_name="Guide"))) == {
         "by": "Scout",
         "error": {"error_type": "KeyError", "message": "'k'"},
+        "target": {"agent_name": "Guide"},
         "n": 2,
     }
     assert live_object(len) is None
