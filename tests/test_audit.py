@@ -763,6 +763,31 @@ async def test_anchors_are_written_durably_numbered_once_per_app_and_read_newest
             ("Q", 2),
             ("Q", 3),
         ]
+        # A rival writer anchoring the same app between this writer's read of the last anchor and
+        # its insert takes the next number: this writer's anchors are re-chained after the rival's.
+        rival = AnchorBook(client[db.name], derive_key(SECRET))
+        read_last = book.anchors.find_one
+        raced = False
+
+        async def rival_writes_after_the_read(*args: Any, **kwargs: Any) -> Any:
+            nonlocal raced
+            last = await read_last(*args, **kwargs)
+            if not raced:
+                raced = True
+                await rival.append([Head(app_id="R", chat_id="r-rival", seq=1, hash="h1")])
+            return last
+
+        book.anchors.find_one = rival_writes_after_the_read  # type: ignore[method-assign]
+        heads = [Head(app_id="R", chat_id=f"r-{i}", seq=4, hash="h4") for i in range(2)]
+        assert await book.append(heads) == 2 and raced
+        book.anchors.find_one = read_last  # type: ignore[method-assign]
+        assert [(doc["n"], doc["chat_id"]) async for doc in book.documents("R")] == [
+            (1, "r-rival"),
+            (2, "r-0"),
+            (3, "r-1"),
+        ]
+        assert (await book.scan("R")).problems == []
+        listed = [(doc["app_id"], doc["n"]) async for doc in book.documents()]
         # Restored from a backup in another order (newest first), they are read in the same order,
         # and the chains check out: numbered without a gap, each linked to the one before.
         stored = [doc async for doc in book.anchors.find({})]
