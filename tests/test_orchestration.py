@@ -19,10 +19,10 @@ from autogen.agentchat.group.targets.transition_target import (
 from pydantic import BaseModel, ConfigDict, field_serializer
 
 from app.runs.orchestrator import Orchestrator
-from app.runs.recorder import live_object
+from app.runs.recorder import RunMapper, live_object
 from app.runs.workflows import WorkflowManager
 from app.settings import Settings
-from domain.events import InputReceived, MessageUser, Pending, Record, RunStopped, StreamRef
+from domain.events import Ag2Event, InputReceived, MessageUser, Pending, Record, RunStopped, StreamRef
 from domain.store import MongoEventStore
 from tests.bare import run_bare
 
@@ -238,6 +238,29 @@ def test_an_ag2_events_live_objects_are_stored_as_json_each_in_its_documented_fo
     }
     assert live_object(len) is None
     assert live_object(3j) == "3j"
+
+
+def test_an_ag2_event_that_is_not_a_model_is_kept_as_its_type_and_repr_and_names_only_a_group_agent() -> None:
+    mapper = RunMapper(
+        run_id="r", group_agents={"Scout", "Guide"}, visual_agents=frozenset({"Guide"}), user_agent="user"
+    )
+
+    class Odd:
+        def __init__(self, sender: str) -> None:
+            self.sender = sender
+
+        def __repr__(self) -> str:
+            return f"Odd({self.sender})"
+
+    for sender, agent in (("Scout", "Scout"), ("user", "user"), ("stranger", None)):
+        pending = mapper.map_one(Odd(sender))
+        assert json.loads(pending.ag2 or "") == {"type": "Odd", "repr": f"Odd({sender})"}
+        assert (pending.event, pending.agent, pending.visible, pending.run_id) == (
+            Ag2Event(name="Odd"),
+            agent,
+            False,
+            "r",
+        )
 
 
 async def test_random_pattern_picks_other_agents_of_the_set(
