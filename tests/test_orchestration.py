@@ -16,13 +16,23 @@ from autogen.agentchat.group.targets.transition_target import (
     AgentTarget,
     TransitionTarget,
 )
+from autogen.events.agent_events import ExecuteFunctionEvent, TextEvent, ToolCallEvent
 from pydantic import BaseModel, ConfigDict, field_serializer
 
 from app.runs.orchestrator import Orchestrator
 from app.runs.recorder import RunMapper, live_object
 from app.runs.workflows import WorkflowManager
 from app.settings import Settings
-from domain.events import Ag2Event, InputReceived, MessageUser, Pending, Record, RunStopped, StreamRef
+from domain.events import (
+    Ag2Event,
+    InputReceived,
+    MessageUser,
+    Pending,
+    Record,
+    RunStopped,
+    StreamRef,
+    ToolCalled,
+)
 from domain.store import MongoEventStore
 from tests.bare import run_bare
 
@@ -261,6 +271,29 @@ def test_an_ag2_event_that_is_not_a_model_is_kept_as_its_type_and_repr_and_names
             False,
             "r",
         )
+
+
+def test_a_tool_call_is_recorded_under_its_caller_with_its_arguments_as_written() -> None:
+    mapper = RunMapper(
+        run_id="r", group_agents={"Scout", "Guide"}, visual_agents=frozenset({"Guide"}), user_agent="user"
+    )
+    called = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": ""}}
+    asked = mapper.map_one(ToolCallEvent(tool_calls=[called], sender="Scout", recipient="Guide"))
+    # AG2's own tool_call event stays raw (never shown), under the agent that asked.
+    assert (asked.event, asked.agent, asked.visible) == (Ag2Event(name="tool_call"), "Scout", False)
+    run = mapper.map_one(
+        ExecuteFunctionEvent(func_name="lookup", call_id="c1", arguments={}, recipient="Guide")
+    )
+    assert (run.event, run.agent) == (ToolCalled(tool="lookup", call_id="c1", arguments="{}"), "Scout")
+    # A call whose tool_call event was not seen: the executor's recipient and the arguments it got.
+    unseen = ExecuteFunctionEvent(func_name="lookup", call_id="c7", arguments={"n": 1}, recipient="Guide")
+    assert (mapper.map_one(unseen).event, mapper.map_one(unseen).agent) == (
+        ToolCalled(tool="lookup", call_id="c7", arguments='{"n": 1}'),
+        "Guide",
+    )
+    # A reply event without content is an empty message of its agent.
+    said = mapper.map_one(TextEvent(content=None, sender="Guide", recipient="Scout"))
+    assert (said.event.content, said.agent, said.visible) == ("", "Guide", True)  # type: ignore[union-attr]
 
 
 async def test_random_pattern_picks_other_agents_of_the_set(
