@@ -23,7 +23,7 @@ from pymongo.errors import DuplicateKeyError
 from app.http.auth import Principal, issue_token
 from app.http.controllers import verify_chat
 from domain.anchors import ANCHORS, Anchor, AnchorBook, Head, derive_key, signature
-from domain.audit import AUDIT_INDEXES, AuditFilter, Position, plans, verify_log
+from domain.audit import AUDIT_INDEXES, AuditFilter, Position, find_records, plans, verify_log
 from domain.events import (
     ChatCreated,
     ForkedFrom,
@@ -331,6 +331,26 @@ async def test_paging_while_appends_continue_misses_and_repeats_nothing(
     # By time, not by the `ts` text: a stamp on a whole second is written without its fraction.
     keys = [(datetime.fromisoformat(r["ts"]), r["chat_id"], r["seq"]) for r in records]
     assert keys == sorted(keys)
+
+
+async def test_records_of_several_types_at_one_instant_come_in_chat_then_seq_order(
+    db: AsyncDatabase[Any],
+) -> None:
+    # Two types are read apart and merged: at one millisecond, chat a's record before chat b's,
+    # whatever their seqs and whichever type's read holds each, and a page after one goes on after it.
+    at = datetime(2026, 12, 7, 12, 0, 0, 5000, tzinfo=UTC)
+    docs = [
+        {"_id": "b1", "app_id": "P", "chat_id": "b", "seq": 1, "type": "tool.called", "ts": at},
+        {"_id": "a5", "app_id": "P", "chat_id": "a", "seq": 5, "type": "tool.result", "ts": at},
+        {"_id": "a4", "app_id": "P", "chat_id": "a", "seq": 4, "type": "tool.called", "ts": at},
+        {"_id": "c2", "app_id": "P", "chat_id": "c", "seq": 2, "type": "tool.result", "ts": at},
+    ]
+    await db["merged"].insert_many(docs)
+    f = AuditFilter(app_id="P", types=("tool.called", "tool.result"))
+    found = [doc["_id"] async for doc in find_records(db["merged"], f)]
+    assert found == ["a4", "a5", "b1", "c2"]
+    after = Position.of(docs[2])  # a4
+    assert [doc["_id"] async for doc in find_records(db["merged"], f, after=after, limit=2)] == ["a5", "b1"]
 
 
 def _stages(plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
