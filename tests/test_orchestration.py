@@ -16,11 +16,17 @@ from autogen.agentchat.group.targets.transition_target import (
     AgentTarget,
     TransitionTarget,
 )
-from autogen.events.agent_events import ExecuteFunctionEvent, TextEvent, ToolCallEvent
+from autogen.events.agent_events import (
+    ExecutedFunctionEvent,
+    ExecuteFunctionEvent,
+    TextEvent,
+    ToolCallEvent,
+)
 from pydantic import BaseModel, ConfigDict, field_serializer
 
 from app.runs.orchestrator import Orchestrator
 from app.runs.recorder import RunMapper, live_object
+from app.runs.ui import UiNote
 from app.runs.workflows import WorkflowManager
 from app.settings import Settings
 from domain.events import (
@@ -32,6 +38,8 @@ from domain.events import (
     RunStopped,
     StreamRef,
     ToolCalled,
+    ToolResult,
+    UiRequested,
 )
 from domain.store import MongoEventStore
 from tests.bare import run_bare
@@ -291,6 +299,30 @@ def test_a_tool_call_is_recorded_under_its_caller_with_its_arguments_as_written(
         ToolCalled(tool="lookup", call_id="c7", arguments='{"n": 1}'),
         "Guide",
     )
+    # A call without an id (AG2's older function calls): its call, its result and a UI request it
+    # makes carry an empty call id; a result is text whatever the tool returned.
+    legacy = ExecuteFunctionEvent(func_name="legacy", call_id=None, arguments={}, recipient="Guide")
+    assert mapper.map_one(legacy).event == ToolCalled(tool="legacy", call_id="", arguments="{}")
+    returned = ([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], {"n": 1})
+    results = [
+        mapper.map_one(
+            ExecutedFunctionEvent(
+                func_name="legacy",
+                call_id=None,
+                arguments={},
+                content=content,
+                recipient="Guide",
+                is_exec_success=True,
+            )
+        )
+        for content in returned
+    ]
+    assert [(r.event, r.agent) for r in results] == [
+        (ToolResult(tool="legacy", call_id="", content="a\nb"), "Guide"),
+        (ToolResult(tool="legacy", call_id="", content="{'n': 1}"), "Guide"),
+    ]
+    form = UiRequested(request_id="q1", tool_call_id="", tool="legacy", component="form")
+    assert mapper.map_ui(UiNote(form)).event == form
     # A reply event without content is an empty message of its agent.
     said = mapper.map_one(TextEvent(content=None, sender="Guide", recipient="Scout"))
     assert (said.event.content, said.agent, said.visible) == ("", "Guide", True)  # type: ignore[union-attr]
@@ -400,6 +432,10 @@ async def test_human_input_is_answered_through_the_log(
     for request, answer in zip(requested, received, strict=True):
         assert request.seq < answer.seq
         assert json.loads(request.ag2)["content"]["respond"] is None  # type: ignore[arg-type]
+        # The question shown to the user is AG2's prompt.
+        assert (
+            request.data["prompt"] and request.data["prompt"] == json.loads(request.ag2)["content"]["prompt"]
+        )  # type: ignore[arg-type]
     # AG2 took the answer as the user's reply: the next message the Researcher saw is the human's.
     echo = next(r for r in records if r.seq > received[0].seq and r.ag2 and '"type":"text"' in r.ag2)
     assert json.loads(echo.ag2)["content"]["content"] == "Please add honey facts"  # type: ignore[arg-type]
