@@ -198,6 +198,7 @@ async def test_default_pattern_follows_the_llm_handoff(
         "Researcher",
         "llm_condition",
     )
+    assert handoff.data["reason"] == "Transfer to Researcher"  # the target's own description
     assert speakers(records)[:3] == ["Concierge", "Researcher", "user"]
     # The handoff event held live AG2 objects; its JSON was written by the recorder itself.
     raw = json.loads(handoff.ag2)  # type: ignore[arg-type]
@@ -339,6 +340,10 @@ async def test_random_pattern_picks_other_agents_of_the_set(
         a != b for a, b in itertools.pairwise(order)
     )  # a random after-work never picks the speaker itself
     assert {r.data["target"] for r in records if r.type == "handoff"} == {"random"}
+    # A random handoff names the agents it chose among: the set's others.
+    for handoff in (r for r in records if r.type == "handoff"):
+        among = handoff.data["reason"].removeprefix("random choice among ").split(", ")
+        assert len(among) == 2 and set(among) < {"Ideator", "Critic", "Optimist"}, handoff.data
 
 
 async def test_auto_pattern_lets_the_group_manager_choose(
