@@ -333,34 +333,51 @@ async def test_paging_while_appends_continue_misses_and_repeats_nothing(
     assert keys == sorted(keys)
 
 
-async def test_records_of_several_types_at_one_instant_come_in_chat_then_seq_order(
+async def test_records_of_several_types_at_one_instant_come_in_chat_then_seq_order_and_pages_keep_the_window(
     db: AsyncDatabase[Any],
 ) -> None:
-    # Two types are read apart and merged in time order: at one millisecond, chat a's record before chat b's,
-    # whatever their seqs and whichever type's read holds each, and a page after one goes on after it.
+    # Two types are read apart and merged in time order: at one millisecond, chat a's record before
+    # chat b's, whatever their seqs and whichever type's read holds each; a page goes on after its
+    # cursor and stays inside the time window, for one app or every app.
     at = datetime(2026, 12, 7, 12, 0, 0, 5000, tzinfo=UTC)
+    before = at - timedelta(milliseconds=1)
+
+    def doc(chat: str, seq: int, type_: str, ts: datetime = at) -> dict[str, Any]:
+        return {"_id": f"{chat}{seq}", "app_id": "P", "chat_id": chat, "seq": seq, "type": type_, "ts": ts}
+
+    # Inserted out of order; z and y are last by id but first in time.
     docs = [
-        {"_id": "b1", "app_id": "P", "chat_id": "b", "seq": 1, "type": "tool.called", "ts": at},
-        {"_id": "a5", "app_id": "P", "chat_id": "a", "seq": 5, "type": "tool.result", "ts": at},
-        {"_id": "a4", "app_id": "P", "chat_id": "a", "seq": 4, "type": "tool.called", "ts": at},
-        {"_id": "c2", "app_id": "P", "chat_id": "c", "seq": 2, "type": "tool.result", "ts": at},
-        # A chat last by id but first in time.
-        {
-            "_id": "z9",
-            "app_id": "P",
-            "chat_id": "z",
-            "seq": 9,
-            "type": "tool.called",
-            "ts": at - timedelta(milliseconds=1),
-        },
+        doc("b", 1, "tool.called"),
+        doc("a", 5, "tool.result"),
+        doc("a", 4, "tool.called"),
+        doc("c", 2, "tool.result"),
+        doc("z", 9, "tool.called", before),
+        doc("zz", 1, "tool.result", before),
     ]
-    await db["merged"].insert_many(docs)
-    await db["merged"].create_index([("chat_id", 1), ("seq", 1)], name="chat_seq")  # as the log has
-    f = AuditFilter(app_id="P", types=("tool.called", "tool.result"))
-    found = [doc["_id"] async for doc in find_records(db["merged"], f)]
-    assert found == ["z9", "a4", "a5", "b1", "c2"]
-    after = Position.of(docs[2])  # a4
-    assert [doc["_id"] async for doc in find_records(db["merged"], f, after=after, limit=2)] == ["a5", "b1"]
+    events = db["merged"]
+    await events.insert_many(docs)
+    await events.create_index([("chat_id", 1), ("seq", 1)], name="chat_seq")  # as the log has
+
+    async def ids(f: AuditFilter, after: dict[str, Any] | None = None, limit: int | None = None) -> list[str]:
+        position = Position.of(after) if after is not None else None
+        return [d["_id"] async for d in find_records(events, f, after=position, limit=limit)]
+
+    both = ("tool.called", "tool.result")
+    f = AuditFilter(app_id="P", types=both)
+    a4, z9 = docs[2], docs[4]
+    assert await ids(f) == ["z9", "zz1", "a4", "a5", "b1", "c2"]
+    assert await ids(f, a4, limit=2) == ["a5", "b1"]
+    # A cursor at the window's start or before it, or at its end: nothing outside the window.
+    assert await ids(AuditFilter(app_id="P", types=both, since=at), a4) == ["a5", "b1", "c2"]
+    assert await ids(AuditFilter(app_id="P", types=both, since=at), z9) == ["a4", "a5", "b1", "c2"]
+    earlier = {"ts": before - timedelta(milliseconds=1), "chat_id": "z", "seq": 0}
+    assert await ids(AuditFilter(app_id="P", types=both, since=at), earlier) == ["a4", "a5", "b1", "c2"]
+    assert await ids(AuditFilter(app_id="P", types=both, until=at), z9) == ["zz1"]
+    assert await ids(AuditFilter(app_id="P", types=both, until=at), a4) == []
+    # Every app's log is read in chat order, inside the window, after the cursor.
+    assert await ids(AuditFilter(types=("tool.called",), since=at)) == ["a4", "b1"]
+    assert await ids(AuditFilter(types=("tool.called",), until=at)) == ["z9"]
+    assert await ids(AuditFilter(types=("tool.called",)), a4) == ["b1", "z9"]
 
 
 def _stages(plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
