@@ -504,6 +504,7 @@ def test_tool_calls_context_custom_records_ui_requests_and_each_run_end_become_t
         "props": {"question": "Go?"},
     }
     choice = {"request_id": "q3", "tool_call_id": "c9", "tool": "pick", "component": "choice", "props": {}}
+    answered = {"request_id": "q4", "tool_call_id": "c10", "tool": "ok", "component": "confirm", "props": {}}
     artifact = {
         "request_id": "q0",
         "tool_call_id": "c7",
@@ -521,11 +522,11 @@ def test_tool_calls_context_custom_records_ui_requests_and_each_run_end_become_t
         record(7, "ui.requested", artifact, agent="Summarizer"),
         *(
             record(8 + i, "ui.requested", data, agent="Summarizer")
-            for i, data in enumerate((form, confirm, choice))
+            for i, data in enumerate((form, confirm, choice, answered))
         ),
-        # The run waits on the form and the confirm (the choice was answered meanwhile).
-        record(11, "run.suspended", {"request_ids": ["q1", "q2"]}, agent=None),
-        record(12, "message.agent", {"content": "after the end"}),
+        # The run waits on three of them (the last was answered meanwhile).
+        record(12, "run.suspended", {"request_ids": ["q1", "q2", "q3"]}, agent=None),
+        record(13, "message.agent", {"content": "after the end"}),
     ]
     wire = [validated(e.model_dump_json(by_alias=True)) for r in records for e in translator.translate(r)]
     call = {"timestamp": at, "toolCallId": "c1"}
@@ -548,6 +549,8 @@ def test_tool_calls_context_custom_records_ui_requests_and_each_run_end_become_t
              "expiresAt": "2026-01-01T00:05:00Z", "metadata": {"component": "form", "mode": "inline", "tool": "ask"}},
             {"id": "q2", "reason": "ui_required", "message": "Go?", "responseSchema": {"type": "boolean"},
              "metadata": {"component": "confirm", "mode": None, "tool": "ok"}},
+            {"id": "q3", "reason": "ui_required", "toolCallId": "c9", "responseSchema": {"type": "string", "enum": []},
+             "metadata": {"component": "choice", "mode": None, "tool": "pick"}},
         ]}},
     ]  # fmt: skip
     # Each other end of a run, after a step: the step closes, then the run's last event.
