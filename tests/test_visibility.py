@@ -18,6 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from app.embedded import free_port
 from app.http.auth import issue_token
 from app.runs.recorder import RunMapper
+from domain.events import MessageAgent
 from tests.test_agui import body, read_sse
 
 VEILED = Path(__file__).parent / "workflows"
@@ -147,3 +148,24 @@ def test_a_users_error_text_names_no_hidden_agent_even_one_whose_name_extends_an
     )
     said = "Scout-Lead failed after Scout; Guide and Scouting stay"
     assert mapper.unnamed(said) == "a hidden agent failed after a hidden agent; Guide and Scouting stay"
+
+
+def test_a_record_naming_a_hidden_agent_is_hidden_and_its_words_never_become_the_summary() -> None:
+    mapper = RunMapper(
+        run_id="r", group_agents={"Scout", "Guide"}, visual_agents=frozenset({"Guide"}), user_agent="user"
+    )
+    # A handoff by Guide is shown when it names Guide or no agent at all (a target's display name),
+    # and hidden when it names the hidden Scout; a raw AG2 event is never shown.
+    assert [
+        mapper.visible("Guide", True, named) for named in (("Guide",), ("Revert to User",), ("Scout",))
+    ] == [
+        True,
+        True,
+        False,
+    ]
+    assert not mapper.visible("Guide", False) and mapper.visible("user", True) and mapper.visible(None, True)
+    # A run whose users saw no agent's words completes without a summary.
+    mapper.pending(MessageAgent(content="scoutsecret"), "Scout", None)
+    assert mapper.summary is None
+    mapper.pending(MessageAgent(content="Three words."), "Guide", None)
+    assert mapper.summary == "Three words."
