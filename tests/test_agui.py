@@ -11,10 +11,10 @@ from typing import Any, NamedTuple
 
 import httpx
 import pytest
-from ag_ui.core import Event, RunAgentInput
+from ag_ui.core import Event, ResumeEntry, RunAgentInput
 from pydantic import BaseModel, TypeAdapter
 
-from app.http.agui import RunTranslator
+from app.http.agui import RunTranslator, _answer_text
 from app.http.auth import issue_token
 from app.settings import Settings, SettingsError
 from domain.events import (
@@ -572,6 +572,18 @@ def test_tool_calls_context_custom_records_ui_requests_and_each_run_end_become_t
             {"type": "STEP_FINISHED", "timestamp": at, "stepName": "Analyst"},
             {**last, "timestamp": at},
         ], type_
+
+
+def test_a_resume_payload_answers_with_its_text_its_text_field_or_else_its_json() -> None:
+    def answer(payload: Any) -> str:
+        return _answer_text(ResumeEntry(interrupt_id="i1", status="resolved", payload=payload))
+
+    assert [answer("yes"), answer({"text": "go on"}), answer({"ok": True}), answer({"text": 3})] == [
+        "yes",
+        "go on",
+        '{"ok": true}',
+        '{"text": 3}',
+    ]
 
 
 async def test_errors_have_one_shape_and_users_reach_only_their_own_threads(
