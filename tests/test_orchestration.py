@@ -225,6 +225,7 @@ def test_an_ag2_events_live_objects_are_stored_as_json_each_in_its_documented_fo
 
     class Then(TransitionTarget):
         then: TransitionTarget  # a field typed with the base class keeps its subclass's fields
+        by: Any = None  # a live agent inside a target: its name
 
         def display_name(self) -> str:
             return "then"
@@ -243,10 +244,11 @@ def test_an_ag2_events_live_objects_are_stored_as_json_each_in_its_documented_fo
         "agent_name": "Scout",
     }
     assert live_object(Exotic()) == {"target_type": "Exotic", "display_name": "exotic"}
-    assert live_object(Then(then=AgentNameTarget(agent_name="Closer"))) == {
+    assert live_object(Then(then=AgentNameTarget(agent_name="Closer"), by=scout)) == {
         "target_type": "Then",
         "display_name": "then",
         "then": {"agent_name": "Closer"},
+        "by": "Scout",
     }
     assert live_object(ValueError("no model")) == {"error_type": "ValueError", "message": "no model"}
     assert live_object(Note(by=scout, error=KeyError("k"), target=AgentNameTarget(agent_name="Guide"))) == {
