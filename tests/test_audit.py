@@ -343,7 +343,10 @@ async def test_records_of_several_types_at_one_instant_come_in_chat_then_seq_ord
     before = at - timedelta(milliseconds=1)
 
     def doc(chat: str, seq: int, type_: str, ts: datetime = at) -> dict[str, Any]:
-        return {"_id": f"{chat}{seq}", "app_id": "P", "chat_id": chat, "seq": seq, "type": type_, "ts": ts}
+        return {
+            "_id": f"{chat}{seq}", "app_id": "P", "chat_id": chat, "seq": seq, "type": type_, "ts": ts,
+            "run_id": f"run-{chat}",
+        }  # fmt: skip
 
     # Inserted out of order; z and y are last by id but first in time.
     docs = [
@@ -353,6 +356,8 @@ async def test_records_of_several_types_at_one_instant_come_in_chat_then_seq_ord
         doc("c", 2, "tool.result"),
         doc("z", 9, "tool.called", before),
         doc("zz", 1, "tool.result", before),
+        doc("b", 200, "message.agent"),
+        doc("z", 10, "message.agent"),
     ]
     events = db["merged"]
     await events.insert_many(docs)
@@ -378,6 +383,19 @@ async def test_records_of_several_types_at_one_instant_come_in_chat_then_seq_ord
     assert await ids(AuditFilter(types=("tool.called",), since=at)) == ["a4", "b1"]
     assert await ids(AuditFilter(types=("tool.called",), until=at)) == ["z9"]
     assert await ids(AuditFilter(types=("tool.called",)), a4) == ["b1", "z9"]
+    # One chat or one run: its other conditions and the window hold too, a time without a zone is
+    # UTC and one with another offset its instant; a cursor of another chat starts it over or ends it.
+    assert await ids(AuditFilter(chat_id="a", types=("tool.called",))) == ["a4"]
+    assert await ids(AuditFilter(run_id="run-a", types=("tool.result",))) == ["a5"]
+    start_of_a = {"ts": at, "chat_id": "a", "seq": 0}
+    assert await ids(AuditFilter(chat_id="a", types=("tool.called",)), start_of_a) == ["a4"]
+    assert await ids(AuditFilter(run_id="run-a", types=("tool.called",)), start_of_a) == ["a4"]
+    assert await ids(AuditFilter(chat_id="z", since=at.replace(tzinfo=None))) == ["z10"]
+    assert await ids(AuditFilter(chat_id="z", until=at.replace(tzinfo=None))) == ["z9"]
+    plus_two = at.astimezone(timezone(timedelta(hours=2)))
+    assert await ids(AuditFilter(app_id="P", types=both, since=plus_two)) == ["a4", "a5", "b1", "c2"]
+    assert await ids(AuditFilter(chat_id="b"), a4) == ["b1", "b200"]
+    assert await ids(AuditFilter(chat_id="b"), docs[3]) == []  # c2: after chat b
 
 
 def _stages(plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
