@@ -304,6 +304,20 @@ async def test_agui_client_gets_the_tool_call_and_an_interrupt_then_answers_with
     assert result["toolCallId"] == start["toolCallId"] and result["content"] == "true"
     assert events[-1]["type"] == "RUN_FINISHED" and events[-1]["outcome"]["type"] == "success"
 
+    # The same interrupt answered with `resume` (as AG-UI answers any interrupt) on another thread.
+    async with httpx.AsyncClient(base_url=node.url, timeout=30) as http:
+        async with http.stream(
+            "POST", "/ag-ui/Asker", json=body("agui-ui-resume", ("m1", "hello"))
+        ) as response:
+            [interrupt] = [e.event for e in await read_sse(response)][-1]["outcome"]["interrupts"]
+        resume = [{"interruptId": interrupt["id"], "status": "resolved", "payload": True}]
+        answer = body("agui-ui-resume", ("m1", "hello"), run="r2", resume=resume)
+        async with http.stream("POST", "/ag-ui/Asker", json=answer) as response:
+            events = [e.event for e in await read_sse(response)]
+    result = next(e for e in events if e["type"] == "TOOL_CALL_RESULT")
+    assert result["toolCallId"] == interrupt["toolCallId"] and result["content"] == "true"
+    assert events[-1]["type"] == "RUN_FINISHED" and events[-1]["outcome"]["type"] == "success"
+
 
 async def test_an_answer_while_a_dead_nodes_lease_lingers_continues_the_chat_after_the_sweep(
     start_node: Any, store: MongoEventStore, db: Any, tmp_path: Path
