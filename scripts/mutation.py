@@ -157,6 +157,7 @@ TARGETS: list[Target] = [
                 "test_paging_while_appends_continue_misses_and_repeats_nothing",
                 "test_every_documented_filter_is_served_by_an_index",
                 "test_records_of_several_types_at_one_instant_come_in_chat_then_seq_order_and_pages_keep_the_window",
+                "test_a_cursor_out_of_range_or_cut_is_refused_naming_it_and_every_valid_one_is_read_back",
                 "test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported",
                 "test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says_how_many",
                 "test_a_head_resealed_on_its_real_predecessor_a_chain_broken_before_its_anchor_and_a_deleted_chat",

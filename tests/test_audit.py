@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from pymongo.errors import DuplicateKeyError
 from app.http.auth import Principal, issue_token
 from app.http.controllers import verify_chat
 from domain.anchors import ANCHORS, Anchor, AnchorBook, Head, derive_key, signature
-from domain.audit import AuditFilter, Position, find_records, plans, verify_log
+from domain.audit import AuditFilter, BadCursor, Position, find_records, plans, verify_log
 from domain.events import (
     ChatCreated,
     ForkedFrom,
@@ -396,6 +397,22 @@ async def test_records_of_several_types_at_one_instant_come_in_chat_then_seq_ord
     assert await ids(AuditFilter(app_id="P", types=both, since=plus_two)) == ["a4", "a5", "b1", "c2"]
     assert await ids(AuditFilter(chat_id="b"), a4) == ["b1", "b200"]
     assert await ids(AuditFilter(chat_id="b"), docs[3]) == []  # c2: after chat b
+
+
+def test_a_cursor_out_of_range_or_cut_is_refused_naming_it_and_every_valid_one_is_read_back() -> None:
+    def cursor(*fields: Any) -> str:
+        return base64.urlsafe_b64encode(json.dumps(list(fields)).encode()).decode().rstrip("=")
+
+    for position in (Position(0, "c", 0), Position(1, "c", 200), Position(1, "c" * 7, 2**62 - 1)):
+        assert Position.decode(position.encode()) == position
+    for bad in (cursor(1, "c", -1), cursor(1, "c", 2**62), cursor(10**17, "c", 1), cursor(1, "c")[:-3]):
+        with pytest.raises(BadCursor) as refused:
+            Position.decode(bad + "x" * 40)  # cut or lengthened: quoted to 40 characters
+        assert str(refused.value) == (
+            f"cursor {(bad + 'x' * 40)[:40]!r} is not one this server issued; start again without it"
+        )
+        with pytest.raises(BadCursor):
+            Position.decode(bad)
 
 
 def _stages(plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
