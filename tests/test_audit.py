@@ -384,6 +384,7 @@ async def test_records_of_several_types_at_one_instant_come_in_chat_then_seq_ord
     assert await ids(AuditFilter(types=("tool.called",), since=at)) == ["a4", "b1"]
     assert await ids(AuditFilter(types=("tool.called",), until=at)) == ["z9"]
     assert await ids(AuditFilter(types=("tool.called",)), a4) == ["b1", "z9"]
+    assert await ids(AuditFilter(types=both), a4) == ["a5", "b1", "c2", "z9", "zz1"]
     # One chat or one run: its other conditions and the window hold too, a time without a zone is
     # UTC and one with another offset its instant; a cursor of another chat starts it over or ends it.
     assert await ids(AuditFilter(chat_id="a", types=("tool.called",))) == ["a4"]
