@@ -251,9 +251,10 @@ TARGETS: list[Target] = [
                 "test_resuming_after_a_records_last_event_sends_nothing_of_it_again_and_ids_before_the_run_are_refused",
             )
         ]
-        # A UI tool's call, its interrupt and the tool message that answers it.
+        # A UI tool's call, its interrupt and the tool message that answers it; an AgentDriven start.
         + [
-            "tests/test_ui.py::test_agui_client_gets_the_tool_call_and_an_interrupt_then_answers_with_a_tool_message"
+            "tests/test_ui.py::test_agui_client_gets_the_tool_call_and_an_interrupt_then_answers_with_a_tool_message",
+            "tests/test_start_modes.py::test_an_agent_driven_chat_starts_on_creation_and_its_agent_speaks_first",
         ],
         timeout=60,
     ),
