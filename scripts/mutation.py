@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,62 +123,58 @@ TARGETS: list[Target] = [
         timeout=20,  # their tests run 3 s at most; a broken sweep leaves them waiting 30-60 s
     ),
     # Issue 29: the modules added in the last wave, each with only the tests that state its promises.
-    # The anchors' checks: judging a chat against its anchor (removed tail, deleted chat, rewritten
-    # head, bad signature), the scan of an app's anchor chain and the comparison with an exported
-    # copy; and their signing. Not mutated, for time on 2 cores: appending and indexing the anchors.
+    # The anchors (whole module): judging a chat against its anchor (removed tail, deleted chat,
+    # rewritten head, bad signature), the scan of an app's anchor chain and the comparison with an
+    # exported copy, their signing, and appending, indexing and reading them.
     Target(
         "anchors",
         "domain/anchors.py",
         [
-            "tests/test_audit.py::test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported",
-            "tests/test_audit.py::test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says_how_many",
-            "tests/test_audit.py::test_a_head_resealed_on_its_real_predecessor_a_chain_broken_before_its_anchor_and_a_deleted_chat",
-            "tests/test_audit.py::test_each_fault_of_the_anchor_chains_and_of_a_copy_kept_apart_is_named",
-            "tests/test_audit.py::test_a_chats_own_verify_names_an_edited_anchor_after_what_its_chain_shows",
-            "tests/test_audit.py::test_anchors_signed_by_this_version_verify_in_the_next_the_key_and_signature_are_fixed",
-        ],
-        [
-            "x_judge",
-            "xǁAnchorBookǁscan",
-            "xǁAnchorScanǁcompare",
-            "x__anchor",
-            "x__join",
-            "x_derive_key",
-            "x_signature",
-            "xǁAnchorǁexpected_sig",
-            "xǁAnchorǁsigned_by",
-            "xǁAnchorǁdescribe",
+            f"tests/test_audit.py::{test}"
+            for test in (
+                "test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported",
+                "test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says_how_many",
+                "test_a_head_resealed_on_its_real_predecessor_a_chain_broken_before_its_anchor_and_a_deleted_chat",
+                "test_each_fault_of_the_anchor_chains_and_of_a_copy_kept_apart_is_named",
+                "test_a_chats_own_verify_names_an_edited_anchor_after_what_its_chain_shows",
+                "test_anchors_signed_by_this_version_verify_in_the_next_the_key_and_signature_are_fixed",
+                "test_anchors_are_written_durably_numbered_once_per_app_and_read_newest_first_and_in_order",
+            )
         ],
         timeout=60,
     ),
-    # The verification of the whole log or one app (which chats and anchors it reads, what it counts);
-    # the filtered audit read and its paging are left to a longer run.
+    # The audit (whole module): the filtered read of many chats (its plans, index ranges, checks,
+    # merge, cursor and paging) and the verification of the whole log or one app (which chats and
+    # anchors it reads, what it counts).
     Target(
         "audit",
         "domain/audit.py",
         [
-            "tests/test_audit.py::test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported",
-            "tests/test_audit.py::test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says_how_many",
-            "tests/test_audit.py::test_a_head_resealed_on_its_real_predecessor_a_chain_broken_before_its_anchor_and_a_deleted_chat",
-            "tests/test_audit.py::test_verifying_the_log_checks_each_forks_anchor_in_its_parent_the_logs_last_chat_included",
-            "tests/test_audit.py::test_verifying_an_app_checks_its_interleaved_chats_and_reports_progress_over_its_records",
-            # The one test that verifies the whole log with a fork in it through a node.
-            "tests/test_lineage.py::test_a_fork_at_a_middle_message_continues_alone_and_its_verify_checks_the_anchor",
+            f"tests/test_audit.py::{test}"
+            for test in (
+                "test_each_filter_returns_exactly_the_matching_records_of_the_callers_app",
+                "test_store_find_returns_exactly_the_records_matching_every_filter_in_one_chat_or_all",
+                "test_paging_while_appends_continue_misses_and_repeats_nothing",
+                "test_every_documented_filter_is_served_by_an_index",
+                "test_records_of_several_types_at_one_instant_come_in_chat_then_seq_order_and_pages_keep_the_window",
+                "test_a_cursor_out_of_range_or_cut_is_refused_naming_it_and_every_valid_one_is_read_back",
+                "test_a_removed_tail_a_deleted_chat_and_an_edited_anchor_are_reported",
+                "test_verifying_one_app_reads_that_apps_chats_and_anchors_only_and_says_how_many",
+                "test_a_head_resealed_on_its_real_predecessor_a_chain_broken_before_its_anchor_and_a_deleted_chat",
+                "test_verifying_the_log_checks_each_forks_anchor_in_its_parent_the_logs_last_chat_included",
+                "test_verifying_an_app_checks_its_interleaved_chats_and_reports_progress_over_its_records",
+            )
+        ]
+        # The one test that verifies the whole log with a fork in it through a node.
+        + [
+            "tests/test_lineage.py::test_a_fork_at_a_middle_message_continues_alone_and_its_verify_checks_the_anchor"
         ],
-        [
-            "xǁLogCheckǁ__init__",
-            "xǁLogCheckǁadd",
-            "xǁLogCheckǁclose",
-            "xǁLogCheckǁcheck_forks",
-            "xǁLogCheckǁresult",
-            "xǁLogCheckǁ_anchored",
-            "xǁLogCheckǁ_judge",
-            "x_verify_log",
-        ],
-        timeout=60,
+        timeout=30,  # their tests run 7 s at most (setup included)
     ),
-    # The recorder's streaming: how streamed chunks become `message.delta`s and each reply's
-    # `message.agent` (message ids, text). Its AG2 event mapping (`map_one`) is left to a longer run.
+    # The recorder (whole module): how streamed chunks become `message.delta`s and each reply's
+    # `message.agent` (message ids, text); how each AG2 event becomes its record (`map_one`: tool
+    # calls and results, speakers, input requests, handoffs, raw events, the live objects of their
+    # JSON), who may see it (`visible`, `unnamed`) and a UI tool's request (`map_ui`).
     Target(
         "recorder",
         "app/runs/recorder.py",
@@ -200,21 +196,40 @@ TARGETS: list[Target] = [
         # A reply that did not stream (structured replies never do) is recorded whole.
         + [
             "tests/test_structured.py::test_an_invalid_reply_is_recorded_and_asked_again_then_the_valid_one_is_structured"
-        ],
-        [
-            "xǁOpenMessageǁ__init__",
-            "xǁRunMapperǁmap_chunk",
-            "xǁRunMapperǁflush",
-            "xǁRunMapperǁ_flush",
-            "xǁRunMapperǁcomplete",
-            "xǁRunMapperǁmap_event",
+        ]
+        # Every AG2 event of the example workflows recorded (patterns, tools, input, handoffs, stop).
+        + [
+            f"tests/test_orchestration.py::{test}"
+            for test in (
+                "test_example_workflow_runs_end_to_end_with_every_event_recorded",
+                "test_visibility_follows_visual_agents",
+                "test_round_robin_gives_the_floor_in_agent_order",
+                "test_default_pattern_follows_the_llm_handoff",
+                "test_an_ag2_events_live_objects_are_stored_as_json_each_in_its_documented_form",
+                "test_an_ag2_event_that_is_not_a_model_is_kept_as_its_type_and_repr_and_names_only_a_group_agent",
+                "test_a_tool_call_is_recorded_under_its_caller_with_its_arguments_as_written",
+                "test_random_pattern_picks_other_agents_of_the_set",
+                "test_auto_pattern_lets_the_group_manager_choose",
+                "test_a_raising_tool_gives_an_error_result_and_the_run_continues",
+                "test_a_tool_missing_from_tools_json_is_never_callable",
+                "test_llm_call_totals_equal_the_scripted_clients_own_count",
+                "test_human_input_is_answered_through_the_log",
+                "test_a_run_stopped_in_the_log_cancels_the_run",
+            )
+        ]
+        # Hidden agents stay hidden; a UI tool's request names its call.
+        + [
+            "tests/test_visibility.py",
+            "tests/test_ui.py::test_intake_answered_by_websocket_and_rest_bad_answers_recording_nothing",
+            "tests/test_ui.py::test_agui_client_gets_the_tool_call_and_an_interrupt_then_answers_with_a_tool_message",
         ],
         timeout=20,  # their tests run 2 s at most
     ),
-    # AG-UI's resume positions (each event's SSE id, the `Last-Event-ID` position, which events of a
-    # record a resume sends), the run's event stream and the mapping of a message's text and streamed
-    # deltas to AG-UI events. The route itself is decorated, which mutmut does not mutate; the rest of
-    # the mapping (tool calls, interrupts, UI requests, run ends) is left to a longer run.
+    # AG-UI (whole module but the route, which is decorated and so skipped by mutmut): resume
+    # positions (each event's SSE id, the `Last-Event-ID` position, which events of a record a resume
+    # sends), the run's event stream, the translation of every record type (messages and streamed
+    # deltas, tool calls, context, interrupts, UI requests, run ends) and the recording of a request's
+    # turn (`begin`: a new or known thread, a repeat, a resume, a UI tool's answer).
     Target(
         "agui",
         "app/http/agui.py",
@@ -223,21 +238,23 @@ TARGETS: list[Target] = [
             for test in (
                 "test_a_new_thread_starts_a_chat_and_streams_its_visible_log",
                 "test_a_known_thread_continues_the_chat_and_a_repeated_request_records_nothing",
+                "test_an_input_request_ends_the_run_with_an_interrupt_that_resume_answers",
                 "test_reconnecting_with_last_event_id_mid_run_ends_with_the_same_events_as_an_unbroken_stream",
                 "test_a_failed_run_is_a_run_error_and_a_stopped_one_is_cancelled",
                 "test_streamed_deltas_become_content_events_and_the_final_message_only_closes_them",
                 "test_each_message_event_names_its_role_agent_and_time_and_a_final_text_sends_only_what_was_not_streamed",
+                "test_tool_calls_context_custom_records_ui_requests_and_each_run_end_become_their_agui_events",
+                "test_a_resume_payload_answers_with_its_text_its_text_field_or_else_its_json",
+                "test_errors_have_one_shape_and_users_reach_only_their_own_threads",
                 "test_an_idle_stream_gets_keepalives_and_a_client_that_leaves_frees_its_subscription",
+                "test_agui_runs_count_against_the_chat_start_rate_limit",
                 "test_resuming_after_a_records_last_event_sends_nothing_of_it_again_and_ids_before_the_run_are_refused",
             )
-        ],
-        [
-            "x_event_id",
-            "x__position",
-            "x_sse",
-            "x_run_events",
-            "xǁRunTranslatorǁtext",
-            "xǁRunTranslatorǁdelta",
+        ]
+        # A UI tool's call, its interrupt and the tool message that answers it; an AgentDriven start.
+        + [
+            "tests/test_ui.py::test_agui_client_gets_the_tool_call_and_an_interrupt_then_answers_with_a_tool_message",
+            "tests/test_start_modes.py::test_an_agent_driven_chat_starts_on_creation_and_its_agent_speaks_first",
         ],
         timeout=60,
     ),
@@ -407,11 +424,19 @@ def main() -> int:
     )
     parser.add_argument("--children", type=int, default=2, help="mutants tested at once (default 2)")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results in .mutation/")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="FUNCTION",
+        help="mutate only these functions (mutmut names, e.g. 'xǁAnchorBookǁappend'): a target's run in parts",
+    )
     options = parser.parse_args()
     unknown = set(options.modules) - {t.name for t in TARGETS}
     if unknown:
         parser.error(f"unknown module(s) {sorted(unknown)}; known: {[t.name for t in TARGETS]}")
     chosen = [t for t in TARGETS if not options.modules or t.name in options.modules]
+    if options.only:
+        chosen = [replace(t, functions=options.only) for t in chosen]
     rows = []
     # One wire server for every test session of every mutant (each session uses its own database).
     from app.embedded import EmbeddedMongo

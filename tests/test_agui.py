@@ -11,10 +11,10 @@ from typing import Any, NamedTuple
 
 import httpx
 import pytest
-from ag_ui.core import Event, RunAgentInput
+from ag_ui.core import Event, ResumeEntry, RunAgentInput
 from pydantic import BaseModel, TypeAdapter
 
-from app.http.agui import RunTranslator
+from app.http.agui import RunTranslator, _answer_text
 from app.http.auth import issue_token
 from app.settings import Settings, SettingsError
 from domain.events import (
@@ -486,6 +486,103 @@ def test_each_message_event_names_its_role_agent_and_time_and_a_final_text_sends
         ("START", "p", "assistant", "Analyst", None),
         ("CONTENT", "p", None, None, "plain"),
         ("END", "p", None, None, None),
+    ]
+
+
+def test_tool_calls_context_custom_records_ui_requests_and_each_run_end_become_their_agui_events() -> None:
+    at = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    translator = RunTranslator("c", "r")
+    form = {
+        "request_id": "q1", "tool_call_id": "c8", "tool": "ask", "component": "form", "mode": "inline",
+        "props": {"title": "Your details", "schema": {"type": "object"}}, "expires_at": "2026-01-01T00:05:00Z",
+    }  # fmt: skip
+    confirm = {
+        "request_id": "q2",
+        "tool_call_id": "",
+        "tool": "ok",
+        "component": "confirm",
+        "props": {"question": "Go?"},
+    }
+    choice = {"request_id": "q3", "tool_call_id": "c9", "tool": "pick", "component": "choice", "props": {}}
+    answered = {"request_id": "q4", "tool_call_id": "c10", "tool": "ok", "component": "confirm", "props": {}}
+    artifact = {
+        "request_id": "q0",
+        "tool_call_id": "c7",
+        "tool": "show",
+        "component": "artifact",
+        "props": {},
+    }
+    records = [
+        record(1, "tool.called", {"tool": "lookup", "call_id": "c1", "arguments": '{"n": 1}'}),
+        record(2, "tool.called", {"tool": "ping", "call_id": "", "arguments": ""}),  # no id: the record's
+        record(3, "tool.result", {"tool": "lookup", "call_id": "c1", "content": "found"}),
+        record(4, "context.updated", {"variables": {"a/b": 1, "t~": 2}}, agent=None),
+        record(5, "context.updated", {"variables": {}}, agent=None),
+        record(6, "handoff", {"source": "Analyst", "target": "Summarizer"}),
+        record(7, "ui.requested", artifact, agent="Summarizer"),
+        *(
+            record(8 + i, "ui.requested", data, agent="Summarizer")
+            for i, data in enumerate((form, confirm, choice, answered))
+        ),
+        # The run waits on three of them (the last was answered meanwhile).
+        record(12, "run.suspended", {"request_ids": ["q1", "q2", "q3"]}, agent=None),
+        record(13, "message.agent", {"content": "after the end"}),
+    ]
+    wire = [validated(e.model_dump_json(by_alias=True)) for r in records for e in translator.translate(r)]
+    call = {"timestamp": at, "toolCallId": "c1"}
+    assert wire == [
+        {"type": "STEP_STARTED", "timestamp": at, "stepName": "Analyst"},
+        {"type": "TOOL_CALL_START", **call, "toolCallName": "lookup", "parentMessageId": "id1"},
+        {"type": "TOOL_CALL_ARGS", **call, "delta": '{"n": 1}'},
+        {"type": "TOOL_CALL_END", **call},
+        {"type": "TOOL_CALL_START", "timestamp": at, "toolCallId": "id2", "toolCallName": "ping", "parentMessageId": "id2"},
+        {"type": "TOOL_CALL_END", "timestamp": at, "toolCallId": "id2"},
+        {"type": "TOOL_CALL_RESULT", **call, "messageId": "id3", "content": "found", "role": "tool"},
+        {"type": "STATE_DELTA", "timestamp": at, "delta": [
+            {"op": "add", "path": "/a~1b", "value": 1}, {"op": "add", "path": "/t~0", "value": 2}
+        ]},
+        {"type": "CUSTOM", "timestamp": at, "name": "handoff", "value": {"source": "Analyst", "target": "Summarizer", "agent": "Analyst"}},
+        {"type": "CUSTOM", "timestamp": at, "name": "ui.requested", "value": {**artifact, "agent": "Summarizer"}},
+        {"type": "STEP_FINISHED", "timestamp": at, "stepName": "Analyst"},
+        {"type": "RUN_FINISHED", "timestamp": at, "threadId": "c", "runId": "r", "outcome": {"type": "interrupt", "interrupts": [
+            {"id": "q1", "reason": "ui_required", "message": "Your details", "toolCallId": "c8", "responseSchema": {"type": "object"},
+             "expiresAt": "2026-01-01T00:05:00Z", "metadata": {"component": "form", "mode": "inline", "tool": "ask"}},
+            {"id": "q2", "reason": "ui_required", "message": "Go?", "responseSchema": {"type": "boolean"},
+             "metadata": {"component": "confirm", "mode": None, "tool": "ok"}},
+            {"id": "q3", "reason": "ui_required", "toolCallId": "c9", "responseSchema": {"type": "string", "enum": []},
+             "metadata": {"component": "choice", "mode": None, "tool": "pick"}},
+        ]}},
+    ]  # fmt: skip
+    # Each other end of a run, after a step: the step closes, then the run's last event.
+    ends = {
+        "input.requested": ({"request_id": "i1", "prompt": "Your name?"}, {"type": "RUN_FINISHED", "threadId": "c", "runId": "r", "outcome": {
+            "type": "interrupt", "interrupts": [{"id": "i1", "reason": "input_required", "message": "Your name?", "responseSchema": {"type": "string"}}]}}),
+        "run.completed": ({"summary": "done"}, {"type": "RUN_FINISHED", "threadId": "c", "runId": "r", "result": "done", "outcome": {"type": "success"}}),
+        "run.stopped": ({"by": "u"}, {"type": "RUN_FINISHED", "threadId": "c", "runId": "r", "outcome": {"type": "cancelled"}}),
+        "run.failed": ({"error": "model down", "reason": "model"}, {"type": "RUN_ERROR", "message": "model down", "code": "model"}),
+    }  # fmt: skip
+    for type_, (data, last) in ends.items():
+        translator = RunTranslator("c", "r")
+        translator.translate(record(1, "tool.result", {"tool": "x", "call_id": "c", "content": ""}))
+        wire = [
+            validated(e.model_dump_json(by_alias=True))
+            for e in translator.translate(record(2, type_, data, agent=None))
+        ]
+        assert wire == [
+            {"type": "STEP_FINISHED", "timestamp": at, "stepName": "Analyst"},
+            {**last, "timestamp": at},
+        ], type_
+
+
+def test_a_resume_payload_answers_with_its_text_its_text_field_or_else_its_json() -> None:
+    def answer(payload: Any) -> str:
+        return _answer_text(ResumeEntry(interrupt_id="i1", status="resolved", payload=payload))
+
+    assert [answer("yes"), answer({"text": "go on"}), answer({"ok": True}), answer({"text": 3})] == [
+        "yes",
+        "go on",
+        '{"ok": true}',
+        '{"text": 3}',
     ]
 
 

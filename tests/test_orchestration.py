@@ -7,13 +7,40 @@ import itertools
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
+from autogen import ConversableAgent
+from autogen.agentchat.group.targets.transition_target import (
+    AgentNameTarget,
+    AgentTarget,
+    TransitionTarget,
+)
+from autogen.events.agent_events import (
+    ExecutedFunctionEvent,
+    ExecuteFunctionEvent,
+    TextEvent,
+    ToolCallEvent,
+)
+from pydantic import BaseModel, ConfigDict, field_serializer
 
 from app.runs.orchestrator import Orchestrator
+from app.runs.recorder import RunMapper, live_object
+from app.runs.ui import UiNote
 from app.runs.workflows import WorkflowManager
 from app.settings import Settings
-from domain.events import InputReceived, MessageUser, Pending, Record, RunStopped, StreamRef
+from domain.events import (
+    Ag2Event,
+    InputReceived,
+    MessageUser,
+    Pending,
+    Record,
+    RunStopped,
+    StreamRef,
+    ToolCalled,
+    ToolResult,
+    UiRequested,
+)
 from domain.store import MongoEventStore
 from tests.bare import run_bare
 
@@ -171,12 +198,137 @@ async def test_default_pattern_follows_the_llm_handoff(
         "Researcher",
         "llm_condition",
     )
+    assert handoff.data["reason"] == "Transfer to Researcher"  # the target's own description
     assert speakers(records)[:3] == ["Concierge", "Researcher", "user"]
     # The handoff event held live AG2 objects; its JSON was written by the recorder itself.
     raw = json.loads(handoff.ag2)  # type: ignore[arg-type]
     assert raw["type"] == "on_condition_l_l_m_transition"
     assert raw["content"]["source_agent"] == "Concierge"
     assert raw["content"]["transition_target"]["agent_name"] == "Researcher"
+
+
+def test_an_ag2_events_live_objects_are_stored_as_json_each_in_its_documented_form() -> None:
+    # An agent as its name, a transition target as its type, name and fields (type and name alone
+    # when its fields do not serialise), an exception as its type and message, a model as its
+    # fields, a callback as null, anything else as its repr.
+    scout = ConversableAgent("Scout", llm_config=False)
+
+    class Exotic(TransitionTarget):
+        weight: int = 1
+
+        @field_serializer("weight")
+        def _refuse(self, weight: int) -> int:
+            raise ValueError("not serialisable")
+
+        def display_name(self) -> str:
+            return "exotic"
+
+    class Then(TransitionTarget):
+        then: TransitionTarget  # a field typed with the base class keeps its subclass's fields
+        by: Any = None  # a live agent inside a target: its name
+
+        def display_name(self) -> str:
+            return "then"
+
+    class Note(BaseModel):
+        model_config = ConfigDict(arbitrary_types_allowed=True)
+        by: Any
+        error: Any
+        target: TransitionTarget
+        n: int = 2
+
+    assert live_object(scout) == "Scout"
+    assert live_object(AgentTarget(scout)) == {
+        "target_type": "AgentTarget",
+        "display_name": "Scout",
+        "agent_name": "Scout",
+    }
+    assert live_object(Exotic()) == {"target_type": "Exotic", "display_name": "exotic"}
+    assert live_object(Then(then=AgentNameTarget(agent_name="Closer"), by=scout)) == {
+        "target_type": "Then",
+        "display_name": "then",
+        "then": {"agent_name": "Closer"},
+        "by": "Scout",
+    }
+    assert live_object(ValueError("no model")) == {"error_type": "ValueError", "message": "no model"}
+    assert live_object(Note(by=scout, error=KeyError("k"), target=AgentNameTarget(agent_name="Guide"))) == {
+        "by": "Scout",
+        "error": {"error_type": "KeyError", "message": "'k'"},
+        "target": {"agent_name": "Guide"},
+        "n": 2,
+    }
+    assert live_object(len) is None
+    assert live_object(3j) == "3j"
+
+
+def test_an_ag2_event_that_is_not_a_model_is_kept_as_its_type_and_repr_and_names_only_a_group_agent() -> None:
+    mapper = RunMapper(
+        run_id="r", group_agents={"Scout", "Guide"}, visual_agents=frozenset({"Guide"}), user_agent="user"
+    )
+
+    class Odd:
+        def __init__(self, sender: str) -> None:
+            self.sender = sender
+
+        def __repr__(self) -> str:
+            return f"Odd({self.sender})"
+
+    for sender, agent in (("Scout", "Scout"), ("user", "user"), ("stranger", None)):
+        pending = mapper.map_one(Odd(sender))
+        assert json.loads(pending.ag2 or "") == {"type": "Odd", "repr": f"Odd({sender})"}
+        assert (pending.event, pending.agent, pending.visible, pending.run_id) == (
+            Ag2Event(name="Odd"),
+            agent,
+            False,
+            "r",
+        )
+
+
+def test_a_tool_call_is_recorded_under_its_caller_with_its_arguments_as_written() -> None:
+    mapper = RunMapper(
+        run_id="r", group_agents={"Scout", "Guide"}, visual_agents=frozenset({"Guide"}), user_agent="user"
+    )
+    called = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": ""}}
+    asked = mapper.map_one(ToolCallEvent(tool_calls=[called], sender="Scout", recipient="Guide"))
+    # AG2's own tool_call event stays raw (never shown), under the agent that asked.
+    assert (asked.event, asked.agent, asked.visible) == (Ag2Event(name="tool_call"), "Scout", False)
+    run = mapper.map_one(
+        ExecuteFunctionEvent(func_name="lookup", call_id="c1", arguments={}, recipient="Guide")
+    )
+    assert (run.event, run.agent) == (ToolCalled(tool="lookup", call_id="c1", arguments="{}"), "Scout")
+    # A call whose tool_call event was not seen: the executor's recipient and the arguments it got.
+    unseen = ExecuteFunctionEvent(func_name="lookup", call_id="c7", arguments={"n": 1}, recipient="Guide")
+    assert (mapper.map_one(unseen).event, mapper.map_one(unseen).agent) == (
+        ToolCalled(tool="lookup", call_id="c7", arguments='{"n": 1}'),
+        "Guide",
+    )
+    # A call without an id (AG2's older function calls): its call, its result and a UI request it
+    # makes carry an empty call id; a result is text whatever the tool returned.
+    legacy = ExecuteFunctionEvent(func_name="legacy", call_id=None, arguments={}, recipient="Guide")
+    assert mapper.map_one(legacy).event == ToolCalled(tool="legacy", call_id="", arguments="{}")
+    returned = ([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], {"n": 1})
+    results = [
+        mapper.map_one(
+            ExecutedFunctionEvent(
+                func_name="legacy",
+                call_id=None,
+                arguments={},
+                content=content,
+                recipient="Guide",
+                is_exec_success=True,
+            )
+        )
+        for content in returned
+    ]
+    assert [(r.event, r.agent) for r in results] == [
+        (ToolResult(tool="legacy", call_id="", content="a\nb"), "Guide"),
+        (ToolResult(tool="legacy", call_id="", content="{'n': 1}"), "Guide"),
+    ]
+    form = UiRequested(request_id="q1", tool_call_id="", tool="legacy", component="form")
+    assert mapper.map_ui(UiNote(form)).event == form
+    # A reply event without content is an empty message of its agent.
+    said = mapper.map_one(TextEvent(content=None, sender="Guide", recipient="Scout"))
+    assert (said.event.content, said.agent, said.visible) == ("", "Guide", True)  # type: ignore[union-attr]
 
 
 async def test_random_pattern_picks_other_agents_of_the_set(
@@ -190,6 +342,10 @@ async def test_random_pattern_picks_other_agents_of_the_set(
         a != b for a, b in itertools.pairwise(order)
     )  # a random after-work never picks the speaker itself
     assert {r.data["target"] for r in records if r.type == "handoff"} == {"random"}
+    # A random handoff names the agents it chose among: the set's others.
+    for handoff in (r for r in records if r.type == "handoff"):
+        among = handoff.data["reason"].removeprefix("random choice among ").split(", ")
+        assert len(among) == 2 and set(among) < {"Ideator", "Critic", "Optimist"}, handoff.data
 
 
 async def test_auto_pattern_lets_the_group_manager_choose(
@@ -283,6 +439,10 @@ async def test_human_input_is_answered_through_the_log(
     for request, answer in zip(requested, received, strict=True):
         assert request.seq < answer.seq
         assert json.loads(request.ag2)["content"]["respond"] is None  # type: ignore[arg-type]
+        # The question shown to the user is AG2's prompt.
+        assert (
+            request.data["prompt"] and request.data["prompt"] == json.loads(request.ag2)["content"]["prompt"]
+        )  # type: ignore[arg-type]
     # AG2 took the answer as the user's reply: the next message the Researcher saw is the human's.
     echo = next(r for r in records if r.seq > received[0].seq and r.ag2 and '"type":"text"' in r.ag2)
     assert json.loads(echo.ag2)["content"]["content"] == "Please add honey facts"  # type: ignore[arg-type]

@@ -112,6 +112,8 @@ async def test_intake_answered_by_websocket_and_rest_bad_answers_recording_nothi
         assert form.data["expires_at"] is not None
         called = [r for r in records if r.type == "tool.called"][-1]
         assert called.data["call_id"] == form.data["tool_call_id"] and called.seq < form.seq
+        # The request belongs to the run that asked it (a run's records carry its id).
+        assert called.run_id is not None and form.run_id == called.run_id
         url = f"/api/chats/{chat_id}/ui/{form.data['request_id']}"
 
         async def refused(path: str, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
@@ -300,6 +302,20 @@ async def test_agui_client_gets_the_tool_call_and_an_interrupt_then_answers_with
             events = [e.event for e in await read_sse(response)]
     result = next(e for e in events if e["type"] == "TOOL_CALL_RESULT")
     assert result["toolCallId"] == start["toolCallId"] and result["content"] == "true"
+    assert events[-1]["type"] == "RUN_FINISHED" and events[-1]["outcome"]["type"] == "success"
+
+    # The same interrupt answered with `resume` (as AG-UI answers any interrupt) on another thread.
+    async with httpx.AsyncClient(base_url=node.url, timeout=30) as http:
+        async with http.stream(
+            "POST", "/ag-ui/Asker", json=body("agui-ui-resume", ("m1", "hello"))
+        ) as response:
+            [interrupt] = [e.event for e in await read_sse(response)][-1]["outcome"]["interrupts"]
+        resume = [{"interruptId": interrupt["id"], "status": "resolved", "payload": True}]
+        answer = body("agui-ui-resume", ("m1", "hello"), run="r2", resume=resume)
+        async with http.stream("POST", "/ag-ui/Asker", json=answer) as response:
+            events = [e.event for e in await read_sse(response)]
+    result = next(e for e in events if e["type"] == "TOOL_CALL_RESULT")
+    assert result["toolCallId"] == interrupt["toolCallId"] and result["content"] == "true"
     assert events[-1]["type"] == "RUN_FINISHED" and events[-1]["outcome"]["type"] == "success"
 
 

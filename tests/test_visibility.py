@@ -17,6 +17,8 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from app.embedded import free_port
 from app.http.auth import issue_token
+from app.runs.recorder import RunMapper
+from domain.events import MessageAgent
 from tests.test_agui import body, read_sse
 
 VEILED = Path(__file__).parent / "workflows"
@@ -134,3 +136,36 @@ async def test_a_hidden_agent_s_failed_model_call_fails_the_run_without_naming_i
         and not r["visible"]
         for r in full
     )
+
+
+def test_a_users_error_text_names_no_hidden_agent_even_one_whose_name_extends_another() -> None:
+    # `Scout-Lead` starts with the hidden `Scout`: replacing `Scout` first would leave `-Lead`.
+    mapper = RunMapper(
+        run_id="r",
+        group_agents={"Scout", "Scout-Lead", "Guide"},
+        visual_agents=frozenset({"Guide"}),
+        user_agent="user",
+    )
+    said = "Scout-Lead failed after Scout; Guide and Scouting stay"
+    assert mapper.unnamed(said) == "a hidden agent failed after a hidden agent; Guide and Scouting stay"
+
+
+def test_a_record_naming_a_hidden_agent_is_hidden_and_its_words_never_become_the_summary() -> None:
+    mapper = RunMapper(
+        run_id="r", group_agents={"Scout", "Guide"}, visual_agents=frozenset({"Guide"}), user_agent="user"
+    )
+    # A handoff by Guide is shown when it names Guide or no agent at all (a target's display name),
+    # and hidden when it names the hidden Scout; a raw AG2 event is never shown.
+    assert [
+        mapper.visible("Guide", True, named) for named in (("Guide",), ("Revert to User",), ("Scout",))
+    ] == [
+        True,
+        True,
+        False,
+    ]
+    assert not mapper.visible("Guide", False) and mapper.visible("user", True) and mapper.visible(None, True)
+    # A run whose users saw no agent's words completes without a summary.
+    mapper.pending(MessageAgent(content="scoutsecret"), "Scout", None)
+    assert mapper.summary is None
+    mapper.pending(MessageAgent(content="Three words."), "Guide", None)
+    assert mapper.summary == "Three words."
