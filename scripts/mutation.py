@@ -244,6 +244,7 @@ TARGETS: list[Target] = [
                 "test_streamed_deltas_become_content_events_and_the_final_message_only_closes_them",
                 "test_each_message_event_names_its_role_agent_and_time_and_a_final_text_sends_only_what_was_not_streamed",
                 "test_tool_calls_context_custom_records_ui_requests_and_each_run_end_become_their_agui_events",
+                "test_a_continuing_turn_starts_with_the_chats_state_and_a_snapshot_of_each_agent_message_and_tool_call_with_its_results",
                 "test_a_resume_payload_answers_with_its_text_its_text_field_or_else_its_json",
                 "test_errors_have_one_shape_and_users_reach_only_their_own_threads",
                 "test_an_idle_stream_gets_keepalives_and_a_client_that_leaves_frees_its_subscription",

@@ -503,7 +503,9 @@ def test_tool_calls_context_custom_records_ui_requests_and_each_run_end_become_t
         "component": "confirm",
         "props": {"question": "Go?"},
     }
-    choice = {"request_id": "q3", "tool_call_id": "c9", "tool": "pick", "component": "choice", "props": {}}
+    choice = {
+        "request_id": "q3", "tool_call_id": "c9", "tool": "pick", "component": "choice", "props": {"options": ["a", "b"]},
+    }  # fmt: skip
     answered = {"request_id": "q4", "tool_call_id": "c10", "tool": "ok", "component": "confirm", "props": {}}
     artifact = {
         "request_id": "q0",
@@ -549,7 +551,7 @@ def test_tool_calls_context_custom_records_ui_requests_and_each_run_end_become_t
              "expiresAt": "2026-01-01T00:05:00Z", "metadata": {"component": "form", "mode": "inline", "tool": "ask"}},
             {"id": "q2", "reason": "ui_required", "message": "Go?", "responseSchema": {"type": "boolean"},
              "metadata": {"component": "confirm", "mode": None, "tool": "ok"}},
-            {"id": "q3", "reason": "ui_required", "toolCallId": "c9", "responseSchema": {"type": "string", "enum": []},
+            {"id": "q3", "reason": "ui_required", "toolCallId": "c9", "responseSchema": {"type": "string", "enum": ["a", "b"]},
              "metadata": {"component": "choice", "mode": None, "tool": "pick"}},
         ]}},
     ]  # fmt: skip
@@ -572,6 +574,42 @@ def test_tool_calls_context_custom_records_ui_requests_and_each_run_end_become_t
             {"type": "STEP_FINISHED", "timestamp": at, "stepName": "Analyst"},
             {**last, "timestamp": at},
         ], type_
+
+
+def test_a_continuing_turn_starts_with_the_chats_state_and_a_snapshot_of_each_agent_message_and_tool_call_with_its_results() -> (
+    None
+):
+    history = [
+        record(1, "chat.created", {"context": {"topic": "bees", "n": 1}}, agent=None),
+        record(2, "message.user", {"content": "hi", "message_id": "u1"}, agent=None),
+        record(3, "tool.called", {"tool": "lookup", "call_id": "c1", "arguments": '{"n": 1}'}),
+        record(4, "tool.called", {"tool": "ping", "call_id": "c2", "arguments": ""}),
+        record(5, "message.agent", {"content": "Looking", "message_id": "m1"}),
+        record(6, "tool.result", {"tool": "lookup", "call_id": "c1", "content": "found"}),
+        record(7, "tool.result", {"tool": "ping", "call_id": "c2", "content": "pong"}),
+        record(8, "context.updated", {"variables": {"n": 2}}, agent=None),
+        record(9, "message.agent", {"content": "Bees", "message_id": "m2"}, agent="Summarizer"),
+        # A result whose call the history does not show: the snapshot files it last.
+        record(10, "tool.result", {"tool": "fetch", "call_id": "c9", "content": "late"}),
+        record(11, "message.user", {"content": "more", "message_id": "u2"}, agent=None),
+    ]
+    wire = [validated(e.model_dump_json(by_alias=True)) for e in RunTranslator("c", "r").start(history)]
+    assert [e["type"] for e in wire][:3] == ["RUN_STARTED", "STATE_SNAPSHOT", "MESSAGES_SNAPSHOT"]
+    assert wire[1]["snapshot"] == {"topic": "bees", "n": 2}
+    # Each tool result right after the message holding its call (or last); each agent message with its agent.
+    assert wire[2]["messages"] == [
+        {"id": "u1", "role": "user", "content": "hi"},
+        {"id": "id3", "role": "assistant", "toolCalls": [
+            {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"n": 1}'}}]},
+        {"id": "id6", "role": "tool", "content": "found", "toolCallId": "c1"},
+        {"id": "id4", "role": "assistant", "toolCalls": [
+            {"id": "c2", "type": "function", "function": {"name": "ping", "arguments": ""}}]},
+        {"id": "id7", "role": "tool", "content": "pong", "toolCallId": "c2"},
+        {"id": "m1", "role": "assistant", "name": "Analyst", "content": "Looking"},
+        {"id": "m2", "role": "assistant", "name": "Summarizer", "content": "Bees"},
+        {"id": "id10", "role": "tool", "content": "late", "toolCallId": "c9"},
+    ]  # fmt: skip
+    assert [e["messageId"] for e in wire[3:]] == ["u2"] * 3  # then the new turn, as its own message
 
 
 def test_a_resume_payload_answers_with_its_text_its_text_field_or_else_its_json() -> None:
@@ -617,6 +655,15 @@ async def test_errors_have_one_shape_and_users_reach_only_their_own_threads(
                 await http.post("/ag-ui/Nope", json=body("t-x", ("m1", "x")), headers=alice),
                 404,
                 "unknown_workflow",
+            ),
+            "resume on a thread that does not exist": (
+                await http.post(
+                    "/ag-ui/Analyzer",
+                    json=body("t-z", resume=[{"interruptId": "i1", "status": "resolved", "payload": "x"}]),
+                    headers=alice,
+                ),
+                404,
+                "unknown_chat",
             ),
             "no user message": (
                 await http.post("/ag-ui/Analyzer", json=body("t-y"), headers=alice),
