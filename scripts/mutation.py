@@ -245,6 +245,7 @@ TARGETS: list[Target] = [
                 "test_each_message_event_names_its_role_agent_and_time_and_a_final_text_sends_only_what_was_not_streamed",
                 "test_tool_calls_context_custom_records_ui_requests_and_each_run_end_become_their_agui_events",
                 "test_a_continuing_turn_starts_with_the_chats_state_and_a_snapshot_of_each_agent_message_and_tool_call_with_its_results",
+                "test_the_new_turn_is_the_last_user_messages_text_parts_joined_and_one_with_no_text_is_refused",
                 "test_a_resume_payload_answers_with_its_text_its_text_field_or_else_its_json",
                 "test_errors_have_one_shape_and_users_reach_only_their_own_threads",
                 "test_an_idle_stream_gets_keepalives_and_a_client_that_leaves_frees_its_subscription",

@@ -14,8 +14,9 @@ import pytest
 from ag_ui.core import Event, ResumeEntry, RunAgentInput
 from pydantic import BaseModel, TypeAdapter
 
-from app.http.agui import RunTranslator, _answer_text
+from app.http.agui import RunTranslator, _answer_text, _new_turn
 from app.http.auth import issue_token
+from app.http.errors import Refused
 from app.settings import Settings, SettingsError
 from domain.events import (
     ChatCreated,
@@ -612,6 +613,24 @@ def test_a_continuing_turn_starts_with_the_chats_state_and_a_snapshot_of_each_ag
     assert [e["messageId"] for e in wire[3:]] == ["u2"] * 3  # then the new turn, as its own message
 
 
+def test_the_new_turn_is_the_last_user_messages_text_parts_joined_and_one_with_no_text_is_refused() -> None:
+    def turn(*messages: dict[str, Any]) -> tuple[str, str]:
+        return _new_turn(RunAgentInput.model_validate(body("t", messages=list(messages))))
+
+    image = {"type": "image", "source": {"type": "url", "value": "https://example.com/a.png"}}
+    parts = [{"type": "text", "text": "h"}, image, {"type": "text", "text": "i"}]
+    assert turn(
+        {"id": "m1", "role": "user", "content": "old"},
+        {"id": "m2", "role": "user", "content": parts},
+        {"id": "a1", "role": "assistant", "content": "ok"},
+    ) == ("m2", "hi")
+    for last in ("  ", [image]):
+        with pytest.raises(Refused) as refused:
+            turn({"id": "m1", "role": "user", "content": "hi"}, {"id": "m3", "role": "user", "content": last})
+        assert (refused.value.status, refused.value.code) == (400, "bad_request")
+        assert "m3" in refused.value.detail
+
+
 def test_a_resume_payload_answers_with_its_text_its_text_field_or_else_its_json() -> None:
     def answer(payload: Any) -> str:
         return _answer_text(ResumeEntry(interrupt_id="i1", status="resolved", payload=payload))
@@ -664,6 +683,11 @@ async def test_errors_have_one_shape_and_users_reach_only_their_own_threads(
                 ),
                 404,
                 "unknown_chat",
+            ),
+            "a new thread's state not an object": (
+                await http.post("/ag-ui/Analyzer", json=body("t-s", ("m1", "hi"), state=[1]), headers=alice),
+                400,
+                "bad_request",
             ),
             "no user message": (
                 await http.post("/ag-ui/Analyzer", json=body("t-y"), headers=alice),
