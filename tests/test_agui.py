@@ -421,6 +421,8 @@ def test_streamed_deltas_become_content_events_and_the_final_message_only_closes
     )
     events += translator.translate(record(8, "run.stopped", {"by": "u"}, agent=None))
     wire = [validated(e.model_dump_json(by_alias=True)) for e in events]
+    at = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    assert all(e.get("timestamp") == at for e in wire), [e for e in wire if e.get("timestamp") != at]
     assert [e["type"] for e in wire] == [
         "RUN_STARTED", "STATE_SNAPSHOT", "STEP_STARTED",
         "TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_END",
@@ -592,7 +594,8 @@ def test_a_continuing_turn_starts_with_the_chats_state_and_a_snapshot_of_each_ag
         record(9, "message.agent", {"content": "Bees", "message_id": "m2"}, agent="Summarizer"),
         # A result whose call the history does not show: the snapshot files it last.
         record(10, "tool.result", {"tool": "fetch", "call_id": "c9", "content": "late"}),
-        record(11, "message.user", {"content": "more", "message_id": "u2"}, agent=None),
+        record(11, "tool.result", {"tool": "lookup", "call_id": "c1", "content": "again"}),  # after the first
+        record(12, "message.user", {"content": "more", "message_id": "u2"}, agent=None),
     ]
     wire = [validated(e.model_dump_json(by_alias=True)) for e in RunTranslator("c", "r").start(history)]
     assert [e["type"] for e in wire][:3] == ["RUN_STARTED", "STATE_SNAPSHOT", "MESSAGES_SNAPSHOT"]
@@ -603,6 +606,7 @@ def test_a_continuing_turn_starts_with_the_chats_state_and_a_snapshot_of_each_ag
         {"id": "id3", "role": "assistant", "toolCalls": [
             {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"n": 1}'}}]},
         {"id": "id6", "role": "tool", "content": "found", "toolCallId": "c1"},
+        {"id": "id11", "role": "tool", "content": "again", "toolCallId": "c1"},
         {"id": "id4", "role": "assistant", "toolCalls": [
             {"id": "c2", "type": "function", "function": {"name": "ping", "arguments": ""}}]},
         {"id": "id7", "role": "tool", "content": "pong", "toolCallId": "c2"},
@@ -765,9 +769,10 @@ async def test_an_idle_stream_gets_keepalives_and_a_client_that_leaves_frees_its
         async with http.stream("POST", "/ag-ui/Analyzer", json=body("t-idle", ("m1", "go"))) as response:
             async for line in response.aiter_lines():
                 seen.append(line)
-                if line == ": keepalive":
+                if seen.count(": keepalive") == 2:
                     break  # and leave while the run goes on
         assert any(line.startswith("data: ") and "RUN_STARTED" in line for line in seen)
+        assert seen.count(": keepalive") == 2, seen  # the stream goes on after a keepalive
         while node.runtime.hub.subscriber_count:
             await asyncio.sleep(0.05)
 
