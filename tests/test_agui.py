@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import httpx
+import msgspec
 import pytest
 from ag_ui.core import Event, ResumeEntry, RunAgentInput
 from pydantic import BaseModel, TypeAdapter
@@ -591,6 +592,9 @@ def test_a_continuing_turn_starts_with_the_chats_state_and_a_snapshot_of_each_ag
         record(6, "tool.result", {"tool": "lookup", "call_id": "c1", "content": "found"}),
         record(7, "tool.result", {"tool": "ping", "call_id": "c2", "content": "pong"}),
         record(8, "context.updated", {"variables": {"n": 2}}, agent=None),
+        msgspec.structs.replace(
+            record(8, "context.updated", {"variables": {"n": 3}}, agent=None), visible=False
+        ),
         record(9, "message.agent", {"content": "Bees", "message_id": "m2"}, agent="Summarizer"),
         # A result whose call the history does not show: the snapshot files it last.
         record(10, "tool.result", {"tool": "fetch", "call_id": "c9", "content": "late"}),
