@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import httpx
 import msgspec
 import pytest
-from ag_ui.core import Event, ResumeEntry, RunAgentInput
+from ag_ui.core import PROTOCOL_VERSION, Event, ResumeEntry, RunAgentInput
 from pydantic import BaseModel, TypeAdapter
 
 from app.http.agui import RunTranslator, _answer_text, _new_turn
@@ -603,6 +603,9 @@ def test_a_continuing_turn_starts_with_the_chats_state_and_a_snapshot_of_each_ag
     ]
     wire = [validated(e.model_dump_json(by_alias=True)) for e in RunTranslator("c", "r").start(history)]
     assert [e["type"] for e in wire][:3] == ["RUN_STARTED", "STATE_SNAPSHOT", "MESSAGES_SNAPSHOT"]
+    assert wire[0]["protocolVersion"] == PROTOCOL_VERSION
+    at = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    assert all(e.get("timestamp") == at for e in wire), [e for e in wire if e.get("timestamp") != at]
     assert wire[1]["snapshot"] == {"topic": "bees", "n": 2}
     # Each tool result right after the message holding its call (or last); each agent message with its agent.
     assert wire[2]["messages"] == [
@@ -619,6 +622,14 @@ def test_a_continuing_turn_starts_with_the_chats_state_and_a_snapshot_of_each_ag
         {"id": "id10", "role": "tool", "content": "late", "toolCallId": "c9"},
     ]  # fmt: skip
     assert [e["messageId"] for e in wire[3:]] == ["u2"] * 3  # then the new turn, as its own message
+    # A run that starts at the input request a resume answers: the whole history as the snapshot.
+    asked = record(13, "input.requested", {"request_id": "i1", "prompt": "Name?"})
+    resumed = [
+        validated(e.model_dump_json(by_alias=True))
+        for e in RunTranslator("c", "r").start([*history[:-1], asked])
+    ]
+    assert [e["type"] for e in resumed] == ["RUN_STARTED", "STATE_SNAPSHOT", "MESSAGES_SNAPSHOT"]
+    assert all(e["timestamp"] == at for e in resumed) and resumed[2]["messages"] == wire[2]["messages"]
 
 
 def test_the_new_turn_is_the_last_user_messages_text_parts_joined_and_one_with_no_text_is_refused() -> None:
