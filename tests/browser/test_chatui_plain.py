@@ -105,11 +105,13 @@ async def ui(browser: Browser, relay_runtime: Runtime) -> AsyncIterator[ChatUI]:
 
 
 async def cards(ui: ChatUI) -> list[str]:
-    """Each top-level item of the conversation as the reader sees it (kind, agent, text)."""
+    """Each top-level item of the conversation as the reader sees it (kind, agent, text), and the exact
+    instants behind its times (a streamed message's shown to the minute hid its first piece's time)."""
     return list(
         await ui.page.eval_on_selector_all(
             "#events > li",
-            "items => items.map(li => `${li.className} | ${li.dataset.agent || ''} | ${li.innerText.trim()}`)",
+            "items => items.map(li => `${li.className} | ${li.dataset.agent || ''} | ${li.innerText.trim()}`"
+            " + ` | ${[...li.querySelectorAll('time')].map((t) => t.dateTime).join(' ')}`)",
         )
     )
 

@@ -585,7 +585,8 @@ export class ChatView {
       for (const other of [...this.streams.values()]) {
         if (other.agent === agent) this.#abandon(other, "Incomplete: the model's reply was cut off and asked again.");
       }
-      const turn = this.turn && this.turn.agent === agent && !this.turn.body ? this.turn : this.#openTurn(agent, record, data);
+      const joins = this.turn && this.turn.agent === agent && !this.turn.body;
+      const turn = joins ? this.turn : this.#openTurn(agent, record, data);
       const body = el("div", {
         class: "msg__body md is-streaming",
         "data-testid": "stream",
@@ -596,7 +597,8 @@ export class ChatView {
       turn.node.insertBefore(body, turn.tools);
       turn.node.classList.remove("msg--tools-only");
       turn.body = body;
-      stream = { id, agent, body, text: "", frame: 0 };
+      // A turn this stream opened shows the finished message's time, as a reload does (it keeps no deltas).
+      stream = { id, agent, body, text: "", frame: 0, head: joins ? null : turn.node.querySelector(".msg__head") };
       this.streams.set(id, stream);
     }
     stream.text += String(data.text ?? "");
@@ -620,6 +622,8 @@ export class ChatView {
     body.setAttribute("data-testid", "event");
     body.setAttribute("data-seq", record.seq);
     body.setAttribute("data-type", record.type);
+    const time = stream.head && timeEl(record.ts);
+    if (time) stream.head.querySelector("time")?.replaceWith(time);
     if (content.trim()) body.replaceChildren(renderMarkdown(content));
     else {
       body.replaceChildren();
