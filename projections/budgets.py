@@ -62,12 +62,11 @@ def call_spend(projector: PricedProjector, record: Record, call: LlmCall) -> Spe
     )
 
 
-def spend_of(doc: Mapping[str, Any] | None, day: str | None = None) -> Spend:
-    """A `chat_spend` document's spend in all (day None) or on `day`."""
+def spend_of(doc: Mapping[str, Any] | None) -> Spend:
+    """A `chat_spend` document's spend in all (a day's comes from `day_spend`)."""
     if doc is None:
         return Spend()
-    part = doc if day is None else (doc.get("days") or {}).get(day) or {}
-    return Spend(tokens=int(part.get("tokens") or 0), cost_nanousd=int(part.get("cost_nanousd") or 0))
+    return Spend(tokens=int(doc.get("tokens") or 0), cost_nanousd=int(doc.get("cost_nanousd") or 0))
 
 
 async def day_spend(
