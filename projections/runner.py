@@ -417,9 +417,8 @@ class ProjectionRunner:
                 if not self._held:
                     await self._arrived.wait()
                     continue
-                wait = self._last_checkpoint + self.checkpoint_every_s - time.monotonic()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(wait, 0.0)):
+                    async with asyncio.timeout(max(self._hold_left_s(), 0.0)):
                         await self._arrived.wait()
         count = min(len(self._buffer), self.batch_max)
         batch = [self._buffer.popleft() for _ in range(count)]
@@ -441,8 +440,12 @@ class ProjectionRunner:
             self._recovering = False
         self._progress.set()
 
+    def _hold_left_s(self) -> float:
+        """Seconds until the next checkpoint round, which applies every held change."""
+        return self._last_checkpoint + self.checkpoint_every_s - time.monotonic()
+
     def _hold_expired(self) -> bool:
-        return time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s
+        return self._hold_left_s() <= 0
 
     def _round(self, batch: list[Change]) -> list[Change]:
         """What this round applies: the batch and the held changes, less the chats to hold again.
